@@ -1,0 +1,361 @@
+"""Validated experiment configs (pydantic). Presets are YAML files in ``presets/``.
+
+An experiment is a model, a data set-up and one or two training stages:
+
+* ``stage1``: backbone frozen (BatchNorm in eval mode too), head trained.
+* ``stage2``: all layers trainable; starts from stage I's best checkpoint when
+  ``stage1`` is present, otherwise from the initial weights (the report's
+  "strategy 1" single-stage baseline).
+
+At least one stage must be given. Unknown keys anywhere are rejected with a message
+that names the key and lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WeightingConfig(StrictModel):
+    """How training faces are weighted (see ``fairage.weighting``).
+
+    Group part: faces are grouped by ``scheme``; each group gets a weight from
+    ``formula`` applied to its count. LDS part (``lds: true``): a per-face factor
+    1/smoothed-age-density. With both, a face's weight is the product. The result is
+    rescaled to mean 1 over the training set, then clipped at ``max_weight``.
+    """
+
+    scheme: Literal["none", "age", "age_ethnicity", "age_ethnicity_expression", "custom"] = "none"
+    formula: Literal["inverse", "sqrt_inverse", "effective_number"] = "inverse"
+    #: custom scheme: attributes to cross; "age" means age bins with ``age_edges``
+    attributes: list[str] = Field(default_factory=list)
+    #: inner age-bin edges in years for "age" in custom schemes
+    age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
+    #: custom scheme: new group name -> list of group names merged into it
+    merges: dict[str, list[str]] = Field(default_factory=dict)
+    #: added to every group count before the formula (the report used 1)
+    pseudo_count: float = Field(0.0, ge=0)
+    #: effective_number's beta in [0, 1)
+    beta: float = Field(0.999, ge=0, lt=1)
+    lds: bool = False
+    lds_kernel_size: int = Field(5, ge=1)
+    lds_sigma: float = Field(2.0, gt=0)
+    lds_sqrt: bool = False
+    #: clip weights after the mean-1 rescaling (None: no clip)
+    max_weight: float | None = Field(None, gt=0)
+    #: "loss": weights multiply per-face loss; "sampler": weighted sampling, unweighted loss
+    mode: Literal["loss", "sampler"] = "loss"
+
+    @property
+    def active(self) -> bool:
+        return self.scheme != "none" or self.lds
+
+
+class AugmentConfig(StrictModel):
+    """Training-time augmentation (off by default; the report's Task 2 forbids it)."""
+
+    enabled: bool = False
+    hflip: float = Field(0.5, ge=0, le=1)  # probability
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    blur_sigma: float = Field(1.0, ge=0)  # max Gaussian blur sigma in pixels; 0 disables
+    translate: float = Field(0.05, ge=0, le=0.5)  # fraction of the image side
+    #: only augment faces at least this old (the kit used 60); None = everyone
+    min_age: float | None = None
+
+
+class StageConfig(StrictModel):
+    lr: float = Field(1e-5, gt=0)
+    amsgrad: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(50, ge=1)
+    #: early stopping on validation loss
+    patience: int = Field(20, ge=1)
+    #: ReduceLROnPlateau on validation loss
+    lr_factor: float = Field(0.1, gt=0, lt=1)
+    lr_patience: int = Field(10, ge=1)
+    min_lr: float = Field(1e-7, ge=0)
+    loss: Literal["mse", "mae", "huber"] = "mse"
+    #: Huber transition point in years
+    huber_delta: float = Field(5.0, gt=0)
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    #: stage I only: train the head on backbone features computed once
+    cache_features: bool = True
+
+
+class HeadBlock(StrictModel):
+    dropout: float = Field(0.0, ge=0, lt=1)
+    units: int = Field(..., ge=1)
+
+
+class ModelConfig(StrictModel):
+    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    #: local .pth/.pt state dict or .safetensors; None = random init (recorded in the run)
+    weights: Path | None = None
+    #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
+    projection_dim: int | None = Field(512, ge=1)
+    head: list[HeadBlock] = Field(
+        default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)]
+    )
+    #: "sigmoid": output in [0, 100] years (labels /100 internally); "linear": raw years
+    output: Literal["sigmoid", "linear"] = "sigmoid"
+
+
+class DataConfig(StrictModel):
+    image_size: int = Field(224, ge=8)
+    layout: Literal["appa", "npy", "utkface", "csv"] | None = None
+    target: Literal["apparent", "real"] = "apparent"
+    full_images: bool = False
+    #: decoded-image cache folder; None = ``<data>/.fairage_cache``
+    cache_dir: Path | None = None
+    num_workers: int = Field(0, ge=0)
+
+
+class TrainerConfig(StrictModel):
+    accelerator: str = "auto"
+    devices: int | str = 1
+    strategy: str = "auto"
+    num_nodes: int = Field(1, ge=1)
+    #: "auto": bf16-mixed on CUDA, 32 on CPU
+    precision: str = "auto"
+    channels_last: bool = True
+    deterministic: bool = False
+
+
+class EvalConfig(StrictModel):
+    n_boot: int = Field(1000, ge=0)
+    #: confidence level of bootstrap intervals
+    level: float = Field(0.95, gt=0, lt=1)
+
+
+class ExperimentConfig(StrictModel):
+    name: str = "experiment"
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    stage1: StageConfig | None = None
+    stage2: StageConfig | None = None
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _at_least_one_stage(self) -> "ExperimentConfig":
+        if self.stage1 is None and self.stage2 is None:
+            raise ValueError("a config needs at least one of stage1 (head only) and stage2 (all layers)")
+        return self
+
+    @property
+    def strategy(self) -> str:
+        """Human description of the training strategy."""
+        if self.stage1 and self.stage2:
+            return "stage I (head) + stage II (all layers)"
+        if self.stage1:
+            return "stage I only (backbone frozen)"
+        return "single stage (all layers)"
+
+    def stages(self) -> list[tuple[str, StageConfig]]:
+        """The configured stages in order, as (name, config): name is "stage1"/"stage2"."""
+        return [(n, s) for n, s in (("stage1", self.stage1), ("stage2", self.stage2)) if s is not None]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names valid at the parent of ``loc`` within ``model`` (best effort)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        ann = fields[part].annotation
+        current = _model_in(ann)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(model, loc)
+            hint = ""
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            if close:
+                hint = f" (did you mean '{close[0]}'?)"
+            lines.append(f"  unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+        else:
+            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
+    """Validate a plain dict into an ExperimentConfig, raising ConfigError with clear text."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict.
+
+    ``stage2.lr=5e-5``, ``model.head=[{units: 64}]``, ``stage1=null``. Missing
+    intermediate mappings are created; validation afterwards rejects unknown keys.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+# --------------------------------------------------------------------------- files and presets
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    return raw if raw is not None else {}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate a YAML config file."""
+    return validate_config(apply_overrides(read_yaml(path), overrides), str(path))
+
+
+def _preset_dir():
+    return resources.files("fairage") / "presets"
+
+
+def list_presets() -> dict[str, str]:
+    """Preset name -> one-line description, in name order."""
+    out = {}
+    for entry in sorted(_preset_dir().iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            out[entry.name[: -len(".yaml")]] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+    return out
+
+
+def preset_raw(name: str) -> dict:
+    entry = _preset_dir() / f"{name}.yaml"
+    if not entry.is_file():
+        names = list(list_presets())
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint}; available: {', '.join(names)}")
+    return yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+
+
+SCALES = ("full", "cpu", "tiny")
+
+
+def apply_scale(raw: dict, scale: str) -> dict:
+    """Return a copy of a raw preset dict adapted to ``scale``.
+
+    ``full``: as written. ``cpu``: resnet18 at 64 px, fewer epochs, smaller patience,
+    so the M1..M5 suite runs in minutes on a laptop. ``tiny``: for tests (32 px,
+    one or two epochs, 200-resample bootstrap).
+    """
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale '{scale}'; choose one of {', '.join(SCALES)}")
+    raw = copy.deepcopy(raw)
+    if scale == "full":
+        return raw
+    model = raw.setdefault("model", {})
+    data = raw.setdefault("data", {})
+    ev = raw.setdefault("eval", {})
+    model["backbone"] = "resnet18"
+    if scale == "cpu":
+        data["image_size"] = 64
+        stage_set = {"max_epochs": 12, "patience": 4, "lr_patience": 2, "batch_size": 64}
+        stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
+        lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
+    else:  # tiny
+        data["image_size"] = 32
+        stage_set = {"max_epochs": 2, "patience": 2, "lr_patience": 1, "batch_size": 16}
+        stage1_set = dict(stage_set)
+        lr_floor = 1e-3
+        ev["n_boot"] = 200
+    for name, extra in (("stage1", stage1_set), ("stage2", stage_set)):
+        st = raw.get(name)
+        if isinstance(st, dict):
+            st.update(extra)
+            st["lr"] = max(float(st.get("lr", 1e-5)), lr_floor)
+    return raw
+
+
+def load_preset(name: str, scale: str = "full", overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a shipped preset, adapted to ``scale`` and with overrides applied."""
+    raw = apply_overrides(apply_scale(preset_raw(name), scale), overrides)
+    return validate_config(raw, f"preset {name} (scale {scale})")
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML (round-trips through validate_config)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

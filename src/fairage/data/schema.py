@@ -1,0 +1,76 @@
+"""Attribute vocabularies and the face-table schema, in one place.
+
+The face table is a pandas DataFrame with one row per face and these columns:
+
+``image``       str, the face's identifier within its dataset (APPA-REAL: the
+                ``file_name`` of the CSV, e.g. ``000123.jpg``; npy layout: the row
+                index within its split as a string ``"0".."N-1"``; UTKFace and CSV:
+                the path relative to the dataset folder). Prediction files join on it.
+``age``         float, years: the training target.
+``gender``      one of GENDERS or UNKNOWN.
+``ethnicity``   one of ETHNICITIES or UNKNOWN (or an extra category a loader was told to keep).
+``expression``  one of EXPRESSIONS or UNKNOWN.
+``split``       one of SPLITS.
+``path``        str, absolute path of the file holding the pixels (an image file,
+                or for the npy layout the ``data_{split}.npy`` array).
+``frame``       int, row index into ``path`` for array layouts, -1 for image files.
+optional:       ``real_age`` (float years), ``age_std`` (float years).
+
+Rows are in dataset order (the order of the source CSV / array) within each split.
+"""
+
+from __future__ import annotations
+
+import math
+
+UNKNOWN = "unknown"
+
+GENDERS: tuple[str, ...] = ("male", "female")
+ETHNICITIES: tuple[str, ...] = ("asian", "afroamerican", "caucasian")
+EXPRESSIONS: tuple[str, ...] = ("neutral", "slightlyhappy", "happy", "other")
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+#: attribute name -> allowed values (UNKNOWN is always allowed in addition)
+VOCABULARIES: dict[str, tuple[str, ...]] = {
+    "gender": GENDERS,
+    "ethnicity": ETHNICITIES,
+    "expression": EXPRESSIONS,
+}
+ATTRIBUTES: tuple[str, ...] = tuple(VOCABULARIES)
+
+#: inner edges of the report's age groups: [0,20), [20,40), [40,60), [60,inf)
+AGE_EDGES: tuple[float, ...] = (20.0, 40.0, 60.0)
+
+#: valid age range in years (inclusive)
+AGE_MIN, AGE_MAX = 0.0, 120.0
+
+FACE_COLUMNS: tuple[str, ...] = (
+    "image", "age", "gender", "ethnicity", "expression", "split", "path", "frame",
+)
+
+
+def _fmt_edge(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:g}"
+
+
+def age_bin_labels(edges: tuple[float, ...] | list[float] = AGE_EDGES) -> list[str]:
+    """Labels of the age bins given inner ``edges``: ``[0,20)``, ..., ``[60,inf)``.
+
+    The first bin starts at 0 and the last ends at inf. These strings are the group
+    names used everywhere (metrics JSON, weighting group names, report tables).
+    """
+    bounds = [0.0, *[float(e) for e in edges], math.inf]
+    return [f"[{_fmt_edge(lo)},{_fmt_edge(hi)})" for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def age_bins(ages, edges: tuple[float, ...] | list[float] = AGE_EDGES):
+    """Map ages (years, array-like) to their bin labels (numpy array of str).
+
+    A face of age exactly 20 falls in ``[20,40)``: bins are closed on the left.
+    """
+    import numpy as np
+
+    ages = np.asarray(ages, dtype=float)
+    labels = np.asarray(age_bin_labels(edges), dtype=object)
+    idx = np.searchsorted(np.asarray(edges, dtype=float), ages, side="right")
+    return labels[idx]
