@@ -71,3 +71,602 @@ def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None
     ax1.set_xticklabels(g["name"], rotation=60, ha="right", fontsize=8)
     ax1.set_title(title or "group sizes and weights")
     return save_figure(fig, path)
+
+
+# =========================================================================== comparison report (issue 6)
+#
+# A "run" is a training run folder as written by ``fairage.training.train``:
+# ``config.yaml``, ``metrics_test.json`` (the ``fairage.metrics.evaluate`` object),
+# ``history.csv`` and ``predictions_test.csv``. The functions below read such folders,
+# compare them in the seed report's Table 1 layout, plot them and write one
+# self-contained HTML page.
+
+import base64  # noqa: E402
+import html  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .atomic import write_text  # noqa: E402
+from .errors import ConfigError, DataError  # noqa: E402
+
+#: bias attribute -> Table 1 column name, in Table 1's order
+BIAS_COLUMNS: dict[str, str] = {
+    "gender": "Gender bias",
+    "expression": "Expression bias",
+    "ethnicity": "Ethnicity bias",
+    "age": "Age bias",
+}
+#: the seed report's Table 1 columns, in its order
+TABLE1_COLUMNS: tuple[str, ...] = (
+    "Model", "Learning rate", "Training strategy", *BIAS_COLUMNS.values(), "MAE",
+)
+#: the measured columns (bias scores and MAE), each with a "<col> CI low/high" pair
+METRIC_COLUMNS: tuple[str, ...] = (*BIAS_COLUMNS.values(), "MAE")
+INTERVAL_COLUMNS: tuple[str, ...] = tuple(
+    f"{c} CI {end}" for c in METRIC_COLUMNS for end in ("low", "high")
+)
+COMPARISON_COLUMNS: tuple[str, ...] = (*TABLE1_COLUMNS, *INTERVAL_COLUMNS, "Runs")
+
+
+@dataclass
+class RunRecord:
+    """One finished run folder, read back.
+
+    ``label`` is the model name shown in tables (the config's ``name``; runs that
+    share a label and differ only in ``seed`` are seeds of one model).
+    """
+
+    run_dir: Path
+    label: str
+    config: "object"  # fairage.config.ExperimentConfig
+    metrics: dict
+    history: pd.DataFrame | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: the run is not finished (metrics_test.json is written last)") from None
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON: {err}") from None
+
+
+def load_run(run_dir: str | Path) -> RunRecord:
+    """Read a finished run folder (config.yaml, metrics_test.json, optional history.csv).
+
+    Raises DataError naming the file when the folder is missing, unfinished or
+    corrupt, ConfigError when its config.yaml does not validate.
+    """
+    from .config import read_yaml, validate_config
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"run folder not found: {run_dir}")
+    metrics = _read_json(run_dir / "metrics_test.json")
+    for key in ("mae", "bias"):
+        if key not in metrics:
+            raise DataError(f"{run_dir / 'metrics_test.json'} has no '{key}' entry")
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise DataError(f"{cfg_path} not found")
+    cfg = validate_config(read_yaml(cfg_path), str(cfg_path))
+    history = None
+    hist_path = run_dir / "history.csv"
+    if hist_path.is_file():
+        try:
+            history = pd.read_csv(hist_path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+            raise DataError(f"{hist_path} is not a readable CSV: {err}") from None
+        missing = {"stage", "train_loss", "val_loss", "train_mae", "val_mae"} - set(history.columns)
+        if missing:
+            raise DataError(f"{hist_path} lacks columns {sorted(missing)}")
+    return RunRecord(run_dir=run_dir, label=cfg.name, config=cfg, metrics=metrics, history=history)
+
+
+def _config_without_seed(cfg) -> dict:
+    d = cfg.model_dump(mode="json")
+    d.pop("seed", None)
+    return d
+
+
+def load_runs(runs: Sequence[RunRecord | str | Path]) -> list[RunRecord]:
+    """Read run folders (or pass RunRecords through) and make labels unambiguous.
+
+    Runs with the same config ``name`` whose configs are equal apart from ``seed`` are
+    seeds of one model and keep the name; otherwise each such run is labelled
+    ``"<name> (<folder name>)"``.
+    """
+    records = [r if isinstance(r, RunRecord) else load_run(r) for r in runs]
+    if not records:
+        raise DataError("no run folders given")
+    by_label: dict[str, list[RunRecord]] = {}
+    for r in records:
+        by_label.setdefault(r.label, []).append(r)
+    for label, group in by_label.items():
+        if len(group) > 1:
+            first = _config_without_seed(group[0].config)
+            if any(_config_without_seed(r.config) != first for r in group[1:]):
+                for r in group:
+                    r.label = f"{label} ({r.run_dir.name})"
+    return records
+
+
+def _group(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
+    out: dict[str, list[RunRecord]] = {}
+    for r in records:
+        out.setdefault(r.label, []).append(r)
+    return out
+
+
+def format_lr(lr: float) -> str:
+    """Learning rate as the seed report writes it: ``1e-5``, ``5e-5``, ``0.001``."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{lr:g}").replace("e+", "e")
+
+
+def _learning_rate(cfg) -> str:
+    lrs = [format_lr(st.lr) for _, st in cfg.stages()]
+    return lrs[0] if len(set(lrs)) == 1 else " / ".join(lrs)
+
+
+def _strategy(cfg) -> str:
+    parts = []
+    for name, st in cfg.stages():
+        w = st.weighting
+        what = "head" if name == "stage1" else "all layers"
+        if w.active:
+            scheme = w.scheme if w.scheme != "none" else ""
+            desc = "+".join(p for p in (("lds" if w.lds else ""), scheme) if p)
+            what += f", {desc} weights" + (" (sampler)" if w.mode == "sampler" else "")
+        parts.append(("I: " if name == "stage1" else "II: ") + what)
+    return "; ".join(parts)
+
+
+def _metric_values(metrics: dict) -> dict[str, float]:
+    """Table columns -> value for one run (NaN where the metrics have no entry)."""
+    out: dict[str, float] = {}
+    bias = metrics.get("bias", {}) or {}
+    bias_ci = metrics.get("bias_ci", {}) or {}
+    for attr, col in BIAS_COLUMNS.items():
+        v = bias.get(attr)
+        out[col] = float(v) if v is not None else math.nan
+        ci = bias_ci.get(attr) or [None, None]
+        out[f"{col} CI low"] = float(ci[0]) if ci[0] is not None else math.nan
+        out[f"{col} CI high"] = float(ci[1]) if ci[1] is not None else math.nan
+    out["MAE"] = float(metrics["mae"])
+    ci = metrics.get("mae_ci") or [None, None]
+    out["MAE CI low"] = float(ci[0]) if ci[0] is not None else math.nan
+    out["MAE CI high"] = float(ci[1]) if ci[1] is not None else math.nan
+    return out
+
+
+def comparison_values(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
+    """One numeric row per run: Model, run folder, seed and every measured column."""
+    records = load_runs(runs)
+    rows = []
+    for r in records:
+        rows.append({"Model": r.label, "Run": str(r.run_dir), "Seed": r.config.seed, **_metric_values(r.metrics)})
+    return pd.DataFrame(rows)
+
+
+def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
+    """``"m ± s"`` of the values (s = sample standard deviation, ddof=1)."""
+    a = np.asarray(values, dtype=float)
+    a = a[~np.isnan(a)]
+    if a.size == 0:
+        return "n/a"
+    if a.size == 1:
+        return f"{a[0]:.{digits}f}"
+    return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
+
+
+def comparison_table(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
+    """The seed report's Table 1 for the given runs, one row per model, runs' order.
+
+    Columns: ``COMPARISON_COLUMNS`` = Model, Learning rate, Training strategy, Gender
+    bias, Expression bias, Ethnicity bias, Age bias, MAE (years; bias scores in years
+    too), then "<metric> CI low/high" (bootstrap interval bounds from each run's
+    metrics) and Runs (number of runs averaged). When every model has one run the
+    measured cells are floats; when some model has several runs (seeds) every measured
+    cell is the string ``"mean ± std"`` over its runs.
+    """
+    records = load_runs(runs)
+    groups = _group(records)
+    several = any(len(g) > 1 for g in groups.values())
+    rows = []
+    for label, group in groups.items():
+        cfg = group[0].config
+        row: dict[str, object] = {
+            "Model": label,
+            "Learning rate": _learning_rate(cfg),
+            "Training strategy": _strategy(cfg),
+        }
+        values = [_metric_values(r.metrics) for r in group]
+        for col in (*METRIC_COLUMNS, *INTERVAL_COLUMNS):
+            vals = [v[col] for v in values]
+            row[col] = format_mean_std(vals) if several else vals[0]
+        row["Runs"] = len(group)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
+
+
+def _cell(value, digits: int = 3) -> str:
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def display_table(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Table 1 for reading: the Table 1 columns with each metric's interval inline.
+
+    Every measured cell becomes ``"value [low, high]"`` (single runs) or
+    ``"mean ± std"`` (several runs, intervals shown separately in the CSV).
+    """
+    out = table[list(TABLE1_COLUMNS)].copy().astype(object)
+    for col in METRIC_COLUMNS:
+        cells = []
+        for _, row in table.iterrows():
+            v, lo, hi = row[col], row[f"{col} CI low"], row[f"{col} CI high"]
+            if isinstance(v, str):
+                cells.append(v)
+            elif isinstance(lo, float) and not math.isnan(lo):
+                cells.append(f"{_cell(v, digits)} [{_cell(lo, digits)}, {_cell(hi, digits)}]")
+            else:
+                cells.append(_cell(v, digits))
+        out[col] = cells
+    return out
+
+
+def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """A GitHub-flavoured markdown pipe table of ``table`` (floats to ``digits``)."""
+    cols = [str(c) for c in table.columns]
+
+    def esc(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(c) for c in cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(esc(_cell(row[c], digits)) for c in table.columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(table: pd.DataFrame, title: str | None = None, digits: int = 3):
+    """A ``rich.table.Table`` of ``display_table(table)`` for the terminal."""
+    from rich.table import Table
+
+    shown = display_table(table, digits)
+    t = Table(title=title)
+    for c in shown.columns:
+        t.add_column(str(c), justify="left" if c in ("Model", "Training strategy") else "right")
+    for _, row in shown.iterrows():
+        t.add_row(*(str(row[c]) for c in shown.columns))
+    return t
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_all_training_curves(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+    """Training and validation MAE (years) per cumulative epoch, one panel per model.
+
+    Seeds of one model are drawn in the same panel. A dashed line marks the start
+    of stage II. Runs without ``history.csv`` get an empty panel saying so.
+    """
+    groups = _group(load_runs(runs))
+    n = len(groups)
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (label, group) in zip(axes.flat, groups.items()):
+        drawn = False
+        for i, r in enumerate(group):
+            h = r.history
+            if h is None or h.empty:
+                continue
+            h = h.reset_index(drop=True)
+            x = np.arange(1, len(h) + 1)
+            ax.plot(x, h["train_mae"], color="tab:blue", alpha=0.9 if i == 0 else 0.4,
+                    label="train" if i == 0 else None)
+            ax.plot(x, h["val_mae"], color="tab:orange", alpha=0.9 if i == 0 else 0.4,
+                    label="valid" if i == 0 else None)
+            stages = list(h["stage"])
+            if i == 0 and "stage1" in stages and "stage2" in stages:
+                ax.axvline(stages.index("stage2") + 0.5, color="gray", linestyle="--", linewidth=1)
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, "no history.csv", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(label + (f" ({len(group)} runs)" if len(group) > 1 else ""), fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MAE (years)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if drawn:
+            ax.legend(fontsize=8)
+    fig.suptitle("training curves (dashed: stage II starts)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def group_mae_frame(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
+    """Per-group test MAE: columns Model, attribute, group, n, mae (mean over runs), mae_std.
+
+    ``mae_std`` is the standard deviation over a model's runs (NaN for one run).
+    Groups keep the order of the metrics JSON.
+    """
+    records = load_runs(runs)
+    rows = []
+    for r in records:
+        for attr, groups in (r.metrics.get("groups") or {}).items():
+            for g, v in groups.items():
+                rows.append({"Model": r.label, "attribute": attr, "group": str(g),
+                             "n": int(v.get("n", 0)), "mae": float(v["mae"]) if v.get("mae") is not None else math.nan})
+    if not rows:
+        return pd.DataFrame(columns=["Model", "attribute", "group", "n", "mae", "mae_std"])
+    df = pd.DataFrame(rows)
+    out = (df.groupby(["Model", "attribute", "group"], sort=False)
+             .agg(n=("n", "first"), mae=("mae", "mean"), mae_std=("mae", "std"))
+             .reset_index())
+    return out
+
+
+def plot_group_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+    """Per-group test MAE (years) bars, one panel per attribute, models side by side.
+
+    Error bars: standard deviation over seeds when a model has several runs.
+    """
+    records = load_runs(runs)
+    frame = group_mae_frame(records)
+    models = list(_group(records))
+    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
+    attrs += [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
+    n = max(1, len(attrs))
+    fig, axes = plt.subplots(1, n, figsize=(max(4.0, 1.1 * len(models)) * n * 0.9, 3.8), squeeze=False)
+    width = 0.8 / max(1, len(models))
+    colors = plt.get_cmap("tab10")
+    for ax, attr in zip(axes.flat, attrs):
+        sub = frame[frame["attribute"] == attr]
+        groups = list(dict.fromkeys(sub["group"]))
+        for k, model in enumerate(models):
+            m = sub[sub["Model"] == model].set_index("group")
+            vals = [m["mae"].get(g, math.nan) for g in groups]
+            errs = [m["mae_std"].get(g, math.nan) for g in groups]
+            errs = None if all(math.isnan(e) for e in errs) else np.nan_to_num(errs)
+            pos = np.arange(len(groups)) + (k - (len(models) - 1) / 2) * width
+            ax.bar(pos, vals, width=width, yerr=errs, capsize=2, color=colors(k % 10), label=model)
+        ax.set_xticks(np.arange(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+        ax.set_title(attr)
+        ax.set_ylabel("test MAE (years)")
+        ax.grid(axis="y", alpha=0.3)
+    if not attrs:
+        axes[0, 0].text(0.5, 0.5, "no per-group metrics", ha="center", va="center")
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle("test MAE per group (a bias score is the mean pairwise gap between these bars)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def plot_bias_vs_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+    """Bias against MAE, one panel per bias score, one point per model with its intervals.
+
+    Points sit at the mean over a model's runs; error bars are the bootstrap
+    intervals (mean bounds over runs). Lower-left is better: the trade-off.
+    """
+    values = comparison_values(runs)
+    models = list(dict.fromkeys(values["Model"]))
+    means = values.groupby("Model", sort=False).mean(numeric_only=True)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    colors = plt.get_cmap("tab10")
+    for ax, col in zip(axes, BIAS_COLUMNS.values()):
+        for k, model in enumerate(models):
+            row = means.loc[model]
+            x, y = row["MAE"], row[col]
+            if math.isnan(y):
+                continue
+            xerr = [[max(0.0, x - row["MAE CI low"])], [max(0.0, row["MAE CI high"] - x)]]
+            yerr = [[max(0.0, y - row[f"{col} CI low"])], [max(0.0, row[f"{col} CI high"] - y)]]
+            xerr = None if any(math.isnan(e[0]) for e in xerr) else xerr
+            yerr = None if any(math.isnan(e[0]) for e in yerr) else yerr
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colors(k % 10),
+                        capsize=2, label=model)
+            ax.annotate(model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("MAE (years)")
+        ax.set_ylabel(f"{col} (years)")
+        ax.set_title(col)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("bias vs MAE (lower-left is better; bars: bootstrap intervals)")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# --------------------------------------------------------------------------- dataset summary
+
+
+def summarize_faces(faces: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Counts per attribute value and split: attribute -> DataFrame (values x splits + total).
+
+    ``faces`` is a face table (columns ``split``, ``age``, ``gender``, ``ethnicity``,
+    ``expression``; any present). Age is counted by the report's age bins.
+    """
+    from .data.schema import AGE_EDGES, age_bin_labels, age_bins
+
+    if "split" in faces.columns:
+        split = faces["split"].astype(str)
+    else:
+        split = pd.Series(["all"] * len(faces), index=faces.index)
+    out: dict[str, pd.DataFrame] = {}
+    columns: dict[str, tuple[pd.Series, list[str] | None]] = {}
+    if "age" in faces.columns:
+        columns["age"] = (pd.Series(age_bins(faces["age"].to_numpy(dtype=float), AGE_EDGES), index=faces.index),
+                          age_bin_labels(AGE_EDGES))
+    for attr in ("gender", "ethnicity", "expression"):
+        if attr in faces.columns:
+            columns[attr] = (faces[attr].astype(str), None)
+    for attr, (values, order) in columns.items():
+        t = pd.crosstab(values.astype(str), split)
+        t = t.reindex(columns=[s for s in ("train", "valid", "test", "all") if s in t.columns]
+                      + [s for s in t.columns if s not in ("train", "valid", "test", "all")])
+        if order is not None:
+            t = t.reindex([o for o in order if o in t.index] + [i for i in t.index if i not in order], fill_value=0)
+        t["total"] = t.sum(axis=1)
+        t.index.name = attr
+        t.columns.name = None
+        out[attr] = t
+    return out
+
+
+def _summary_from_predictions(records: list[RunRecord]) -> tuple[dict[str, pd.DataFrame], str] | None:
+    for r in records:
+        p = r.run_dir / "predictions_test.csv"
+        if p.is_file():
+            try:
+                df = pd.read_csv(p)
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+                raise DataError(f"{p} is not a readable CSV: {err}") from None
+            df = df.assign(split="test")
+            return summarize_faces(df), f"test split, from {p}"
+    return None
+
+
+# --------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1200px;
+       padding: 0 1em; color: #222; line-height: 1.45; }
+h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
+th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
+th { background: #f2f2f2; } td.text, th.text { text-align: left; }
+img { max-width: 100%; height: auto; display: block; margin: .8em 0; border: 1px solid #eee; }
+pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
+.note { color: #555; font-size: .9em; }
+.summary { display: flex; flex-wrap: wrap; gap: 1.5em; }
+"""
+
+
+def _html_table(df: pd.DataFrame, caption: str | None = None, index: bool = False, digits: int = 3,
+                table_id: str | None = None) -> str:
+    cols = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
+    text_cols = {"Model", "Training strategy", "group", "attribute"} | ({df.index.name} if index else set())
+    parts = [f'<table{f" id={chr(34)}{table_id}{chr(34)}" if table_id else ""}>']
+    if caption:
+        parts.append(f"<caption>{html.escape(caption)}</caption>")
+    parts.append("<thead><tr>" + "".join(
+        f'<th class="{"text" if c in text_cols else "num"}">{html.escape(c)}</th>' for c in cols) + "</tr></thead><tbody>")
+    for idx, row in df.iterrows():
+        cells = ([(df.index.name, idx)] if index else []) + [(str(c), row[c]) for c in df.columns]
+        parts.append("<tr>" + "".join(
+            f'<td class="{"text" if c in text_cols else "num"}">{html.escape(_cell(v, digits))}</td>' for c, v in cells) + "</tr>")
+    parts.append("</tbody></table>")
+    return "".join(parts)
+
+
+def _img_tag(png: Path, alt: str) -> str:
+    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records: list[RunRecord],
+                summary: dict[str, pd.DataFrame] | None, summary_source: str | None,
+                title: str = "fairage comparison report") -> str:
+    """The report page as one string: inline CSS, PNGs as base64 data URIs, no scripts."""
+    level = None
+    for r in records:
+        level = r.config.eval.level
+        break
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    body.append(
+        '<p class="note">MAE and bias scores in years on the test split. A bias score is the mean, over all '
+        "pairs of groups of an attribute, of the absolute difference of the groups' MAEs (age groups by "
+        "ground-truth age: [0,20), [20,40), [40,60), [60,inf)). Brackets: bootstrap "
+        f"{int(round((level or 0.95) * 100))}% intervals. With several runs per model, cells are mean ± std "
+        "over runs.</p>")
+    body.append("<h2>Comparison (the seed report's Table 1)</h2>")
+    body.append(_html_table(display_table(table), table_id="comparison"))
+    body.append("<h2>Plots</h2>")
+    for caption, png in images:
+        body.append(f"<h3>{html.escape(caption)}</h3>" + _img_tag(png, caption))
+    gm = group_mae_frame(records)
+    if not gm.empty:
+        body.append("<h2>Test MAE per group</h2>")
+        wide = gm.pivot_table(index=["attribute", "group"], columns="Model", values="mae", sort=False)
+        wide = wide.reindex(columns=list(dict.fromkeys(gm["Model"])))
+        n = gm.drop_duplicates(["attribute", "group"]).set_index(["attribute", "group"])["n"]
+        wide.insert(0, "n", n.reindex(wide.index).to_numpy())
+        wide = wide.reset_index()
+        body.append(_html_table(wide, table_id="groups"))
+    body.append("<h2>Dataset</h2>")
+    if summary:
+        if summary_source:
+            body.append(f'<p class="note">{html.escape(summary_source)}</p>')
+        body.append('<div class="summary">' + "".join(
+            _html_table(t, caption=f"faces per {attr}", index=True) for attr, t in summary.items()) + "</div>")
+    else:
+        body.append('<p class="note">no dataset summary available</p>')
+    body.append("<h2>Model configurations</h2>")
+    from .config import dump_config
+
+    seen = set()
+    for r in records:
+        if r.label in seen:
+            continue
+        seen.add(r.label)
+        desc = r.config.description.strip()
+        body.append(f"<h3>{html.escape(r.label)}</h3>")
+        if desc:
+            body.append(f"<p>{html.escape(desc)}</p>")
+        body.append(f'<p class="note">run folder: {html.escape(str(r.run_dir))}</p>')
+        body.append(f"<pre>{html.escape(dump_config(r.config))}</pre>")
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def build_report(run_dirs: Sequence[RunRecord | str | Path], out_dir: str | Path,
+                 dataset_summary: pd.DataFrame | dict | None = None) -> Path:
+    """Write the comparison of finished runs into ``out_dir``; return ``report.html``'s path.
+
+    Writes ``comparison.csv`` (``comparison_table``), ``comparison.md`` (the display
+    table with intervals), ``training_curves.png``, ``group_mae.png``,
+    ``bias_vs_mae.png`` and ``report.html`` (self-contained: inline CSS, images as data
+    URIs, no scripts, fonts or links to fetch). ``dataset_summary`` is a face table
+    (counted with ``summarize_faces``) or its result; None counts the test faces in
+    the first run's ``predictions_test.csv``. All files are written atomically.
+    """
+    out_dir = Path(out_dir)
+    records = load_runs(run_dirs)
+    table = comparison_table(records)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "comparison.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    write_text(out_dir / "comparison.md", to_markdown(display_table(table)))
+    images = [
+        ("Training curves", plot_all_training_curves(records, out_dir / "training_curves.png")),
+        ("Test MAE per group", plot_group_mae(records, out_dir / "group_mae.png")),
+        ("Bias vs MAE", plot_bias_vs_mae(records, out_dir / "bias_vs_mae.png")),
+    ]
+    source = None
+    if dataset_summary is None:
+        found = _summary_from_predictions(records)
+        summary, source = found if found else (None, None)
+    elif isinstance(dataset_summary, pd.DataFrame):
+        summary, source = summarize_faces(dataset_summary), "all splits"
+    elif isinstance(dataset_summary, dict):
+        summary = dataset_summary
+    else:
+        raise ConfigError(f"dataset_summary must be a face table or a dict, got {type(dataset_summary).__name__}")
+    page = render_html(table, images, records, summary, source)
+    report = out_dir / "report.html"
+    write_text(report, page)
+    return report
