@@ -1,0 +1,164 @@
+"""Experiment suite and demo: train several presets, compare them, write the report.
+
+``run_suite`` trains each preset (optionally with several seeds) into its own run
+folder under ``out_dir``, reusing any folder that already holds a finished run of
+exactly the same config on the same data, then builds the comparison report
+(``fairage.report.build_report``) in ``out_dir``.
+
+``run_demo`` is the newcomer's one command: it writes the built-in synthetic
+benchmark at demo size, runs the suite at ``cpu`` scale on M1..M5 and prints the
+table. Demo sizes and the ``cpu`` scale numbers (``fairage.config.apply_scale``)
+are chosen so that the whole demo fits in 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from .config import ExperimentConfig, dump_config, load_preset
+from .errors import ConfigError
+
+#: the seed report's five configurations, in its order
+REPORT_PRESETS: tuple[str, ...] = ("M1", "M2", "M3", "M4", "M5")
+
+#: synthetic benchmark size for ``fairage demo`` (faces per split, image side in px)
+DEMO_SIZES: dict[str, int] = {"n_train": 1200, "n_valid": 300, "n_test": 600, "size": 64}
+DEMO_SEED = 0
+
+
+def run_name(preset: str, seed_index: int, seeds: int) -> str:
+    """Run folder name: ``<preset>`` for one seed, ``<preset>-seed<k>`` for several."""
+    return preset if seeds == 1 else f"{preset}-seed{seed_index}"
+
+
+def suite_configs(presets: Sequence[str] = REPORT_PRESETS, scale: str = "cpu", seeds: int = 1,
+                  overrides: Sequence[str] | None = None) -> list[tuple[str, ExperimentConfig]]:
+    """Resolve every (preset, seed) of a suite: list of (run folder name, config).
+
+    With ``seeds`` K > 1, run k (0..K-1) uses seed = the preset's seed + k (after
+    ``overrides``, so ``--set seed=10`` shifts all of them).
+    """
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    presets = list(presets)
+    if not presets:
+        raise ConfigError("no presets given")
+    dupes = sorted({p for p in presets if presets.count(p) > 1})
+    if dupes:
+        raise ConfigError(f"preset listed twice: {', '.join(dupes)}")
+    out = []
+    for preset in presets:
+        base = load_preset(preset, scale, list(overrides or []))
+        for k in range(seeds):
+            cfg = base if k == 0 else base.model_copy(update={"seed": base.seed + k})
+            out.append((run_name(preset, k, seeds), cfg))
+    return out
+
+
+def is_finished_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished run of ``cfg`` on ``data_dir``.
+
+    Finished = ``metrics_test.json`` exists (training writes it last); same run =
+    its ``config.yaml`` equals ``cfg`` and, when ``run.json`` records a data folder,
+    that folder is ``data_dir``.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "metrics_test.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    try:
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        return False
+    # compare as the YAML the training wrote (dump_config), so float/path formatting matches
+    if stored != yaml.safe_load(dump_config(cfg)):
+        return False
+    info_path = run_dir / "run.json"
+    if info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return False
+        recorded = info.get("data_dir")
+        if recorded and Path(recorded).resolve() != Path(data_dir).resolve():
+            return False
+    return True
+
+
+def _console(progress: bool):
+    from rich.console import Console
+
+    return Console(quiet=not progress)
+
+
+def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] = REPORT_PRESETS,
+              scale: str = "cpu", seeds: int = 1, overrides: Sequence[str] | None = None,
+              progress: bool = True) -> Path:
+    """Train and compare presets; return the path of ``out_dir/report.html``.
+
+    Each (preset, seed) trains into ``out_dir/<preset>`` (``<preset>-seed<k>`` with
+    several seeds) via ``fairage.training.train``, which also evaluates on the test
+    split. A folder that already holds a finished run of the same config and data is
+    reused, not retrained. Then ``comparison.csv``, ``comparison.md``, the plots and
+    ``report.html`` are written into ``out_dir``, with the dataset's counts per
+    attribute.
+    """
+    from . import training
+    from .data import load_faces
+    from .report import build_report
+
+    data_dir = Path(data_dir)
+    out_dir = Path(out_dir)
+    console = _console(progress)
+    # resolve every config and read the data first, so a typo fails before hours of training
+    plan = suite_configs(presets, scale, seeds, overrides)
+    faces = load_faces(data_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dirs = []
+    for i, (name, cfg) in enumerate(plan, start=1):
+        run_dir = out_dir / name
+        tag = f"[{i}/{len(plan)}] {name}"
+        if is_finished_run(run_dir, cfg, data_dir):
+            console.print(f"{tag}: reusing the finished run in {run_dir}")
+        else:
+            console.print(f"{tag}: training ({cfg.strategy}, scale {scale}, seed {cfg.seed}) into {run_dir}")
+            training.train(cfg, data_dir, run_dir, progress=progress)
+        run_dirs.append(run_dir)
+    report = build_report(run_dirs, out_dir, dataset_summary=faces)
+    console.print(f"report: {report}")
+    return report
+
+
+def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_PRESETS,
+             scale: str = "cpu", n_train: int = DEMO_SIZES["n_train"], n_valid: int = DEMO_SIZES["n_valid"],
+             n_test: int = DEMO_SIZES["n_test"], size: int = DEMO_SIZES["size"], seed: int = DEMO_SEED,
+             progress: bool = True) -> Path:
+    """Synthetic benchmark + suite at ``cpu`` scale on M1..M5; print the table; return report.html.
+
+    The data goes to ``out_dir/synthetic-<size>px-<n_train>-<n_valid>-<n_test>-seed<seed>``
+    (the name records its parameters, so runs trained on other data are never reused)
+    and is only generated when that folder is not complete yet.
+    """
+    from .data import write_synthetic
+    from .report import comparison_table, rich_table
+
+    out_dir = Path(out_dir)
+    console = _console(progress)
+    data_dir = out_dir / f"synthetic-{size}px-{n_train}-{n_valid}-{n_test}-seed{seed}"
+    marker = data_dir / ".complete"
+    if not marker.is_file():
+        console.print(f"writing the synthetic benchmark ({n_train}/{n_valid}/{n_test} faces, {size} px) to {data_dir}")
+        write_synthetic(data_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, size=size, seed=seed)
+        marker.write_text("written by fairage demo\n", encoding="utf-8")
+    else:
+        console.print(f"reusing the synthetic benchmark in {data_dir}")
+    report = run_suite(data_dir, out_dir, presets=presets, scale=scale, seeds=1, progress=progress)
+    run_dirs = [out_dir / p for p in presets]
+    console.print(rich_table(comparison_table(run_dirs),
+                             title="synthetic benchmark: MAE and bias scores (years), test split"))
+    console.print("[bold]The data is synthetic: these numbers say nothing about real faces.[/bold]")
+    console.print(f"report: {report}")
+    return report
