@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ExperimentConfig, dump_config, load_preset
+from .config import ExperimentConfig, apply_scale, dump_config, load_preset, preset_raw
 from .errors import ConfigError
 
 #: the seed report's five configurations, in its order
@@ -52,11 +52,27 @@ def suite_configs(presets: Sequence[str] = REPORT_PRESETS, scale: str = "cpu", s
         raise ConfigError(f"preset listed twice: {', '.join(dupes)}")
     out = []
     for preset in presets:
-        base = load_preset(preset, scale, list(overrides or []))
+        base = load_preset(preset, scale, _overrides_for(preset, scale, overrides or []))
         for k in range(seeds):
             cfg = base if k == 0 else base.model_copy(update={"seed": base.seed + k})
             out.append((run_name(preset, k, seeds), cfg))
     return out
+
+
+def _overrides_for(preset: str, scale: str, overrides: Sequence[str]) -> list[str]:
+    """The overrides that apply to ``preset``: suite overrides go to every preset, but
+    one inside a stage the preset does not have (``stage2.lr=...`` for head-only M2)
+    is left out rather than adding that stage. ``stage2=...`` itself still applies.
+    """
+    raw = apply_scale(preset_raw(preset), scale)
+    kept = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] in ("stage1", "stage2") and raw.get(parts[0]) is None:
+            continue
+        kept.append(item)
+    return kept
 
 
 def is_finished_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:

@@ -1,0 +1,119 @@
+"""The suite end to end at tiny scale on a tiny synthetic set, and reuse of finished runs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fairage import suite, training
+from fairage.cli import app
+from fairage.data import write_synthetic
+
+TABLE1 = ["Model", "Learning rate", "Training strategy", "Gender bias", "Expression bias",
+          "Ethnicity bias", "Age bias", "MAE"]
+MEASURED = ["Gender bias", "Expression bias", "Ethnicity bias", "Age bias", "MAE"]
+
+
+@pytest.fixture(scope="module")
+def finished_suite(tmp_path_factory):
+    """Train M1 (all layers) and M2 (head only, age weights) once at tiny scale."""
+    root = tmp_path_factory.mktemp("suite")
+    data = write_synthetic(root / "data", n_train=80, n_valid=60, n_test=80, size=32, seed=0)
+    out = root / "out"
+    report = suite.run_suite(data, out, presets=["M1", "M2"], scale="tiny", progress=False)
+    return data, out, report
+
+
+def test_suite_writes_table_plots_and_report(finished_suite):
+    data, out, report = finished_suite
+    assert report == out / "report.html"
+    table = pd.read_csv(out / "comparison.csv")
+    want = TABLE1 + [f"{c} CI {e}" for c in MEASURED for e in ("low", "high")] + ["Runs"]
+    assert list(table.columns) == want
+    assert list(table["Model"]) == ["M1", "M2"]
+    for _, row in table.iterrows():
+        preds = pd.read_csv(out / row["Model"] / "predictions_test.csv")
+        assert len(preds) == 80
+        # MAE recomputed from the predictions file: mean |prediction - age|
+        assert row["MAE"] == pytest.approx(np.mean(np.abs(preds["prediction"] - preds["age"])), abs=1e-6)
+        # gender bias of two groups = |MAE(male) - MAE(female)|
+        err = (preds["prediction"] - preds["age"]).abs()
+        by_gender = err.groupby(preds["gender"]).mean()
+        assert row["Gender bias"] == pytest.approx(abs(by_gender["male"] - by_gender["female"]), abs=1e-6)
+        assert row["MAE CI low"] <= row["MAE"] <= row["MAE CI high"]
+    for png in ("training_curves.png", "group_mae.png", "bias_vs_mae.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    page = report.read_text(encoding="utf-8")
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', page)) == 3
+    assert "faces per ethnicity" in page
+    assert (out / "comparison.md").is_file()
+
+
+def test_finished_runs_are_reused(finished_suite, monkeypatch):
+    data, out, _ = finished_suite
+    calls = []
+    monkeypatch.setattr(training, "train", lambda cfg, data_dir, run_dir, **kw: calls.append(cfg.name))
+    before = {p: (out / p / "metrics_test.json").stat().st_mtime_ns for p in ("M1", "M2")}
+    suite.run_suite(data, out, presets=["M1", "M2"], scale="tiny", progress=False)
+    assert calls == []
+    # a changed config retrains that preset only: stage1 exists in M2, not in M1
+    suite.run_suite(data, out, presets=["M1", "M2"], scale="tiny", overrides=["stage1.lr=0.01"], progress=False)
+    assert calls == ["M2"]
+    assert before == {p: (out / p / "metrics_test.json").stat().st_mtime_ns for p in ("M1", "M2")}
+
+
+def test_cli_suite_reuses_and_prints_the_table(finished_suite, monkeypatch):
+    data, out, _ = finished_suite
+
+    def fail(*a, **k):
+        raise AssertionError("train() called for a finished run")
+
+    monkeypatch.setattr(training, "train", fail)
+    res = CliRunner().invoke(app, ["suite", "--data", str(data), "--out", str(out), "--presets", "M1,M2",
+                                   "--scale", "tiny", "--quiet"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "Ethnicity bias" in res.output and "M2" in res.output
+    assert "report.html" in res.output
+
+
+def test_cli_report_from_run_folders(finished_suite, tmp_path):
+    _, out, _ = finished_suite
+    res = CliRunner().invoke(app, ["report", str(out / "M1"), str(out / "M2"), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert list(pd.read_csv(tmp_path / "r" / "comparison.csv")["Model"]) == ["M1", "M2"]
+
+
+def test_unfinished_or_other_data_is_not_reused(finished_suite, tmp_path):
+    data, out, _ = finished_suite
+    cfg = dict(suite.suite_configs(["M1"], "tiny"))["M1"]
+    assert suite.is_finished_run(out / "M1", cfg, data)
+    assert not suite.is_finished_run(out / "M1", cfg, tmp_path)  # run.json names another data folder
+    assert not suite.is_finished_run(out / "M1", cfg.model_copy(update={"seed": 5}), data)
+    assert not suite.is_finished_run(tmp_path / "missing", cfg, data)
+    info = json.loads((out / "M1" / "run.json").read_text())
+    assert info["status"] == "finished"
+
+
+def test_suite_configs_seeds_and_overrides():
+    plan = suite.suite_configs(["M1", "M2"], "tiny", seeds=2, overrides=["stage2.lr=0.5", "seed=10"])
+    assert [n for n, _ in plan] == ["M1-seed0", "M1-seed1", "M2-seed0", "M2-seed1"]
+    assert [c.seed for _, c in plan] == [10, 11, 10, 11]
+    # an override inside a stage the preset lacks does not add that stage
+    assert plan[0][1].stage2.lr == 0.5 and plan[2][1].stage2 is None
+
+
+def test_bad_suite_arguments_are_clear(tmp_path):
+    from fairage.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown preset 'M9'"):
+        suite.suite_configs(["M1", "M9"], "tiny")
+    with pytest.raises(ConfigError, match="listed twice"):
+        suite.suite_configs(["M1", "M1"], "tiny")
+    res = CliRunner().invoke(app, ["suite", "--data", str(tmp_path), "--presets", "M1", "--set", "stage2.lrr=1",
+                                   "--scale", "tiny", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "lrr" in res.output
