@@ -90,7 +90,6 @@ from collections.abc import Sequence  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
-import yaml  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .atomic import write_text  # noqa: E402
@@ -430,7 +429,12 @@ def plot_group_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> 
     attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
     attrs += [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
     n = max(1, len(attrs))
-    fig, axes = plt.subplots(1, n, figsize=(max(4.0, 1.1 * len(models)) * n * 0.9, 3.8), squeeze=False)
+    ncols = min(2, n)
+    nrows = math.ceil(n / ncols)
+    panel_width = max(5.0, 0.35 * len(models) * 4 + 1.5)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
     width = 0.8 / max(1, len(models))
     colors = plt.get_cmap("tab10")
     for ax, attr in zip(axes.flat, attrs):
@@ -450,9 +454,11 @@ def plot_group_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> 
         ax.grid(axis="y", alpha=0.3)
     if not attrs:
         axes[0, 0].text(0.5, 0.5, "no per-group metrics", ha="center", va="center")
-    axes[0, 0].legend(fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 8), fontsize=9)
     fig.suptitle("test MAE per group (a bias score is the mean pairwise gap between these bars)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.04, 1, 1))
     return save_figure(fig, path)
 
 
@@ -547,7 +553,7 @@ body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2e
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ddd; padding-bottom: .2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: .8em 0; font-size: .9em; }
 th, td { border: 1px solid #ccc; padding: .3em .6em; text-align: right; }
-th { background: #f2f2f2; } td.text, th.text { text-align: left; }
+th { background: #f2f2f2; } td.text, th.text { text-align: left; } td.num { white-space: nowrap; }
 img { max-width: 100%; height: auto; display: block; margin: .8em 0; border: 1px solid #eee; }
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 .note { color: #555; font-size: .9em; }
@@ -599,7 +605,7 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         body.append(f"<h3>{html.escape(caption)}</h3>" + _img_tag(png, caption))
     gm = group_mae_frame(records)
     if not gm.empty:
-        body.append("<h2>Test MAE per group</h2>")
+        body.append("<h2>Test MAE per group (years)</h2>")
         wide = gm.pivot_table(index=["attribute", "group"], columns="Model", values="mae", sort=False)
         wide = wide.reindex(columns=list(dict.fromkeys(gm["Model"])))
         n = gm.drop_duplicates(["attribute", "group"]).set_index(["attribute", "group"])["n"]
@@ -653,7 +659,7 @@ def build_report(run_dirs: Sequence[RunRecord | str | Path], out_dir: str | Path
     write_text(out_dir / "comparison.md", to_markdown(display_table(table)))
     images = [
         ("Training curves", plot_all_training_curves(records, out_dir / "training_curves.png")),
-        ("Test MAE per group", plot_group_mae(records, out_dir / "group_mae.png")),
+        ("Per-group test MAE, models side by side", plot_group_mae(records, out_dir / "group_mae.png")),
         ("Bias vs MAE", plot_bias_vs_mae(records, out_dir / "bias_vs_mae.png")),
     ]
     source = None
