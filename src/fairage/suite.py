@@ -14,6 +14,7 @@ are chosen so that the whole demo fits in 10 minutes on 2 CPU cores.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -141,7 +142,9 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
             console.print(f"{tag}: reusing the finished run in {run_dir}")
         else:
             console.print(f"{tag}: training ({cfg.strategy}, scale {scale}, seed {cfg.seed}) into {run_dir}")
+            started = time.perf_counter()
             training.train(cfg, data_dir, run_dir, progress=progress)
+            console.print(f"{tag}: done in {time.perf_counter() - started:.0f} s")
         run_dirs.append(run_dir)
     report = build_report(run_dirs, out_dir, dataset_summary=faces)
     console.print(f"report: {report}")
@@ -161,6 +164,7 @@ def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_
     from .data import write_synthetic
     from .report import comparison_table, rich_table
 
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     console = _console(progress)
     data_dir = out_dir / f"synthetic-{size}px-{n_train}-{n_valid}-{n_test}-seed{seed}"
@@ -176,5 +180,5 @@ def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_
     console.print(rich_table(comparison_table(run_dirs),
                              title="synthetic benchmark: MAE and bias scores (years), test split"))
     console.print("[bold]The data is synthetic: these numbers say nothing about real faces.[/bold]")
-    console.print(f"report: {report}")
+    console.print(f"report: {report}  (demo wall time {time.perf_counter() - started:.0f} s)")
     return report
