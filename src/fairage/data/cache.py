@@ -1,0 +1,164 @@
+"""Decoded-image cache: decode a face table's images once into a memory-mappable ``.npy``.
+
+Decoding JPEGs every epoch starves a GPU, so ``load_images`` decodes the faces once
+(in ``workers`` processes, with a progress bar) into a uint8 (N, S, S, 3) RGB array, writes
+it atomically to ``<cache_dir>/<splits>_<S>px_<key>.npy`` and afterwards only memory-maps it.
+The key hashes S and, for every face in order, its source path and frame, plus the size
+and modification time of each source file, so a changed, added or removed source file
+gives a new key (and the stale file of the same splits and size is removed).
+
+Image files are resized to S x S with Pillow (bilinear with antialiasing; the faces are
+already crops, so a plain resize). The npy layout's arrays are already decoded: their rows
+are converted BGR -> RGB (and resized with OpenCV's area interpolation when S differs from
+the stored size) and cached the same way, so every layout is served as an RGB memmap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import atomic
+from ..errors import DataError
+from .schema import SPLITS
+
+CACHE_DIRNAME = ".fairage_cache"
+_CACHE_VERSION = "fairage-cache-1"
+_CHUNK = 64  # images per worker task
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode the image file at ``path`` into a uint8 (size, size, 3) RGB array.
+
+    DataError naming the file if it is missing or cannot be decoded.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale >= size (fast)
+            im = im.convert("RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Exception as err:  # Pillow raises many types for corrupt or truncated data
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
+                        "load the dataset with --skip-bad to drop bad images") from None
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:
+    paths, size = args
+    out = np.empty((len(paths), size, size, 3), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        out[i] = decode_image(p, size)
+    return out
+
+
+def _npy_rows(path: str, frames: np.ndarray, size: int) -> np.ndarray:
+    """Rows ``frames`` of the BGR array at ``path`` as RGB uint8 (k, size, size, 3)."""
+    import cv2
+
+    data = np.load(path, mmap_mode="r", allow_pickle=False)
+    rows = np.ascontiguousarray(data[frames][..., ::-1])  # BGR -> RGB
+    if rows.shape[1:3] == (size, size):
+        return rows
+    return np.stack([cv2.resize(r, (size, size), interpolation=cv2.INTER_AREA) for r in rows])
+
+
+def default_cache_dir(faces: pd.DataFrame) -> Path:
+    """``<dataset root>/.fairage_cache`` (root from ``faces.attrs``, else the sources' common folder)."""
+    root = faces.attrs.get("root")
+    if root:
+        root = Path(root)
+        return (root.parent if root.is_file() else root) / CACHE_DIRNAME
+    common = os.path.commonpath([os.path.dirname(p) for p in faces["path"].unique()])
+    return Path(common) / CACHE_DIRNAME
+
+
+def cache_key(faces: pd.DataFrame, size: int) -> str:
+    """Hex digest identifying the decoded array of ``faces`` at ``size`` px (see module doc)."""
+    h = hashlib.sha256()
+    h.update(f"{_CACHE_VERSION}\n{int(size)}\n".encode())
+    for path in sorted(faces["path"].unique()):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DataError(f"{path}: image file not found") from None
+        h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    for path, frame in zip(faces["path"], faces["frame"]):
+        h.update(f"{path}\t{int(frame)}\n".encode())
+    return h.hexdigest()
+
+
+def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | None = None,
+                workers: int = 2, progress: bool = True) -> np.ndarray:
+    """Decoded faces as a read-only uint8 memmap (N, size, size, 3), RGB; row i = ``faces.iloc[i]``.
+
+    Cached in ``cache_dir`` (default ``default_cache_dir(faces)``); a second call with the
+    same faces, size and unchanged sources only memory-maps the cached file. ``workers``
+    processes decode the images on a miss (1 = in this process); the result does not
+    depend on ``workers``. DataError naming the file for a missing or undecodable image.
+    """
+    size = int(size)
+    if size < 1:
+        raise DataError(f"image size must be positive, got {size}")
+    n = len(faces)
+    if n == 0:
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(faces)
+    splits = [s for s in SPLITS if (faces["split"] == s).any()] if "split" in faces.columns else []
+    prefix = "-".join(splits) if splits else "faces"
+    key = cache_key(faces, size)
+    target = cache_dir / f"{prefix}_{size}px_{key[:20]}.npy"
+    if target.is_file():
+        cached = np.load(target, mmap_mode="r", allow_pickle=False)
+        if cached.shape == (n, size, size, 3) and cached.dtype == np.uint8:
+            return cached
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        _fill(out, faces, size, workers, progress, label=f"decoding {prefix} faces at {size} px")
+        out.flush()
+        del out
+    for stale in cache_dir.glob(f"{prefix}_{size}px_*.npy"):
+        if stale != target:
+            stale.unlink(missing_ok=True)
+    return np.load(target, mmap_mode="r", allow_pickle=False)
+
+
+def _fill(out: np.ndarray, faces: pd.DataFrame, size: int, workers: int, progress: bool, label: str) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    paths = faces["path"].to_numpy(dtype=object)
+    frames = faces["frame"].to_numpy(dtype=np.int64)
+    is_array = frames >= 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not progress, transient=True) as bar:
+        job = bar.add_task(label, total=len(faces))
+        # array sources (npy layout): already decoded, read in slices per source file
+        for path in pd.unique(paths[is_array]):
+            idx = np.flatnonzero(is_array & (paths == path))
+            for a in range(0, len(idx), 256):
+                part = idx[a:a + 256]
+                out[part] = _npy_rows(path, frames[part], size)
+                bar.advance(job, len(part))
+        # image files: decode in chunks, in worker processes when there are enough of them
+        idx = np.flatnonzero(~is_array)
+        chunks = [idx[a:a + _CHUNK] for a in range(0, len(idx), _CHUNK)]
+        tasks = [([str(p) for p in paths[c]], size) for c in chunks]
+        if workers > 1 and len(chunks) > 1:
+            with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:
+                for c, arr in zip(chunks, pool.map(_decode_chunk, tasks)):
+                    out[c] = arr
+                    bar.advance(job, len(c))
+        else:
+            for c, task in zip(chunks, tasks):
+                out[c] = _decode_chunk(task)
+                bar.advance(job, len(c))

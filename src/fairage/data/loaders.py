@@ -1,0 +1,463 @@
+"""Dataset loaders: every layout becomes the same face table (see ``schema``).
+
+Layouts (``detect_layout`` picks one from a folder's contents; ``layout=`` forces one):
+
+``appa``     APPA-REAL release: ``gt_avg_{split}.csv`` + ``allcategories_{split}.csv`` +
+             ``{split}/{file_name}_face.jpg`` (``full_images=True``: ``{split}/{file_name}``).
+``npy``      course npy: ``data_{split}.npy`` (N,H,W,3 uint8 BGR), ``labels_{split}.npy`` (N,),
+             ``meta_data_{split}.npy`` (N,3 str: gender, ethnicity, expression).
+``utkface``  ``{age}_{gender}_{race}_{datetime}.jpg[.chip.jpg]`` image files (searched
+             recursively); split by ``stratified_split``.
+``csv``      a table named one of ``CSV_NAMES`` (or any ``.csv`` file passed as ``root``) with
+             columns ``image,age`` and any of ``gender,ethnicity,expression,split``; image
+             paths relative to the CSV's folder. Without ``split``: ``stratified_split``.
+
+``extra_categories`` says what to do with an attribute value outside the vocabulary:
+``"error"`` (default: DataError naming file, row and value), ``"keep"`` (keep the value as
+an extra group), ``"unknown"`` (map it to ``"unknown"``), or a dict ``{value: new_value}``
+applied first (values it does not cover still raise).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+from .schema import AGE_MAX, AGE_MIN, FACE_COLUMNS, SPLITS, UNKNOWN, VOCABULARIES, age_bins
+
+log = logging.getLogger(__name__)
+
+LAYOUTS: tuple[str, ...] = ("appa", "npy", "utkface", "csv")
+#: file names the csv layout is detected by, in order of preference
+CSV_NAMES: tuple[str, ...] = ("faces.csv", "labels.csv")
+#: fractions of the seeded stratified split (UTKFace, CSV without a split column)
+SPLIT_FRACTIONS: dict[str, float] = {"train": 0.7, "valid": 0.1, "test": 0.2}
+UTK_GENDERS = {"0": "male", "1": "female"}
+UTK_RACES = {"0": "caucasian", "1": "afroamerican", "2": "asian", "3": "indian", "4": "others"}
+_UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)\.jpg(\.chip\.jpg)?$", re.IGNORECASE)
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+ExtraCategories = str | Mapping[str, str]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def detect_layout(root: str | os.PathLike) -> str:
+    """Name of the layout found in ``root``: ``appa``, ``npy``, ``utkface`` or ``csv``.
+
+    Checked in that order: any ``gt_avg_{split}.csv`` -> appa; any ``data_{split}.npy`` ->
+    npy; a file named in ``CSV_NAMES`` (or ``root`` itself a ``.csv`` file) -> csv; image
+    files named like UTKFace -> utkface. DataError if the folder is missing or none match.
+    """
+    root = Path(root)
+    if root.is_file() and root.suffix.lower() == ".csv":
+        return "csv"
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    if any((root / f"gt_avg_{s}.csv").is_file() for s in SPLITS):
+        return "appa"
+    if any((root / f"data_{s}.npy").is_file() for s in SPLITS):
+        return "npy"
+    if any((root / n).is_file() for n in CSV_NAMES):
+        return "csv"
+    for path in root.rglob("*.jpg"):
+        if _UTK_NAME.match(path.name):
+            return "utkface"
+    raise DataError(
+        f"{root}: no known dataset layout (expected gt_avg_{{split}}.csv [appa], data_{{split}}.npy [npy], "
+        f"{' or '.join(CSV_NAMES)} [csv], or UTKFace images AGE_GENDER_RACE_DATE.jpg [utkface])"
+    )
+
+
+def load_faces(root: str | os.PathLike, layout: str | None = None, target: str = "apparent",
+               full_images: bool = False, extra_categories: ExtraCategories = "error", seed: int = 0,
+               skip_bad: bool = False) -> pd.DataFrame:
+    """Read a dataset folder into the face table (columns in ``schema.FACE_COLUMNS`` + extras).
+
+    Parameters
+    ----------
+    root : dataset folder (or, for the csv layout, the CSV file itself).
+    layout : ``appa``, ``npy``, ``utkface``, ``csv`` or None (auto-detect).
+    target : ``apparent`` (APPA-REAL ``apparent_age_avg``) or ``real`` (``real_age``); only the
+        appa layout has both, the others have one age.
+    full_images : appa only: use the full photo ``{split}/{file_name}`` instead of the face crop.
+    extra_categories : ``"error"``, ``"keep"``, ``"unknown"`` or a value mapping (module doc).
+    seed : seed of the stratified split (utkface, csv without ``split``).
+    skip_bad : drop faces whose image file is missing or cannot be decoded instead of raising;
+        the dropped files are logged as a warning and listed in ``faces.attrs["skipped"]``
+        (a list of ``"path: reason"`` strings).
+
+    Rows are in dataset order within each split, splits in train, valid, test order.
+    """
+    root = Path(root)
+    layout = layout or detect_layout(root)
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    if target not in ("apparent", "real"):
+        raise DataError(f"unknown target {target!r}; choose apparent or real")
+    if not root.exists():
+        raise DataError(f"{root}: dataset folder not found")
+    if layout == "appa":
+        faces = _load_appa(root, target, full_images, extra_categories)
+    elif layout == "npy":
+        faces = _load_npy(root, extra_categories)
+    elif layout == "utkface":
+        faces = _load_utkface(root, extra_categories, seed)
+    else:
+        faces = _load_csv(root, extra_categories, seed)
+    faces = faces.reset_index(drop=True)
+    if layout != "npy":
+        faces = _check_image_files(faces, skip_bad)
+    faces.attrs["layout"] = layout
+    faces.attrs["root"] = str(root.resolve())
+    faces.attrs.setdefault("skipped", [])
+    return faces
+
+
+def stratified_split(ages, ethnicities, seed: int = 0,
+                     fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> np.ndarray:
+    """Deterministic seeded split, stratified by age bin (``schema.AGE_EDGES``) x ethnicity.
+
+    Within each stratum the faces are shuffled with ``seed`` and cut at the cumulative
+    fractions (rounded), so every stratum is spread over the splits in about the
+    proportions of ``fractions`` (default 70/10/20 train/valid/test). Returns an array of
+    split names, one per face.
+    """
+    ages = np.asarray(ages, dtype=float)
+    strata = pd.Series(age_bins(ages)).astype(str) + "|" + pd.Series(np.asarray(ethnicities)).astype(str)
+    names = list(fractions)
+    cum = np.cumsum([fractions[n] for n in names])
+    out = np.empty(len(ages), dtype=object)
+    rng = np.random.default_rng(seed)
+    for key in sorted(strata.unique()):
+        idx = np.flatnonzero(strata.to_numpy() == key)
+        idx = idx[rng.permutation(len(idx))]
+        cuts = np.round(cum * len(idx)).astype(int)
+        start = 0
+        for name, stop in zip(names, cuts):
+            out[idx[start:stop]] = name
+            start = stop
+    return out
+
+
+# --------------------------------------------------------------------------- shared checks
+
+
+def _normalise_attribute(values: pd.Series, attribute: str, extra: ExtraCategories, source: Path,
+                         rows: np.ndarray | None = None) -> pd.Series:
+    """Lower-case, strip, map missing to ``unknown``, check the vocabulary.
+
+    ``rows``: the row numbers to name in messages (default: CSV data rows, 1-based + header).
+    """
+    vals = values.astype("object").where(values.notna(), UNKNOWN)
+    vals = pd.Series([str(v).strip().lower() for v in vals], index=values.index, dtype=object)
+    vals[vals == ""] = UNKNOWN
+    if isinstance(extra, Mapping):
+        vals = vals.map(lambda v: extra.get(v, v))
+        policy = "error"
+    else:
+        policy = extra
+        if policy not in ("error", "keep", "unknown"):
+            raise DataError(f"extra_categories must be error, keep, unknown or a mapping, got {policy!r}")
+    allowed = set(VOCABULARIES[attribute]) | {UNKNOWN}
+    bad = ~vals.isin(allowed)
+    if bad.any():
+        if policy == "unknown":
+            vals[bad] = UNKNOWN
+        elif policy == "error":
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            row = rows[i] if rows is not None else i + 2
+            raise DataError(
+                f"{source}: row {row}: {attribute} value {vals.iloc[i]!r} is not one of "
+                f"{', '.join(VOCABULARIES[attribute])} (or {UNKNOWN}); use extra categories 'keep' or "
+                f"'unknown' to accept it ({int(bad.sum())} such rows)"
+            )
+    return vals
+
+
+def _check_ages(ages: pd.Series, source: Path, column: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """Ages as float years; DataError naming file and row for non-numbers, NaN, or outside 0-120."""
+    num = pd.to_numeric(ages, errors="coerce").astype(float)
+    arr = num.to_numpy()
+    bad = ~np.isfinite(arr) | (arr < AGE_MIN) | (arr > AGE_MAX)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        row = rows[i] if rows is not None else i + 2
+        raise DataError(
+            f"{source}: row {row}: {column} {ages.iloc[i]!r} is not an age in years "
+            f"between {AGE_MIN:g} and {AGE_MAX:g} ({int(bad.sum())} such rows)"
+        )
+    return arr
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=True, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV file ({err})") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {', '.join(missing)} "
+                        f"(found: {', '.join(df.columns) or 'none'})")
+    return df
+
+
+def probe_image(path: str | os.PathLike) -> str | None:
+    """Why the image at ``path`` cannot be decoded, or None if it decodes.
+
+    Decodes at reduced scale (JPEG draft mode) so checking a whole dataset is quick, but
+    still reads all the data, so truncated files are caught.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (32, 32))
+            im.load()
+    except FileNotFoundError:
+        return "file not found"
+    except Exception as err:  # Pillow raises many types for corrupt data
+        return f"cannot decode image ({type(err).__name__}: {err})"
+    return None
+
+
+def _check_image_files(faces: pd.DataFrame, skip_bad: bool) -> pd.DataFrame:
+    """Existence check always; with ``skip_bad`` also decode and drop bad images (logged)."""
+    if faces.empty:
+        return faces
+    problems: dict[int, str] = {}
+    for i, path in enumerate(faces["path"]):
+        if not os.path.isfile(path):
+            problems[i] = "file not found"
+        elif skip_bad:
+            reason = probe_image(path)
+            if reason:
+                problems[i] = reason
+    if not problems:
+        return faces
+    if not skip_bad:
+        i, reason = next(iter(problems.items()))
+        more = f" ({len(problems)} images missing; --skip-bad drops them)" if len(problems) > 1 else ""
+        raise DataError(f"{faces['path'].iloc[i]}: {reason} (face {faces['image'].iloc[i]!r}){more}")
+    skipped = [f"{faces['path'].iloc[i]}: {r}" for i, r in problems.items()]
+    log.warning("skipped %d bad image(s): %s", len(skipped), "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    kept = faces.drop(index=faces.index[list(problems)]).reset_index(drop=True)
+    kept.attrs["skipped"] = skipped
+    return kept
+
+
+def _finish(df: pd.DataFrame) -> pd.DataFrame:
+    """Face-table column order (schema columns first, then optional and extra columns)."""
+    df["frame"] = df["frame"].astype(np.int64)
+    df["age"] = df["age"].astype(np.float64)
+    for c in ("image", "gender", "ethnicity", "expression", "split", "path"):
+        df[c] = df[c].astype(object).astype(str)
+    extras = [c for c in df.columns if c not in FACE_COLUMNS]
+    return df[list(FACE_COLUMNS) + extras]
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategories) -> pd.DataFrame:
+    parts = []
+    for split in SPLITS:
+        gt_path = root / f"gt_avg_{split}.csv"
+        if not gt_path.is_file():
+            continue
+        gt = _read_csv(gt_path, ("file_name", "apparent_age_avg", "real_age"))
+        if gt["file_name"].isna().any():
+            i = int(np.flatnonzero(gt["file_name"].isna().to_numpy())[0])
+            raise DataError(f"{gt_path}: row {i + 2}: empty file_name")
+        column = "apparent_age_avg" if target == "apparent" else "real_age"
+        df = pd.DataFrame({"image": gt["file_name"].str.strip()})
+        df["age"] = _check_ages(gt[column], gt_path, column)
+        if target == "apparent":
+            df["real_age"] = pd.to_numeric(gt["real_age"], errors="coerce").to_numpy(dtype=float)
+        else:
+            df["apparent_age"] = pd.to_numeric(gt["apparent_age_avg"], errors="coerce").to_numpy(dtype=float)
+        if "apparent_age_std" in gt.columns:
+            df["age_std"] = pd.to_numeric(gt["apparent_age_std"], errors="coerce").to_numpy(dtype=float)
+        if "num_ratings" in gt.columns:
+            df["num_ratings"] = pd.to_numeric(gt["num_ratings"], errors="coerce").to_numpy(dtype=float)
+
+        cat_path = root / f"allcategories_{split}.csv"
+        if cat_path.is_file():
+            cats = _read_csv(cat_path, ("file",))
+            cats["file"] = cats["file"].str.strip()
+            dup = cats["file"].duplicated()
+            if dup.any():
+                i = int(np.flatnonzero(dup.to_numpy())[0])
+                raise DataError(f"{cat_path}: row {i + 2}: file {cats['file'].iloc[i]!r} listed twice")
+            cat_rows = pd.Series(np.arange(len(cats)) + 2, index=cats["file"])
+            cats = cats.set_index("file")
+            missing = ~df["image"].isin(cats.index)
+            cats = cats.reindex(df["image"])  # rows in gt order; faces absent from it -> NaN -> unknown
+            rows = cat_rows.reindex(df["image"]).fillna(-1).astype(int).to_numpy()
+            if missing.any():
+                log.warning("%s: %d face(s) of %s have no attributes; they are 'unknown'",
+                            cat_path, int(missing.sum()), gt_path.name)
+            for attribute, column in (("gender", "gender"), ("ethnicity", "race"), ("expression", "happiness")):
+                if column in cats.columns:
+                    df[attribute] = _normalise_attribute(cats[column].reset_index(drop=True), attribute, extra,
+                                                         cat_path, rows).to_numpy()
+                else:
+                    df[attribute] = UNKNOWN
+            for column in ("makeup", "time"):
+                if column in cats.columns:
+                    df[column] = cats[column].fillna(UNKNOWN).astype(str).to_numpy()
+        else:
+            log.warning("%s not found: gender, ethnicity and expression of split %s are 'unknown'", cat_path, split)
+            for attribute in VOCABULARIES:
+                df[attribute] = UNKNOWN
+        df["split"] = split
+        suffix = "" if full_images else "_face.jpg"
+        folder = (root / split).resolve()
+        df["path"] = [str(folder / f"{name}{suffix}") for name in df["image"]]
+        df["frame"] = -1
+        parts.append(df)
+    if not parts:
+        raise DataError(f"{root}: no gt_avg_{{train,valid,test}}.csv found (APPA-REAL layout)")
+    return _finish(pd.concat(parts, ignore_index=True))
+
+
+def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
+    parts = []
+    for split in SPLITS:
+        data_path = root / f"data_{split}.npy"
+        if not data_path.is_file():
+            continue
+        labels_path, meta_path = root / f"labels_{split}.npy", root / f"meta_data_{split}.npy"
+        for p in (labels_path, meta_path):
+            if not p.is_file():
+                raise DataError(f"{p}: file not found (needed with {data_path.name})")
+        data = _open_npy(data_path, mmap=True)
+        labels = _open_npy(labels_path, mmap=False)
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        meta = _open_npy(meta_path, mmap=False)
+        if data.ndim != 4 or data.shape[3] != 3 or data.dtype != np.uint8:
+            raise DataError(f"{data_path}: expected a uint8 array (N,H,W,3), got {data.dtype} {data.shape}")
+        if labels.ndim != 1:
+            raise DataError(f"{labels_path}: expected a 1-D array of ages, got shape {labels.shape}")
+        if meta.ndim != 2 or meta.shape[1] != 3:
+            raise DataError(f"{meta_path}: expected an (N,3) array of gender, ethnicity, expression; got shape {meta.shape}")
+        n = {data_path.name: len(data), labels_path.name: len(labels), meta_path.name: len(meta)}
+        if len(set(n.values())) > 1:
+            raise DataError(f"{root}: arrays of split {split} have different lengths: "
+                            + ", ".join(f"{k} {v}" for k, v in n.items()))
+        rows = np.arange(len(labels))  # messages name the array row (0-based)
+        df = pd.DataFrame({"image": [str(i) for i in range(len(labels))]})
+        df["age"] = _check_ages(pd.Series(labels), labels_path, "age", rows)
+        meta_df = pd.DataFrame(meta.astype(str))
+        for j, attribute in enumerate(("gender", "ethnicity", "expression")):
+            df[attribute] = _normalise_attribute(meta_df[j], attribute, extra, meta_path, rows).to_numpy()
+        df["split"] = split
+        df["path"] = str(data_path.resolve())
+        df["frame"] = np.arange(len(labels))
+        parts.append(df)
+    if not parts:
+        raise DataError(f"{root}: no data_{{train,valid,test}}.npy found (npy layout)")
+    return _finish(pd.concat(parts, ignore_index=True))
+
+
+def _open_npy(path: Path, mmap: bool) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as err:
+        # object arrays (pickled) are refused: we never unpickle user files
+        raise DataError(f"{path}: cannot read without unpickling or not a .npy array ({err}); "
+                        "store strings as a fixed-width unicode array (dtype '<U...')") from None
+    except OSError as err:
+        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+
+
+def _load_utkface(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame:
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{root}: no image files found (UTKFace layout)")
+    recs = []
+    for p in files:
+        m = _UTK_NAME.match(p.name)
+        if not m or m.group(2) not in UTK_GENDERS or m.group(3) not in UTK_RACES:
+            raise DataError(f"{p}: not a UTKFace file name AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] "
+                            "with gender 0 (male) or 1 (female) and race 0-4")
+        recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], str(p.resolve())))
+    df = pd.DataFrame(recs, columns=["image", "age_raw", "gender", "ethnicity_raw", "path"])
+    df["age"] = _check_ages(df["age_raw"], root, "age")
+    # messages name the file (no rows in a folder of images)
+    eth = df["ethnicity_raw"]
+    if isinstance(extra, Mapping):
+        eth = eth.map(lambda v: extra.get(v, v))
+    bad = ~eth.isin(set(VOCABULARIES["ethnicity"]))
+    if bad.any():
+        if extra == "unknown":
+            eth = eth.where(~bad, UNKNOWN)
+        elif extra != "keep":
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{df['path'].iloc[i]}: ethnicity {eth.iloc[i]!r} (UTKFace race code) is not one of "
+                            f"{', '.join(VOCABULARIES['ethnicity'])}; use extra categories 'keep' or 'unknown' "
+                            f"({int(bad.sum())} such files)")
+    df["ethnicity"] = eth
+    df["expression"] = UNKNOWN
+    df["split"] = stratified_split(df["age"], df["ethnicity"], seed)
+    df["frame"] = -1
+    df = df.drop(columns=["age_raw", "ethnicity_raw"])
+    return _finish(_order_by_split(df))
+
+
+def _load_csv(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame:
+    if root.is_file():
+        csv_path = root
+    else:
+        found = [root / n for n in CSV_NAMES if (root / n).is_file()]
+        if not found:
+            raise DataError(f"{root}: none of {', '.join(CSV_NAMES)} found (csv layout)")
+        csv_path = found[0]
+    raw = _read_csv(csv_path, ("image", "age"))
+    rows = np.arange(len(raw)) + 2
+    if raw["image"].isna().any():
+        i = int(np.flatnonzero(raw["image"].isna().to_numpy())[0])
+        raise DataError(f"{csv_path}: row {i + 2}: empty image")
+    df = pd.DataFrame({"image": raw["image"].str.strip()})
+    df["age"] = _check_ages(raw["age"], csv_path, "age")
+    for attribute in VOCABULARIES:
+        if attribute in raw.columns:
+            df[attribute] = _normalise_attribute(raw[attribute], attribute, extra, csv_path, rows).to_numpy()
+        else:
+            df[attribute] = UNKNOWN
+    folder = csv_path.parent.resolve()
+    df["path"] = [str(folder / name) for name in df["image"]]
+    df["frame"] = -1
+    if "split" in raw.columns:
+        split = raw["split"].fillna("").str.strip().str.lower()
+        bad = ~split.isin(SPLITS)
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise DataError(f"{csv_path}: row {i + 2}: split {raw['split'].iloc[i]!r} is not one of {', '.join(SPLITS)}")
+        df["split"] = split.to_numpy()
+    else:
+        df["split"] = stratified_split(df["age"], df["ethnicity"], seed)
+    for c in raw.columns:
+        if c not in df.columns and c not in ("image", "age"):
+            df[c] = raw[c].to_numpy()
+    return _finish(_order_by_split(df))
+
+
+def _order_by_split(df: pd.DataFrame) -> pd.DataFrame:
+    """Splits in train, valid, test order; dataset order kept within each split."""
+    order = df["split"].map({s: i for i, s in enumerate(SPLITS)})
+    return df.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
