@@ -461,3 +461,22 @@ def _order_by_split(df: pd.DataFrame) -> pd.DataFrame:
     """Splits in train, valid, test order; dataset order kept within each split."""
     order = df["split"].map({s: i for i, s in enumerate(SPLITS)})
     return df.iloc[np.argsort(order.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
+def describe_faces(faces: pd.DataFrame) -> dict:
+    """Summary of a face table: the object ``fairage data info --json`` prints.
+
+    ``{"layout", "splits": {split: {"n", "gender": {value: count}, "ethnicity": {...},
+    "expression": {...}}}, "age": {split: {"min", "max", "mean"}}}`` (ages in years).
+    """
+    splits: dict[str, dict] = {}
+    ages: dict[str, dict] = {}
+    for split in [s for s in SPLITS if (faces["split"] == s).any()]:
+        part = faces[faces["split"] == split]
+        splits[split] = {"n": int(len(part))}
+        for attribute in VOCABULARIES:
+            counts = part[attribute].value_counts()
+            splits[split][attribute] = {str(k): int(v) for k, v in sorted(counts.items())}
+        ages[split] = {"min": float(part["age"].min()), "max": float(part["age"].max()),
+                       "mean": float(part["age"].mean())}
+    return {"layout": faces.attrs.get("layout"), "splits": splits, "age": ages}

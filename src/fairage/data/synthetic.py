@@ -116,7 +116,7 @@ def sample_labels(rng: np.random.Generator) -> dict:
     elif u < CHILD_P + OLD_P:
         real = 60.0 + 32.0 * rng.beta(1.0, 2.5)
     else:
-        real = 15.0 + 45.0 * rng.beta(2.0, 4.5)
+        real = 15.0 + 45.0 * rng.beta(2.0, 3.8)
     real_age = int(round(real))
     gender = "male" if rng.random() < 0.5 else "female"
     ethnicity = str(rng.choice(list(ETHNICITY_P), p=list(ETHNICITY_P.values())))
