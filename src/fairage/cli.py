@@ -158,6 +158,89 @@ def data_info_command(
 # =========================================================================== training (issue 5)
 
 
+def _train_summary(run_dir: Path, metrics: dict) -> None:
+    """One screen: where the run is, its stages, test MAE and bias scores (years)."""
+    import json
+
+    import pandas as pd
+    from rich.table import Table
+
+    table = Table(title=f"finished: {run_dir} (test split, years)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("CI", justify="right")
+
+    def ci(pair) -> str:
+        return f"[{pair[0]:.3f}, {pair[1]:.3f}]" if isinstance(pair, (list, tuple)) and len(pair) == 2 else ""
+
+    table.add_row("faces", str(metrics.get("n", "")), "")
+    if "mae" in metrics:
+        table.add_row("MAE", f"{metrics['mae']:.3f}", ci(metrics.get("mae_ci")))
+    for attr, value in (metrics.get("bias") or {}).items():
+        if isinstance(value, (int, float)):
+            table.add_row(f"{attr} bias", f"{value:.3f}", ci((metrics.get("bias_ci") or {}).get(attr)))
+    history = run_dir / "history.csv"
+    if history.is_file():
+        h = pd.read_csv(history)
+        for stage, rows in h.groupby("stage", sort=False):
+            best = rows.loc[rows["val_loss"].idxmin()] if rows["val_loss"].notna().any() else rows.iloc[-1]
+            table.add_row(f"{stage}: epochs / best val MAE", f"{len(rows)} / {best['val_mae']:.3f}", "")
+    info = run_dir / "run.json"
+    if info.is_file():
+        run = json.loads(info.read_text(encoding="utf-8"))
+        table.add_row("pretrained weights", "yes" if run.get("weights_loaded") else "no (random init)", "")
+        for stage, message in (run.get("stopped") or {}).items():
+            err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(table)
+    console.print(f"run folder: {run_dir} (predictions_test.csv, metrics_test.json, curves.png, history.csv)")
+
+
+@app.command("train")
+def train_command(
+    config: Optional[Path] = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped preset instead of --config (see `fairage presets`)."),
+    scale: str = typer.Option("full", "--scale", help="Preset scale: full, cpu (resnet18, 64 px) or tiny."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (any layout fairage reads)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create, e.g. runs/NAME."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="Config override, e.g. stage2.lr=5e-5 (repeatable)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
+    devices: Optional[str] = typer.Option(None, "--devices", help="Devices per node (Lightning), e.g. 2 or auto."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Lightning strategy, e.g. ddp."),
+    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", min=1, help="Machines (Lightning num_nodes)."),
+    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cpu, gpu or auto."),
+    deterministic: bool = typer.Option(False, "--deterministic", help="Bitwise-repeatable kernels where torch allows."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
+) -> None:
+    """Train a model (stage I and/or II), evaluate it on the test split, print a summary."""
+    from .config import load_config, load_preset
+    from .training import resume_run, train
+
+    progress = not quiet
+    if resume is not None:
+        if config or preset or data or out or set_:
+            fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
+        metrics = resume_run(resume, progress=progress)
+        if metrics:
+            _train_summary(resume, metrics)
+        return
+    if (config is None) == (preset is None):
+        fail("give exactly one of --config CFG.yaml and --preset NAME (or --resume runs/NAME)")
+    if data is None or out is None:
+        fail("--data DIR and --out runs/NAME are required (or --resume runs/NAME)")
+    overrides = list(set_ or [])
+    for key, value in (("accelerator", accelerator), ("devices", devices), ("strategy", strategy),
+                       ("num_nodes", num_nodes)):
+        if value is not None:
+            overrides.append(f"trainer.{key}={value}")
+    if deterministic:
+        overrides.append("trainer.deterministic=true")
+    cfg = load_config(config, overrides) if config is not None else load_preset(preset, scale, overrides)
+    metrics = train(cfg, data, out, progress=progress)
+    if metrics:  # empty on non-zero DDP ranks
+        _train_summary(out, metrics)
+
+
+
 # =========================================================================== suite, report, demo (issue 6)
 
 
