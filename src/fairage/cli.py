@@ -105,11 +105,18 @@ def data_info_command(
     from rich.table import Table
 
     from .data import load_faces
-    from .data.loaders import describe_faces
+    from .data.loaders import describe_faces, find_bad_images
+    from .errors import DataError
     from .data.schema import VOCABULARIES
 
     faces = load_faces(root, layout=layout, target=target, full_images=full_images,
                        extra_categories=_extra_categories_option(extra_categories), seed=seed, skip_bad=skip_bad)
+    if not skip_bad:
+        # decode every image (at reduced scale: quick) so a corrupt file is reported now
+        bad = find_bad_images(faces)
+        if bad:
+            more = f" (and {len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}; --skip-bad drops bad images")
     info = describe_faces(faces)
     skipped = faces.attrs.get("skipped", [])
     if skipped:

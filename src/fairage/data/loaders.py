@@ -232,6 +232,20 @@ def probe_image(path: str | os.PathLike) -> str | None:
     return None
 
 
+def find_bad_images(faces: pd.DataFrame) -> list[str]:
+    """``"path: reason"`` for every image file of ``faces`` that is missing or cannot be decoded.
+
+    Array sources (npy layout, ``frame >= 0``) are skipped: they were checked on loading.
+    """
+    bad = []
+    for path, frame in zip(faces["path"], faces["frame"]):
+        if frame < 0:
+            reason = probe_image(path)
+            if reason:
+                bad.append(f"{path}: {reason}")
+    return bad
+
+
 def _check_image_files(faces: pd.DataFrame, skip_bad: bool) -> pd.DataFrame:
     """Existence check always; with ``skip_bad`` also decode and drop bad images (logged)."""
     if faces.empty:
@@ -397,12 +411,18 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame
                             "with gender 0 (male) or 1 (female) and race 0-4")
         recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], str(p.resolve())))
     df = pd.DataFrame(recs, columns=["image", "age_raw", "gender", "ethnicity_raw", "path"])
-    df["age"] = _check_ages(df["age_raw"], root, "age")
     # messages name the file (no rows in a folder of images)
+    ages = df["age_raw"].astype(float).to_numpy()
+    bad_age = (ages < AGE_MIN) | (ages > AGE_MAX)
+    if bad_age.any():
+        i = int(np.flatnonzero(bad_age)[0])
+        raise DataError(f"{df['path'].iloc[i]}: age {df['age_raw'].iloc[i]!r} is not an age in years "
+                        f"between {AGE_MIN:g} and {AGE_MAX:g}")
+    df["age"] = ages
     eth = df["ethnicity_raw"]
     if isinstance(extra, Mapping):
         eth = eth.map(lambda v: extra.get(v, v))
-    bad = ~eth.isin(set(VOCABULARIES["ethnicity"]))
+    bad = ~eth.isin(set(VOCABULARIES["ethnicity"]) | {UNKNOWN})
     if bad.any():
         if extra == "unknown":
             eth = eth.where(~bad, UNKNOWN)

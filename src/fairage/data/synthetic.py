@@ -93,6 +93,7 @@ class FaceParams:
     texture: float  # skin-noise std in grey levels before the skin contrast factor
     spots: int
     smile: float  # 0..1
+    smile_lines: float  # how deep this person's smile lines are (varies a lot between people)
     contrast: float  # CUE_CONTRAST for this skin times person noise
     cx: float
     cy: float
@@ -169,6 +170,7 @@ def sample_face_params(rng: np.random.Generator, age: float, gender: str, ethnic
         texture=texture,
         spots=int(rng.poisson(max(0.0, (age - 58.0) / 5.0))),
         smile=_SMILE[expression] * rng.uniform(0.8, 1.0),
+        smile_lines=float(rng.uniform(0.1, 1.1)),
         contrast=CUE_CONTRAST[ethnicity] * float(np.exp(rng.normal(0.0, 0.15))),
         cx=0.5 + rng.normal(0.0, 0.025),
         cy=0.52 + rng.normal(0.0, 0.025),
@@ -251,7 +253,7 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
         draw.line((cx - mw, mouth_y, cx + mw, mouth_y), fill=lip, width=lw + 1)
 
     # wrinkle-like lines: age wrinkles plus the lines a smile makes (the confound)
-    w_age, w_smile = p.wrinkles, 0.55 * p.smile
+    w_age, w_smile = p.wrinkles, p.smile_lines * p.smile
     n_forehead = min(4, int(p.wrinkles * 4.0 + 0.5))
     fh_top = max(hairline_y, top + hh * 0.15)
     for i in range(n_forehead):
