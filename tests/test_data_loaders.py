@@ -25,7 +25,7 @@ def write_image(path: Path, rgb=(200, 100, 50), size: int = 16, fmt: str | None 
     return path
 
 
-def jpeg_bytes(size: int = 24, seed: int = 0) -> bytes:
+def jpeg_bytes(size: int = 64, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, "JPEG", quality=90)

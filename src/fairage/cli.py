@@ -128,7 +128,7 @@ def data_info_command(
         return
     splits = list(info["splits"])
     console.print(f"[bold]{root}[/bold]: layout [bold]{info['layout']}[/bold], {len(faces)} faces "
-                  + ", ".join(f"{s} {info['splits'][s]['n']}" for s in splits), highlight=False)
+                  + ", ".join(f"{s} {info['splits'][s]['n']}" for s in splits), highlight=False, soft_wrap=True)
     table = Table(title="faces per split and attribute value")
     table.add_column("attribute")
     table.add_column("value")
