@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,13 +151,18 @@ class AgeModule(L.LightningModule):
             p.requires_grad_(True)
         self.scale = model.label_scale
 
-    # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode
+    # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
+    # Lightning does not call train() at fit start (it only captures and restores
+    # submodule modes around validation), so enforce it at every epoch start too.
     def train(self, mode: bool = True):
         super().train(mode)
         if self.frozen:
             for module in self.model.feature_extractor_modules():
                 module.eval()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, age, weight = batch
@@ -378,6 +384,7 @@ def fit_stage(
     previous_history: pd.DataFrame | None = None,
     callbacks: Sequence[Callback] = (),
     cache_features: bool | None = None,
+    _history_file: bool = True,
 ) -> StageResult:
     """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
 
@@ -388,7 +395,13 @@ def fit_stage(
     the per-epoch rows are appended to ``previous_history`` and written to
     ``run_dir/history.csv``. ``ckpt_path`` resumes this stage from a Lightning checkpoint.
     ``cache_features`` overrides ``stage.cache_features`` (None: use the config).
+    ``run_dir=None``: checkpoints go to a temporary folder and no history file is written.
     """
+    if run_dir is None:  # checkpoints (for the best weights) still need a folder
+        with tempfile.TemporaryDirectory(prefix="fairage-stage-") as tmp:
+            return fit_stage(model, stage_name, stage, train_images, train_ages, val_images, val_ages,
+                             Path(tmp), train_weights, trainer_cfg, num_workers, seed, progress, ckpt_path,
+                             previous_history, callbacks, cache_features, _history_file=False)
     trainer_cfg = trainer_cfg or TrainerConfig()
     frozen = stage_name == "stage1"
     use_cache = (stage.cache_features if cache_features is None else cache_features)
@@ -397,7 +410,7 @@ def fit_stage(
     on_gpu = accelerator == "gpu"
     channels_last = bool(trainer_cfg.channels_last and on_gpu)
     precision = resolve_precision(trainer_cfg)
-    run_dir = Path(run_dir) if run_dir is not None else None
+    run_dir = Path(run_dir)
 
     _quiet_lightning()
     L.seed_everything(seed, workers=True, verbose=False)
@@ -435,8 +448,8 @@ def fit_stage(
 
     module = AgeModule(model, stage, frozen=frozen, inputs="features" if use_cache else "images",
                        channels_last=channels_last, image_size=train_images.shape[1])
-    history_cb = HistoryCallback(run_dir, stage_name, previous_history)
-    ckpt_dir = (run_dir / "checkpoints") if run_dir is not None else None
+    history_cb = HistoryCallback(run_dir if _history_file else None, stage_name, previous_history)
+    ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename=f"{stage_name}-best", monitor="val_loss", mode="min",
                                  save_top_k=1, save_last=True, auto_insert_metric_name=False,
                                  enable_version_counter=False)
@@ -456,11 +469,11 @@ def fit_stage(
         max_epochs=stage.max_epochs,
         callbacks=cbs,
         logger=False,
-        enable_checkpointing=run_dir is not None,
+        enable_checkpointing=True,
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        default_root_dir=str(run_dir) if run_dir is not None else None,
+        default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )
     with warnings.catch_warnings():

@@ -1,0 +1,136 @@
+"""fairage.training core on in-memory arrays: learning, stage I freezing, feature cache, NaN stop.
+
+Images are procedural: a bright square whose side grows with the age, so a tiny
+resnet18 at 32 px can learn the age in a few epochs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from fairage.config import HeadBlock, ModelConfig, StageConfig
+from fairage.models import build_model
+from fairage.training import NonFiniteLossError, fit_stage, predict
+
+SIZE = 32
+
+
+def square_faces(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 32, 32, 3) images with a white square of side 4 + age/80 * 26 px; ages (n,) in [5, 80)."""
+    rng = np.random.default_rng(seed)
+    ages = rng.uniform(5, 80, n).astype(np.float32)
+    images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
+    for i, age in enumerate(ages):
+        side = int(4 + age / 80 * (SIZE - 6))
+        images[i, :side, :side] = 255
+    return images, ages
+
+
+@pytest.fixture(scope="module")
+def faces():
+    train_images, train_ages = square_faces(96, seed=0)
+    val_images, val_ages = square_faces(32, seed=1)
+    return train_images, train_ages, val_images, val_ages
+
+
+def tiny_model(seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    base = dict(backbone="resnet18", projection_dim=16, head=[HeadBlock(dropout=0.2, units=32)])
+    base.update(kw)
+    return build_model(ModelConfig(**base))[0]
+
+
+def test_loss_decreases_and_model_learns_the_age(faces, tmp_path):
+    train_images, train_ages, val_images, val_ages = faces
+    model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)])
+    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
+                       train_images, train_ages, val_images, val_ages, run_dir=tmp_path)
+    h = result.history
+    assert list(h["epoch"]) == [1, 2, 3] and set(h["stage"]) == {"stage2"}
+    assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
+    # baseline: always predicting the mean training age
+    baseline_mae = float(np.abs(val_ages - train_ages.mean()).mean())
+    assert h["val_mae"].min() < 0.75 * baseline_mae
+    # the model now holds the best epoch's weights: its val MAE is the best logged one
+    years = predict(model, val_images)
+    assert years.shape == (32,)
+    np.testing.assert_allclose(np.abs(years - val_ages).mean(), h["val_mae"].min(), rtol=1e-4)
+    # history.csv on disk matches; checkpoints load with weights_only=True
+    on_disk = pd.read_csv(tmp_path / "history.csv")
+    assert list(on_disk.columns) == ["epoch", "stage", "train_loss", "val_loss", "train_mae", "val_mae", "lr"]
+    np.testing.assert_allclose(on_disk["val_loss"], h["val_loss"])
+    assert (on_disk["lr"] == 1e-3).all()
+    for name in ("stage2-best.ckpt", "stage2-last.ckpt"):
+        ckpt = torch.load(tmp_path / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert "state_dict" in ckpt
+    last = torch.load(tmp_path / "checkpoints" / "stage2-last.ckpt", weights_only=True)
+    assert last["epoch"] == 2  # zero-based: three epochs ran
+
+
+def test_stage1_leaves_backbone_and_batchnorm_statistics_untouched(faces):
+    train_images, train_ages, val_images, val_ages = faces
+    model = tiny_model()
+    before_features = copy.deepcopy(model.backbone.state_dict()) | {
+        f"projection.{k}": v.clone() for k, v in model.projection.state_dict().items()}
+    head_before = copy.deepcopy(model.head.state_dict())
+    fit_stage(model, "stage1", StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
+              train_images, train_ages, val_images, val_ages)
+    after = model.backbone.state_dict() | {f"projection.{k}": v for k, v in model.projection.state_dict().items()}
+    assert any("running_mean" in k for k in after)
+    for name, value in before_features.items():
+        assert torch.equal(after[name], value), name
+    assert any(not torch.equal(model.head.state_dict()[k], v) for k, v in head_before.items())
+
+
+def test_cached_and_uncached_stage1_agree(faces):
+    train_images, train_ages, val_images, val_ages = faces
+    cached, uncached = tiny_model(seed=3), tiny_model(seed=3)
+    stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=2)
+    r_cached = fit_stage(cached, "stage1", stage, train_images, train_ages, val_images, val_ages, cache_features=True)
+    r_plain = fit_stage(uncached, "stage1", stage, train_images, train_ages, val_images, val_ages,
+                        cache_features=False)
+    for name, value in uncached.head.state_dict().items():
+        torch.testing.assert_close(cached.head.state_dict()[name], value, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(r_cached.history["val_loss"], r_plain.history["val_loss"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(r_cached.history["train_loss"], r_plain.history["train_loss"], atol=1e-4, rtol=0)
+    # training changed the head (the comparison is not between two untouched models)
+    assert not torch.equal(cached.head[1].weight, tiny_model(seed=3).head[1].weight)
+
+
+class ExplodeLearningRate(Callback):
+    """From the second epoch on, set a learning rate that makes the loss non-finite."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = 1e10
+
+
+def test_non_finite_loss_stops_the_stage_and_keeps_the_best(faces, tmp_path):
+    # few faces: non-finite arithmetic is slow on CPUs
+    train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
+    model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
+    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
+                       train_images, train_ages, val_images, val_ages, run_dir=tmp_path,
+                       callbacks=[ExplodeLearningRate()])
+    h = result.history
+    assert list(h["epoch"]) == [1, 2]  # stopped right after the first non-finite epoch
+    assert np.isfinite(h["val_loss"].iloc[0]) and not np.isfinite(h["train_loss"].iloc[1])
+    assert "stage2" in result.non_finite and "epoch 2" in result.non_finite
+    assert result.best_val_loss == pytest.approx(h["val_loss"].iloc[0], rel=1e-6)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    np.testing.assert_allclose(np.abs(predict(model, val_images) - val_ages).mean(), h["val_mae"].iloc[0], rtol=1e-4)
+
+
+def test_non_finite_from_the_first_epoch_is_an_error(faces):
+    train_images, train_ages, val_images, val_ages = (a[:16] for a in faces)
+    model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
+    with pytest.raises(NonFiniteLossError, match="no finite validation loss"):
+        fit_stage(model, "stage2", StageConfig(lr=1e10, batch_size=8, max_epochs=3),
+                  train_images, train_ages, val_images, val_ages)
