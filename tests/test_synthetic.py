@@ -28,6 +28,15 @@ def test_same_seed_is_byte_identical_other_seed_differs(tmp_path):
     assert sum(fa[k] != fc[k] for k in fa if k.endswith("_face.jpg")) == 12
 
 
+def test_output_does_not_depend_on_workers(tmp_path, monkeypatch):
+    from fairage.data import synthetic
+
+    monkeypatch.setattr(synthetic, "_CHUNK", 3)  # several tasks, so the process pool is used
+    one = write_synthetic(tmp_path / "one", n_train=7, n_valid=2, n_test=4, size=24, seed=2, workers=1)
+    two = write_synthetic(tmp_path / "two", n_train=7, n_valid=2, n_test=4, size=24, seed=2, workers=2)
+    assert _files(one) == _files(two)
+
+
 def test_written_layout_reads_back(tmp_path):
     root = write_synthetic(tmp_path / "s", n_train=8, n_valid=2, n_test=4, size=40, seed=0, workers=1)
     faces = load_faces(root)

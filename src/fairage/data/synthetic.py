@@ -5,7 +5,7 @@ with Pillow: a head ellipse with hair, eyes, brows, nose and mouth. Age is visib
 several cues, each with person-to-person noise so no single cue gives the answer:
 
 * children (below ~14): rounder head, bigger eyes set lower in the face;
-* from ~28: wrinkle lines (forehead, crow's feet, nasolabial folds, eye bags) and a
+* from ~26: wrinkle lines (forehead, crow's feet, nasolabial folds, eye bags) and a
   rougher skin texture that keep growing with age; age spots after ~60;
 * from ~45: hair greying; men's hairlines recede.
 
@@ -14,8 +14,9 @@ something to act on:
 
 * wrinkle and texture contrast is lower on darker skin (the age cues are harder to read
   on the rare ``afroamerican`` group, and a little on ``asian``);
-* smiling adds lines at the eyes and around the mouth that look like wrinkles, so the
-  expression confounds age;
+* expressions add lines that look like wrinkles, deeper in some people than others:
+  smiling creases the eye corners and cheeks (and a broad smile hides the eye bags),
+  the raised brows of ``other`` (surprise) crease the forehead; so expression confounds age;
 * the proportions follow APPA-REAL: ages mostly 15-45 with a thin tail to 90 (about 6%
   aged 60+, about 3% children), about 86% caucasian, 9% asian, 5% afroamerican.
 
@@ -62,6 +63,7 @@ _HAIR_RGB: dict[str, tuple[float, float, float]] = {
 _GREY_RGB = np.array([205.0, 205.0, 208.0])
 _SMILE = {"neutral": 0.0, "slightlyhappy": 0.5, "happy": 1.0, "other": 0.0}
 _JPEG_QUALITIES = (70, 95)  # inclusive range sampled per face
+_CHUNK = 250  # faces per worker task
 
 
 def _sigmoid(x: float) -> float:
@@ -152,8 +154,8 @@ def sample_face_params(rng: np.random.Generator, age: float, gender: str, ethnic
     recede = 0.0
     if gender == "male":
         recede = float(np.clip((age - 30.0 + rng.normal(0.0, 8.0)) / 40.0, 0.0, 1.0)) * rng.uniform(0.0, 1.0)
-    wrinkles = max(0.0, (age - 28.0) / 40.0) * float(np.exp(rng.normal(0.0, 0.25)))
-    texture = (3.0 + 20.0 * float(np.clip((age - 22.0) / 50.0, 0.0, 1.3))) * float(np.exp(rng.normal(0.0, 0.2)))
+    wrinkles = max(0.0, (age - 26.0) / 40.0) * float(np.exp(rng.normal(0.0, 0.25)))
+    texture = (3.0 + 11.0 * float(np.clip((age - 22.0) / 50.0, 0.0, 1.3))) * float(np.exp(rng.normal(0.0, 0.2)))
     scale = rng.uniform(0.9, 1.1)
     return FaceParams(
         age=float(age), gender=gender, ethnicity=ethnicity, expression=expression,
@@ -170,7 +172,7 @@ def sample_face_params(rng: np.random.Generator, age: float, gender: str, ethnic
         texture=texture,
         spots=int(rng.poisson(max(0.0, (age - 58.0) / 5.0))),
         smile=_SMILE[expression] * rng.uniform(0.8, 1.0),
-        smile_lines=float(rng.uniform(0.1, 1.1)),
+        smile_lines=float(rng.uniform(0.2, 1.6)),
         contrast=CUE_CONTRAST[ethnicity] * float(np.exp(rng.normal(0.0, 0.15))),
         cx=0.5 + rng.normal(0.0, 0.025),
         cy=0.52 + rng.normal(0.0, 0.025),
@@ -253,12 +255,15 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
         draw.line((cx - mw, mouth_y, cx + mw, mouth_y), fill=lip, width=lw + 1)
 
     # wrinkle-like lines: age wrinkles plus the lines a smile makes (the confound)
+    # (a smile creases the eye corners and cheeks; raised brows of surprise crease the forehead)
     w_age, w_smile = p.wrinkles, p.smile_lines * p.smile
-    n_forehead = min(4, int(p.wrinkles * 4.0 + 0.5))
+    w_brow = 0.8 * p.smile_lines if p.expression == "other" else 0.0
+    forehead = w_age + w_brow
+    n_forehead = min(4, int(forehead * 4.0 + 0.5))
     fh_top = max(hairline_y, top + hh * 0.15)
     for i in range(n_forehead):
         y = fh_top + (eye_y - es * 1.5 - fh_top) * (0.35 + 0.18 * i)
-        draw.arc((cx - hw * 0.55, y, cx + hw * 0.55, y + hh * 0.12), 200, 340, fill=_rgb(p.skin, line_k(0.45 * w_age)), width=lw)
+        draw.arc((cx - hw * 0.55, y, cx + hw * 0.55, y + hh * 0.12), 200, 340, fill=_rgb(p.skin, line_k(0.45 * forehead)), width=lw)
     crow = w_age + w_smile
     if crow > 0.05:
         for sgn in (-1, 1):
@@ -271,7 +276,7 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
         for sgn in (-1, 1):
             draw.line((cx + sgn * hw * 0.2, nose_y - hh * 0.02, cx + sgn * (mw + hw * 0.08), mouth_y + hh * 0.06),
                       fill=_rgb(p.skin, line_k(0.45 * naso)), width=lw)
-    if w_age > 0.3:  # bags under the eyes
+    if w_age > 0.3 and p.smile < 0.7:  # bags under the eyes (a broad smile lifts the cheeks over them)
         for sgn in (-1, 1):
             x = cx + sgn * ex
             draw.arc((x - es, eye_y, x + es, eye_y + es * 1.3), 20, 160, fill=_rgb(p.skin, line_k(0.35 * w_age)), width=lw)
@@ -339,11 +344,10 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "valid": n_valid, "test": n_test}
-    chunk = 250
-    tasks = [(seed, split, a, min(a + chunk, n), size)
-             for split, n in counts.items() for a in range(0, n, chunk)]
+    tasks = [(seed, split, a, min(a + _CHUNK, n), size)
+             for split, n in counts.items() for a in range(0, n, _CHUNK)]
     total = sum(counts.values())
-    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and total > chunk else None
+    pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(tasks) > 1 else None
     results = pool.map(_make_chunk, tasks) if pool else map(_make_chunk, tasks)
     rows: dict[str, list[dict]] = {s: [] for s in counts}
     try:
