@@ -478,7 +478,8 @@ def fit_stage(
     )
     with warnings.catch_warnings():
         for message in (".*does not have many workers.*", ".*number of training batches.*",
-                        ".*Checkpoint directory .* exists and is not empty.*", ".*LeafSpec.*"):
+                        ".*Checkpoint directory .* exists and is not empty.*", ".*LeafSpec.*",
+                        ".*module\\(s\\) in eval mode at the start of training.*"):
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True if ckpt_path else None)
@@ -592,16 +593,19 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     """
     run_dir = Path(out_dir)
     data_dir = Path(data_dir).resolve()
-    if (run_dir / "metrics_test.json").is_file():
+    # DDP's script launcher re-runs this command in the other ranks after rank 0 has
+    # created the run folder: only rank 0 checks and writes it
+    rank0 = _is_rank_zero()
+    if rank0 and (run_dir / "metrics_test.json").is_file():
         if resume:
             return json.loads((run_dir / "metrics_test.json").read_text(encoding="utf-8"))
         raise FairageError(f"{run_dir} already holds a finished run (metrics_test.json); choose another --out")
-    info = _read_run_json(run_dir) if resume else {}
-    if not resume and (run_dir / "run.json").is_file():
+    if rank0 and not resume and (run_dir / "run.json").is_file():
         raise FairageError(f"{run_dir} already holds an unfinished run; continue it with "
                            f"`fairage train --resume {run_dir}` or choose another --out")
-    rank0 = _is_rank_zero()
+    info = _read_run_json(run_dir) if resume else {}
 
+    L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
     if rank0:
@@ -656,10 +660,10 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     device = _device_for(cfg.trainer)
     preds = predict(model, data.images["test"], device=device,
                     autocast=resolve_precision(cfg.trainer).startswith("bf16"))
-    info.update(status="finishing", stage="test")
+    info.update(stage="test")  # predicting and evaluating the test split
     _write_run_json(run_dir, info)
     metrics = evaluate_test(cfg, data.faces["test"], preds, run_dir)
-    info.update(status="finished")
+    info.update(status="finished", stage=cfg.stages()[-1][0])
     _write_run_json(run_dir, info)
     return metrics
 

@@ -1,0 +1,160 @@
+"""`fairage train` end to end on a tiny synthetic dataset: run folder, resume, typos, weights, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from typer.testing import CliRunner
+
+from fairage.cli import app
+from fairage.config import load_preset
+from fairage.data import load_faces, write_synthetic
+from fairage.training import resume_run, train
+
+N_TRAIN, N_VALID, N_TEST = 64, 32, 32
+#: the tiny scale: stage I and stage II each 2 epochs, patience 2 (no early stop possible)
+FULL_SEQUENCE = [(1, "stage1"), (2, "stage1"), (1, "stage2"), (2, "stage2")]
+RUN_FILES = {"config.yaml", "run.json", "history.csv", "curves.png", "predictions_test.csv", "metrics_test.json"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("synthetic") / "data", n_train=N_TRAIN, n_valid=N_VALID,
+                           n_test=N_TEST, size=32, seed=0, workers=1)
+
+
+def tiny_config_file(tmp_path: Path, **changes) -> Path:
+    cfg = load_preset("M5", "tiny").model_dump(mode="json")
+    cfg["eval"]["n_boot"] = 20
+    for key, value in changes.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def sequence(run_dir: Path) -> list[tuple[int, str]]:
+    h = pd.read_csv(run_dir / "history.csv")
+    return list(zip(h["epoch"].astype(int), h["stage"]))
+
+
+def test_train_command_writes_the_run_folder(data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+                                      "--out", str(run_dir), "--quiet", "--set", "stage2.weighting.mode=sampler"])
+    assert result.exit_code == 0, result.output
+    assert RUN_FILES | {"weights_stage2.png"} <= {p.name for p in run_dir.iterdir()}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
+        "stage1-best.ckpt", "stage1-last.ckpt", "stage2-best.ckpt", "stage2-last.ckpt"}
+    assert sequence(run_dir) == FULL_SEQUENCE
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "finished" and run["weights_loaded"] is False
+    assert run["data_dir"] == str(data_dir.resolve()) and run["seed"] == 0
+    # predictions: every test face once, in dataset order, ages in the sigmoid's [0, 100]
+    test_faces = load_faces(data_dir).query("split == 'test'")
+    preds = pd.read_csv(run_dir / "predictions_test.csv")
+    assert list(preds["image"].astype(str)) == list(test_faces["image"])
+    assert preds["prediction"].between(0, 100).all()
+    metrics = json.loads((run_dir / "metrics_test.json").read_text())
+    mae = float(np.abs(preds["prediction"].to_numpy() - test_faces["age"].to_numpy()).mean())
+    assert metrics["mae"] == pytest.approx(mae, rel=1e-6)
+    assert "MAE" in result.output and "stage2: epochs" in result.output
+    # the resolved config round-trips and says sampler mode
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage2"]["weighting"]["mode"] == "sampler"
+    for ckpt in (run_dir / "checkpoints").iterdir():
+        assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=True)
+    # a finished run is not overwritten
+    again = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+                                     "--out", str(run_dir), "--quiet"])
+    assert again.exit_code == 2 and "already holds a finished run" in again.output
+
+
+def test_config_typo_exits_2_naming_the_key(data_dir, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+                                      "--out", str(tmp_path / "run"), "--set", "stage2.lrr=1"])
+    assert result.exit_code == 2
+    assert "stage2.lrr" in result.output and "did you mean 'lr'" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_weights_file_exits_2(data_dir, tmp_path):
+    result = CliRunner().invoke(app, ["train", "--preset", "M5", "--scale", "tiny", "--data", str(data_dir),
+                                      "--out", str(tmp_path / "run"), "--set", f"model.weights={tmp_path}/vgg.pth"])
+    assert result.exit_code == 2
+    assert "model.weights file not found" in result.output and "vgg.pth" in result.output
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAfter(Callback):
+    """Raise once ``epoch`` (1-based) of ``stage`` is complete (recorded and checkpointed):
+    at the start of the next epoch."""
+
+    def __init__(self, stage: str, epoch: int):
+        self.stage, self.epoch = stage, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        stage = "stage1" if pl_module.frozen else "stage2"
+        if stage == self.stage and trainer.current_epoch == self.epoch:
+            raise Interrupt(f"interrupted after {stage} epoch {self.epoch}")
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_continues_the_history(data_dir, tmp_path, stage):
+    cfg = load_preset("M5", "tiny", ["eval.n_boot=20"])
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train(cfg, data_dir, run_dir, progress=False, callbacks=[InterruptAfter(stage, 1)])
+    done = FULL_SEQUENCE[: FULL_SEQUENCE.index((1, stage)) + 1]
+    assert sequence(run_dir) == done
+    assert not (run_dir / "metrics_test.json").exists()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "running" and run["stage"] == stage
+    before = pd.read_csv(run_dir / "history.csv")
+    stage1_best = run_dir / "checkpoints" / "stage1-best.ckpt"
+    stage1_mtime = stage1_best.stat().st_mtime_ns if stage == "stage2" else None
+
+    # through the CLI, as a user would
+    result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert sequence(run_dir) == FULL_SEQUENCE
+    after = pd.read_csv(run_dir / "history.csv")
+    pd.testing.assert_frame_equal(after.iloc[: len(before)], before)  # earlier rows kept as they were
+    if stage1_mtime is not None:  # stage I was finished: not retrained
+        assert stage1_best.stat().st_mtime_ns == stage1_mtime
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert (run_dir / "metrics_test.json").is_file()
+    # resuming a finished run just returns its metrics
+    assert resume_run(run_dir, progress=False) == json.loads((run_dir / "metrics_test.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp(data_dir, tmp_path):
+    """`--devices 2 --strategy ddp --accelerator cpu`: Lightning re-runs the command in rank 1."""
+    fairage = Path(sys.executable).with_name("fairage")
+    run_dir = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [str(fairage), "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+         "--out", str(run_dir), "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--quiet"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr  # two processes really ran
+    assert sequence(run_dir) == FULL_SEQUENCE
+    assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
+    preds = pd.read_csv(run_dir / "predictions_test.csv")
+    assert len(preds) == N_TEST and preds["image"].is_unique
+    assert "devices=2" in json.loads((run_dir / "run.json").read_text())["device"]
