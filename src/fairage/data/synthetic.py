@@ -172,7 +172,7 @@ def sample_face_params(rng: np.random.Generator, age: float, gender: str, ethnic
         texture=texture,
         spots=int(rng.poisson(max(0.0, (age - 58.0) / 5.0))),
         smile=_SMILE[expression] * rng.uniform(0.8, 1.0),
-        smile_lines=float(rng.uniform(0.2, 1.6)),
+        smile_lines=float(rng.uniform(0.2, 2.0)),
         contrast=CUE_CONTRAST[ethnicity] * float(np.exp(rng.normal(0.0, 0.15))),
         cx=0.5 + rng.normal(0.0, 0.025),
         cy=0.52 + rng.normal(0.0, 0.025),
@@ -264,14 +264,14 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
     for i in range(n_forehead):
         y = fh_top + (eye_y - es * 1.5 - fh_top) * (0.35 + 0.18 * i)
         draw.arc((cx - hw * 0.55, y, cx + hw * 0.55, y + hh * 0.12), 200, 340, fill=_rgb(p.skin, line_k(0.45 * forehead)), width=lw)
-    crow = w_age + w_smile
+    crow = max(w_age, w_smile)  # a crease is a crease: a deep smile line hides the age line
     if crow > 0.05:
         for sgn in (-1, 1):
             x0 = cx + sgn * (ex + es * 1.25)
             for dy in (-0.5, 0.0, 0.5):
                 draw.line((x0, eye_y + dy * es * 0.6, x0 + sgn * es * 0.8, eye_y + dy * es * 1.3),
                           fill=_rgb(p.skin, line_k(0.4 * crow)), width=lw)
-    naso = w_age + 1.2 * w_smile
+    naso = max(w_age, 1.2 * w_smile)
     if naso > 0.05:
         for sgn in (-1, 1):
             draw.line((cx + sgn * hw * 0.2, nose_y - hh * 0.02, cx + sgn * (mw + hw * 0.08), mouth_y + hh * 0.06),
