@@ -62,7 +62,12 @@ def test_changed_source_invalidates(png_faces, tmp_path):
     assert (after[2] == np.array([1, 2, 3], dtype=np.uint8)).all()
     np.testing.assert_array_equal(np.delete(after, 2, axis=0), np.delete(before, 2, axis=0))
     # the stale entry is gone and no temporary file is left behind
-    assert [p.name for p in cdir.iterdir()] == [f"train_8px_{cache.cache_key(faces, 8)[:20]}.npy"]
+    assert list(cdir.iterdir()) == [cache.cache_file(faces, 8, cdir)]
+    # a different selection of the same split has its own entry, next to the first
+    load_images(faces.iloc[:2], 8, cache_dir=cdir, workers=1, progress=False)
+    assert len(list(cdir.iterdir())) == 2
+    assert (load_images(faces, 8, cache_dir=cdir, workers=1, progress=False)[2] == [1, 2, 3]).all()
+    assert len(list(cdir.iterdir())) == 2
 
 
 def test_workers_give_the_same_array(png_faces, tmp_path, monkeypatch):

@@ -4,8 +4,8 @@ Decoding JPEGs every epoch starves a GPU, so ``load_images`` decodes the faces o
 (in ``workers`` processes, with a progress bar) into a uint8 (N, S, S, 3) RGB array, writes
 it atomically to ``<cache_dir>/<splits>_<S>px_<key>.npy`` and afterwards only memory-maps it.
 The key hashes S and, for every face in order, its source path and frame, plus the size
-and modification time of each source file, so a changed, added or removed source file
-gives a new key (and the stale file of the same splits and size is removed).
+and modification time of each source file, so a changed source file gives a new key
+(and the stale entry of the same faces and size is removed; see ``cache_file``).
 
 Image files are resized to S x S with Pillow (bilinear with antialiasing; the faces are
 already crops, so a plain resize). The npy layout's arrays are already decoded: their rows
@@ -82,19 +82,37 @@ def default_cache_dir(faces: pd.DataFrame) -> Path:
     return Path(common) / CACHE_DIRNAME
 
 
+def _rows_key(faces: pd.DataFrame) -> str:
+    """Hex digest of which faces, in which order (source path and frame of every row)."""
+    h = hashlib.sha256(_CACHE_VERSION.encode())
+    for path, frame in zip(faces["path"], faces["frame"]):
+        h.update(f"{path}\t{int(frame)}\n".encode())
+    return h.hexdigest()
+
+
 def cache_key(faces: pd.DataFrame, size: int) -> str:
     """Hex digest identifying the decoded array of ``faces`` at ``size`` px (see module doc)."""
     h = hashlib.sha256()
-    h.update(f"{_CACHE_VERSION}\n{int(size)}\n".encode())
+    h.update(f"{_CACHE_VERSION}\n{int(size)}\n{_rows_key(faces)}\n".encode())
     for path in sorted(faces["path"].unique()):
         try:
             st = os.stat(path)
         except FileNotFoundError:
             raise DataError(f"{path}: image file not found") from None
         h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    for path, frame in zip(faces["path"], faces["frame"]):
-        h.update(f"{path}\t{int(frame)}\n".encode())
     return h.hexdigest()
+
+
+def cache_file(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike) -> Path:
+    """Where the cached array of ``faces`` at ``size`` px lives: ``<splits>_<S>px_<rows>_<key>.npy``.
+
+    ``<rows>`` identifies the selection of faces, ``<key>`` also the state of the sources,
+    so a changed source replaces the entry of the same selection while different
+    selections of one split (say, a subsample) keep their own entries.
+    """
+    splits = [s for s in SPLITS if (faces["split"] == s).any()] if "split" in faces.columns else []
+    prefix = "-".join(splits) if splits else "faces"
+    return Path(cache_dir) / f"{prefix}_{int(size)}px_{_rows_key(faces)[:10]}_{cache_key(faces, size)[:16]}.npy"
 
 
 def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | None = None,
@@ -113,10 +131,8 @@ def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | N
     if n == 0:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(faces)
-    splits = [s for s in SPLITS if (faces["split"] == s).any()] if "split" in faces.columns else []
-    prefix = "-".join(splits) if splits else "faces"
-    key = cache_key(faces, size)
-    target = cache_dir / f"{prefix}_{size}px_{key[:20]}.npy"
+    target = cache_file(faces, size, cache_dir)
+    stem = target.name.rsplit("_", 1)[0]  # <splits>_<S>px_<rows>
     if target.is_file():
         cached = np.load(target, mmap_mode="r", allow_pickle=False)
         if cached.shape == (n, size, size, 3) and cached.dtype == np.uint8:
@@ -124,10 +140,10 @@ def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | N
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        _fill(out, faces, size, workers, progress, label=f"decoding {prefix} faces at {size} px")
+        _fill(out, faces, size, workers, progress, label=f"decoding {stem.split('_')[0]} faces at {size} px")
         out.flush()
         del out
-    for stale in cache_dir.glob(f"{prefix}_{size}px_*.npy"):
+    for stale in cache_dir.glob(f"{stem}_*.npy"):
         if stale != target:
             stale.unlink(missing_ok=True)
     return np.load(target, mmap_mode="r", allow_pickle=False)
