@@ -264,6 +264,9 @@ def test_utkface_extra_races_and_bad_names(tmp_path):
     write_image(root / "30_2_0_2017.jpg")
     with pytest.raises(DataError, match=r"30_2_0_2017\.jpg: not a UTKFace file name"):
         load_faces(root, layout="utkface", extra_categories="keep")
+    skipped = load_faces(root, extra_categories="keep", skip_bad=True)
+    assert len(skipped) == 3 and len(skipped.attrs["skipped"]) == 1
+    assert "30_2_0_2017.jpg: not a UTKFace file name" in skipped.attrs["skipped"][0]
     (root / "30_2_0_2017.jpg").unlink()
     write_image(root / "150_0_0_2017.jpg")
     with pytest.raises(DataError, match=r"150_0_0_2017\.jpg.*'150' is not an age"):

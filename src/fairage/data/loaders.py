@@ -110,12 +110,15 @@ def load_faces(root: str | os.PathLike, layout: str | None = None, target: str =
     elif layout == "npy":
         faces = _load_npy(root, extra_categories)
     elif layout == "utkface":
-        faces = _load_utkface(root, extra_categories, seed)
+        faces = _load_utkface(root, extra_categories, seed, skip_bad)
     else:
         faces = _load_csv(root, extra_categories, seed)
+    bad_names = faces.attrs.pop("skipped", [])
     faces = faces.reset_index(drop=True)
     if layout != "npy":
         faces = _check_image_files(faces, skip_bad)
+    if bad_names:
+        faces.attrs["skipped"] = bad_names + faces.attrs.get("skipped", [])
     faces.attrs["layout"] = layout
     faces.attrs["root"] = str(root.resolve())
     faces.attrs.setdefault("skipped", [])
@@ -397,18 +400,22 @@ def _open_npy(path: Path, mmap: bool) -> np.ndarray:
         raise DataError(f"{path}: not a readable .npy file ({err})") from None
 
 
-def _load_utkface(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame:
+def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool = False) -> pd.DataFrame:
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
     if not files:
         raise DataError(f"{root}: no image files found (UTKFace layout)")
-    recs = []
+    recs, bad_names = [], []
     for p in files:
         m = _UTK_NAME.match(p.name)
         if not m or m.group(2) not in UTK_GENDERS or m.group(3) not in UTK_RACES:
-            raise DataError(f"{p}: not a UTKFace file name AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] "
-                            "with gender 0 (male) or 1 (female) and race 0-4")
+            problem = (f"{p}: not a UTKFace file name AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] "
+                       "with gender 0 (male) or 1 (female) and race 0-4")
+            if not skip_bad:
+                raise DataError(problem + "; --skip-bad drops such files")
+            bad_names.append(problem)
+            continue
         recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], str(p.resolve())))
     df = pd.DataFrame(recs, columns=["image", "age_raw", "gender", "ethnicity_raw", "path"])
     # messages name the file (no rows in a folder of images)
@@ -436,7 +443,11 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame
     df["split"] = stratified_split(df["age"], df["ethnicity"], seed)
     df["frame"] = -1
     df = df.drop(columns=["age_raw", "ethnicity_raw"])
-    return _finish(_order_by_split(df))
+    df = _finish(_order_by_split(df))
+    if bad_names:
+        log.warning("skipped %d file(s) not named like UTKFace: %s", len(bad_names), "; ".join(bad_names[:20]))
+        df.attrs["skipped"] = bad_names
+    return df
 
 
 def _load_csv(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame:
