@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -92,7 +93,7 @@ def test_bad_images_exit_2_or_are_skipped(tmp_path, breaker, message):
     res = invoke("data", "info", root)
     assert res.exit_code == 2
     assert "Traceback" not in res.output
-    assert __import__("re").search(message, res.output.replace("\n", "")), res.output
+    assert re.search(message, res.output.replace("\n", "")), res.output
     res = invoke("data", "info", root, "--skip-bad", "--json")
     assert res.exit_code == 0, res.output
     assert sum(s["n"] for s in json.loads(res.stdout)["splits"].values()) == 5
@@ -123,7 +124,7 @@ def test_bad_csv_exit_2(tmp_path, edit, message):
     edit(root)
     res = invoke("data", "info", root)
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert __import__("re").search(message, res.output.replace("\n", "")), res.output
+    assert re.search(message, res.output.replace("\n", "")), res.output
 
 
 def test_npy_mismatch_and_missing_folder_exit_2(tmp_path):

@@ -221,7 +221,11 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
                    180, 360, fill=hair)
 
     contrast = p.contrast
-    line_k = lambda strength: 1.0 - min(0.6, strength * contrast)  # noqa: E731  darker by strength
+
+    def line_k(strength: float) -> float:
+        """Brightness factor of a line of ``strength`` on this skin (lower contrast on darker skin)."""
+        return 1.0 - min(0.6, strength * contrast)
+
     eye_y = top + 2 * hh * p.eye_y
     ex = hw * 0.42
     es = p.eye_size * S
