@@ -134,3 +134,33 @@ def test_non_finite_from_the_first_epoch_is_an_error(faces):
     with pytest.raises(NonFiniteLossError, match="no finite validation loss"):
         fit_stage(model, "stage2", StageConfig(lr=1e10, batch_size=8, max_epochs=3),
                   train_images, train_ages, val_images, val_ages)
+
+
+def test_augmentation_only_for_chosen_ages():
+    from fairage.config import AugmentConfig
+    from fairage.training import AgeModule, images_to_input
+
+    rng = np.random.default_rng(5)
+    images = torch.from_numpy(rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
+    ages = torch.tensor([10.0, 70.0, 60.0])
+    flip_only = AugmentConfig(enabled=True, hflip=1.0, brightness=0, contrast=0, blur_sigma=0, translate=0,
+                              min_age=60)
+    module = AgeModule(tiny_model(), StageConfig(augment=flip_only), frozen=False, image_size=SIZE)
+    plain = images_to_input(images)
+    out = module.prepare_images(images, ages, augment=True)
+    torch.testing.assert_close(out[0], plain[0])  # 10 years: below min_age, untouched
+    torch.testing.assert_close(out[1], plain[1].flip(-1))  # flipped horizontally (p = 1)
+    torch.testing.assert_close(out[2], plain[2].flip(-1))  # min_age is inclusive
+    # validation batches are never augmented
+    torch.testing.assert_close(module.prepare_images(images, ages, augment=False), plain)
+
+
+def test_augmented_stage_trains_on_all_transforms(faces):
+    from fairage.config import AugmentConfig
+
+    train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
+    model = tiny_model()
+    stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=1, augment=AugmentConfig(enabled=True, min_age=40))
+    # augmentation on: stage I cannot use cached features and runs the image path
+    result = fit_stage(model, "stage1", stage, train_images, train_ages, val_images, val_ages)
+    assert np.isfinite(result.history["train_loss"]).all() and len(result.history) == 1

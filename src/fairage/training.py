@@ -167,12 +167,18 @@ class AgeModule(L.LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, age, weight = batch
         if self.inputs == "images":
-            x = self._prepare_images(x, age)
+            training = self._trainer is not None and self.trainer.training
+            x = self.prepare_images(x, age, augment=training)
         return x, age, weight
 
-    def _prepare_images(self, x: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+    def prepare_images(self, x: torch.Tensor, age: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 (N, S, S, 3) on the device -> normalised float (N, 3, S, S).
+
+        ``augment``: apply the stage's augmentation (per image; only to faces with
+        ``age >= augment.min_age`` when that is set).
+        """
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
+        if self.augment is not None and augment:
             chosen = torch.ones(len(x), dtype=torch.bool, device=x.device)
             if self.stage.augment.min_age is not None:
                 chosen = age >= self.stage.augment.min_age
@@ -305,7 +311,7 @@ def _device_for(trainer_cfg: TrainerConfig) -> torch.device:
 
 
 @torch.inference_mode()
-def extract_features(model: AgeRegressor, images: np.ndarray, batch_size: int = 256,
+def extract_features(model: AgeRegressor, images: np.ndarray, batch_size: int = 64,
                      device: torch.device | str | None = None, channels_last: bool = False,
                      autocast: bool = False) -> torch.Tensor:
     """Feature-extractor output (backbone + projection, eval mode) for all images.
