@@ -52,7 +52,8 @@ def sequence(run_dir: Path) -> list[tuple[int, str]]:
 def test_train_command_writes_the_run_folder(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
-                                      "--out", str(run_dir), "--quiet", "--set", "stage2.weighting.mode=sampler"])
+                                      "--out", str(run_dir), "--quiet", "--set", "stage2.weighting.mode=sampler",
+                                      "--deterministic"])
     assert result.exit_code == 0, result.output
     assert RUN_FILES | {"weights_stage2.png"} <= {p.name for p in run_dir.iterdir()}
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
@@ -70,8 +71,9 @@ def test_train_command_writes_the_run_folder(data_dir, tmp_path):
     mae = float(np.abs(preds["prediction"].to_numpy() - test_faces["age"].to_numpy()).mean())
     assert metrics["mae"] == pytest.approx(mae, rel=1e-6)
     assert "MAE" in result.output and "stage2: epochs" in result.output
-    # the resolved config round-trips and says sampler mode
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["stage2"]["weighting"]["mode"] == "sampler"
+    # the resolved config round-trips and has the command-line settings
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["stage2"]["weighting"]["mode"] == "sampler" and resolved["trainer"]["deterministic"] is True
     for ckpt in (run_dir / "checkpoints").iterdir():
         assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=True)
     # a finished run is not overwritten
