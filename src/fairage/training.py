@@ -288,6 +288,17 @@ class HistoryCallback(Callback):
         return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
 
 
+class StageProgressBar(RichProgressBar):
+    """Rich progress with the stage name and 1-based epochs: "stage1 epoch 3/50"."""
+
+    def __init__(self, stage: str):
+        super().__init__(leave=True)
+        self.stage = stage
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{self.stage} epoch {current_epoch + 1}/{self.trainer.max_epochs}"
+
+
 # =========================================================================== stage runner
 
 
@@ -464,7 +475,7 @@ def fit_stage(
                            EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
                            checkpoint, *callbacks]
     if progress:
-        cbs.append(RichProgressBar(leave=True))
+        cbs.append(StageProgressBar(stage_name))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=trainer_cfg.devices,
