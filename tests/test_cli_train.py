@@ -97,6 +97,26 @@ def test_missing_weights_file_exits_2(data_dir, tmp_path):
     assert "model.weights file not found" in result.output and "vgg.pth" in result.output
 
 
+def test_single_stage_run_from_a_torchvision_weights_file(data_dir, tmp_path):
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir), "--out", str(run_dir),
+        "--quiet", "--set", "stage1=null", "--set", "stage2.max_epochs=1", "--set", "stage2.weighting.scheme=none",
+        "--set", f"model.weights={tmp_path / 'resnet18.pth'}"])
+    assert result.exit_code == 0, result.output
+    assert sequence(run_dir) == [(1, "stage2")]  # the report's single-stage "strategy 1"
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["weights_loaded"] is True and run["weights"] == str(tmp_path / "resnet18.pth")
+    assert sorted(run["unexpected_keys"]) == ["fc.bias", "fc.weight"]
+    assert "projection.weight" in run["missing_keys"] and not any(k.startswith("backbone.") for k in run["missing_keys"])
+    assert not (run_dir / "weights_stage2.png").exists()  # no weighting, no plot
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"stage2-best.ckpt", "stage2-last.ckpt"}
+
+
 class Interrupt(Exception):
     pass
 
