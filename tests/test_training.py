@@ -164,3 +164,18 @@ def test_augmented_stage_trains_on_all_transforms(faces):
     # augmentation on: stage I cannot use cached features and runs the image path
     result = fit_stage(model, "stage1", stage, train_images, train_ages, val_images, val_ages)
     assert np.isfinite(result.history["train_loss"]).all() and len(result.history) == 1
+
+
+def test_same_seed_same_run(faces):
+    from fairage.config import TrainerConfig
+
+    train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
+    stage = StageConfig(lr=1e-3, batch_size=8, max_epochs=1)
+    runs = []
+    for _ in range(2):
+        model = tiny_model(seed=7)
+        result = fit_stage(model, "stage2", stage, train_images, train_ages, val_images, val_ages, seed=11,
+                           trainer_cfg=TrainerConfig(deterministic=True))
+        runs.append((result.history, predict(model, val_images)))
+    pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])

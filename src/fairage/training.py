@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -634,9 +635,35 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
         _write_run_json(run_dir, info)
         if rank0 and (run_dir / "history.csv").exists():
             (run_dir / "history.csv").unlink()
-    completed = list(info.get("completed_stages", []))
     history = read_history(run_dir)
+    try:
+        history = _run_stages(cfg, data, model, run_dir, info, history, resume, progress, callbacks)
+    except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C into SystemExit(1)
+        if rank0:
+            print(f"interrupted: continue with `fairage train --resume {run_dir}`", file=sys.stderr)
+        raise
+    if not rank0:
+        return {}
+    from .report import plot_training_curves
 
+    if len(history):
+        plot_training_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.strategy}")
+    device = _device_for(cfg.trainer)
+    preds = predict(model, data.images["test"], device=device,
+                    autocast=resolve_precision(cfg.trainer).startswith("bf16"))
+    info.update(stage="test")  # predicting and evaluating the test split
+    _write_run_json(run_dir, info)
+    metrics = evaluate_test(cfg, data.faces["test"], preds, run_dir)
+    info.update(status="finished", stage=cfg.stages()[-1][0])
+    _write_run_json(run_dir, info)
+    return metrics
+
+
+def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, run_dir: Path, info: dict,
+                history: pd.DataFrame, resume: bool, progress: bool, callbacks: Sequence[Callback]) -> pd.DataFrame:
+    """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
+    rank0 = _is_rank_zero()
+    completed = list(info.get("completed_stages", []))
     for stage_name, stage in cfg.stages():
         best = run_dir / "checkpoints" / f"{stage_name}-best.ckpt"
         if stage_name in completed:
@@ -667,22 +694,7 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
         if result.non_finite:
             info.setdefault("stopped", {})[stage_name] = result.non_finite
         _write_run_json(run_dir, info)
-
-    if not rank0:
-        return {}
-    from .report import plot_training_curves
-
-    if len(history):
-        plot_training_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.strategy}")
-    device = _device_for(cfg.trainer)
-    preds = predict(model, data.images["test"], device=device,
-                    autocast=resolve_precision(cfg.trainer).startswith("bf16"))
-    info.update(stage="test")  # predicting and evaluating the test split
-    _write_run_json(run_dir, info)
-    metrics = evaluate_test(cfg, data.faces["test"], preds, run_dir)
-    info.update(status="finished", stage=cfg.stages()[-1][0])
-    _write_run_json(run_dir, info)
-    return metrics
+    return history
 
 
 def resume_run(out_dir: str | Path, progress: bool = True, callbacks: Sequence[Callback] = ()) -> dict:
@@ -699,6 +711,8 @@ def resume_run(out_dir: str | Path, progress: bool = True, callbacks: Sequence[C
         raise FairageError(f"{run_dir} is not a fairage run folder (no run.json/config.yaml) to resume")
     cfg = validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
     info = _read_run_json(run_dir)
+    if "data_dir" not in info:
+        raise FairageError(f"{run_dir / 'run.json'} has no 'data_dir': cannot tell which dataset to resume on")
     return train(cfg, info["data_dir"], run_dir, resume=True, progress=progress, callbacks=callbacks)
 
 
