@@ -179,3 +179,17 @@ def test_same_seed_same_run(faces):
         runs.append((result.history, predict(model, val_images)))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
+
+
+def test_loss_mode_weights_reach_the_loss(faces):
+    train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
+    model = tiny_model()
+    head_before = copy.deepcopy(model.head.state_dict())
+    stage = StageConfig(lr=1e-2, batch_size=8, max_epochs=1)  # weighting.mode defaults to "loss"
+    # every face weighted 0: zero loss, zero gradients, Adam leaves the head exactly as it was
+    result = fit_stage(model, "stage1", stage, train_images, train_ages, val_images, val_ages,
+                       train_weights=np.zeros(32))
+    assert result.history["train_loss"].iloc[0] == 0.0
+    assert result.history["val_loss"].iloc[0] > 0  # validation loss is never weighted
+    for name, value in head_before.items():
+        assert torch.equal(model.head.state_dict()[name], value), name
