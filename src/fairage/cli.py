@@ -162,6 +162,77 @@ def data_info_command(
 # =========================================================================== weighting (issue 4)
 
 
+@app.command("weights")
+def weights_command(
+    data: Path = typer.Option(..., "--data", help="Dataset folder; weights are computed on its train split."),
+    scheme: Optional[str] = typer.Option(
+        None, "--scheme", help="none, age, age_ethnicity (10 groups; the default), age_ethnicity_expression (48), "
+                               "custom. With --formula lds the default is none (LDS alone)."),
+    formula: str = typer.Option("inverse", "--formula",
+                                help="inverse (N/(K n_j)), sqrt_inverse, effective_number, or lds (= --lds with inverse)."),
+    lds: bool = typer.Option(False, "--lds", help="Multiply by label-distribution-smoothing weights of the age."),
+    attributes: Optional[str] = typer.Option(None, "--attributes", help="custom scheme: comma list, e.g. age,gender."),
+    age_edges: Optional[str] = typer.Option(None, "--age-edges", help="custom scheme: inner age edges, e.g. 20,40,60."),
+    pseudo_count: float = typer.Option(0.0, "--pseudo-count", help="Added to every group count (the report used 1)."),
+    beta: float = typer.Option(0.999, "--beta", help="effective_number's beta."),
+    max_weight: Optional[float] = typer.Option(None, "--max-weight", help="Clip weights (after mean-1 rescaling)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Group sizes and per-face weights of a weighting scheme on the training split (mean 1)."""
+    import json
+
+    from pydantic import ValidationError
+    from rich.table import Table
+
+    from .config import WeightingConfig, format_validation_error
+    from .data import load_faces
+    from .errors import ConfigError
+    from .weighting import describe, dominant_groups, group_table
+
+    if scheme is None:
+        scheme = "none" if formula == "lds" else "age_ethnicity"
+    raw: dict = {"scheme": scheme, "pseudo_count": pseudo_count, "beta": beta, "max_weight": max_weight,
+                 "lds": lds or formula == "lds", "formula": "inverse" if formula == "lds" else formula}
+    if attributes:
+        raw["attributes"] = [a.strip() for a in attributes.split(",") if a.strip()]
+    if age_edges:
+        try:
+            raw["age_edges"] = [float(x) for x in age_edges.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--age-edges '{age_edges}' must be comma-separated numbers") from None
+    try:
+        cfg = WeightingConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "(weights options)", WeightingConfig)) from None
+    faces = load_faces(data, layout=layout)
+    train = faces[faces["split"] == "train"].reset_index(drop=True)
+    if len(train) == 0:
+        raise ConfigError(f"dataset {data} has no train faces to weight")
+    # LDS alone has no groups: show its weights by the report's age bins
+    table = group_table(train, cfg, by=WeightingConfig(scheme="age") if cfg.scheme == "none" else None)
+    heavy = dominant_groups(table)
+    warnings = [f"group '{g}': one face carries more than 1% of all weight" for g in heavy]
+    if as_json:
+        groups = [{"name": r.name, "n": int(r.n), "weight": None if r.n == 0 else float(r.weight),
+                   "share": float(r.share)} for r in table.itertuples()]
+        print(json.dumps({"scheme": cfg.scheme, "formula": "lds" if cfg.lds and cfg.scheme == "none" else cfg.formula,
+                          "lds": cfg.lds, "n": len(train), "groups": groups, "warnings": warnings}, indent=2))
+        return
+    out = Table(title=f"weights on {len(train)} training faces: {describe(cfg)} (mean 1 per face)")
+    out.add_column("group")
+    out.add_column("n", justify="right")
+    out.add_column("weight / face", justify="right")
+    out.add_column("share of weight", justify="right")
+    for r in table.itertuples():
+        out.add_row(r.name, str(r.n), "-" if r.n == 0 else f"{r.weight:.3f}", f"{100 * r.share:.1f}%",
+                    style="red" if r.name in heavy else None)
+    console.print(out)
+    for w in warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+
+
+
 # =========================================================================== training (issue 5)
 
 
