@@ -431,6 +431,8 @@ def fit_stage(
     run_dir = Path(run_dir)
 
     _quiet_lightning()
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32 for what bf16 autocast leaves in float32
     L.seed_everything(seed, workers=True, verbose=False)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -484,6 +486,8 @@ def fit_stage(
         num_nodes=trainer_cfg.num_nodes,
         precision=precision,
         deterministic=trainer_cfg.deterministic,
+        # cuDNN autotuning for fixed-size images, unless bitwise repeatability was asked for
+        benchmark=on_gpu and not trainer_cfg.deterministic,
         max_epochs=stage.max_epochs,
         callbacks=cbs,
         logger=False,
