@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from fairage import suite, training
 from fairage.cli import app
+from fairage.config import dump_config
 from fairage.data import write_synthetic
 
 TABLE1 = ["Model", "Learning rate", "Training strategy", "Gender bias", "Expression bias",
@@ -54,17 +56,34 @@ def test_suite_writes_table_plots_and_report(finished_suite):
     assert (out / "comparison.md").is_file()
 
 
-def test_finished_runs_are_reused(finished_suite, monkeypatch):
-    data, out, _ = finished_suite
+def test_finished_runs_are_reused(finished_suite, monkeypatch, tmp_path):
+    data, finished, _ = finished_suite
+    out = tmp_path / "out"
+    for p in ("M1", "M2"):
+        shutil.copytree(finished / p, out / p)
     calls = []
-    monkeypatch.setattr(training, "train", lambda cfg, data_dir, run_dir, **kw: calls.append(cfg.name))
+
+    def fake_train(cfg, data_dir, run_dir, resume=False, **kw):
+        # stands in for a retraining: a finished run folder with the new config
+        calls.append((cfg.name, resume))
+        shutil.copytree(finished / cfg.name, run_dir, dirs_exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+
+    monkeypatch.setattr(training, "train", fake_train)
     before = {p: (out / p / "metrics_test.json").stat().st_mtime_ns for p in ("M1", "M2")}
     suite.run_suite(data, out, presets=["M1", "M2"], scale="tiny", progress=False)
     assert calls == []
-    # a changed config retrains that preset only: stage1 exists in M2, not in M1
-    suite.run_suite(data, out, presets=["M1", "M2"], scale="tiny", overrides=["stage1.lr=0.01"], progress=False)
-    assert calls == ["M2"]
     assert before == {p: (out / p / "metrics_test.json").stat().st_mtime_ns for p in ("M1", "M2")}
+    # a changed config retrains that preset only (stage1 exists in M2, not in M1);
+    # the old run is kept under another name
+    suite.run_suite(data, out, presets=["M1", "M2"], scale="tiny", overrides=["stage1.lr=0.01"], progress=False)
+    assert calls == [("M2", False)]
+    assert (out / "M2.replaced-1" / "metrics_test.json").is_file()
+    assert (out / "M1" / "metrics_test.json").stat().st_mtime_ns == before["M1"]
+    # an interrupted run of the same config is resumed, not restarted
+    (out / "M1" / "metrics_test.json").unlink()
+    suite.run_suite(data, out, presets=["M1"], scale="tiny", progress=False)
+    assert calls[-1] == ("M1", True)
 
 
 def test_cli_suite_reuses_and_prints_the_table(finished_suite, monkeypatch):

@@ -76,33 +76,31 @@ def _overrides_for(preset: str, scale: str, overrides: Sequence[str]) -> list[st
     return kept
 
 
-def is_finished_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:
-    """True when ``run_dir`` holds a finished run of ``cfg`` on ``data_dir``.
-
-    Finished = ``metrics_test.json`` exists (training writes it last); same run =
-    its ``config.yaml`` equals ``cfg`` and, when ``run.json`` records a data folder,
-    that folder is ``data_dir``.
-    """
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics_test.json").is_file() or not (run_dir / "config.yaml").is_file():
+def _same_run(run_dir: Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a run (finished or not) of ``cfg`` on ``data_dir``."""
+    cfg_path, info_path = run_dir / "config.yaml", run_dir / "run.json"
+    if not cfg_path.is_file() or not info_path.is_file():
         return False
     try:
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError):
+        stored = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     # compare as the YAML the training wrote (dump_config), so float/path formatting matches
     if stored != yaml.safe_load(dump_config(cfg)):
         return False
-    info_path = run_dir / "run.json"
-    if info_path.is_file():
-        try:
-            info = json.loads(info_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return False
-        recorded = info.get("data_dir")
-        if recorded and Path(recorded).resolve() != Path(data_dir).resolve():
-            return False
-    return True
+    recorded = info.get("data_dir")
+    return bool(recorded) and Path(recorded).resolve() == Path(data_dir).resolve()
+
+
+def is_finished_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds a finished run of ``cfg`` on ``data_dir``.
+
+    Finished = ``metrics_test.json`` exists (training writes it last); same run =
+    its ``config.yaml`` equals ``cfg`` and its ``run.json`` names ``data_dir``.
+    """
+    run_dir = Path(run_dir)
+    return (run_dir / "metrics_test.json").is_file() and _same_run(run_dir, cfg, data_dir)
 
 
 def _console(progress: bool):
@@ -140,11 +138,21 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
         tag = f"[{i}/{len(plan)}] {name}"
         if is_finished_run(run_dir, cfg, data_dir):
             console.print(f"{tag}: reusing the finished run in {run_dir}")
-        else:
-            console.print(f"{tag}: training ({cfg.strategy}, scale {scale}, seed {cfg.seed}) into {run_dir}")
-            started = time.perf_counter()
-            training.train(cfg, data_dir, run_dir, progress=progress)
-            console.print(f"{tag}: done in {time.perf_counter() - started:.0f} s")
+            run_dirs.append(run_dir)
+            continue
+        resume = _same_run(run_dir, cfg, data_dir)  # an interrupted run of this very config
+        if not resume and run_dir.exists() and any(run_dir.iterdir()):
+            # another config or data set ran here: keep it, under a new name, and start afresh
+            k = 1
+            while run_dir.with_name(f"{run_dir.name}.replaced-{k}").exists():
+                k += 1
+            moved = run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{k}"))
+            console.print(f"{tag}: {run_dir} held a run of another config or data; moved it to {moved}")
+        verb = "resuming the interrupted run" if resume else "training"
+        console.print(f"{tag}: {verb} ({cfg.strategy}, scale {scale}, seed {cfg.seed}) in {run_dir}")
+        started = time.perf_counter()
+        training.train(cfg, data_dir, run_dir, resume=resume, progress=progress)
+        console.print(f"{tag}: done in {time.perf_counter() - started:.0f} s")
         run_dirs.append(run_dir)
     report = build_report(run_dirs, out_dir, dataset_summary=faces)
     console.print(f"report: {report}")
