@@ -1,0 +1,334 @@
+"""Accuracy and fairness metrics: MAE, MAE by group, bias scores, bootstrap intervals.
+
+Pure numpy/pandas + fairlearn (no torch), so evaluation runs anywhere.
+
+Definitions (REFERENCE.md):
+
+* MAE in years: ``mean(|prediction - age|)``.
+* Groups of an attribute: ``"age"`` groups faces by their *ground-truth* age into the bins
+  of ``schema.age_bin_labels(age_edges)`` (closed on the left); any other attribute is a
+  column of the table. Faces whose value is ``"unknown"`` are left out of that attribute only.
+* Bias score of an attribute: mean over all unordered pairs of non-empty groups of
+  ``|MAE_i - MAE_j|``; ``None`` when fewer than two groups are non-empty.
+* Group order: age bins in order; vocabulary order for gender/ethnicity/expression
+  (``schema.VOCABULARIES``) followed by any extra categories sorted; sorted for custom attributes.
+* Bootstrap: ``n_boot`` resamples of the faces with replacement, drawn as one
+  ``(n_boot, N)`` index matrix ``np.random.default_rng(seed).integers(0, N, (n_boot, N))``;
+  the percentile interval at ``level``. A group that is empty in a resample is left out of
+  that resample's bias (the bias is computed over the groups non-empty in it); resamples
+  where a statistic is undefined (fewer than two non-empty groups, an empty group) are left
+  out of its percentiles. Everything is vectorised: per-face resample counts times a
+  one-hot group matrix give every group's error sum and size for all resamples at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins
+from .errors import DataError
+
+#: the four bias scores reported by default
+DEFAULT_ATTRIBUTES: tuple[str, ...] = ("age", "gender", "ethnicity", "expression")
+
+
+def mae(y_true, y_pred) -> float:
+    """Mean absolute error in years of two equally long 1-D arrays of ages."""
+    y_true = np.asarray(y_true, dtype=float)
+    y_pred = np.asarray(y_pred, dtype=float)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"shapes differ: {y_true.shape} vs {y_pred.shape}")
+    if y_true.size == 0:
+        raise ValueError("mae of zero faces is undefined")
+    return float(np.mean(np.abs(y_pred - y_true)))
+
+
+def _check_table(df: pd.DataFrame, attributes: Sequence[str]) -> None:
+    for column in ("age", "prediction", *[a for a in attributes if a != "age"]):
+        if column not in df.columns:
+            raise DataError(f"column {column!r} is missing (have: {', '.join(map(str, df.columns))})")
+    if len(df) == 0:
+        raise DataError("no faces to evaluate")
+    for column in ("age", "prediction"):
+        values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise DataError(f"column {column!r} has {bad.size} missing or non-numeric value(s), "
+                            f"first at row {int(bad[0])}")
+
+
+def group_labels(df: pd.DataFrame, attribute: str,
+                 age_edges: Sequence[float] = AGE_EDGES) -> tuple[np.ndarray, list[str], list[str]]:
+    """Group label of every face for ``attribute`` and the group order.
+
+    Returns ``(labels, order, vocabulary)``: ``labels`` an object array of shape (N,)
+    with ``None`` for faces left out (``unknown``), ``order`` the groups in output order
+    (vocabulary groups first, even when empty, then extra categories) and ``vocabulary``
+    the expected groups (empty list for a custom attribute).
+    """
+    if attribute == "age":
+        vocabulary = age_bin_labels(tuple(age_edges))
+        labels = age_bins(df["age"].to_numpy(dtype=float), tuple(age_edges)).astype(object)
+        return labels, list(vocabulary), list(vocabulary)
+    if attribute not in df.columns:
+        raise DataError(f"attribute column {attribute!r} is missing (have: {', '.join(map(str, df.columns))})")
+    column = df[attribute]
+    labels = np.array([None if pd.isna(v) else str(v) for v in column], dtype=object)
+    labels[labels == UNKNOWN] = None
+    vocabulary = list(VOCABULARIES.get(attribute, ()))
+    present = {v for v in labels if v is not None}
+    extras = sorted(present - set(vocabulary))
+    return labels, vocabulary + extras, vocabulary
+
+
+def group_mae(df: pd.DataFrame, attribute: str, age_edges: Sequence[float] = AGE_EDGES) -> pd.DataFrame:
+    """MAE per group of ``attribute`` computed with fairlearn's MetricFrame.
+
+    Returns a DataFrame with columns ``group`` (str), ``n`` (int faces) and ``mae``
+    (float years) with one row per group in output order; vocabulary groups with no
+    faces are kept with ``n = 0`` and ``mae = NaN``. ``unknown`` faces are left out.
+    """
+    from fairlearn.metrics import MetricFrame, count
+    from sklearn.metrics import mean_absolute_error
+
+    _check_table(df, [attribute])
+    labels, order, _ = group_labels(df, attribute, age_edges)
+    known = np.array([v is not None for v in labels], dtype=bool)
+    rows = {g: (0, float("nan")) for g in order}
+    if known.any():
+        frame = MetricFrame(
+            metrics={"n": count, "mae": mean_absolute_error},
+            y_true=df["age"].to_numpy(dtype=float)[known],
+            y_pred=df["prediction"].to_numpy(dtype=float)[known],
+            sensitive_features=pd.Series(labels[known].astype(str), name=attribute),
+        )
+        for group, row in frame.by_group.iterrows():
+            rows[str(group)] = (int(row["n"]), float(row["mae"]))
+    return pd.DataFrame({
+        "group": list(rows),
+        "n": [n for n, _ in rows.values()],
+        "mae": [m for _, m in rows.values()],
+    })
+
+
+def bias_score(group_maes) -> float | None:
+    """Mean over all unordered pairs of non-empty groups of ``|MAE_i - MAE_j|`` (years).
+
+    ``group_maes`` is a sequence of group MAEs (NaN/None = empty group, skipped) or the
+    DataFrame of ``group_mae`` (rows with ``n == 0`` skipped). Returns ``None`` when fewer
+    than two groups are non-empty.
+    """
+    if isinstance(group_maes, pd.DataFrame):
+        values = group_maes.loc[group_maes["n"] > 0, "mae"].to_numpy(dtype=float)
+    else:
+        values = np.array([np.nan if v is None else v for v in group_maes], dtype=float)
+    values = values[np.isfinite(values)]
+    if values.size < 2:
+        return None
+    diffs = np.abs(values[:, None] - values[None, :])[np.triu_indices(values.size, k=1)]
+    return float(diffs.mean())
+
+
+# --------------------------------------------------------------------------- vectorised bootstrap
+
+
+def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
+    """How often each face is drawn in each resample: int array of shape (n_boot, n).
+
+    The resamples are ``np.random.default_rng(seed).integers(0, n, size=(n_boot, n))``
+    (row b holds the face indices of resample b).
+    """
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, n, size=(n_boot, n))
+    offsets = (np.arange(n_boot, dtype=np.int64) * n)[:, None]
+    return np.bincount((index + offsets).ravel(), minlength=n_boot * n).reshape(n_boot, n)
+
+
+@dataclass
+class _Grouping:
+    attribute: str
+    order: list[str]          # non-empty groups (in the full sample), output order
+    skipped: list[str]        # vocabulary groups with no faces
+    onehot: np.ndarray        # (N, K) float, zero rows for faces left out
+
+
+def _grouping(df: pd.DataFrame, attribute: str, age_edges: Sequence[float]) -> _Grouping:
+    labels, order, vocabulary = group_labels(df, attribute, age_edges)
+    present = [g for g in order if np.any(labels == g)]
+    skipped = [g for g in vocabulary if g not in present]
+    onehot = np.zeros((len(df), len(present)), dtype=float)
+    for k, g in enumerate(present):
+        onehot[labels == g, k] = 1.0
+    return _Grouping(attribute, present, skipped, onehot)
+
+
+def _pairwise_bias(group_mae_matrix: np.ndarray) -> np.ndarray:
+    """Bias score per row of a (B, K) matrix of group MAEs (NaN = empty group); NaN if < 2 groups."""
+    b, k = group_mae_matrix.shape
+    if k < 2:
+        return np.full(b, np.nan)
+    i, j = np.triu_indices(k, k=1)
+    diffs = np.abs(group_mae_matrix[:, i] - group_mae_matrix[:, j])  # (B, pairs), NaN where a group is empty
+    valid = np.isfinite(diffs)
+    n_valid = valid.sum(axis=1)
+    total = np.where(valid, diffs, 0.0).sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n_valid > 0, total / np.maximum(n_valid, 1), np.nan)
+
+
+def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Grouping]) -> dict:
+    """MAE, group MAEs and biases for every row of ``counts`` (B, N) in one matrix product.
+
+    ``errors`` (N,) absolute errors in years. Returns ``{"mae": (B,), attr: {"group_mae": (B, K),
+    "bias": (B,)}}``.
+    """
+    blocks = [errors[:, None]]
+    for g in groupings:
+        blocks += [g.onehot * errors[:, None], g.onehot]
+    design = np.concatenate(blocks, axis=1)  # (N, 1 + 2 * sum K)
+    sums = counts.astype(float) @ design     # (B, 1 + 2 * sum K)
+    out: dict = {"mae": sums[:, 0] / counts.sum(axis=1)}
+    col = 1
+    for g in groupings:
+        k = len(g.order)
+        err_sum, size = sums[:, col:col + k], sums[:, col + k:col + 2 * k]
+        col += 2 * k
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gm = np.where(size > 0, err_sum / np.where(size > 0, size, 1), np.nan)
+        out[g.attribute] = {"group_mae": gm, "bias": _pairwise_bias(gm)}
+    return out
+
+
+def _interval(values: np.ndarray, level: float) -> list[float] | None:
+    """Percentile interval of the finite values (None if there are none)."""
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]
+
+
+def _optional(x: float) -> float | None:
+    return None if x is None or not np.isfinite(x) else float(x)
+
+
+def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequence[float]):
+    attributes = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
+    if len(set(attributes)) != len(attributes):
+        raise DataError(f"attributes listed twice: {attributes}")
+    _check_table(df, attributes)
+    edges = [float(e) for e in age_edges]
+    if any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise DataError(f"age edges must be positive and increasing, got {list(age_edges)}")
+    groupings = [_grouping(df, a, edges) for a in attributes]
+    errors = np.abs(df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float))
+    return attributes, groupings, errors
+
+
+def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
+             age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
+             seed: int = 0) -> dict:
+    """MAE, bias scores and group MAEs of one prediction set, with bootstrap intervals.
+
+    ``df`` has ``age`` and ``prediction`` (years) and the attribute columns. ``attributes``
+    defaults to ``("age", "gender", "ethnicity", "expression")``; ``"age"`` groups by
+    ground-truth age bins with inner edges ``age_edges``. ``n_boot = 0`` skips the bootstrap
+    (all intervals ``None``).
+
+    Returns the JSON-ready object of ``fairage evaluate --json``::
+
+        {"n", "mae", "mae_ci": [lo, hi], "bias": {attr: float|None}, "bias_ci": {attr: [lo, hi]|None},
+         "groups": {attr: {group: {"n", "mae"}}}, "skipped_groups": {attr: [group, ...]},
+         "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot"}
+    """
+    attributes, groupings, errors = _prepare(df, attributes, age_edges)
+    point = _statistics(errors, np.ones((1, len(errors))), groupings)
+    boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
+
+    result: dict = {"n": int(len(errors)), "mae": float(point["mae"][0]),
+                    "mae_ci": _interval(boot["mae"], level) if boot else None,
+                    "bias": {}, "bias_ci": {}, "groups": {}, "skipped_groups": {}, "groups_ci": {},
+                    "level": float(level), "n_boot": int(n_boot)}
+    for g in groupings:
+        bias = _optional(point[g.attribute]["bias"][0])
+        result["bias"][g.attribute] = bias
+        result["bias_ci"][g.attribute] = (_interval(boot[g.attribute]["bias"], level)
+                                          if boot and bias is not None else None)
+        sizes = g.onehot.sum(axis=0)
+        result["groups"][g.attribute] = {
+            name: {"n": int(sizes[k]), "mae": float(point[g.attribute]["group_mae"][0, k])}
+            for k, name in enumerate(g.order)}
+        result["groups_ci"][g.attribute] = {
+            name: _interval(boot[g.attribute]["group_mae"][:, k], level) if boot else None
+            for k, name in enumerate(g.order)}
+        result["skipped_groups"][g.attribute] = g.skipped
+    return result
+
+
+def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | None = None,
+            age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
+            seed: int = 0) -> dict:
+    """Paired comparison of two prediction sets on the same faces (B minus A).
+
+    Both tables have ``image``, ``age``, ``prediction`` and the attribute columns and hold
+    the same images (joined on ``image``; ground truth and attributes are taken from A).
+    Each resample draws the same faces for A and B, so the interval of a difference
+    reflects only how the two models differ on the same faces.
+
+    Returns ``{"n", "level", "n_boot", "a": {"mae", "bias"}, "b": {"mae", "bias"},
+    "diff": {"mae": D, "bias": {attr: D|None}}}`` where ``D = {"estimate": B - A,
+    "ci": [lo, hi]|None, "excludes_zero": bool}`` (years; negative = B is lower).
+    """
+    for name, df in (("A", df_a), ("B", df_b)):
+        if "image" not in df.columns:
+            raise DataError(f"prediction set {name} has no 'image' column")
+    ids_a = df_a["image"].astype(str)
+    ids_b = df_b["image"].astype(str)
+    for name, ids in (("A", ids_a), ("B", ids_b)):
+        dup = ids[ids.duplicated()].unique().tolist()
+        if dup:
+            raise DataError(f"prediction set {name} has duplicated images: {', '.join(dup[:5])}")
+    only_a = sorted(set(ids_a) - set(ids_b))
+    only_b = sorted(set(ids_b) - set(ids_a))
+    if only_a or only_b:
+        raise DataError(f"the two prediction sets cover different faces: {len(only_a)} only in A "
+                        f"({', '.join(only_a[:5])}), {len(only_b)} only in B ({', '.join(only_b[:5])})")
+    b_pred = pd.Series(df_b["prediction"].to_numpy(), index=ids_b.to_numpy()).loc[ids_a.to_numpy()]
+    df_b_aligned = df_a.copy()
+    df_b_aligned["prediction"] = b_pred.to_numpy()
+
+    attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges)
+    _, _, errors_b = _prepare(df_b_aligned, attributes, age_edges)
+    ones = np.ones((1, len(errors_a)))
+    point_a, point_b = _statistics(errors_a, ones, groupings), _statistics(errors_b, ones, groupings)
+    if n_boot > 0:
+        counts = resample_counts(len(errors_a), n_boot, seed)
+        boot_a, boot_b = _statistics(errors_a, counts, groupings), _statistics(errors_b, counts, groupings)
+    else:
+        boot_a = boot_b = None
+
+    def diff(a_point, b_point, a_boot, b_boot) -> dict | None:
+        if a_point is None or b_point is None:
+            return None
+        ci = _interval(b_boot - a_boot, level) if a_boot is not None else None
+        return {"estimate": float(b_point - a_point), "ci": ci,
+                "excludes_zero": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+
+    result: dict = {"n": int(len(errors_a)), "level": float(level), "n_boot": int(n_boot),
+                    "a": {"mae": float(point_a["mae"][0]), "bias": {}},
+                    "b": {"mae": float(point_b["mae"][0]), "bias": {}},
+                    "diff": {"mae": diff(point_a["mae"][0], point_b["mae"][0],
+                                         boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
+                             "bias": {}}}
+    for g in groupings:
+        a = _optional(point_a[g.attribute]["bias"][0])
+        b = _optional(point_b[g.attribute]["bias"][0])
+        result["a"]["bias"][g.attribute] = a
+        result["b"]["bias"][g.attribute] = b
+        result["diff"]["bias"][g.attribute] = diff(
+            a, b, boot_a[g.attribute]["bias"] if boot_a else None, boot_b[g.attribute]["bias"] if boot_b else None)
+    return result
