@@ -633,12 +633,13 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.yaml", dump_config(cfg))
-    if not resume:
+    if not info:  # a new run (or a "resume" of a folder that never got a run.json)
         info = {"data_dir": str(data_dir), **weight_info, "status": "running", "stage": cfg.stages()[0][0],
                 "completed_stages": [], "device": _device_description(cfg.trainer), "seed": cfg.seed}
         _write_run_json(run_dir, info)
         if rank0 and (run_dir / "history.csv").exists():
             (run_dir / "history.csv").unlink()
+        resume = False
     history = read_history(run_dir)
     try:
         history = _run_stages(cfg, data, model, run_dir, info, history, resume, progress, callbacks)
