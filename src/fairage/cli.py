@@ -159,6 +159,175 @@ def data_info_command(
 # =========================================================================== evaluation (issue 3)
 
 
+def _run_inputs(path: Path, data: Optional[Path]) -> tuple[Path, Path]:
+    """Predictions file and dataset folder of a run folder (``predictions_test.csv``, ``run.json``)."""
+    import json
+
+    predictions = path / "predictions_test.csv"
+    if not predictions.is_file():
+        fail(f"{path}: run folder has no predictions_test.csv (is the run finished?)")
+    if data is None:
+        run_json = path / "run.json"
+        try:
+            data = Path(json.loads(run_json.read_text(encoding="utf-8"))["data_dir"])
+        except (OSError, ValueError, KeyError, TypeError):
+            fail(f"{run_json}: cannot read data_dir from the run folder; pass --data DIR")
+    return predictions, data
+
+
+def _split_faces(data: Path, split: str):
+    from .data import load_faces
+
+    faces = load_faces(data)
+    faces = faces[faces["split"] == split].reset_index(drop=True)
+    if len(faces) == 0:
+        fail(f"{data}: the dataset has no {split!r} faces")
+    return faces
+
+
+def _joined_predictions(predictions: Path, faces):
+    from .data.predictions import join_predictions, read_predictions
+
+    return join_predictions(faces, read_predictions(predictions), predictions)
+
+
+def _parse_edges(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        fail(f"--age-edges: expected comma-separated numbers like 20,40,60, got {text!r}")
+
+
+def _fmt_ci(ci) -> str:
+    return "-" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _fmt_value(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+@app.command("evaluate")
+def evaluate_command(
+    run_dir: Optional[Path] = typer.Argument(None, help="A training run folder: evaluates its predictions_test.csv."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
+    split: str = typer.Option("test", "--split", help="Split the predictions are for."),
+    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples (0: no intervals)."),
+    level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    attribute: Optional[list[str]] = typer.Option(
+        None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
+                                  "Default: age, gender, ethnicity, expression."),
+    age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+) -> None:
+    """MAE and bias scores (with bootstrap intervals) of a prediction set, by group."""
+    import json
+
+    from rich.table import Table
+
+    from .metrics import evaluate
+
+    if run_dir is not None:
+        run_predictions, data = _run_inputs(run_dir, data)
+        predictions = predictions or run_predictions
+    if data is None or predictions is None:
+        fail("give a run folder, or both --data DIR and --predictions FILE")
+    df = _joined_predictions(predictions, _split_faces(data, split))
+    result = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges),
+                      n_boot=n_boot, level=level, seed=seed)
+    if json_out:
+        print(json.dumps(result))
+        return
+    pct = f"{100 * level:g}%"
+    console.print(f"[bold]{predictions}[/bold] on {split} ({result['n']} faces), {pct} bootstrap intervals "
+                  f"({n_boot} resamples)", highlight=False)
+    console.print(f"  MAE {result['mae']:.2f} years {_fmt_ci(result['mae_ci'])}", highlight=False)
+    for name, bias in result["bias"].items():
+        console.print(f"  {name} bias {_fmt_value(bias)} {_fmt_ci(result['bias_ci'][name])}", highlight=False)
+    for name, groups in result["groups"].items():
+        table = Table(title=f"{name} (bias {_fmt_value(result['bias'][name])})", title_justify="left")
+        table.add_column("group")
+        table.add_column("n", justify="right")
+        table.add_column("MAE", justify="right")
+        table.add_column(f"{pct} interval", justify="right")
+        for group, row in groups.items():
+            table.add_row(group, str(row["n"]), f"{row['mae']:.2f}", _fmt_ci(result["groups_ci"][name][group]))
+        for group in result["skipped_groups"][name]:
+            table.add_row(group, "0", "-", "skipped (no faces)", style="dim")
+        console.print(table)
+
+
+@app.command("compare")
+def compare_command(
+    predictions_a: Path = typer.Argument(..., help="Predictions CSV of A (the baseline)."),
+    predictions_b: Path = typer.Argument(..., help="Predictions CSV of B; differences are B - A."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    split: str = typer.Option("test", "--split", help="Split the predictions are for."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Paired bootstrap resamples."),
+    level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    attribute: Optional[list[str]] = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
+    age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+) -> None:
+    """Paired comparison of two prediction sets on the same faces: B - A with bootstrap intervals."""
+    import json
+
+    from rich.table import Table
+
+    from .metrics import compare
+
+    faces = _split_faces(data, split)
+    df_a = _joined_predictions(predictions_a, faces)
+    df_b = _joined_predictions(predictions_b, faces)
+    result = compare(df_a, df_b, attributes=attribute or None, age_edges=_parse_edges(age_edges),
+                     n_boot=n_boot, level=level, seed=seed)
+    if json_out:
+        print(json.dumps(result))
+        return
+    pct = f"{100 * level:g}%"
+    table = Table(title=f"B - A on {result['n']} {split} faces (A: {predictions_a}, B: {predictions_b})",
+                  title_justify="left")
+    for column in ("metric", "A", "B", "B - A", f"{pct} interval", "verdict"):
+        table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
+
+    def verdict(d) -> str:
+        if d is None or d["ci"] is None:
+            return "n/a"
+        if not d["excludes_zero"]:
+            return "no clear difference"
+        return "B lower" if d["estimate"] < 0 else "B higher"
+
+    rows = [("MAE", result["a"]["mae"], result["b"]["mae"], result["diff"]["mae"])]
+    rows += [(f"{name} bias", result["a"]["bias"][name], result["b"]["bias"][name], d)
+             for name, d in result["diff"]["bias"].items()]
+    for name, a, b, d in rows:
+        table.add_row(name, _fmt_value(a), _fmt_value(b), _fmt_value(d and d["estimate"]),
+                      _fmt_ci(d and d["ci"]), verdict(d))
+    console.print(table)
+
+
+@app.command("submit")
+def submit_command(
+    predictions_or_run: Path = typer.Argument(..., help="Predictions CSV, or a run folder (its predictions_test.csv)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
+    out: Path = typer.Option(Path("predictions.zip"), "--out", help="Submission zip to write."),
+) -> None:
+    """Write the competition submission: a zip with predictions.csv, one age per line in test order."""
+    from .data.predictions import read_predictions
+    from .submission import write_submission
+
+    predictions = predictions_or_run
+    if predictions_or_run.is_dir():
+        predictions, data = _run_inputs(predictions_or_run, data)
+    if data is None:
+        fail("--data DIR is required with a predictions file")
+    faces = _split_faces(data, "test")
+    ages = write_submission(out, faces, read_predictions(predictions), predictions)
+    console.print(f"wrote {out} ({len(ages)} test predictions)", highlight=False)
+
+
 # =========================================================================== weighting (issue 4)
 
 
