@@ -49,3 +49,16 @@ def test_bad_scheme_exits_2(dataset):
     assert "scheme" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["weights", "--data", str(dataset), "--scheme", "custom", "--attributes", "makeupx"])
     assert result.exit_code == 2 and "makeupx" in result.output
+
+
+def test_formula_lds_shorthand_and_plot(dataset, tmp_path):
+    png = tmp_path / "weights.png"
+    result = runner.invoke(app, ["weights", "--data", str(dataset), "--formula", "lds", "--json", "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["formula"] == "lds" and out["lds"] is True and out["scheme"] == "none"
+    # LDS alone is shown by the report's four age bins; group means average to 1 per face
+    assert [g["name"] for g in out["groups"]] == ["[0,20)", "[20,40)", "[40,60)", "[60,inf)"]
+    n = sum(g["n"] for g in out["groups"])
+    assert sum(g["n"] * (g["weight"] or 0) for g in out["groups"]) / n == pytest.approx(1.0)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

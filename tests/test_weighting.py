@@ -11,6 +11,7 @@ from fairage.weighting import (
     compute_weights,
     describe,
     dominant_groups,
+    dominant_groups_per_face,
     group_labels,
     group_table,
     lds_weights,
@@ -187,3 +188,12 @@ def test_dominant_group_warning_and_describe(faces):
     assert "[40,60)" in dominant_groups(table)
     assert describe(W(scheme="age_ethnicity", lds=True, mode="sampler")) == "age_ethnicity/inverse x LDS (sampler)"
     assert describe(W()) == "none"
+
+
+def test_dominance_per_face_sees_one_heavy_face_inside_a_group():
+    labels = pd.Series(["a"] * 60 + ["b"] * 40)
+    # group a: mean weight 1.0 but one face holds 2 of 100 total (2%); group b: all 0.5% each
+    weights = np.array([2.0] + [58 / 59] * 59 + [1.0] * 40)
+    assert weights.sum() == pytest.approx(100.0)
+    assert dominant_groups_per_face(labels, weights) == ["a"]
+    assert dominant_groups_per_face(labels, np.ones(100)) == []  # 1% exactly is not more than 1%

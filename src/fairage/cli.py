@@ -347,8 +347,13 @@ def weights_command(
     max_weight: Optional[float] = typer.Option(None, "--max-weight", help="Clip weights (after mean-1 rescaling)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a plot of group sizes against weights (PNG)."),
 ) -> None:
-    """Group sizes and per-face weights of a weighting scheme on the training split (mean 1)."""
+    """Group sizes and per-face weights of a weighting scheme on the training split (mean 1).
+
+    ``--formula lds`` is shorthand for ``--lds`` (with the inverse group formula); without
+    ``--scheme`` it means LDS alone, shown by the report's four age bins.
+    """
     import json
 
     from pydantic import ValidationError
@@ -357,7 +362,7 @@ def weights_command(
     from .config import WeightingConfig, format_validation_error
     from .data import load_faces
     from .errors import ConfigError
-    from .weighting import describe, dominant_groups, group_table
+    from .weighting import compute_weights, describe, dominant_groups_per_face, group_labels, group_table
 
     if scheme is None:
         scheme = "none" if formula == "lds" else "age_ethnicity"
@@ -379,8 +384,14 @@ def weights_command(
     if len(train) == 0:
         raise ConfigError(f"dataset {data} has no train faces to weight")
     # LDS alone has no groups: show its weights by the report's age bins
-    table = group_table(train, cfg, by=WeightingConfig(scheme="age") if cfg.scheme == "none" else None)
-    heavy = dominant_groups(table)
+    by = WeightingConfig(scheme="age") if cfg.scheme == "none" else None
+    table = group_table(train, cfg, by=by)
+    # per face, not per group mean: with LDS one face of a group can dominate alone
+    heavy = dominant_groups_per_face(group_labels(train, by or cfg), compute_weights(train, cfg))
+    if plot is not None:
+        from .report import plot_group_weights
+
+        plot_group_weights(table, plot, title=describe(cfg))
     warnings = [f"group '{g}': one face carries more than 1% of all weight" for g in heavy]
     if as_json:
         groups = [{"name": r.name, "n": int(r.n), "weight": None if r.n == 0 else float(r.weight),

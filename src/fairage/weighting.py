@@ -208,12 +208,29 @@ def group_table(faces: pd.DataFrame, cfg: WeightingConfig, by: WeightingConfig |
 
 
 def dominant_groups(table: pd.DataFrame, threshold: float = 0.01) -> list[str]:
-    """Names of groups where ONE face carries more than ``threshold`` of all weight."""
+    """Names of groups where ONE face carries more than ``threshold`` of all weight.
+
+    Uses the group's mean weight per face, which is every face's weight when the weights
+    are constant inside groups (no LDS); with LDS use :func:`dominant_groups_per_face`.
+    """
     total = float((table["n"] * table["weight"].fillna(0)).sum())
     if total <= 0:
         return []
     heavy = table[(table["n"] > 0) & (table["weight"] / total > threshold)]
     return list(heavy["name"])
+
+
+def dominant_groups_per_face(labels: pd.Series, weights: np.ndarray, threshold: float = 0.01) -> list[str]:
+    """Groups holding at least one face whose weight is more than ``threshold`` of all weight.
+
+    ``labels``: group name per face, ``weights``: (N,) per-face weights. Exact also when
+    weights vary inside a group (LDS); names in order of first appearance.
+    """
+    w = np.asarray(weights, dtype=float)
+    total = float(w.sum())
+    if total <= 0:
+        return []
+    return list(pd.unique(np.asarray(labels, dtype=object)[w / total > threshold]))
 
 
 def describe(cfg: WeightingConfig) -> str:
