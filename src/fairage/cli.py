@@ -387,7 +387,8 @@ def weights_command(
     by = WeightingConfig(scheme="age") if cfg.scheme == "none" else None
     table = group_table(train, cfg, by=by)
     # per face, not per group mean: with LDS one face of a group can dominate alone
-    heavy = dominant_groups_per_face(group_labels(train, by or cfg), compute_weights(train, cfg))
+    heavy = set(dominant_groups_per_face(group_labels(train, by or cfg), compute_weights(train, cfg)))
+    heavy = [g for g in table["name"] if g in heavy]  # table order
     if plot is not None:
         from .report import plot_group_weights
 
@@ -409,7 +410,7 @@ def weights_command(
                     style="red" if r.name in heavy else None)
     console.print(out)
     for w in warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
 
