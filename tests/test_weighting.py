@@ -118,6 +118,10 @@ def test_max_weight_clips_and_keeps_mean_one(faces):
     # the 40-60 face is clipped to 2; the other 9 faces share 8 in their original ratios
     free = np.array([1.25, 1.25, 0.5, 0.5, 0.5, 0.5, 0.5, 1.25, 1.25])
     assert np.allclose(np.delete(w, 7), free * 8 / free.sum())
+    # clipping repeats until stable: at 1.3 the rescaled 1.25-faces (1.45) are clipped in a
+    # second round, so the five clipped faces hold 6.5 and the five 0.5-faces share 3.5
+    w = compute_weights(faces, W(scheme="age", max_weight=1.3))
+    assert np.allclose(w, [1.3, 1.3, 0.7, 0.7, 0.7, 0.7, 0.7, 1.3, 1.3, 1.3])
     with pytest.raises(ConfigError):
         compute_weights(faces, W(scheme="age", max_weight=0.5))
 
