@@ -231,3 +231,12 @@ def test_interval_coverage_on_simulated_data():
         lo, hi = evaluate(df, attributes=["age"], n_boot=300, seed=t)["mae_ci"]
         covered += lo <= true_mae <= hi
     assert 0.88 <= covered / trials <= 0.99
+
+
+def test_attribute_with_only_unknown_values_gives_null_bias():
+    df = _table([10, 30, 50], [11, 33, 55], gender=["unknown"] * 3)
+    result = evaluate(df, attributes=["gender"], n_boot=20)
+    assert result["bias"]["gender"] is None and result["bias_ci"]["gender"] is None
+    assert result["groups"]["gender"] == {}
+    assert result["skipped_groups"]["gender"] == ["male", "female"]
+    assert result["mae"] == pytest.approx(3.0)  # unknown faces still count for the MAE
