@@ -69,7 +69,7 @@ def test_train_command_writes_the_run_folder(data_dir, tmp_path):
     assert preds["prediction"].between(0, 100).all()
     metrics = json.loads((run_dir / "metrics_test.json").read_text())
     mae = float(np.abs(preds["prediction"].to_numpy() - test_faces["age"].to_numpy()).mean())
-    assert metrics["mae"] == pytest.approx(mae, rel=1e-6)
+    assert metrics["mae"] == pytest.approx(mae, abs=1e-4)  # the file rounds predictions to 4 decimals
     assert "MAE" in result.output and "stage2: epochs" in result.output
     # the resolved config round-trips and has the command-line settings
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
