@@ -240,3 +240,25 @@ def test_attribute_with_only_unknown_values_gives_null_bias():
     assert result["groups"]["gender"] == {}
     assert result["skipped_groups"]["gender"] == ["male", "female"]
     assert result["mae"] == pytest.approx(3.0)  # unknown faces still count for the MAE
+
+
+def test_evaluate_point_groups_agree_with_the_vectorised_form():
+    """evaluate() takes point group MAEs from MetricFrame; the bootstrap's matrix form must agree."""
+    from fairage.metrics import _prepare, _statistics
+
+    rng = np.random.default_rng(7)
+    n = 300
+    df = pd.DataFrame({
+        "age": rng.uniform(1, 90, n), "prediction": rng.uniform(1, 90, n),
+        "gender": rng.choice(["male", "female", "unknown"], n),
+        "ethnicity": rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.2, 0.1, 0.7]),
+        "expression": rng.choice(["neutral", "happy", "other"], n),
+    })
+    out = evaluate(df, n_boot=0)
+    attributes, groupings, errors = _prepare(df, None, (20, 40, 60))
+    point = _statistics(errors, np.ones((1, n)), groupings)
+    assert out["mae"] == pytest.approx(point["mae"][0])
+    for g in groupings:
+        assert out["bias"][g.attribute] == pytest.approx(point[g.attribute]["bias"][0])
+        for k, name in enumerate(g.order):
+            assert out["groups"][g.attribute][name]["mae"] == pytest.approx(point[g.attribute]["group_mae"][0, k])

@@ -246,22 +246,21 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
          "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot"}
     """
     attributes, groupings, errors = _prepare(df, attributes, age_edges)
-    point = _statistics(errors, np.ones((1, len(errors))), groupings)
     boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
 
-    result: dict = {"n": int(len(errors)), "mae": float(point["mae"][0]),
+    result: dict = {"n": int(len(errors)), "mae": mae(df["age"], df["prediction"]),
                     "mae_ci": _interval(boot["mae"], level) if boot else None,
                     "bias": {}, "bias_ci": {}, "groups": {}, "skipped_groups": {}, "groups_ci": {},
                     "level": float(level), "n_boot": int(n_boot)}
     for g in groupings:
-        bias = _optional(point[g.attribute]["bias"][0])
+        # point estimates by fairlearn's MetricFrame; the bootstrap reuses the matrix form
+        table = group_mae(df, g.attribute, age_edges).set_index("group")
+        bias = bias_score(table)
         result["bias"][g.attribute] = bias
         result["bias_ci"][g.attribute] = (_interval(boot[g.attribute]["bias"], level)
                                           if boot and bias is not None else None)
-        sizes = g.onehot.sum(axis=0)
         result["groups"][g.attribute] = {
-            name: {"n": int(sizes[k]), "mae": float(point[g.attribute]["group_mae"][0, k])}
-            for k, name in enumerate(g.order)}
+            name: {"n": int(table.at[name, "n"]), "mae": float(table.at[name, "mae"])} for name in g.order}
         result["groups_ci"][g.attribute] = {
             name: _interval(boot[g.attribute]["group_mae"][:, k], level) if boot else None
             for k, name in enumerate(g.order)}

@@ -33,7 +33,7 @@ def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions)
         if column in faces.columns:
             table[column] = faces[column].to_numpy()
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+        table.to_csv(tmp, index=False, float_format="%.6f")
 
 
 def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
