@@ -27,7 +27,7 @@ from .errors import ConfigError
 REPORT_PRESETS: tuple[str, ...] = ("M1", "M2", "M3", "M4", "M5")
 
 #: synthetic benchmark size for ``fairage demo`` (faces per split, image side in px)
-DEMO_SIZES: dict[str, int] = {"n_train": 1200, "n_valid": 300, "n_test": 600, "size": 64}
+DEMO_SIZES: dict[str, int] = {"n_train": 1200, "n_valid": 300, "n_test": 1000, "size": 64}
 DEMO_SEED = 0
 
 
