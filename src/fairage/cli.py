@@ -18,8 +18,20 @@ from typer.core import TyperGroup
 
 from .errors import FairageError
 
-err_console = Console(stderr=True)
-console = Console()
+
+
+class _Console:
+    """A rich console made at each print, so COLUMNS and the current stdout/stderr apply."""
+
+    def __init__(self, stderr: bool = False):
+        self.stderr = stderr
+
+    def print(self, *objects, **kwargs) -> None:
+        Console(stderr=self.stderr).print(*objects, **kwargs)
+
+
+err_console = _Console(stderr=True)
+console = _Console()
 
 
 class _FairageGroup(TyperGroup):
