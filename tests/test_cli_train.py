@@ -180,3 +180,25 @@ def test_two_process_cpu_ddp(data_dir, tmp_path):
     preds = pd.read_csv(run_dir / "predictions_test.csv")
     assert len(preds) == N_TEST and preds["image"].is_unique
     assert "devices=2" in json.loads((run_dir / "run.json").read_text())["device"]
+
+
+def test_a_collapsed_model_is_reported(data_dir, tmp_path):
+    # Adam at lr 1.0 saturates the sigmoid output on the first steps: one age for every face
+    run_dir = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--preset", "M1", "--scale", "tiny", "--data", str(data_dir),
+                                      "--out", str(run_dir), "--quiet", "--set", "stage2.lr=1.0",
+                                      "--set", "eval.n_boot=20"])
+    assert result.exit_code == 0, result.output
+    preds = pd.read_csv(run_dir / "predictions_test.csv")["prediction"]
+    assert preds.std() < 0.5
+    [warning] = json.loads((run_dir / "run.json").read_text())["warnings"]
+    assert "collapsed" in warning
+    assert "warning:" in result.output and "collapsed" in result.output
+
+
+def test_collapse_warning_thresholds():
+    from fairage.training import collapse_warning
+
+    assert collapse_warning(np.array([30.0, 30.2, 29.9, 30.1])) is not None  # std 0.11 years
+    assert collapse_warning(np.array([20.0, 40.0])) is None  # std 10 years
+    assert collapse_warning(np.array([30.0])) is None  # one face: no spread to judge

@@ -9,11 +9,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fairage import suite, training
 from fairage.cli import app
-from fairage.config import dump_config
+from fairage.config import dump_config, load_preset
+from fairage.models import build_model
 from fairage.data import write_synthetic
 
 TABLE1 = ["Model", "Learning rate", "Training strategy", "Gender bias", "Expression bias",
@@ -136,3 +139,67 @@ def test_bad_suite_arguments_are_clear(tmp_path):
     res = CliRunner().invoke(app, ["suite", "--data", str(tmp_path), "--presets", "M1", "--set", "stage2.lrr=1",
                                    "--scale", "tiny", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and "lrr" in res.output
+
+
+def _backbone_from_checkpoint(path):
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k[len("model.backbone."):]: v for k, v in state.items() if k.startswith("model.backbone.")}
+
+
+def test_export_backbone_writes_the_best_checkpoints_backbone(finished_suite, tmp_path):
+    _, out, _ = finished_suite
+    for run, stage in (("M1", "stage2"), ("M2", "stage1")):  # M2 is head-only: its last stage is stage I
+        path = training.export_backbone(out / run, tmp_path / f"{run}.safetensors")
+        saved = load_file(str(path))
+        want = _backbone_from_checkpoint(out / run / "checkpoints" / f"{stage}-best.ckpt")
+        assert set(saved) == set(want) and "conv1.weight" in saved and not any(k.startswith("fc.") for k in saved)
+        for k in want:
+            assert torch.equal(saved[k], want[k]), k
+    # .pth works too, and the file loads as model.weights of another config
+    pth = training.export_backbone(out / "M1", tmp_path / "M1.pth")
+    cfg = load_preset("M5", "tiny", [f"model.weights={pth}"])
+    model, info = build_model(cfg.model)
+    assert info["weights_loaded"]
+    m1 = load_file(str(tmp_path / "M1.safetensors"))
+    assert all(torch.equal(model.backbone.state_dict()[k], m1[k]) for k in m1)
+
+
+def test_export_backbone_refuses_unfinished_runs(finished_suite, tmp_path):
+    _, out, _ = finished_suite
+    run = tmp_path / "M1"
+    shutil.copytree(out / "M1", run)
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    res = CliRunner().invoke(app, ["export-backbone", str(run), "--out", str(tmp_path / "b.safetensors")])
+    assert res.exit_code == 2 and "no finished run" in res.output
+    res = CliRunner().invoke(app, ["export-backbone", str(out / "M1"), "--out", str(tmp_path / "b.npz")])
+    assert res.exit_code == 2 and "b.npz" in res.output
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_demo_starts_from_the_pretrained_backbone(tmp_path, monkeypatch):
+    out = tmp_path / "demo"
+    kw = dict(presets=["M2"], scale="tiny", n_train=60, n_valid=40, n_test=40, size=32,
+              pretrain_sizes={"n_train": 60, "n_valid": 40, "n_test": 20}, progress=False)
+    report = suite.run_demo(out, **kw)
+    weights = out / "pretrained-backbone.safetensors"
+    info = json.loads((out / "M2" / "run.json").read_text())
+    assert info["weights_loaded"] and info["weights"] == str(weights.resolve())
+    # the pretraining data is another draw (other seed), not the demo's faces
+    [pre_dir] = [p for p in out.glob("synthetic-*seed1")]
+    [demo_dir] = [p for p in out.glob("synthetic-*seed0")]
+    assert (pre_dir / "train" / "000000.jpg_face.jpg").read_bytes() != (demo_dir / "train" / "000000.jpg_face.jpg").read_bytes()
+    # M2 freezes the backbone: its best checkpoint still holds the pretrained tensors exactly
+    pretrained = load_file(str(weights))
+    trained = _backbone_from_checkpoint(out / "M2" / "checkpoints" / "stage1-best.ckpt")
+    assert set(trained) == set(pretrained)
+    assert all(torch.equal(trained[k], pretrained[k]) for k in pretrained)
+    assert list(pd.read_csv(out / "comparison.csv")["Model"]) == ["M2"]
+    assert report == out / "report.html"
+
+    # a second demo reuses the data, the backbone and the finished run
+    def fail(*a, **k):
+        raise AssertionError("train() called again")
+
+    monkeypatch.setattr(training, "train", fail)
+    assert suite.run_demo(out, **kw) == report

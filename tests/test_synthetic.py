@@ -99,6 +99,31 @@ def test_age_cues_are_visible_and_weaker_on_dark_skin():
     assert old_a - young_a < 0.6 * (old_c - young_c)
 
 
+def test_ageing_shows_later_on_the_rare_skins():
+    def mean_params(ethnicity, age):
+        ps = [sample_face_params(np.random.default_rng(i), age, "female", ethnicity, "neutral") for i in range(200)]
+        grey = [np.mean(p.hair) for p in ps]  # greying lightens the (dark) hair of both groups
+        return np.mean([p.wrinkles for p in ps]), np.mean(grey)
+
+    # wrinkles grow by 1/40 per year after onset: at 50 the lag is ~9.5 years, ~0.24 of wrinkles
+    wr_c, _ = mean_params("caucasian", 50)
+    wr_a, _ = mean_params("afroamerican", 50)
+    assert 0.15 < wr_c - wr_a < 0.35
+    # a 60-year-old afroamerican shows about the wrinkles of a 50-year-old caucasian
+    wr_a60, _ = mean_params("afroamerican", 60)
+    assert abs(wr_a60 - wr_c) < 0.05
+    # greying is half done at 50 (symmetric noise): with the ~6-year lag an asian 56-year-old's
+    # hair is a half mix of black (mean 28 grey levels) and grey (206): about 117, where the
+    # undelayed ~73% grey would give about 158
+    _, hair_a56 = mean_params("asian", 56)
+    assert 100 < hair_a56 < 135
+    # the lag only builds up from the mid-thirties: at 30 it is 10 * sigmoid(-1) = 2.7 years,
+    # ~0.07 of wrinkles (times the mean person factor exp(0.25**2 / 2) = 1.03)
+    wr_c30, _ = mean_params("caucasian", 30)
+    wr_a30, _ = mean_params("afroamerican", 30)
+    assert 0.05 < wr_c30 - wr_a30 < 0.09
+
+
 def test_children_have_bigger_eyes_and_rounder_heads():
     kids = [sample_face_params(np.random.default_rng(i), 4, "female", "asian", "neutral") for i in range(20)]
     adults = [sample_face_params(np.random.default_rng(i), 30, "female", "asian", "neutral") for i in range(20)]

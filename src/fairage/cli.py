@@ -460,8 +460,8 @@ def _train_summary(run_dir: Path, metrics: dict) -> None:
     if info.is_file():
         run = json.loads(info.read_text(encoding="utf-8"))
         table.add_row("pretrained weights", "yes" if run.get("weights_loaded") else "no (random init)", "")
-        for stage, message in (run.get("stopped") or {}).items():
-            err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        for message in [*(run.get("stopped") or {}).values(), *run.get("warnings", [])]:
+            err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
     console.print(table)
     console.print(f"run folder: {run_dir} (predictions_test.csv, metrics_test.json, curves.png, history.csv)")
 
@@ -510,6 +510,17 @@ def train_command(
     if metrics:  # empty on non-zero DDP ranks
         _train_summary(out, metrics)
 
+
+@app.command("export-backbone")
+def export_backbone_command(
+    run: Path = typer.Argument(..., help="A finished run folder."),
+    out: Path = typer.Option(..., "--out", help="Weights file to write (.safetensors or .pth)."),
+) -> None:
+    """Save a finished run's backbone for another config's model.weights (pretrain on one set, fine-tune on another)."""
+    from .training import export_backbone
+
+    path = export_backbone(run, out)
+    console.print(f"wrote {path}: use it with --set model.weights={path}", highlight=False)
 
 
 # =========================================================================== suite, report, demo (issue 6)
@@ -574,12 +585,15 @@ def report_command(
 @app.command("demo")
 def demo_command(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (synthetic data, runs, report)."),
+    pretrain: bool = typer.Option(True, "--pretrain/--no-pretrain",
+                                  help="Start every model from a backbone pretrained on other synthetic faces "
+                                       "(the stand-in for VGGFace2), or from random init."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Synthetic benchmark + M1..M5 at CPU scale (minutes on a laptop); prints the table and report path."""
     from .suite import REPORT_PRESETS, run_demo
 
-    report = run_demo(out, progress=not quiet)
+    report = run_demo(out, pretrain=pretrain, progress=not quiet)
     if quiet:
         # run_demo printed nothing; the table and the path are the demo's result
         _print_comparison([out / p for p in REPORT_PRESETS],

@@ -199,8 +199,11 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
             f"the {type(model).__name__} ({'whole model' if whole else 'torchvision backbone'} keys such as "
             f"{next(iter(own))!r})"
         )
-    if missing:
-        log.warning("model.weights %s: %d missing keys (left at random init): %s", path, len(missing), ", ".join(missing[:10]))
+    # a backbone-only file is expected to leave the projection and head at random init
+    surprising = missing if whole else [k for k in missing if k.startswith("backbone.")]
+    if surprising:
+        log.warning("model.weights %s: %d missing keys (left at random init): %s", path, len(surprising),
+                    ", ".join(surprising[:10]))
     if unexpected:
         log.warning("model.weights %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10]))
     return missing, unexpected

@@ -605,6 +605,23 @@ def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: 
     return metrics
 
 
+#: test predictions spread less than this (years, standard deviation) mean a collapsed model
+COLLAPSE_STD = 0.5
+
+
+def collapse_warning(predictions: np.ndarray) -> str | None:
+    """A message when the predictions (years, shape (N,)) are nearly constant, else None.
+
+    A network whose ReLUs died or whose sigmoid output saturated predicts one age for
+    every face; its MAE and bias scores then describe the age distribution, not a model.
+    """
+    if len(predictions) < 2 or float(np.std(predictions)) >= COLLAPSE_STD:
+        return None
+    return (f"the model collapsed: its test predictions are nearly constant (std {np.std(predictions):.2f} "
+            f"years, mean {np.mean(predictions):.1f}); its scores describe the data, not a model. "
+            "Try a smaller learning rate or start from pretrained weights (model.weights).")
+
+
 def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
           progress: bool = True, callbacks: Sequence[Callback] = ()) -> dict:
     """Train the configured stages into the run folder ``out_dir``; return the test metrics.
@@ -657,6 +674,10 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     preds = predict(model, data.images["test"], device=device,
                     autocast=resolve_precision(cfg.trainer).startswith("bf16"))
     info.update(stage="test")  # predicting and evaluating the test split
+    collapsed = collapse_warning(preds)
+    if collapsed:
+        log.warning("%s: %s", run_dir, collapsed)
+        info["warnings"] = [collapsed]
     _write_run_json(run_dir, info)
     metrics = evaluate_test(cfg, data.faces["test"], preds, run_dir)
     info.update(status="finished", stage=cfg.stages()[-1][0])
@@ -723,3 +744,38 @@ def resume_run(out_dir: str | Path, progress: bool = True, callbacks: Sequence[C
 
 #: the name used in the task brief
 resume = resume_run
+
+
+def export_backbone(run_dir: str | Path, out_path: str | Path) -> Path:
+    """Write the backbone of a finished run (best weights of its last stage) to ``out_path``.
+
+    The file is a torchvision-style ResNet state dict (``conv1.weight``, ``layer1.0...``;
+    no ``fc``) in ``.safetensors`` or ``.pth`` (chosen by the suffix), written atomically.
+    Name it as ``model.weights`` of another config to start from this backbone, e.g. a
+    model pretrained on one dataset (UTKFace, or synthetic faces) fine-tuned on another;
+    the projection and head start at random init there. Returns ``out_path``.
+    """
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    info = _read_run_json(run_dir)
+    if info.get("status") != "finished" or not (run_dir / "config.yaml").is_file():
+        raise FairageError(f"{run_dir} holds no finished run (run.json status "
+                           f"{info.get('status', 'missing')!r}); finish it with `fairage train --resume {run_dir}`")
+    if out_path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ConfigError(f"{out_path}: backbone file must end in .safetensors, .pth or .pt")
+    cfg = validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
+    last_stage = cfg.stages()[-1][0]
+    ckpt = run_dir / "checkpoints" / f"{last_stage}-best.ckpt"
+    if not ckpt.is_file():
+        raise FairageError(f"{ckpt} not found: the run's best checkpoint of {last_stage} is missing")
+    model = AgeRegressor(cfg.model)
+    load_module_checkpoint(model, ckpt)
+    state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
+    with atomic_path(out_path) as tmp:
+        if out_path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"fairage_run": str(run_dir.resolve()),
+                                                 "backbone": cfg.model.backbone})
+        else:
+            torch.save(state, tmp)
+    return out_path
