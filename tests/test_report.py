@@ -182,3 +182,15 @@ def test_corrupt_metrics_is_a_clear_error(two_runs):
     (two_runs[1] / "metrics_test.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         report.comparison_table(two_runs)
+
+
+def test_report_shows_the_start_and_the_runs_warnings(two_runs, tmp_path):
+    m1, m5 = two_runs
+    (m1 / "run.json").write_text(json.dumps({"status": "finished", "weights_loaded": False,
+                                             "warnings": ["the model collapsed: <constant>"]}))
+    (m5 / "run.json").write_text(json.dumps({"status": "finished", "weights_loaded": True,
+                                             "weights": "/w/backbone.safetensors"}))
+    page = report.build_report(two_runs, tmp_path / "r").read_text(encoding="utf-8")
+    m1_part, m5_part = page.split("<h3>M1</h3>")[1].split("<h3>M5</h3>")
+    assert "random initialisation" in m1_part and 'class="warning">warning: the model collapsed: &lt;constant&gt;' in m1_part
+    assert "pretrained weights /w/backbone.safetensors" in m5_part and "warning" not in m5_part

@@ -168,7 +168,11 @@ def load_run(run_dir: str | Path) -> RunRecord:
         missing = {"stage", "train_loss", "val_loss", "train_mae", "val_mae"} - set(history.columns)
         if missing:
             raise DataError(f"{hist_path} lacks columns {sorted(missing)}")
-    return RunRecord(run_dir=run_dir, label=cfg.name, config=cfg, metrics=metrics, history=history)
+    run_info = {}
+    if (run_dir / "run.json").is_file():  # optional: warnings and where the weights came from
+        run_info = _read_json(run_dir / "run.json")
+    return RunRecord(run_dir=run_dir, label=cfg.name, config=cfg, metrics=metrics, history=history,
+                     extra={"run": run_info})
 
 
 def _config_without_seed(cfg) -> dict:
@@ -558,6 +562,7 @@ img { max-width: 100%; height: auto; display: block; margin: .8em 0; border: 1px
 pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 .note { color: #555; font-size: .9em; }
 .summary { display: flex; flex-wrap: wrap; gap: 1.5em; }
+.warning { color: #a40000; font-weight: bold; }
 """
 
 
@@ -633,6 +638,13 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         if desc:
             body.append(f"<p>{html.escape(desc)}</p>")
         body.append(f'<p class="note">run folder: {html.escape(str(r.run_dir))}</p>')
+        run_info = r.extra.get("run", {})
+        if "weights_loaded" in run_info:
+            start = (f"pretrained weights {run_info.get('weights', '')}" if run_info["weights_loaded"]
+                     else "random initialisation (no pretrained weights)")
+            body.append(f'<p class="note">started from {html.escape(start)}</p>')
+        for message in [*(run_info.get("stopped") or {}).values(), *run_info.get("warnings", [])]:
+            body.append(f'<p class="warning">warning: {html.escape(str(message))}</p>')
         body.append(f"<pre>{html.escape(dump_config(r.config))}</pre>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
