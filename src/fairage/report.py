@@ -341,8 +341,12 @@ def to_markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def rich_table(table: pd.DataFrame, title: str | None = None, digits: int = 3):
-    """A ``rich.table.Table`` of ``display_table(table)`` for the terminal."""
+def rich_table(table: pd.DataFrame, title: str | None = None, digits: int = 2):
+    """A ``rich.table.Table`` of ``display_table(table)`` for the terminal.
+
+    Each metric's interval (or ± std) goes on a second line of its cell, so the
+    table stays readable in an 80-column terminal.
+    """
     from rich.table import Table
 
     shown = display_table(table, digits)
@@ -350,7 +354,13 @@ def rich_table(table: pd.DataFrame, title: str | None = None, digits: int = 3):
     for c in shown.columns:
         t.add_column(str(c), justify="left" if c in ("Model", "Training strategy") else "right")
     for _, row in shown.iterrows():
-        t.add_row(*(str(row[c]) for c in shown.columns))
+        cells = []
+        for c in shown.columns:
+            text = str(row[c])
+            if c in METRIC_COLUMNS:
+                text = text.replace(" [", "\n[").replace(" ± ", "\n± ")
+            cells.append(text)
+        t.add_row(*cells)
     return t
 
 
