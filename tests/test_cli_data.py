@@ -136,3 +136,12 @@ def test_npy_mismatch_and_missing_folder_exit_2(tmp_path):
     assert "data_train.npy 3, labels_train.npy 3, meta_data_train.npy 4" in res.output.replace("\n", "")
     res = invoke("data", "info", tmp_path / "missing")
     assert res.exit_code == 2 and "missing: dataset folder not found" in res.output.replace("\n", "")
+
+
+def test_unusable_output_path_exits_2_naming_it(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    res = CliRunner().invoke(app, ["synth", str(blocker / "out"), "--n-train", "2", "--n-valid", "2",
+                                   "--n-test", "2", "--size", "32"])
+    assert res.exit_code == 2
+    assert "a_file" in res.output and "Not a directory" in res.output and "Traceback" not in res.output

@@ -172,6 +172,8 @@ def test_export_backbone_refuses_unfinished_runs(finished_suite, tmp_path):
     (run / "run.json").write_text(json.dumps({**info, "status": "running"}))
     res = CliRunner().invoke(app, ["export-backbone", str(run), "--out", str(tmp_path / "b.safetensors")])
     assert res.exit_code == 2 and "no finished run" in res.output
+    res = CliRunner().invoke(app, ["export-backbone", str(tmp_path / "nothing"), "--out", str(tmp_path / "b.pth")])
+    assert res.exit_code == 2 and "not a fairage run folder" in res.output
     res = CliRunner().invoke(app, ["export-backbone", str(out / "M1"), "--out", str(tmp_path / "b.npz")])
     assert res.exit_code == 2 and "b.npz" in res.output
     assert not (tmp_path / "b.safetensors").exists()

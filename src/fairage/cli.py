@@ -46,6 +46,15 @@ class _FairageGroup(TyperGroup):
         except FairageError as err:
             err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as err:
+            # a path the user named is unusable (a file where a folder must go, no permission,
+            # disk full): say which path and why, not a traceback
+            if err.filename is None:
+                raise
+            where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
+            err_console.print(f"[bold red]error:[/bold red] {where}: {err.strerror or err}", highlight=False,
+                              soft_wrap=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

@@ -755,6 +755,8 @@ def export_backbone(run_dir: str | Path, out_path: str | Path) -> Path:
     the projection and head start at random init there. Returns ``out_path``.
     """
     run_dir, out_path = Path(run_dir), Path(out_path)
+    if not (run_dir / "run.json").is_file():
+        raise FairageError(f"{run_dir} is not a fairage run folder (no run.json)")
     info = _read_run_json(run_dir)
     if info.get("status") != "finished" or not (run_dir / "config.yaml").is_file():
         raise FairageError(f"{run_dir} holds no finished run (run.json status "
