@@ -545,10 +545,8 @@ def presets_command() -> None:
     table = Table(title="presets (fairage suite --presets NAME,...; scale with --scale full|cpu|tiny)")
     table.add_column("name")
     table.add_column("description")
-    listed = list_presets()
-    # M4 before its variant M4-48 (plain name order puts "-" before ".yaml")
-    for name in sorted(listed, key=lambda n: (n.split("-")[0], n)):
-        table.add_row(name, listed[name])
+    for name, description in list_presets().items():
+        table.add_row(name, description)
     console.print(table)
 
 

@@ -293,9 +293,9 @@ def _preset_dir():
 
 
 def list_presets() -> dict[str, str]:
-    """Preset name -> one-line description, in name order."""
+    """Preset name -> one-line description; each base preset before its variants (M4, M4-48)."""
     out = {}
-    for entry in sorted(_preset_dir().iterdir(), key=lambda p: p.name):
+    for entry in sorted(_preset_dir().iterdir(), key=lambda p: (p.stem.split("-")[0], p.stem)):
         if entry.name.endswith(".yaml"):
             raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
             out[entry.name[: -len(".yaml")]] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
