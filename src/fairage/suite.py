@@ -126,7 +126,6 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     ``report.html`` are written into ``out_dir``, with the dataset's counts per
     attribute.
     """
-    from . import training
     from .data import load_faces
     from .report import build_report
 
@@ -140,32 +139,39 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     run_dirs = []
     for i, (name, cfg) in enumerate(plan, start=1):
         run_dir = out_dir / name
-        tag = f"[{i}/{len(plan)}] {name}"
-        if is_finished_run(run_dir, cfg, data_dir):
-            console.print(f"{tag}: reusing the finished run in {run_dir}")
-            run_dirs.append(run_dir)
-            continue
-        resume = _same_run(run_dir, cfg, data_dir)  # an interrupted run of this very config
-        if not resume and run_dir.exists() and any(run_dir.iterdir()):
-            # another config or data set ran here: keep it, under a new name, and start afresh
-            k = 1
-            while run_dir.with_name(f"{run_dir.name}.replaced-{k}").exists():
-                k += 1
-            moved = run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{k}"))
-            console.print(f"{tag}: {run_dir} held a run of another config or data; moved it to {moved}")
-        verb = "resuming the interrupted run" if resume else "training"
-        console.print(f"{tag}: {verb} ({cfg.strategy}, scale {scale}, seed {cfg.seed}) in {run_dir}")
-        started = time.perf_counter()
-        training.train(cfg, data_dir, run_dir, resume=resume, progress=progress)
-        console.print(f"{tag}: done in {time.perf_counter() - started:.0f} s")
-        run_json = run_dir / "run.json"
-        warnings = json.loads(run_json.read_text(encoding="utf-8")).get("warnings", []) if run_json.is_file() else []
-        for message in warnings:
-            console.print(f"[yellow]{tag}: warning:[/yellow] {message}", highlight=False)
+        _train_or_reuse(run_dir, cfg, data_dir, f"[{i}/{len(plan)}] {name}", scale, console, progress)
         run_dirs.append(run_dir)
-    report = build_report(run_dirs, out_dir, dataset_summary=faces)
-    console.print(f"report: {report}")
-    return report
+    return build_report(run_dirs, out_dir, dataset_summary=faces)
+
+
+def _train_or_reuse(run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: str, scale: str, console,
+                    progress: bool) -> None:
+    """Leave a finished run of ``cfg`` on ``data_dir`` in ``run_dir``: reuse it, resume it, or train it.
+
+    A folder holding a run of another config or data is kept under ``<name>.replaced-<k>``.
+    """
+    from . import training
+
+    if is_finished_run(run_dir, cfg, data_dir):
+        console.print(f"{tag}: reusing the finished run in {run_dir}")
+        return
+    resume = _same_run(run_dir, cfg, data_dir)  # an interrupted run of this very config
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        # another config or data set ran here: keep it, under a new name, and start afresh
+        k = 1
+        while run_dir.with_name(f"{run_dir.name}.replaced-{k}").exists():
+            k += 1
+        moved = run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{k}"))
+        console.print(f"{tag}: {run_dir} held a run of another config or data; moved it to {moved}")
+    verb = "resuming the interrupted run" if resume else "training"
+    console.print(f"{tag}: {verb} ({cfg.strategy}, scale {scale}, seed {cfg.seed}) in {run_dir}")
+    started = time.perf_counter()
+    training.train(cfg, data_dir, run_dir, resume=resume, progress=progress)
+    console.print(f"{tag}: done in {time.perf_counter() - started:.0f} s")
+    run_json = run_dir / "run.json"
+    warnings = json.loads(run_json.read_text(encoding="utf-8")).get("warnings", []) if run_json.is_file() else []
+    for message in warnings:
+        console.print(f"[yellow]{tag}: warning:[/yellow] {message}", highlight=False)
 
 
 def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int,
@@ -211,11 +217,7 @@ def pretrain_backbone(out_dir: str | Path, scale: str = "cpu", size: int = DEMO_
     if weights.is_file() and is_finished_run(run_dir, cfg, data_dir):
         console.print(f"reusing the pretrained backbone {weights}")
         return weights
-    if not is_finished_run(run_dir, cfg, data_dir):
-        console.print(f"pretraining the stand-in backbone (M1, scale {scale}) on {data_dir} in {run_dir}")
-        started = time.perf_counter()
-        training.train(cfg, data_dir, run_dir, resume=_same_run(run_dir, cfg, data_dir), progress=progress)
-        console.print(f"pretraining done in {time.perf_counter() - started:.0f} s")
+    _train_or_reuse(run_dir, cfg, data_dir, "pretraining the stand-in backbone (M1)", scale, console, progress)
     return training.export_backbone(run_dir, weights)
 
 
