@@ -19,7 +19,6 @@ from typer.core import TyperGroup
 from .errors import FairageError
 
 
-
 class _Console:
     """A rich console made at each print, so COLUMNS and the current stdout/stderr apply."""
 
@@ -34,6 +33,10 @@ err_console = _Console(stderr=True)
 console = _Console()
 
 
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+
+
 class _FairageGroup(TyperGroup):
     """Top-level group: a FairageError anywhere below becomes one message + exit 2.
 
@@ -44,7 +47,7 @@ class _FairageGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except FairageError as err:
-            err_console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+            _print_error(str(err))
             raise typer.Exit(2) from None
         except OSError as err:
             # a path the user named is unusable (a file where a folder must go, no permission,
@@ -52,8 +55,7 @@ class _FairageGroup(TyperGroup):
             if err.filename is None:
                 raise
             where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
-            err_console.print(f"[bold red]error:[/bold red] {where}: {err.strerror or err}", highlight=False,
-                              soft_wrap=True)
+            _print_error(f"{where}: {err.strerror or err}")
             raise typer.Exit(2) from None
 
 
@@ -71,7 +73,7 @@ app.add_typer(data_app, name="data")
 
 def fail(message: str) -> None:
     """Print one clear error and exit with code 2."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    _print_error(message)
     raise typer.Exit(2)
 
 
@@ -392,10 +394,7 @@ def weights_command(
     if attributes:
         raw["attributes"] = [a.strip() for a in attributes.split(",") if a.strip()]
     if age_edges:
-        try:
-            raw["age_edges"] = [float(x) for x in age_edges.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(f"--age-edges '{age_edges}' must be comma-separated numbers") from None
+        raw["age_edges"] = _parse_edges(age_edges)
     try:
         cfg = WeightingConfig.model_validate(raw)
     except ValidationError as err:
@@ -434,7 +433,6 @@ def weights_command(
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
-
 # =========================================================================== training (issue 5)
 
 
@@ -444,6 +442,8 @@ def _train_summary(run_dir: Path, metrics: dict) -> None:
 
     import pandas as pd
     from rich.table import Table
+
+    from .report import run_warnings
 
     table = Table(title=f"finished: {run_dir} (test split, years)")
     table.add_column("metric")
@@ -469,7 +469,7 @@ def _train_summary(run_dir: Path, metrics: dict) -> None:
     if info.is_file():
         run = json.loads(info.read_text(encoding="utf-8"))
         table.add_row("pretrained weights", "yes" if run.get("weights_loaded") else "no (random init)", "")
-        for message in [*(run.get("stopped") or {}).values(), *run.get("warnings", [])]:
+        for message in run_warnings(run):
             err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
     console.print(table)
     console.print(f"run folder: {run_dir} (predictions_test.csv, metrics_test.json, curves.png, history.csv)")

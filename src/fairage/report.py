@@ -139,6 +139,11 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path} is not valid JSON: {err}") from None
 
 
+def run_warnings(run_info: dict) -> list[str]:
+    """The warnings a run recorded in its ``run.json``: stages stopped on NaN/inf, then others (collapse)."""
+    return [*(run_info.get("stopped") or {}).values(), *run_info.get("warnings", [])]
+
+
 def load_run(run_dir: str | Path) -> RunRecord:
     """Read a finished run folder (config.yaml, metrics_test.json, optional history.csv).
 
@@ -653,7 +658,7 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
             start = (f"pretrained weights {run_info.get('weights', '')}" if run_info["weights_loaded"]
                      else "random initialisation (no pretrained weights)")
             body.append(f'<p class="note">started from {html.escape(start)}</p>')
-        for message in [*(run_info.get("stopped") or {}).values(), *run_info.get("warnings", [])]:
+        for message in run_warnings(run_info):
             body.append(f'<p class="warning">warning: {html.escape(str(message))}</p>')
         body.append(f"<pre>{html.escape(dump_config(r.config))}</pre>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
