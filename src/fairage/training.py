@@ -93,7 +93,11 @@ class FaceArrayDataset(Dataset):
 
 def images_to_input(images_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 normalised with ImageNet mean/std."""
-    x = images_uint8.permute(0, 3, 1, 2).float().div_(255.0)
+    return normalize(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), channels_last)
+
+
+def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """(N, 3, S, S) float in [0, 1] -> normalised with ImageNet mean/std (contiguous)."""
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     x = (x - mean) / std
@@ -186,10 +190,7 @@ class AgeModule(L.LightningModule):
             # v2 transforms draw one set of parameters per call: apply per image
             for i in torch.nonzero(chosen).flatten().tolist():
                 x[i] = self.augment(x[i]).clamp_(0, 1)
-        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+        return normalize(x, self.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head_forward(x) if self.inputs == "features" else self.model(x)
@@ -531,8 +532,7 @@ def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
 def _device_description(trainer_cfg: TrainerConfig) -> str:
     acc = resolve_accelerator(trainer_cfg)
     if acc == "gpu" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        return f"cuda ({name}) devices={trainer_cfg.devices} nodes={trainer_cfg.num_nodes} {resolve_precision(trainer_cfg)}"
+        acc = f"cuda ({torch.cuda.get_device_name(0)})"
     return f"{acc} devices={trainer_cfg.devices} nodes={trainer_cfg.num_nodes} {resolve_precision(trainer_cfg)}"
 
 
@@ -722,6 +722,13 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, run_d
     return history
 
 
+def _read_run_folder(run_dir: Path) -> tuple[ExperimentConfig, dict]:
+    """A run folder's validated ``config.yaml`` and its ``run.json``."""
+    if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
+        raise FairageError(f"{run_dir} is not a fairage run folder (no run.json/config.yaml)")
+    return validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml")), _read_run_json(run_dir)
+
+
 def resume_run(out_dir: str | Path, progress: bool = True, callbacks: Sequence[Callback] = ()) -> dict:
     """Continue an interrupted run from its last checkpoint, in the right stage; return the test metrics.
 
@@ -732,10 +739,7 @@ def resume_run(out_dir: str | Path, progress: bool = True, callbacks: Sequence[C
     its metrics.
     """
     run_dir = Path(out_dir)
-    if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
-        raise FairageError(f"{run_dir} is not a fairage run folder (no run.json/config.yaml) to resume")
-    cfg = validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    info = _read_run_json(run_dir)
+    cfg, info = _read_run_folder(run_dir)
     if "data_dir" not in info:
         raise FairageError(f"{run_dir / 'run.json'} has no 'data_dir': cannot tell which dataset to resume on")
     return train(cfg, info["data_dir"], run_dir, resume=True, progress=progress, callbacks=callbacks)
@@ -755,15 +759,12 @@ def export_backbone(run_dir: str | Path, out_path: str | Path) -> Path:
     the projection and head start at random init there. Returns ``out_path``.
     """
     run_dir, out_path = Path(run_dir), Path(out_path)
-    if not (run_dir / "run.json").is_file():
-        raise FairageError(f"{run_dir} is not a fairage run folder (no run.json)")
-    info = _read_run_json(run_dir)
-    if info.get("status") != "finished" or not (run_dir / "config.yaml").is_file():
+    cfg, info = _read_run_folder(run_dir)
+    if info.get("status") != "finished":
         raise FairageError(f"{run_dir} holds no finished run (run.json status "
                            f"{info.get('status', 'missing')!r}); finish it with `fairage train --resume {run_dir}`")
     if out_path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ConfigError(f"{out_path}: backbone file must end in .safetensors, .pth or .pt")
-    cfg = validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
     last_stage = cfg.stages()[-1][0]
     ckpt = run_dir / "checkpoints" / f"{last_stage}-best.ckpt"
     if not ckpt.is_file():
