@@ -5,15 +5,25 @@ Plots are written atomically as PNG with matplotlib's Agg backend (no display).
 
 from __future__ import annotations
 
+import base64
+import html
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from .atomic import atomic_path  # noqa: E402
+from .atomic import atomic_path, write_text  # noqa: E402
+from .errors import ConfigError, DataError  # noqa: E402
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
@@ -80,20 +90,6 @@ def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None
 # ``history.csv`` and ``predictions_test.csv``. The functions below read such folders,
 # compare them in the seed report's Table 1 layout, plot them and write one
 # self-contained HTML page.
-
-import base64  # noqa: E402
-import html  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .atomic import write_text  # noqa: E402
-from .errors import ConfigError, DataError  # noqa: E402
 
 #: bias attribute -> Table 1 column name, in Table 1's order
 BIAS_COLUMNS: dict[str, str] = {
