@@ -172,13 +172,14 @@ def compute_weights(faces: pd.DataFrame, cfg: WeightingConfig) -> np.ndarray:
     n = len(faces)
     if n == 0:
         return np.zeros(0)
-    labels, _ = _groups(faces, cfg)
-    counts = labels.value_counts()
-    k = len(counts)  # non-empty groups only
-    per_group = _group_formula(counts.to_numpy(dtype=float) + cfg.pseudo_count, k, n, cfg)
-    w = pd.Series(per_group, index=counts.index).reindex(labels.to_numpy()).to_numpy(dtype=float)
     if cfg.scheme == "none":
         w = np.ones(n)
+    else:
+        labels, _ = _groups(faces, cfg)
+        counts = labels.value_counts()
+        k = len(counts)  # non-empty groups only
+        per_group = _group_formula(counts.to_numpy(dtype=float) + cfg.pseudo_count, k, n, cfg)
+        w = pd.Series(per_group, index=counts.index).reindex(labels.to_numpy()).to_numpy(dtype=float)
     if cfg.lds:
         w = w * lds_weights(faces["age"].to_numpy(dtype=float), cfg.lds_kernel_size, cfg.lds_sigma, cfg.lds_sqrt)
     return _rescale(w, cfg.max_weight)
