@@ -114,6 +114,10 @@ class ModelConfig(StrictModel):
     )
     #: "sigmoid": output in [0, 100] years (labels /100 internally); "linear": raw years
     output: Literal["sigmoid", "linear"] = "sigmoid"
+    #: the network's input convention, applied inside the model (``fairage.models.InputNorm``):
+    #: "imagenet" (RGB, ImageNet mean/std), "vggface2" (BGR 0-255 minus the VGGFace2 mean),
+    #: "caffe" (BGR 0-255 minus 103.939/116.779/123.68, Keras resnet50.preprocess_input)
+    input_norm: Literal["imagenet", "vggface2", "caffe"] = "imagenet"
 
 
 class DataConfig(StrictModel):

@@ -1,7 +1,9 @@
 """The age regressor: a torchvision ResNet backbone, an optional projection and an MLP head.
 
-``AgeRegressor`` maps a normalised float image batch (N, 3, S, S) to one value per
-face in *label units*:
+``AgeRegressor`` maps an RGB float image batch (N, 3, S, S) in [0, 1] to one value per
+face in *label units*; it applies its own input normalisation first (``InputNorm``, from
+``model.input_norm``), so every caller (training, feature cache, evaluation, prediction,
+export) feeds the same [0, 1] RGB pixels:
 
 * ``output: sigmoid`` -> values in [0, 1] = years / 100 (the course kit's choice; labels
   are divided by 100 for training, ``LABEL_SCALE["sigmoid"] == 100``);
@@ -37,9 +39,54 @@ log = logging.getLogger(__name__)
 #: label units -> years factor per output kind
 LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0}
 
-#: ImageNet normalisation (torchvision ResNets and the VGGFace2 ResNet50 use it)
+#: ImageNet normalisation (torchvision ResNets), RGB, on [0, 1] pixels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the VGGFace2 authors' mean, BGR order, on 0-255 pixels (no std division)
+VGGFACE2_MEAN_BGR = (91.4953, 103.8827, 131.0912)
+#: Keras ``resnet50.preprocess_input`` ("caffe" mode) mean, BGR order, on 0-255 pixels
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class InputNorm(nn.Module):
+    """The network's input convention, applied inside the model.
+
+    Input: RGB float images (N, 3, S, S) in [0, 1]. Output, per ``kind``:
+
+    * ``imagenet``: RGB, ``(x - IMAGENET_MEAN) / IMAGENET_STD``;
+    * ``vggface2``: BGR, ``255 x - VGGFACE2_MEAN_BGR`` (what the VGGFace2 ResNet50 was trained on);
+    * ``caffe``: BGR, ``255 x - CAFFE_MEAN_BGR`` (Keras ``resnet50.preprocess_input``).
+
+    Written as one per-channel affine map ``x * scale + shift`` (after the channel flip),
+    so an exported graph carries it. The constants are non-persistent buffers: they are
+    derived from the config, not stored in state dicts.
+    """
+
+    KINDS = ("imagenet", "vggface2", "caffe")
+
+    def __init__(self, kind: str = "imagenet"):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ConfigError(f"model.input_norm '{kind}' is not one of {', '.join(self.KINDS)}")
+        self.kind = kind
+        self.bgr = kind != "imagenet"
+        if kind == "imagenet":
+            scale = [1.0 / s for s in IMAGENET_STD]
+            shift = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+        else:
+            mean = VGGFACE2_MEAN_BGR if kind == "vggface2" else CAFFE_MEAN_BGR
+            scale = [255.0] * 3
+            shift = [-m for m in mean]
+        self.register_buffer("scale", torch.tensor(scale).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.tensor(shift).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bgr:
+            x = x.flip(1)
+        return x * self.scale + self.shift
+
+    def extra_repr(self) -> str:
+        return self.kind
 
 _BACKBONES = {
     "resnet18": tv_models.resnet18,
@@ -89,12 +136,13 @@ class AgeRegressor(nn.Module):
             self.projection = nn.Identity()
             self.feature_dim = self.backbone_dim
         self.head = build_head(self.feature_dim, cfg.head)
+        self.input_norm = InputNorm(cfg.input_norm)
         self.output = cfg.output
         self.label_scale = LABEL_SCALE[cfg.output]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalised images -> (N, feature_dim) features (backbone + projection)."""
-        return self.projection(self.backbone(x))
+        """(N, 3, S, S) RGB images in [0, 1] -> (N, feature_dim) features (backbone + projection)."""
+        return self.projection(self.backbone(self.input_norm(x)))
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, feature_dim) features -> (N,) outputs in label units."""

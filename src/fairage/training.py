@@ -11,9 +11,9 @@ Run level: ``train(cfg, data_dir, out_dir)`` loads the data, runs the configured
 into a run folder (see docs/INTERFACES.md) and evaluates on the test split;
 ``resume_run(out_dir)`` continues an interrupted run.
 
-Units. Images are uint8 NHWC arrays (N, S, S, 3) RGB; they are converted to float,
-normalised (ImageNet mean/std), optionally augmented and made channels_last *on the
-device* inside the module. Ages are float years. The loss is computed in the model's
+Units. Images are uint8 NHWC arrays (N, S, S, 3) RGB; they are converted to float RGB in
+[0, 1], optionally augmented and made channels_last *on the device* inside the module; the
+model applies its own input normalisation (``model.input_norm``). Ages are float years. The loss is computed in the model's
 label units (years / 100 for ``output: sigmoid``, years for ``linear``), so the
 ``huber_delta`` of the config (years) is divided by the same factor; ``train_mae`` and
 ``val_mae`` are always in years. ``history.csv``'s losses are therefore in label units.
@@ -50,7 +50,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from .atomic import atomic_path, write_text
 from .config import AugmentConfig, ExperimentConfig, StageConfig, TrainerConfig, dump_config, read_yaml, validate_config
 from .errors import ConfigError, FairageError
-from .models import IMAGENET_MEAN, IMAGENET_STD, AgeRegressor, build_model
+from .models import AgeRegressor, build_model
 
 log = logging.getLogger(__name__)
 
@@ -92,15 +92,15 @@ class FaceArrayDataset(Dataset):
 
 
 def images_to_input(images_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 normalised with ImageNet mean/std."""
-    return normalize(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), channels_last)
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 RGB in [0, 1], the model's input.
+
+    The model normalises its input itself (``fairage.models.InputNorm``).
+    """
+    return memory_format(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), channels_last)
 
 
-def normalize(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """(N, 3, S, S) float in [0, 1] -> normalised with ImageNet mean/std (contiguous)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+def memory_format(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``x`` made contiguous, in channels_last layout when asked."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
@@ -177,7 +177,7 @@ class AgeModule(L.LightningModule):
         return x, age, weight
 
     def prepare_images(self, x: torch.Tensor, age: torch.Tensor, augment: bool = False) -> torch.Tensor:
-        """uint8 (N, S, S, 3) on the device -> normalised float (N, 3, S, S).
+        """uint8 (N, S, S, 3) on the device -> float (N, 3, S, S) RGB in [0, 1].
 
         ``augment``: apply the stage's augmentation (per image; only to faces with
         ``age >= augment.min_age`` when that is set).
@@ -190,7 +190,7 @@ class AgeModule(L.LightningModule):
             # v2 transforms draw one set of parameters per call: apply per image
             for i in torch.nonzero(chosen).flatten().tolist():
                 x[i] = self.augment(x[i]).clamp_(0, 1)
-        return normalize(x, self.channels_last)
+        return memory_format(x, self.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.head_forward(x) if self.inputs == "features" else self.model(x)
