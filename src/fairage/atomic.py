@@ -35,9 +35,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(err, OSError) and err.filename is None:
+            # a write to an open file (full disk) does not say which file: name the target
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
         raise
 
 
@@ -45,9 +48,3 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write ``text`` (UTF-8) to ``path``."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Atomically write ``data`` to ``path``."""
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)

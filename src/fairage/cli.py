@@ -379,46 +379,28 @@ def weights_command(
     """
     import json
 
-    from pydantic import ValidationError
     from rich.table import Table
 
-    from .config import WeightingConfig, format_validation_error
     from .data import load_faces
     from .errors import ConfigError
-    from .weighting import compute_weights, describe, dominant_groups_per_face, group_labels, group_table
+    from .weighting import describe, summarize_weights, weighting_from_options
 
-    if scheme is None:
-        scheme = "none" if formula == "lds" else "age_ethnicity"
-    raw: dict = {"scheme": scheme, "pseudo_count": pseudo_count, "beta": beta, "max_weight": max_weight,
-                 "lds": lds or formula == "lds", "formula": "inverse" if formula == "lds" else formula}
-    if attributes:
-        raw["attributes"] = [a.strip() for a in attributes.split(",") if a.strip()]
-    if age_edges:
-        raw["age_edges"] = _parse_edges(age_edges)
-    try:
-        cfg = WeightingConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, "(weights options)", WeightingConfig)) from None
+    cfg = weighting_from_options(
+        scheme, formula, lds, attributes=[a.strip() for a in (attributes or "").split(",") if a.strip()],
+        age_edges=_parse_edges(age_edges) if age_edges else None,
+        pseudo_count=pseudo_count, beta=beta, max_weight=max_weight)
     faces = load_faces(data, layout=layout)
     train = faces[faces["split"] == "train"].reset_index(drop=True)
     if len(train) == 0:
         raise ConfigError(f"dataset {data} has no train faces to weight")
-    # LDS alone has no groups: show its weights by the report's age bins
-    by = WeightingConfig(scheme="age") if cfg.scheme == "none" else None
-    table = group_table(train, cfg, by=by)
-    # per face, not per group mean: with LDS one face of a group can dominate alone
-    heavy = set(dominant_groups_per_face(group_labels(train, by or cfg), compute_weights(train, cfg)))
-    heavy = [g for g in table["name"] if g in heavy]  # table order
+    summary = summarize_weights(train, cfg)
+    table, heavy = summary.table, summary.heavy
     if plot is not None:
-        from .report import plot_group_weights
+        from .plots import plot_group_weights
 
         plot_group_weights(table, plot, title=describe(cfg))
-    warnings = [f"group '{g}': one face carries more than 1% of all weight" for g in heavy]
     if as_json:
-        groups = [{"name": r.name, "n": int(r.n), "weight": None if r.n == 0 else float(r.weight),
-                   "share": float(r.share)} for r in table.itertuples()]
-        print(json.dumps({"scheme": cfg.scheme, "formula": "lds" if cfg.lds and cfg.scheme == "none" else cfg.formula,
-                          "lds": cfg.lds, "n": len(train), "groups": groups, "warnings": warnings}, indent=2))
+        print(json.dumps(summary.to_json(), indent=2))
         return
     out = Table(title=f"weights on {len(train)} training faces: {describe(cfg)} (mean 1 per face)")
     out.add_column("group")
@@ -429,7 +411,7 @@ def weights_command(
         out.add_row(r.name, str(r.n), "-" if r.n == 0 else f"{r.weight:.3f}", f"{100 * r.share:.1f}%",
                     style="red" if r.name in heavy else None)
     console.print(out)
-    for w in warnings:
+    for w in summary.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 

@@ -11,7 +11,8 @@ Definitions (REFERENCE.md):
 * Bias score of an attribute: mean over all unordered pairs of non-empty groups of
   ``|MAE_i - MAE_j|``; ``None`` when fewer than two groups are non-empty.
 * Group order: age bins in order; vocabulary order for gender/ethnicity/expression
-  (``schema.VOCABULARIES``) followed by any extra categories sorted; sorted for custom attributes.
+  (``schema.VOCABULARIES``) followed by any extra categories sorted; sorted for custom attributes
+  (``schema.group_order``).
 * Bootstrap: ``n_boot`` resamples of the faces with replacement, drawn as one
   ``(n_boot, N)`` index matrix ``np.random.default_rng(seed).integers(0, N, (n_boot, N))``;
   the percentile interval at ``level``. A group that is empty in a resample is left out of
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins
+from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins, group_order
 from .errors import DataError
 
 #: the four bias scores reported by default
@@ -61,14 +62,14 @@ def _check_table(df: pd.DataFrame, attributes: Sequence[str]) -> None:
                             f"first at row {int(bad[0])}")
 
 
-def group_labels(df: pd.DataFrame, attribute: str,
-                 age_edges: Sequence[float] = AGE_EDGES) -> tuple[np.ndarray, list[str], list[str]]:
-    """Group label of every face for ``attribute`` and the group order.
+def attribute_groups(df: pd.DataFrame, attribute: str,
+                     age_edges: Sequence[float] = AGE_EDGES) -> tuple[np.ndarray, list[str], list[str]]:
+    """Group of every face for ``attribute``, the groups in output order, and the expected groups.
 
     Returns ``(labels, order, vocabulary)``: ``labels`` an object array of shape (N,)
     with ``None`` for faces left out (``unknown``), ``order`` the groups in output order
-    (vocabulary groups first, even when empty, then extra categories) and ``vocabulary``
-    the expected groups (empty list for a custom attribute).
+    (``schema.group_order``: vocabulary groups first, even when empty, then extra
+    categories sorted) and ``vocabulary`` the expected groups (empty list for a custom attribute).
     """
     if attribute == "age":
         vocabulary = age_bin_labels(tuple(age_edges))
@@ -79,10 +80,8 @@ def group_labels(df: pd.DataFrame, attribute: str,
     column = df[attribute]
     labels = np.array([None if pd.isna(v) else str(v) for v in column], dtype=object)
     labels[labels == UNKNOWN] = None
-    vocabulary = list(VOCABULARIES.get(attribute, ()))
-    present = {v for v in labels if v is not None}
-    extras = sorted(present - set(vocabulary))
-    return labels, vocabulary + extras, vocabulary
+    order = group_order(attribute, [v for v in labels if v is not None])
+    return labels, order, list(VOCABULARIES.get(attribute, ()))
 
 
 def group_mae(df: pd.DataFrame, attribute: str, age_edges: Sequence[float] = AGE_EDGES) -> pd.DataFrame:
@@ -96,7 +95,7 @@ def group_mae(df: pd.DataFrame, attribute: str, age_edges: Sequence[float] = AGE
     from sklearn.metrics import mean_absolute_error
 
     _check_table(df, [attribute])
-    labels, order, _ = group_labels(df, attribute, age_edges)
+    labels, order, _ = attribute_groups(df, attribute, age_edges)
     known = np.array([v is not None for v in labels], dtype=bool)
     rows = {g: (0, float("nan")) for g in order}
     if known.any():
@@ -157,7 +156,7 @@ class _Grouping:
 
 
 def _grouping(df: pd.DataFrame, attribute: str, age_edges: Sequence[float]) -> _Grouping:
-    labels, order, vocabulary = group_labels(df, attribute, age_edges)
+    labels, order, vocabulary = attribute_groups(df, attribute, age_edges)
     present = [g for g in order if np.any(labels == g)]
     skipped = [g for g in vocabulary if g not in present]
     onehot = np.zeros((len(df), len(present)), dtype=float)
@@ -212,10 +211,6 @@ def _interval(values: np.ndarray, level: float) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def _optional(x: float) -> float | None:
-    return None if x is None or not np.isfinite(x) else float(x)
-
-
 def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequence[float]):
     attributes = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
     if len(set(attributes)) != len(attributes):
@@ -229,42 +224,101 @@ def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequ
     return attributes, groupings, errors
 
 
+@dataclass
+class GroupScore:
+    """One group of an attribute: its number of faces and MAE (years), with an interval."""
+
+    n: int
+    mae: float
+    ci: list[float] | None = None
+
+
+@dataclass
+class EvaluationResult:
+    """MAE and bias scores of one prediction set (years), with bootstrap intervals.
+
+    ``bias[attr]`` is None when fewer than two groups of ``attr`` have faces;
+    ``groups[attr]`` holds the non-empty groups in output order and ``skipped_groups[attr]``
+    the vocabulary groups without faces. Intervals are ``[lo, hi]`` or None (no bootstrap).
+    """
+
+    n: int
+    mae: float
+    mae_ci: list[float] | None
+    bias: dict[str, float | None]
+    bias_ci: dict[str, list[float] | None]
+    groups: dict[str, dict[str, GroupScore]]
+    skipped_groups: dict[str, list[str]]
+    level: float
+    n_boot: int
+
+    def to_json(self) -> dict:
+        """The JSON-ready object of ``fairage evaluate --json`` and ``metrics_test.json``::
+
+            {"n", "mae", "mae_ci", "bias": {attr: float|None}, "bias_ci": {attr: [lo, hi]|None},
+             "groups": {attr: {group: {"n", "mae"}}}, "skipped_groups": {attr: [group, ...]},
+             "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot"}
+        """
+        return {
+            "n": self.n, "mae": self.mae, "mae_ci": self.mae_ci, "bias": dict(self.bias),
+            "bias_ci": dict(self.bias_ci),
+            "groups": {a: {g: {"n": s.n, "mae": s.mae} for g, s in gs.items()} for a, gs in self.groups.items()},
+            "skipped_groups": {a: list(v) for a, v in self.skipped_groups.items()},
+            "groups_ci": {a: {g: s.ci for g, s in gs.items()} for a, gs in self.groups.items()},
+            "level": self.level, "n_boot": self.n_boot,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict, source: str = "metrics") -> "EvaluationResult":
+        """Read the object ``to_json`` writes; DataError naming ``source`` and the key when one is missing."""
+        try:
+            groups_ci = raw.get("groups_ci") or {}
+            return cls(
+                n=int(raw["n"]), mae=float(raw["mae"]), mae_ci=raw.get("mae_ci"),
+                bias={a: (None if v is None else float(v)) for a, v in raw["bias"].items()},
+                bias_ci={a: raw.get("bias_ci", {}).get(a) for a in raw["bias"]},
+                groups={a: {g: GroupScore(int(v["n"]), float(v["mae"]), (groups_ci.get(a) or {}).get(g))
+                            for g, v in gs.items()} for a, gs in raw.get("groups", {}).items()},
+                skipped_groups={a: list(v) for a, v in raw.get("skipped_groups", {}).items()},
+                level=float(raw.get("level", 0.95)), n_boot=int(raw.get("n_boot", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"{source} is not a fairage metrics object ({type(err).__name__}: {err})") from None
+
+
+def _point_estimates(df: pd.DataFrame, groupings: list[_Grouping], age_edges: Sequence[float]):
+    """MAE, group tables (``group_mae``) and bias per attribute of the full sample: the one point path."""
+    tables = {g.attribute: group_mae(df, g.attribute, age_edges).set_index("group") for g in groupings}
+    return mae(df["age"], df["prediction"]), tables, {a: bias_score(t) for a, t in tables.items()}
+
+
 def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
              age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-             seed: int = 0) -> dict:
+             seed: int = 0) -> EvaluationResult:
     """MAE, bias scores and group MAEs of one prediction set, with bootstrap intervals.
 
     ``df`` has ``age`` and ``prediction`` (years) and the attribute columns. ``attributes``
     defaults to ``("age", "gender", "ethnicity", "expression")``; ``"age"`` groups by
     ground-truth age bins with inner edges ``age_edges``. ``n_boot = 0`` skips the bootstrap
-    (all intervals ``None``).
-
-    Returns the JSON-ready object of ``fairage evaluate --json``::
-
-        {"n", "mae", "mae_ci": [lo, hi], "bias": {attr: float|None}, "bias_ci": {attr: [lo, hi]|None},
-         "groups": {attr: {group: {"n", "mae"}}}, "skipped_groups": {attr: [group, ...]},
-         "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot"}
+    (all intervals ``None``). Point estimates come from fairlearn's MetricFrame
+    (``group_mae``), the intervals from the vectorised bootstrap.
     """
     attributes, groupings, errors = _prepare(df, attributes, age_edges)
     boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
-
-    result: dict = {"n": int(len(errors)), "mae": mae(df["age"], df["prediction"]),
-                    "mae_ci": _interval(boot["mae"], level) if boot else None,
-                    "bias": {}, "bias_ci": {}, "groups": {}, "skipped_groups": {}, "groups_ci": {},
-                    "level": float(level), "n_boot": int(n_boot)}
+    total, tables, biases = _point_estimates(df, groupings, age_edges)
+    result = EvaluationResult(n=int(len(errors)), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
+                              bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
+                              n_boot=int(n_boot))
     for g in groupings:
-        # point estimates by fairlearn's MetricFrame; the bootstrap reuses the matrix form
-        table = group_mae(df, g.attribute, age_edges).set_index("group")
-        bias = bias_score(table)
-        result["bias"][g.attribute] = bias
-        result["bias_ci"][g.attribute] = (_interval(boot[g.attribute]["bias"], level)
-                                          if boot and bias is not None else None)
-        result["groups"][g.attribute] = {
-            name: {"n": int(table.at[name, "n"]), "mae": float(table.at[name, "mae"])} for name in g.order}
-        result["groups_ci"][g.attribute] = {
-            name: _interval(boot[g.attribute]["group_mae"][:, k], level) if boot else None
+        table, bias = tables[g.attribute], biases[g.attribute]
+        result.bias[g.attribute] = bias
+        result.bias_ci[g.attribute] = (_interval(boot[g.attribute]["bias"], level)
+                                       if boot and bias is not None else None)
+        result.groups[g.attribute] = {
+            name: GroupScore(int(table.at[name, "n"]), float(table.at[name, "mae"]),
+                             _interval(boot[g.attribute]["group_mae"][:, k], level) if boot else None)
             for k, name in enumerate(g.order)}
-        result["skipped_groups"][g.attribute] = g.skipped
+        result.skipped_groups[g.attribute] = g.skipped
     return result
 
 
@@ -302,8 +356,8 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
 
     attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges)
     _, _, errors_b = _prepare(df_b_aligned, attributes, age_edges)
-    ones = np.ones((1, len(errors_a)))
-    point_a, point_b = _statistics(errors_a, ones, groupings), _statistics(errors_b, ones, groupings)
+    mae_a, _, bias_a = _point_estimates(df_a, groupings, age_edges)
+    mae_b, _, bias_b = _point_estimates(df_b_aligned, groupings, age_edges)
     if n_boot > 0:
         counts = resample_counts(len(errors_a), n_boot, seed)
         boot_a, boot_b = _statistics(errors_a, counts, groupings), _statistics(errors_b, counts, groupings)
@@ -318,14 +372,13 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
                 "excludes_zero": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
 
     result: dict = {"n": int(len(errors_a)), "level": float(level), "n_boot": int(n_boot),
-                    "a": {"mae": float(point_a["mae"][0]), "bias": {}},
-                    "b": {"mae": float(point_b["mae"][0]), "bias": {}},
-                    "diff": {"mae": diff(point_a["mae"][0], point_b["mae"][0],
+                    "a": {"mae": mae_a, "bias": {}},
+                    "b": {"mae": mae_b, "bias": {}},
+                    "diff": {"mae": diff(mae_a, mae_b,
                                          boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
                              "bias": {}}}
     for g in groupings:
-        a = _optional(point_a[g.attribute]["bias"][0])
-        b = _optional(point_b[g.attribute]["bias"][0])
+        a, b = bias_a[g.attribute], bias_b[g.attribute]
         result["a"]["bias"][g.attribute] = a
         result["b"]["bias"][g.attribute] = b
         result["diff"]["bias"][g.attribute] = diff(

@@ -255,7 +255,3 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     if unexpected:
         log.warning("model.weights %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10]))
     return missing, unexpected
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

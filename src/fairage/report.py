@@ -24,63 +24,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .atomic import atomic_path, write_text  # noqa: E402
 from .errors import ConfigError, DataError  # noqa: E402
-
-
-def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
-    """Save ``fig`` atomically as PNG and close it."""
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-    return path
-
-
-def plot_training_curves(history: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
-    """Loss and MAE (years) for train and valid across both stages.
-
-    ``history`` has the run's ``history.csv`` columns (epoch, stage, train_loss,
-    val_loss, train_mae, val_mae, lr), one row per epoch, stages in order. The x axis
-    is the cumulative epoch; a dashed vertical line marks where stage II starts.
-    """
-    h = history.reset_index(drop=True)
-    x = range(1, len(h) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "mae", "MAE (years)")):
-        ax.plot(x, h[f"train_{metric}"], label="train", color="tab:blue")
-        ax.plot(x, h[f"val_{metric}"], label="valid", color="tab:orange")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    stages = list(h["stage"])
-    if "stage1" in stages and "stage2" in stages:
-        start = stages.index("stage2") + 0.5
-        for ax in axes:
-            ax.axvline(start, color="gray", linestyle="--", linewidth=1)
-            ax.text(start, ax.get_ylim()[1], " stage II", va="top", ha="left", fontsize=8, color="gray")
-    axes[0].legend()
-    if title:
-        fig.suptitle(title)
-    return save_figure(fig, path)
-
-
-def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None = None) -> Path:
-    """Group size (faces) against weight per face, one bar pair per group.
-
-    ``groups`` has columns ``name``, ``n`` and ``weight`` (weight per face after
-    rescaling), as returned by ``fairage.weighting.group_table``.
-    """
-    g = groups.reset_index(drop=True)
-    fig, ax1 = plt.subplots(figsize=(max(6, 0.45 * len(g) + 2), 3.8))
-    pos = range(len(g))
-    ax1.bar([p - 0.2 for p in pos], g["n"], width=0.4, color="tab:blue", label="faces (n)")
-    ax1.set_ylabel("faces in group", color="tab:blue")
-    ax2 = ax1.twinx()
-    ax2.bar([p + 0.2 for p in pos], g["weight"], width=0.4, color="tab:red", label="weight per face")
-    ax2.set_ylabel("weight per face", color="tab:red")
-    ax1.set_xticks(list(pos))
-    ax1.set_xticklabels(g["name"], rotation=60, ha="right", fontsize=8)
-    ax1.set_title(title or "group sizes and weights")
-    return save_figure(fig, path)
+from .plots import save_figure  # noqa: E402
 
 
 # =========================================================================== comparison report (issue 6)

@@ -16,12 +16,13 @@ Group names: parts joined by ``|``; the age part is an age-bin label from
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from .config import WeightingConfig
-from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins
+from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins, group_order
 from .errors import ConfigError
 
 #: built-in schemes as (attributes, merges); "age" means age bins
@@ -75,11 +76,9 @@ def _raw_parts(faces: pd.DataFrame, attributes: list[str], edges: list[float]) -
                 f"columns: {', '.join(map(str, faces.columns))}"
             )
         col = faces[attr].astype(str).to_numpy(dtype=object)
-        vocab = list(VOCABULARIES.get(attr, ()))
-        extra = sorted(set(col) - set(vocab) - {UNKNOWN})
         seen_unknown = [UNKNOWN] if UNKNOWN in set(col) else []
         parts.append(col)
-        values.append(vocab + extra + seen_unknown)
+        values.append(group_order(attr, col) + seen_unknown)
     return parts, values
 
 
@@ -101,7 +100,7 @@ def _groups(faces: pd.DataFrame, cfg: WeightingConfig) -> tuple[pd.Series, list[
     return pd.Series(names, index=faces.index, dtype=object), ordered
 
 
-def group_labels(faces: pd.DataFrame, cfg: WeightingConfig) -> pd.Series:
+def face_group_names(faces: pd.DataFrame, cfg: WeightingConfig) -> pd.Series:
     """Group name (str) of every face under ``cfg``'s scheme; same index as ``faces``."""
     return _groups(faces, cfg)[0]
 
@@ -208,19 +207,6 @@ def group_table(faces: pd.DataFrame, cfg: WeightingConfig, by: WeightingConfig |
     return pd.DataFrame(rows, columns=["name", "n", "weight", "share"])
 
 
-def dominant_groups(table: pd.DataFrame, threshold: float = 0.01) -> list[str]:
-    """Names of groups where ONE face carries more than ``threshold`` of all weight.
-
-    Uses the group's mean weight per face, which is every face's weight when the weights
-    are constant inside groups (no LDS); with LDS use :func:`dominant_groups_per_face`.
-    """
-    total = float((table["n"] * table["weight"].fillna(0)).sum())
-    if total <= 0:
-        return []
-    heavy = table[(table["n"] > 0) & (table["weight"] / total > threshold)]
-    return list(heavy["name"])
-
-
 def dominant_groups_per_face(labels: pd.Series, weights: np.ndarray, threshold: float = 0.01) -> list[str]:
     """Groups holding at least one face whose weight is more than ``threshold`` of all weight.
 
@@ -245,6 +231,70 @@ def describe(cfg: WeightingConfig) -> str:
         parts.append("LDS")
     text = " x ".join(parts)
     return f"{text} (sampler)" if cfg.mode == "sampler" else text
+
+
+def weighting_from_options(scheme: str | None = None, formula: str = "inverse", lds: bool = False,
+                           attributes: list[str] | None = None, age_edges: list[float] | None = None,
+                           **settings) -> WeightingConfig:
+    """The WeightingConfig of ``fairage weights``'s options; ConfigError naming the bad option.
+
+    ``formula="lds"`` is shorthand for ``lds=True`` with the inverse group formula; without
+    a ``scheme`` it means LDS alone. Otherwise the scheme defaults to ``age_ethnicity``.
+    ``settings`` are other WeightingConfig fields (``pseudo_count``, ``beta``, ``max_weight``).
+    """
+    from pydantic import ValidationError
+
+    from .config import format_validation_error
+
+    if scheme is None:
+        scheme = "none" if formula == "lds" else "age_ethnicity"
+    raw: dict = {"scheme": scheme, "lds": lds or formula == "lds",
+                 "formula": "inverse" if formula == "lds" else formula, **settings}
+    if attributes:
+        raw["attributes"] = list(attributes)
+    if age_edges:
+        raw["age_edges"] = list(age_edges)
+    try:
+        return WeightingConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, "(weights options)", WeightingConfig)) from None
+
+
+@dataclass
+class WeightsSummary:
+    """What a weighting does to a training set: its group table and the groups one face dominates.
+
+    ``table``: ``group_table`` (LDS alone is shown by the report's age bins);
+    ``heavy``: groups holding a face that carries more than 1% of all weight, in table order.
+    """
+
+    cfg: WeightingConfig
+    n: int
+    table: pd.DataFrame
+    heavy: list[str]
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"group '{g}': one face carries more than 1% of all weight" for g in self.heavy]
+
+    def to_json(self) -> dict:
+        groups = [{"name": r.name, "n": int(r.n), "weight": None if r.n == 0 else float(r.weight),
+                   "share": float(r.share)} for r in self.table.itertuples()]
+        formula = "lds" if self.cfg.lds and self.cfg.scheme == "none" else self.cfg.formula
+        return {"scheme": self.cfg.scheme, "formula": formula, "lds": self.cfg.lds, "n": self.n,
+                "groups": groups, "warnings": self.warnings}
+
+
+def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig) -> WeightsSummary:
+    """Group table and dominated groups of ``cfg`` on the training faces ``train``."""
+    if len(train) == 0:
+        raise ConfigError("no training faces to weight")
+    # LDS alone has no groups: show its weights by the report's age bins
+    by = WeightingConfig(scheme="age") if cfg.scheme == "none" else None
+    table = group_table(train, cfg, by=by)
+    # per face, not per group mean: with LDS one face of a group can dominate alone
+    heavy = set(dominant_groups_per_face(face_group_names(train, by or cfg), compute_weights(train, cfg)))
+    return WeightsSummary(cfg, len(train), table, [g for g in table["name"] if g in heavy])
 
 
 # --------------------------------------------------------------------------- torch side

@@ -58,6 +58,9 @@ def age_bin_labels(edges: tuple[float, ...] | list[float] = AGE_EDGES) -> list[s
 
     The first bin starts at 0 and the last ends at inf. These strings are the group
     names used everywhere (metrics JSON, weighting group names, report tables).
+
+    >>> age_bin_labels((30,))
+    ['[0,30)', '[30,inf)']
     """
     bounds = [0.0, *[float(e) for e in edges], math.inf]
     return [f"[{_fmt_edge(lo)},{_fmt_edge(hi)})" for lo, hi in zip(bounds[:-1], bounds[1:])]
@@ -67,6 +70,9 @@ def age_bins(ages, edges: tuple[float, ...] | list[float] = AGE_EDGES):
     """Map ages (years, array-like) to their bin labels (numpy array of str).
 
     A face of age exactly 20 falls in ``[20,40)``: bins are closed on the left.
+
+    >>> age_bins([19.9, 20, 75]).tolist()
+    ['[0,20)', '[20,40)', '[60,inf)']
     """
     import numpy as np
 
@@ -74,3 +80,19 @@ def age_bins(ages, edges: tuple[float, ...] | list[float] = AGE_EDGES):
     labels = np.asarray(age_bin_labels(edges), dtype=object)
     idx = np.searchsorted(np.asarray(edges, dtype=float), ages, side="right")
     return labels[idx]
+
+
+def group_order(attribute: str, values) -> list[str]:
+    """The output order of an attribute's groups: its vocabulary (all of it), then other values sorted.
+
+    ``values`` are the values present (``unknown`` is left out). Custom attributes have
+    no vocabulary, so their values come sorted.
+
+    >>> group_order("ethnicity", ["indian", "caucasian", "unknown"])
+    ['asian', 'afroamerican', 'caucasian', 'indian']
+    >>> group_order("makeup", ["yes", "no"])
+    ['no', 'yes']
+    """
+    vocabulary = list(VOCABULARIES.get(attribute, ()))
+    extras = sorted({str(v) for v in values} - set(vocabulary) - {UNKNOWN})
+    return vocabulary + extras

@@ -1,0 +1,290 @@
+"""The pieces ``fit_stage`` assembles: data loaders, callbacks and the Lightning Trainer.
+
+Each factory takes the stage's config and a ``StageArrays`` and returns ready objects,
+so a training script can build its own loop from the same parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..atomic import atomic_path, write_text
+from ..config import StageConfig, TrainerConfig
+from ..models import AgeRegressor
+from ..runs import HISTORY_COLUMNS, read_checkpoint
+from .inference import extract_features
+from .module import FaceArrayDataset
+
+#: key of a checkpoint that holds the run's config (YAML text), so the file describes itself
+CONFIG_KEY = "fairage_config"
+
+
+@dataclass
+class StageArrays:
+    """The arrays one stage trains on.
+
+    Images: uint8 (N, S, S, 3) RGB (a read-only memmap is fine); ages: float years (N,);
+    ``train_weights``: per-face loss weights (``weighting.mode: loss``) or sampling
+    weights (``mode: sampler``), None = all 1.
+    """
+
+    train_images: np.ndarray
+    train_ages: np.ndarray
+    val_images: np.ndarray
+    val_ages: np.ndarray
+    train_weights: np.ndarray | None = None
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[1])
+
+
+# =========================================================================== devices
+
+
+def resolve_accelerator(trainer_cfg: TrainerConfig) -> str:
+    acc = trainer_cfg.accelerator
+    if acc == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if acc == "cuda":
+        return "gpu"
+    return acc
+
+
+def resolve_precision(trainer_cfg: TrainerConfig) -> str:
+    if trainer_cfg.precision != "auto":
+        return trainer_cfg.precision
+    return "bf16-mixed" if resolve_accelerator(trainer_cfg) == "gpu" else "32-true"
+
+
+def device_for(trainer_cfg: TrainerConfig) -> torch.device:
+    return torch.device("cuda") if resolve_accelerator(trainer_cfg) == "gpu" else torch.device("cpu")
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up banners (GPU available, tips) out of the console."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+# =========================================================================== loaders
+
+
+def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *, use_cache: bool,
+                 trainer_cfg: TrainerConfig, num_workers: int = 0, seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders of a stage; batches are ``(x, age_years, weight)``.
+
+    ``use_cache``: x is the frozen feature extractor's output (N, feature_dim), computed
+    here once; otherwise uint8 images. Sampler mode draws faces by ``train_weights``
+    (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly.
+    """
+    on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
+    channels_last = bool(trainer_cfg.channels_last and on_gpu)
+    sampler = None
+    weights = arrays.train_weights
+    if weights is not None and stage.weighting.mode == "sampler":
+        from ..weighting import make_sampler
+
+        sampler = make_sampler(np.asarray(weights, dtype=np.float64), len(arrays.train_ages), seed)
+        weights = None  # sampler mode: unweighted loss
+    if use_cache:
+        device = device_for(trainer_cfg)
+        autocast = resolve_precision(trainer_cfg).startswith("bf16")
+        feats_train = extract_features(model, arrays.train_images, device=device, channels_last=channels_last,
+                                       autocast=autocast)
+        feats_val = extract_features(model, arrays.val_images, device=device, channels_last=channels_last,
+                                     autocast=autocast)
+        w = torch.ones(len(arrays.train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
+        train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(arrays.train_ages, np.float32)), w)
+        val_set: Dataset = TensorDataset(feats_val, torch.as_tensor(np.asarray(arrays.val_ages, np.float32)),
+                                         torch.ones(len(arrays.val_ages)))
+        workers = 0  # in-memory tensors: worker processes would only add overhead
+    else:
+        train_set = FaceArrayDataset(arrays.train_images, arrays.train_ages, weights)
+        val_set = FaceArrayDataset(arrays.val_images, arrays.val_ages)
+        workers = num_workers
+    # re-seed so both paths start training from the same RNG state (same dropout masks)
+    L.seed_everything(seed, workers=True, verbose=False)
+    loader_kw: dict[str, Any] = dict(num_workers=workers, pin_memory=on_gpu, persistent_workers=workers > 0)
+    train_loader = DataLoader(train_set, batch_size=stage.batch_size, shuffle=sampler is None, sampler=sampler,
+                              generator=seeded_generator(seed) if sampler is None else None, drop_last=False,
+                              **loader_kw)
+    val_loader = DataLoader(val_set, batch_size=max(stage.batch_size, 64), shuffle=False, **loader_kw)
+    return train_loader, val_loader
+
+
+# =========================================================================== callbacks and IO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes through ``fairage.atomic`` (temp file + rename)
+    and reads with ``weights_only=True`` (a corrupt file is a DataError naming it)."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)  # through a Python file, so a full disk is an OSError
+
+    def load_checkpoint(self, path, map_location=None, weights_only=True):
+        return read_checkpoint(path)
+
+
+def write_history(path: Path, history: pd.DataFrame) -> None:
+    """Write the per-epoch rows (``HISTORY_COLUMNS``) atomically."""
+    write_text(path, history[HISTORY_COLUMNS].to_csv(index=False))
+
+
+class HistoryCallback(Callback):
+    """Appends one row per epoch to ``history.csv`` (atomically, rank 0) and stops on NaN/inf.
+
+    Rows of earlier stages (and of this stage's epochs before a resume point) are kept.
+    ``path=None``: rows are only kept in memory.
+    """
+
+    def __init__(self, path: Path | None, stage: str, previous: pd.DataFrame | None = None):
+        self.path = path
+        self.stage = stage
+        self.rows: list[dict] = [] if previous is None else previous.to_dict("records")
+        self.epoch_lr = float("nan")
+        self.non_finite: str | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1, "stage": self.stage}
+        for key in ("train_loss", "val_loss", "train_mae", "val_mae"):
+            row[key] = float(m[key]) if key in m else float("nan")
+        row["lr"] = self.epoch_lr
+        self.rows.append(row)
+        if self.path is not None and trainer.is_global_zero:
+            write_history(self.path, self.history)
+        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
+        if bad:
+            self.non_finite = (
+                f"{self.stage}: {' and '.join(bad)} became {row[bad[0]]} at epoch {row['epoch']}; stage stopped, "
+                "keeping its best checkpoint (try a lower learning rate or loss: huber)")
+            trainer.should_stop = True
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=HISTORY_COLUMNS)
+
+
+class LastCheckpoint(Checkpoint):
+    """Writes ``path`` (atomically) at the end of every training epoch.
+
+    Lightning's ``save_last`` only writes when the monitored checkpoint does, i.e. when
+    validation improves; a resume from it would redo every epoch since. Being a
+    ``Checkpoint``, this runs after the other callbacks (early stopping, the best
+    checkpoint, the history), so the file holds their state of this epoch.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def state_key(self) -> str:
+        return f"LastCheckpoint[{self.path.name}]"
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+
+
+class ConfigInCheckpoint(Callback):
+    """Stores the run's config (YAML text) in every checkpoint under ``CONFIG_KEY``,
+    so ``load_model_from_checkpoint`` can rebuild the model from the file alone."""
+
+    def __init__(self, config_yaml: str):
+        self.config_yaml = config_yaml
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint[CONFIG_KEY] = self.config_yaml
+
+
+class StageProgressBar(RichProgressBar):
+    """Rich progress with the stage name and 1-based epochs: "stage1 epoch 3/50"."""
+
+    def __init__(self, stage: str):
+        super().__init__(leave=True)
+        self.stage = stage
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return f"{self.stage} epoch {current_epoch + 1}/{self.trainer.max_epochs}"
+
+
+@dataclass
+class StageCallbacks:
+    """The callbacks of one stage: ``all`` goes to the Trainer; the others are read afterwards."""
+
+    all: list[Callback]
+    history: HistoryCallback
+    best: ModelCheckpoint
+    last: LastCheckpoint
+
+
+def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, history_path: Path | None,
+                   previous_history: pd.DataFrame | None = None, progress: bool = False,
+                   config_yaml: str | None = None, extra: Sequence[Callback] = ()) -> StageCallbacks:
+    """History (and NaN stop), early stopping, best and last checkpoints in ``run_dir/checkpoints``."""
+    history = HistoryCallback(history_path, stage_name, previous_history)
+    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
+                           mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
+                           enable_version_counter=False)
+    last = LastCheckpoint(run_dir / "checkpoints" / f"{stage_name}-last.ckpt")
+    cbs: list[Callback] = [history,
+                           EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
+                           best, last, *extra]
+    if config_yaml is not None:
+        cbs.append(ConfigInCheckpoint(config_yaml))
+    if progress:
+        cbs.append(StageProgressBar(stage_name))
+    return StageCallbacks(cbs, history, best, last)
+
+
+def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path,
+                 progress: bool = False) -> L.Trainer:
+    """The Lightning Trainer of one stage (no logger; checkpoints through ``AtomicCheckpointIO``)."""
+    on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
+    return L.Trainer(
+        accelerator=resolve_accelerator(trainer_cfg),
+        devices=trainer_cfg.devices,
+        strategy=trainer_cfg.strategy,
+        num_nodes=trainer_cfg.num_nodes,
+        precision=resolve_precision(trainer_cfg),
+        deterministic=trainer_cfg.deterministic,
+        # cuDNN autotuning for fixed-size images, unless bitwise repeatability was asked for
+        benchmark=on_gpu and not trainer_cfg.deterministic,
+        max_epochs=stage.max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=True,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )

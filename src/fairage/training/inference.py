@@ -1,0 +1,45 @@
+"""Inference on uint8 image arrays: predicted ages and feature-extractor outputs (eval mode)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..models import AgeRegressor
+from .module import images_to_input
+
+
+def _eval_batches(model: AgeRegressor, fn, images: np.ndarray, batch_size: int, device, channels_last: bool,
+                  autocast: bool) -> list[torch.Tensor]:
+    """``fn`` of each normalised batch of uint8 images (N, S, S, 3), model in eval mode; CPU tensors."""
+    device = torch.device(device or "cpu")
+    was_training = model.training
+    model.eval().to(device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out.append(fn(images_to_input(batch, channels_last)).cpu())
+    model.train(was_training)
+    return out
+
+
+@torch.inference_mode()
+def extract_features(model: AgeRegressor, images: np.ndarray, batch_size: int = 64,
+                     device: torch.device | str | None = None, channels_last: bool = False,
+                     autocast: bool = False) -> torch.Tensor:
+    """Feature-extractor output (backbone + projection, eval mode) for all images.
+
+    images: uint8 (N, S, S, 3). Returns float32 (N, feature_dim) on the CPU.
+    """
+    out = _eval_batches(model, model.features, images, batch_size, device, channels_last, autocast)
+    return torch.cat([o.float() for o in out]) if out else torch.empty(0, model.feature_dim)
+
+
+@torch.inference_mode()
+def predict(model: AgeRegressor, images: np.ndarray, batch_size: int = 256,
+            device: torch.device | str | None = None, channels_last: bool = False,
+            autocast: bool = False) -> np.ndarray:
+    """Predicted ages in years, float64 (N,), for uint8 images (N, S, S, 3), eval mode."""
+    out = _eval_batches(model, lambda x: model.years(model(x)), images, batch_size, device, channels_last, autocast)
+    return torch.cat(out).double().numpy() if out else np.empty(0)

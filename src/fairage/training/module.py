@@ -1,0 +1,181 @@
+"""The Lightning module, the dataset and the augmentation of one training stage.
+
+Units. Images are uint8 NHWC arrays (N, S, S, 3) RGB; they are converted to float RGB in
+[0, 1], optionally augmented and made channels_last *on the device* inside the module; the
+model applies its own input normalisation (``model.input_norm``). Ages are float years. The
+loss is computed in the model's label units (years / 100 for ``output: sigmoid``, years for
+``linear``), so the ``huber_delta`` of the config (years) is divided by the same factor;
+``train_mae`` and ``val_mae`` are always in years.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+import lightning as L
+
+from ..config import AugmentConfig, StageConfig
+from ..models import AgeRegressor
+
+
+class FaceArrayDataset(Dataset):
+    """uint8 images (N, S, S, 3) + ages (N,) years + weights (N,) -> (image HWC uint8, age, weight).
+
+    ``images`` may be a read-only memmap; each item is copied out (small) so the
+    batch tensor is writable and pinnable.
+    """
+
+    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None):
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
+        if len(ages) != len(images):
+            raise ValueError(f"{len(images)} images but {len(ages)} ages")
+        self.images = images
+        self.ages = torch.as_tensor(np.asarray(ages, dtype=np.float32))
+        w = np.ones(len(images), np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        if len(w) != len(images):
+            raise ValueError(f"{len(images)} images but {len(w)} weights")
+        self.weights = torch.as_tensor(w)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(np.array(self.images[i])), self.ages[i], self.weights[i]
+
+
+def images_to_input(images_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 RGB in [0, 1], the model's input.
+
+    The model normalises its input itself (``fairage.models.InputNorm``).
+    """
+    return memory_format(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), channels_last)
+
+
+def memory_format(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """``x`` made contiguous, in channels_last layout when asked."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def build_augment(cfg: AugmentConfig, image_size: int):
+    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off)."""
+    if not cfg.enabled:
+        return None
+    from torchvision.transforms import v2
+
+    steps: list[nn.Module] = []
+    if cfg.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.brightness > 0 or cfg.contrast > 0:
+        steps.append(v2.ColorJitter(brightness=cfg.brightness or None, contrast=cfg.contrast or None))
+    if cfg.blur_sigma > 0:
+        kernel = max(3, int(2 * math.ceil(2 * cfg.blur_sigma) + 1))
+        kernel = min(kernel, image_size - (1 - image_size % 2))  # odd and not larger than the image
+        steps.append(v2.GaussianBlur(kernel, sigma=(0.1, cfg.blur_sigma)))
+    if cfg.translate > 0:
+        steps.append(v2.RandomAffine(degrees=0.0, translate=(cfg.translate, cfg.translate)))
+    return v2.Compose(steps) if steps else None
+
+
+class AgeModule(L.LightningModule):
+    """Trains an ``AgeRegressor`` for one stage.
+
+    ``frozen=True`` (stage I): the feature extractor (backbone + projection) has
+    ``requires_grad=False`` and stays in eval mode (BatchNorm statistics untouched);
+    only the head is optimised. ``inputs="features"``: batches carry cached
+    (N, feature_dim) features instead of images and only the head runs.
+    Batches are ``(x, age_years, weight)``.
+    """
+
+    def __init__(self, model: AgeRegressor, stage: StageConfig, frozen: bool, inputs: str = "images",
+                 channels_last: bool = False, image_size: int | None = None):
+        super().__init__()
+        if inputs not in ("images", "features"):
+            raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
+        if inputs == "features" and not frozen:
+            raise ValueError("cached features need a frozen feature extractor")
+        self.model = model
+        self.stage = stage
+        self.frozen = frozen
+        self.inputs = inputs
+        self.channels_last = channels_last
+        self.augment = build_augment(stage.augment, image_size or 224) if inputs == "images" else None
+        for module in model.feature_extractor_modules():
+            module.requires_grad_(not frozen)
+        for p in model.head.parameters():
+            p.requires_grad_(True)
+        self.scale = model.label_scale
+
+    # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
+    # Lightning does not call train() at fit start (it only captures and restores
+    # submodule modes around validation), so enforce it at every epoch start too.
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            for module in self.model.feature_extractor_modules():
+                module.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, age, weight = batch
+        if self.inputs == "images":
+            training = self._trainer is not None and self.trainer.training
+            x = self.prepare_images(x, age, augment=training)
+        return x, age, weight
+
+    def prepare_images(self, x: torch.Tensor, age: torch.Tensor, augment: bool = False) -> torch.Tensor:
+        """uint8 (N, S, S, 3) on the device -> float (N, 3, S, S) RGB in [0, 1].
+
+        ``augment``: apply the stage's augmentation (per image; only to faces with
+        ``age >= augment.min_age`` when that is set).
+        """
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.augment is not None and augment:
+            chosen = torch.ones(len(x), dtype=torch.bool, device=x.device)
+            if self.stage.augment.min_age is not None:
+                chosen = age >= self.stage.augment.min_age
+            # v2 transforms draw one set of parameters per call: apply per image
+            for i in torch.nonzero(chosen).flatten().tolist():
+                x[i] = self.augment(x[i]).clamp_(0, 1)
+        return memory_format(x, self.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.head_forward(x) if self.inputs == "features" else self.model(x)
+
+    def _step(self, batch, prefix: str):
+        from ..weighting import weighted_loss
+
+        x, age, weight = batch
+        out = self(x).float()
+        target = age / self.scale
+        use_weight = weight if prefix == "train" and self.stage.weighting.mode == "loss" else None
+        loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+        mae = (out * self.scale - age).abs().mean()
+        n = len(age)
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
+                 prog_bar=True)
+        self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
+                 prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
+                               weight_decay=self.stage.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}

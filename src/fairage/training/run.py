@@ -1,0 +1,288 @@
+"""Run level: train the configured stages into a run folder, resume it, export its backbone.
+
+``train(cfg, data_dir, out_dir)`` loads the data, runs the configured stages into a run
+folder (``fairage.runs.RunFolder``) and evaluates on the test split;
+``resume_run(out_dir)`` continues an interrupted run; ``export_backbone`` and
+``load_model_from_checkpoint`` read the self-describing checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from ..atomic import atomic_path, write_text
+from ..config import ExperimentConfig, StageConfig, TrainerConfig, dump_config, validate_config
+from ..errors import ConfigError, DataError, FairageError
+from ..metrics import EvaluationResult
+from ..models import AgeRegressor, build_model
+from ..runs import HISTORY_COLUMNS, RunFolder, absolute_paths, config_faces, is_rank_zero, read_checkpoint
+from .factories import CONFIG_KEY, StageArrays, device_for, resolve_accelerator, resolve_precision
+from .inference import predict
+from .stage import fit_stage, load_module_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def device_description(trainer_cfg: TrainerConfig) -> str:
+    acc = resolve_accelerator(trainer_cfg)
+    if acc == "gpu" and torch.cuda.is_available():
+        acc = f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"{acc} devices={trainer_cfg.devices} nodes={trainer_cfg.num_nodes} {resolve_precision(trainer_cfg)}"
+
+
+@dataclass
+class RunData:
+    """Faces and decoded images of the three splits."""
+
+    faces: dict[str, pd.DataFrame]
+    images: dict[str, np.ndarray]
+
+
+def load_run_data(cfg: ExperimentConfig, data_dir: str | Path, progress: bool = True) -> RunData:
+    """Face tables and uint8 image arrays of train/valid/test (``fairage.data``)."""
+    from ..data import load_images
+
+    faces = config_faces(cfg, data_dir)
+    tables, images = {}, {}
+    for split in ("train", "valid", "test"):
+        table = faces[faces["split"] == split].reset_index(drop=True)
+        if len(table) == 0:
+            raise FairageError(f"dataset {data_dir} has no '{split}' faces; training needs train, valid and test splits")
+        tables[split] = table
+        images[split] = load_images(table, cfg.data.image_size, cache_dir=cfg.data.cache_dir,
+                                    workers=max(1, cfg.data.num_workers), progress=progress and is_rank_zero())
+    return RunData(tables, images)
+
+
+def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig, run_dir: Path) -> np.ndarray | None:
+    """Per-face weights of a stage (None when it uses none) and its ``weights_{stage}.png``."""
+    if not stage.weighting.active:
+        return None
+    from ..plots import plot_group_weights
+    from ..weighting import compute_weights, group_table
+
+    weights = compute_weights(train_faces, stage.weighting)
+    if is_rank_zero():
+        plot_group_weights(group_table(train_faces, stage.weighting), run_dir / f"weights_{stage_name}.png",
+                           title=f"{stage_name}: group sizes and weights ({stage.weighting.scheme}, "
+                                 f"{stage.weighting.formula}, mode {stage.weighting.mode})")
+    return weights
+
+
+def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: np.ndarray,
+                  folder: RunFolder) -> EvaluationResult:
+    """Write ``predictions_test.csv`` and (last, atomically) ``metrics_test.json``; return the metrics."""
+    from ..data.predictions import write_predictions
+    from ..metrics import evaluate
+
+    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions)
+    df = test_faces.copy()
+    df["prediction"] = predictions
+    metrics = evaluate(df, **folder.evaluation_settings(cfg))
+    write_text(folder.file(RunFolder.METRICS), json.dumps(metrics.to_json(), indent=2) + "\n")
+    return metrics
+
+
+#: test predictions spread less than this (years, standard deviation) mean a collapsed model
+COLLAPSE_STD = 0.5
+
+
+def collapse_warning(predictions: np.ndarray) -> str | None:
+    """A message when the predictions (years, shape (N,)) are nearly constant, else None.
+
+    A network whose ReLUs died or whose sigmoid output saturated predicts one age for
+    every face; its MAE and bias scores then describe the age distribution, not a model.
+    """
+    if len(predictions) < 2 or float(np.std(predictions)) >= COLLAPSE_STD:
+        return None
+    return (f"the model collapsed: its test predictions are nearly constant (std {np.std(predictions):.2f} "
+            f"years, mean {np.mean(predictions):.1f}); its scores describe the data, not a model. "
+            "Try a smaller learning rate or start from pretrained weights (model.weights).")
+
+
+def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
+          progress: bool = True, callbacks: Sequence[Callback] = ()) -> EvaluationResult | None:
+    """Train the configured stages into the run folder ``out_dir``; return the test metrics.
+
+    ``resume=True`` continues an interrupted run in ``out_dir`` (see ``resume_run``).
+    ``callbacks`` are extra Lightning callbacks for every stage. The folder is locked
+    while training (``RunFolder.lock``: a second process gets RunInUseError). Relative
+    paths of ``cfg`` are made absolute in the stored config. On non-zero DDP ranks
+    nothing is written and None is returned.
+    """
+    run_dir = Path(out_dir)
+    cfg = absolute_paths(cfg)
+    # DDP's script launcher re-runs this command in the other ranks after rank 0 has
+    # created the run folder: only rank 0 locks, checks and writes it
+    lock = RunFolder(run_dir).lock() if is_rank_zero() else contextlib.nullcontext()
+    with lock:
+        return _train_in_folder(cfg, Path(data_dir).resolve(), run_dir, resume, progress, callbacks)
+
+
+def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resume: bool, progress: bool,
+                     callbacks: Sequence[Callback]) -> EvaluationResult | None:
+    rank0 = is_rank_zero()
+    if rank0 and (run_dir / RunFolder.METRICS).is_file():
+        if resume:
+            return RunFolder.open(run_dir).metrics()
+        raise FairageError(f"{run_dir} already holds a finished run ({RunFolder.METRICS}); choose another --out")
+    exists = RunFolder.exists(run_dir)
+    if rank0 and not resume and exists:
+        raise FairageError(f"{run_dir} already holds an unfinished run; continue it with "
+                           f"`fairage train --resume {run_dir}` or choose another --out")
+    folder = RunFolder.open(run_dir) if resume and exists else None
+
+    L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
+    model, weight_info = build_model(cfg.model)
+    data = load_run_data(cfg, data_dir, progress=progress)
+    if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
+        folder = RunFolder.create(run_dir, cfg, data_dir, **weight_info, device=device_description(cfg.trainer),
+                                  precision=resolve_precision(cfg.trainer))
+        resume = False
+    history = folder.history() if resume else pd.DataFrame(columns=HISTORY_COLUMNS)
+    history = _run_stages(cfg, data, model, folder, history, resume, progress, callbacks)
+    if not rank0:
+        return None
+    from ..plots import plot_training_curves
+
+    if len(history):
+        plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
+    preds = predict(model, data.images["test"], device=device_for(cfg.trainer),
+                    autocast=resolve_precision(cfg.trainer).startswith("bf16"))
+    warnings = list(folder.record.warnings)
+    collapsed = collapse_warning(preds)
+    if collapsed:
+        log.warning("%s: %s", run_dir, collapsed)
+        warnings.append(collapsed)
+    folder.update(stage="test", warnings=warnings)  # predicting and evaluating the test split
+    metrics = evaluate_test(cfg, data.faces["test"], preds, folder)
+    folder.update(status="finished", stage=cfg.stages()[-1][0])
+    return metrics
+
+
+def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folder: RunFolder,
+                history: pd.DataFrame, resume: bool, progress: bool, callbacks: Sequence[Callback]) -> pd.DataFrame:
+    """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
+    completed = list(folder.record.completed_stages)
+    config_yaml = dump_config(cfg)
+    for stage_name, stage in cfg.stages():
+        if stage_name in completed:
+            # the next stage starts from this stage's best
+            load_module_checkpoint(model, folder.checkpoint(stage_name, "best"))
+            continue
+        last = folder.checkpoint(stage_name, "last")
+        ckpt_path = last if resume and last.is_file() else None
+        if ckpt_path is not None:
+            epoch = int(read_checkpoint(ckpt_path)["epoch"]) + 1
+            keep = (history["stage"] != stage_name) | (history["epoch"] <= epoch)
+            history = history[keep & history["stage"].isin(completed + [stage_name])].reset_index(drop=True)
+        else:
+            history = history[history["stage"].isin(completed)].reset_index(drop=True)
+        folder.update(stage=stage_name, status="running")
+        weights = stage_weights(data.faces["train"], stage_name, stage, folder.path)
+        arrays = StageArrays(data.images["train"], data.faces["train"]["age"].to_numpy(np.float32),
+                             data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights)
+        result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
+                           num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),
+                           ckpt_path=ckpt_path, previous_history=history, callbacks=callbacks,
+                           config_yaml=config_yaml)
+        history = result.history
+        completed.append(stage_name)
+        stopped = dict(folder.record.stopped_stages)
+        if result.non_finite:
+            stopped[stage_name] = result.non_finite
+        folder.update(completed_stages=completed, stopped_stages=stopped)
+    return history
+
+
+def resume_run(out_dir: str | Path, progress: bool = True,
+               callbacks: Sequence[Callback] = ()) -> EvaluationResult | None:
+    """Continue an interrupted run from its last checkpoint, in the right stage; return the test metrics.
+
+    Reads the run's ``config.yaml`` and ``run.json`` (its ``data_dir``). Stages already
+    completed are not retrained; the interrupted stage restarts from
+    ``checkpoints/{stage}-last.ckpt`` (written at every epoch end; optimizer, scheduler,
+    early stopping state included), so at most the interrupted epoch is redone;
+    ``history.csv`` continues where it stopped. A finished run just returns its metrics.
+    """
+    folder = RunFolder.open(out_dir)
+    return train(folder.config(), folder.data_dir, folder.path, resume=True, progress=progress, callbacks=callbacks)
+
+
+def load_model_from_checkpoint(path: str | Path) -> tuple[AgeRegressor, ExperimentConfig]:
+    """The model of a fairage training checkpoint (eval mode, CPU) and the config saved inside it.
+
+    Needs nothing but the file: training stores the run's config in every checkpoint.
+    Read with ``weights_only=True``; DataError naming the file when it is corrupt or
+    holds no config.
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    text = ckpt.get(CONFIG_KEY)
+    if not isinstance(text, str):
+        raise DataError(f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
+                        "fairage training, or by an older version: use its run folder instead")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: the config saved inside is not valid YAML: {err}") from None
+    cfg = validate_config(raw, f"{path} ({CONFIG_KEY})")
+    model = AgeRegressor(cfg.model)
+    load_module_checkpoint(model, path)
+    return model.eval(), cfg
+
+
+def export_backbone(source: str | Path, out_path: str | Path) -> Path:
+    """Write the backbone of a finished run, or of one checkpoint file, to ``out_path``.
+
+    ``source`` is a finished run folder (the best checkpoint of its last stage is used)
+    or a fairage checkpoint (``.ckpt``, which holds its config). The file is a
+    torchvision-style ResNet state dict (``conv1.weight``, ``layer1.0...``; no ``fc``) in
+    ``.safetensors`` or ``.pth`` (chosen by the suffix), written atomically. Name it as
+    ``model.weights`` of another config to start from this backbone, e.g. a model
+    pretrained on one dataset (UTKFace, or synthetic faces) fine-tuned on another; the
+    projection and head start at random init there. Returns ``out_path``.
+    """
+    source, out_path = Path(source), Path(out_path)
+    if out_path.suffix not in (".safetensors", ".pth", ".pt"):
+        raise ConfigError(f"{out_path}: backbone file must end in .safetensors, .pth or .pt")
+    if source.is_dir():
+        folder = RunFolder.open(source)
+        if folder.record.status != "finished":
+            raise FairageError(f"{source} holds no finished run (run.json status {folder.record.status!r}); "
+                               f"finish it with `fairage train --resume {source}`")
+        cfg = folder.config()
+        ckpt = folder.checkpoint(cfg.stages()[-1][0], "best")
+        if not ckpt.is_file():
+            raise DataError(f"{ckpt} not found: the run's best checkpoint of {cfg.stages()[-1][0]} is missing")
+        if CONFIG_KEY in read_checkpoint(ckpt):
+            model, cfg = load_model_from_checkpoint(ckpt)
+        else:  # written before checkpoints held their config
+            model = AgeRegressor(cfg.model)
+            load_module_checkpoint(model, ckpt)
+    else:
+        model, cfg = load_model_from_checkpoint(source)
+    state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
+    with atomic_path(out_path) as tmp:
+        if out_path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(state, str(tmp), metadata={"fairage_run": str(source.resolve()),
+                                                 "backbone": cfg.model.backbone})
+        else:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+    return out_path

@@ -1,0 +1,136 @@
+"""One training stage on in-memory arrays: stage I (head on a frozen feature extractor) or II (all layers).
+
+::
+
+    model, info = build_model(cfg.model)
+    arrays = StageArrays(train_images, train_ages, val_images, val_ages)
+    result = fit_stage(model, "stage1", cfg.stage1, arrays, run_dir, trainer_cfg=cfg.trainer, seed=cfg.seed)
+    years = predict(model, test_images)
+
+Stage I freezes the backbone *and* the projection (the feature extractor, see
+``fairage.models``) with BatchNorm kept in eval mode; when augmentation is off and
+``cache_features`` is on, their features are computed once and the head trains on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+from ..config import StageConfig, TrainerConfig
+from ..errors import FairageError
+from ..models import AgeRegressor
+from ..runs import read_checkpoint
+from .factories import (StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning,
+                        resolve_accelerator)
+from .module import AgeModule
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FairageError):
+    """The loss became NaN/inf before any finite validation loss: nothing worth keeping."""
+
+
+@dataclass
+class StageResult:
+    """What ``fit_stage`` returns: checkpoint paths, epochs run, the stop message if any."""
+
+    best_path: str | None
+    last_path: str | None
+    epochs: int
+    best_val_loss: float | None
+    history: pd.DataFrame
+    non_finite: str | None = None
+
+
+def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays,
+              run_dir: str | Path | None = None, *, trainer_cfg: TrainerConfig | None = None, num_workers: int = 0,
+              seed: int = 0, progress: bool = False, ckpt_path: str | Path | None = None,
+              previous_history: pd.DataFrame | None = None, callbacks: Sequence[Callback] = (),
+              cache_features: bool | None = None, config_yaml: str | None = None) -> StageResult:
+    """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
+
+    stage_name: "stage1" (feature extractor frozen, head trained) or "stage2" (all layers).
+    Checkpoints go to ``run_dir/checkpoints/{stage_name}-best.ckpt`` (best validation loss)
+    and ``-last.ckpt`` (every epoch); the per-epoch rows are appended to
+    ``previous_history`` and written to ``run_dir/history.csv``. ``ckpt_path`` resumes this
+    stage from a Lightning checkpoint. ``cache_features`` overrides ``stage.cache_features``
+    (None: use the config). ``config_yaml``: the run's config, stored in every checkpoint.
+    ``run_dir=None``: checkpoints go to a temporary folder and no history file is written.
+    """
+    kwargs = dict(trainer_cfg=trainer_cfg or TrainerConfig(), num_workers=num_workers, seed=seed, progress=progress,
+                  ckpt_path=ckpt_path, previous_history=previous_history, callbacks=callbacks,
+                  cache_features=cache_features, config_yaml=config_yaml)
+    if run_dir is None:  # checkpoints (for the best weights) still need a folder
+        with tempfile.TemporaryDirectory(prefix="fairage-stage-") as tmp:
+            return _fit_stage(model, stage_name, stage, arrays, Path(tmp), history_file=False, **kwargs)
+    return _fit_stage(model, stage_name, stage, arrays, Path(run_dir), history_file=True, **kwargs)
+
+
+def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays, run_dir: Path, *,
+               history_file: bool, trainer_cfg: TrainerConfig, num_workers: int, seed: int, progress: bool,
+               ckpt_path: str | Path | None, previous_history: pd.DataFrame | None, callbacks: Sequence[Callback],
+               cache_features: bool | None, config_yaml: str | None) -> StageResult:
+    frozen = stage_name == "stage1"
+    use_cache = stage.cache_features if cache_features is None else cache_features
+    use_cache = bool(use_cache and frozen and not stage.augment.enabled)
+    on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
+    channels_last = bool(trainer_cfg.channels_last and on_gpu)
+
+    quiet_lightning()
+    if on_gpu:
+        torch.set_float32_matmul_precision("high")  # TF32 for what bf16 autocast leaves in float32
+    L.seed_everything(seed, workers=True, verbose=False)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    train_loader, val_loader = make_loaders(model, stage, arrays, use_cache=use_cache, trainer_cfg=trainer_cfg,
+                                            num_workers=num_workers, seed=seed)
+    module = AgeModule(model, stage, frozen=frozen, inputs="features" if use_cache else "images",
+                       channels_last=channels_last, image_size=arrays.image_size)
+    cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / "history.csv" if history_file else None,
+                         previous_history=previous_history, progress=progress, config_yaml=config_yaml,
+                         extra=callbacks)
+    trainer = make_trainer(trainer_cfg, stage, cbs.all, run_dir, progress)
+    with warnings.catch_warnings():
+        for message in (".*does not have many workers.*", ".*number of training batches.*",
+                        ".*Checkpoint directory .* exists and is not empty.*", ".*LeafSpec.*",
+                        ".*module\\(s\\) in eval mode at the start of training.*"):
+            warnings.filterwarnings("ignore", message=message)
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
+                    weights_only=True if ckpt_path else None)
+    non_finite = cbs.history.non_finite
+    if non_finite:
+        log.warning(non_finite)
+    best_path = cbs.best.best_model_path or None
+    best_score = cbs.best.best_model_score
+    best_val = float(best_score) if best_score is not None else None
+    if non_finite and (best_val is None or not math.isfinite(best_val)):
+        raise NonFiniteLossError(non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
+    if best_path:
+        load_module_checkpoint(model, best_path)
+    model.to("cpu")
+    return StageResult(best_path=best_path, last_path=str(cbs.last.path) if cbs.last.path.is_file() else None,
+                       epochs=trainer.current_epoch, best_val_loss=best_val, history=cbs.history.history,
+                       non_finite=non_finite)
+
+
+def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
+    """Load an ``AgeModule`` checkpoint's model weights into ``model`` (weights_only=True)."""
+    state = read_checkpoint(path).get("state_dict")
+    if not isinstance(state, dict):
+        from ..errors import DataError
+
+        raise DataError(f"{path} holds no 'state_dict': not a fairage training checkpoint")
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
