@@ -9,11 +9,8 @@ import zipfile
 import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from fairage.cli import app
-
-runner = CliRunner()
+from conftest import invoke
 
 AGES = [10, 15, 25, 30, 45, 50, 65, 70]
 ERRORS = [1, -1, 2, -2, 3, -3, 4, -4]  # |error| per age group: 1, 2, 3, 4
@@ -23,8 +20,16 @@ RACES = ["asian"] * 4 + ["caucasian"] * 4
 MAKEUP = ["makeup", "no_makeup", "no_makeup", "makeup", "makeup", "no_makeup", "no_makeup", "makeup"]
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
+def run_folder(tmp_path, predictions, data_dir):
+    """A finished run folder of a real config (M1 at tiny scale) with the given predictions file."""
+    from fairage.config import dump_config, load_preset
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(load_preset("M1", "tiny")))
+    (run / "predictions_test.csv").write_text(predictions.read_text())
+    (run / "run.json").write_text(json.dumps({"data_dir": str(data_dir), "status": "finished"}))
+    return run
 
 
 @pytest.fixture
@@ -89,10 +94,7 @@ def test_evaluate_human_output_and_custom_attribute(appa, preds):
 
 
 def test_evaluate_run_dir(appa, preds, tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "predictions_test.csv").write_text(preds.read_text())
-    (run / "run.json").write_text(json.dumps({"data_dir": str(appa), "status": "finished"}))
+    run = run_folder(tmp_path, preds, appa)
     res = invoke("evaluate", run, "--json", "--n-boot", 20)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["mae"] == pytest.approx(2.5)
@@ -148,10 +150,7 @@ def test_submit_round_trip_and_refusal(appa, tmp_path):
     assert "7 predictions but the test split has 8" in res.output
     assert not (tmp_path / "x.zip").exists()
 
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "predictions_test.csv").write_text(path.read_text())
-    (run / "run.json").write_text(json.dumps({"data_dir": str(appa)}))
+    run = run_folder(tmp_path, path, appa)
     res = invoke("submit", run, "--out", tmp_path / "run.zip")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run.zip").is_file()

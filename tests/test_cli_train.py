@@ -160,7 +160,7 @@ def test_resume_continues_the_history(data_dir, tmp_path, stage):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
     assert (run_dir / "metrics_test.json").is_file()
     # resuming a finished run just returns its metrics
-    assert resume_run(run_dir, progress=False) == json.loads((run_dir / "metrics_test.json").read_text())
+    assert resume_run(run_dir, progress=False).to_json() == json.loads((run_dir / "metrics_test.json").read_text())
 
 
 @pytest.mark.slow

@@ -11,7 +11,13 @@ import pandas as pd
 import pytest
 
 from fairage.errors import DataError
-from fairage.metrics import bias_score, compare, evaluate, group_mae, mae
+from fairage.metrics import EvaluationResult, bias_score, compare, group_mae, mae
+from fairage.metrics import evaluate as evaluate_result
+
+
+def evaluate(*args, **kwargs) -> dict:
+    """The JSON object of an evaluation (what `fairage evaluate --json` prints)."""
+    return evaluate_result(*args, **kwargs).to_json()
 
 
 def _table(ages, preds, **attrs) -> pd.DataFrame:
@@ -262,3 +268,17 @@ def test_evaluate_point_groups_agree_with_the_vectorised_form():
         assert out["bias"][g.attribute] == pytest.approx(point[g.attribute]["bias"][0])
         for k, name in enumerate(g.order):
             assert out["groups"][g.attribute][name]["mae"] == pytest.approx(point[g.attribute]["group_mae"][0, k])
+
+
+def test_evaluation_result_round_trips_through_its_json():
+    result = evaluate_result(_hand_df(), n_boot=30, seed=1)
+    assert isinstance(result, EvaluationResult)
+    assert result.groups["gender"]["female"].mae == pytest.approx(7.0)  # errors 4 and 10, by hand
+    assert result.groups["gender"]["female"].ci is not None
+    again = EvaluationResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert again == result
+
+
+def test_evaluation_result_from_a_broken_object_names_the_source():
+    with pytest.raises(DataError, match="m.json"):
+        EvaluationResult.from_json({"n": 3}, source="m.json")

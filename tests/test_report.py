@@ -186,9 +186,9 @@ def test_corrupt_metrics_is_a_clear_error(two_runs):
 
 def test_report_shows_the_start_and_the_runs_warnings(two_runs, tmp_path):
     m1, m5 = two_runs
-    (m1 / "run.json").write_text(json.dumps({"status": "finished", "weights_loaded": False,
+    (m1 / "run.json").write_text(json.dumps({"status": "finished", "data_dir": "/d", "weights_loaded": False,
                                              "warnings": ["the model collapsed: <constant>"]}))
-    (m5 / "run.json").write_text(json.dumps({"status": "finished", "weights_loaded": True,
+    (m5 / "run.json").write_text(json.dumps({"status": "finished", "data_dir": "/d", "weights_loaded": True,
                                              "weights": "/w/backbone.safetensors"}))
     page = report.build_report(two_runs, tmp_path / "r").read_text(encoding="utf-8")
     m1_part, m5_part = page.split("<h3>M1</h3>")[1].split("<h3>M5</h3>")

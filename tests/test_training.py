@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from fairage.config import HeadBlock, ModelConfig, StageConfig
 from fairage.models import build_model
-from fairage.training import NonFiniteLossError, fit_stage, predict
+from fairage.training import NonFiniteLossError, StageArrays, fit_stage, predict
 
 SIZE = 32
 
@@ -50,7 +50,7 @@ def test_loss_decreases_and_model_learns_the_age(faces, tmp_path):
     train_images, train_ages, val_images, val_ages = faces
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)])
     result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
-                       train_images, train_ages, val_images, val_ages, run_dir=tmp_path)
+                       StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp_path)
     h = result.history
     assert list(h["epoch"]) == [1, 2, 3] and set(h["stage"]) == {"stage2"}
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
@@ -80,7 +80,7 @@ def test_stage1_leaves_backbone_and_batchnorm_statistics_untouched(faces):
         f"projection.{k}": v.clone() for k, v in model.projection.state_dict().items()}
     head_before = copy.deepcopy(model.head.state_dict())
     fit_stage(model, "stage1", StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
-              train_images, train_ages, val_images, val_ages)
+              StageArrays(train_images, train_ages, val_images, val_ages))
     after = model.backbone.state_dict() | {f"projection.{k}": v for k, v in model.projection.state_dict().items()}
     assert any("running_mean" in k for k in after)
     for name, value in before_features.items():
@@ -92,8 +92,9 @@ def test_cached_and_uncached_stage1_agree(faces):
     train_images, train_ages, val_images, val_ages = faces
     cached, uncached = tiny_model(seed=3), tiny_model(seed=3)
     stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=2)
-    r_cached = fit_stage(cached, "stage1", stage, train_images, train_ages, val_images, val_ages, cache_features=True)
-    r_plain = fit_stage(uncached, "stage1", stage, train_images, train_ages, val_images, val_ages,
+    arrays = StageArrays(train_images, train_ages, val_images, val_ages)
+    r_cached = fit_stage(cached, "stage1", stage, arrays, cache_features=True)
+    r_plain = fit_stage(uncached, "stage1", stage, arrays,
                         cache_features=False)
     for name, value in uncached.head.state_dict().items():
         torch.testing.assert_close(cached.head.state_dict()[name], value, atol=1e-4, rtol=0)
@@ -117,7 +118,7 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_best(faces, tmp_path):
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
     result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
-                       train_images, train_ages, val_images, val_ages, run_dir=tmp_path,
+                       StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp_path,
                        callbacks=[ExplodeLearningRate()])
     h = result.history
     assert list(h["epoch"]) == [1, 2]  # stopped right after the first non-finite epoch
@@ -133,7 +134,7 @@ def test_non_finite_from_the_first_epoch_is_an_error(faces):
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
     with pytest.raises(NonFiniteLossError, match="no finite validation loss"):
         fit_stage(model, "stage2", StageConfig(lr=1e10, batch_size=8, max_epochs=3),
-                  train_images, train_ages, val_images, val_ages)
+                  StageArrays(train_images, train_ages, val_images, val_ages))
 
 
 def test_augmentation_only_for_chosen_ages():
@@ -162,7 +163,7 @@ def test_augmented_stage_trains_on_all_transforms(faces):
     model = tiny_model()
     stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=1, augment=AugmentConfig(enabled=True, min_age=40))
     # augmentation on: stage I cannot use cached features and runs the image path
-    result = fit_stage(model, "stage1", stage, train_images, train_ages, val_images, val_ages)
+    result = fit_stage(model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages))
     assert np.isfinite(result.history["train_loss"]).all() and len(result.history) == 1
 
 
@@ -174,7 +175,7 @@ def test_same_seed_same_run(faces):
     runs = []
     for _ in range(2):
         model = tiny_model(seed=7)
-        result = fit_stage(model, "stage2", stage, train_images, train_ages, val_images, val_ages, seed=11,
+        result = fit_stage(model, "stage2", stage, StageArrays(train_images, train_ages, val_images, val_ages), seed=11,
                            trainer_cfg=TrainerConfig(deterministic=True))
         runs.append((result.history, predict(model, val_images)))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
@@ -187,8 +188,8 @@ def test_loss_mode_weights_reach_the_loss(faces):
     head_before = copy.deepcopy(model.head.state_dict())
     stage = StageConfig(lr=1e-2, batch_size=8, max_epochs=1)  # weighting.mode defaults to "loss"
     # every face weighted 0: zero loss, zero gradients, Adam leaves the head exactly as it was
-    result = fit_stage(model, "stage1", stage, train_images, train_ages, val_images, val_ages,
-                       train_weights=np.zeros(32))
+    result = fit_stage(model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages,
+                                                  train_weights=np.zeros(32)))
     assert result.history["train_loss"].iloc[0] == 0.0
     assert result.history["val_loss"].iloc[0] > 0  # validation loss is never weighted
     for name, value in head_before.items():

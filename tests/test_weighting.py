@@ -10,9 +10,9 @@ from fairage.errors import ConfigError
 from fairage.weighting import (
     compute_weights,
     describe,
-    dominant_groups,
     dominant_groups_per_face,
-    group_labels,
+    face_group_names,
+    summarize_weights,
     group_table,
     lds_weights,
     make_sampler,
@@ -35,7 +35,7 @@ def faces():
 
 def test_none_is_all_ones(faces):
     assert np.array_equal(compute_weights(faces, W()), np.ones(10))
-    assert set(group_labels(faces, W())) == {"all"}
+    assert set(face_group_names(faces, W())) == {"all"}
 
 
 def test_age_inverse_matches_report_formula(faces):
@@ -47,12 +47,12 @@ def test_age_inverse_matches_report_formula(faces):
 
 
 def test_age_bins_closed_on_left(faces):
-    labels = list(group_labels(faces, W(scheme="age")))
+    labels = list(face_group_names(faces, W(scheme="age")))
     assert labels[1] == "[0,20)" and labels[2] == "[20,40)" and labels[8] == "[60,inf)"
 
 
 def test_age_ethnicity_ten_groups_merge_old(faces):
-    labels = group_labels(faces, W(scheme="age_ethnicity"))
+    labels = face_group_names(faces, W(scheme="age_ethnicity"))
     assert labels[8] == "[60,inf)" and labels[9] == "[60,inf)"  # asian and caucasian merged
     table = group_table(faces, W(scheme="age_ethnicity"))
     assert len(table) == 10
@@ -74,13 +74,13 @@ def test_custom_scheme_reproduces_ten_groups(faces):
     old = "[60,inf)"
     custom = W(scheme="custom", attributes=["age", "ethnicity"],
                merges={old: [f"{old}|asian", f"{old}|afroamerican", f"{old}|caucasian"]})
-    assert list(group_labels(faces, custom)) == list(group_labels(faces, W(scheme="age_ethnicity")))
+    assert list(face_group_names(faces, custom)) == list(face_group_names(faces, W(scheme="age_ethnicity")))
     assert np.allclose(compute_weights(faces, custom), compute_weights(faces, W(scheme="age_ethnicity")))
 
 
 def test_custom_bins_and_attribute(faces):
     cfg = W(scheme="custom", attributes=["age", "gender"], age_edges=[30])
-    labels = group_labels(faces, cfg)
+    labels = face_group_names(faces, cfg)
     assert labels[0] == "[0,30)|male" and labels[9] == "[30,inf)|female"
 
 
@@ -148,7 +148,7 @@ def test_lds_against_direct_numpy():
 
 def test_unknown_values_form_their_own_group():
     faces = pd.DataFrame({"age": [30, 30, 30], "ethnicity": ["asian", "unknown", "asian"]})
-    labels = list(group_labels(faces, W(scheme="age_ethnicity")))
+    labels = list(face_group_names(faces, W(scheme="age_ethnicity")))
     assert labels == ["[20,40)|asian", "[20,40)|unknown", "[20,40)|asian"]
 
 
@@ -179,7 +179,7 @@ def test_sampler_balances_groups(faces):
     w = compute_weights(faces, W(scheme="age"))
     sampler = make_sampler(w, num_samples=40000, seed=3)
     draws = np.array(list(sampler))
-    groups = group_labels(faces, W(scheme="age")).to_numpy()[draws]
+    groups = face_group_names(faces, W(scheme="age")).to_numpy()[draws]
     freq = pd.Series(groups).value_counts(normalize=True)
     assert np.allclose(freq.to_numpy(), 0.25, atol=0.01)
     again = np.array(list(make_sampler(w, num_samples=100, seed=3)))
@@ -187,9 +187,10 @@ def test_sampler_balances_groups(faces):
 
 
 def test_dominant_group_warning_and_describe(faces):
-    table = group_table(faces, W(scheme="age"))
+    summary = summarize_weights(faces, W(scheme="age"))
     # one face in [40,60) carries 2.5/10 = 25% of all weight
-    assert "[40,60)" in dominant_groups(table)
+    assert "[40,60)" in summary.heavy
+    assert summary.warnings[summary.heavy.index("[40,60)")] == "group '[40,60)': one face carries more than 1% of all weight"
     assert describe(W(scheme="age_ethnicity", lds=True, mode="sampler")) == "age_ethnicity/inverse x LDS (sampler)"
     assert describe(W()) == "none"
 

@@ -1,7 +1,8 @@
 """The ``fairage`` command: thin typer commands over the library modules.
 
 Every command turns a FairageError (bad file, bad config, bad argument) into one
-red message on stderr and exit code 2, never a traceback.
+red message on stderr and exit code 2, never a traceback; a full disk is one message
+and exit code 1.
 
 Each issue's commands live in their own section below; keep commands thin: parse
 arguments, call the library, print with rich.
@@ -9,6 +10,7 @@ arguments, call the library, print with rich.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Optional
 
@@ -50,8 +52,12 @@ class _FairageGroup(TyperGroup):
             _print_error(str(err))
             raise typer.Exit(2) from None
         except OSError as err:
-            # a path the user named is unusable (a file where a folder must go, no permission,
-            # disk full): say which path and why, not a traceback
+            if err.errno == errno.ENOSPC:  # not the input's fault: exit 1, as for any failed run
+                where = f"{err.filename}: " if err.filename else ""
+                _print_error(f"{where}no space left on device; free some space and run the command again")
+                raise typer.Exit(1) from None
+            # a path the user named is unusable (a file where a folder must go, no permission):
+            # say which path and why, not a traceback
             if err.filename is None:
                 raise
             where = f"{err.filename}" + (f" -> {err.filename2}" if err.filename2 else "")
@@ -182,20 +188,15 @@ def data_info_command(
 # =========================================================================== evaluation (issue 3)
 
 
-def _run_inputs(path: Path, data: Optional[Path]) -> tuple[Path, Path]:
-    """Predictions file and dataset folder of a run folder (``predictions_test.csv``, ``run.json``)."""
-    import json
+def _run_predictions(run_dir: Path):
+    """A run folder and its predictions file (``predictions_test.csv``)."""
+    from .runs import RunFolder
 
-    predictions = path / "predictions_test.csv"
+    folder = RunFolder.open(run_dir)
+    predictions = folder.file(RunFolder.PREDICTIONS)
     if not predictions.is_file():
-        fail(f"{path}: run folder has no predictions_test.csv (is the run finished?)")
-    if data is None:
-        run_json = path / "run.json"
-        try:
-            data = Path(json.loads(run_json.read_text(encoding="utf-8"))["data_dir"])
-        except (OSError, ValueError, KeyError, TypeError):
-            fail(f"{run_json}: cannot read data_dir from the run folder; pass --data DIR")
-    return predictions, data
+        fail(f"{run_dir}: run folder has no {RunFolder.PREDICTIONS} (is the run finished?)")
+    return folder, predictions
 
 
 def _split_faces(data: Path, split: str):
@@ -236,29 +237,43 @@ def evaluate_command(
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Bootstrap resamples (0: no intervals)."),
-    level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    n_boot: Optional[int] = typer.Option(None, "--n-boot", min=0,
+                                         help="Bootstrap resamples (0: no intervals; default 1000, for a run its eval.n_boot)."),
+    level: Optional[float] = typer.Option(None, "--level", min=0.5, max=0.999,
+                                          help="Confidence level of the intervals (default 0.95, for a run its eval.level)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the bootstrap (default 0, for a run its seed)."),
     attribute: Optional[list[str]] = typer.Option(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
                                   "Default: age, gender, ethnicity, expression."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
 ) -> None:
-    """MAE and bias scores (with bootstrap intervals) of a prediction set, by group."""
+    """MAE and bias scores (with bootstrap intervals) of a prediction set, by group.
+
+    For a run folder the faces are loaded with the run's own data settings (layout,
+    target, ...) and scored with its eval settings, so the result equals its metrics_test.json.
+    """
     import json
 
     from rich.table import Table
 
     from .metrics import evaluate
 
+    settings = {"n_boot": 1000, "level": 0.95, "seed": 0}
     if run_dir is not None:
-        run_predictions, data = _run_inputs(run_dir, data)
+        folder, run_predictions = _run_predictions(run_dir)
         predictions = predictions or run_predictions
-    if data is None or predictions is None:
+        settings = folder.evaluation_settings()
+        faces = _split_faces(data, split) if data is not None else folder.faces(split)
+    elif data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
-    df = _joined_predictions(predictions, _split_faces(data, split))
-    result = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges),
-                      n_boot=n_boot, level=level, seed=seed)
+    else:
+        faces = _split_faces(data, split)
+    chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("seed", seed)) if v is not None}
+    settings.update(chosen)
+    n_boot, level = settings["n_boot"], settings["level"]
+    df = _joined_predictions(predictions, faces)
+    evaluation = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges), **settings)
+    result = evaluation.to_json()
     if json_out:
         print(json.dumps(result))
         return
@@ -343,10 +358,12 @@ def submit_command(
 
     predictions = predictions_or_run
     if predictions_or_run.is_dir():
-        predictions, data = _run_inputs(predictions_or_run, data)
-    if data is None:
+        folder, predictions = _run_predictions(predictions_or_run)
+        faces = _split_faces(data, "test") if data is not None else folder.faces("test")
+    elif data is None:
         fail("--data DIR is required with a predictions file")
-    faces = _split_faces(data, "test")
+    else:
+        faces = _split_faces(data, "test")
     ages = write_submission(out, faces, read_predictions(predictions), predictions)
     console.print(f"wrote {out} ({len(ages)} test predictions)", highlight=False)
 
@@ -418,43 +435,47 @@ def weights_command(
 # =========================================================================== training (issue 5)
 
 
-def _train_summary(run_dir: Path, metrics: dict) -> None:
+def _train_summary(run_dir: Path, metrics) -> None:
     """One screen: where the run is, its stages, test MAE and bias scores (years)."""
-    import json
-
-    import pandas as pd
     from rich.table import Table
 
-    from .report import run_warnings
+    from .runs import RunFolder
 
+    folder = RunFolder.open(run_dir)
     table = Table(title=f"finished: {run_dir} (test split, years)")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("CI", justify="right")
 
     def ci(pair) -> str:
-        return f"[{pair[0]:.3f}, {pair[1]:.3f}]" if isinstance(pair, (list, tuple)) and len(pair) == 2 else ""
+        return f"[{pair[0]:.3f}, {pair[1]:.3f}]" if pair is not None else ""
 
-    table.add_row("faces", str(metrics.get("n", "")), "")
-    if "mae" in metrics:
-        table.add_row("MAE", f"{metrics['mae']:.3f}", ci(metrics.get("mae_ci")))
-    for attr, value in (metrics.get("bias") or {}).items():
-        if isinstance(value, (int, float)):
-            table.add_row(f"{attr} bias", f"{value:.3f}", ci((metrics.get("bias_ci") or {}).get(attr)))
-    history = run_dir / "history.csv"
-    if history.is_file():
-        h = pd.read_csv(history)
-        for stage, rows in h.groupby("stage", sort=False):
-            best = rows.loc[rows["val_loss"].idxmin()] if rows["val_loss"].notna().any() else rows.iloc[-1]
-            table.add_row(f"{stage}: epochs / best val MAE", f"{len(rows)} / {best['val_mae']:.3f}", "")
-    info = run_dir / "run.json"
-    if info.is_file():
-        run = json.loads(info.read_text(encoding="utf-8"))
-        table.add_row("pretrained weights", "yes" if run.get("weights_loaded") else "no (random init)", "")
-        for message in run_warnings(run):
-            err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    table.add_row("faces", str(metrics.n), "")
+    table.add_row("MAE", f"{metrics.mae:.3f}", ci(metrics.mae_ci))
+    for attr, value in metrics.bias.items():
+        if value is not None:
+            table.add_row(f"{attr} bias", f"{value:.3f}", ci(metrics.bias_ci.get(attr)))
+    h = folder.history()
+    for stage, rows in h.groupby("stage", sort=False):
+        best = rows.loc[rows["val_loss"].idxmin()] if rows["val_loss"].notna().any() else rows.iloc[-1]
+        table.add_row(f"{stage}: epochs / best val MAE", f"{len(rows)} / {best['val_mae']:.3f}", "")
+    table.add_row("pretrained weights", "yes" if folder.record.weights_loaded else "no (random init)", "")
+    for message in folder.warnings():
+        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
     console.print(table)
     console.print(f"run folder: {run_dir} (predictions_test.csv, metrics_test.json, curves.png, history.csv)")
+
+
+def _interruptible(run_dir: Path, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; on Ctrl-C (which Lightning turns into SystemExit) print how to resume."""
+    from .runs import is_rank_zero
+
+    try:
+        return fn(*args, **kwargs)
+    except (KeyboardInterrupt, SystemExit):
+        if is_rank_zero():
+            err_console.print(f"interrupted: continue with `fairage train --resume {run_dir}`", highlight=False)
+        raise
 
 
 @app.command("train")
@@ -481,7 +502,7 @@ def train_command(
     if resume is not None:
         if config or preset or data or out or set_:
             fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
-        metrics = resume_run(resume, progress=progress)
+        metrics = _interruptible(resume, resume_run, resume, progress=progress)
         if metrics:
             _train_summary(resume, metrics)
         return
@@ -497,14 +518,14 @@ def train_command(
     if deterministic:
         overrides.append("trainer.deterministic=true")
     cfg = load_config(config, overrides) if config is not None else load_preset(preset, scale, overrides)
-    metrics = train(cfg, data, out, progress=progress)
-    if metrics:  # empty on non-zero DDP ranks
+    metrics = _interruptible(out, train, cfg, data, out, progress=progress)
+    if metrics:  # None on non-zero DDP ranks
         _train_summary(out, metrics)
 
 
 @app.command("export-backbone")
 def export_backbone_command(
-    run: Path = typer.Argument(..., help="A finished run folder."),
+    run: Path = typer.Argument(..., help="A finished run folder, or one of its checkpoint files (.ckpt)."),
     out: Path = typer.Option(..., "--out", help="Weights file to write (.safetensors or .pth)."),
 ) -> None:
     """Save a finished run's backbone for another config's model.weights (pretrain on one set, fine-tune on another)."""
@@ -532,10 +553,34 @@ def presets_command() -> None:
     console.print(table)
 
 
-def _print_comparison(run_dirs: list[Path], title: str) -> None:
+def _print_comparison(run_dirs: list[Path], title: str, reference: Optional[str] = None) -> None:
     from .report import comparison_table, rich_table
 
     console.print(rich_table(comparison_table(run_dirs), title=title))
+    if reference is not None:
+        from rich.table import Table
+
+        from .reference import PUBLISHED_NOTE, reference_table
+
+        published = reference_table(reference)
+        table = Table(title=f"{PUBLISHED_NOTE}", title_style="bold yellow")
+        for column in published.columns:
+            table.add_column(column, justify="left" if column == "Model" else "right")
+        for row in published.itertuples(index=False):
+            table.add_row(row[0], *["-" if v != v else f"{v:g}" for v in row[1:]])
+        console.print(table)
+
+
+def _suite_printer(quiet: bool):
+    """The CLI's listener of suite events: steps unless ``quiet``, warnings always (stderr)."""
+
+    def show(event) -> None:
+        if event.warning:
+            err_console.print(f"[yellow]warning:[/yellow] {event.message}", highlight=False, soft_wrap=True)
+        elif not quiet:
+            console.print(event.message, highlight=False, soft_wrap=True)
+
+    return show
 
 
 @app.command("suite")
@@ -552,7 +597,8 @@ def suite_command(
     from .suite import run_suite, suite_configs
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
-    report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=set_ or [], progress=not quiet)
+    report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=set_ or [], progress=not quiet,
+                       on_event=_suite_printer(quiet))
     _print_comparison([out / n for n, _ in suite_configs(names, scale, seeds, set_ or [])],
                       title=f"comparison ({data}, scale {scale}): MAE and bias scores in years, test split")
     console.print(f"report: {report}")
@@ -562,12 +608,19 @@ def suite_command(
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="Finished run folders (each with metrics_test.json)."),
     out: Path = typer.Option(..., "--out", help="Folder for comparison.csv/.md, plots and report.html."),
+    reference: Optional[str] = typer.Option(
+        None, "--reference", help="Also show a published table beside fairage's: 'seed' (the seed report's "
+                                  "Table 1 on APPA-REAL, not measured by fairage)."),
 ) -> None:
     """Build the comparison table, plots and report.html from existing run folders."""
+    from .reference import REFERENCES
     from .report import build_report
 
-    report = build_report(run_dirs, out)
-    _print_comparison(list(run_dirs), title="comparison: MAE and bias scores in years, test split")
+    if reference is not None and reference not in REFERENCES:
+        fail(f"--reference: unknown table {reference!r}; available: {', '.join(REFERENCES)}")
+    report = build_report(run_dirs, out, reference=reference)
+    _print_comparison(list(run_dirs), title="comparison: MAE and bias scores in years, test split",
+                      reference=reference)
     console.print(f"report: {report}")
 
 
@@ -582,12 +635,11 @@ def demo_command(
     """Synthetic benchmark + M1..M5 at CPU scale (minutes on a laptop); prints the table and report path."""
     from .suite import REPORT_PRESETS, run_demo
 
-    report = run_demo(out, pretrain=pretrain, progress=not quiet)
-    if quiet:
-        # run_demo printed nothing; the table and the path are the demo's result
-        _print_comparison([out / p for p in REPORT_PRESETS],
-                          title="synthetic benchmark: MAE and bias scores in years, test split")
-        console.print(f"report: {report}")
+    report = run_demo(out, pretrain=pretrain, progress=not quiet, on_event=_suite_printer(quiet))
+    _print_comparison([out / p for p in REPORT_PRESETS],
+                      title="synthetic benchmark: MAE and bias scores in years, test split")
+    console.print("[bold]The data is synthetic: these numbers say nothing about real faces.[/bold]")
+    console.print(f"report: {report}")
 
 
 # =========================================================================== entry point

@@ -6,12 +6,10 @@ Plots are written atomically as PNG with matplotlib's Agg backend (no display).
 from __future__ import annotations
 
 import base64
-import html
-import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -23,8 +21,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .atomic import atomic_path, write_text  # noqa: E402
+from .config import ExperimentConfig, dump_config  # noqa: E402
 from .errors import ConfigError, DataError  # noqa: E402
+from .metrics import EvaluationResult  # noqa: E402
 from .plots import save_figure  # noqa: E402
+from .runs import RunFolder  # noqa: E402
 
 
 # =========================================================================== comparison report (issue 6)
@@ -55,69 +56,38 @@ COMPARISON_COLUMNS: tuple[str, ...] = (*TABLE1_COLUMNS, *INTERVAL_COLUMNS, "Runs
 
 
 @dataclass
-class RunRecord:
-    """One finished run folder, read back.
+class FinishedRun:
+    """One finished run folder, read back for the comparison.
 
     ``label`` is the model name shown in tables (the config's ``name``; runs that
     share a label and differ only in ``seed`` are seeds of one model).
     """
 
-    run_dir: Path
+    folder: RunFolder
     label: str
-    config: "object"  # fairage.config.ExperimentConfig
-    metrics: dict
+    config: ExperimentConfig
+    metrics: EvaluationResult
     history: pd.DataFrame | None = None
-    extra: dict = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.path
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path} not found: the run is not finished (metrics_test.json is written last)") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON: {err}") from None
-
-
-def run_warnings(run_info: dict) -> list[str]:
-    """The warnings a run recorded in its ``run.json``: stages stopped on NaN/inf, then others (collapse)."""
-    return [*(run_info.get("stopped") or {}).values(), *run_info.get("warnings", [])]
-
-
-def load_run(run_dir: str | Path) -> RunRecord:
-    """Read a finished run folder (config.yaml, metrics_test.json, optional history.csv).
+def load_run(run_dir: str | Path) -> FinishedRun:
+    """Read a finished run folder (config.yaml, metrics_test.json, history.csv, run.json if present).
 
     Raises DataError naming the file when the folder is missing, unfinished or
     corrupt, ConfigError when its config.yaml does not validate.
     """
-    from .config import read_yaml, validate_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise DataError(f"run folder not found: {run_dir}")
-    metrics = _read_json(run_dir / "metrics_test.json")
-    for key in ("mae", "bias"):
-        if key not in metrics:
-            raise DataError(f"{run_dir / 'metrics_test.json'} has no '{key}' entry")
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise DataError(f"{cfg_path} not found")
-    cfg = validate_config(read_yaml(cfg_path), str(cfg_path))
-    history = None
-    hist_path = run_dir / "history.csv"
-    if hist_path.is_file():
-        try:
-            history = pd.read_csv(hist_path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise DataError(f"{hist_path} is not a readable CSV: {err}") from None
-        missing = {"stage", "train_loss", "val_loss", "train_mae", "val_mae"} - set(history.columns)
-        if missing:
-            raise DataError(f"{hist_path} lacks columns {sorted(missing)}")
-    run_info = {}
-    if (run_dir / "run.json").is_file():  # optional: warnings and where the weights came from
-        run_info = _read_json(run_dir / "run.json")
-    return RunRecord(run_dir=run_dir, label=cfg.name, config=cfg, metrics=metrics, history=history,
-                     extra={"run": run_info})
+    folder = RunFolder.open(run_dir, record_required=False)
+    metrics = folder.metrics()
+    if metrics is None:
+        raise DataError(f"{folder.file(RunFolder.METRICS)} not found: the run is not finished "
+                        "(metrics_test.json is written last)")
+    cfg = folder.config()
+    history = folder.history() if folder.file(RunFolder.HISTORY).is_file() else None
+    return FinishedRun(folder=folder, label=cfg.name, config=cfg, metrics=metrics, history=history)
 
 
 def _config_without_seed(cfg) -> dict:
@@ -126,17 +96,17 @@ def _config_without_seed(cfg) -> dict:
     return d
 
 
-def load_runs(runs: Sequence[RunRecord | str | Path]) -> list[RunRecord]:
-    """Read run folders (or pass RunRecords through) and make labels unambiguous.
+def load_runs(runs: Sequence[FinishedRun | str | Path]) -> list[FinishedRun]:
+    """Read run folders (or pass FinishedRuns through) and make labels unambiguous.
 
     Runs with the same config ``name`` whose configs are equal apart from ``seed`` are
     seeds of one model and keep the name; otherwise each such run is labelled
     ``"<name> (<folder name>)"``.
     """
-    records = [r if isinstance(r, RunRecord) else load_run(r) for r in runs]
+    records = [r if isinstance(r, FinishedRun) else load_run(r) for r in runs]
     if not records:
         raise DataError("no run folders given")
-    by_label: dict[str, list[RunRecord]] = {}
+    by_label: dict[str, list[FinishedRun]] = {}
     for r in records:
         by_label.setdefault(r.label, []).append(r)
     for label, group in by_label.items():
@@ -148,8 +118,8 @@ def load_runs(runs: Sequence[RunRecord | str | Path]) -> list[RunRecord]:
     return records
 
 
-def _group(records: list[RunRecord]) -> dict[str, list[RunRecord]]:
-    out: dict[str, list[RunRecord]] = {}
+def _group(records: list[FinishedRun]) -> dict[str, list[FinishedRun]]:
+    out: dict[str, list[FinishedRun]] = {}
     for r in records:
         out.setdefault(r.label, []).append(r)
     return out
@@ -178,25 +148,23 @@ def _strategy(cfg) -> str:
     return "; ".join(parts)
 
 
-def _metric_values(metrics: dict) -> dict[str, float]:
+def _metric_values(metrics: EvaluationResult) -> dict[str, float]:
     """Table columns -> value for one run (NaN where the metrics have no entry)."""
     out: dict[str, float] = {}
-    bias = metrics.get("bias", {}) or {}
-    bias_ci = metrics.get("bias_ci", {}) or {}
+
+    def bounds(ci) -> tuple[float, float]:
+        return (math.nan, math.nan) if ci is None else (float(ci[0]), float(ci[1]))
+
     for attr, col in BIAS_COLUMNS.items():
-        v = bias.get(attr)
-        out[col] = float(v) if v is not None else math.nan
-        ci = bias_ci.get(attr) or [None, None]
-        out[f"{col} CI low"] = float(ci[0]) if ci[0] is not None else math.nan
-        out[f"{col} CI high"] = float(ci[1]) if ci[1] is not None else math.nan
-    out["MAE"] = float(metrics["mae"])
-    ci = metrics.get("mae_ci") or [None, None]
-    out["MAE CI low"] = float(ci[0]) if ci[0] is not None else math.nan
-    out["MAE CI high"] = float(ci[1]) if ci[1] is not None else math.nan
+        v = metrics.bias.get(attr)
+        out[col] = math.nan if v is None else float(v)
+        out[f"{col} CI low"], out[f"{col} CI high"] = bounds(metrics.bias_ci.get(attr))
+    out["MAE"] = float(metrics.mae)
+    out["MAE CI low"], out["MAE CI high"] = bounds(metrics.mae_ci)
     return out
 
 
-def comparison_values(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
+def comparison_values(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     """One numeric row per run: Model, run folder, seed and every measured column."""
     records = load_runs(runs)
     rows = []
@@ -216,7 +184,7 @@ def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
     return f"{a.mean():.{digits}f} ± {a.std(ddof=1):.{digits}f}"
 
 
-def comparison_table(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
+def comparison_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     """The seed report's Table 1 for the given runs, one row per model, runs' order.
 
     Columns: ``COMPARISON_COLUMNS`` = Model, Learning rate, Training strategy, Gender
@@ -312,7 +280,7 @@ def rich_table(table: pd.DataFrame, title: str | None = None, digits: int = 2):
 # --------------------------------------------------------------------------- plots
 
 
-def plot_all_training_curves(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+def plot_all_training_curves(runs: Sequence[FinishedRun | str | Path], path: str | Path) -> Path:
     """Training and validation MAE (years) per cumulative epoch, one panel per model.
 
     Seeds of one model are drawn in the same panel. A dashed line marks the start
@@ -355,7 +323,7 @@ def plot_all_training_curves(runs: Sequence[RunRecord | str | Path], path: str |
     return save_figure(fig, path)
 
 
-def group_mae_frame(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
+def group_mae_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     """Per-group test MAE: columns Model, attribute, group, n, mae (mean over runs), mae_std.
 
     ``mae_std`` is the standard deviation over a model's runs (NaN for one run).
@@ -364,10 +332,9 @@ def group_mae_frame(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
     records = load_runs(runs)
     rows = []
     for r in records:
-        for attr, groups in (r.metrics.get("groups") or {}).items():
-            for g, v in groups.items():
-                rows.append({"Model": r.label, "attribute": attr, "group": str(g),
-                             "n": int(v.get("n", 0)), "mae": float(v["mae"]) if v.get("mae") is not None else math.nan})
+        for attr, groups in r.metrics.groups.items():
+            for g, score in groups.items():
+                rows.append({"Model": r.label, "attribute": attr, "group": str(g), "n": score.n, "mae": score.mae})
     if not rows:
         return pd.DataFrame(columns=["Model", "attribute", "group", "n", "mae", "mae_std"])
     df = pd.DataFrame(rows)
@@ -377,7 +344,7 @@ def group_mae_frame(runs: Sequence[RunRecord | str | Path]) -> pd.DataFrame:
     return out
 
 
-def plot_group_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -> Path:
     """Per-group test MAE (years) bars, one panel per attribute, models side by side.
 
     Error bars: standard deviation over seeds when a model has several runs.
@@ -421,7 +388,7 @@ def plot_group_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> 
     return save_figure(fig, path)
 
 
-def plot_bias_vs_mae(runs: Sequence[RunRecord | str | Path], path: str | Path) -> Path:
+def plot_bias_vs_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -> Path:
     """Bias against MAE, one panel per bias score, one point per model with its intervals.
 
     Points sit at the mean over a model's runs; error bars are the bootstrap
@@ -491,7 +458,7 @@ def summarize_faces(faces: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return out
 
 
-def _summary_from_predictions(records: list[RunRecord]) -> tuple[dict[str, pd.DataFrame], str] | None:
+def _summary_from_predictions(records: list[FinishedRun]) -> tuple[dict[str, pd.DataFrame], str] | None:
     for r in records:
         p = r.run_dir / "predictions_test.csv"
         if p.is_file():
@@ -521,93 +488,78 @@ pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 """
 
 
-def _html_table(df: pd.DataFrame, caption: str | None = None, index: bool = False, digits: int = 3,
-                table_id: str | None = None) -> str:
-    cols = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
-    text_cols = {"Model", "Training strategy", "group", "attribute"} | ({df.index.name} if index else set())
-    parts = [f'<table{f" id={chr(34)}{table_id}{chr(34)}" if table_id else ""}>']
-    if caption:
-        parts.append(f"<caption>{html.escape(caption)}</caption>")
-    parts.append("<thead><tr>" + "".join(
-        f'<th class="{"text" if c in text_cols else "num"}">{html.escape(c)}</th>' for c in cols) + "</tr></thead><tbody>")
+_TEXT_COLUMNS = {"Model", "Training strategy", "group", "attribute"}
+
+
+def _table_context(df: pd.DataFrame, caption: str | None = None, index: bool = False, digits: int = 3,
+                   table_id: str | None = None) -> dict:
+    """A DataFrame as the template's table: column names with their CSS class, formatted cells."""
+    text_cols = _TEXT_COLUMNS | ({df.index.name} if index else set())
+    names = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
+    rows = []
     for idx, row in df.iterrows():
         cells = ([(df.index.name, idx)] if index else []) + [(str(c), row[c]) for c in df.columns]
-        parts.append("<tr>" + "".join(
-            f'<td class="{"text" if c in text_cols else "num"}">{html.escape(_cell(v, digits))}</td>' for c, v in cells) + "</tr>")
-    parts.append("</tbody></table>")
-    return "".join(parts)
+        rows.append([(_cell(v, digits), "text" if c in text_cols else "num") for c, v in cells])
+    return {"id": table_id, "caption": caption, "rows": rows,
+            "columns": [(c, "text" if c in text_cols else "num") for c in names]}
 
 
-def _img_tag(png: Path, alt: str) -> str:
-    data = base64.b64encode(Path(png).read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+def _template():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    env = Environment(loader=PackageLoader("fairage", "templates"), autoescape=select_autoescape(["j2", "html"]),
+                      undefined=StrictUndefined, keep_trailing_newline=True)
+    return env.get_template("report.html.j2")
 
 
-def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records: list[RunRecord],
+def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records: list[FinishedRun],
                 summary: dict[str, pd.DataFrame] | None, summary_source: str | None,
-                title: str = "fairage comparison report") -> str:
-    """The report page as one string: inline CSS, PNGs as base64 data URIs, no scripts."""
-    level = None
-    for r in records:
-        level = r.config.eval.level
-        break
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    body.append(
-        '<p class="note">MAE and bias scores in years on the test split. A bias score is the mean, over all '
-        "pairs of groups of an attribute, of the absolute difference of the groups' MAEs (age groups by "
-        "ground-truth age: [0,20), [20,40), [40,60), [60,inf)). Brackets: bootstrap "
-        f"{int(round((level or 0.95) * 100))}% intervals. With several runs per model, cells are mean ± std "
-        "over runs.</p>")
-    body.append("<h2>Comparison (the seed report's Table 1)</h2>")
-    body.append(_html_table(display_table(table), table_id="comparison"))
-    body.append("<h2>Plots</h2>")
-    for caption, png in images:
-        body.append(f"<h3>{html.escape(caption)}</h3>" + _img_tag(png, caption))
+                title: str = "fairage comparison report", reference: str | None = None) -> str:
+    """The report page as one string (Jinja2 template ``templates/report.html.j2``).
+
+    Inline CSS, PNGs as base64 data URIs, no scripts. ``reference``: the name of a
+    published table (``fairage.reference``) to show beside fairage's, marked as such.
+    """
+    level = records[0].config.eval.level if records else 0.95
+    groups = None
     gm = group_mae_frame(records)
     if not gm.empty:
-        body.append("<h2>Test MAE per group (years)</h2>")
         wide = gm.pivot_table(index=["attribute", "group"], columns="Model", values="mae", sort=False)
         wide = wide.reindex(columns=list(dict.fromkeys(gm["Model"])))
         n = gm.drop_duplicates(["attribute", "group"]).set_index(["attribute", "group"])["n"]
         wide.insert(0, "n", n.reindex(wide.index).to_numpy())
-        wide = wide.reset_index()
-        body.append(_html_table(wide, table_id="groups"))
-    body.append("<h2>Dataset</h2>")
-    if summary:
-        if summary_source:
-            body.append(f'<p class="note">{html.escape(summary_source)}</p>')
-        body.append('<div class="summary">' + "".join(
-            _html_table(t, caption=f"faces per {attr}", index=True) for attr, t in summary.items()) + "</div>")
-    else:
-        body.append('<p class="note">no dataset summary available</p>')
-    body.append("<h2>Model configurations</h2>")
-    from .config import dump_config
-
-    seen = set()
+        groups = _table_context(wide.reset_index(), table_id="groups")
+    models, seen = [], set()
     for r in records:
         if r.label in seen:
             continue
         seen.add(r.label)
-        desc = r.config.description.strip()
-        body.append(f"<h3>{html.escape(r.label)}</h3>")
-        if desc:
-            body.append(f"<p>{html.escape(desc)}</p>")
-        body.append(f'<p class="note">run folder: {html.escape(str(r.run_dir))}</p>')
-        run_info = r.extra.get("run", {})
-        if "weights_loaded" in run_info:
-            start = (f"pretrained weights {run_info.get('weights', '')}" if run_info["weights_loaded"]
+        record = r.folder.record
+        start = None
+        if record is not None:
+            start = (f"pretrained weights {record.weights or ''}" if record.weights_loaded
                      else "random initialisation (no pretrained weights)")
-            body.append(f'<p class="note">started from {html.escape(start)}</p>')
-        for message in run_warnings(run_info):
-            body.append(f'<p class="warning">warning: {html.escape(str(message))}</p>')
-        body.append(f"<pre>{html.escape(dump_config(r.config))}</pre>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+        models.append({"label": r.label, "description": r.config.description.strip(), "run_dir": str(r.run_dir),
+                       "start": start, "warnings": r.folder.warnings() if record is not None else [],
+                       "config_yaml": dump_config(r.config)})
+    reference_context = None
+    if reference is not None:
+        from .reference import PUBLISHED_NOTE, reference_table
+
+        reference_context = {"note": PUBLISHED_NOTE,
+                             "table": _table_context(reference_table(reference), caption=PUBLISHED_NOTE,
+                                                     table_id="reference")}
+    return _template().render(
+        title=title, css=_CSS, level_pct=int(round(level * 100)),
+        comparison=_table_context(display_table(table), table_id="comparison"), reference=reference_context,
+        images=[(caption, base64.b64encode(Path(png).read_bytes()).decode("ascii")) for caption, png in images],
+        groups=groups, summary=[_table_context(t, caption=f"faces per {attr}", index=True)
+                                for attr, t in (summary or {}).items()],
+        summary_source=summary_source, models=models)
 
 
-def build_report(run_dirs: Sequence[RunRecord | str | Path], out_dir: str | Path,
-                 dataset_summary: pd.DataFrame | dict | None = None) -> Path:
+def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Path,
+                 dataset_summary: pd.DataFrame | dict | None = None, reference: str | None = None) -> Path:
     """Write the comparison of finished runs into ``out_dir``; return ``report.html``'s path.
 
     Writes ``comparison.csv`` (``comparison_table``), ``comparison.md`` (the display
@@ -615,7 +567,9 @@ def build_report(run_dirs: Sequence[RunRecord | str | Path], out_dir: str | Path
     ``bias_vs_mae.png`` and ``report.html`` (self-contained: inline CSS, images as data
     URIs, no scripts, fonts or links to fetch). ``dataset_summary`` is a face table
     (counted with ``summarize_faces``) or its result; None counts the test faces in
-    the first run's ``predictions_test.csv``. All files are written atomically.
+    the first run's ``predictions_test.csv``. ``reference`` names a published table
+    (``fairage.reference``, e.g. ``"seed"``) shown beside fairage's, marked as not
+    measured by fairage. All files are written atomically.
     """
     out_dir = Path(out_dir)
     records = load_runs(run_dirs)
@@ -639,7 +593,7 @@ def build_report(run_dirs: Sequence[RunRecord | str | Path], out_dir: str | Path
         summary = dataset_summary
     else:
         raise ConfigError(f"dataset_summary must be a face table or a dict, got {type(dataset_summary).__name__}")
-    page = render_html(table, images, records, summary, source)
+    page = render_html(table, images, records, summary, source, reference=reference)
     report = out_dir / "report.html"
     write_text(report, page)
     return report

@@ -72,8 +72,9 @@ class RunRecord(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     stopped_stages: dict[str, str] = Field(default_factory=dict, alias="stopped")
 
-    def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json", by_alias=False, exclude_none=True), indent=2) + "\n"
+    def to_json(self) -> dict:
+        """The JSON-ready object of ``run.json``."""
+        return self.model_dump(mode="json", by_alias=False, exclude_none=True)
 
 
 def is_rank_zero() -> bool:
@@ -174,20 +175,24 @@ class RunFolder:
         if is_rank_zero():
             folder.path.mkdir(parents=True, exist_ok=True)
             write_text(folder.file(cls.CONFIG), dump_config(absolute_paths(cfg)))
-            write_text(folder.file(cls.RUN), record.to_json())
+            write_text(folder.file(cls.RUN), json.dumps(record.to_json(), indent=2) + "\n")
             folder.file(cls.HISTORY).unlink(missing_ok=True)
         return folder
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunFolder":
-        """An existing run folder; DataError naming the file when it is not one or its run.json is corrupt."""
+    def open(cls, path: str | Path, record_required: bool = True) -> "RunFolder":
+        """An existing run folder; DataError naming the file when it is not one or its run.json is corrupt.
+
+        ``record_required=False`` also opens a folder without ``run.json`` (``record`` is then None).
+        """
         folder = cls(path)
         if not folder.path.is_dir():
             raise DataError(f"run folder not found: {folder.path}")
-        for name in (cls.RUN, cls.CONFIG):
+        for name in (cls.RUN, cls.CONFIG) if record_required else (cls.CONFIG,):
             if not folder.file(name).is_file():
                 raise DataError(f"{folder.path} is not a fairage run folder (no {name})")
-        folder.record = folder._read_record()
+        if folder.file(cls.RUN).is_file():
+            folder.record = folder._read_record()
         return folder
 
     @classmethod
@@ -257,7 +262,7 @@ class RunFolder:
         data = {**self.record.model_dump(by_alias=False), **fields}
         self.record = RunRecord.model_validate(data)
         if is_rank_zero():
-            write_text(self.file(self.RUN), self.record.to_json())
+            write_text(self.file(self.RUN), json.dumps(self.record.to_json(), indent=2) + "\n")
         return self.record
 
     def is_finished(self) -> bool:
@@ -279,6 +284,8 @@ class RunFolder:
 
     def warnings(self) -> list[str]:
         """Everything the run warns about: stages stopped on a non-finite loss, then the others."""
+        if self.record is None:
+            return []
         return [*self.record.stopped_stages.values(), *self.record.warnings]
 
     # ------------------------------------------------------------------ history, metrics, data

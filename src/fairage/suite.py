@@ -13,15 +13,14 @@ are chosen so that the whole demo fits in 10 minutes on 2 CPU cores.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from .config import ExperimentConfig, apply_scale, dump_config, load_preset, preset_raw
-from .errors import ConfigError
+from .config import ExperimentConfig, apply_scale, load_preset, preset_raw
+from .errors import ConfigError, FairageError
+from .runs import RunFolder
 
 #: the seed report's five configurations, in its order
 REPORT_PRESETS: tuple[str, ...] = ("M1", "M2", "M3", "M4", "M5")
@@ -81,42 +80,41 @@ def _overrides_for(preset: str, scale: str, overrides: Sequence[str]) -> list[st
     return kept
 
 
-def _same_run(run_dir: Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:
-    """True when ``run_dir`` holds a run (finished or not) of ``cfg`` on ``data_dir``."""
-    cfg_path, info_path = run_dir / "config.yaml", run_dir / "run.json"
-    if not cfg_path.is_file() or not info_path.is_file():
-        return False
-    try:
-        stored = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-        info = json.loads(info_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    # compare as the YAML the training wrote (dump_config), so float/path formatting matches
-    if stored != yaml.safe_load(dump_config(cfg)):
-        return False
-    recorded = info.get("data_dir")
-    return bool(recorded) and Path(recorded).resolve() == Path(data_dir).resolve()
-
-
 def is_finished_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Path) -> bool:
-    """True when ``run_dir`` holds a finished run of ``cfg`` on ``data_dir``.
-
-    Finished = ``metrics_test.json`` exists (training writes it last); same run =
-    its ``config.yaml`` equals ``cfg`` and its ``run.json`` names ``data_dir``.
-    """
-    run_dir = Path(run_dir)
-    return (run_dir / "metrics_test.json").is_file() and _same_run(run_dir, cfg, data_dir)
+    """True when ``run_dir`` holds a finished run of ``cfg`` on ``data_dir`` (``RunFolder.matches``)."""
+    folder = _matching_run(run_dir, cfg, data_dir)
+    return folder is not None and folder.is_finished()
 
 
-def _console(progress: bool):
-    from rich.console import Console
+def _matching_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Path) -> RunFolder | None:
+    """The run folder in ``run_dir`` when it holds a run (finished or not) of ``cfg`` on ``data_dir``."""
+    if not RunFolder.exists(run_dir):
+        return None
+    try:
+        folder = RunFolder.open(run_dir)
+    except FairageError:  # a damaged folder is not this run
+        return None
+    return folder if folder.matches(cfg, data_dir) else None
 
-    return Console(quiet=not progress)
+
+@dataclass
+class SuiteEvent:
+    """One step of a suite, for its caller to show: ``message``, and whether it is a warning."""
+
+    message: str
+    warning: bool = False
+
+
+SuiteListener = Callable[[SuiteEvent], None]
+
+
+def _ignore(event: SuiteEvent) -> None:
+    """The listener of a caller that shows nothing."""
 
 
 def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] = REPORT_PRESETS,
               scale: str = "cpu", seeds: int = 1, overrides: Sequence[str] | None = None,
-              progress: bool = True) -> Path:
+              progress: bool = True, on_event: SuiteListener | None = None) -> Path:
     """Train and compare presets; return the path of ``out_dir/report.html``.
 
     Each (preset, seed) trains into ``out_dir/<preset>`` (``<preset>-seed<k>`` with
@@ -124,14 +122,15 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     split. A folder that already holds a finished run of the same config and data is
     reused, not retrained. Then ``comparison.csv``, ``comparison.md``, the plots and
     ``report.html`` are written into ``out_dir``, with the dataset's counts per
-    attribute.
+    attribute. ``progress``: Lightning's progress bars; ``on_event`` receives each step
+    (training, reusing, and each run's warnings, stages stopped on a non-finite loss included).
     """
     from .data import load_faces
     from .report import build_report
 
     data_dir = Path(data_dir)
     out_dir = Path(out_dir)
-    console = _console(progress)
+    notify = on_event or _ignore
     # resolve every config and read the data first, so a typo fails before hours of training
     plan = suite_configs(presets, scale, seeds, overrides)
     faces = load_faces(data_dir)
@@ -139,13 +138,13 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     run_dirs = []
     for i, (name, cfg) in enumerate(plan, start=1):
         run_dir = out_dir / name
-        _train_or_reuse(run_dir, cfg, data_dir, f"[{i}/{len(plan)}] {name}", scale, console, progress)
+        _train_or_reuse(run_dir, cfg, data_dir, f"[{i}/{len(plan)}] {name}", scale, notify, progress)
         run_dirs.append(run_dir)
     return build_report(run_dirs, out_dir, dataset_summary=faces)
 
 
-def _train_or_reuse(run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: str, scale: str, console,
-                    progress: bool) -> None:
+def _train_or_reuse(run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: str, scale: str,
+                    notify: SuiteListener, progress: bool) -> None:
     """Leave a finished run of ``cfg`` on ``data_dir`` in ``run_dir``: reuse it, resume it, or train it.
 
     A folder holding a run of another config or data is kept under ``<name>.replaced-<k>``.
@@ -153,29 +152,34 @@ def _train_or_reuse(run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: s
     from . import training
 
     if is_finished_run(run_dir, cfg, data_dir):
-        console.print(f"{tag}: reusing the finished run in {run_dir}")
+        notify(SuiteEvent(f"{tag}: reusing the finished run in {run_dir}"))
+        _notify_warnings(run_dir, tag, notify)
         return
-    resume = _same_run(run_dir, cfg, data_dir)  # an interrupted run of this very config
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    resume = _matching_run(run_dir, cfg, data_dir) is not None  # an interrupted run of this very config
+    if not resume and run_dir.exists() and any(p.name != RunFolder.LOCK for p in run_dir.iterdir()):
         # another config or data set ran here: keep it, under a new name, and start afresh
         k = 1
         while run_dir.with_name(f"{run_dir.name}.replaced-{k}").exists():
             k += 1
         moved = run_dir.rename(run_dir.with_name(f"{run_dir.name}.replaced-{k}"))
-        console.print(f"{tag}: {run_dir} held a run of another config or data; moved it to {moved}")
+        notify(SuiteEvent(f"{tag}: {run_dir} held a run of another config or data; moved it to {moved}"))
     verb = "resuming the interrupted run" if resume else "training"
-    console.print(f"{tag}: {verb} ({cfg.strategy}, scale {scale}, seed {cfg.seed}) in {run_dir}")
+    notify(SuiteEvent(f"{tag}: {verb} ({cfg.strategy}, scale {scale}, seed {cfg.seed}) in {run_dir}"))
     started = time.perf_counter()
     training.train(cfg, data_dir, run_dir, resume=resume, progress=progress)
-    console.print(f"{tag}: done in {time.perf_counter() - started:.0f} s")
-    run_json = run_dir / "run.json"
-    warnings = json.loads(run_json.read_text(encoding="utf-8")).get("warnings", []) if run_json.is_file() else []
-    for message in warnings:
-        console.print(f"[yellow]{tag}: warning:[/yellow] {message}", highlight=False)
+    notify(SuiteEvent(f"{tag}: done in {time.perf_counter() - started:.0f} s"))
+    _notify_warnings(run_dir, tag, notify)
+
+
+def _notify_warnings(run_dir: Path, tag: str, notify: SuiteListener) -> None:
+    """Each warning of the run in ``run_dir`` (stopped stages first) as a warning event."""
+    if RunFolder.exists(run_dir):
+        for message in RunFolder.open(run_dir).warnings():
+            notify(SuiteEvent(f"{tag}: {message}", warning=True))
 
 
 def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int,
-                    console) -> Path:
+                    notify: SuiteListener) -> Path:
     """Write the synthetic benchmark into a folder named by its parameters, unless already complete."""
     from .data import write_synthetic
     from .data.synthetic import SYNTH_VERSION
@@ -183,18 +187,18 @@ def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size
     data_dir = out_dir / f"synthetic-v{SYNTH_VERSION}-{size}px-{n_train}-{n_valid}-{n_test}-seed{seed}"
     marker = data_dir / ".complete"
     if not marker.is_file():
-        console.print(f"writing the synthetic benchmark ({n_train}/{n_valid}/{n_test} faces, {size} px, "
-                      f"seed {seed}) to {data_dir}")
+        notify(SuiteEvent(f"writing the synthetic benchmark ({n_train}/{n_valid}/{n_test} faces, {size} px, "
+                          f"seed {seed}) to {data_dir}"))
         write_synthetic(data_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, size=size, seed=seed)
         marker.write_text("written by fairage demo\n", encoding="utf-8")
     else:
-        console.print(f"reusing the synthetic benchmark in {data_dir}")
+        notify(SuiteEvent(f"reusing the synthetic benchmark in {data_dir}"))
     return data_dir
 
 
 def pretrain_backbone(out_dir: str | Path, scale: str = "cpu", size: int = DEMO_SIZES["size"],
                       sizes: dict[str, int] | None = None, seed: int = PRETRAIN_SEED,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, on_event: SuiteListener | None = None) -> Path:
     """Train the demo's stand-in for a pretrained backbone; return its weights file.
 
     The report starts every model from a VGGFace2 ResNet50; nothing can be downloaded
@@ -209,15 +213,15 @@ def pretrain_backbone(out_dir: str | Path, scale: str = "cpu", size: int = DEMO_
 
     out_dir = Path(out_dir)
     sizes = {**PRETRAIN_SIZES, **(sizes or {})}
-    console = _console(progress)
+    notify = on_event or _ignore
     weights = out_dir / "pretrained-backbone.safetensors"
-    data_dir = _synthetic_once(out_dir, sizes["n_train"], sizes["n_valid"], sizes["n_test"], size, seed, console)
+    data_dir = _synthetic_once(out_dir, sizes["n_train"], sizes["n_valid"], sizes["n_test"], size, seed, notify)
     cfg = load_preset("M1", scale, ["name=pretrain"])
     run_dir = out_dir / "pretrain"
     if weights.is_file() and is_finished_run(run_dir, cfg, data_dir):
-        console.print(f"reusing the pretrained backbone {weights}")
+        notify(SuiteEvent(f"reusing the pretrained backbone {weights}"))
         return weights
-    _train_or_reuse(run_dir, cfg, data_dir, "pretraining the stand-in backbone (M1)", scale, console, progress)
+    _train_or_reuse(run_dir, cfg, data_dir, "pretraining the stand-in backbone (M1)", scale, notify, progress)
     return training.export_backbone(run_dir, weights)
 
 
@@ -225,8 +229,8 @@ def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_
              scale: str = "cpu", n_train: int = DEMO_SIZES["n_train"], n_valid: int = DEMO_SIZES["n_valid"],
              n_test: int = DEMO_SIZES["n_test"], size: int = DEMO_SIZES["size"], seed: int = DEMO_SEED,
              pretrain: bool = True, pretrain_sizes: dict[str, int] | None = None,
-             progress: bool = True) -> Path:
-    """Synthetic benchmark + suite at ``cpu`` scale on M1..M5; print the table; return report.html.
+             progress: bool = True, on_event: SuiteListener | None = None) -> Path:
+    """Synthetic benchmark + suite at ``cpu`` scale on M1..M5; return report.html (its table: ``comparison.csv``).
 
     The data goes to ``out_dir/synthetic-v<version>-<size>px-<n_train>-<n_valid>-<n_test>-seed<seed>``
     (the name records its parameters, so runs trained on other data are never reused)
@@ -235,22 +239,16 @@ def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_
     ``pretrain_backbone``, as the report's models start from VGGFace2; without it they
     start from random init and the frozen-backbone presets M2/M4 have nothing to build on.
     """
-    from .report import comparison_table, rich_table
-
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    console = _console(progress)
-    data_dir = _synthetic_once(out_dir, n_train, n_valid, n_test, size, seed, console)
+    notify = on_event or _ignore
+    data_dir = _synthetic_once(out_dir, n_train, n_valid, n_test, size, seed, notify)
     overrides = []
     if pretrain:
-        weights = pretrain_backbone(out_dir, scale, size, pretrain_sizes, progress=progress)
+        weights = pretrain_backbone(out_dir, scale, size, pretrain_sizes, progress=progress, on_event=on_event)
         # fine-tuning a trained backbone wants a smaller step than cpu scale's 1e-3 from random init
         overrides += [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]
     report = run_suite(data_dir, out_dir, presets=presets, scale=scale, seeds=1, overrides=overrides,
-                       progress=progress)
-    run_dirs = [out_dir / p for p in presets]
-    console.print(rich_table(comparison_table(run_dirs),
-                             title="synthetic benchmark: MAE and bias scores (years), test split"))
-    console.print("[bold]The data is synthetic: these numbers say nothing about real faces.[/bold]")
-    console.print(f"report: {report}  (demo wall time {time.perf_counter() - started:.0f} s)")
+                       progress=progress, on_event=on_event)
+    notify(SuiteEvent(f"demo wall time {time.perf_counter() - started:.0f} s"))
     return report

@@ -33,7 +33,8 @@ def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions)
         if column in faces.columns:
             table[column] = faces[column].to_numpy()
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6f")
+        # shortest round-trip digits: the file holds exactly the values the run scored
+        table.to_csv(tmp, index=False)
 
 
 def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
@@ -46,7 +47,7 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
     try:
-        table = pd.read_csv(path, dtype={"image": str})
+        table = pd.read_csv(path, dtype={"image": str}, float_precision="round_trip")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
     missing = [c for c in ("image", "prediction") if c not in table.columns]
