@@ -26,7 +26,7 @@ import torch
 def main(argv: list[str] | None = None) -> None:
     from fairage.config import HeadBlock, ModelConfig, StageConfig, TrainerConfig
     from fairage.models import build_model
-    from fairage.training import fit_stage, resolve_precision
+    from fairage.training import StageArrays, fit_stage, resolve_precision
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            fit_stage(model, stage_name, stage, train_images, train_ages, val_images, val_ages, run_dir=tmp,
+            fit_stage(model, stage_name, stage, StageArrays(train_images, train_ages, val_images, val_ages), tmp,
                       trainer_cfg=trainer_cfg, num_workers=workers, progress=False)
             if cuda:
                 torch.cuda.synchronize()

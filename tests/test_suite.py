@@ -89,6 +89,25 @@ def test_finished_runs_are_reused(finished_suite, monkeypatch, tmp_path):
     assert calls[-1] == ("M1", True)
 
 
+def test_a_stage_stopped_on_nan_shows_in_the_suite_console(finished_suite, monkeypatch, tmp_path):
+    data, out, _ = finished_suite
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stop = "stage2: val_loss became nan at epoch 2; stage stopped, keeping its best checkpoint"
+    info = json.loads((copy / "M1" / "run.json").read_text())
+    (copy / "M1" / "run.json").write_text(json.dumps({**info, "stopped_stages": {"stage2": stop}}))
+
+    def fail(*a, **k):
+        raise AssertionError("train() called for a finished run")
+
+    monkeypatch.setattr(training, "train", fail)
+    res = CliRunner().invoke(app, ["suite", "--data", str(data), "--out", str(copy), "--presets", "M1,M2",
+                                   "--scale", "tiny", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: [1/2] M1: {stop}" in " ".join(res.output.split())
+    assert "M2: stage" not in res.output
+
+
 def test_cli_suite_reuses_and_prints_the_table(finished_suite, monkeypatch):
     data, out, _ = finished_suite
 

@@ -4,7 +4,7 @@ Every command turns a FairageError (bad file, bad config, bad argument) into one
 red message on stderr and exit code 2, never a traceback; a full disk is one message
 and exit code 1.
 
-Each issue's commands live in their own section below; keep commands thin: parse
+Commands are grouped in sections below (data, evaluation, weighting, training, suite); keep them thin: parse
 arguments, call the library, print with rich.
 """
 
@@ -83,7 +83,7 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-# =========================================================================== data (issue 2)
+# =========================================================================== data
 
 
 @app.command("synth")
@@ -185,7 +185,7 @@ def data_info_command(
     console.print(hist)
 
 
-# =========================================================================== evaluation (issue 3)
+# =========================================================================== evaluation
 
 
 def _run_predictions(run_dir: Path):
@@ -368,7 +368,7 @@ def submit_command(
     console.print(f"wrote {out} ({len(ages)} test predictions)", highlight=False)
 
 
-# =========================================================================== weighting (issue 4)
+# =========================================================================== weighting
 
 
 @app.command("weights")
@@ -432,7 +432,7 @@ def weights_command(
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
 
 
-# =========================================================================== training (issue 5)
+# =========================================================================== training
 
 
 def _train_summary(run_dir: Path, metrics) -> None:
@@ -535,7 +535,7 @@ def export_backbone_command(
     console.print(f"wrote {path}: use it with --set model.weights={path}", highlight=False)
 
 
-# =========================================================================== suite, report, demo (issue 6)
+# =========================================================================== suite, report, demo
 
 
 @app.command("presets")
@@ -560,14 +560,14 @@ def _print_comparison(run_dirs: list[Path], title: str, reference: Optional[str]
     if reference is not None:
         from rich.table import Table
 
-        from .reference import PUBLISHED_NOTE, reference_table
+        from .reference import PUBLISHED_NOTE, reference_display
 
-        published = reference_table(reference)
-        table = Table(title=f"{PUBLISHED_NOTE}", title_style="bold yellow")
+        published = reference_display(reference)
+        table = Table(title=PUBLISHED_NOTE, title_style="bold yellow")
         for column in published.columns:
             table.add_column(column, justify="left" if column == "Model" else "right")
         for row in published.itertuples(index=False):
-            table.add_row(row[0], *["-" if v != v else f"{v:g}" for v in row[1:]])
+            table.add_row(*row)
         console.print(table)
 
 

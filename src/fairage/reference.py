@@ -36,8 +36,9 @@ def reference_table(name: str = "seed") -> pd.DataFrame:
 
     Columns: Model, Gender bias, Expression bias, Ethnicity bias, Age bias, MAE.
 
-    >>> reference_table("seed").loc[4, ["Model", "MAE"]].tolist()
-    ['report M1', 9.59]
+    >>> row = reference_table("seed").iloc[4]
+    >>> row["Model"], float(row["MAE"]), float(row["Age bias"])
+    ('report M1', 9.59, 5.45)
     """
     if name not in REFERENCES:
         raise ConfigError(f"unknown reference {name!r}; available: {', '.join(REFERENCES)}")
@@ -46,3 +47,16 @@ def reference_table(name: str = "seed") -> pd.DataFrame:
             for model, mae, age, gender, ethnicity, expression in REFERENCES[name]]
     return pd.DataFrame(rows).astype({c: float for c in ("Gender bias", "Expression bias", "Ethnicity bias",
                                                           "Age bias", "MAE")})
+
+
+def reference_display(name: str = "seed") -> pd.DataFrame:
+    """``reference_table(name)`` as text: each figure as published, ``-`` where none was.
+
+    >>> reference_display("seed").iloc[0].tolist()
+    ['kit stage I only', '-', '-', '-', '-', '16.99']
+    """
+    table = reference_table(name)
+    shown = table.astype(object)
+    for column in table.columns[1:]:
+        shown[column] = ["-" if pd.isna(v) else f"{v:g}" for v in table[column]]
+    return shown

@@ -28,7 +28,7 @@ from .plots import save_figure  # noqa: E402
 from .runs import RunFolder  # noqa: E402
 
 
-# =========================================================================== comparison report (issue 6)
+# =========================================================================== comparison report
 #
 # A "run" is a training run folder as written by ``fairage.training.train``:
 # ``config.yaml``, ``metrics_test.json`` (the ``fairage.metrics.evaluate`` object),
@@ -126,7 +126,11 @@ def _group(records: list[FinishedRun]) -> dict[str, list[FinishedRun]]:
 
 
 def format_lr(lr: float) -> str:
-    """Learning rate as the seed report writes it: ``1e-5``, ``5e-5``, ``0.001``."""
+    """Learning rate as the seed report writes it: ``1e-5``, ``5e-5``, ``0.001``.
+
+    >>> format_lr(1e-05), format_lr(5e-5), format_lr(0.001)
+    ('1e-5', '5e-5', '0.001')
+    """
     return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{lr:g}").replace("e+", "e")
 
 
@@ -174,7 +178,13 @@ def comparison_values(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
 
 
 def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
-    """``"m ± s"`` of the values (s = sample standard deviation, ddof=1)."""
+    """``"m ± s"`` of the values (s = sample standard deviation, ddof=1); NaNs left out.
+
+    >>> format_mean_std([1.0, 2.0, 3.0])
+    '2.000 ± 1.000'
+    >>> format_mean_std([4.0, float("nan")], digits=1)
+    '4.0'
+    """
     a = np.asarray(values, dtype=float)
     a = a[~np.isnan(a)]
     if a.size == 0:
@@ -460,7 +470,7 @@ def summarize_faces(faces: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def _summary_from_predictions(records: list[FinishedRun]) -> tuple[dict[str, pd.DataFrame], str] | None:
     for r in records:
-        p = r.run_dir / "predictions_test.csv"
+        p = r.folder.file(RunFolder.PREDICTIONS)
         if p.is_file():
             try:
                 df = pd.read_csv(p)
@@ -544,10 +554,10 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
                        "config_yaml": dump_config(r.config)})
     reference_context = None
     if reference is not None:
-        from .reference import PUBLISHED_NOTE, reference_table
+        from .reference import PUBLISHED_NOTE, reference_display
 
         reference_context = {"note": PUBLISHED_NOTE,
-                             "table": _table_context(reference_table(reference), caption=PUBLISHED_NOTE,
+                             "table": _table_context(reference_display(reference), caption=PUBLISHED_NOTE,
                                                      table_id="reference")}
     return _template().render(
         title=title, css=_CSS, level_pct=int(round(level * 100)),

@@ -36,7 +36,11 @@ PRETRAINED_STAGE2_LR = 3e-4
 
 
 def run_name(preset: str, seed_index: int, seeds: int) -> str:
-    """Run folder name: ``<preset>`` for one seed, ``<preset>-seed<k>`` for several."""
+    """Run folder name: ``<preset>`` for one seed, ``<preset>-seed<k>`` for several.
+
+    >>> run_name("M5", 0, 1), run_name("M5", 2, 3)
+    ('M5', 'M5-seed2')
+    """
     return preset if seeds == 1 else f"{preset}-seed{seed_index}"
 
 

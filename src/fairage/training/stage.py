@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from ..config import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models import AgeRegressor
-from ..runs import read_checkpoint
+from ..runs import RunFolder, read_checkpoint
 from .factories import (StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning,
                         resolve_accelerator)
 from .module import AgeModule
@@ -99,7 +99,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
                                             num_workers=num_workers, seed=seed)
     module = AgeModule(model, stage, frozen=frozen, inputs="features" if use_cache else "images",
                        channels_last=channels_last, image_size=arrays.image_size)
-    cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / "history.csv" if history_file else None,
+    cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / RunFolder.HISTORY if history_file else None,
                          previous_history=previous_history, progress=progress, config_yaml=config_yaml,
                          extra=callbacks)
     trainer = make_trainer(trainer_cfg, stage, cbs.all, run_dir, progress)
