@@ -65,9 +65,17 @@ class WeightingConfig(StrictModel):
 
 
 class AugmentConfig(StrictModel):
-    """Training-time augmentation (off by default; the report's Task 2 forbids it)."""
+    """Training augmentation (off by default; the report's Task 2 forbids it).
+
+    ``mode: random``: random transforms drawn per image at every step (the fields below).
+    ``mode: replicate``: the course kit's Task 1, offline: before training, every face aged
+    ``min_age`` or more (the kit: 60) gets 4 extra copies (horizontal flip, brightness x0.5 in
+    HSV V, 5x5 Gaussian blur sigma 1, a shift of up to 25/224 of the side), seeded by the run's
+    seed (``fairage.augment.replicate_faces``); the other fields are not used.
+    """
 
     enabled: bool = False
+    mode: Literal["random", "replicate"] = "random"
     hflip: float = Field(0.5, ge=0, le=1)  # probability
     brightness: float = Field(0.2, ge=0)
     contrast: float = Field(0.2, ge=0)
@@ -96,6 +104,12 @@ class StageConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     #: stage I only: train the head on backbone features computed once
     cache_features: bool = True
+    #: stage I only: what trains on the frozen backbone: "head" (projection frozen too) or
+    #: "projection+head" (the kit's stage I: dim_proj trains; cached features are then the
+    #: pooled backbone output). Stage II trains every layer whatever this says.
+    trainable: Literal["head", "projection+head"] = "head"
+    #: Adam's epsilon (torch default 1e-8; Keras's default 1e-7)
+    adam_eps: float = Field(1e-8, gt=0)
 
 
 class HeadBlock(StrictModel):
@@ -104,7 +118,9 @@ class HeadBlock(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    #: torchvision ResNets, or "vggface2_resnet50": the VGGFace2 authors' Keras ResNet50 (the
+    #: course kit's network; its projection is dim_proj, Dense(projection_dim) + ReLU)
+    backbone: Literal["resnet18", "resnet34", "resnet50", "vggface2_resnet50"] = "resnet50"
     #: local .pth/.pt state dict or .safetensors; None = random init (recorded in the run)
     weights: Path | None = None
     #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
@@ -118,6 +134,16 @@ class ModelConfig(StrictModel):
     #: "imagenet" (RGB, ImageNet mean/std), "vggface2" (BGR 0-255 minus the VGGFace2 mean),
     #: "caffe" (BGR 0-255 minus 103.939/116.779/123.68, Keras resnet50.preprocess_input)
     input_norm: Literal["imagenet", "vggface2", "caffe"] = "imagenet"
+    #: initialisation of the Dense layers fairage creates (projection, head): "torch" (nn.Linear's
+    #: default) or "keras" (Keras Dense's default: glorot-uniform kernel, zero bias)
+    head_init: Literal["torch", "keras"] = "torch"
+
+    @model_validator(mode="after")
+    def _vggface2_has_dim_proj(self) -> "ModelConfig":
+        if self.backbone == "vggface2_resnet50" and self.projection_dim is None:
+            raise ValueError("backbone vggface2_resnet50 includes its dim_proj layer: projection_dim must be set "
+                             "(512 for the VGGFace2 weights)")
+        return self
 
 
 class DataConfig(StrictModel):
