@@ -363,12 +363,22 @@ def build_model(cfg: ModelConfig) -> tuple[AgeRegressor, dict]:
     }
 
 
+#: the weights file inside a model folder (``fairage import-keras``)
+MODEL_FOLDER_WEIGHTS = "model.safetensors"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():  # a model folder: config.yaml + model.safetensors
+        if not (path / MODEL_FOLDER_WEIGHTS).is_file():
+            raise ConfigError(f"model.weights {path} is a folder without {MODEL_FOLDER_WEIGHTS}: not a fairage "
+                              "model folder (fairage import-keras writes one)")
+        path = path / MODEL_FOLDER_WEIGHTS
     if not path.is_file():
         raise ConfigError(
             f"model.weights file not found: {path}. Supply a local state dict (.pth/.pt, e.g. "
             "torch.save(model.state_dict(), path)) or a .safetensors file of a torchvision "
-            "ResNet or of a fairage model, or set model.weights to null for random init; "
+            "ResNet or of a fairage model, a model folder (fairage import-keras), or set model.weights to "
+            "null for random init; "
             "nothing is downloaded"
         )
     suffix = path.suffix.lower()
@@ -402,7 +412,9 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     ``.safetensors``, holding either a whole fairage model (keys ``backbone.*``,
     ``projection.*``, ``head.*``; also a fairage checkpoint) or a plain torchvision
     ResNet state dict (``conv1.weight``, ...; loaded into the backbone, its ``fc.*``
-    reported as unexpected, the projection and head as missing). Mismatched keys are returned and logged; a file that
+    reported as unexpected, the projection and head as missing), or a model folder
+    (``fairage import-keras``: its ``model.safetensors``; the head is loaded only when all
+    its tensors fit this model's head, else it stays at random init). Mismatched keys are returned and logged; a file that
     matches no key at all, or whose tensor shapes disagree, is a ConfigError.
     """
     path = Path(path)
@@ -410,6 +422,8 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     whole = any(k.split(".", 1)[0] in ("backbone", "projection", "head") for k in state)
     target: nn.Module = model if whole else model.backbone
     own = target.state_dict()
+    if path.is_dir():
+        state = _matching_head_only(path, state, own)
     shape_errors = [
         f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
         for k, v in state.items() if k in own and own[k].shape != v.shape
@@ -438,6 +452,21 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     if unexpected:
         log.warning("model.weights %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10]))
     return missing, unexpected
+
+
+def _matching_head_only(path: Path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict:
+    """A model folder's state without its head when that head does not fit the model's (all or nothing).
+
+    A folder's backbone and projection must fit; its head is kept only when every head
+    tensor has the model's name and shape (another head config starts at random init).
+    """
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    own_head = {k: v for k, v in own.items() if k.startswith("head.")}
+    if head and (set(head) != set(own_head) or any(own_head[k].shape != v.shape for k, v in head.items())):
+        log.warning("model.weights %s: its head (%s) does not fit this model's head; the head starts at random init",
+                    path, ", ".join(f"{k} {tuple(v.shape)}" for k, v in head.items() if k.endswith("weight")))
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -95,6 +95,11 @@ def keras_input(rgb: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- Keras 2 HDF5 layouts
 
 
+def zero_weights() -> list[tuple[str, str, list[tuple[str, np.ndarray]]]]:
+    """``random_weights``'s layers and shapes filled with zeros (small files when compressed)."""
+    return [(n, c, [(v, np.zeros_like(a)) for v, a in ws]) for n, c, ws in random_weights(0)]
+
+
 def model_config() -> dict:
     """A Keras functional ``model_config`` naming the layers with weights (class, activation)."""
     entries = [{"class_name": "InputLayer", "name": "base_input", "config": {"name": "base_input"}}]
@@ -114,7 +119,7 @@ def random_weights_layout() -> list[tuple[str, str, None]]:
     return names + [(n, "Dense", None) for n in ("dim_proj",) + tuple(n for n, _, _ in KIT_HEAD)]
 
 
-def _write_layers(group, layers) -> None:
+def _write_layers(group, layers, compression: str | None = None) -> None:
     names = ["base_input"] + [name for name, _, _ in layers]
     group.attrs["layer_names"] = np.array([n.encode() for n in names])
     group.attrs["backend"] = b"tensorflow"
@@ -125,18 +130,18 @@ def _write_layers(group, layers) -> None:
         weight_names = [f"{name}/{variable}:0" for variable, _ in variables]
         layer.attrs["weight_names"] = np.array([w.encode() for w in weight_names])
         for weight_name, (_, array) in zip(weight_names, variables):
-            layer.create_dataset(weight_name, data=array)
+            layer.create_dataset(weight_name, data=array, compression=compression)
 
 
-def write_weights_only(path, layers) -> None:
+def write_weights_only(path, layers, compression: str | None = None) -> None:
     """``model.save_weights(path)`` (Keras 2 HDF5): the layer groups at the root."""
     import h5py
 
     with h5py.File(path, "w") as f:
-        _write_layers(f, layers)
+        _write_layers(f, layers, compression)
 
 
-def write_full_model(path, layers) -> None:
+def write_full_model(path, layers, compression: str | None = None) -> None:
     """``model.save(path)`` (Keras 2 HDF5): ``model_weights`` group and ``model_config`` attribute."""
     import h5py
 
@@ -144,4 +149,4 @@ def write_full_model(path, layers) -> None:
         f.attrs["model_config"] = json.dumps(model_config()).encode()
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = b"2.21.0"
-        _write_layers(f.create_group("model_weights"), layers)
+        _write_layers(f.create_group("model_weights"), layers, compression)
