@@ -18,9 +18,10 @@ label units (years / 100 for ``output: sigmoid``, years for ``linear``), so the
 ``huber_delta`` of the config (years) is divided by the same factor; ``train_mae`` and
 ``val_mae`` are always in years. ``history.csv``'s losses are therefore in label units.
 
-Stage I freezes the backbone *and* the projection (the feature extractor, see
-``fairage.models``) with BatchNorm kept in eval mode; when augmentation is off and
-``cache_features`` is on, their features are computed once and the head trains on them.
+Stage I freezes the backbone, and the projection too unless ``stage1.trainable`` is
+"projection+head" (the kit's stage I; ``AgeRegressor.frozen_modules``), with BatchNorm kept in
+eval mode; when random augmentation is off and ``cache_features`` is on, the frozen part's
+output is computed once (``AgeRegressor.frozen_features``) and the rest trains on it.
 """
 
 from __future__ import annotations
@@ -105,8 +106,8 @@ def memory_format(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 def build_augment(cfg: AugmentConfig, image_size: int):
-    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off)."""
-    if not cfg.enabled:
+    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off or offline)."""
+    if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.augment)
         return None
     from torchvision.transforms import v2
 
@@ -130,10 +131,10 @@ def build_augment(cfg: AugmentConfig, image_size: int):
 class AgeModule(L.LightningModule):
     """Trains an ``AgeRegressor`` for one stage.
 
-    ``frozen=True`` (stage I): the feature extractor (backbone + projection) has
-    ``requires_grad=False`` and stays in eval mode (BatchNorm statistics untouched);
-    only the head is optimised. ``inputs="features"``: batches carry cached
-    (N, feature_dim) features instead of images and only the head runs.
+    ``frozen=True`` (stage I): the modules ``stage.trainable`` leaves frozen (backbone, and
+    the projection for "head") have ``requires_grad=False`` and stay in eval mode (BatchNorm
+    statistics untouched); the rest is optimised. ``inputs="features"``: batches carry the
+    frozen part's cached output instead of images and only the trainable part runs.
     Batches are ``(x, age_years, weight)``.
     """
 
@@ -150,10 +151,9 @@ class AgeModule(L.LightningModule):
         self.inputs = inputs
         self.channels_last = channels_last
         self.augment = build_augment(stage.augment, image_size or 224) if inputs == "images" else None
-        for module in model.feature_extractor_modules():
-            module.requires_grad_(not frozen)
-        for p in model.head.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
         self.scale = model.label_scale
 
     # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
@@ -161,10 +161,13 @@ class AgeModule(L.LightningModule):
     # submodule modes around validation), so enforce it at every epoch start too.
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen:
-            for module in self.model.feature_extractor_modules():
-                module.eval()
+        for module in self.frozen_modules():
+            module.eval()
         return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Stage I: what ``stage.trainable`` leaves frozen (``AgeRegressor.frozen_modules``); else nothing."""
+        return self.model.frozen_modules(self.stage.trainable) if self.frozen else []
 
     def on_train_epoch_start(self) -> None:
         self.train()
@@ -193,7 +196,7 @@ class AgeModule(L.LightningModule):
         return memory_format(x, self.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.head_forward(x) if self.inputs == "features" else self.model(x)
+        return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
 
     def _step(self, batch, prefix: str):
         from .weighting import weighted_loss
@@ -220,7 +223,7 @@ class AgeModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
-                               weight_decay=self.stage.weight_decay)
+                               weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
@@ -341,13 +344,15 @@ def _eval_batches(model: AgeRegressor, fn, images: np.ndarray, batch_size: int, 
 @torch.inference_mode()
 def extract_features(model: AgeRegressor, images: np.ndarray, batch_size: int = 64,
                      device: torch.device | str | None = None, channels_last: bool = False,
-                     autocast: bool = False) -> torch.Tensor:
-    """Feature-extractor output (backbone + projection, eval mode) for all images.
+                     autocast: bool = False, trainable: str = "head") -> torch.Tensor:
+    """What stage I's frozen part computes (eval mode) for all images: the cacheable features.
 
-    images: uint8 (N, S, S, 3). Returns float32 (N, feature_dim) on the CPU.
+    images: uint8 (N, S, S, 3). Returns float32 (N, D) on the CPU: D = feature_dim (backbone +
+    projection) for ``trainable="head"``, backbone_dim (pooled backbone) for "projection+head".
     """
-    out = _eval_batches(model, model.features, images, batch_size, device, channels_last, autocast)
-    return torch.cat([o.float() for o in out]) if out else torch.empty(0, model.feature_dim)
+    out = _eval_batches(model, lambda x: model.frozen_features(x, trainable), images, batch_size, device,
+                        channels_last, autocast)
+    return torch.cat([o.float() for o in out]) if out else torch.empty(0, model.frozen_dim(trainable))
 
 
 @torch.inference_mode()
@@ -423,7 +428,7 @@ def fit_stage(
     trainer_cfg = trainer_cfg or TrainerConfig()
     frozen = stage_name == "stage1"
     use_cache = (stage.cache_features if cache_features is None else cache_features)
-    use_cache = bool(use_cache and frozen and not stage.augment.enabled)
+    use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
     accelerator = resolve_accelerator(trainer_cfg)
     on_gpu = accelerator == "gpu"
     channels_last = bool(trainer_cfg.channels_last and on_gpu)
@@ -447,8 +452,10 @@ def fit_stage(
     if use_cache:
         device = _device_for(trainer_cfg)
         autocast = precision.startswith("bf16")
-        feats_train = extract_features(model, train_images, device=device, channels_last=channels_last, autocast=autocast)
-        feats_val = extract_features(model, val_images, device=device, channels_last=channels_last, autocast=autocast)
+        feats_train = extract_features(model, train_images, device=device, channels_last=channels_last, autocast=autocast,
+                                       trainable=stage.trainable)
+        feats_val = extract_features(model, val_images, device=device, channels_last=channels_last, autocast=autocast,
+                                     trainable=stage.trainable)
         w = torch.ones(len(train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
         train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(train_ages, np.float32)), w)
         val_set: Dataset = TensorDataset(feats_val, torch.as_tensor(np.asarray(val_ages, np.float32)),
@@ -704,10 +711,17 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, run_d
             history = history[history["stage"].isin(completed)].reset_index(drop=True)
         info.update(stage=stage_name, status="running")
         _write_run_json(run_dir, info)
-        weights = stage_weights(data.faces["train"], stage_name, stage, run_dir)
+        train_faces, train_images = data.faces["train"], data.images["train"]
+        if stage.augment.enabled and stage.augment.mode == "replicate":  # offline copies, weighted as faces
+            from .augment import replicate_faces
+
+            train_images, source = replicate_faces(train_images, train_faces["age"].to_numpy(), stage.augment.min_age,
+                                                   seed=cfg.seed)
+            train_faces = train_faces.iloc[source].reset_index(drop=True)
+        weights = stage_weights(train_faces, stage_name, stage, run_dir)
         result = fit_stage(
             model, stage_name, stage,
-            data.images["train"], data.faces["train"]["age"].to_numpy(np.float32),
+            train_images, train_faces["age"].to_numpy(np.float32),
             data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32),
             run_dir=run_dir, train_weights=weights, trainer_cfg=cfg.trainer, num_workers=cfg.data.num_workers,
             seed=cfg.seed, progress=progress and rank0, ckpt_path=ckpt_path, previous_history=history,
