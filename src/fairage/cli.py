@@ -475,6 +475,15 @@ def _train_summary(run_dir: Path, metrics: dict) -> None:
     console.print(f"run folder: {run_dir} (predictions_test.csv, metrics_test.json, curves.png, history.csv)")
 
 
+def _warn_full_scale(cfg, scale: str) -> None:
+    """Loud warning when a full-scale preset runs without the VGGFace2 weights."""
+    from .config import full_scale_warning
+
+    message = full_scale_warning(cfg, scale)
+    if message:
+        err_console.print(f"[bold yellow]WARNING:[/bold yellow] {message}", highlight=False, soft_wrap=True)
+
+
 @app.command("train")
 def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
@@ -515,6 +524,8 @@ def train_command(
     if deterministic:
         overrides.append("trainer.deterministic=true")
     cfg = load_config(config, overrides) if config is not None else load_preset(preset, scale, overrides)
+    if preset is not None:
+        _warn_full_scale(cfg, scale)
     metrics = train(cfg, data, out, progress=progress)
     if metrics:  # empty on non-zero DDP ranks
         _train_summary(out, metrics)
@@ -570,6 +581,8 @@ def suite_command(
     from .suite import run_suite, suite_configs
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
+    for _, cfg in suite_configs(names, scale, 1, set_ or [])[:1]:
+        _warn_full_scale(cfg, scale)
     report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=set_ or [], progress=not quiet)
     _print_comparison([out / n for n, _ in suite_configs(names, scale, seeds, set_ or [])],
                       title=f"comparison ({data}, scale {scale}): MAE and bias scores in years, test split")
