@@ -43,14 +43,14 @@ def test_preset_validates_and_round_trips(name, scale):
 
 
 # the kit's schedules (stage I) and the authors' (stage II), worked out from the kit and the report:
-# (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss)
-KIT_STAGE1 = (1e-5, 32, 50, 5, 0.1, 10, 1e-7, 1e-7, "mse")
-AUTHORS_STAGE2 = (1e-5, 16, 50, 20, 0.1, 6, 1e-6, 1e-7, "mse")
+# (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
+KIT_STAGE1 = (1e-5, 32, 50, 5, 0.1, 10, 1e-7, 1e-7, "mse", None)
+AUTHORS_STAGE2 = (1e-5, 16, 50, 20, 0.1, 6, 1e-6, 1e-7, "mse", 1e-4)
 
 
 def _schedule(st):
     return (st.lr, st.batch_size, st.max_epochs, st.patience, st.lr_factor, st.lr_patience, st.min_lr, st.adam_eps,
-            st.loss)
+            st.loss, st.lr_min_delta)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -90,12 +90,12 @@ def test_every_full_scale_value_says_where_it_comes_from():
 
 
 # today's cpu/tiny settings (the demo's table depends on them), per stage:
-# (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss)
+# (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
 SMALL_SCALES = {
-    "cpu": (64, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse"),
-                 "stage2": (1e-3, 64, 8, 4, 0.1, 2, 1e-7, 1e-8, "mse")}),
-    "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse"),
-                  "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse")}),
+    "cpu": (64, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
+                 "stage2": (1e-3, 64, 8, 4, 0.1, 2, 1e-7, 1e-8, "mse", None)}),
+    "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
+                  "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None)}),
 }
 
 

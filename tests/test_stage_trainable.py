@@ -170,3 +170,11 @@ def test_replicate_shift_is_within_25_of_224_of_the_side(side, max_shift):
         assert np.array_equal(shifted, expected), i
         shifts.append((dx, dy))
     assert len(set(shifts)) > 1  # drawn, not one fixed shift
+
+
+def test_plateau_threshold_is_absolute_with_lr_min_delta():
+    scheduler = AgeModule(tiny_model(), StageConfig(lr_min_delta=1e-4), frozen=False).configure_optimizers()
+    plateau = scheduler["lr_scheduler"]["scheduler"]
+    assert (plateau.threshold, plateau.threshold_mode) == (1e-4, "abs")
+    default = AgeModule(tiny_model(), StageConfig(), frozen=False).configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert default.threshold_mode == "rel"

@@ -97,6 +97,9 @@ class StageConfig(StrictModel):
     lr_factor: float = Field(0.1, gt=0, lt=1)
     lr_patience: int = Field(10, ge=1)
     min_lr: float = Field(1e-7, ge=0)
+    #: ReduceLROnPlateau improvement threshold: None = torch's (relative, 1e-4); a number =
+    #: an absolute change of the validation loss (label units), Keras's ``min_delta`` (1e-4)
+    lr_min_delta: float | None = Field(None, ge=0)
     loss: Literal["mse", "mae", "huber"] = "mse"
     #: Huber transition point in years
     huber_delta: float = Field(5.0, gt=0)
@@ -345,7 +348,7 @@ def preset_raw(name: str) -> dict:
 SCALES = ("full", "cpu", "tiny")
 #: preset keys that only apply at scale "full" (the kit's VGGFace2 network and Keras defaults)
 _FULL_SCALE_MODEL_KEYS = ("input_norm", "head_init")
-_FULL_SCALE_STAGE_KEYS = ("trainable", "adam_eps", "lr_factor", "min_lr")
+_FULL_SCALE_STAGE_KEYS = ("trainable", "adam_eps", "lr_factor", "min_lr", "lr_min_delta")
 
 
 def full_scale_warning(cfg: ExperimentConfig, scale: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The age regressor: a torchvision ResNet backbone, an optional projection and an MLP head.
+"""The age regressor: a ResNet backbone, an optional projection and an MLP head.
 
 ``AgeRegressor`` maps an RGB float image batch (N, 3, S, S) in [0, 1] to one value per
 face in *label units*; it applies its own input normalisation first (``InputNorm``, from
@@ -11,12 +11,16 @@ export) feeds the same [0, 1] RGB pixels:
 
 ``model.years(out)`` converts label units back to years.
 
-Layout (state-dict prefixes): ``backbone.*`` (torchvision ResNet without its ``fc``),
-``projection.*`` (Linear to ``projection_dim``, the VGGFace2 model's ``dim_proj``; an
-Identity when ``projection_dim`` is None) and ``head.*``. The backbone and the
-projection together are the *feature extractor* (``model.features``): in stage I both
-are frozen, as the kit froze the whole pretrained VGGFace2 model including ``dim_proj``;
-only the head trains, so feature-cached stage I caches the projection's output.
+Layout (state-dict prefixes): ``backbone.*`` (a torchvision ResNet without its ``fc``, or
+``VGGFace2ResNet50``, the VGGFace2 authors' Keras ResNet50 as the course kit uses it),
+``projection.*`` (Linear to ``projection_dim``, the VGGFace2 model's ``dim_proj``, followed by
+a ReLU for ``vggface2_resnet50`` as in Keras; an Identity when ``projection_dim`` is None) and
+``head.*``. The backbone and the projection together are the *feature extractor*
+(``model.features``). Stage I freezes the backbone and, with ``trainable: head``, the
+projection too (the cache then holds the projected features); with ``trainable:
+projection+head`` (the kit: ``dim_proj`` trains with the head) only the backbone is frozen
+and the cache holds the pooled backbone output (``frozen_modules``, ``frozen_features``,
+``trainable_forward``).
 
 Nothing is ever downloaded: torchvision backbones are built with ``weights=None``;
 pretrained weights come only from a local file (``load_weights``).

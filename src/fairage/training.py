@@ -224,8 +224,12 @@ class AgeModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps)
+        # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
+        threshold = {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta,
+                                                                 "threshold_mode": "abs"}
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr)
+            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr,
+            **threshold)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
 
 

@@ -59,7 +59,7 @@ _KIT_STAGES = {
     "stage1": {"lr": 1e-5, "batch_size": 32, "max_epochs": 50, "patience": 5, "adam_eps": 1e-7,
                "trainable": "projection+head", "loss": "mse"},
     "stage2": {"lr": 1e-5, "batch_size": 16, "max_epochs": 50, "patience": 20, "lr_factor": 0.1,
-               "lr_patience": 6, "min_lr": 1e-6, "adam_eps": 1e-7, "loss": "mse"},
+               "lr_patience": 6, "min_lr": 1e-6, "lr_min_delta": 1e-4, "adam_eps": 1e-7, "loss": "mse"},
 }
 
 
