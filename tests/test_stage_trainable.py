@@ -178,3 +178,28 @@ def test_plateau_threshold_is_absolute_with_lr_min_delta():
     assert (plateau.threshold, plateau.threshold_mode) == (1e-4, "abs")
     default = AgeModule(tiny_model(), StageConfig(), frozen=False).configure_optimizers()["lr_scheduler"]["scheduler"]
     assert default.threshold_mode == "rel"
+
+
+def test_run_trains_on_the_replicated_faces(tmp_path):
+    from lightning.pytorch.callbacks import Callback
+
+    from fairage.config import load_preset
+    from fairage.data import load_faces, write_synthetic
+    from fairage.training import train
+
+    data = write_synthetic(tmp_path / "data", n_train=40, n_valid=16, n_test=16, size=32, seed=0, workers=1)
+    faces = load_faces(data)
+    old = int((faces[(faces["split"] == "train")]["age"] >= 60).sum())
+    assert old > 0
+
+    class TrainingSetSize(Callback):
+        sizes: list[int] = []
+
+        def on_train_start(self, trainer, pl_module):
+            self.sizes.append(len(trainer.train_dataloader.dataset))
+
+    cfg = load_preset("M2", "tiny", ["stage1.max_epochs=1", "eval.n_boot=10", "stage1.augment.enabled=true",
+                                     "stage1.augment.mode=replicate", "stage1.augment.min_age=60"])
+    seen = TrainingSetSize()
+    train(cfg, data, tmp_path / "run", progress=False, callbacks=[seen])
+    assert seen.sizes == [40 + 4 * old]
