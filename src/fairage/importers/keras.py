@@ -130,6 +130,7 @@ def _read_layers(path: Path, group) -> dict[str, dict[str, np.ndarray]]:
     import h5py
 
     layers: dict[str, dict[str, np.ndarray]] = {}
+    known = keras_layer_map()
     for layer in _texts(group.attrs.get("layer_names")):
         if layer not in group:
             raise DataError(f"{path}: layer '{layer}' is listed in layer_names but has no group")
@@ -149,7 +150,7 @@ def _read_layers(path: Path, group) -> dict[str, dict[str, np.ndarray]]:
             owner, _, variable = weight.rpartition("/")
             variable = variable.split(":", 1)[0]
             # a weight named without its layer (or under an outer scope) belongs to the group's layer
-            if not owner or (owner not in keras_layer_map() and layer in keras_layer_map()):
+            if not owner or (owner not in known and layer in known):
                 owner = layer
             layers.setdefault(owner, {})[variable] = array
     return layers
