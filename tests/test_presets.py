@@ -42,38 +42,97 @@ def test_preset_validates_and_round_trips(name, scale):
     assert again == cfg
 
 
+# the kit's schedules (stage I) and the authors' (stage II), worked out from the kit and the report:
+# (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
+KIT_STAGE1 = (1e-5, 32, 50, 5, 0.1, 10, 1e-7, 1e-7, "mse", None)
+AUTHORS_STAGE2 = (1e-5, 16, 50, 20, 0.1, 6, 1e-6, 1e-7, "mse", 1e-4)
+
+
+def _schedule(st):
+    return (st.lr, st.batch_size, st.max_epochs, st.patience, st.lr_factor, st.lr_patience, st.min_lr, st.adam_eps,
+            st.loss, st.lr_min_delta)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_full_scale_is_the_report_setting(name):
+def test_full_scale_is_the_kit_and_report_setting(name):
     head, w1, w2 = EXPECTED[name]
     cfg = load_preset(name, "full")
-    assert cfg.model.backbone == "resnet50"
+    m = cfg.model
+    assert (m.backbone, m.projection_dim, m.input_norm, m.head_init, m.output) == (
+        "vggface2_resnet50", 512, "vggface2", "keras", "sigmoid")
+    assert m.weights is None  # the user's own weights.h5, imported
     assert cfg.data.image_size == 224
-    assert [(b.units, b.dropout) for b in cfg.model.head] == head
-    for stage, want in (("stage1", w1), ("stage2", w2)):
+    assert [(b.units, b.dropout) for b in m.head] == head
+    for stage, want, schedule in (("stage1", w1, KIT_STAGE1), ("stage2", w2, AUTHORS_STAGE2)):
         st = getattr(cfg, stage)
         if want is None:
             assert st is None
             continue
-        assert (st.lr, st.loss, st.patience) == (1e-5, "mse", 20)
+        assert _schedule(st) == schedule
+        if stage == "stage1":
+            assert st.trainable == "projection+head"  # the kit trains dim_proj with the head
         w = st.weighting
         assert (w.scheme, w.lds, w.mode) == want
         assert w.formula == "inverse"
+        # the authors' 48-group counts start at 1, their 4- and 10-group counts at 0
+        assert w.pseudo_count == (1.0 if w.scheme == "age_ethnicity_expression" else 0.0)
+
+
+def test_every_full_scale_value_says_where_it_comes_from():
+    from importlib import resources
+
+    for name in EXPECTED:
+        text = (resources.files("fairage") / "presets" / f"{name}.yaml").read_text()
+        body = text[text.index("\nmodel:"):]
+        for line in body.splitlines():
+            if ":" in line and not line.rstrip().endswith(":") and not line.lstrip().startswith("#"):
+                assert "#" in line, f"{name}: {line.strip()!r} has no comment saying where it comes from"
+
+
+# today's cpu/tiny settings (the demo's table depends on them), per stage:
+# (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
+SMALL_SCALES = {
+    "cpu": (64, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
+                 "stage2": (1e-3, 64, 8, 4, 0.1, 2, 1e-7, 1e-8, "mse", None)}),
+    "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
+                  "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None)}),
+}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_cpu_and_tiny_scales_shrink_the_model_only(name):
+@pytest.mark.parametrize("scale", sorted(SMALL_SCALES))
+def test_cpu_and_tiny_scales_keep_their_torchvision_settings(name, scale):
     full = load_preset(name, "full")
-    for scale, size in (("cpu", 64), ("tiny", 32)):
-        cfg = load_preset(name, scale)
-        assert cfg.model.backbone == "resnet18"
-        assert cfg.data.image_size == size
-        assert cfg.model.head == full.model.head
-        for stage in ("stage1", "stage2"):
-            a, b = getattr(full, stage), getattr(cfg, stage)
-            assert (a is None) == (b is None)
-            if b is not None:
-                assert b.weighting == a.weighting
-                assert b.max_epochs <= a.max_epochs and b.patience <= a.patience
+    size, schedules = SMALL_SCALES[scale]
+    cfg = load_preset(name, scale)
+    m = cfg.model
+    assert (m.backbone, m.input_norm, m.head_init, m.projection_dim) == ("resnet18", "imagenet", "torch", 512)
+    assert cfg.data.image_size == size
+    assert m.head == full.model.head
+    for stage in ("stage1", "stage2"):
+        a, b = getattr(full, stage), getattr(cfg, stage)
+        assert (a is None) == (b is None)
+        if b is not None:
+            assert b.weighting == a.weighting
+            assert b.trainable == "head"
+            assert _schedule(b) == schedules[stage]
+
+
+def test_demo_settings_unchanged():
+    from fairage.suite import REPORT_PRESETS, suite_configs
+
+    for name, cfg in suite_configs(REPORT_PRESETS, "cpu"):
+        assert cfg.model.backbone == "resnet18" and cfg.model.input_norm == "imagenet", name
+        assert all(st.trainable == "head" and st.adam_eps == 1e-8 for _, st in cfg.stages()), name
+
+
+def test_full_scale_without_weights_warns_how_to_import():
+    from fairage.config import full_scale_warning
+
+    message = full_scale_warning(load_preset("M3", "full"), "full")
+    assert "VGGFace2" in message and "fairage import-keras" in message and "model.weights" in message
+    assert full_scale_warning(load_preset("M3", "full", ["model.weights=models/vggface2"]), "full") is None
+    assert full_scale_warning(load_preset("M3", "cpu"), "cpu") is None
 
 
 def test_overrides_apply_after_the_scale():
@@ -84,3 +143,15 @@ def test_overrides_apply_after_the_scale():
 def test_unknown_preset_suggests_the_close_name():
     with pytest.raises(ConfigError, match="did you mean 'M5'"):
         load_preset("M5x")
+
+
+def test_cli_full_scale_without_weights_prints_the_warning(tmp_path):
+    from typer.testing import CliRunner
+
+    from fairage.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--preset", "M2", "--scale", "full", "--data", str(tmp_path / "none"),
+                                      "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2  # the missing dataset, after the warning
+    text = " ".join(result.output.split())
+    assert "WARNING: scale full reproduces the report's setting" in text and "fairage import-keras" in text

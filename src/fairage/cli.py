@@ -478,6 +478,15 @@ def _interruptible(run_dir: Path, fn, *args, **kwargs):
         raise
 
 
+def _warn_full_scale(cfg, scale: str) -> None:
+    """Loud warning when a full-scale preset runs without the VGGFace2 weights."""
+    from .config import full_scale_warning
+
+    message = full_scale_warning(cfg, scale)
+    if message:
+        err_console.print(f"[bold yellow]WARNING:[/bold yellow] {message}", highlight=False, soft_wrap=True)
+
+
 @app.command("train")
 def train_command(
     config: Optional[Path] = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
@@ -518,6 +527,8 @@ def train_command(
     if deterministic:
         overrides.append("trainer.deterministic=true")
     cfg = load_config(config, overrides) if config is not None else load_preset(preset, scale, overrides)
+    if preset is not None:
+        _warn_full_scale(cfg, scale)
     metrics = _interruptible(out, train, cfg, data, out, progress=progress)
     if metrics:  # None on non-zero DDP ranks
         _train_summary(out, metrics)
@@ -597,6 +608,8 @@ def suite_command(
     from .suite import run_suite, suite_configs
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
+    for _, cfg in suite_configs(names, scale, 1, set_ or [])[:1]:
+        _warn_full_scale(cfg, scale)
     report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=set_ or [], progress=not quiet,
                        on_event=_suite_printer(quiet))
     _print_comparison([out / n for n, _ in suite_configs(names, scale, seeds, set_ or [])],
@@ -640,6 +653,41 @@ def demo_command(
                       title="synthetic benchmark: MAE and bias scores in years, test split")
     console.print("[bold]The data is synthetic: these numbers say nothing about real faces.[/bold]")
     console.print(f"report: {report}")
+
+
+# =========================================================================== Keras import
+
+
+@app.command("import-keras")
+def import_keras_command(
+    file: Path = typer.Argument(..., help="Keras 2 HDF5 file (model.save or model.save_weights) of the VGGFace2 ResNet50."),
+    out: Path = typer.Option(..., "--out", help="Model folder to create (config.yaml, model.safetensors, import.json)."),
+    input_norm: str = typer.Option("vggface2", "--input-norm",
+                                   help="Input the network was trained on: vggface2 (BGR 0-255 minus the VGGFace2 mean), "
+                                        "caffe or imagenet."),
+) -> None:
+    """Convert the course kit's Keras VGGFace2 ResNet50 (optionally with a trained age head) to a fairage model folder."""
+    from .importers.keras import import_keras
+
+    result = import_keras(file, out, input_norm=input_norm)
+    backbone = [k for k, v in result.mapping.items() if v.startswith("backbone.")]
+    convs = sum(not k.endswith("/bn") for k in backbone)
+    console.print(f"read {file} ({result.kind} Keras HDF5, keras {result.keras_version or 'version unknown'})",
+                  highlight=False, soft_wrap=True)
+    console.print(f"  backbone: {len(backbone)} layers ({convs} convolutions, {len(backbone) - convs} BatchNorms) "
+                  "-> vggface2_resnet50", highlight=False, soft_wrap=True)
+    cfg = result.config.model
+    console.print(f"  dim_proj -> projection (2048 -> {cfg.projection_dim}, ReLU)", highlight=False, soft_wrap=True)
+    if result.head:
+        layers = ", ".join(f"{h.name} {h.units} {h.activation}" + (f" (dropout {h.dropout})" if h.dropout else "")
+                           for h in result.head)
+        console.print(f"  head: {layers} -> head (activations from {result.head_activations_from})", highlight=False, soft_wrap=True)
+    for line in result.skipped:
+        console.print(f"  skipped {line}", highlight=False, soft_wrap=True)
+    for line in result.notes:
+        console.print(f"[yellow]note:[/yellow] {line}", highlight=False, soft_wrap=True)
+    console.print(f"input: {cfg.input_norm}, {result.config.data.image_size} px; wrote {out} (config.yaml, "
+                  f"model.safetensors, import.json); train from it with --set model.weights={out}", highlight=False, soft_wrap=True)
 
 
 # =========================================================================== entry point

@@ -65,9 +65,17 @@ class WeightingConfig(StrictModel):
 
 
 class AugmentConfig(StrictModel):
-    """Training-time augmentation (off by default; the report's Task 2 forbids it)."""
+    """Training augmentation (off by default; the report's Task 2 forbids it).
+
+    ``mode: random``: random transforms drawn per image at every step (the fields below).
+    ``mode: replicate``: the course kit's Task 1, offline: before training, every face aged
+    ``min_age`` or more (the kit: 60) gets 4 extra copies (horizontal flip, brightness x0.5 in
+    HSV V, 5x5 Gaussian blur sigma 1, a shift of up to 25/224 of the side), seeded by the run's
+    seed (``fairage.augment.replicate_faces``); the other fields are not used.
+    """
 
     enabled: bool = False
+    mode: Literal["random", "replicate"] = "random"
     hflip: float = Field(0.5, ge=0, le=1)  # probability
     brightness: float = Field(0.2, ge=0)
     contrast: float = Field(0.2, ge=0)
@@ -89,6 +97,9 @@ class StageConfig(StrictModel):
     lr_factor: float = Field(0.1, gt=0, lt=1)
     lr_patience: int = Field(10, ge=1)
     min_lr: float = Field(1e-7, ge=0)
+    #: ReduceLROnPlateau improvement threshold: None = torch's (relative, 1e-4); a number =
+    #: an absolute change of the validation loss (label units), Keras's ``min_delta`` (1e-4)
+    lr_min_delta: float | None = Field(None, ge=0)
     loss: Literal["mse", "mae", "huber"] = "mse"
     #: Huber transition point in years
     huber_delta: float = Field(5.0, gt=0)
@@ -96,6 +107,12 @@ class StageConfig(StrictModel):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     #: stage I only: train the head on backbone features computed once
     cache_features: bool = True
+    #: stage I only: what trains on the frozen backbone: "head" (projection frozen too) or
+    #: "projection+head" (the kit's stage I: dim_proj trains; cached features are then the
+    #: pooled backbone output). Stage II trains every layer whatever this says.
+    trainable: Literal["head", "projection+head"] = "head"
+    #: Adam's epsilon (torch default 1e-8; Keras's default 1e-7)
+    adam_eps: float = Field(1e-8, gt=0)
 
 
 class HeadBlock(StrictModel):
@@ -104,7 +121,9 @@ class HeadBlock(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    backbone: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    #: torchvision ResNets, or "vggface2_resnet50": the VGGFace2 authors' Keras ResNet50 (the
+    #: course kit's network; its projection is dim_proj, Dense(projection_dim) + ReLU)
+    backbone: Literal["resnet18", "resnet34", "resnet50", "vggface2_resnet50"] = "resnet50"
     #: local .pth/.pt state dict or .safetensors; None = random init (recorded in the run)
     weights: Path | None = None
     #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
@@ -118,6 +137,16 @@ class ModelConfig(StrictModel):
     #: "imagenet" (RGB, ImageNet mean/std), "vggface2" (BGR 0-255 minus the VGGFace2 mean),
     #: "caffe" (BGR 0-255 minus 103.939/116.779/123.68, Keras resnet50.preprocess_input)
     input_norm: Literal["imagenet", "vggface2", "caffe"] = "imagenet"
+    #: initialisation of the Dense layers fairage creates (projection, head): "torch" (nn.Linear's
+    #: default) or "keras" (Keras Dense's default: glorot-uniform kernel, zero bias)
+    head_init: Literal["torch", "keras"] = "torch"
+
+    @model_validator(mode="after")
+    def _vggface2_has_dim_proj(self) -> "ModelConfig":
+        if self.backbone == "vggface2_resnet50" and self.projection_dim is None:
+            raise ValueError("backbone vggface2_resnet50 includes its dim_proj layer: projection_dim must be set "
+                             "(512 for the VGGFace2 weights)")
+        return self
 
 
 class DataConfig(StrictModel):
@@ -317,14 +346,33 @@ def preset_raw(name: str) -> dict:
 
 
 SCALES = ("full", "cpu", "tiny")
+#: preset keys that only apply at scale "full" (the kit's VGGFace2 network and Keras defaults)
+_FULL_SCALE_MODEL_KEYS = ("input_norm", "head_init")
+_FULL_SCALE_STAGE_KEYS = ("trainable", "adam_eps", "lr_factor", "min_lr", "lr_min_delta")
+
+
+def full_scale_warning(cfg: ExperimentConfig, scale: str) -> str | None:
+    """A warning when a ``full``-scale preset has no pretrained weights (``model.weights``), else None.
+
+    The report's numbers start from the kit's VGGFace2 ResNet50 weights; without them the
+    network trains from random initialisation and its numbers are not the report's setting.
+    """
+    if scale != "full" or cfg.model.weights is not None or cfg.model.backbone != "vggface2_resnet50":
+        return None
+    return ("scale full reproduces the report's setting, which starts from the VGGFace2 ResNet50 weights "
+            "(the course kit's weights.h5); model.weights is not set, so this run starts from random "
+            "initialisation and its numbers are not comparable with the report's. Import the weights with "
+            "`fairage import-keras weights.h5 --out models/vggface2` and add --set model.weights=models/vggface2")
 
 
 def apply_scale(raw: dict, scale: str) -> dict:
     """Return a copy of a raw preset dict adapted to ``scale``.
 
-    ``full``: as written. ``cpu``: resnet18 at 64 px, fewer epochs, smaller patience,
-    so the M1..M5 suite runs in minutes on a laptop. ``tiny``: for tests (32 px,
-    one or two epochs, 200-resample bootstrap).
+    ``full``: as written (the kit's VGGFace2 ResNet50 and schedules). ``cpu``: resnet18 at
+    64 px with ImageNet input, torch defaults (init, Adam epsilon, plateau schedule) and a
+    frozen projection in stage I, fewer epochs, smaller patience, so the M1..M5 suite runs in
+    minutes on a laptop. ``tiny``: the same for tests (32 px, one or two epochs,
+    200-resample bootstrap).
     """
     if scale not in SCALES:
         raise ConfigError(f"unknown scale '{scale}'; choose one of {', '.join(SCALES)}")
@@ -335,6 +383,15 @@ def apply_scale(raw: dict, scale: str) -> dict:
     data = raw.setdefault("data", {})
     ev = raw.setdefault("eval", {})
     model["backbone"] = "resnet18"
+    # the kit's settings that belong to its VGGFace2 network and Keras (input convention, Keras
+    # init and Adam epsilon, dim_proj training in stage I, the authors' plateau schedule) give way
+    # to the defaults the small scales were tuned with: the demo's table depends on them
+    for key in _FULL_SCALE_MODEL_KEYS:
+        model.pop(key, None)
+    for name in ("stage1", "stage2"):
+        if isinstance(raw.get(name), dict):
+            for key in _FULL_SCALE_STAGE_KEYS:
+                raw[name].pop(key, None)
     if scale == "cpu":
         # Measured on 2 CPU cores (fairage demo, 1200 training faces at 64 px): an
         # all-layers resnet18 epoch costs ~8-10 s, so 8 epochs per all-layers stage keep

@@ -1,4 +1,4 @@
-"""The age regressor: a torchvision ResNet backbone, an optional projection and an MLP head.
+"""The age regressor: a ResNet backbone, an optional projection and an MLP head.
 
 ``AgeRegressor`` maps an RGB float image batch (N, 3, S, S) in [0, 1] to one value per
 face in *label units*; it applies its own input normalisation first (``InputNorm``, from
@@ -11,12 +11,16 @@ export) feeds the same [0, 1] RGB pixels:
 
 ``model.years(out)`` converts label units back to years.
 
-Layout (state-dict prefixes): ``backbone.*`` (torchvision ResNet without its ``fc``),
-``projection.*`` (Linear to ``projection_dim``, the VGGFace2 model's ``dim_proj``; an
-Identity when ``projection_dim`` is None) and ``head.*``. The backbone and the
-projection together are the *feature extractor* (``model.features``): in stage I both
-are frozen, as the kit froze the whole pretrained VGGFace2 model including ``dim_proj``;
-only the head trains, so feature-cached stage I caches the projection's output.
+Layout (state-dict prefixes): ``backbone.*`` (a torchvision ResNet without its ``fc``, or
+``VGGFace2ResNet50``, the VGGFace2 authors' Keras ResNet50 as the course kit uses it),
+``projection.*`` (Linear to ``projection_dim``, the VGGFace2 model's ``dim_proj``, followed by
+a ReLU for ``vggface2_resnet50`` as in Keras; an Identity when ``projection_dim`` is None) and
+``head.*``. The backbone and the projection together are the *feature extractor*
+(``model.features``). Stage I freezes the backbone and, with ``trainable: head``, the
+projection too (the cache then holds the projected features); with ``trainable:
+projection+head`` (the kit: ``dim_proj`` trains with the head) only the backbone is frozen
+and the cache holds the pooled backbone output (``frozen_modules``, ``frozen_features``,
+``trainable_forward``).
 
 Nothing is ever downloaded: torchvision backbones are built with ``weights=None``;
 pretrained weights come only from a local file (``load_weights``).
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision import models as tv_models
 
 from .config import HeadBlock, ModelConfig
@@ -92,7 +97,138 @@ _BACKBONES = {
     "resnet18": tv_models.resnet18,
     "resnet34": tv_models.resnet34,
     "resnet50": tv_models.resnet50,
+    "vggface2_resnet50": lambda weights=None: VGGFace2ResNet50(),
 }
+
+#: Keras BatchNormalization defaults (epsilon 1e-3, momentum 0.99 = torch momentum 0.01)
+KERAS_BN_EPS = 1e-3
+KERAS_BN_MOMENTUM = 0.01
+
+
+def _keras_bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=KERAS_BN_EPS, momentum=KERAS_BN_MOMENTUM)
+
+
+def tf_same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "same" padding along one axis: (before, after) pixels.
+
+    The output has ``ceil(size / stride)`` pixels; when the total padding is odd the
+    extra pixel goes *after* (bottom/right), unlike torch's symmetric padding.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class KerasBottleneck(nn.Module):
+    """One bottleneck block of the VGGFace2 Keras ResNet50 (caffe layout).
+
+    1x1 ``reduce`` (carries the block's stride) -> 3x3 ``conv3x3`` (stride 1, padding 1)
+    -> 1x1 ``increase``, each followed by its BatchNorm (``*_bn``) and, but for the last,
+    a ReLU; the shortcut is the identity or, in a stage's first block, the strided 1x1
+    ``proj`` + ``proj_bn``. No convolution has a bias.
+    """
+
+    def __init__(self, in_channels: int, width: int, out_channels: int, stride: int, project: bool):
+        super().__init__()
+        self.reduce = nn.Conv2d(in_channels, width, 1, stride=stride, bias=False)
+        self.reduce_bn = _keras_bn(width)
+        self.conv3x3 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.conv3x3_bn = _keras_bn(width)
+        self.increase = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.increase_bn = _keras_bn(out_channels)
+        if project:
+            self.proj = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.proj_bn = _keras_bn(out_channels)
+        else:
+            self.proj = None
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.relu(self.reduce_bn(self.reduce(x)))
+        y = self.relu(self.conv3x3_bn(self.conv3x3(y)))
+        y = self.increase_bn(self.increase(y))
+        shortcut = x if self.proj is None else self.proj_bn(self.proj(x))
+        return self.relu(y + shortcut)
+
+
+class VGGFace2ResNet50(nn.Module):
+    """The VGGFace2 authors' Keras ResNet50 (the course kit's ``weights.h5``), up to the pooled features.
+
+    Input: (N, 3, S, S) already normalised (BGR, 0-255, minus the VGGFace2 mean: ``InputNorm``
+    "vggface2"). Output: (N, 2048) pooled features. Layout, as Keras computes it:
+
+    * stem ``conv1/7x7_s2``: 7x7 stride-2 convolution with TensorFlow "same" padding (at 224 px
+      2 rows/columns before and 3 after) -> BN -> ReLU -> 3x3 stride-2 max-pool *without*
+      padding (112 -> 55 at 224 px);
+    * four stages of bottleneck blocks (3, 4, 6, 3 blocks; widths 64/256, 128/512, 256/1024,
+      512/2048); stages 3-5 put their stride 2 on the 1x1 ``_1x1_reduce`` and ``_1x1_proj``
+      convolutions (torchvision's ResNet50 puts it on the 3x3);
+    * BatchNorm with Keras's epsilon 1e-3 and momentum 0.99 (torch momentum 0.01); no conv bias;
+    * Keras ``avg_pool`` (7x7) + Flatten: at 224 px the last map is 7x7, so this is the global
+      average; at other sizes this module takes the global average pool (Keras's 7x7 pool
+      would leave a larger map and another flattened width).
+
+    Module names map 1:1 to Keras layer names (``keras_layer_map``): ``conv1/7x7_s2`` ->
+    ``conv1``, ``conv1/7x7_s2/bn`` -> ``bn1``; ``conv{s}_{b}_1x1_reduce`` ->
+    ``conv{s}_{b}.reduce``, ``_3x3`` -> ``.conv3x3``, ``_1x1_increase`` -> ``.increase``,
+    ``_1x1_proj`` -> ``.proj``, each ``.../bn`` -> the same name + ``_bn``.
+    """
+
+    #: (stage, blocks, width, out channels, stride of the first block)
+    STAGES = ((2, 3, 64, 256, 1), (3, 4, 128, 512, 2), (4, 6, 256, 1024, 2), (5, 3, 512, 2048, 2))
+    #: the pooled feature width (what Keras's Flatten gives at 224 px)
+    out_features = 2048
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, bias=False)
+        self.bn1 = _keras_bn(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2)
+        in_channels = 64
+        for stage, blocks, width, out_channels, stride in self.STAGES:
+            for block in range(1, blocks + 1):
+                first = block == 1
+                self.add_module(f"conv{stage}_{block}", KerasBottleneck(
+                    in_channels, width, out_channels, stride if first else 1, project=first))
+                in_channels = out_channels
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+
+    def blocks(self) -> list[KerasBottleneck]:
+        return [m for m in self.children() if isinstance(m, KerasBottleneck)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = tf_same_padding(x.shape[-2], 7, 2)
+        left, right = tf_same_padding(x.shape[-1], 7, 2)
+        x = F.pad(x, (left, right, top, bottom))
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for block in self.blocks():
+            x = block(x)
+        return torch.flatten(self.avgpool(x), 1)
+
+
+#: Keras layer-name suffix of a bottleneck part -> its module name in ``KerasBottleneck``
+_KERAS_BLOCK_PARTS = {"1x1_reduce": "reduce", "3x3": "conv3x3", "1x1_increase": "increase", "1x1_proj": "proj"}
+
+
+def keras_layer_map() -> dict[str, str]:
+    """Keras layer name -> fairage module path (in ``AgeRegressor``) for the VGGFace2 ResNet50.
+
+    Covers every weighted layer of the backbone and ``dim_proj`` (-> ``projection``), e.g.
+    ``"conv1/7x7_s2" -> "backbone.conv1"``, ``"conv3_1_1x1_reduce/bn" -> "backbone.conv3_1.reduce_bn"``.
+    """
+    names = {"conv1/7x7_s2": "backbone.conv1", "conv1/7x7_s2/bn": "backbone.bn1"}
+    for stage, blocks, *_ in VGGFace2ResNet50.STAGES:
+        for block in range(1, blocks + 1):
+            for suffix, part in _KERAS_BLOCK_PARTS.items():
+                if suffix == "1x1_proj" and block != 1:
+                    continue
+                keras = f"conv{stage}_{block}_{suffix}"
+                names[keras] = f"backbone.conv{stage}_{block}.{part}"
+                names[keras + "/bn"] = f"backbone.conv{stage}_{block}.{part}_bn"
+    names["dim_proj"] = "projection"
+    return names
 
 
 def build_head(in_features: int, blocks: list[HeadBlock]) -> nn.Sequential:
@@ -126,8 +262,11 @@ class AgeRegressor(nn.Module):
         if cfg.backbone not in _BACKBONES:
             raise ConfigError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(_BACKBONES)}")
         backbone = _BACKBONES[cfg.backbone](weights=None)
-        self.backbone_dim = backbone.fc.in_features
-        backbone.fc = nn.Identity()
+        if isinstance(backbone, VGGFace2ResNet50):
+            self.backbone_dim = backbone.out_features
+        else:
+            self.backbone_dim = backbone.fc.in_features
+            backbone.fc = nn.Identity()
         self.backbone = backbone
         if cfg.projection_dim is not None:
             self.projection: nn.Module = nn.Linear(self.backbone_dim, cfg.projection_dim)
@@ -135,14 +274,30 @@ class AgeRegressor(nn.Module):
         else:
             self.projection = nn.Identity()
             self.feature_dim = self.backbone_dim
+        # the VGGFace2 model's dim_proj is Dense(512, relu); a projection without a
+        # nonlinearity would merge with the head's first layer into one linear map
+        self.projection_act: nn.Module = nn.ReLU() if cfg.backbone == "vggface2_resnet50" else nn.Identity()
         self.head = build_head(self.feature_dim, cfg.head)
+        if cfg.head_init == "keras":
+            for module in [self.projection, *self.head]:
+                if isinstance(module, nn.Linear):  # Keras Dense defaults: glorot-uniform kernel, zero bias
+                    nn.init.xavier_uniform_(module.weight)
+                    nn.init.zeros_(module.bias)
         self.input_norm = InputNorm(cfg.input_norm)
         self.output = cfg.output
         self.label_scale = LABEL_SCALE[cfg.output]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) RGB images in [0, 1] -> (N, feature_dim) features (backbone + projection)."""
-        return self.projection(self.backbone(self.input_norm(x)))
+        return self.project(self.pooled(x))
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) RGB images in [0, 1] -> (N, backbone_dim) pooled backbone output."""
+        return self.backbone(self.input_norm(x))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(N, backbone_dim) pooled output -> (N, feature_dim) projected features (with its ReLU, if any)."""
+        return self.projection_act(self.projection(pooled))
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
         """(N, feature_dim) features -> (N,) outputs in label units."""
@@ -157,8 +312,40 @@ class AgeRegressor(nn.Module):
         return out.float() * self.label_scale
 
     def feature_extractor_modules(self) -> list[nn.Module]:
-        """The modules frozen in stage I (backbone and projection)."""
-        return [self.backbone, self.projection]
+        """Backbone and projection (what stage I freezes with ``trainable: head``)."""
+        return self.frozen_modules("head")
+
+    # Stage I split. ``trainable`` (``StageConfig.trainable``) says what trains on top of
+    # the frozen part: "head" (backbone and projection frozen) or "projection+head" (the
+    # kit's stage I: only the backbone frozen, dim_proj trains with the head).
+
+    def frozen_modules(self, trainable: str) -> list[nn.Module]:
+        """The modules stage I freezes (``requires_grad=False``, eval mode)."""
+        _check_trainable(trainable)
+        return [self.backbone, self.projection] if trainable == "head" else [self.backbone]
+
+    def frozen_features(self, x: torch.Tensor, trainable: str) -> torch.Tensor:
+        """What the frozen part computes (cacheable): (N, frozen_dim(trainable)) for images (N, 3, S, S)."""
+        _check_trainable(trainable)
+        return self.features(x) if trainable == "head" else self.pooled(x)
+
+    def trainable_forward(self, frozen: torch.Tensor, trainable: str) -> torch.Tensor:
+        """``frozen_features`` output -> (N,) outputs in label units, through the trainable part."""
+        _check_trainable(trainable)
+        return self.head_forward(frozen if trainable == "head" else self.project(frozen))
+
+    def frozen_dim(self, trainable: str) -> int:
+        """Width of ``frozen_features``: feature_dim ("head") or backbone_dim ("projection+head")."""
+        _check_trainable(trainable)
+        return self.feature_dim if trainable == "head" else self.backbone_dim
+
+
+TRAINABLE = ("head", "projection+head")
+
+
+def _check_trainable(trainable: str) -> None:
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
 
 
 def build_model(cfg: ModelConfig) -> tuple[AgeRegressor, dict]:
@@ -180,12 +367,22 @@ def build_model(cfg: ModelConfig) -> tuple[AgeRegressor, dict]:
     }
 
 
+#: the weights file inside a model folder (``fairage import-keras``)
+MODEL_FOLDER_WEIGHTS = "model.safetensors"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():  # a model folder: config.yaml + model.safetensors
+        if not (path / MODEL_FOLDER_WEIGHTS).is_file():
+            raise ConfigError(f"model.weights {path} is a folder without {MODEL_FOLDER_WEIGHTS}: not a fairage "
+                              "model folder (fairage import-keras writes one)")
+        path = path / MODEL_FOLDER_WEIGHTS
     if not path.is_file():
         raise ConfigError(
             f"model.weights file not found: {path}. Supply a local state dict (.pth/.pt, e.g. "
             "torch.save(model.state_dict(), path)) or a .safetensors file of a torchvision "
-            "ResNet or of a fairage model, or set model.weights to null for random init; "
+            "ResNet or of a fairage model, a model folder (fairage import-keras), or set model.weights to "
+            "null for random init; "
             "nothing is downloaded"
         )
     suffix = path.suffix.lower()
@@ -219,7 +416,9 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     ``.safetensors``, holding either a whole fairage model (keys ``backbone.*``,
     ``projection.*``, ``head.*``; also a fairage checkpoint) or a plain torchvision
     ResNet state dict (``conv1.weight``, ...; loaded into the backbone, its ``fc.*``
-    reported as unexpected, the projection and head as missing). Mismatched keys are returned and logged; a file that
+    reported as unexpected, the projection and head as missing), or a model folder
+    (``fairage import-keras``: its ``model.safetensors``; the head is loaded only when all
+    its tensors fit this model's head, else it stays at random init). Mismatched keys are returned and logged; a file that
     matches no key at all, or whose tensor shapes disagree, is a ConfigError.
     """
     path = Path(path)
@@ -227,6 +426,8 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     whole = any(k.split(".", 1)[0] in ("backbone", "projection", "head") for k in state)
     target: nn.Module = model if whole else model.backbone
     own = target.state_dict()
+    if path.is_dir():
+        state = _matching_head_only(path, state, own)
     shape_errors = [
         f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
         for k, v in state.items() if k in own and own[k].shape != v.shape
@@ -255,3 +456,19 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     if unexpected:
         log.warning("model.weights %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10]))
     return missing, unexpected
+
+
+def _matching_head_only(path: Path, state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict:
+    """A model folder's state without its head when that head does not fit the model's (all or nothing).
+
+    A folder's backbone and projection must fit; its head is kept only when every head
+    tensor has the model's name and shape (another head config starts at random init).
+    """
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    own_head = {k: v for k, v in own.items() if k.startswith("head.")}
+    if head and (set(head) != set(own_head) or any(own_head[k].shape != v.shape for k, v in head.items())):
+        log.warning("model.weights %s: its head (%s) does not fit this model's head; the head starts at random init",
+                    path, ", ".join(f"{k} {tuple(v.shape)}" for k, v in head.items() if k.endswith("weight")))
+        return {k: v for k, v in state.items() if not k.startswith("head.")}
+    return state
+

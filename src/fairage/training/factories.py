@@ -111,9 +111,9 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
         device = device_for(trainer_cfg)
         autocast = resolve_precision(trainer_cfg).startswith("bf16")
         feats_train = extract_features(model, arrays.train_images, device=device, channels_last=channels_last,
-                                       autocast=autocast)
+                                       autocast=autocast, trainable=stage.trainable)
         feats_val = extract_features(model, arrays.val_images, device=device, channels_last=channels_last,
-                                     autocast=autocast)
+                                     autocast=autocast, trainable=stage.trainable)
         w = torch.ones(len(arrays.train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
         train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(arrays.train_ages, np.float32)), w)
         val_set: Dataset = TensorDataset(feats_val, torch.as_tensor(np.asarray(arrays.val_ages, np.float32)),

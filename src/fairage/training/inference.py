@@ -27,13 +27,15 @@ def _eval_batches(model: AgeRegressor, fn, images: np.ndarray, batch_size: int, 
 @torch.inference_mode()
 def extract_features(model: AgeRegressor, images: np.ndarray, batch_size: int = 64,
                      device: torch.device | str | None = None, channels_last: bool = False,
-                     autocast: bool = False) -> torch.Tensor:
-    """Feature-extractor output (backbone + projection, eval mode) for all images.
+                     autocast: bool = False, trainable: str = "head") -> torch.Tensor:
+    """What stage I's frozen part computes (eval mode) for all images: the cacheable features.
 
-    images: uint8 (N, S, S, 3). Returns float32 (N, feature_dim) on the CPU.
+    images: uint8 (N, S, S, 3). Returns float32 (N, D) on the CPU: D = feature_dim (backbone +
+    projection) for ``trainable="head"``, backbone_dim (pooled backbone) for "projection+head".
     """
-    out = _eval_batches(model, model.features, images, batch_size, device, channels_last, autocast)
-    return torch.cat([o.float() for o in out]) if out else torch.empty(0, model.feature_dim)
+    out = _eval_batches(model, lambda x: model.frozen_features(x, trainable), images, batch_size, device,
+                        channels_last, autocast)
+    return torch.cat([o.float() for o in out]) if out else torch.empty(0, model.frozen_dim(trainable))
 
 
 @torch.inference_mode()

@@ -63,8 +63,8 @@ def memory_format(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 def build_augment(cfg: AugmentConfig, image_size: int):
-    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off)."""
-    if not cfg.enabled:
+    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off or offline)."""
+    if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.augment)
         return None
     from torchvision.transforms import v2
 
@@ -85,10 +85,10 @@ def build_augment(cfg: AugmentConfig, image_size: int):
 class AgeModule(L.LightningModule):
     """Trains an ``AgeRegressor`` for one stage.
 
-    ``frozen=True`` (stage I): the feature extractor (backbone + projection) has
-    ``requires_grad=False`` and stays in eval mode (BatchNorm statistics untouched);
-    only the head is optimised. ``inputs="features"``: batches carry cached
-    (N, feature_dim) features instead of images and only the head runs.
+    ``frozen=True`` (stage I): the modules ``stage.trainable`` leaves frozen (backbone, and
+    the projection for "head") have ``requires_grad=False`` and stay in eval mode (BatchNorm
+    statistics untouched); the rest is optimised. ``inputs="features"``: batches carry the
+    frozen part's cached output instead of images and only the trainable part runs.
     Batches are ``(x, age_years, weight)``.
     """
 
@@ -105,10 +105,9 @@ class AgeModule(L.LightningModule):
         self.inputs = inputs
         self.channels_last = channels_last
         self.augment = build_augment(stage.augment, image_size or 224) if inputs == "images" else None
-        for module in model.feature_extractor_modules():
-            module.requires_grad_(not frozen)
-        for p in model.head.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
         self.scale = model.label_scale
 
     # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
@@ -116,10 +115,13 @@ class AgeModule(L.LightningModule):
     # submodule modes around validation), so enforce it at every epoch start too.
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.frozen:
-            for module in self.model.feature_extractor_modules():
-                module.eval()
+        for module in self.frozen_modules():
+            module.eval()
         return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Stage I: what ``stage.trainable`` leaves frozen (``AgeRegressor.frozen_modules``); else nothing."""
+        return self.model.frozen_modules(self.stage.trainable) if self.frozen else []
 
     def on_train_epoch_start(self) -> None:
         self.train()
@@ -148,7 +150,7 @@ class AgeModule(L.LightningModule):
         return memory_format(x, self.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.head_forward(x) if self.inputs == "features" else self.model(x)
+        return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
 
     def _step(self, batch, prefix: str):
         from ..weighting import weighted_loss
@@ -175,7 +177,11 @@ class AgeModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
-                               weight_decay=self.stage.weight_decay)
+                               weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps)
+        # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
+        threshold = {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta,
+                                                                 "threshold_mode": "abs"}
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr)
+            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr,
+            **threshold)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}

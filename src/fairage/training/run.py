@@ -197,8 +197,15 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
         else:
             history = history[history["stage"].isin(completed)].reset_index(drop=True)
         folder.update(stage=stage_name, status="running")
-        weights = stage_weights(data.faces["train"], stage_name, stage, folder.path)
-        arrays = StageArrays(data.images["train"], data.faces["train"]["age"].to_numpy(np.float32),
+        train_faces, train_images = data.faces["train"], data.images["train"]
+        if stage.augment.enabled and stage.augment.mode == "replicate":  # offline copies, weighted as faces
+            from ..augment import replicate_faces
+
+            train_images, source = replicate_faces(train_images, train_faces["age"].to_numpy(), stage.augment.min_age,
+                                                   seed=cfg.seed)
+            train_faces = train_faces.iloc[source].reset_index(drop=True)
+        weights = stage_weights(train_faces, stage_name, stage, folder.path)
+        arrays = StageArrays(train_images, train_faces["age"].to_numpy(np.float32),
                              data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights)
         result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
                            num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),

@@ -85,7 +85,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
                cache_features: bool | None, config_yaml: str | None) -> StageResult:
     frozen = stage_name == "stage1"
     use_cache = stage.cache_features if cache_features is None else cache_features
-    use_cache = bool(use_cache and frozen and not stage.augment.enabled)
+    use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
     channels_last = bool(trainer_cfg.channels_last and on_gpu)
 

@@ -1,0 +1,1 @@
+"""Importers: models trained elsewhere, converted to fairage model folders."""
