@@ -23,9 +23,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix or path.suffix}"
-    )
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix or path.suffix}"
+        )
+    except OSError as err:
+        raise _naming(err, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; give the result the permissions a plain open() would
@@ -35,10 +38,17 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
+        if isinstance(err, OSError) and str(tmp_path) in (err.filename, err.filename2):
+            raise _naming(err, path) from None
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` about the file the caller asked for, not the temporary file it never sees."""
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

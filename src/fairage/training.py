@@ -564,7 +564,7 @@ def load_run_data(cfg: ExperimentConfig, data_dir: str | Path, progress: bool = 
     """Face tables and uint8 image arrays of train/valid/test (``fairage.data``)."""
     from .data import load_faces, load_images
 
-    faces = load_faces(data_dir, layout=cfg.data.layout, target=cfg.data.target, full_images=cfg.data.full_images)
+    faces = load_faces(data_dir, **cfg.data.loader_options())
     tables, images = {}, {}
     for split in ("train", "valid", "test"):
         table = faces[faces["split"] == split].reset_index(drop=True)
