@@ -505,13 +505,13 @@ def fit_stage(
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True if ckpt_path else None)
-    if history_cb.non_finite:
-        log.warning(history_cb.non_finite)
     best_path = checkpoint.best_model_path or None
     best_score = checkpoint.best_model_score
     best_val = float(best_score) if best_score is not None else None
     if history_cb.non_finite and (best_val is None or not math.isfinite(best_val)):
         raise NonFiniteLossError(history_cb.non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
+    if history_cb.non_finite:  # warned only once it is known that a best checkpoint is kept
+        log.warning(history_cb.non_finite)
     if best_path:
         load_module_checkpoint(model, best_path)
     model.to("cpu")

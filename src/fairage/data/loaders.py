@@ -75,11 +75,12 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "csv"
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    if any((root / f"gt_avg_{s}.csv").is_file() for s in SPLITS):
+    # lexists, not is_file: a symlink leading out must be detected (and refused) whether its target exists or not
+    if any(os.path.lexists(root / f"gt_avg_{s}.csv") for s in SPLITS):
         return "appa"
-    if any((root / f"data_{s}.npy").is_file() for s in SPLITS):
+    if any(os.path.lexists(root / f"data_{s}.npy") for s in SPLITS):
         return "npy"
-    if any((root / n).is_file() for n in CSV_NAMES):
+    if any(os.path.lexists(root / n) for n in CSV_NAMES):
         return "csv"
     for path in root.rglob("*.jpg"):
         if _UTK_NAME.match(path.name):
@@ -207,6 +208,18 @@ def _inside_or_raise(root: Path, path: Path) -> Path:
         raise DataError(f"{path}: resolves outside the dataset folder {root} (a symlink leading out); "
                         "fairage reads nothing outside the folder it is given")
     return Path(real)
+
+
+def _present(root: Path, path: Path) -> bool:
+    """Whether the layout file ``path`` inside ``root`` is there; DataError if it leads out of ``root``.
+
+    Checked on the name (``lexists``) before anything follows it, so a symlink leading out
+    is refused the same way whether or not its target exists.
+    """
+    if not os.path.lexists(path):
+        return False
+    _inside_or_raise(root, path)
+    return path.is_file()
 
 
 def _outside_message(source: Path, row: int, column: str, name: str, root: Path, absolute_hint: bool) -> str:
@@ -399,9 +412,8 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
     parts = []
     for split in SPLITS:
         gt_path = root / f"gt_avg_{split}.csv"
-        if not gt_path.is_file():
+        if not _present(root, gt_path):
             continue
-        _inside_or_raise(root, gt_path)
         gt = _read_csv(gt_path, ("file_name", "apparent_age_avg", "real_age"))
         if gt["file_name"].isna().any():
             i = int(np.flatnonzero(gt["file_name"].isna().to_numpy())[0])
@@ -423,8 +435,7 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
             df["num_ratings"] = pd.to_numeric(gt["num_ratings"], errors="coerce").to_numpy(dtype=float)
 
         cat_path = root / f"allcategories_{split}.csv"
-        if cat_path.is_file():
-            _inside_or_raise(root, cat_path)
+        if _present(root, cat_path):
             cats = _read_csv(cat_path, ("file",))
             cats["file"] = cats["file"].str.strip()
             dup = cats["file"].duplicated()
@@ -456,7 +467,7 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
         suffix = "" if full_images else "_face.jpg"
         paths = []
         for row, name in enumerate(df["image"], start=2):
-            real = resolve_inside(root, f"{split}/{name}{suffix}")
+            real = None if os.path.isabs(name) else resolve_inside(root, f"{split}/{name}{suffix}")
             if real is None:
                 raise DataError(_outside_message(gt_path, row, "file_name", name, root, absolute_hint=False))
             paths.append(real)
@@ -472,14 +483,12 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
     parts = []
     for split in SPLITS:
         data_path = root / f"data_{split}.npy"
-        if not data_path.is_file():
+        if not _present(root, data_path):
             continue
         labels_path, meta_path = root / f"labels_{split}.npy", root / f"meta_data_{split}.npy"
         for p in (labels_path, meta_path):
-            if not p.is_file():
+            if not _present(root, p):
                 raise DataError(f"{p}: file not found (needed with {data_path.name})")
-        for p in (data_path, labels_path, meta_path):
-            _inside_or_raise(root, p)
         data = _open_npy(data_path, mmap=True)
         labels = _open_npy(labels_path, mmap=False)
         if labels.ndim == 2 and labels.shape[1] == 1:
@@ -524,7 +533,8 @@ def _open_npy(path: Path, mmap: bool) -> np.ndarray:
 def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool = False) -> pd.DataFrame:
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    # confined by name before anything follows a symlink (see _present); rglob does not enter linked folders
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and _present(root, p))
     if not files:
         raise DataError(f"{root}: no image files found (UTKFace layout)")
     recs, bad_names = [], []
@@ -537,8 +547,8 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
                 raise DataError(problem + f"; {SKIP_BAD_HINT}")
             bad_names.append(problem)
             continue
-        real = _inside_or_raise(root, p)
-        recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], str(real)))
+        real = os.path.realpath(p)  # inside root: _present checked it
+        recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], real))
     df = pd.DataFrame(recs, columns=["image", "age_raw", "gender", "ethnicity_raw", "path"])
     # messages name the file (no rows in a folder of images)
     ages = df["age_raw"].astype(float).to_numpy()
@@ -576,11 +586,10 @@ def _load_csv(root: Path, extra: ExtraCategories, seed: int, allow_absolute_path
     if root.is_file():
         csv_path = root
     else:
-        found = [root / n for n in CSV_NAMES if (root / n).is_file()]
+        found = [root / n for n in CSV_NAMES if _present(root, root / n)]
         if not found:
             raise DataError(f"{root}: none of {', '.join(CSV_NAMES)} found (csv layout)")
         csv_path = found[0]
-        _inside_or_raise(root, csv_path)
     raw = _read_csv(csv_path, ("image", "age"))
     rows = np.arange(len(raw)) + 2
     if raw["image"].isna().any():
