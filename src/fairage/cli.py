@@ -153,6 +153,18 @@ def _sigterm_exits(hint: str, run_json: Optional[Path]):
         raise typer.Exit(Terminated.exit_code) from None
 
 
+def _data_options(base: dict, skip_bad: bool, extra_categories: Optional[str], allow_absolute_paths: bool) -> dict:
+    """``load_faces`` options: ``base`` (a run's config, or {}) with the command-line data options on top."""
+    options = dict(base)
+    if skip_bad:
+        options["skip_bad"] = True
+    if extra_categories is not None:
+        options["extra_categories"] = _extra_categories_option(extra_categories)
+    if allow_absolute_paths:
+        options["allow_absolute_paths"] = True
+    return options
+
+
 def _check_trainers(configs) -> None:
     """Lightning settings checked before any run folder is created (ConfigError -> exit 2)."""
     from .config import check_trainer
@@ -330,6 +342,9 @@ def evaluate_command(
                                   "Default: age, gender, ethnicity, expression."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """MAE and bias scores (with bootstrap intervals) of a prediction set, by group."""
     import json
@@ -343,7 +358,8 @@ def evaluate_command(
         predictions = predictions or run_predictions
     if data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
-    df = _joined_predictions(predictions, _split_faces(data, split, _run_data_options(run_dir)), clip)
+    options = _data_options(_run_data_options(run_dir), skip_bad, extra_categories, allow_absolute_paths)
+    df = _joined_predictions(predictions, _split_faces(data, split, options), clip)
     result = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges),
                       n_boot=n_boot, level=level, seed=seed)
     if json_out:
@@ -381,6 +397,9 @@ def compare_command(
     attribute: Optional[list[str]] = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Paired comparison of two prediction sets on the same faces: B - A with bootstrap intervals."""
     import json
@@ -389,7 +408,7 @@ def compare_command(
 
     from .metrics import compare
 
-    faces = _split_faces(data, split)
+    faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     df_a = _joined_predictions(predictions_a, faces, clip)
     df_b = _joined_predictions(predictions_b, faces, clip)
     result = compare(df_a, df_b, attributes=attribute or None, age_edges=_parse_edges(age_edges),
@@ -425,6 +444,9 @@ def submit_command(
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
     out: Path = typer.Option(Path("predictions.zip"), "--out", help="Submission zip to write."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Write the competition submission: a zip with predictions.csv, one age per line in test order."""
     from .data.predictions import read_predictions
@@ -437,7 +459,7 @@ def submit_command(
         options = _run_data_options(predictions_or_run)
     if data is None:
         fail("--data DIR is required with a predictions file")
-    faces = _split_faces(data, "test", options)
+    faces = _split_faces(data, "test", _data_options(options, skip_bad, extra_categories, allow_absolute_paths))
     ages = write_submission(out, faces, read_predictions(predictions, clip=clip), predictions)
     console.print(f"wrote {out} ({len(ages)} test predictions)", highlight=False)
 
@@ -460,6 +482,9 @@ def weights_command(
     beta: float = typer.Option(0.999, "--beta", help="effective_number's beta."),
     max_weight: Optional[float] = typer.Option(None, "--max-weight", help="Clip weights (after mean-1 rescaling)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a plot of group sizes against weights (PNG)."),
 ) -> None:
@@ -490,7 +515,7 @@ def weights_command(
         cfg = WeightingConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, "(weights options)", WeightingConfig)) from None
-    faces = load_faces(data, layout=layout)
+    faces = load_faces(data, layout=layout, **_data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     train = faces[faces["split"] == "train"].reset_index(drop=True)
     if len(train) == 0:
         raise ConfigError(f"dataset {data} has no train faces to weight")
