@@ -23,9 +23,12 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix or path.suffix}"
-    )
+    try:
+        fd, tmp = tempfile.mkstemp(
+            dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix or path.suffix}"
+        )
+    except OSError as err:
+        raise _naming(err, path) from None
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; give the result the permissions a plain open() would
@@ -38,10 +41,16 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        if isinstance(err, OSError) and err.filename is None:
-            # a write to an open file (full disk) does not say which file: name the target
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+        # a write to an open file (full disk) names no file, and the temporary name means nothing
+        # to the caller: name the target
+        if isinstance(err, OSError) and (err.filename is None or str(tmp_path) in (err.filename, err.filename2)):
+            raise _naming(err, path) from None
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` about the file the caller asked for, not the temporary file it never sees."""
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

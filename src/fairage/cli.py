@@ -10,7 +10,9 @@ arguments, call the library, print with rich.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +38,10 @@ console = _Console()
 
 
 def _print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages quote user input and "[20,40)"-style groups that rich would read as markup
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 class _FairageGroup(TyperGroup):
@@ -108,10 +113,85 @@ def synth_command(
 
 def _extra_categories_option(value: str):
     """CLI form of ``extra_categories``: error, keep, unknown, or a mapping 'indian=asian,others=unknown'."""
-    if "=" in value:
-        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
-        return {k.strip().lower(): v.strip().lower() for k, v in pairs}
-    return value
+    from .data.loaders import parse_extra_categories
+
+    return parse_extra_categories(value)
+
+
+_EXTRA_CATEGORIES_HELP = ("Attribute values outside the vocabulary: error, keep, unknown, or a mapping like "
+                          "indian=asian,others=unknown (config data.extra_categories).")
+_SKIP_BAD_HELP = "Drop missing/corrupt images (listed in a warning) instead of failing (config data.skip_bad)."
+_ABSOLUTE_HELP = ("csv layout: accept absolute image paths (by default every image path must lie inside the "
+                  "dataset folder; config data.allow_absolute_paths).")
+
+
+def _data_overrides(skip_bad: bool, extra_categories: Optional[str], allow_absolute_paths: bool) -> list[str]:
+    """The data options of train/suite as config overrides (``data.*``)."""
+    import json
+
+    overrides = []
+    if skip_bad:
+        overrides.append("data.skip_bad=true")
+    if extra_categories is not None:
+        # checked here for a message with the syntax; JSON is YAML, so the override reads back as written
+        overrides.append(f"data.extra_categories={json.dumps(_extra_categories_option(extra_categories))}")
+    if allow_absolute_paths:
+        overrides.append("data.allow_absolute_paths=true")
+    return overrides
+
+
+@contextlib.contextmanager
+def _sigterm_exits(hint: str, run_json: Optional[Path]):
+    """SIGTERM inside the block: one message with ``hint`` and exit 143, never exit 0.
+
+    ``run_json``: the run folder's run.json; when it does not exist yet, nothing was
+    written and there is nothing to resume.
+    """
+    from .interrupt import Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            yield
+    except Terminated:
+        if run_json is not None and not run_json.is_file():
+            hint = "the run folder was not written yet; start the command again"
+        _print_error(f"terminated (SIGTERM): {hint}")
+        raise typer.Exit(Terminated.exit_code) from None
+
+
+def _data_options(base: dict, skip_bad: bool, extra_categories: Optional[str], allow_absolute_paths: bool) -> dict:
+    """``load_faces`` options: ``base`` (a run's config, or {}) with the command-line data options on top."""
+    options = dict(base)
+    if skip_bad:
+        options["skip_bad"] = True
+    if extra_categories is not None:
+        options["extra_categories"] = _extra_categories_option(extra_categories)
+    if allow_absolute_paths:
+        options["allow_absolute_paths"] = True
+    return options
+
+
+def _check_trainers(configs) -> None:
+    """Lightning settings checked before any run folder is created (ConfigError -> exit 2)."""
+    from .config import check_trainer
+
+    for cfg in configs:
+        check_trainer(cfg.trainer)
+
+
+@contextlib.contextmanager
+def _without_skipped_log():
+    """Hold back the loader's one-line "skipped N ..." warnings (for a command that lists them itself)."""
+    logger = logging.getLogger("fairage.data.loaders")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("skipped ")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 @data_app.command("info")
@@ -121,10 +201,9 @@ def data_info_command(
     layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv (default: detect)."),
     target: str = typer.Option("apparent", "--target", help="appa only: apparent (apparent_age_avg) or real (real_age)."),
     full_images: bool = typer.Option(False, "--full-images", help="appa only: the full photos instead of the face crops."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Drop missing/corrupt images (listed) instead of failing."),
-    extra_categories: str = typer.Option(
-        "error", "--extra-categories",
-        help="Attribute values outside the vocabulary: error, keep, unknown, or a mapping like indian=asian,others=unknown."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: str = typer.Option("error", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified split (utkface, csv without a split column)."),
 ) -> None:
     """Show a dataset: layout, faces per split, counts per attribute value, age histogram."""
@@ -134,24 +213,28 @@ def data_info_command(
     from rich.table import Table
 
     from .data import load_faces
-    from .data.loaders import describe_faces, find_bad_images
+    from .data.loaders import SKIP_BAD_HINT, describe_faces, find_bad_images
     from .errors import DataError
     from .data.schema import VOCABULARIES
 
-    faces = load_faces(root, layout=layout, target=target, full_images=full_images,
-                       extra_categories=_extra_categories_option(extra_categories), seed=seed, skip_bad=skip_bad)
+    with _without_skipped_log():  # listed below, one line per image
+        faces = load_faces(root, layout=layout, target=target, full_images=full_images,
+                           extra_categories=_extra_categories_option(extra_categories), seed=seed, skip_bad=skip_bad,
+                           allow_absolute_paths=allow_absolute_paths)
     if not skip_bad:
         # decode every image (at reduced scale: quick) so a corrupt file is reported now
         bad = find_bad_images(faces)
         if bad:
             more = f" (and {len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
-            raise DataError(f"{bad[0]}{more}; --skip-bad drops bad images")
+            raise DataError(f"{bad[0]}{more}; {SKIP_BAD_HINT}")
     info = describe_faces(faces)
     skipped = faces.attrs.get("skipped", [])
     if skipped:
+        from rich.markup import escape
+
         err_console.print(f"[yellow]skipped {len(skipped)} bad image(s):[/yellow]", highlight=False)
         for line in skipped:
-            err_console.print(f"  {line}", highlight=False, soft_wrap=True)
+            err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -199,20 +282,33 @@ def _run_predictions(run_dir: Path):
     return folder, predictions
 
 
-def _split_faces(data: Path, split: str):
+def _run_split_faces(folder, data: Optional[Path], split: str, skip_bad: bool, extra_categories: Optional[str],
+                     allow_absolute_paths: bool):
+    """A run's faces of ``split``: loaded as the run loaded them, unless other data or data options are given."""
+    base = folder.config().data.loader_options()
+    options = _data_options(base, skip_bad, extra_categories, allow_absolute_paths)
+    if data is None and options == base:
+        return folder.faces(split)
+    return _split_faces(data or folder.data_dir, split, options)
+
+
+def _split_faces(data: Path, split: str, options: Optional[dict] = None):
     from .data import load_faces
 
-    faces = load_faces(data)
+    faces = load_faces(data, **(options or {}))
     faces = faces[faces["split"] == split].reset_index(drop=True)
     if len(faces) == 0:
         fail(f"{data}: the dataset has no {split!r} faces")
     return faces
 
 
-def _joined_predictions(predictions: Path, faces):
+def _joined_predictions(predictions: Path, faces, clip: bool = False):
     from .data.predictions import join_predictions, read_predictions
 
-    return join_predictions(faces, read_predictions(predictions), predictions)
+    return join_predictions(faces, read_predictions(predictions, clip=clip), predictions)
+
+
+_CLIP_HELP = "Clip predictions into 0-150 years instead of refusing values outside."
 
 
 def _parse_edges(text: str) -> list[float]:
@@ -246,6 +342,10 @@ def evaluate_command(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
                                   "Default: age, gender, ethnicity, expression."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+    clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """MAE and bias scores (with bootstrap intervals) of a prediction set, by group.
 
@@ -263,15 +363,15 @@ def evaluate_command(
         folder, run_predictions = _run_predictions(run_dir)
         predictions = predictions or run_predictions
         settings = folder.evaluation_settings()
-        faces = _split_faces(data, split) if data is not None else folder.faces(split)
+        faces = _run_split_faces(folder, data, split, skip_bad, extra_categories, allow_absolute_paths)
     elif data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
     else:
-        faces = _split_faces(data, split)
+        faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("seed", seed)) if v is not None}
     settings.update(chosen)
     n_boot, level = settings["n_boot"], settings["level"]
-    df = _joined_predictions(predictions, faces)
+    df = _joined_predictions(predictions, faces, clip)
     evaluation = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges), **settings)
     result = evaluation.to_json()
     if json_out:
@@ -308,6 +408,10 @@ def compare_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     attribute: Optional[list[str]] = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+    clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Paired comparison of two prediction sets on the same faces: B - A with bootstrap intervals."""
     import json
@@ -316,9 +420,9 @@ def compare_command(
 
     from .metrics import compare
 
-    faces = _split_faces(data, split)
-    df_a = _joined_predictions(predictions_a, faces)
-    df_b = _joined_predictions(predictions_b, faces)
+    faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
+    df_a = _joined_predictions(predictions_a, faces, clip)
+    df_b = _joined_predictions(predictions_b, faces, clip)
     result = compare(df_a, df_b, attributes=attribute or None, age_edges=_parse_edges(age_edges),
                      n_boot=n_boot, level=level, seed=seed)
     if json_out:
@@ -351,6 +455,10 @@ def submit_command(
     predictions_or_run: Path = typer.Argument(..., help="Predictions CSV, or a run folder (its predictions_test.csv)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
     out: Path = typer.Option(Path("predictions.zip"), "--out", help="Submission zip to write."),
+    clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Write the competition submission: a zip with predictions.csv, one age per line in test order."""
     from .data.predictions import read_predictions
@@ -359,12 +467,12 @@ def submit_command(
     predictions = predictions_or_run
     if predictions_or_run.is_dir():
         folder, predictions = _run_predictions(predictions_or_run)
-        faces = _split_faces(data, "test") if data is not None else folder.faces("test")
+        faces = _run_split_faces(folder, data, "test", skip_bad, extra_categories, allow_absolute_paths)
     elif data is None:
         fail("--data DIR is required with a predictions file")
     else:
-        faces = _split_faces(data, "test")
-    ages = write_submission(out, faces, read_predictions(predictions), predictions)
+        faces = _split_faces(data, "test", _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
+    ages = write_submission(out, faces, read_predictions(predictions, clip=clip), predictions)
     console.print(f"wrote {out} ({len(ages)} test predictions)", highlight=False)
 
 
@@ -386,6 +494,9 @@ def weights_command(
     beta: float = typer.Option(0.999, "--beta", help="effective_number's beta."),
     max_weight: Optional[float] = typer.Option(None, "--max-weight", help="Clip weights (after mean-1 rescaling)."),
     layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a plot of group sizes against weights (PNG)."),
 ) -> None:
@@ -406,7 +517,7 @@ def weights_command(
         scheme, formula, lds, attributes=[a.strip() for a in (attributes or "").split(",") if a.strip()],
         age_edges=_parse_edges(age_edges) if age_edges else None,
         pseudo_count=pseudo_count, beta=beta, max_weight=max_weight)
-    faces = load_faces(data, layout=layout)
+    faces = load_faces(data, layout=layout, **_data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     train = faces[faces["split"] == "train"].reset_index(drop=True)
     if len(train) == 0:
         raise ConfigError(f"dataset {data} has no train faces to weight")
@@ -501,6 +612,9 @@ def train_command(
     num_nodes: Optional[int] = typer.Option(None, "--num-nodes", min=1, help="Machines (Lightning num_nodes)."),
     accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cpu, gpu or auto."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Bitwise-repeatable kernels where torch allows."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ) -> None:
     """Train a model (stage I and/or II), evaluate it on the test split, print a summary."""
@@ -508,10 +622,14 @@ def train_command(
     from .training import resume_run, train
 
     progress = not quiet
+    data_overrides = _data_overrides(skip_bad, extra_categories, allow_absolute_paths)
     if resume is not None:
-        if config or preset or data or out or set_:
+        if config or preset or data or out or set_ or data_overrides:
             fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
-        metrics = _interruptible(resume, resume_run, resume, progress=progress)
+        if (resume / "config.yaml").is_file():
+            _check_trainers([load_config(resume / "config.yaml")])
+        with _sigterm_exits(f"continue with `fairage train --resume {resume}`", resume / "run.json"):
+            metrics = _interruptible(resume, resume_run, resume, progress=progress)
         if metrics:
             _train_summary(resume, metrics)
         return
@@ -519,7 +637,7 @@ def train_command(
         fail("give exactly one of --config CFG.yaml and --preset NAME (or --resume runs/NAME)")
     if data is None or out is None:
         fail("--data DIR and --out runs/NAME are required (or --resume runs/NAME)")
-    overrides = list(set_ or [])
+    overrides = list(set_ or []) + data_overrides
     for key, value in (("accelerator", accelerator), ("devices", devices), ("strategy", strategy),
                        ("num_nodes", num_nodes)):
         if value is not None:
@@ -527,9 +645,11 @@ def train_command(
     if deterministic:
         overrides.append("trainer.deterministic=true")
     cfg = load_config(config, overrides) if config is not None else load_preset(preset, scale, overrides)
+    _check_trainers([cfg])
     if preset is not None:
         _warn_full_scale(cfg, scale)
-    metrics = _interruptible(out, train, cfg, data, out, progress=progress)
+    with _sigterm_exits(f"continue with `fairage train --resume {out}`", out / "run.json"):
+        metrics = _interruptible(out, train, cfg, data, out, progress=progress)
     if metrics:  # None on non-zero DDP ranks
         _train_summary(out, metrics)
 
@@ -602,17 +722,24 @@ def suite_command(
     scale: str = typer.Option("cpu", "--scale", help="full (as the report), cpu (resnet18, 64 px) or tiny (tests)."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Runs per preset; K > 1 gives mean ± std over seeds."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Config override for every preset, e.g. stage2.lr=5e-5 (repeatable)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
+    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
     """Train each preset (reusing finished runs), evaluate on the test split, write the comparison report."""
     from .suite import run_suite, suite_configs
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
-    for _, cfg in suite_configs(names, scale, 1, set_ or [])[:1]:
-        _warn_full_scale(cfg, scale)
-    report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=set_ or [], progress=not quiet,
-                       on_event=_suite_printer(quiet))
-    _print_comparison([out / n for n, _ in suite_configs(names, scale, seeds, set_ or [])],
+    overrides = list(set_ or []) + _data_overrides(skip_bad, extra_categories, allow_absolute_paths)
+    plan = suite_configs(names, scale, seeds, overrides)
+    _check_trainers([cfg for _, cfg in plan])
+    _warn_full_scale(plan[0][1], scale)
+    with _sigterm_exits("run the same `fairage suite` command again: finished runs are reused, "
+                        "the interrupted one resumes", None):
+        report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=overrides,
+                           progress=not quiet, on_event=_suite_printer(quiet))
+    _print_comparison([out / n for n, _ in plan],
                       title=f"comparison ({data}, scale {scale}): MAE and bias scores in years, test split")
     console.print(f"report: {report}")
 

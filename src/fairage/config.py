@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -157,6 +158,30 @@ class DataConfig(StrictModel):
     #: decoded-image cache folder; None = ``<data>/.fairage_cache``
     cache_dir: Path | None = None
     num_workers: int = Field(0, ge=0)
+    #: drop faces whose image is missing or cannot be decoded (listed in a warning) instead of failing
+    skip_bad: bool = False
+    #: attribute values outside the vocabulary: error, keep, unknown, or a mapping such as
+    #: ``indian=asian,others=unknown`` (text) or ``{indian: asian, others: unknown}``
+    extra_categories: str | dict[str, str] = "error"
+    #: csv layout: accept absolute image paths (otherwise every path stays inside the dataset folder)
+    allow_absolute_paths: bool = False
+
+    @field_validator("extra_categories")
+    @classmethod
+    def _known_extra_categories(cls, value):
+        from .data.loaders import parse_extra_categories
+        from .errors import DataError
+
+        try:
+            return parse_extra_categories(value)
+        except DataError as err:
+            raise ValueError(str(err)) from None
+
+    def loader_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``fairage.data.load_faces`` that this section sets."""
+        return {"layout": self.layout, "target": self.target, "full_images": self.full_images,
+                "extra_categories": self.extra_categories, "skip_bad": self.skip_bad,
+                "allow_absolute_paths": self.allow_absolute_paths}
 
 
 class TrainerConfig(StrictModel):
@@ -168,6 +193,12 @@ class TrainerConfig(StrictModel):
     precision: str = "auto"
     channels_last: bool = True
     deterministic: bool = False
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, value):
+        # "--set trainer.precision=32" arrives as the YAML integer 32
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class EvalConfig(StrictModel):
@@ -306,14 +337,22 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The mapping in the YAML file ``path`` (empty file: ``{}``); ConfigError for anything else."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-    return raw if raw is not None else {}
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings (model:, data:, stage1:, ...), "
+                          f"not a {type(raw).__name__}")
+    return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -336,9 +375,10 @@ def list_presets() -> dict[str, str]:
 
 
 def preset_raw(name: str) -> dict:
+    # only names of the shipped list: a name is never turned into a path of its own
+    names = list(list_presets())
     entry = _preset_dir() / f"{name}.yaml"
-    if not entry.is_file():
-        names = list(list_presets())
+    if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown preset '{name}'{hint}; available: {', '.join(names)}")
@@ -425,3 +465,58 @@ def load_preset(name: str, scale: str = "full", overrides: list[str] | None = No
 def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (round-trips through validate_config)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- Lightning settings
+
+
+def check_trainer(trainer: TrainerConfig) -> None:
+    """Check the Lightning settings of ``trainer`` against this machine; ConfigError naming the key.
+
+    Catches what Lightning would only refuse once training starts (a misspelt accelerator,
+    strategy or precision, malformed devices, a GPU asked for where there is none), so a
+    command can refuse before it creates a run folder.
+    """
+    import typing
+
+    import torch
+    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    accelerators = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
+    acc = trainer.accelerator
+    if acc not in accelerators:
+        close = difflib.get_close_matches(acc, accelerators, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"trainer.accelerator '{acc}' is not known{hint}; choose one of {', '.join(accelerators)}")
+    if acc in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator '{acc}': no CUDA GPU is available on this machine "
+                          "(use cpu or auto)")
+    if acc not in ("auto", "gpu") and not AcceleratorRegistry[acc]["accelerator"].is_available():
+        raise ConfigError(f"trainer.accelerator '{acc}' is not available on this machine (use cpu or auto)")
+
+    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    if trainer.strategy not in strategies:
+        close = difflib.get_close_matches(trainer.strategy, strategies, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"trainer.strategy '{trainer.strategy}' is not known{hint}; choose one of "
+                          f"{', '.join(strategies)}")
+
+    precisions = ["auto", *typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)]
+    if trainer.precision not in precisions:
+        close = difflib.get_close_matches(trainer.precision, precisions, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"trainer.precision '{trainer.precision}' is not known{hint}; choose one of "
+                          f"{', '.join(precisions)}")
+
+    devices = trainer.devices
+    text = str(devices).strip()
+    if not (text == "auto" or re.fullmatch(r"-?\d+", text) or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text)):
+        raise ConfigError(f"trainer.devices '{devices}' is not a number of devices, auto, -1 (all) "
+                          "or a list of device indices like 0,1")
+    count = int(text) if re.fullmatch(r"-?\d+", text) else None
+    if count is not None and count != -1 and count < 1:
+        raise ConfigError(f"trainer.devices {devices}: give at least 1 device (or -1 for all, or auto)")
+    if acc in ("gpu", "cuda") and count is not None and count > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices {devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")

@@ -29,6 +29,7 @@ pretrained weights come only from a local file (``load_weights``).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -398,7 +399,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     except ConfigError:
         raise
     except Exception as err:  # corrupt file, pickled objects refused by weights_only
-        raise ConfigError(f"model.weights {path} could not be read as a state dict: {err}") from None
+        raise ConfigError(f"model.weights {path} could not be read as a state dict: {load_error_reason(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -407,6 +408,25 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("model.") for k in state):
         state = {k[len("model."):]: v for k, v in state.items()}
     return state
+
+
+def load_error_reason(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry unsafely.
+
+    torch's message suggests ``weights_only=False``, which would run whatever the file's
+    pickle holds; fairage never does that, so only the sentences saying what was refused
+    are kept.
+    """
+    text = str(err)
+    if "weights_only" not in text and "Weights only load failed" not in text:
+        return text
+    advice = ("weights_only", "weights only", "trusted source", "re-running", "documentation", "safe_globals",
+              "pytorch 2.6", "please check", "you have two options", "do those steps")
+    kept = [sentence.strip() for line in text.splitlines() for sentence in re.split(r"(?<=\.)\s+", line)
+            if sentence.strip() and not any(a in sentence.lower() for a in advice)]
+    reason = " ".join(kept).strip()
+    return ("the file holds pickled Python objects, not only tensors, and fairage never unpickles them"
+            + (f" ({reason.rstrip('.')})" if reason else ""))
 
 
 def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list[str]]:

@@ -108,7 +108,7 @@ def config_faces(cfg: ExperimentConfig, data_dir: str | Path) -> pd.DataFrame:
     """The face table of ``data_dir`` as a run of ``cfg`` loads it (its ``data.*`` settings)."""
     from .data import load_faces
 
-    return load_faces(data_dir, layout=cfg.data.layout, target=cfg.data.target, full_images=cfg.data.full_images)
+    return load_faces(data_dir, **cfg.data.loader_options())
 
 
 def same_config(a: ExperimentConfig, b: ExperimentConfig) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .atomic import atomic_path
-from .data.predictions import join_predictions
+from .data.predictions import PREDICTION_RANGE, join_predictions
 from .errors import DataError
 
 #: name of the CSV inside the zip
@@ -29,13 +29,20 @@ def write_submission(out: str | os.PathLike, test_faces: pd.DataFrame, preds: pd
     """Atomically write the submission zip ``out`` for ``test_faces`` (test split, dataset order).
 
     ``preds`` is a predictions table (``image``, ``prediction``). Returns the written ages,
-    shape (len(test_faces),), in test order. DataError if they cannot be matched one-to-one.
+    shape (len(test_faces),), in test order. DataError if they cannot be matched one-to-one
+    or an age is not finite and within ``PREDICTION_RANGE``.
     """
     if len(test_faces) == 0:
         raise DataError("the dataset has no test split to submit for")
     if len(preds) != len(test_faces):
         raise DataError(f"{source}: {len(preds)} predictions but the test split has {len(test_faces)} faces")
     ages = join_predictions(test_faces, preds, source)["prediction"].to_numpy(dtype=float)
+    low, high = PREDICTION_RANGE
+    bad = np.flatnonzero(~np.isfinite(ages) | (ages < low) | (ages > high))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{source}: prediction {ages[i]:g} for test face {test_faces['image'].iloc[i]!r} is not an age "
+                        f"between {low:g} and {high:g} years ({bad.size} such faces)")
     text = "".join(f"{a:.6f}\n" for a in ages)
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:

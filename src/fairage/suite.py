@@ -137,7 +137,7 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     notify = on_event or _ignore
     # resolve every config and read the data first, so a typo fails before hours of training
     plan = suite_configs(presets, scale, seeds, overrides)
-    faces = load_faces(data_dir)
+    faces = load_faces(data_dir, **plan[0][1].data.loader_options())
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = []
     for i, (name, cfg) in enumerate(plan, start=1):

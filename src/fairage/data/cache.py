@@ -15,6 +15,7 @@ the stored size) and cached the same way, so every layout is served as an RGB me
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -50,7 +51,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
         raise DataError(f"{path}: image file not found") from None
     except Exception as err:  # Pillow raises many types for corrupt or truncated data
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
-                        "load the dataset with --skip-bad to drop bad images") from None
+                        "--skip-bad (config data.skip_bad: true) drops bad images") from None
 
 
 def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:
@@ -133,20 +134,53 @@ def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | N
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(faces)
     target = cache_file(faces, size, cache_dir)
     stem = target.name.rsplit("_", 1)[0]  # <splits>_<S>px_<rows>
-    if target.is_file():
-        cached = np.load(target, mmap_mode="r", allow_pickle=False)
-        if cached.shape == (n, size, size, 3) and cached.dtype == np.uint8:
-            return cached
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with atomic.atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-        _fill(out, faces, size, workers, progress, label=f"decoding {stem.split('_')[0]} faces at {size} px")
-        out.flush()
-        del out
+    cached = open_cached(target, (n, size, size, 3))
+    if cached is not None:
+        return cached
+    # a missing, truncated or foreign file is (re)built; the atomic write replaces it
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with atomic.atomic_path(target) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+            _fill(out, faces, size, workers, progress, label=f"decoding {stem.split('_')[0]} faces at {size} px")
+            out.flush()
+            del out
+    except PermissionError as err:
+        raise DataError(f"{cache_dir}: cannot write the decoded-image cache ({err.strerror}); set data.cache_dir "
+                        "to a writable folder (e.g. --set data.cache_dir=/tmp/fairage-cache)") from None
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES):
+            raise
+        raise DataError(f"{cache_dir}: cannot write the decoded-image cache ({err.strerror}); set data.cache_dir "
+                        "to a writable folder (e.g. --set data.cache_dir=/tmp/fairage-cache)") from None
     for stale in cache_dir.glob(f"{stem}_*.npy"):
         if stale != target:
             stale.unlink(missing_ok=True)
     return np.load(target, mmap_mode="r", allow_pickle=False)
+
+
+def open_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached uint8 array at ``path`` as a read-only memmap if it is complete and has ``shape``, else None.
+
+    A file cut short (a full disk, a copy interrupted), with a damaged header or of
+    another shape is not an error: the caller rebuilds it.
+    """
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                      else np.lib.format.read_array_header_2_0)(f)
+            offset = f.tell()
+        stored_shape, fortran, dtype = header
+        if tuple(stored_shape) != tuple(shape) or dtype != np.uint8 or fortran:
+            return None
+        if path.stat().st_size != offset + int(np.prod(shape)):
+            return None
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return None
 
 
 def _fill(out: np.ndarray, faces: pd.DataFrame, size: int, workers: int, progress: bool, label: str) -> None:

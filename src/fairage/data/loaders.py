@@ -15,7 +15,14 @@ Layouts (``detect_layout`` picks one from a folder's contents; ``layout=`` force
 ``extra_categories`` says what to do with an attribute value outside the vocabulary:
 ``"error"`` (default: DataError naming file, row and value), ``"keep"`` (keep the value as
 an extra group), ``"unknown"`` (map it to ``"unknown"``), or a dict ``{value: new_value}``
-applied first (values it does not cover still raise).
+applied first (values it does not cover still raise); ``parse_extra_categories`` reads the
+text form ``indian=asian,others=unknown``.
+
+Every file a dataset names (an image path in a table, a UTKFace file, the layout's own
+tables and arrays) must resolve, symlinks included, inside the dataset folder; anything
+else is refused before it is opened, with a message that does not depend on whether the
+outside file exists. The csv layout may name absolute image paths when
+``allow_absolute_paths=True``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,12 @@ _UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)\.jpg(\.chip\.jpg)?$", re.IGNOR
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 ExtraCategories = str | Mapping[str, str]
+#: what ``parse_extra_categories`` accepts, for messages
+EXTRA_CATEGORIES_SYNTAX = "error, keep, unknown, or a mapping old=new[,old=new...] such as indian=asian,others=unknown"
+#: where a user sets the options that messages advise
+SKIP_BAD_HINT = "--skip-bad (config data.skip_bad: true) drops them"
+EXTRA_CATEGORIES_HINT = ("map or accept it with --extra-categories (config data.extra_categories): "
+                         + EXTRA_CATEGORIES_SYNTAX)
 
 
 # --------------------------------------------------------------------------- public API
@@ -62,11 +75,12 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "csv"
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    if any((root / f"gt_avg_{s}.csv").is_file() for s in SPLITS):
+    # lexists, not is_file: a symlink leading out must be detected (and refused) whether its target exists or not
+    if any(os.path.lexists(root / f"gt_avg_{s}.csv") for s in SPLITS):
         return "appa"
-    if any((root / f"data_{s}.npy").is_file() for s in SPLITS):
+    if any(os.path.lexists(root / f"data_{s}.npy") for s in SPLITS):
         return "npy"
-    if any((root / n).is_file() for n in CSV_NAMES):
+    if any(os.path.lexists(root / n) for n in CSV_NAMES):
         return "csv"
     for path in root.rglob("*.jpg"):
         if _UTK_NAME.match(path.name):
@@ -79,7 +93,7 @@ def detect_layout(root: str | os.PathLike) -> str:
 
 def load_faces(root: str | os.PathLike, layout: str | None = None, target: str = "apparent",
                full_images: bool = False, extra_categories: ExtraCategories = "error", seed: int = 0,
-               skip_bad: bool = False) -> pd.DataFrame:
+               skip_bad: bool = False, allow_absolute_paths: bool = False) -> pd.DataFrame:
     """Read a dataset folder into the face table (columns in ``schema.FACE_COLUMNS`` + extras).
 
     Parameters
@@ -94,10 +108,13 @@ def load_faces(root: str | os.PathLike, layout: str | None = None, target: str =
     skip_bad : drop faces whose image file is missing or cannot be decoded instead of raising;
         the dropped files are logged as a warning and listed in ``faces.attrs["skipped"]``
         (a list of ``"path: reason"`` strings).
+    allow_absolute_paths : csv only: accept absolute image paths (off by default: every image
+        path must resolve inside the dataset folder, see the module doc).
 
     Rows are in dataset order within each split, splits in train, valid, test order.
     """
     root = Path(root)
+    extra_categories = parse_extra_categories(extra_categories)
     layout = layout or detect_layout(root)
     if layout not in LAYOUTS:
         raise DataError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
@@ -112,7 +129,7 @@ def load_faces(root: str | os.PathLike, layout: str | None = None, target: str =
     elif layout == "utkface":
         faces = _load_utkface(root, extra_categories, seed, skip_bad)
     else:
-        faces = _load_csv(root, extra_categories, seed)
+        faces = _load_csv(root, extra_categories, seed, allow_absolute_paths)
     bad_names = faces.attrs.pop("skipped", [])
     faces = faces.reset_index(drop=True)
     if layout != "npy":
@@ -123,6 +140,109 @@ def load_faces(root: str | os.PathLike, layout: str | None = None, target: str =
     faces.attrs["root"] = str(root.resolve())
     faces.attrs.setdefault("skipped", [])
     return faces
+
+
+def parse_extra_categories(value: ExtraCategories) -> str | dict[str, str]:
+    """The ``extra_categories`` policy from its text or mapping form; DataError showing the syntax.
+
+    ``"error"``, ``"keep"`` and ``"unknown"`` are returned as they are; ``"indian=asian,others=unknown"``
+    or a mapping becomes a dict of lower-case values. Every mapped value must be a vocabulary
+    value (``schema.VOCABULARIES``) or ``unknown``: anything else could never load.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in ("error", "keep", "unknown"):
+            return text.lower()
+        if "=" not in text:
+            raise DataError(f"extra categories {value!r}: expected {EXTRA_CATEGORIES_SYNTAX}")
+        pairs = []
+        for part in (p.strip() for p in text.split(",")):
+            if part.count("=") != 1 or not all(x.strip() for x in part.split("=")):
+                raise DataError(f"extra categories {value!r}: {part!r} is not old=new; expected {EXTRA_CATEGORIES_SYNTAX}")
+            pairs.append(part.split("="))
+    elif isinstance(value, Mapping):
+        pairs = list(value.items())
+    else:
+        raise DataError(f"extra categories {value!r}: expected {EXTRA_CATEGORIES_SYNTAX}")
+    targets = {v for values in VOCABULARIES.values() for v in values} | {UNKNOWN}
+    mapping: dict[str, str] = {}
+    for old, new in pairs:
+        old, new = str(old).strip().lower(), str(new).strip().lower()
+        if not old or not new:
+            raise DataError(f"extra categories {value!r}: empty value in a mapping; expected {EXTRA_CATEGORIES_SYNTAX}")
+        if new not in targets:
+            raise DataError(f"extra categories {value!r}: {old!r} is mapped to {new!r}, which is not an attribute "
+                            f"value ({', '.join(sorted(targets))})")
+        mapping[old] = new
+    if not mapping:
+        raise DataError(f"extra categories {value!r}: expected {EXTRA_CATEGORIES_SYNTAX}")
+    return mapping
+
+
+def resolve_inside(root: str | os.PathLike, name: str) -> str | None:
+    """The real path of ``name`` (relative to the folder ``root``) if it lies inside ``root``, else None.
+
+    The path text is checked first, without touching the file system (absolute paths and
+    ``..`` leading out are refused); then symlinks along the path are followed
+    (``os.path.realpath``) and the target must still lie inside ``root``'s real path. The
+    file itself is never opened, and the answer for a path leading out does not depend on
+    whether something exists there.
+    """
+    root_real = os.path.realpath(root)
+    text = str(name)
+    if not text or os.path.isabs(text) or "\0" in text:
+        return None
+    lexical = os.path.normpath(os.path.join(root_real, text))
+    if os.path.commonpath([root_real, lexical]) != root_real:
+        return None
+    real = os.path.realpath(lexical)
+    if os.path.commonpath([root_real, real]) != root_real:
+        return None
+    return real
+
+
+def _inside_or_raise(root: Path, path: Path) -> Path:
+    """``path`` (a file the layout reads inside ``root``) if it resolves inside ``root``, else DataError."""
+    real = resolve_inside(root, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
+    if real is None:
+        raise DataError(f"{path}: resolves outside the dataset folder {root} (a symlink leading out); "
+                        "fairage reads nothing outside the folder it is given")
+    return Path(real)
+
+
+def _present(root: Path, path: Path) -> bool:
+    """Whether the layout file ``path`` inside ``root`` is there; DataError if it leads out of ``root``.
+
+    Checked on the name (``lexists``) before anything follows it, so a symlink leading out
+    is refused the same way whether or not its target exists.
+    """
+    if not os.path.lexists(path):
+        return False
+    _inside_or_raise(root, path)
+    return path.is_file()
+
+
+def _outside_message(source: Path, row: int, column: str, name: str, root: Path, absolute_hint: bool) -> str:
+    hint = ("; set data.allow_absolute_paths: true (--allow-absolute-paths) to accept absolute image paths"
+            if absolute_hint and os.path.isabs(name) else "")
+    return (f"{source}: row {row}: {column} {name!r} is not a path inside the dataset folder {root} "
+            f"(absolute paths, '..' and symlinks leading out are refused){hint}")
+
+
+def _show(value) -> str:
+    """repr of a table value for messages: numpy scalars shown as plain Python values."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
+def _duplicate_rows(keys: pd.Series, rows: np.ndarray) -> tuple[list[int], object] | None:
+    """(rows, key) of the first value of ``keys`` that occurs more than once, or None."""
+    dup = keys.duplicated(keep=False).to_numpy()
+    if not dup.any():
+        return None
+    first = keys.iloc[int(np.flatnonzero(dup)[0])]
+    return [int(r) for r in rows[(keys == first).to_numpy()]], first
 
 
 def stratified_split(ages, ethnicities, seed: int = 0,
@@ -180,8 +300,8 @@ def _normalise_attribute(values: pd.Series, attribute: str, extra: ExtraCategori
             row = rows[i] if rows is not None else i + 2
             raise DataError(
                 f"{source}: row {row}: {attribute} value {vals.iloc[i]!r} is not one of "
-                f"{', '.join(VOCABULARIES[attribute])} (or {UNKNOWN}); use extra categories 'keep' or "
-                f"'unknown' to accept it ({int(bad.sum())} such rows)"
+                f"{', '.join(VOCABULARIES[attribute])} (or {UNKNOWN}); {EXTRA_CATEGORIES_HINT} "
+                f"({int(bad.sum())} such rows)"
             )
     return vals
 
@@ -195,7 +315,7 @@ def _check_ages(ages: pd.Series, source: Path, column: str, rows: np.ndarray | N
         i = int(np.flatnonzero(bad)[0])
         row = rows[i] if rows is not None else i + 2
         raise DataError(
-            f"{source}: row {row}: {column} {ages.iloc[i]!r} is not an age in years "
+            f"{source}: row {row}: {column} {_show(ages.iloc[i])} is not an age in years "
             f"between {AGE_MIN:g} and {AGE_MAX:g} ({int(bad.sum())} such rows)"
         )
     return arr
@@ -265,7 +385,8 @@ def _check_image_files(faces: pd.DataFrame, skip_bad: bool) -> pd.DataFrame:
         return faces
     if not skip_bad:
         i, reason = next(iter(problems.items()))
-        more = f" ({len(problems)} images missing; --skip-bad drops them)" if len(problems) > 1 else ""
+        more = f" ({len(problems)} images missing)" if len(problems) > 1 else ""
+        more += f"; {SKIP_BAD_HINT}"
         raise DataError(f"{faces['path'].iloc[i]}: {reason} (face {faces['image'].iloc[i]!r}){more}")
     skipped = [f"{faces['path'].iloc[i]}: {r}" for i, r in problems.items()]
     log.warning("skipped %d bad image(s): %s", len(skipped), "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
@@ -291,12 +412,16 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
     parts = []
     for split in SPLITS:
         gt_path = root / f"gt_avg_{split}.csv"
-        if not gt_path.is_file():
+        if not _present(root, gt_path):
             continue
         gt = _read_csv(gt_path, ("file_name", "apparent_age_avg", "real_age"))
         if gt["file_name"].isna().any():
             i = int(np.flatnonzero(gt["file_name"].isna().to_numpy())[0])
             raise DataError(f"{gt_path}: row {i + 2}: empty file_name")
+        dup = _duplicate_rows(gt["file_name"].str.strip(), np.arange(len(gt)) + 2)
+        if dup:
+            raise DataError(f"{gt_path}: rows {', '.join(map(str, dup[0]))}: file_name {dup[1]!r} is listed "
+                            f"{len(dup[0])} times (each face once)")
         column = "apparent_age_avg" if target == "apparent" else "real_age"
         df = pd.DataFrame({"image": gt["file_name"].str.strip()})
         df["age"] = _check_ages(gt[column], gt_path, column)
@@ -310,7 +435,7 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
             df["num_ratings"] = pd.to_numeric(gt["num_ratings"], errors="coerce").to_numpy(dtype=float)
 
         cat_path = root / f"allcategories_{split}.csv"
-        if cat_path.is_file():
+        if _present(root, cat_path):
             cats = _read_csv(cat_path, ("file",))
             cats["file"] = cats["file"].str.strip()
             dup = cats["file"].duplicated()
@@ -340,8 +465,13 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
                 df[attribute] = UNKNOWN
         df["split"] = split
         suffix = "" if full_images else "_face.jpg"
-        folder = (root / split).resolve()
-        df["path"] = [str(folder / f"{name}{suffix}") for name in df["image"]]
+        paths = []
+        for row, name in enumerate(df["image"], start=2):
+            real = None if os.path.isabs(name) else resolve_inside(root, f"{split}/{name}{suffix}")
+            if real is None:
+                raise DataError(_outside_message(gt_path, row, "file_name", name, root, absolute_hint=False))
+            paths.append(real)
+        df["path"] = paths
         df["frame"] = -1
         parts.append(df)
     if not parts:
@@ -353,11 +483,11 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
     parts = []
     for split in SPLITS:
         data_path = root / f"data_{split}.npy"
-        if not data_path.is_file():
+        if not _present(root, data_path):
             continue
         labels_path, meta_path = root / f"labels_{split}.npy", root / f"meta_data_{split}.npy"
         for p in (labels_path, meta_path):
-            if not p.is_file():
+            if not _present(root, p):
                 raise DataError(f"{p}: file not found (needed with {data_path.name})")
         data = _open_npy(data_path, mmap=True)
         labels = _open_npy(labels_path, mmap=False)
@@ -381,7 +511,7 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
         for j, attribute in enumerate(("gender", "ethnicity", "expression")):
             df[attribute] = _normalise_attribute(meta_df[j], attribute, extra, meta_path, rows).to_numpy()
         df["split"] = split
-        df["path"] = str(data_path.resolve())
+        df["path"] = os.path.realpath(data_path)
         df["frame"] = np.arange(len(labels))
         parts.append(df)
     if not parts:
@@ -403,7 +533,8 @@ def _open_npy(path: Path, mmap: bool) -> np.ndarray:
 def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool = False) -> pd.DataFrame:
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+    # confined by name before anything follows a symlink (see _present); rglob does not enter linked folders
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and _present(root, p))
     if not files:
         raise DataError(f"{root}: no image files found (UTKFace layout)")
     recs, bad_names = [], []
@@ -413,10 +544,11 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
             problem = (f"{p}: not a UTKFace file name AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] "
                        "with gender 0 (male) or 1 (female) and race 0-4")
             if not skip_bad:
-                raise DataError(problem + "; --skip-bad drops such files")
+                raise DataError(problem + f"; {SKIP_BAD_HINT}")
             bad_names.append(problem)
             continue
-        recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], str(p.resolve())))
+        real = os.path.realpath(p)  # inside root: _present checked it
+        recs.append((p.relative_to(root).as_posix(), m.group(1), UTK_GENDERS[m.group(2)], UTK_RACES[m.group(3)], real))
     df = pd.DataFrame(recs, columns=["image", "age_raw", "gender", "ethnicity_raw", "path"])
     # messages name the file (no rows in a folder of images)
     ages = df["age_raw"].astype(float).to_numpy()
@@ -436,7 +568,7 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
         elif extra != "keep":
             i = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataError(f"{df['path'].iloc[i]}: ethnicity {eth.iloc[i]!r} (UTKFace race code) is not one of "
-                            f"{', '.join(VOCABULARIES['ethnicity'])}; use extra categories 'keep' or 'unknown' "
+                            f"{', '.join(VOCABULARIES['ethnicity'])}; {EXTRA_CATEGORIES_HINT} "
                             f"({int(bad.sum())} such files)")
     df["ethnicity"] = eth
     df["expression"] = UNKNOWN
@@ -450,11 +582,11 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
     return df
 
 
-def _load_csv(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame:
+def _load_csv(root: Path, extra: ExtraCategories, seed: int, allow_absolute_paths: bool = False) -> pd.DataFrame:
     if root.is_file():
         csv_path = root
     else:
-        found = [root / n for n in CSV_NAMES if (root / n).is_file()]
+        found = [root / n for n in CSV_NAMES if _present(root, root / n)]
         if not found:
             raise DataError(f"{root}: none of {', '.join(CSV_NAMES)} found (csv layout)")
         csv_path = found[0]
@@ -470,8 +602,22 @@ def _load_csv(root: Path, extra: ExtraCategories, seed: int) -> pd.DataFrame:
             df[attribute] = _normalise_attribute(raw[attribute], attribute, extra, csv_path, rows).to_numpy()
         else:
             df[attribute] = UNKNOWN
-    folder = csv_path.parent.resolve()
-    df["path"] = [str(folder / name) for name in df["image"]]
+    folder = csv_path.parent
+    paths = []
+    for row, name in zip(rows, df["image"]):
+        if allow_absolute_paths and os.path.isabs(name):
+            real = os.path.normpath(name)  # the user opted in to absolute paths: read them as written
+        else:
+            real = resolve_inside(folder, name)
+        if real is None:
+            raise DataError(_outside_message(csv_path, int(row), "image", name, folder, absolute_hint=True))
+        paths.append(real)
+    df["path"] = paths
+    dup = _duplicate_rows(df["path"], rows)
+    if dup:
+        names = sorted(set(df["image"][df["path"] == dup[1]]))
+        raise DataError(f"{csv_path}: rows {', '.join(map(str, dup[0]))} name the same image "
+                        f"{' / '.join(map(repr, names))} (each face once)")
     df["frame"] = -1
     if "split" in raw.columns:
         split = raw["split"].fillna("").str.strip().str.lower()

@@ -16,6 +16,9 @@ import pandas as pd
 from ..atomic import atomic_path
 from ..errors import DataError
 
+#: plausible predicted ages in years; ``read_predictions`` refuses values outside (or clips them)
+PREDICTION_RANGE: tuple[float, float] = (0.0, 150.0)
+
 #: columns written by ``write_predictions``
 PREDICTION_COLUMNS: tuple[str, ...] = ("image", "prediction", "age", "gender", "ethnicity", "expression")
 
@@ -37,11 +40,12 @@ def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions)
         table.to_csv(tmp, index=False)
 
 
-def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
+def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFrame:
     """Read a predictions CSV: ``image`` (str) and ``prediction`` (float years) plus any other columns.
 
     Raises DataError naming the file (and the first bad row) for a missing or unreadable
-    file, missing columns, and empty, NaN or non-numeric predictions.
+    file, missing columns, empty, NaN or non-numeric predictions, and predictions outside
+    ``PREDICTION_RANGE`` (0 to 150 years); with ``clip=True`` those are clipped into it instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,11 +66,27 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
     if bad.size:
         row = int(bad[0])
         raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): prediction "
-                        f"{table['prediction'].iloc[row]!r} is missing or not a finite number"
+                        f"{_show(table['prediction'].iloc[row])} is missing or not a finite number"
                         + (f" ({bad.size} bad rows in all)" if bad.size > 1 else ""))
+    low, high = PREDICTION_RANGE
+    out = np.flatnonzero((values < low) | (values > high))
+    if out.size and clip:
+        values = np.clip(values, low, high)
+    elif out.size:
+        row = int(out[0])
+        raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): prediction {values[row]:g} years "
+                        f"is outside {low:g} to {high:g}" + (f" ({out.size} such rows)" if out.size > 1 else "")
+                        + "; --clip clips predictions into that range")
     table["image"] = table["image"].astype(str)
     table["prediction"] = values
     return table
+
+
+def _show(value) -> str:
+    """repr of a table value for messages: numpy scalars shown as plain Python values."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
 
 
 def _few(ids, limit: int = 5) -> str:

@@ -111,13 +111,13 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True if ckpt_path else None)
     non_finite = cbs.history.non_finite
-    if non_finite:
-        log.warning(non_finite)
     best_path = cbs.best.best_model_path or None
     best_score = cbs.best.best_model_score
     best_val = float(best_score) if best_score is not None else None
     if non_finite and (best_val is None or not math.isfinite(best_val)):
         raise NonFiniteLossError(non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
+    if non_finite:  # warned only once it is known that a best checkpoint is kept
+        log.warning(non_finite)
     if best_path:
         load_module_checkpoint(model, best_path)
     model.to("cpu")
