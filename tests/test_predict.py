@@ -272,6 +272,19 @@ def test_model_folder_loads_like_the_run(run, predictor, tmp_path):
     crops = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
     np.testing.assert_allclose(AgePredictor(loaded, device="cpu").predict_crops(crops), predictor.predict_crops(crops),
                                atol=1e-6)
+    # evaluate on a model folder predicts the split first; the same scores as the run's own predictions
+    import json
+
+    args = ["--data", str(run[1]), "--json", "--n-boot", "0"]
+    from_folder = CliRunner().invoke(app, ["evaluate", str(folder), *args])
+    from_run = CliRunner().invoke(app, ["evaluate", str(run[0]), *args])
+    assert from_folder.exit_code == 0 and from_run.exit_code == 0, from_folder.output + from_run.output
+    folder_scores, run_scores = json.loads(from_folder.stdout), json.loads(from_run.stdout)
+    assert folder_scores["n"] == run_scores["n"] == 16
+    assert folder_scores["mae"] == pytest.approx(run_scores["mae"], abs=1e-4)
+    assert folder_scores["bias"]["age"] == pytest.approx(run_scores["bias"]["age"], abs=1e-4)
+    missing = CliRunner().invoke(app, ["evaluate", str(folder)])
+    assert missing.exit_code == 2 and "model folder" in missing.output
 
 
 def test_export_onnx_and_torchscript_agree_with_torch(run, predictor, tmp_path):

@@ -251,12 +251,18 @@ def evaluate_command(
 
     from .metrics import evaluate
 
-    if run_dir is not None:
+    model_folder = run_dir is not None and predictions is None and _is_model_folder(run_dir)
+    if model_folder:  # no predictions yet: the model predicts the split's faces first
+        if data is None:
+            fail(f"{run_dir} is a model folder: give the dataset with --data DIR")
+        df, predictions = _model_folder_predictions(run_dir, _split_faces(data, split), not json_out), run_dir
+    elif run_dir is not None:
         run_predictions, data = _run_inputs(run_dir, data)
         predictions = predictions or run_predictions
     if data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
-    df = _joined_predictions(predictions, _split_faces(data, split))
+    if not model_folder:
+        df = _joined_predictions(predictions, _split_faces(data, split))
     result = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges),
                       n_boot=n_boot, level=level, seed=seed)
     if json_out:
@@ -609,6 +615,20 @@ def demo_command(
 
 
 # =========================================================================== predict and export (issue 12)
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A model folder (config.yaml + model.safetensors, no run): evaluate predicts with it first."""
+    return (path / "model.safetensors").is_file() and not (path / "predictions_test.csv").is_file()
+
+
+def _model_folder_predictions(folder: Path, faces, progress: bool):
+    """``faces`` with a ``prediction`` column from the model in ``folder`` (images decoded as for training)."""
+    from .predict import predict_faces
+
+    df = faces.copy()
+    df["prediction"] = predict_faces(folder, faces, progress=progress)
+    return df
 
 
 @app.command("predict")
