@@ -168,6 +168,14 @@ def test_faces_mode_on_the_test_split_equals_the_runs_predictions(run):
     joined = reference.merge(table.rename(columns={"image": "path", "age": "predicted"}), left_on="image", right_on="id")
     assert len(joined) == len(reference) == 16
     np.testing.assert_allclose(joined["predicted"], joined["prediction"], atol=1e-4)
+    # the file plugs into evaluate: APPA-REAL crop names <id>_face.jpg are matched to the faces
+    import json
+
+    scores = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--predictions", str(out), "--json",
+                                      "--n-boot", "0"])
+    assert scores.exit_code == 0, scores.output
+    expected_mae = np.abs(joined["predicted"] - joined["age"]).mean()
+    assert json.loads(scores.stdout)["mae"] == pytest.approx(expected_mae, abs=1e-6)
 
 
 def test_predict_crops_matches_a_plain_torch_loop(predictor, run):
