@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -381,7 +382,7 @@ class AgePredictor:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.detector_name = detector
-        self._detector = None
+        self._local = threading.local()  # one detector per thread: OpenCV and dlib detectors are not shared safely
         if detector != "auto":
             self.detector  # noqa: B018 - an unknown or missing detector fails now, not at the first photo
 
@@ -391,11 +392,13 @@ class AgePredictor:
 
     @property
     def detector(self):
-        if self._detector is None:
+        """This thread's face detector (made on first use)."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
             from .detect import make_detector
 
-            self._detector = make_detector(self.detector_name)
-        return self._detector
+            detector = self._local.detector = make_detector(self.detector_name)
+        return detector
 
     # ----------------------------------------------------------------- inference
 
