@@ -334,3 +334,17 @@ def test_read_face_decodes_as_the_training_cache(run):
 
     path = sorted((run[1] / "test").glob("*_face.jpg"))[0]
     np.testing.assert_array_equal(read_face(path, 32), decode_image(str(path), 32))
+
+
+def test_run_folder_uses_the_last_completed_stage(run, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    info = json.loads((copy / "run.json").read_text())
+    assert info["completed_stages"] == ["stage2"] and load_model(copy).kind == "run"
+    for completed, message in (([], "no stage has completed yet"), (["stage1"], "checkpoints/stage1-best.ckpt")):
+        (copy / "run.json").write_text(json.dumps({**info, "completed_stages": completed}))
+        with pytest.raises(ConfigError, match=message):
+            load_model(copy)

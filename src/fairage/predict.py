@@ -92,13 +92,19 @@ def read_run_checkpoint(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torc
     ``torch.load(weights_only=True)``.
     """
     cfg = validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    completed: list[str] = []
+    candidates = ["stage2", "stage1"]  # without completed_stages: the newest best checkpoint present
     if (run_dir / "run.json").is_file():
         try:
-            completed = list(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("completed_stages", []))
+            completed = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("completed_stages")
         except (ValueError, AttributeError):
             raise ConfigError(f"{run_dir / 'run.json'} is not a valid run.json") from None
-    candidates = [completed[-1]] if completed else ["stage2", "stage1"]
+    else:
+        completed = None
+    if completed is not None:
+        if not completed:
+            raise ConfigError(f"{run_dir}: no stage has completed yet (run.json completed_stages is empty); "
+                              f"finish it with `fairage train --resume {run_dir}`")
+        candidates = [completed[-1]]
     for stage in candidates:
         ckpt = run_dir / "checkpoints" / f"{stage}-best.ckpt"
         if ckpt.is_file():
