@@ -32,7 +32,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from .uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, decode_image
+from ..errors import DataError
+from .uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, check_image
 
 #: room for the multipart boundaries and part headers around the file
 _MULTIPART_OVERHEAD = 64 * 1024
@@ -73,18 +74,18 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     """The FastAPI app serving one model.
 
     ``predictor_or_model_path``: a ``fairage.predict.AgePredictor`` (anything with
-    ``predict_image`` and a ``model`` LoadedModel), a LoadedModel, or a model path (run
+    ``predict_image`` and a ``loaded`` LoadedModel), a LoadedModel, or a model path (run
     folder, model folder, exported model) loaded here with ``detector``. ``card``: the
     model card dict (default: ``fairage.modelcard.build_model_card`` of the model's folder).
     """
     from ..modelcard import card_markdown
 
     predictor = _predictor(predictor_or_model_path, detector)
-    card = card if card is not None else default_card(predictor.model)
+    card = card if card is not None else default_card(predictor.loaded)
     card_md = card_markdown(card)
     limits = limits or ServeLimits()
     page = resources.files("fairage.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    model_name = predictor.model.name
+    model_name = predictor.loaded.name
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairage-inference")
     pending = 0
 
@@ -99,8 +100,12 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     app.state.limits = limits
 
     def infer(data: bytes, faces_only: bool) -> dict:
-        image = decode_image(data, limits.max_pixels)
-        result = predictor.predict_image(image, faces_only=faces_only)
+        check_image(data, limits.max_pixels)
+        try:
+            # the bytes, as `fairage predict` reads a file: same decoding, EXIF turn, crops
+            result = predictor.predict_image(data, faces_only=faces_only)
+        except DataError as err:  # passed the header check but the pixel data is bad
+            raise UploadError(400, f"upload: {err}") from None
         return {
             "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age)}
                       for f in result.faces],

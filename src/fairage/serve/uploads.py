@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 #: default upload limit: 10 MiB of encoded image
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024
@@ -26,35 +25,30 @@ class UploadError(Exception):
         self.status = status
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, name: str = "upload") -> np.ndarray:
-    """Decode an encoded photo (JPEG, PNG, WebP, ...) to an RGB uint8 array (H, W, 3), EXIF-rotated.
+def check_image(data: bytes, max_pixels: int = MAX_PIXELS, name: str = "upload") -> tuple[int, int]:
+    """Check an encoded photo from its header alone; return its (width, height) in pixels.
 
-    The pixel count is checked from the header before any pixel is decoded, so a small file
-    that would expand to gigabytes (a decompression bomb) is refused cheaply. Raises
-    UploadError: 400 empty or corrupt, 413 more than ``max_pixels`` pixels, 415 not an image.
+    Only the header is parsed, so a small file that would expand to gigabytes (a
+    decompression bomb) is refused before any pixel is decoded. Raises UploadError: 400
+    empty or corrupt header, 413 more than ``max_pixels`` pixels, 415 not an image format
+    Pillow reads.
     """
     if not data:
         raise UploadError(400, f"{name}: empty upload (no image bytes)")
     try:
         # Pillow itself refuses over 2 x Image.MAX_IMAGE_PIXELS; the explicit limit below is lower
-        image = Image.open(io.BytesIO(data))
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
     except Image.DecompressionBombError as err:
-        raise UploadError(413, f"{name}: image too large to decode ({err})") from None
+        raise UploadError(413, f"{name}: too many pixels to decode ({err})") from None
     except UnidentifiedImageError:
-        raise UploadError(415, f"{name}: not an image format that can be read (JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
-    except (OSError, ValueError, SyntaxError) as err:
+        raise UploadError(415, f"{name}: not an image format that can be read "
+                               "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise UploadError(400, f"{name}: corrupt image header ({err})") from None
-    width, height = image.size
     if width < 1 or height < 1:
         raise UploadError(400, f"{name}: image has no pixels ({width} x {height})")
     if width * height > max_pixels:
         raise UploadError(413, f"{name}: {width} x {height} = {width * height} pixels is over the limit of "
                                f"{max_pixels} pixels")
-    try:
-        image = ImageOps.exif_transpose(image)
-        rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except Image.DecompressionBombError as err:
-        raise UploadError(413, f"{name}: image too large to decode ({err})") from None
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as err:
-        raise UploadError(400, f"{name}: the image data is corrupt or truncated ({err})") from None
-    return rgb
+    return width, height
