@@ -276,3 +276,51 @@ def test_cli_serve_bad_model_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing")])
     assert result.exit_code == 2
     assert "missing" in result.output
+
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).is_file()), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium); cannot test the page")
+def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
+    """Upload a photo through the page; read the ages, the boxes on the canvas and the card back from it."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    expected = httpx.post(f"{server.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"},
+                          timeout=60).json()
+    card = httpx.get(f"{server.url}/model").json()
+    photo = tmp_path / "group.jpg"
+    photo.write_bytes(group_jpeg)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server.url}/")
+            page.wait_for_selector("#card-scores")
+            page.set_input_files("#file", str(photo))
+            page.wait_for_selector("body[data-result=ready]", timeout=60_000)
+            ages = [float(t) for t in page.locator("#faces td.age").all_inner_texts()]
+            assert ages == [round(f["age"], 1) for f in expected["faces"]]
+            assert page.inner_text("#status").startswith(f"group.jpg: {len(TILES)} faces")
+            # the card beside it: test MAE and the four biases with their intervals, one table per attribute
+            ev = card["evaluation"]
+            scores = page.locator("#card-scores tbody tr").all_inner_texts()
+            assert scores[0].split("\t") == ["MAE", f"{ev['mae']['value']:.2f}",
+                                             f"[{ev['mae']['ci'][0]:.2f}, {ev['mae']['ci'][1]:.2f}]"]
+            assert [s.split("\t")[0] for s in scores[1:]] == [f"{a} bias" for a in ev["bias"]]
+            for attr, groups in ev["groups"].items():
+                rows = page.locator(f"#card-groups-{attr} tbody tr").all_inner_texts()
+                assert [r.split("\t")[:3] for r in rows] == [[g["group"], str(g["n"]), f"{g['mae']:.2f}"]
+                                                             for g in groups]
+            assert page.is_visible("#synthetic")
+            # each box is drawn where the server put it: the middle of its top edge is the box colour
+            canvas = page.evaluate("() => [document.querySelector('#photo').width, document.querySelector('#photo').height]")
+            assert canvas == [1536, 600]
+            for face in expected["faces"]:
+                x, y, w, h = face["box"]
+                edge = page.evaluate(f"() => Array.from(document.querySelector('#photo').getContext('2d')"
+                                     f".getImageData({x + w // 2}, {y}, 1, 1).data)")
+                assert edge[0] > 200 and edge[1] > 160 and edge[2] < 90, edge  # yellow
+            page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "serve_page.png").stat().st_size > 10_000
