@@ -232,6 +232,43 @@ def test_odd_but_valid_images_are_answered(server, mode, fmt, size):
     assert r.json()["image"] == {"width": size[0], "height": size[1]}
 
 
+class BlockingPredictor:
+    """The real predictor, held at the start of each prediction until the test releases it."""
+
+    def __init__(self, predictor):
+        self.loaded = predictor.loaded
+        self.predictor = predictor
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def predict_image(self, image, faces_only=False):
+        self.entered.set()
+        assert self.release.wait(timeout=60)
+        return self.predictor.predict_image(image, faces_only=faces_only)
+
+
+def test_inference_runs_off_the_event_loop_and_the_queue_is_bounded(predictor):
+    blocking = BlockingPredictor(predictor)
+    live = LiveServer(create_app(blocking, limits=ServeLimits(max_pending=1)))
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(httpx.post, f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(),
+                                headers={"content-type": "image/jpeg"}, timeout=60)
+            assert blocking.entered.wait(timeout=60)
+            # the model is busy: the server still answers, and refuses a second upload instead of queueing it
+            assert httpx.get(f"{live.url}/health").json() == {"status": "ok"}
+            busy = httpx.post(f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(),
+                              headers={"content-type": "image/jpeg"})
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            blocking.release.set()
+            assert first.result().status_code == 200
+        assert httpx.post(f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(),
+                          headers={"content-type": "image/jpeg"}, timeout=60).status_code == 200
+    finally:
+        blocking.release.set()
+        live.close()
+
+
 def test_server_still_answers_after_every_bad_upload(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
 

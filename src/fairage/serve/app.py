@@ -11,9 +11,9 @@ Endpoints::
 
 The model is loaded once, when the app is made. Inference runs on one dedicated thread
 (torch uses the cores inside each call), so the event loop keeps answering while it works;
-at most ``max_pending`` uploads wait for it, more get 503. Bad uploads get 400, 413 or 415
-with a message; the request body is read with a running byte count, so an oversized upload
-is refused without being stored.
+at most ``max_pending`` uploads are being read or wait for it at once, more get 503. Bad
+uploads get 400, 413 or 415 with a message; the request body is read with a running byte
+count, so an oversized upload is refused without being stored.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from ..errors import DataError
 from .uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, check_image
@@ -51,7 +52,7 @@ class ServeLimits:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     #: decoded pixels (width x height) per image (413 above)
     max_pixels: int = MAX_PIXELS
-    #: uploads waiting for or in inference at once (503 above)
+    #: uploads being read, waiting for or in inference at once (503 above)
     max_pending: int = 64
 
 
@@ -127,12 +128,13 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     @app.post("/predict", openapi_extra=_PREDICT_OPENAPI)
     async def predict(request: Request, faces_only: bool = False) -> JSONResponse:
         nonlocal pending
-        data = await read_upload(request, limits)
         if pending >= limits.max_pending:
+            await _drain(request, 0)
             return JSONResponse({"detail": f"busy: {pending} uploads are waiting; try again shortly"},
                                 status_code=503, headers={"Retry-After": "1"})
-        pending += 1
+        pending += 1  # counted from the first byte read, so memory is bounded too
         try:
+            data = await read_upload(request, limits)
             loop = asyncio.get_running_loop()
             return JSONResponse(await loop.run_in_executor(executor, infer, data, faces_only))
         finally:
@@ -161,7 +163,7 @@ async def _drain(request: Request, already: int) -> None:
             seen += len(chunk)
             if seen > _DRAIN_LIMIT:
                 return
-    except Exception:  # the client went away: nothing left to drain
+    except ClientDisconnect:  # the client went away: nothing left to drain
         return
 
 
