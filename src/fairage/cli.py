@@ -251,12 +251,18 @@ def evaluate_command(
 
     from .metrics import evaluate
 
-    if run_dir is not None:
+    model_folder = run_dir is not None and predictions is None and _is_model_folder(run_dir)
+    if model_folder:  # no predictions yet: the model predicts the split's faces first
+        if data is None:
+            fail(f"{run_dir} is a model folder: give the dataset with --data DIR")
+        df, predictions = _model_folder_predictions(run_dir, _split_faces(data, split), not json_out), run_dir
+    elif run_dir is not None:
         run_predictions, data = _run_inputs(run_dir, data)
         predictions = predictions or run_predictions
     if data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
-    df = _joined_predictions(predictions, _split_faces(data, split))
+    if not model_folder:
+        df = _joined_predictions(predictions, _split_faces(data, split))
     result = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges),
                       n_boot=n_boot, level=level, seed=seed)
     if json_out:
@@ -606,6 +612,91 @@ def demo_command(
         _print_comparison([out / p for p in REPORT_PRESETS],
                           title="synthetic benchmark: MAE and bias scores in years, test split")
         console.print(f"report: {report}")
+
+
+# =========================================================================== predict and export (issue 12)
+
+
+def _is_model_folder(path: Path) -> bool:
+    """A model folder (config.yaml + model.safetensors, no run): evaluate predicts with it first."""
+    return (path / "model.safetensors").is_file() and not (path / "predictions_test.csv").is_file()
+
+
+def _model_folder_predictions(folder: Path, faces, progress: bool):
+    """``faces`` with a ``prediction`` column from the model in ``folder`` (images decoded as for training)."""
+    from .predict import predict_faces
+
+    df = faces.copy()
+    df["prediction"] = predict_faces(folder, faces, progress=progress)
+    return df
+
+
+@app.command("predict")
+def predict_command(
+    model: Path = typer.Argument(..., help="A run folder, a model folder (import-keras) or an exported .onnx file."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) and globs."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces)."),
+    faces: bool = typer.Option(False, "--faces", help="Inputs are already face crops: no detection, one row each."),
+    annotate: Optional[Path] = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages."),
+    detector: str = typer.Option("auto", "--detector", help="auto (best installed), yunet, haar or dlib."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Faces per forward pass."),
+    device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: GPU when present)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Ages of every face in photos (or of face crops with --faces), written as CSV."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .predict import AgePredictor, annotated_path, draw_faces, expand_inputs, prediction_rows, write_prediction_csv
+
+    files = expand_inputs(inputs)
+    if not files:
+        fail("no image files in the inputs")
+    predictor = AgePredictor(model, detector=detector, device=device, batch_size=batch_size)
+    labels = dict(files)
+    rows: list[dict] = []
+    unreadable: list[str] = []
+    n_photos = n_faces = n_empty = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=quiet, transient=True, console=Console(stderr=True)) as bar:
+        job = bar.add_task("predicting" if faces else f"detecting ({predictor.detector.name}) and predicting",
+                           total=len(files))
+        for path, result, error, rgb in predictor.predict_files(labels, faces_only=faces):
+            bar.advance(job)
+            if result is None:
+                unreadable.append(error)
+                continue
+            n_photos += 1
+            n_faces += len(result.faces)
+            n_empty += not result.faces
+            rows += prediction_rows(labels[path], result, faces)
+            if annotate is not None and rgb is not None:
+                draw_faces(rgb, result, annotated_path(annotate, labels[path]))
+    for message in unreadable:
+        err_console.print(f"[yellow]skipped:[/yellow] {message}", highlight=False, soft_wrap=True)
+    if n_photos == 0:
+        fail(f"none of the {len(files)} input file(s) could be read as an image")
+    write_prediction_csv(out, rows, faces)
+    what = f"{n_photos} face crops" if faces else (f"{n_photos} photos, {n_faces} faces, "
+                                                   f"{n_empty} photos without a face")
+    console.print(f"{what}, {len(unreadable)} unreadable files; model {predictor.loaded.name} "
+                  f"({predictor.loaded.kind}, {predictor.image_size} px) -> {out}", highlight=False, soft_wrap=True)
+
+
+@app.command("export")
+def export_command(
+    model: Path = typer.Argument(..., help="A run folder or a model folder."),
+    format_: str = typer.Option("onnx", "--format", help="onnx or torchscript."),
+    out: Path = typer.Option(..., "--out", help="File to write, e.g. model.onnx or model.pt."),
+    opset: int = typer.Option(17, "--opset", min=9, help="ONNX opset."),
+) -> None:
+    """Export a model: input RGB float [0, 1] NCHW (dynamic batch), output age in years; metadata inside."""
+    from .export import export_model
+    from .predict import load_model
+
+    loaded = load_model(model)
+    path = export_model(loaded, out, format_, opset=opset)
+    console.print(f"wrote {path} ({format_}): input 'image' float32 (N, 3, {loaded.image_size}, "
+                  f"{loaded.image_size}) RGB in [0, 1], output 'age' (N,) years", highlight=False, soft_wrap=True)
 
 
 # =========================================================================== serving and model cards

@@ -514,6 +514,21 @@ class AgePredictor:
             yield from flush()
 
 
+def predict_faces(model: LoadedModel | str | os.PathLike, faces, device=None, batch_size: int = 64,
+                  progress: bool = False) -> np.ndarray:
+    """Ages (float64 (N,), years) of a face table's images (``fairage.data`` face table, any layout).
+
+    The images are decoded exactly as for training (``fairage.data.load_images`` at the
+    model's size, cached in the dataset's cache folder), so a run's model gives its own
+    test predictions again.
+    """
+    from .data import load_images
+
+    predictor = AgePredictor(model, device=device, batch_size=batch_size)
+    images = load_images(faces, predictor.image_size, progress=progress)
+    return predictor.predict_crops(images)
+
+
 # =========================================================================== inputs and CSV
 
 

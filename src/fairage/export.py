@@ -1,0 +1,102 @@
+"""Export a fairage model for other runtimes: ONNX (onnxruntime, TensorRT, ...) or TorchScript.
+
+The exported graph takes **RGB float32 images in [0, 1], NCHW, shape (N, 3, S, S)** (input
+``image``; N is dynamic) and returns the **apparent age in years**, float32 (N,) (output
+``age``). The input normalisation of the network (``model.input_norm``) and the
+label-unit-to-years scaling are inside the graph, so a caller only decodes, crops (see
+``fairage.predict``: the detector box enlarged by 40% on each side, square), resizes to S
+and divides by 255.
+
+Metadata (ONNX ``metadata_props``; TorchScript extra file ``fairage.json``):
+``fairage_image_size`` (S), ``fairage_input`` and ``fairage_output`` (the conventions above
+in words), ``fairage_input_norm``, ``fairage_crop_margin``, ``fairage_name`` and
+``fairage_config`` (the model's resolved config YAML, when known).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_path
+from .errors import ConfigError
+from .predict import CROP_MARGIN, EXPORT_INPUT, EXPORT_OUTPUT, LoadedModel, load_model
+
+FORMATS = ("onnx", "torchscript")
+INPUT_NAME, OUTPUT_NAME = "image", "age"
+
+
+class YearsModel(nn.Module):
+    """An ``AgeRegressor`` whose output is in years: (N, 3, S, S) RGB [0, 1] -> (N,) years."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.years(self.model(x))
+
+
+def export_metadata(loaded: LoadedModel) -> dict[str, str]:
+    """The metadata written into an exported file (all values strings)."""
+    from .config import dump_config
+
+    return {
+        "fairage_image_size": str(loaded.image_size),
+        "fairage_input": EXPORT_INPUT,
+        "fairage_output": EXPORT_OUTPUT,
+        "fairage_input_norm": loaded.input_norm,
+        "fairage_crop_margin": str(CROP_MARGIN),
+        "fairage_name": loaded.name,
+        "fairage_config": dump_config(loaded.config) if loaded.config is not None else "",
+    }
+
+
+def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
+                 opset: int = 17) -> Path:
+    """Write ``model`` (a ``LoadedModel`` or a path for ``load_model``) to ``out`` atomically.
+
+    ``fmt``: ``onnx`` (legacy TorchScript-based exporter, opset ``opset``, dynamic batch;
+    needs the ``onnx`` package) or ``torchscript`` (``torch.jit.trace``; load it with
+    ``torch.jit.load(path, _extra_files={"fairage.json": ""})``). Returns ``out``.
+    """
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format '{fmt}'; choose {' or '.join(FORMATS)}")
+    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    if loaded.kind == "exported":
+        raise ConfigError(f"{loaded.source} is already an exported model; export a run or model folder")
+    out = Path(out)
+    wrapped = YearsModel(loaded.model).eval().float().to("cpu")
+    size = loaded.image_size
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    meta = export_metadata(loaded)
+    if fmt == "onnx":
+        try:
+            import onnx
+        except ImportError:
+            raise ConfigError("ONNX export needs the onnx package (pip install 'fairage[export]')") from None
+        with atomic_path(out) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+            torch.onnx.export(wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              opset_version=opset, dynamo=False, do_constant_folding=True)
+            proto = onnx.load(str(tmp))
+            proto.doc_string = f"fairage age regressor: input {EXPORT_INPUT}; output {EXPORT_OUTPUT}"
+            for key, value in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = key, value
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+    else:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(wrapped, (example,))
+        with atomic_path(out) as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated
+            torch.jit.save(traced, str(tmp), _extra_files={"fairage.json": json.dumps(meta)})
+    return out
