@@ -80,7 +80,6 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     model card dict (default: ``fairage.modelcard.build_model_card`` of the model's folder).
     """
     from ..modelcard import card_markdown
-
     from ..predict import read_image
 
     predictor = _predictor(predictor_or_model_path, detector)
@@ -186,12 +185,15 @@ async def read_upload(request: Request, limits: ServeLimits) -> bytes:
         raise too_large
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body:
-            await _drain(request, size)
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                await _drain(request, size)
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise UploadError(400, f"the client disconnected after {size} bytes of the upload") from None
     body = b"".join(chunks)
     if not multipart:
         return body
