@@ -1,11 +1,16 @@
-"""Shared test helpers: the CLI runner and tiny synthetic datasets and configs."""
+"""Shared test helpers: the CLI runner, tiny synthetic datasets and configs, a tiny finished run,
+real photos composed into a group photo."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+import matplotlib
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
@@ -36,3 +41,35 @@ def tiny_config_file(folder: Path, preset: str = "M5", overrides: list[str] | No
 def tiny_data(tmp_path_factory) -> Path:
     """A tiny synthetic dataset shared by the tests of a session (64 / 32 / 32 faces)."""
     return tiny_synthetic(tmp_path_factory.mktemp("tiny-synthetic") / "data")
+
+
+#: a real photo that ships with matplotlib (one face, 512 x 600 px)
+GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A finished run folder: preset M2 at the tiny scale on 48/16/48 synthetic 32 px faces (seconds)."""
+    from fairage.config import load_preset
+    from fairage.data import write_synthetic
+    from fairage.training import train
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = write_synthetic(root / "data", n_train=48, n_valid=16, n_test=48, size=32, seed=0, workers=1)
+    train(load_preset("M2", "tiny", ["eval.n_boot=50"]), data, root / "run", progress=False)
+    return root / "run"
+
+
+def group_photo(offsets: list[tuple[int, int]], size: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB (H, W, 3): grey canvas of ``size`` (width, height) with a copy of grace_hopper.jpg at each (x, y)."""
+    face = np.asarray(Image.open(GRACE_HOPPER).convert("RGB"))
+    canvas = np.full((size[1], size[0], 3), 128, dtype=np.uint8)
+    for x, y in offsets:
+        canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
+    return canvas
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()

@@ -21,11 +21,21 @@ def test_same_seed_is_byte_identical_other_seed_differs(tmp_path):
     b = write_synthetic(tmp_path / "b", n_train=6, n_valid=3, n_test=3, size=32, seed=7, workers=1)
     c = write_synthetic(tmp_path / "c", n_train=6, n_valid=3, n_test=3, size=32, seed=8, workers=1)
     fa, fb, fc = _files(a), _files(b), _files(c)
-    assert len(fa) == 6 + 2 * 12  # 6 CSVs, a face crop and a full photo per face
+    assert len(fa) == 6 + 2 * 12 + 1  # 6 CSVs, a face crop and a full photo per face, the marker
     assert fa == fb
     assert fa.keys() == fc.keys()
     assert fa["gt_avg_train.csv"] != fc["gt_avg_train.csv"]
     assert sum(fa[k] != fc[k] for k in fa if k.endswith("_face.jpg")) == 12
+
+
+def test_the_folder_is_marked_synthetic(tmp_path):
+    from fairage.data.synthetic import SYNTH_VERSION, synthetic_marker
+
+    root = write_synthetic(tmp_path / "s", n_train=2, n_valid=1, n_test=1, size=16, seed=3, workers=1)
+    assert synthetic_marker(root) == {"generator": "fairage.data.synthetic", "version": SYNTH_VERSION, "seed": 3,
+                                      "size": 16, "faces": {"train": 2, "valid": 1, "test": 1}}
+    (tmp_path / "photos").mkdir()
+    assert synthetic_marker(tmp_path / "photos") is None
 
 
 def test_output_does_not_depend_on_workers(tmp_path, monkeypatch):

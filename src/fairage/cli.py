@@ -909,6 +909,61 @@ def export_command(
                   f"{loaded.image_size}) RGB in [0, 1], output 'age' (N,) years", highlight=False, soft_wrap=True)
 
 
+# =========================================================================== serving and model cards
+
+
+@app.command("model-card")
+def model_card_command(
+    model: Path = typer.Argument(..., help="A run folder, an imported model folder or an exported model file."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the card here (.md Markdown, .json JSON); "
+                                                           "default: print Markdown."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder for the training-data summary "
+                                                             "(default: the run's recorded data_dir)."),
+) -> None:
+    """The model card: training data by group, configuration, test MAE and bias scores with intervals, warnings."""
+    from .modelcard import build_model_card, card_markdown, write_model_card
+
+    if out is None:
+        print(card_markdown(build_model_card(model, data)), end="")
+        return
+    card = write_model_card(model, out, data)
+    console.print(f"wrote the model card of {card['name']} ({card['kind']}) to {out}", highlight=False)
+
+
+@app.command("serve")
+def serve_command(
+    model: Path = typer.Argument(..., help="A run folder, an imported model folder or an exported model file."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server processes, each with its own copy of the model."),
+    detector: str = typer.Option("auto", "--detector", help="Face detector: auto, yunet, haar, dlib."),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001, help="Largest upload, MiB (413 above)."),
+    max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Largest decoded image, pixels (413 above)."),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
+) -> None:
+    """HTTP service and web page: POST /predict (photo -> faces, ages), GET /model (model card), GET / (page)."""
+    import os
+
+    import uvicorn
+
+    from .serve import ServeLimits, create_app
+
+    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    # the model and its card load here first, so a bad path is one message and exit 2, in any mode
+    application = create_app(model, limits=limits, detector=detector)
+    console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops",
+                  highlight=False)
+    if workers == 1:
+        uvicorn.run(application, host=host, port=port, log_level=log_level)
+        return
+    del application
+    os.environ.update(FAIRAGE_SERVE_MODEL=str(model.resolve()), FAIRAGE_SERVE_DETECTOR=detector,
+                      FAIRAGE_SERVE_MAX_UPLOAD_BYTES=str(limits.max_upload_bytes),
+                      FAIRAGE_SERVE_MAX_PIXELS=str(limits.max_pixels))
+    uvicorn.run("fairage.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level)
+
+
 # =========================================================================== entry point
 
 

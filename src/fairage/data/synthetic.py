@@ -37,6 +37,7 @@ byte-identical files.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -77,6 +78,8 @@ _JPEG_QUALITIES = (70, 95)  # inclusive range sampled per face
 _CHUNK = 250  # faces per worker task
 #: bumped whenever the drawing or the labels change, so cached demo data is regenerated
 SYNTH_VERSION = 2
+#: file written into every synthetic dataset folder (generator, version, seed, size, faces per split)
+SYNTHETIC_MARKER = "synthetic.json"
 
 
 def _sigmoid(x: float) -> float:
@@ -354,7 +357,8 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
     apparent_age_std, real_age), ``allcategories_{split}.csv`` (file, gender, race, makeup,
     time, happiness), ``{split}/{file_name}_face.jpg`` (the face, ``size`` x ``size`` px)
     and ``{split}/{file_name}`` (the "full photo": here the same picture). File names are
-    ``000000.jpg``, ``000001.jpg``, ... within each split. Same ``seed`` -> byte-identical
+    ``000000.jpg``, ``000001.jpg``, ... within each split; ``synthetic.json`` marks the folder
+    as synthetic (``synthetic_marker``). Same ``seed`` -> byte-identical
     files, whatever ``workers`` is. ``workers`` processes draw the faces (1 = in-process).
     """
     import pandas as pd
@@ -386,6 +390,10 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
     finally:
         if pool:
             pool.shutdown()
+    # marks the folder as drawn, not photographed, so model cards and reports can say so
+    atomic.write_text(out / SYNTHETIC_MARKER, json.dumps(
+        {"generator": "fairage.data.synthetic", "version": SYNTH_VERSION, "seed": seed, "size": size,
+         "faces": counts}, indent=2) + "\n")
     # the CSVs last and atomically: a folder with the CSVs is a complete dataset
     for split, recs in rows.items():
         (out / split).mkdir(exist_ok=True)
@@ -398,3 +406,13 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
                              "makeup": df["makeup"], "time": df["time"], "happiness": df["expression"]})
         atomic.write_text(out / f"allcategories_{split}.csv", cats.to_csv(index=False, lineterminator="\n"))
     return out
+
+
+def synthetic_marker(root: str | os.PathLike) -> dict | None:
+    """The marker of a dataset folder written by ``write_synthetic`` (its JSON), or None for other data."""
+    path = Path(root) / SYNTHETIC_MARKER
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("generator") == "fairage.data.synthetic" else None
