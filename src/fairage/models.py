@@ -7,9 +7,11 @@ export) feeds the same [0, 1] RGB pixels:
 
 * ``output: sigmoid`` -> values in [0, 1] = years / 100 (the course kit's choice; labels
   are divided by 100 for training, ``LABEL_SCALE["sigmoid"] == 100``);
-* ``output: linear`` -> years directly (``LABEL_SCALE["linear"] == 1``).
+* ``output: linear`` -> years directly (``LABEL_SCALE["linear"] == 1``);
+* ``output: dex`` -> (N, 101) logits over the ages 0..100 (DEX, Rothe et al. 2015);
+  targets stay in years (``LABEL_SCALE["dex"] == 1``) and the loss is a cross-entropy.
 
-``model.years(out)`` converts label units back to years.
+``model.years(out)`` converts outputs to years (for DEX: the softmax's expected age).
 
 Layout (state-dict prefixes): ``backbone.*`` (torchvision ResNet without its ``fc``),
 ``projection.*`` (Linear to ``projection_dim``, the VGGFace2 model's ``dim_proj``; an
@@ -33,11 +35,12 @@ from torchvision import models as tv_models
 
 from .config import HeadBlock, ModelConfig
 from .errors import ConfigError
+from .losses import DEX_AGES, dex_expectation
 
 log = logging.getLogger(__name__)
 
 #: label units -> years factor per output kind
-LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0}
+LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0, "dex": 1.0}
 
 #: ImageNet normalisation (torchvision ResNets), RGB, on [0, 1] pixels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,8 +98,8 @@ _BACKBONES = {
 }
 
 
-def build_head(in_features: int, blocks: list[HeadBlock]) -> nn.Sequential:
-    """MLP head: per block Dropout(p) -> Linear(units) -> ReLU, then Linear(1).
+def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1) -> nn.Sequential:
+    """MLP head: per block Dropout(p) -> Linear(units) -> ReLU, then Linear(outputs).
 
     The report's M5 head is ``blocks = [(0.1, 256), (0.1, 128), (0.05, 64), (0.05, 32)]``
     after the 512-d layer: 512 -> 256 -> 128 -> 64 -> 32 -> 1.
@@ -108,12 +111,12 @@ def build_head(in_features: int, blocks: list[HeadBlock]) -> nn.Sequential:
             layers.append(nn.Dropout(block.dropout))
         layers += [nn.Linear(width, block.units), nn.ReLU(inplace=True)]
         width = block.units
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, outputs))
     return nn.Sequential(*layers)
 
 
 class AgeRegressor(nn.Module):
-    """Backbone -> projection -> head -> (sigmoid); output (N,) in label units.
+    """Backbone -> projection -> head -> (sigmoid); output (N,) in label units ((N, 101) logits for DEX).
 
     Parameters
     ----------
@@ -135,7 +138,7 @@ class AgeRegressor(nn.Module):
         else:
             self.projection = nn.Identity()
             self.feature_dim = self.backbone_dim
-        self.head = build_head(self.feature_dim, cfg.head)
+        self.head = build_head(self.feature_dim, cfg.head, DEX_AGES if cfg.output == "dex" else 1)
         self.input_norm = InputNorm(cfg.input_norm)
         self.output = cfg.output
         self.label_scale = LABEL_SCALE[cfg.output]
@@ -145,7 +148,9 @@ class AgeRegressor(nn.Module):
         return self.projection(self.backbone(self.input_norm(x)))
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim) features -> (N,) outputs in label units."""
+        """(N, feature_dim) features -> (N,) outputs in label units ((N, 101) logits for DEX)."""
+        if self.output == "dex":
+            return self.head(features)
         out = self.head(features).squeeze(-1)
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
@@ -153,7 +158,9 @@ class AgeRegressor(nn.Module):
         return self.head_forward(self.features(x))
 
     def years(self, out: torch.Tensor) -> torch.Tensor:
-        """Label units -> years."""
+        """Outputs -> years (N,): label units times the scale; DEX logits (N, 101) -> expected age."""
+        if self.output == "dex":
+            return dex_expectation(out)
         return out.float() * self.label_scale
 
     def feature_extractor_modules(self) -> list[nn.Module]:

@@ -72,7 +72,8 @@ class FaceArrayDataset(Dataset):
     batch tensor is writable and pinnable.
     """
 
-    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None):
+    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None,
+                 with_index: bool = False):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
         if len(ages) != len(images):
@@ -83,11 +84,15 @@ class FaceArrayDataset(Dataset):
         if len(w) != len(images):
             raise ValueError(f"{len(images)} images but {len(w)} weights")
         self.weights = torch.as_tensor(w)
+        # methods that keep per-face state (fairage.methods) need each face's position
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        if self.with_index:
+            return torch.from_numpy(np.array(self.images[i])), self.ages[i], self.weights[i], i
         return torch.from_numpy(np.array(self.images[i])), self.ages[i], self.weights[i]
 
 
@@ -138,7 +143,7 @@ class AgeModule(L.LightningModule):
     """
 
     def __init__(self, model: AgeRegressor, stage: StageConfig, frozen: bool, inputs: str = "images",
-                 channels_last: bool = False, image_size: int | None = None):
+                 channels_last: bool = False, image_size: int | None = None, objective: nn.Module | None = None):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
@@ -155,6 +160,8 @@ class AgeModule(L.LightningModule):
         for p in model.head.parameters():
             p.requires_grad_(True)
         self.scale = model.label_scale
+        # a fairage.losses.StageObjective when the stage uses a method beyond weighting
+        self.objective = objective
 
     # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
     # Lightning does not call train() at fit start (it only captures and restores
@@ -168,13 +175,15 @@ class AgeModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.train()
+        if self.objective is not None:
+            self.objective.start_epoch(self.current_epoch)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, age, weight = batch
+        x, age, weight, *index = batch
         if self.inputs == "images":
             training = self._trainer is not None and self.trainer.training
             x = self.prepare_images(x, age, augment=training)
-        return x, age, weight
+        return x, age, weight, *index
 
     def prepare_images(self, x: torch.Tensor, age: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """uint8 (N, S, S, 3) on the device -> float (N, 3, S, S) RGB in [0, 1].
@@ -198,12 +207,15 @@ class AgeModule(L.LightningModule):
     def _step(self, batch, prefix: str):
         from .weighting import weighted_loss
 
-        x, age, weight = batch
+        x, age, weight, *index = batch
         out = self(x).float()
         target = age / self.scale
         use_weight = weight if prefix == "train" and self.stage.weighting.mode == "loss" else None
-        loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
-        mae = (out * self.scale - age).abs().mean()
+        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
+            loss = self.objective(out, age, use_weight, index[0] if index else None, train=prefix == "train")
+        else:
+            loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+        mae = (self.model.years(out) - age).abs().mean()
         n = len(age)
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=True)
@@ -219,6 +231,8 @@ class AgeModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.objective is not None:  # BMC's noise sigma
+            params += list(self.objective.parameters())
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -403,6 +417,7 @@ def fit_stage(
     callbacks: Sequence[Callback] = (),
     cache_features: bool | None = None,
     _history_file: bool = True,
+    face_arrays: Any = None,
 ) -> StageResult:
     """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
 
@@ -414,12 +429,15 @@ def fit_stage(
     ``run_dir/history.csv``. ``ckpt_path`` resumes this stage from a Lightning checkpoint.
     ``cache_features`` overrides ``stage.cache_features`` (None: use the config).
     ``run_dir=None``: checkpoints go to a temporary folder and no history file is written.
+    ``face_arrays``: the training faces' ``fairage.methods.FaceArrays`` (Group DRO groups,
+    ``age_std``), needed when the stage turns those methods on.
     """
     if run_dir is None:  # checkpoints (for the best weights) still need a folder
         with tempfile.TemporaryDirectory(prefix="fairage-stage-") as tmp:
             return fit_stage(model, stage_name, stage, train_images, train_ages, val_images, val_ages,
                              Path(tmp), train_weights, trainer_cfg, num_workers, seed, progress, ckpt_path,
-                             previous_history, callbacks, cache_features, _history_file=False)
+                             previous_history, callbacks, cache_features, _history_file=False,
+                             face_arrays=face_arrays)
     trainer_cfg = trainer_cfg or TrainerConfig()
     frozen = stage_name == "stage1"
     use_cache = (stage.cache_features if cache_features is None else cache_features)
@@ -443,6 +461,10 @@ def fit_stage(
 
         sampler = make_sampler(np.asarray(train_weights, dtype=np.float64), len(train_ages), seed)
         weights = None  # sampler mode: unweighted loss
+    from .methods import build_objective
+
+    objective = build_objective(stage, model.label_scale, train_ages, face_arrays, seed)
+    with_index = objective is not None and objective.needs_index
 
     if use_cache:
         device = _device_for(trainer_cfg)
@@ -450,12 +472,13 @@ def fit_stage(
         feats_train = extract_features(model, train_images, device=device, channels_last=channels_last, autocast=autocast)
         feats_val = extract_features(model, val_images, device=device, channels_last=channels_last, autocast=autocast)
         w = torch.ones(len(train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
-        train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(train_ages, np.float32)), w)
+        train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(train_ages, np.float32)), w,
+                                           *([torch.arange(len(train_ages))] if with_index else []))
         val_set: Dataset = TensorDataset(feats_val, torch.as_tensor(np.asarray(val_ages, np.float32)),
                                          torch.ones(len(val_ages)))
         workers = 0  # in-memory tensors: worker processes would only add overhead
     else:
-        train_set = FaceArrayDataset(train_images, train_ages, weights)
+        train_set = FaceArrayDataset(train_images, train_ages, weights, with_index=with_index)
         val_set = FaceArrayDataset(val_images, val_ages)
         workers = num_workers
     # re-seed so both paths start training from the same RNG state (same dropout masks)
@@ -467,7 +490,7 @@ def fit_stage(
     val_loader = DataLoader(val_set, batch_size=max(stage.batch_size, 64), shuffle=False, **loader_kw)
 
     module = AgeModule(model, stage, frozen=frozen, inputs="features" if use_cache else "images",
-                       channels_last=channels_last, image_size=train_images.shape[1])
+                       channels_last=channels_last, image_size=train_images.shape[1], objective=objective)
     history_cb = HistoryCallback(run_dir if _history_file else None, stage_name, previous_history)
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename=f"{stage_name}-best", monitor="val_loss", mode="min",
@@ -477,6 +500,10 @@ def fit_stage(
     cbs: list[Callback] = [history_cb,
                            EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
                            checkpoint, *callbacks]
+    if objective is not None and objective.dro is not None and _history_file:
+        from .methods import DROHistoryCallback
+
+        cbs.append(DROHistoryCallback(run_dir, stage_name, face_arrays.group_names))
     if progress:
         cbs.append(StageProgressBar(stage_name))
     trainer = L.Trainer(
@@ -689,6 +716,10 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, run_d
     """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
     rank0 = _is_rank_zero()
     completed = list(info.get("completed_stages", []))
+    from .methods import face_arrays
+
+    # read before any stage trains, so a dataset without age_std fails at once
+    arrays = {name: face_arrays(data.faces["train"], stage, name) for name, stage in cfg.stages()}
     for stage_name, stage in cfg.stages():
         best = run_dir / "checkpoints" / f"{stage_name}-best.ckpt"
         if stage_name in completed:
@@ -711,7 +742,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, run_d
             data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32),
             run_dir=run_dir, train_weights=weights, trainer_cfg=cfg.trainer, num_workers=cfg.data.num_workers,
             seed=cfg.seed, progress=progress and rank0, ckpt_path=ckpt_path, previous_history=history,
-            callbacks=callbacks,
+            callbacks=callbacks, face_arrays=arrays[stage_name],
         )
         history = result.history
         completed.append(stage_name)
