@@ -13,8 +13,9 @@ the demo's synthetic benchmark (optionally with fewer training faces), then prin
    was drawn in. ``[lo, hi]`` after each estimate is that interval; ``*`` marks an
    interval that excludes zero. ``(a..b)`` is the range of the per-seed estimates.
 
-Usage: python benchmarks/mitigation_effect.py [--n-train 1200] [--seeds 3]
-       [--presets methods] [--out runs/bench-methods-<n>]
+Usage: python benchmarks/mitigation_effect.py [--n-train 1200] [--n-valid 300] [--n-test 1000]
+       [--pretrain-n-train 1500] [--seeds 3] [--presets methods] [--out runs/bench-methods-<n>]
+(defaults: the demo's sizes)
 Runs already finished in ``--out`` are reused, so an interrupted benchmark continues.
 Seeds run one after the other (all methods of seed 0 first), so a partial run still
 compares every method.
@@ -32,7 +33,7 @@ import pandas as pd
 from fairage.data import load_faces
 from fairage.data.predictions import join_predictions, read_predictions
 from fairage.metrics import DEFAULT_ATTRIBUTES, compare, evaluate
-from fairage.suite import DEMO_SIZES, PRETRAINED_STAGE2_LR, _synthetic_once, _console, expand_presets, \
+from fairage.suite import DEMO_SIZES, PRETRAIN_SIZES, PRETRAINED_STAGE2_LR, _synthetic_once, _console, expand_presets, \
     pretrain_backbone, run_suite
 
 ATTRIBUTES = ("age", "gender", "ethnicity", "expression")
@@ -49,7 +50,10 @@ def seed_averaged(test: pd.DataFrame, tables: list[pd.DataFrame]) -> pd.DataFram
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-train", type=int, default=DEMO_SIZES["n_train"])
+    parser.add_argument("--n-valid", type=int, default=DEMO_SIZES["n_valid"])
     parser.add_argument("--n-test", type=int, default=DEMO_SIZES["n_test"])
+    parser.add_argument("--pretrain-n-train", type=int, default=PRETRAIN_SIZES["n_train"],
+                        help="training faces of the stand-in pretrained backbone")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--presets", default="methods", help="comma-separated names or groups; the first is the baseline")
     parser.add_argument("--out", type=Path, default=None)
@@ -59,8 +63,9 @@ def main() -> None:
 
     started = time.perf_counter()
     console = _console(True)
-    data_dir = _synthetic_once(out, args.n_train, DEMO_SIZES["n_valid"], args.n_test, DEMO_SIZES["size"], 0, console)
-    weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], progress=False)
+    data_dir = _synthetic_once(out, args.n_train, args.n_valid, args.n_test, DEMO_SIZES["size"], 0, console)
+    weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], sizes={"n_train": args.pretrain_n_train},
+                                progress=False)
     overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]
     for k in range(args.seeds):
         run_suite(data_dir, out / f"seed{k}", presets=presets, scale="cpu", seeds=1,
@@ -71,7 +76,8 @@ def main() -> None:
     test = load_faces(data_dir).query("split == 'test'").reset_index(drop=True)
     preds = {p: [join_predictions(test, read_predictions(out / f"seed{k}" / p / "predictions_test.csv"), p)
                  for k in range(args.seeds)] for p in presets}
-    print(f"\n{args.n_train} training faces, {len(test)} test faces, {args.seeds} seeds, wall {wall:.0f} s")
+    print(f"\n{args.n_train} training, {args.n_valid} validation, {len(test)} test faces; backbone pretrained on "
+          f"{args.pretrain_n_train} other faces; {args.seeds} seeds; wall {wall:.0f} s")
 
     print("\nMAE and bias scores (years), mean +- sd over seeds")
     print("| Method | MAE | Age bias | Gender bias | Ethnicity bias | Expression bias |")

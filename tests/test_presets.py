@@ -23,7 +23,13 @@ EXPECTED = {
     "M5-48": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity_expression", False, "loss")),
     "M5-lds": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", True, "loss")),
     "M5-sampler": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "sampler")),
+    "M5-dro": (DEEP_HEAD, UNWEIGHTED, UNWEIGHTED),
+    "M5-bmc": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
+    "M5-std": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
+    "M5-dex": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
 }
+#: presets whose stages train with another loss than MSE: (stage1 loss, stage2 loss)
+LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce")}
 
 
 def test_every_preset_is_listed_with_a_one_line_description():
@@ -49,12 +55,12 @@ def test_full_scale_is_the_report_setting(name):
     assert cfg.model.backbone == "resnet50"
     assert cfg.data.image_size == 224
     assert [(b.units, b.dropout) for b in cfg.model.head] == head
-    for stage, want in (("stage1", w1), ("stage2", w2)):
+    for k, (stage, want) in enumerate((("stage1", w1), ("stage2", w2))):
         st = getattr(cfg, stage)
         if want is None:
             assert st is None
             continue
-        assert (st.lr, st.loss, st.patience) == (1e-5, "mse", 20)
+        assert (st.lr, st.loss, st.patience) == (1e-5, LOSSES.get(name, ("mse", "mse"))[k], 20)
         w = st.weighting
         assert (w.scheme, w.lds, w.mode) == want
         assert w.formula == "inverse"
