@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--presets", default="methods", help="comma-separated names or groups; the first is the baseline")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only-seed", type=int, default=None,
+                        help="train this seed's runs and exit (to train seeds in parallel processes; "
+                             "run once without it first, or after, to pretrain and to print the tables)")
+    parser.add_argument("--no-train", action="store_true",
+                        help="only print the tables, from the seeds whose runs have all finished")
     args = parser.parse_args()
     presets = expand_presets([p.strip() for p in args.presets.split(",") if p.strip()])
     out = args.out or Path(f"runs/bench-methods-{args.n_train}")
@@ -67,17 +72,29 @@ def main() -> None:
     weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], sizes={"n_train": args.pretrain_n_train},
                                 progress=False)
     overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]
-    for k in range(args.seeds):
+    todo = [] if args.no_train else range(args.seeds) if args.only_seed is None else [args.only_seed]
+    for k in todo:
         run_suite(data_dir, out / f"seed{k}", presets=presets, scale="cpu", seeds=1,
                   overrides=overrides + [f"seed={k}"], progress=False)
         print(f"seed {k} done at {time.perf_counter() - started:.0f} s", flush=True)
     wall = time.perf_counter() - started
+    if args.only_seed is not None:
+        return
 
+    seeds = [k for k in range(args.seeds) if all((out / f"seed{k}" / p / "metrics_test.json").is_file()
+                                                  for p in presets)]
+    if len(seeds) < args.seeds:
+        print(f"only seeds {seeds} have finished every method; the tables use those")
+    print(f"\n{args.n_train} training, {args.n_valid} validation, {args.n_test} test faces; backbone pretrained on "
+          f"{args.pretrain_n_train} other faces; seeds {seeds}; wall of this call {wall:.0f} s")
+    print_tables(data_dir, out, presets, seeds)
+
+
+def print_tables(data_dir: Path, out: Path, presets: list[str], seeds: list[int]) -> None:
+    """The two tables of the module docstring, from ``out/seed<k>/<preset>/predictions_test.csv``."""
     test = load_faces(data_dir).query("split == 'test'").reset_index(drop=True)
     preds = {p: [join_predictions(test, read_predictions(out / f"seed{k}" / p / "predictions_test.csv"), p)
-                 for k in range(args.seeds)] for p in presets}
-    print(f"\n{args.n_train} training, {args.n_valid} validation, {len(test)} test faces; backbone pretrained on "
-          f"{args.pretrain_n_train} other faces; {args.seeds} seeds; wall {wall:.0f} s")
+                 for k in seeds] for p in presets}
 
     print("\nMAE and bias scores (years), mean +- sd over seeds")
     print("| Method | MAE | Age bias | Gender bias | Ethnicity bias | Expression bias |")
@@ -100,15 +117,15 @@ def main() -> None:
         cells = []
         for key in ("mae", *ATTRIBUTES):
             d = pooled["diff"]["mae"] if key == "mae" else pooled["diff"]["bias"][key]
-            seeds = [s["diff"]["mae" if key == "mae" else "bias"] for s in per_seed]
-            seeds = [s["estimate"] if key == "mae" else (s[key] or {}).get("estimate") for s in seeds]
-            seeds = [s for s in seeds if s is not None]
+            estimates = [s["diff"]["mae"]["estimate"] if key == "mae" else (s["diff"]["bias"][key] or {}).get("estimate")
+                         for s in per_seed]
+            estimates = [e for e in estimates if e is not None]
             if d is None or d["ci"] is None:
                 cells.append("n/a")
                 continue
             mark = "*" if d["excludes_zero"] else ""
             cells.append(f"{d['estimate']:+.2f}{mark} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
-                         f"({min(seeds):+.1f}..{max(seeds):+.1f})")
+                         f"({min(estimates):+.1f}..{max(estimates):+.1f})")
         print(f"| {p} | " + " | ".join(cells) + " |")
 
 
