@@ -23,7 +23,13 @@ EXPECTED = {
     "M5-48": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity_expression", False, "loss")),
     "M5-lds": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", True, "loss")),
     "M5-sampler": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "sampler")),
+    "M5-dro": (DEEP_HEAD, UNWEIGHTED, UNWEIGHTED),
+    "M5-bmc": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
+    "M5-std": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
+    "M5-dex": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
 }
+#: presets whose stages train with another loss than MSE: (stage1 loss, stage2 loss)
+LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce")}
 
 
 def test_every_preset_is_listed_with_a_one_line_description():
@@ -59,16 +65,17 @@ def test_full_scale_is_the_kit_and_report_setting(name):
     cfg = load_preset(name, "full")
     m = cfg.model
     assert (m.backbone, m.projection_dim, m.input_norm, m.head_init, m.output) == (
-        "vggface2_resnet50", 512, "vggface2", "keras", "sigmoid")
+        "vggface2_resnet50", 512, "vggface2", "keras", "dex" if name == "M5-dex" else "sigmoid")
     assert m.weights is None  # the user's own weights.h5, imported
     assert cfg.data.image_size == 224
     assert [(b.units, b.dropout) for b in m.head] == head
-    for stage, want, schedule in (("stage1", w1, KIT_STAGE1), ("stage2", w2, AUTHORS_STAGE2)):
+    for k, (stage, want, schedule) in enumerate((("stage1", w1, KIT_STAGE1), ("stage2", w2, AUTHORS_STAGE2))):
         st = getattr(cfg, stage)
         if want is None:
             assert st is None
             continue
-        assert _schedule(st) == schedule
+        loss = LOSSES.get(name, ("mse", "mse"))[k]  # the methods' presets change only the loss
+        assert _schedule(st) == schedule[:8] + (loss,) + schedule[9:]
         if stage == "stage1":
             assert st.trainable == "projection+head"  # the kit trains dim_proj with the head
         w = st.weighting

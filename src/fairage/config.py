@@ -86,6 +86,31 @@ class AugmentConfig(StrictModel):
     min_age: float | None = None
 
 
+class DROConfig(StrictModel):
+    """Group DRO (Sagawa et al. 2020): the loss is ``sum_g q_g loss_g`` over per-group mean losses.
+
+    Groups are those of a weighting scheme (``fairage.weighting``: ``scheme``,
+    ``attributes``, ``age_edges``, ``merges`` mean the same there). After each training
+    batch ``q_g <- q_g exp(eta (loss_g + size_adjustment / sqrt(n_g)))``, normalised to sum
+    1; ``loss_g`` is in the stage's loss units and ``n_g`` the group's training faces.
+    """
+
+    enabled: bool = False
+    scheme: Literal["age", "age_ethnicity", "age_ethnicity_expression", "custom"] = "age_ethnicity"
+    attributes: list[str] = Field(default_factory=list)
+    age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
+    merges: dict[str, list[str]] = Field(default_factory=dict)
+    #: step size of the exponentiated-gradient update of q
+    eta: float = Field(1.0, gt=0)
+    #: the group adjustment C (0 = none), in loss units times sqrt(faces)
+    size_adjustment: float = Field(0.0, ge=0)
+
+    def grouping(self) -> WeightingConfig:
+        """The groups as a ``WeightingConfig`` (for ``fairage.weighting.group_labels``)."""
+        return WeightingConfig(scheme=self.scheme, attributes=self.attributes, age_edges=self.age_edges,
+                               merges=self.merges)
+
+
 class StageConfig(StrictModel):
     lr: float = Field(1e-5, gt=0)
     amsgrad: bool = False
@@ -101,7 +126,8 @@ class StageConfig(StrictModel):
     #: ReduceLROnPlateau improvement threshold: None = torch's (relative, 1e-4); a number =
     #: an absolute change of the validation loss (label units), Keras's ``min_delta`` (1e-4)
     lr_min_delta: float | None = Field(None, ge=0)
-    loss: Literal["mse", "mae", "huber"] = "mse"
+    #: "bmc": Balanced MSE (batch Monte-Carlo); "ce": cross-entropy, only with ``model.output: dex``
+    loss: Literal["mse", "mae", "huber", "bmc", "ce"] = "mse"
     #: Huber transition point in years
     huber_delta: float = Field(5.0, gt=0)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
@@ -114,6 +140,17 @@ class StageConfig(StrictModel):
     trainable: Literal["head", "projection+head"] = "head"
     #: Adam's epsilon (torch default 1e-8; Keras's default 1e-7)
     adam_eps: float = Field(1e-8, gt=0)
+    # mitigation methods beyond weighting (``fairage.losses``); all off by default
+    #: loss bmc: initial noise sigma in years (learned with the stage's optimizer)
+    bmc_sigma: float = Field(8.0, gt=0)
+    #: loss ce (DEX): Gaussian label-distribution sigma in years; 0 = one-hot target class
+    dex_sigma: float = Field(0.0, ge=0)
+    #: per-face rater spread (face table column ``age_std``): "sample" draws each epoch's
+    #: targets from N(age, age_std); "weight" multiplies the loss by 1/age_std^2 (mean 1)
+    label_std: Literal["off", "sample", "weight"] = "off"
+    #: age_std values below this (years) are raised to it, so 1/age_std^2 stays bounded
+    age_std_floor: float = Field(1.0, gt=0)
+    dro: DROConfig = Field(default_factory=DROConfig)
 
 
 class HeadBlock(StrictModel):
@@ -132,8 +169,9 @@ class ModelConfig(StrictModel):
     head: list[HeadBlock] = Field(
         default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)]
     )
-    #: "sigmoid": output in [0, 100] years (labels /100 internally); "linear": raw years
-    output: Literal["sigmoid", "linear"] = "sigmoid"
+    #: "sigmoid": output in [0, 100] years (labels /100 internally); "linear": raw years;
+    #: "dex": 101 age classes 0..100, softmax, prediction = expected value (trains with loss ce)
+    output: Literal["sigmoid", "linear", "dex"] = "sigmoid"
     #: the network's input convention, applied inside the model (``fairage.models.InputNorm``):
     #: "imagenet" (RGB, ImageNet mean/std), "vggface2" (BGR 0-255 minus the VGGFace2 mean),
     #: "caffe" (BGR 0-255 minus 103.939/116.779/123.68, Keras resnet50.preprocess_input)
@@ -222,6 +260,14 @@ class ExperimentConfig(StrictModel):
     def _at_least_one_stage(self) -> "ExperimentConfig":
         if self.stage1 is None and self.stage2 is None:
             raise ValueError("a config needs at least one of stage1 (head only) and stage2 (all layers)")
+        return self
+
+    @model_validator(mode="after")
+    def _loss_fits_output(self) -> "ExperimentConfig":
+        for name, stage in self.stages():
+            if (self.model.output == "dex") != (stage.loss == "ce"):
+                raise ValueError(f"{name}.loss '{stage.loss}' does not fit model.output '{self.model.output}': "
+                                 "the DEX head (output dex) trains with loss ce, and loss ce needs output dex")
         return self
 
     @property

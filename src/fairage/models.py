@@ -7,9 +7,11 @@ export) feeds the same [0, 1] RGB pixels:
 
 * ``output: sigmoid`` -> values in [0, 1] = years / 100 (the course kit's choice; labels
   are divided by 100 for training, ``LABEL_SCALE["sigmoid"] == 100``);
-* ``output: linear`` -> years directly (``LABEL_SCALE["linear"] == 1``).
+* ``output: linear`` -> years directly (``LABEL_SCALE["linear"] == 1``);
+* ``output: dex`` -> (N, 101) logits over the ages 0..100 (DEX, Rothe et al. 2015);
+  targets stay in years (``LABEL_SCALE["dex"] == 1``) and the loss is a cross-entropy.
 
-``model.years(out)`` converts label units back to years.
+``model.years(out)`` converts outputs to years (for DEX: the softmax's expected age).
 
 Layout (state-dict prefixes): ``backbone.*`` (a torchvision ResNet without its ``fc``, or
 ``VGGFace2ResNet50``, the VGGFace2 authors' Keras ResNet50 as the course kit uses it),
@@ -39,11 +41,12 @@ from torchvision import models as tv_models
 
 from .config import HeadBlock, ModelConfig
 from .errors import ConfigError
+from .losses import DEX_AGES, dex_expectation
 
 log = logging.getLogger(__name__)
 
 #: label units -> years factor per output kind
-LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0}
+LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0, "dex": 1.0}
 
 #: ImageNet normalisation (torchvision ResNets), RGB, on [0, 1] pixels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -232,8 +235,8 @@ def keras_layer_map() -> dict[str, str]:
     return names
 
 
-def build_head(in_features: int, blocks: list[HeadBlock]) -> nn.Sequential:
-    """MLP head: per block Dropout(p) -> Linear(units) -> ReLU, then Linear(1).
+def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1) -> nn.Sequential:
+    """MLP head: per block Dropout(p) -> Linear(units) -> ReLU, then Linear(outputs).
 
     The report's M5 head is ``blocks = [(0.1, 256), (0.1, 128), (0.05, 64), (0.05, 32)]``
     after the 512-d layer: 512 -> 256 -> 128 -> 64 -> 32 -> 1.
@@ -245,12 +248,12 @@ def build_head(in_features: int, blocks: list[HeadBlock]) -> nn.Sequential:
             layers.append(nn.Dropout(block.dropout))
         layers += [nn.Linear(width, block.units), nn.ReLU(inplace=True)]
         width = block.units
-    layers.append(nn.Linear(width, 1))
+    layers.append(nn.Linear(width, outputs))
     return nn.Sequential(*layers)
 
 
 class AgeRegressor(nn.Module):
-    """Backbone -> projection -> head -> (sigmoid); output (N,) in label units.
+    """Backbone -> projection -> head -> (sigmoid); output (N,) in label units ((N, 101) logits for DEX).
 
     Parameters
     ----------
@@ -278,7 +281,7 @@ class AgeRegressor(nn.Module):
         # the VGGFace2 model's dim_proj is Dense(512, relu); a projection without a
         # nonlinearity would merge with the head's first layer into one linear map
         self.projection_act: nn.Module = nn.ReLU() if cfg.backbone == "vggface2_resnet50" else nn.Identity()
-        self.head = build_head(self.feature_dim, cfg.head)
+        self.head = build_head(self.feature_dim, cfg.head, DEX_AGES if cfg.output == "dex" else 1)
         if cfg.head_init == "keras":
             for module in [self.projection, *self.head]:
                 if isinstance(module, nn.Linear):  # Keras Dense defaults: glorot-uniform kernel, zero bias
@@ -301,7 +304,9 @@ class AgeRegressor(nn.Module):
         return self.projection_act(self.projection(pooled))
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim) features -> (N,) outputs in label units."""
+        """(N, feature_dim) features -> (N,) outputs in label units ((N, 101) logits for DEX)."""
+        if self.output == "dex":
+            return self.head(features)
         out = self.head(features).squeeze(-1)
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
@@ -309,7 +314,9 @@ class AgeRegressor(nn.Module):
         return self.head_forward(self.features(x))
 
     def years(self, out: torch.Tensor) -> torch.Tensor:
-        """Label units -> years."""
+        """Outputs -> years (N,): label units times the scale; DEX logits (N, 101) -> expected age."""
+        if self.output == "dex":
+            return dex_expectation(out)
         return out.float() * self.label_scale
 
     def feature_extractor_modules(self) -> list[nn.Module]:

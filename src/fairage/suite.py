@@ -24,6 +24,18 @@ from .runs import RunFolder
 
 #: the seed report's five configurations, in its order
 REPORT_PRESETS: tuple[str, ...] = ("M1", "M2", "M3", "M4", "M5")
+#: named preset groups for ``--presets``: the field's mitigation methods next to M1 and M5
+PRESET_GROUPS: dict[str, tuple[str, ...]] = {
+    "methods": ("M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex"),
+}
+
+
+def expand_presets(names: Sequence[str]) -> list[str]:
+    """Preset names with each group name (``PRESET_GROUPS``) replaced by its members, in order."""
+    out: list[str] = []
+    for name in names:
+        out.extend(PRESET_GROUPS.get(name, (name,)))
+    return out
 
 #: synthetic benchmark size for ``fairage demo`` (faces per split, image side in px)
 DEMO_SIZES: dict[str, int] = {"n_train": 1200, "n_valid": 300, "n_test": 1000, "size": 64}
@@ -53,7 +65,7 @@ def suite_configs(presets: Sequence[str] = REPORT_PRESETS, scale: str = "cpu", s
     """
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
-    presets = list(presets)
+    presets = expand_presets(presets)
     if not presets:
         raise ConfigError("no presets given")
     dupes = sorted({p for p in presets if presets.count(p) > 1})

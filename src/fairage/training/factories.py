@@ -46,6 +46,9 @@ class StageArrays:
     val_images: np.ndarray
     val_ages: np.ndarray
     train_weights: np.ndarray | None = None
+    #: the training faces' ``fairage.methods.FaceArrays`` (Group DRO groups, ``age_std``), needed
+    #: when the stage turns those methods on
+    face_arrays: Any = None
 
     @property
     def image_size(self) -> int:
@@ -91,8 +94,10 @@ def seeded_generator(seed: int) -> torch.Generator:
 
 
 def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *, use_cache: bool,
-                 trainer_cfg: TrainerConfig, num_workers: int = 0, seed: int = 0) -> tuple[DataLoader, DataLoader]:
-    """Train and validation loaders of a stage; batches are ``(x, age_years, weight)``.
+                 trainer_cfg: TrainerConfig, num_workers: int = 0, seed: int = 0,
+                 with_index: bool = False) -> tuple[DataLoader, DataLoader]:
+    """Train and validation loaders of a stage; batches are ``(x, age_years, weight)``, plus each
+    face's position in the training arrays when ``with_index`` (methods with per-face state).
 
     ``use_cache``: x is the frozen feature extractor's output (N, feature_dim), computed
     here once; otherwise uint8 images. Sampler mode draws faces by ``train_weights``
@@ -115,12 +120,13 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
         feats_val = extract_features(model, arrays.val_images, device=device, channels_last=channels_last,
                                      autocast=autocast, trainable=stage.trainable)
         w = torch.ones(len(arrays.train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
-        train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(arrays.train_ages, np.float32)), w)
+        train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(arrays.train_ages, np.float32)), w,
+                                           *([torch.arange(len(arrays.train_ages))] if with_index else []))
         val_set: Dataset = TensorDataset(feats_val, torch.as_tensor(np.asarray(arrays.val_ages, np.float32)),
                                          torch.ones(len(arrays.val_ages)))
         workers = 0  # in-memory tensors: worker processes would only add overhead
     else:
-        train_set = FaceArrayDataset(arrays.train_images, arrays.train_ages, weights)
+        train_set = FaceArrayDataset(arrays.train_images, arrays.train_ages, weights, with_index=with_index)
         val_set = FaceArrayDataset(arrays.val_images, arrays.val_ages)
         workers = num_workers
     # re-seed so both paths start training from the same RNG state (same dropout masks)
@@ -248,7 +254,8 @@ class StageCallbacks:
 
 def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, history_path: Path | None,
                    previous_history: pd.DataFrame | None = None, progress: bool = False,
-                   config_yaml: str | None = None, extra: Sequence[Callback] = ()) -> StageCallbacks:
+                   config_yaml: str | None = None, extra: Sequence[Callback] = (),
+                   dro_groups: Sequence[str] | None = None) -> StageCallbacks:
     """History (and NaN stop), early stopping, best and last checkpoints in ``run_dir/checkpoints``."""
     history = HistoryCallback(history_path, stage_name, previous_history)
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
@@ -260,6 +267,10 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
                            best, last, *extra]
     if config_yaml is not None:
         cbs.append(ConfigInCheckpoint(config_yaml))
+    if dro_groups is not None and history_path is not None:  # Group DRO's q per epoch in dro_q.csv
+        from ..methods import DROHistoryCallback
+
+        cbs.append(DROHistoryCallback(run_dir, stage_name, list(dro_groups)))
     if progress:
         cbs.append(StageProgressBar(stage_name))
     return StageCallbacks(cbs, history, best, last)

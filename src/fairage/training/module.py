@@ -30,7 +30,8 @@ class FaceArrayDataset(Dataset):
     batch tensor is writable and pinnable.
     """
 
-    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None):
+    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None,
+                 with_index: bool = False):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
         if len(ages) != len(images):
@@ -41,11 +42,15 @@ class FaceArrayDataset(Dataset):
         if len(w) != len(images):
             raise ValueError(f"{len(images)} images but {len(w)} weights")
         self.weights = torch.as_tensor(w)
+        # methods that keep per-face state (fairage.methods) need each face's position
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
+        if self.with_index:
+            return torch.from_numpy(np.array(self.images[i])), self.ages[i], self.weights[i], i
         return torch.from_numpy(np.array(self.images[i])), self.ages[i], self.weights[i]
 
 
@@ -93,7 +98,7 @@ class AgeModule(L.LightningModule):
     """
 
     def __init__(self, model: AgeRegressor, stage: StageConfig, frozen: bool, inputs: str = "images",
-                 channels_last: bool = False, image_size: int | None = None):
+                 channels_last: bool = False, image_size: int | None = None, objective: nn.Module | None = None):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
@@ -109,6 +114,8 @@ class AgeModule(L.LightningModule):
         for module in self.frozen_modules():
             module.requires_grad_(False)
         self.scale = model.label_scale
+        # a fairage.losses.StageObjective when the stage uses a method beyond weighting
+        self.objective = objective
 
     # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
     # Lightning does not call train() at fit start (it only captures and restores
@@ -125,13 +132,15 @@ class AgeModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self.train()
+        if self.objective is not None:
+            self.objective.start_epoch(self.current_epoch)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        x, age, weight = batch
+        x, age, weight, *index = batch
         if self.inputs == "images":
             training = self._trainer is not None and self.trainer.training
             x = self.prepare_images(x, age, augment=training)
-        return x, age, weight
+        return x, age, weight, *index
 
     def prepare_images(self, x: torch.Tensor, age: torch.Tensor, augment: bool = False) -> torch.Tensor:
         """uint8 (N, S, S, 3) on the device -> float (N, 3, S, S) RGB in [0, 1].
@@ -155,12 +164,15 @@ class AgeModule(L.LightningModule):
     def _step(self, batch, prefix: str):
         from ..weighting import weighted_loss
 
-        x, age, weight = batch
+        x, age, weight, *index = batch
         out = self(x).float()
         target = age / self.scale
         use_weight = weight if prefix == "train" and self.stage.weighting.mode == "loss" else None
-        loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
-        mae = (out * self.scale - age).abs().mean()
+        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
+            loss = self.objective(out, age, use_weight, index[0] if index else None, train=prefix == "train")
+        else:
+            loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+        mae = (self.model.years(out) - age).abs().mean()
         n = len(age)
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=True)
@@ -176,6 +188,8 @@ class AgeModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.objective is not None:  # BMC's noise sigma
+            params += list(self.objective.parameters())
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps)
         # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold

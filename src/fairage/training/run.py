@@ -183,6 +183,11 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
     """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
     completed = list(folder.record.completed_stages)
     config_yaml = dump_config(cfg)
+    from ..methods import face_arrays
+
+    # checked before any stage trains, so a dataset without age_std fails at once
+    for stage_name, stage in cfg.stages():
+        face_arrays(data.faces["train"], stage, stage_name)
     for stage_name, stage in cfg.stages():
         if stage_name in completed:
             # the next stage starts from this stage's best
@@ -206,7 +211,8 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
             train_faces = train_faces.iloc[source].reset_index(drop=True)
         weights = stage_weights(train_faces, stage_name, stage, folder.path)
         arrays = StageArrays(train_images, train_faces["age"].to_numpy(np.float32),
-                             data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights)
+                             data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights,
+                             face_arrays=face_arrays(train_faces, stage, stage_name))
         result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
                            num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),
                            ckpt_path=ckpt_path, previous_history=history, callbacks=callbacks,

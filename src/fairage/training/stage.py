@@ -95,13 +95,18 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     L.seed_everything(seed, workers=True, verbose=False)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    from ..methods import build_objective
+
+    objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
     train_loader, val_loader = make_loaders(model, stage, arrays, use_cache=use_cache, trainer_cfg=trainer_cfg,
-                                            num_workers=num_workers, seed=seed)
+                                            num_workers=num_workers, seed=seed,
+                                            with_index=objective is not None and objective.needs_index)
     module = AgeModule(model, stage, frozen=frozen, inputs="features" if use_cache else "images",
-                       channels_last=channels_last, image_size=arrays.image_size)
+                       channels_last=channels_last, image_size=arrays.image_size, objective=objective)
+    dro = objective is not None and objective.dro is not None
     cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / RunFolder.HISTORY if history_file else None,
                          previous_history=previous_history, progress=progress, config_yaml=config_yaml,
-                         extra=callbacks)
+                         extra=callbacks, dro_groups=arrays.face_arrays.group_names if dro else None)
     trainer = make_trainer(trainer_cfg, stage, cbs.all, run_dir, progress)
     with warnings.catch_warnings():
         for message in (".*does not have many workers.*", ".*number of training batches.*",
