@@ -51,6 +51,7 @@ from .atomic import atomic_path, write_text
 from .config import AugmentConfig, ExperimentConfig, StageConfig, TrainerConfig, dump_config, read_yaml, validate_config
 from .errors import ConfigError, FairageError
 from .models import AgeRegressor, build_model
+from .precision import auto_precision, use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -314,9 +315,11 @@ def resolve_accelerator(trainer_cfg: TrainerConfig) -> str:
 
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
+    """Lightning precision of training steps: the configured one, or for ``auto`` bf16-mixed
+    where the device has native bf16 and 32-true elsewhere (``fairage.precision``)."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
-    return "bf16-mixed" if resolve_accelerator(trainer_cfg) == "gpu" else "32-true"
+    return auto_precision(resolve_accelerator(trainer_cfg))
 
 
 def _device_for(trainer_cfg: TrainerConfig) -> torch.device:
@@ -426,8 +429,8 @@ def fit_stage(
     use_cache = bool(use_cache and frozen and not stage.augment.enabled)
     accelerator = resolve_accelerator(trainer_cfg)
     on_gpu = accelerator == "gpu"
-    channels_last = bool(trainer_cfg.channels_last and on_gpu)
     precision = resolve_precision(trainer_cfg)
+    channels_last = use_channels_last(trainer_cfg.channels_last, accelerator, precision)
     run_dir = Path(run_dir)
 
     _quiet_lightning()
@@ -446,6 +449,7 @@ def fit_stage(
 
     if use_cache:
         device = _device_for(trainer_cfg)
+        # in the training steps' precision, so that cached and uncached stage I agree
         autocast = precision.startswith("bf16")
         feats_train = extract_features(model, train_images, device=device, channels_last=channels_last, autocast=autocast)
         feats_val = extract_features(model, val_images, device=device, channels_last=channels_last, autocast=autocast)
@@ -651,7 +655,8 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
         write_text(run_dir / "config.yaml", dump_config(cfg))
     if not info:  # a new run (or a "resume" of a folder that never got a run.json)
         info = {"data_dir": str(data_dir), **weight_info, "status": "running", "stage": cfg.stages()[0][0],
-                "completed_stages": [], "device": _device_description(cfg.trainer), "seed": cfg.seed}
+                "completed_stages": [], "device": _device_description(cfg.trainer), "seed": cfg.seed,
+                "precision": resolve_precision(cfg.trainer)}
         _write_run_json(run_dir, info)
         if rank0 and (run_dir / "history.csv").exists():
             (run_dir / "history.csv").unlink()
@@ -670,8 +675,7 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     if len(history):
         plot_training_curves(history, run_dir / "curves.png", title=f"{cfg.name}: {cfg.strategy}")
     device = _device_for(cfg.trainer)
-    preds = predict(model, data.images["test"], device=device,
-                    autocast=resolve_precision(cfg.trainer).startswith("bf16"))
+    preds = predict(model, data.images["test"], device=device)  # float32, whatever training used
     info.update(stage="test")  # predicting and evaluating the test split
     collapsed = collapse_warning(preds)
     if collapsed:
