@@ -9,6 +9,9 @@ difference, and the mean 95% bootstrap interval of the fp32 runs; "within" when 
 seed mean lies inside that interval. Also prints the wall time of each arm.
 
     python benchmarks/precision_effect.py --out runs/precision [--presets M1,M5] [--seeds 3]
+
+On a busy machine the two arms can run as two processes (``--arms fp32`` and ``--arms auto``,
+started once the backbone is there) and ``--compare`` prints the table from finished runs.
 """
 
 from __future__ import annotations
@@ -39,18 +42,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/precision"))
     ap.add_argument("--presets", default="M1,M5,M2,M3,M4")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--arms", default="fp32,auto", help="which arms to train: fp32, auto or both")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--compare", action="store_true", help="train nothing; print the table of finished runs")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
 
+        torch.set_num_threads(args.threads)
+    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     console = Console()
+    if args.compare:
+        for preset in presets:
+            _print_preset(console, args.out, preset, args.seeds)
+        return
+
     out = args.out
     started = time.perf_counter()
     data_dir = _synthetic_once(out, DEMO_SIZES["n_train"], DEMO_SIZES["n_valid"], DEMO_SIZES["n_test"],
                                DEMO_SIZES["size"], 0, console)
     weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], progress=False)
     console.print(f"data and stand-in backbone ready in {time.perf_counter() - started:.0f} s")
-    arms = {"fp32": "32-true", "auto": "auto"}
+    arms = {arm: precision for arm, precision in {"fp32": "32-true", "auto": "auto"}.items()
+            if arm in args.arms.split(",")}
     seconds = {arm: 0.0 for arm in arms}
-    presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     for preset in presets:
         for arm, precision in arms.items():
             overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}",
@@ -64,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                 seconds[arm] += time.perf_counter() - t
                 used = json.loads((run_dir / "run.json").read_text())["precision"]
                 console.print(f"{arm}/{name} ({used}): {time.perf_counter() - t:.0f} s")
-        _print_preset(console, out, preset, args.seeds)
+        if len(arms) == 2:
+            _print_preset(console, out, preset, args.seeds)
     console.print("training wall time: " + ", ".join(f"{arm} {s:.0f} s" for arm, s in seconds.items()))
 
 
