@@ -38,10 +38,14 @@ RESULT_PREFIX = "keras images/s: "
 # --------------------------------------------------------------------------- the Keras side (TensorFlow's Python)
 
 
-def keras_child(size: int, batch: int, n: int, jit: bool) -> None:
+def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -> None:
     """Build the kit's model, fit one epoch of ``n`` random images, print ``RESULT_PREFIX`` + images/s."""
     import numpy as np
     import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
 
     keras = tf.keras
     layers = keras.layers
@@ -123,16 +127,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--n-images", type=int, default=128, help="training images per run (one epoch)")
     ap.add_argument("--jit", action="store_true", help="Keras with XLA (jit_compile=True); the kit did not use it")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of both sides (default: each library's choice, all cores)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        keras_child(args.size, args.batch, args.n_images, args.jit)
+        keras_child(args.size, args.batch, args.n_images, args.jit, args.threads)
         return
     if args.tf_python is None:
         ap.error("--tf-python is required: the Python of a venv with TensorFlow (see the README)")
     if not args.tf_python.is_file():
         ap.error(f"--tf-python {args.tf_python}: no such file")
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from train_throughput import GOAL_BF16_OVER_FP32, arms, device_line, run_stage, synthetic_set
 
@@ -140,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.n_images} training images, all layers", flush=True)
     cmd = [str(args.tf_python), str(Path(__file__).resolve()), "--child", "--size", str(args.size),
            "--batch", str(args.batch), "--n-images", str(args.n_images)] + (["--jit"] if args.jit else [])
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]

@@ -11,7 +11,7 @@ seed mean lies inside that interval. Also prints the wall time of each arm.
     python benchmarks/precision_effect.py --out runs/precision [--presets M1,M5] [--seeds 3]
 
 On a busy machine the two arms can run as two processes (``--arms fp32`` and ``--arms auto``,
-started once the backbone is there) and ``--compare`` prints the table from finished runs.
+started once the backbone is there; ``--runs M1-seed1`` splits them further) and ``--compare`` prints the table from finished runs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--arms", default="fp32,auto", help="which arms to train: fp32, auto or both")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--runs", default=None, help="train only these run folders, e.g. M1-seed1 (default: all)")
     ap.add_argument("--compare", action="store_true", help="train nothing; print the table of finished runs")
     args = ap.parse_args(argv)
     if args.threads:
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"trainer.precision={precision}"]
             for name, cfg in suite_configs([preset], "cpu", args.seeds, overrides):
                 run_dir = out / arm / name
+                if args.runs and name not in args.runs.split(","):
+                    continue
                 if is_finished_run(run_dir, cfg, data_dir):
                     continue
                 t = time.perf_counter()

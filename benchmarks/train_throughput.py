@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--epochs", type=int, default=1, help="epochs timed for uncached stage I and stage II")
     ap.add_argument("--cached-epochs", type=int, default=20, help="epochs of the cached stage I")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 6 on CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
