@@ -77,11 +77,13 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 if is_finished_run(run_dir, cfg, data_dir):
                     continue
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 training.train(cfg, data_dir, run_dir, progress=False)
                 seconds[arm] += time.perf_counter() - t
                 used = json.loads((run_dir / "run.json").read_text())["precision"]
-                console.print(f"{arm}/{name} ({used}): {time.perf_counter() - t:.0f} s")
+                # CPU time: on a shared machine the wall time mostly measures the other processes
+                console.print(f"{arm}/{name} ({used}): {time.perf_counter() - t:.0f} s wall, "
+                              f"{time.process_time() - cpu:.0f} s CPU")
         if len(arms) == 2:
             _print_preset(console, out, preset, args.seeds)
     console.print("training wall time: " + ", ".join(f"{arm} {s:.0f} s" for arm, s in seconds.items()))
