@@ -33,7 +33,7 @@ import pandas as pd
 from fairage.data import load_faces
 from fairage.data.predictions import join_predictions, read_predictions
 from fairage.metrics import DEFAULT_ATTRIBUTES, compare, evaluate
-from fairage.suite import DEMO_SIZES, PRETRAIN_SIZES, PRETRAINED_STAGE2_LR, _synthetic_once, _console, expand_presets, \
+from fairage.suite import DEMO_SIZES, PRETRAIN_SIZES, PRETRAINED_STAGE2_LR, _synthetic_once, expand_presets, \
     pretrain_backbone, run_suite
 
 ATTRIBUTES = ("age", "gender", "ethnicity", "expression")
@@ -67,8 +67,8 @@ def main() -> None:
     out = args.out or Path(f"runs/bench-methods-{args.n_train}")
 
     started = time.perf_counter()
-    console = _console(True)
-    data_dir = _synthetic_once(out, args.n_train, args.n_valid, args.n_test, DEMO_SIZES["size"], 0, console)
+    data_dir = _synthetic_once(out, args.n_train, args.n_valid, args.n_test, DEMO_SIZES["size"], 0,
+                               lambda event: print(event.message, flush=True))
     weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], sizes={"n_train": args.pretrain_n_train},
                                 progress=False)
     overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]

@@ -1,14 +1,22 @@
-"""Training throughput of fairage's stages on whatever device is present (not a test).
+"""Training throughput of fairage's stages, float32 next to ``precision: auto`` (not a test).
 
-    python benchmarks/train_throughput.py --backbone resnet50 --size 224 --batch 32 [--device cuda]
-    python benchmarks/train_throughput.py --backbone resnet18 --size 64 --batch 64 --device cpu
+    python benchmarks/train_throughput.py --backbone resnet50 --size 224 --batch 16 --n-images 128
+    python benchmarks/train_throughput.py --backbone resnet18 --size 64 --batch 64
+    python benchmarks/train_throughput.py --backbone resnet50 --size 224 --batch 32 --device cuda
 
-Prints images/s for stage I uncached (frozen backbone, images through it every epoch),
-stage I cached (features computed once, head trained on them; the time includes the
-extraction), stage II (all layers), the projected stage I time for ``--cached-epochs``
-epochs uncached vs cached, and peak memory. Runs the real ``fairage.training.fit_stage``
-(Lightning loop, validation on a small split included) on random uint8 images; on CUDA
-it uses bf16 autocast and channels_last (the config defaults).
+Runs the real ``fairage.training.fit_stage`` (Lightning loop, validation on a small split,
+checkpoints) on random uint8 images, once with ``trainer.precision: 32-true`` and once with
+``auto`` (bf16-mixed where the device has native bf16: CUDA, CPUs with AVX512-BF16 or AMX),
+and prints images/s of each:
+
+* stage I uncached and stage II (all layers): steady-state training speed, i.e. the
+  training batches after the first one (which pays one-off set-up), validation excluded;
+* stage I cached (``--cached-epochs`` epochs, features extracted once): wall time of the
+  whole stage, extraction included, and its speed-up over the uncached stage I projected
+  to the same number of epochs.
+
+Then the goal: stage II under ``auto`` at least 1.5x its float32 speed (where ``auto`` is bf16).
+``benchmarks/keras_peer.py`` puts the same stage II next to the kit's Keras ``model.fit``.
 """
 
 from __future__ import annotations
@@ -21,80 +29,151 @@ import time
 
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Callback
+
+#: stage II under ``auto`` (bf16) must reach this multiple of its float32 speed
+GOAL_BF16_OVER_FP32 = 1.5
+
+
+class StepTimer(Callback):
+    """Wall time of the training batches after the first one (one-off set-up excluded)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._start: float | None = None
+        self._batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._batches += 1
+        if self._batches > 1:  # the first batch builds oneDNN/cuDNN kernels and the optimizer state
+            if batch[0].is_cuda:
+                torch.cuda.synchronize()
+            self.seconds += time.perf_counter() - self._start
+            self.images += len(batch[0])
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def synthetic_set(n: int, size: int, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Random uint8 training images (n, size, size, 3), ages (n,), and a validation split of max(batch, n/32)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    ages = rng.uniform(1, 90, n).astype(np.float32)
+    n_val = max(batch, n // 32)
+    return images, ages, images[:n_val], ages[:n_val]
+
+
+def model_config(backbone: str):
+    """The report's M5 head on ``backbone`` with a 512-d projection."""
+    from fairage.config import HeadBlock, ModelConfig
+
+    return ModelConfig(backbone=backbone, projection_dim=512,
+                       head=[HeadBlock(units=256, dropout=0.1), HeadBlock(units=128, dropout=0.1),
+                             HeadBlock(units=64, dropout=0.05), HeadBlock(units=32, dropout=0.05)])
+
+
+def run_stage(stage_name: str, backbone: str, data, batch: int, epochs: int, trainer_cfg, cache: bool = False,
+              workers: int = 0) -> tuple[float, float]:
+    """Train one stage with ``fit_stage``; return (steady-state training images/s, wall seconds of the stage)."""
+    from fairage.config import StageConfig
+    from fairage.models import build_model
+    from fairage.training import StageArrays, fit_stage
+
+    train_images, train_ages, val_images, val_ages = data
+    torch.manual_seed(0)
+    model, _ = build_model(model_config(backbone))
+    stage = StageConfig(lr=1e-4, batch_size=batch, max_epochs=epochs, patience=epochs + 1, cache_features=cache)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        fit_stage(model, stage_name, stage, StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp,
+                  trainer_cfg=trainer_cfg, num_workers=workers, progress=False, callbacks=[timer])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return timer.rate, time.perf_counter() - start
+
+
+def arms(cuda: bool) -> dict[str, object]:
+    """The two trainer configs compared: label -> TrainerConfig (float32, and auto as it resolves here)."""
+    from fairage.config import TrainerConfig
+    from fairage.training import resolve_precision
+
+    accelerator = "gpu" if cuda else "cpu"
+    auto = TrainerConfig(accelerator=accelerator)
+    return {"fp32": TrainerConfig(accelerator=accelerator, precision="32-true"),
+            f"auto = {resolve_precision(auto)}": auto}
+
+
+def device_line(cuda: bool) -> str:
+    from fairage.precision import cpu_has_native_bf16
+
+    if cuda:
+        return torch.cuda.get_device_name(0)
+    return (f"CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+            f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'})")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fairage.config import HeadBlock, ModelConfig, StageConfig, TrainerConfig
-    from fairage.models import build_model
-    from fairage.training import StageArrays, fit_stage, resolve_precision
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet50", choices=["resnet18", "resnet34", "resnet50"])
-    ap.add_argument("--size", type=int, default=224, help="image side in pixels")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    ap.add_argument("--n-images", type=int, default=None, help="training images (default: 2048 on CPU, 8192 on CUDA)")
-    ap.add_argument("--epochs", type=int, default=None, help="epochs timed for uncached stage I and stage II "
-                                                             "(default: 1 on CPU, 3 on CUDA)")
+    ap.add_argument("--n-images", type=int, default=None, help="training images (default: 1024 on CPU, 8192 on CUDA)")
+    ap.add_argument("--epochs", type=int, default=1, help="epochs timed for uncached stage I and stage II")
     ap.add_argument("--cached-epochs", type=int, default=20, help="epochs of the cached stage I")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 6 on CUDA)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         sys.exit("--device cuda but no CUDA device is available")
-    n = args.n_images or (8192 if cuda else 2048)
-    epochs = args.epochs or (3 if cuda else 1)
+    n = args.n_images or (8192 if cuda else 1024)
     workers = args.workers if args.workers is not None else (6 if cuda else 0)
-    trainer_cfg = TrainerConfig(accelerator="gpu" if cuda else "cpu")
-    rng = np.random.default_rng(0)
-    train_images = rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8)
-    train_ages = rng.uniform(1, 90, n).astype(np.float32)
-    n_val = max(args.batch, n // 32)
-    val_images, val_ages = train_images[:n_val], train_ages[:n_val]
-    model_cfg = ModelConfig(backbone=args.backbone, projection_dim=512,
-                            head=[HeadBlock(units=256, dropout=0.1), HeadBlock(units=128, dropout=0.1),
-                                  HeadBlock(units=64, dropout=0.05), HeadBlock(units=32, dropout=0.05)])
-    device_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {device_name}; precision {resolve_precision(trainer_cfg)}; {args.backbone} at {args.size} px, "
-          f"batch {args.batch}; {n} training + {n_val} validation images; workers {workers}")
-
-    def timed(stage_name: str, n_epochs: int, cache: bool) -> float:
-        model, _ = build_model(model_cfg)
-        stage = StageConfig(lr=1e-4, batch_size=args.batch, max_epochs=n_epochs, patience=n_epochs + 1,
-                            cache_features=cache)
-        if cuda:
-            torch.cuda.synchronize()
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            fit_stage(model, stage_name, stage, StageArrays(train_images, train_ages, val_images, val_ages), tmp,
-                      trainer_cfg=trainer_cfg, num_workers=workers, progress=False)
-            if cuda:
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
-
-    # warm-up (cuDNN autotuning, lazy inits), not reported
-    if cuda:
-        timed("stage2", 1, cache=False)
+    data = synthetic_set(n, args.size, args.batch)
+    print(f"device: {device_line(cuda)}; {args.backbone} at {args.size} px, batch {args.batch}; "
+          f"{n} training + {len(data[2])} validation images; workers {workers}", flush=True)
+    if cuda:  # cuDNN autotuning and lazy initialisation, not reported
+        run_stage("stage2", args.backbone, data, args.batch, 1, arms(cuda)["fp32"], workers=workers)
         torch.cuda.reset_peak_memory_stats()
 
-    results = {}
-    t_uncached = timed("stage1", epochs, cache=False)
-    results["stage I uncached"] = n * epochs / t_uncached
-    t_cached = timed("stage1", args.cached_epochs, cache=True)
-    results[f"stage I cached ({args.cached_epochs} epochs incl. extraction)"] = n * args.cached_epochs / t_cached
-    t_stage2 = timed("stage2", epochs, cache=False)
-    results["stage II (all layers)"] = n * epochs / t_stage2
-    width = max(len(k) for k in results)
-    for name, rate in results.items():
-        print(f"  {name:<{width}}  {rate:10.1f} images/s")
-    projected = t_uncached / epochs * args.cached_epochs
-    print(f"  stage I for {args.cached_epochs} epochs: uncached ~{projected:.1f} s (projected), cached {t_cached:.1f} s "
-          f"-> {projected / t_cached:.1f}x faster")
+    lines: list[tuple[str, float]] = []
+    stage2: dict[str, float] = {}
+    for label, trainer_cfg in arms(cuda).items():
+        rate, t_uncached = run_stage("stage1", args.backbone, data, args.batch, args.epochs, trainer_cfg,
+                                     workers=workers)
+        lines.append((f"stage I uncached (head, backbone frozen, {label})", rate))
+        _, t_cached = run_stage("stage1", args.backbone, data, args.batch, args.cached_epochs, trainer_cfg,
+                                cache=True, workers=workers)
+        lines.append((f"stage I cached ({args.cached_epochs} epochs incl. extraction, {label})",
+                      n * args.cached_epochs / t_cached))
+        projected = t_uncached / args.epochs * args.cached_epochs
+        lines.append((f"  -> cache speed-up over {args.cached_epochs} uncached epochs (projected), {label}",
+                      projected / t_cached))
+        stage2[label], _ = run_stage("stage2", args.backbone, data, args.batch, args.epochs, trainer_cfg,
+                                     workers=workers)
+        lines.append((f"stage II (all layers, {label})", stage2[label]))
+        print(f"  ({label} done)", flush=True)
+    for name, value in lines:
+        unit = "x" if name.lstrip().startswith("->") else " images/s"
+        print(f"{name}: {value:.1f}{unit}")
+    fp32, auto_label = stage2["fp32"], next(k for k in stage2 if k != "fp32")
+    ratio = stage2[auto_label] / fp32
+    verdict = "met" if ratio >= GOAL_BF16_OVER_FP32 else "NOT met"
+    print(f"stage II {auto_label} / fp32: {ratio:.2f}x (goal >= {GOAL_BF16_OVER_FP32}x: {verdict})")
     if cuda:
-        print(f"  peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
-    print(f"  peak process RSS: {rss:.2f} GiB")
+    print(f"peak process RSS: {rss:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ class TrainerConfig(StrictModel):
     devices: int | str = 1
     strategy: str = "auto"
     num_nodes: int = Field(1, ge=1)
-    #: "auto": bf16-mixed on CUDA, 32 on CPU
+    #: "auto": bf16-mixed where bf16 is native (bf16 GPUs, CPUs with AVX512-BF16/AMX), else 32-true
     precision: str = "auto"
     channels_last: bool = True
     deterministic: bool = False

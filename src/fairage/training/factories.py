@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..atomic import atomic_path, write_text
 from ..config import StageConfig, TrainerConfig
 from ..models import AgeRegressor
+from ..precision import auto_precision, use_channels_last
 from ..runs import HISTORY_COLUMNS, read_checkpoint
 from .inference import extract_features
 from .module import FaceArrayDataset
@@ -68,9 +69,11 @@ def resolve_accelerator(trainer_cfg: TrainerConfig) -> str:
 
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
+    """Lightning precision of training steps: the configured one, or for ``auto`` bf16-mixed
+    where the device has native bf16 and 32-true elsewhere (``fairage.precision``)."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
-    return "bf16-mixed" if resolve_accelerator(trainer_cfg) == "gpu" else "32-true"
+    return auto_precision(resolve_accelerator(trainer_cfg))
 
 
 def device_for(trainer_cfg: TrainerConfig) -> torch.device:
@@ -104,7 +107,8 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
     (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly.
     """
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
-    channels_last = bool(trainer_cfg.channels_last and on_gpu)
+    channels_last = use_channels_last(trainer_cfg.channels_last, resolve_accelerator(trainer_cfg),
+                                      resolve_precision(trainer_cfg))
     sampler = None
     weights = arrays.train_weights
     if weights is not None and stage.weighting.mode == "sampler":
@@ -114,6 +118,7 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
         weights = None  # sampler mode: unweighted loss
     if use_cache:
         device = device_for(trainer_cfg)
+        # in the training steps' precision, so that cached and uncached stage I agree
         autocast = resolve_precision(trainer_cfg).startswith("bf16")
         feats_train = extract_features(model, arrays.train_images, device=device, channels_last=channels_last,
                                        autocast=autocast, trainable=stage.trainable)

@@ -184,7 +184,10 @@ class AgeModule(L.LightningModule):
         return self._step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+        # float32 even under bf16-mixed: the validation loss picks the checkpoint and drives the
+        # LR schedule, so it must score the model as test predictions will use it
+        with torch.autocast(self.device.type, enabled=False):
+            self._step(batch, "val")
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

@@ -165,8 +165,7 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
 
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
-    preds = predict(model, data.images["test"], device=device_for(cfg.trainer),
-                    autocast=resolve_precision(cfg.trainer).startswith("bf16"))
+    preds = predict(model, data.images["test"], device=device_for(cfg.trainer))  # float32, whatever training used
     warnings = list(folder.record.warnings)
     collapsed = collapse_warning(preds)
     if collapsed:
