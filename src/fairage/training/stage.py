@@ -33,7 +33,7 @@ from ..errors import FairageError
 from ..models import AgeRegressor
 from ..precision import use_channels_last
 from ..runs import RunFolder, read_checkpoint
-from .factories import (StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning,
+from .factories import (StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning, resolve_precision,
                         resolve_accelerator)
 from .module import AgeModule
 
