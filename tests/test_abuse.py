@@ -392,7 +392,9 @@ def test_utkface_with_race_codes_3_and_4_trains_with_the_mapping(tmp_path, caplo
     assert not (tmp_path / "r0").exists()
     # every option a message names exists: on each command that reads a dataset, and in the config
     for command in (("data", "info"), ("train",), ("suite",), ("evaluate",), ("compare",), ("submit",), ("weights",)):
-        options = one_line(invoke(*command, "--help").output)
+        # wide help, so rich does not shorten long option names
+        wide = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+        options = one_line(wide.output)
         assert "--extra-categories" in options and "--skip-bad" in options and "--allow-absolute-paths" in options
     assert {"extra_categories", "skip_bad", "allow_absolute_paths"} <= set(DataConfig.model_fields)
 

@@ -346,7 +346,10 @@ class RunFolder:
         the lock when its process dies, so a lock file left by a killed run never
         blocks. Raises RunInUseError ("in use by PID n") when a live process holds it.
         On acquiring it, temporary files left by an interrupted atomic write are removed.
+        A folder this call created is removed again when the block fails before writing
+        anything into it (bad data, a bad config), so it does not block the corrected command.
         """
+        created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         path = self.file(self.LOCK)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -359,7 +362,13 @@ class RunFolder:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
             self.remove_stale_temp_files()
-            yield self
+            try:
+                yield self
+            except BaseException:
+                if created and [p.name for p in self.path.iterdir()] == [self.LOCK]:
+                    path.unlink()
+                    self.path.rmdir()
+                raise
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
