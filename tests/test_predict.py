@@ -168,6 +168,14 @@ def test_faces_mode_on_the_test_split_equals_the_runs_predictions(run):
     joined = reference.merge(table.rename(columns={"image": "path", "age": "predicted"}), left_on="image", right_on="id")
     assert len(joined) == len(reference) == 16
     np.testing.assert_allclose(joined["predicted"], joined["prediction"], atol=1e-4)
+    # the file plugs into evaluate: APPA-REAL crop names <id>_face.jpg are matched to the faces
+    import json
+
+    scores = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--predictions", str(out), "--json",
+                                      "--n-boot", "0"])
+    assert scores.exit_code == 0, scores.output
+    expected_mae = np.abs(joined["predicted"] - joined["age"]).mean()
+    assert json.loads(scores.stdout)["mae"] == pytest.approx(expected_mae, abs=1e-6)
 
 
 def test_predict_crops_matches_a_plain_torch_loop(predictor, run):
@@ -326,3 +334,17 @@ def test_read_face_decodes_as_the_training_cache(run):
 
     path = sorted((run[1] / "test").glob("*_face.jpg"))[0]
     np.testing.assert_array_equal(read_face(path, 32), decode_image(str(path), 32))
+
+
+def test_run_folder_uses_the_last_completed_stage(run, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy)
+    info = json.loads((copy / "run.json").read_text())
+    assert info["completed_stages"] == ["stage2"] and load_model(copy).kind == "run"
+    for completed, message in (([], "no stage has completed yet"), (["stage1"], "checkpoints/stage1-best.ckpt")):
+        (copy / "run.json").write_text(json.dumps({**info, "completed_stages": completed}))
+        with pytest.raises(ConfigError, match=message):
+            load_model(copy)

@@ -39,7 +39,7 @@ def test_read_predictions_errors(tmp_path):
     with pytest.raises(DataError, match="not found"):
         read_predictions(tmp_path / "none.csv")
     bad = tmp_path / "cols.csv"
-    bad.write_text("image,age\n1,3\n")
+    bad.write_text("image,guess\n1,3\n")  # (image,age is what `fairage predict --faces` writes)
     with pytest.raises(DataError, match=r"cols.csv.*prediction"):
         read_predictions(bad)
     nan = tmp_path / "nan.csv"

@@ -637,7 +637,7 @@ def predict_command(
     inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) and globs."),
     out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces)."),
     faces: bool = typer.Option(False, "--faces", help="Inputs are already face crops: no detection, one row each."),
-    annotate: Optional[Path] = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages."),
+    annotate: Optional[Path] = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages drawn (detect mode)."),
     detector: str = typer.Option("auto", "--detector", help="auto (best installed), yunet, haar or dlib."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Faces per forward pass."),
     device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: GPU when present)."),

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,13 +92,19 @@ def read_run_checkpoint(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torc
     ``torch.load(weights_only=True)``.
     """
     cfg = validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml"))
-    completed: list[str] = []
+    candidates = ["stage2", "stage1"]  # without completed_stages: the newest best checkpoint present
     if (run_dir / "run.json").is_file():
         try:
-            completed = list(json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("completed_stages", []))
+            completed = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("completed_stages")
         except (ValueError, AttributeError):
             raise ConfigError(f"{run_dir / 'run.json'} is not a valid run.json") from None
-    candidates = [completed[-1]] if completed else ["stage2", "stage1"]
+    else:
+        completed = None
+    if completed is not None:
+        if not completed:
+            raise ConfigError(f"{run_dir}: no stage has completed yet (run.json completed_stages is empty); "
+                              f"finish it with `fairage train --resume {run_dir}`")
+        candidates = [completed[-1]]
     for stage in candidates:
         ckpt = run_dir / "checkpoints" / f"{stage}-best.ckpt"
         if ckpt.is_file():
@@ -381,7 +388,7 @@ class AgePredictor:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         self.detector_name = detector
-        self._detector = None
+        self._local = threading.local()  # one detector per thread: OpenCV and dlib detectors are not shared safely
         if detector != "auto":
             self.detector  # noqa: B018 - an unknown or missing detector fails now, not at the first photo
 
@@ -391,11 +398,13 @@ class AgePredictor:
 
     @property
     def detector(self):
-        if self._detector is None:
+        """This thread's face detector (made on first use)."""
+        detector = getattr(self._local, "detector", None)
+        if detector is None:
             from .detect import make_detector
 
-            self._detector = make_detector(self.detector_name)
-        return self._detector
+            detector = self._local.detector = make_detector(self.detector_name)
+        return detector
 
     # ----------------------------------------------------------------- inference
 

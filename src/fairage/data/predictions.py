@@ -3,6 +3,7 @@
 CSV with header ``image,prediction`` (``image`` is the face table's identifier, compared
 as a string; ``prediction`` in years) plus, when written by fairage,
 ``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order.
+``read_predictions`` also takes the ``image,age`` file of ``fairage predict --faces``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
         table = pd.read_csv(path, dtype={"image": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
+    if list(table.columns) == ["image", "age"]:
+        table = _from_face_predictions(table)
     missing = [c for c in ("image", "prediction") if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)} "
@@ -65,6 +68,19 @@ def read_predictions(path: str | os.PathLike) -> pd.DataFrame:
                         + (f" ({bad.size} bad rows in all)" if bad.size > 1 else ""))
     table["image"] = table["image"].astype(str)
     table["prediction"] = values
+    return table
+
+
+def _from_face_predictions(table: pd.DataFrame) -> pd.DataFrame:
+    """A ``fairage predict --faces`` file (``image,age``: ages predicted from face crops) as predictions.
+
+    An APPA-REAL face crop ``[<folder>/]<id>_face.jpg`` names the face ``<id>``; other
+    image names are kept as written (the path relative to the folder predicted).
+    """
+    table = table.rename(columns={"age": "prediction"})
+    names = table["image"].astype(str)
+    crop = names.str.endswith("_face.jpg")
+    table.loc[crop, "image"] = names[crop].map(lambda p: p.replace("\\", "/").rsplit("/", 1)[-1][: -len("_face.jpg")])
     return table
 
 
