@@ -14,7 +14,7 @@ the demo's synthetic benchmark (optionally with fewer training faces), then prin
    interval that excludes zero. ``(a..b)`` is the range of the per-seed estimates.
 
 Usage: python benchmarks/mitigation_effect.py [--n-train 1200] [--n-valid 300] [--n-test 1000]
-       [--pretrain-n-train 1500] [--seeds 3] [--presets methods] [--out runs/bench-methods-<n>]
+       [--image-size 64] [--pretrain-n-train 1500] [--seeds 3] [--presets methods] [--out runs/bench-methods-<n>]
 (defaults: the demo's sizes)
 Runs already finished in ``--out`` are reused, so an interrupted benchmark continues.
 Seeds run one after the other (all methods of seed 0 first), so a partial run still
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--n-test", type=int, default=DEMO_SIZES["n_test"])
     parser.add_argument("--pretrain-n-train", type=int, default=PRETRAIN_SIZES["n_train"],
                         help="training faces of the stand-in pretrained backbone")
+    parser.add_argument("--image-size", type=int, default=DEMO_SIZES["size"],
+                        help="the methods' input side in px (cpu scale: 64; the data and the pretraining stay at 64)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--presets", default="methods", help="comma-separated names or groups; the first is the baseline")
     parser.add_argument("--out", type=Path, default=None)
@@ -72,6 +74,8 @@ def main() -> None:
     weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], sizes={"n_train": args.pretrain_n_train},
                                 progress=False)
     overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]
+    if args.image_size != DEMO_SIZES["size"]:
+        overrides.append(f"data.image_size={args.image_size}")
     todo = [] if args.no_train else range(args.seeds) if args.only_seed is None else [args.only_seed]
     for k in todo:
         run_suite(data_dir, out / f"seed{k}", presets=presets, scale="cpu", seeds=1,
@@ -83,9 +87,12 @@ def main() -> None:
 
     seeds = [k for k in range(args.seeds) if all((out / f"seed{k}" / p / "metrics_test.json").is_file()
                                                   for p in presets)]
+    if not seeds:
+        print("no seed has finished every method yet")
+        return
     if len(seeds) < args.seeds:
         print(f"only seeds {seeds} have finished every method; the tables use those")
-    print(f"\n{args.n_train} training, {args.n_valid} validation, {args.n_test} test faces; backbone pretrained on "
+    print(f"\n{args.n_train} training, {args.n_valid} validation, {args.n_test} test faces, model input {args.image_size} px; backbone pretrained on "
           f"{args.pretrain_n_train} other faces; seeds {seeds}; wall of this call {wall:.0f} s")
     print_tables(data_dir, out, presets, seeds)
 
