@@ -79,14 +79,19 @@ def test_predictions_after_bf16_training_are_float32():
     val_images, val_ages = _squares(32, seed=1)
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(backbone="resnet18", projection_dim=16, head=[HeadBlock(units=32)]))
-    fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=1), train_images, train_ages,
-              val_images, val_ages, trainer_cfg=TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
+    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=1), train_images,
+                       train_ages, val_images, val_ages,
+                       trainer_cfg=TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     years = predict(model, val_images)
     fp32, bf16 = _fp32_and_bf16_years(model, val_images)
     np.testing.assert_array_equal(years, fp32)
     # bf16 would have given other ages: the comparison above can tell the two apart
     assert np.abs(bf16 - fp32).max() > 1e-3
+    # the validation step scored the model in float32 too (the one epoch is the best one)
+    val_mae = float(result.history["val_mae"].iloc[0])
+    assert val_mae == pytest.approx(np.abs(fp32 - val_ages).mean(), rel=1e-5)
+    assert abs(val_mae - np.abs(bf16 - val_ages).mean()) > 1e-3
 
 
 def test_a_bf16_run_records_its_precision_and_predicts_the_test_split_in_float32(tmp_path):
