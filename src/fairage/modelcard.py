@@ -1,15 +1,15 @@
 """Model cards: what a model is, what it was trained on, how accurate it is for whom.
 
-``build_model_card(path)`` reads a run folder (``config.yaml``, ``run.json``,
-``metrics_test.json``, ``predictions_test.csv``, ``history.csv``) or an imported model
-folder (``config.yaml``, ``model.safetensors``, ``import.json``) and returns the card as a
+``build_model_card(path)`` reads a run folder (through ``fairage.runs.RunFolder``: its
+config, record, test metrics, test predictions and history) or an imported model folder
+(``config.yaml``, ``model.safetensors``, ``import.json``) and returns the card as a
 JSON-ready dict; ``card_markdown(card)`` renders it as Markdown (Jinja2 template
 ``templates/model_card.md.j2``). Every error figure is in years, measured on the test split,
 with the bootstrap interval the run recorded.
 
 The card reads only the folder it is given, plus the dataset folder the run recorded in
-``run.json`` (or the one passed as ``data_dir``) for the dataset summary; without it the
-summary comes from the test predictions.
+its record (or the one passed as ``data_dir``) for the dataset summary, loaded with the
+config's ``data.*`` settings; without it the summary comes from the test predictions.
 """
 
 from __future__ import annotations
@@ -17,12 +17,20 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from .errors import DataError
 
+if TYPE_CHECKING:
+    from .config import ExperimentConfig
+    from .metrics import EvaluationResult
+    from .runs import RunFolder
+
+#: the files of an imported model folder (``fairage import-keras``) the card reads
+MODEL_FOLDER_CONFIG = "config.yaml"
+MODEL_FOLDER_IMPORT = "import.json"
 #: a group MAE resting on fewer test faces than this gets a warning
 MIN_GROUP_FACES = 30
 #: the four bias scores, in the order the seed report's Table 1 lists them
@@ -41,69 +49,70 @@ OUT_OF_SCOPE: tuple[str, ...] = (
 )
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{path} is not readable JSON: {err}") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path} does not hold a JSON object")
-    return value
-
-
 def model_kind(path: str | Path) -> str:
     """``"run"`` (a training run folder), ``"folder"`` (an imported model folder) or ``"exported"`` (a file).
 
     Raises DataError when ``path`` is none of these.
     """
+    from .models import MODEL_FOLDER_WEIGHTS
+    from .runs import RunFolder
+
     path = Path(path)
     if path.is_file():
         return "exported"
     if not path.is_dir():
         raise DataError(f"model not found: {path}")
-    if not (path / "config.yaml").is_file():
-        raise DataError(f"{path} holds no config.yaml: not a fairage run or model folder")
-    if (path / "run.json").is_file():
+    if not (path / MODEL_FOLDER_CONFIG).is_file():
+        raise DataError(f"{path} holds no {MODEL_FOLDER_CONFIG}: not a fairage run or model folder")
+    if RunFolder.exists(path):
         return "run"
-    if (path / "model.safetensors").is_file():
+    if (path / MODEL_FOLDER_WEIGHTS).is_file():
         return "folder"
-    raise DataError(f"{path} has a config.yaml but neither run.json (a run folder) nor model.safetensors "
-                    "(a model folder)")
+    raise DataError(f"{path} has a {MODEL_FOLDER_CONFIG} but neither {RunFolder.RUN} (a run folder) nor "
+                    f"{MODEL_FOLDER_WEIGHTS} (a model folder)")
 
 
-def _config(path: Path):
+def read_model_folder(path: Path):
+    """An imported model folder's validated config and its ``import.json`` object (``{}`` when absent).
+
+    A model folder (``fairage import-keras``) is not a run folder: it has no record, history or
+    evaluation. DataError/ConfigError naming the file when one is unreadable.
+    """
     from .config import read_yaml, validate_config
 
-    return validate_config(read_yaml(path / "config.yaml"), str(path / "config.yaml"))
+    config_path, import_path = path / MODEL_FOLDER_CONFIG, path / MODEL_FOLDER_IMPORT
+    cfg = validate_config(read_yaml(config_path), str(config_path))
+    if not import_path.is_file():
+        return cfg, {}
+    try:
+        info = json.loads(import_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"{import_path} is not readable JSON: {err}") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{import_path} does not hold a JSON object")
+    return cfg, info
 
 
 def _ci(value) -> list[float] | None:
     return [float(value[0]), float(value[1])] if isinstance(value, (list, tuple)) and len(value) == 2 else None
 
 
-def _evaluation(metrics: dict, source: Path) -> dict:
-    """The card's evaluation section from a ``metrics_test.json`` object (``fairage.metrics.evaluate``)."""
-    if "mae" not in metrics or "bias" not in metrics:
-        raise DataError(f"{source} has no 'mae'/'bias' entries")
-    bias_ci = metrics.get("bias_ci") or {}
-    groups_ci = metrics.get("groups_ci") or {}
-    order = [a for a in BIAS_ORDER if a in metrics["bias"]] + [a for a in metrics["bias"] if a not in BIAS_ORDER]
+def _evaluation(metrics: "EvaluationResult", source: str) -> dict:
+    """The card's evaluation section from a run's test metrics (``fairage.metrics.evaluate``)."""
+    order = [a for a in BIAS_ORDER if a in metrics.bias] + [a for a in metrics.bias if a not in BIAS_ORDER]
     return {
         "split": "test",
-        "source": source.name,
-        "n": int(metrics.get("n", 0)),
-        "level": float(metrics.get("level", 0.95)),
-        "n_boot": int(metrics.get("n_boot", 0)),
-        "mae": {"value": float(metrics["mae"]), "ci": _ci(metrics.get("mae_ci"))},
-        "bias": {a: {"value": None if metrics["bias"][a] is None else float(metrics["bias"][a]),
-                     "ci": _ci(bias_ci.get(a))} for a in order},
-        "groups": {a: [{"group": g, "n": int(row["n"]), "mae": float(row["mae"]),
-                        "ci": _ci((groups_ci.get(a) or {}).get(g))}
-                       for g, row in (metrics.get("groups") or {}).get(a, {}).items()]
-                   for a in order if a in (metrics.get("groups") or {})},
-        "skipped_groups": {a: list(v) for a, v in (metrics.get("skipped_groups") or {}).items() if v},
+        "source": source,
+        "n": int(metrics.n),
+        "level": float(metrics.level),
+        "n_boot": int(metrics.n_boot),
+        "mae": {"value": float(metrics.mae), "ci": _ci(metrics.mae_ci)},
+        "bias": {a: {"value": None if metrics.bias[a] is None else float(metrics.bias[a]),
+                     "ci": _ci(metrics.bias_ci.get(a))} for a in order},
+        "groups": {a: [{"group": g, "n": int(score.n), "mae": float(score.mae), "ci": _ci(score.ci)}
+                       for g, score in metrics.groups[a].items()]
+                   for a in order if a in metrics.groups},
+        "skipped_groups": {a: list(v) for a, v in metrics.skipped_groups.items() if v},
     }
 
 
@@ -116,10 +125,16 @@ def _summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
-def _dataset(run_dir: Path | None, data_dir: Path | None) -> tuple[dict | None, list[str]]:
-    """Dataset section (folder, synthetic or not, counts by group and split) and warnings about it."""
+def _dataset(cfg: "ExperimentConfig", run: "RunFolder | None", data_dir: Path | None) -> tuple[dict, list[str]]:
+    """Dataset section (folder, synthetic or not, counts by group and split) and warnings about it.
+
+    The dataset is loaded with ``cfg``'s ``data.*`` settings, as the run loaded it; without it,
+    the counts come from the run's test predictions.
+    """
+    from .data.predictions import read_predictions
     from .data.synthetic import synthetic_marker
     from .report import summarize_faces
+    from .runs import RunFolder, config_faces
 
     warnings: list[str] = []
     section: dict[str, Any] = {"dir": str(data_dir) if data_dir else None, "synthetic": False,
@@ -130,63 +145,52 @@ def _dataset(run_dir: Path | None, data_dir: Path | None) -> tuple[dict | None, 
         section["synthetic"] = marker is not None or data_dir.name.startswith("synthetic-v")
         section["synthetic_info"] = marker
         if data_dir.is_dir():
-            from .data import load_faces
-
             try:
-                section["summary"] = _summary_dict(summarize_faces(load_faces(data_dir)))
+                section["summary"] = _summary_dict(summarize_faces(config_faces(cfg, data_dir)))
                 section["summary_source"] = f"all splits, from {data_dir}"
             except DataError as err:
                 warnings.append(f"the dataset summary could not be read from {data_dir}: {err}")
         else:
             warnings.append(f"the training data folder {data_dir} is not available; the summary covers the "
                             "test split only")
-    if section["summary"] is None and run_dir is not None and (run_dir / "predictions_test.csv").is_file():
-        p = run_dir / "predictions_test.csv"
-        try:
-            df = pd.read_csv(p)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise DataError(f"{p} is not a readable CSV: {err}") from None
+    predictions = run.file(RunFolder.PREDICTIONS) if run is not None else None
+    if section["summary"] is None and predictions is not None and predictions.is_file():
+        df = read_predictions(predictions)
         section["summary"] = _summary_dict(summarize_faces(df.assign(split="test")))
-        section["summary_source"] = f"test split, from {p.name}"
+        section["summary_source"] = f"test split, from {RunFolder.PREDICTIONS}"
     return section, warnings
 
 
-def _training(cfg, run_dir: Path | None, run_info: dict) -> dict:
+def _training(cfg: "ExperimentConfig", run: "RunFolder") -> dict:
     from .weighting import describe
 
-    history = None
-    if run_dir is not None and (run_dir / "history.csv").is_file():
-        try:
-            history = pd.read_csv(run_dir / "history.csv")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-            raise DataError(f"{run_dir / 'history.csv'} is not a readable CSV: {err}") from None
+    history = run.history()
     stages = []
     for name, stage in cfg.stages():
         row: dict[str, Any] = {"name": name, "trains": "head only (backbone frozen)" if name == "stage1" else "all layers",
                                "lr": stage.lr, "batch_size": stage.batch_size, "max_epochs": stage.max_epochs,
                                "patience": stage.patience, "loss": stage.loss, "weighting": describe(stage.weighting),
                                "epochs_run": None, "best_val_mae": None}
-        if history is not None and {"stage", "val_mae"} <= set(history.columns):
-            rows = history[history["stage"] == name]
-            if len(rows):
-                row["epochs_run"] = int(len(rows))
-                row["best_val_mae"] = float(rows["val_mae"].min()) if rows["val_mae"].notna().any() else None
+        rows = history[history["stage"] == name]
+        if len(rows):
+            row["epochs_run"] = int(len(rows))
+            row["best_val_mae"] = float(rows["val_mae"].min()) if rows["val_mae"].notna().any() else None
         stages.append(row)
     return {"strategy": cfg.strategy, "seed": cfg.seed, "stages": stages,
-            "status": run_info.get("status"), "device": run_info.get("device")}
+            "status": run.record.status, "device": run.record.device or None}
 
 
-def _warnings(evaluation: dict | None, run_info: dict, kind: str, synthetic: bool) -> list[str]:
-    from .report import run_warnings
+def _warnings(evaluation: dict | None, run: "RunFolder | None", synthetic: bool) -> list[str]:
+    from .runs import RunFolder
 
-    out = list(run_warnings(run_info))
+    out = run.warnings() if run is not None else []
     if synthetic:
         out.append("trained and evaluated on fairage's synthetic (drawn) faces: the figures say nothing about "
                    "real photos, and ages predicted for real faces are not meaningful")
-    if kind == "run" and run_info.get("weights_loaded") is False:
+    if run is not None and run.record.weights_loaded is False:
         out.append("trained from random initialisation (no pretrained weights were loaded)")
-    if kind == "run" and run_info.get("status") != "finished":
-        out.append(f"the run is not finished (run.json status {run_info.get('status')!r})")
+    if run is not None and run.record.status != "finished":
+        out.append(f"the run is not finished ({RunFolder.RUN} status {run.record.status!r})")
     if evaluation is None:
         out.append("no test evaluation: accuracy and bias of this model are unknown")
         return out
@@ -228,22 +232,26 @@ def _limitations(evaluation: dict | None, synthetic: bool) -> list[str]:
 def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> dict:
     """The model card of a run folder, an imported model folder or an exported model file, as a dict.
 
-    ``data_dir`` overrides the dataset folder a run recorded (``run.json`` ``data_dir``) for the
+    ``data_dir`` overrides the dataset folder a run recorded (its record's ``data_dir``) for the
     dataset summary. Keys: ``name``, ``description``, ``kind``, ``source``, ``model``,
     ``training``, ``configuration``, ``data``, ``evaluation`` (None without a test evaluation)
     and ``evaluation_note``, ``warnings``, ``intended_use``, ``out_of_scope``, ``limitations``.
     Error figures in years. Raises DataError/ConfigError naming the file that is missing or bad.
     """
+    from .runs import RunFolder
+
     path = Path(model)
     kind = model_kind(path)
     if kind == "exported":
         return _exported_card(path)
-    cfg = _config(path)
-    run_dir = path if kind == "run" else None
-    run_info = _read_json(path / "run.json") if run_dir else {}
-    import_info = _read_json(path / "import.json") if kind == "folder" else {}
-    metrics = _read_json(path / "metrics_test.json")
-    evaluation = _evaluation(metrics, path / "metrics_test.json") if metrics else None
+    run = RunFolder.open(path) if kind == "run" else None
+    if run is not None:
+        cfg, import_info = run.config(), {}
+        metrics = run.metrics()
+    else:
+        cfg, import_info = read_model_folder(path)
+        metrics = None  # an imported model carries no evaluation
+    evaluation = _evaluation(metrics, RunFolder.METRICS) if metrics is not None else None
     if evaluation is not None:
         note = (f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
                 f"({evaluation['n_boot']} resamples)")
@@ -251,10 +259,9 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
         note = ("imported model: no evaluation was recorded with it; evaluate it on a labelled test split "
                 "before relying on its accuracy or bias")
     else:
-        note = "the run has no metrics_test.json yet (unfinished): no evaluation"
-    recorded = run_info.get("data_dir") if run_dir else None
-    data = Path(data_dir) if data_dir is not None else (Path(recorded) if recorded else None)
-    dataset, data_warnings = _dataset(run_dir, data)
+        note = f"the run has no {RunFolder.METRICS} yet (unfinished): no evaluation"
+    data = Path(data_dir) if data_dir is not None else (run.data_dir if run is not None else None)
+    dataset, data_warnings = _dataset(cfg, run, data)
     weights = cfg.model.weights
     return {
         "name": cfg.name,
@@ -269,15 +276,15 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
             "head": [{"units": b.units, "dropout": b.dropout} for b in cfg.model.head],
             "output": cfg.model.output,
             "initial_weights": str(weights) if weights else None,
-            "weights_loaded": run_info.get("weights_loaded") if run_dir else None,
+            "weights_loaded": run.record.weights_loaded if run is not None else None,
             "imported_from": import_info.get("source") if import_info else None,
         },
-        "training": _training(cfg, run_dir, run_info) if run_dir else None,
+        "training": _training(cfg, run) if run is not None else None,
         "configuration": cfg.model_dump(mode="json"),
         "data": dataset,
         "evaluation": evaluation,
         "evaluation_note": note,
-        "warnings": data_warnings + _warnings(evaluation, run_info, kind, dataset["synthetic"]),
+        "warnings": data_warnings + _warnings(evaluation, run, dataset["synthetic"]),
         "intended_use": list(INTENDED_USE),
         "out_of_scope": list(OUT_OF_SCOPE),
         "limitations": _limitations(evaluation, dataset["synthetic"]),
