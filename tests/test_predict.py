@@ -344,7 +344,7 @@ def test_run_folder_uses_the_last_completed_stage(run, tmp_path):
     shutil.copytree(run[0], copy)
     info = json.loads((copy / "run.json").read_text())
     assert info["completed_stages"] == ["stage2"] and load_model(copy).kind == "run"
-    for completed, message in (([], "no stage has completed yet"), (["stage1"], "checkpoints/stage1-best.ckpt")):
+    for completed, message in (([], "no stage completed yet"), (["stage1"], "checkpoints/stage1-best.ckpt")):
         (copy / "run.json").write_text(json.dumps({**info, "completed_stages": completed}))
-        with pytest.raises(ConfigError, match=message):
+        with pytest.raises(DataError, match=message):
             load_model(copy)
