@@ -206,6 +206,13 @@ def test_predict_image_on_a_real_photo(predictor):
     # numpy array, PIL image and bytes give the same answer
     for image in (rgb, Image.open(GRACE), GRACE.read_bytes()):
         assert predictor.predict_image(image).faces == result.faces
+    # as a face crop: one face, the whole image, in its own pixels
+    crop_result = predictor.predict_image(GRACE, faces_only=True)
+    assert (crop_result.width, crop_result.height) == (512, 600) and crop_result.faces[0].box == (0, 0, 512, 600)
+    from fairage.data.cache import decode_image  # the training cache's decoding
+
+    expected = plain_torch_ages(predictor.loaded.model, decode_image(str(GRACE), 32)[None])[0]
+    assert crop_result.faces[0].age == pytest.approx(expected, abs=1e-4)
 
 
 def test_group_picture_and_exif_rotated_copy(predictor, tmp_path):

@@ -870,7 +870,8 @@ def predict_command(
                   disable=quiet, transient=True, console=Console(stderr=True)) as bar:
         job = bar.add_task("predicting" if faces else f"detecting ({predictor.detector.name}) and predicting",
                            total=len(files))
-        for path, result, error, rgb in predictor.predict_files(labels, faces_only=faces):
+        for path, result, error, rgb in predictor.predict_files(labels, faces_only=faces,
+                                                                     keep_images=annotate is not None):
             bar.advance(job)
             if result is None:
                 unreadable.append(error)

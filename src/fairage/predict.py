@@ -33,7 +33,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -261,9 +261,17 @@ def read_face(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     (so a dataset's ``_face.jpg`` gives the pixels the model saw in training), after the
     EXIF orientation is applied.
     """
+    return _read_face(source, size)[0]
+
+
+def _read_face(source, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_face`` and the file's (width, height) in its EXIF-corrected orientation."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
     with _open_checked(source) as im:
-        return resize_face(_to_rgb_array(im, name, draft_size=size), size)
+        width, height = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the axes
+            width, height = height, width
+        return resize_face(_to_rgb_array(im, name, draft_size=size), size), (width, height)
 
 
 def resize_face(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -305,11 +313,9 @@ def _as_rgb(image) -> np.ndarray:
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise DataError(f"image array must be uint8 (H, W, 3) RGB, got {image.dtype} {image.shape}")
         return image
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        Image = None
-    if Image is not None and isinstance(image, Image.Image):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
         return _to_rgb_array(image, "<PIL image>")
     return read_image(image)
 
@@ -430,10 +436,10 @@ class AgePredictor:
         detection, one face whose box is the whole image and score 1.
         """
         if faces_only and isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            return self._face_result(read_face(image, self.image_size), None)
+            return self._face_result(*_read_face(image, self.image_size))
         rgb = _as_rgb(image)
         if faces_only:
-            return self._face_result(resize_face(rgb, self.image_size), rgb.shape)
+            return self._face_result(resize_face(rgb, self.image_size), (rgb.shape[1], rgb.shape[0]))
         found = self.find_faces(rgb)
         result = ImageResult(rgb.shape[1], rgb.shape[0])
         if found:
@@ -441,63 +447,62 @@ class AgePredictor:
             result.faces = [FaceResult(box, float(score), float(age)) for (box, score, _), age in zip(found, ages)]
         return result
 
-    def _face_result(self, face: np.ndarray, shape) -> ImageResult:
-        height, width = shape[:2] if shape is not None else face.shape[:2]
+    def _face_result(self, face: np.ndarray, size: tuple[int, int]) -> ImageResult:
+        width, height = size
         age = float(self.predict_crops(face[None])[0])
         return ImageResult(width, height, [FaceResult((0, 0, width, height), 1.0, age)])
 
-    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False,
-                      workers: int = 2) -> Iterator[tuple[str, ImageResult | None, str | None, np.ndarray | None]]:
+    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
+                      keep_images: bool = False
+                      ) -> Iterator[tuple[str, ImageResult | None, str | None, np.ndarray | None]]:
         """Predict many image files, in order: yields ``(path, result, error, rgb)`` per file.
 
         Files are read (and faces detected) in ``workers`` threads while the model runs
         batches of up to ``batch_size`` faces gathered across photos. ``error`` is the
-        message of an unreadable file (its ``result`` is None); ``rgb`` the decoded photo
-        (None with ``faces_only``), for drawing.
+        message of an unreadable file (its ``result`` is None); ``rgb`` is the decoded
+        photo when ``keep_images`` (for drawing; None with ``faces_only``), else None.
         """
         from concurrent.futures import ThreadPoolExecutor
 
         paths = [str(p) for p in paths]
 
         def prepare(path: str):
+            """(error, rgb, found, (width, height)) of one file; found = [(box, score, crop)]."""
             try:
                 if faces_only:
-                    face = read_face(path, self.image_size)
-                    return face, None, [((0, 0, face.shape[1], face.shape[0]), 1.0, face)]
+                    face, (width, height) = _read_face(path, self.image_size)
+                    return None, None, [((0, 0, width, height), 1.0, face)], (width, height)
                 rgb = read_image(path)
-                return None, rgb, self.find_faces(rgb)
+                return None, rgb if keep_images else None, self.find_faces(rgb), (rgb.shape[1], rgb.shape[0])
             except DataError as err:
-                return err, None, None
+                return str(err), None, None, None
 
-        pending: list[tuple[str, object, np.ndarray | None, list]] = []
+        pending: list[tuple] = []
         queued = 0
 
         def flush():
-            crops = [crop for _, _, _, found in pending if isinstance(found, list) for _, _, crop in found]
+            crops = [crop for *_, found, _ in pending if found for _, _, crop in found]
             ages = iter(self.predict_crops(np.stack(crops)) if crops else [])
-            for path, first, rgb, found in pending:
-                if found is None:
-                    yield path, None, str(first), None
+            for path, error, rgb, found, size in pending:
+                if error is not None:
+                    yield path, None, error, None
                     continue
-                if faces_only:
-                    height, width = first.shape[:2]
-                else:
-                    height, width = rgb.shape[:2]
                 faces = [FaceResult(box, float(score), float(next(ages))) for box, score, _ in found]
-                yield path, ImageResult(width, height, faces), None, rgb
+                yield path, ImageResult(size[0], size[1], faces), None, rgb
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             # a bounded window of files in flight keeps memory flat on large folders
             window = max(4 * workers, 8)
             futures = [pool.submit(prepare, p) for p in paths[:window]]
             for i, path in enumerate(paths):
-                first, rgb, found = futures[i].result()
+                error, rgb, found, size = futures[i].result()
                 futures[i] = None
                 if i + window < len(paths):
                     futures.append(pool.submit(prepare, paths[i + window]))
-                pending.append((path, first, rgb, found))
+                pending.append((path, error, rgb, found, size))
                 queued += len(found) if found else 0
-                if queued >= self.batch_size:
+                # photos without faces add no crops: bound the photos held too
+                if queued >= self.batch_size or len(pending) >= (window if keep_images else 4 * self.batch_size):
                     yield from flush()
                     pending, queued = [], 0
             yield from flush()
