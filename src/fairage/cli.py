@@ -824,7 +824,7 @@ def import_keras_command(
                   f"model.safetensors, import.json); train from it with --set model.weights={out}", highlight=False, soft_wrap=True)
 
 
-# =========================================================================== predict and export (issue 12)
+# =========================================================================== predict and export
 
 
 def _is_model_folder(path: Path) -> bool:
