@@ -282,15 +282,15 @@ def _run_inputs(path: Path, data: Optional[Path]) -> tuple[Path, Path]:
 
 
 def _run_data_options(run_dir: Optional[Path]) -> dict:
-    """``load_faces`` options of a run folder's config (skip_bad, extra_categories, ...); {} without one."""
-    from .config import read_yaml, validate_config
+    """``load_faces`` options of a run folder's config (skip_bad, extra_categories, ...); {} without one.
+
+    The run's predictions cover the faces its config loaded, so evaluating them loads the same.
+    """
+    from .config import load_config
 
     if run_dir is None or not (run_dir / "config.yaml").is_file():
         return {}
-    try:
-        return validate_config(read_yaml(run_dir / "config.yaml"), str(run_dir / "config.yaml")).data.loader_options()
-    except FairageError:
-        return {}  # an unreadable config: the dataset's defaults
+    return load_config(run_dir / "config.yaml").data.loader_options()
 
 
 def _split_faces(data: Path, split: str, options: Optional[dict] = None):
