@@ -74,7 +74,8 @@ class FileSpy:
 
     def touched(self, folder: Path) -> list[str]:
         folder = os.path.realpath(folder)
-        return [p for p in self.paths if os.path.realpath(p).startswith(folder + os.sep) or p.startswith(folder + os.sep)]
+        return [p for p in self.paths
+                if os.path.realpath(p).startswith(folder + os.sep) or p.startswith(folder + os.sep)]
 
 
 @pytest.fixture
@@ -586,7 +587,6 @@ def test_held_bad_tables_are_refused_naming_the_row(tmp_path, edit, message):
 
 def test_held_bad_prediction_files(tmp_path):
     root = write_appa(tmp_path / "appa")
-    test = load_faces(root).query("split == 'test'")
     cases = {
         "dup.csv": ("image,prediction\n000000.jpg,20\n000000.jpg,21\n000001.jpg,30\n", "more than one prediction"),
         "nan.csv": ("image,prediction\n000000.jpg,\n000001.jpg,30\n", "row 2 (image 000000.jpg)"),
@@ -600,7 +600,6 @@ def test_held_bad_prediction_files(tmp_path):
         res = invoke("evaluate", "--data", root, "--predictions", path)
         assert res.exit_code == 2, (name, res.output)
         assert message in one_line(res.stderr), name
-    assert len(test) == 2
 
 
 @pytest.mark.parametrize("args, message", [
