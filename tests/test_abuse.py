@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import typer
 import yaml
 from PIL import Image
 from test_data_loaders import CSV_ROWS, write_appa, write_csv_dataset, write_image, write_npy, write_utk
@@ -73,7 +74,8 @@ class FileSpy:
 
     def touched(self, folder: Path) -> list[str]:
         folder = os.path.realpath(folder)
-        return [p for p in self.paths if os.path.realpath(p).startswith(folder + os.sep) or p.startswith(folder + os.sep)]
+        return [p for p in self.paths
+                if os.path.realpath(p).startswith(folder + os.sep) or p.startswith(folder + os.sep)]
 
 
 @pytest.fixture
@@ -391,18 +393,20 @@ def test_utkface_with_race_codes_3_and_4_trains_with_the_mapping(tmp_path, caplo
     assert "--extra-categories (config data.extra_categories)" in message and "indian=asian" in message
     assert not (tmp_path / "r0").exists()
     # every option a message names exists: on each command that reads a dataset, and in the config
+    group = typer.main.get_command(app)
     for command in (("data", "info"), ("train",), ("suite",), ("evaluate",), ("compare",), ("submit",), ("weights",)):
-        # wide help, so rich does not shorten long option names
-        wide = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
-        options = one_line(wide.output)
-        assert "--extra-categories" in options and "--skip-bad" in options and "--allow-absolute-paths" in options
+        cmd = group
+        for name in command:
+            cmd = cmd.commands[name]
+        options = {opt for param in cmd.params for opt in param.opts}
+        assert {"--extra-categories", "--skip-bad", "--allow-absolute-paths"} <= options, command
     assert {"extra_categories", "skip_bad", "allow_absolute_paths"} <= set(DataConfig.model_fields)
 
     res = invoke("train", *QUICK, "--data", root, "--out", tmp_path / "r1", "--extra-categories", "indian=asian,others=unknown")
     assert res.exit_code == 2 and "--skip-bad (config data.skip_bad: true)" in one_line(res.stderr)
     run = tmp_path / "r2"
     res = invoke("train", *QUICK, "--data", root, "--out", run, "--extra-categories", "indian=asian,others=unknown",
-                 "--skip-bad")
+                 "--skip-bad", "--set", "stage2.max_epochs=1")
     assert res.exit_code == 0, res.output
     assert shown_warnings(res, caplog, "skipped 1 bad image(s)") == 1
     resolved = yaml.safe_load((run / "config.yaml").read_text())["data"]
@@ -583,7 +587,6 @@ def test_held_bad_tables_are_refused_naming_the_row(tmp_path, edit, message):
 
 def test_held_bad_prediction_files(tmp_path):
     root = write_appa(tmp_path / "appa")
-    test = load_faces(root).query("split == 'test'")
     cases = {
         "dup.csv": ("image,prediction\n000000.jpg,20\n000000.jpg,21\n000001.jpg,30\n", "more than one prediction"),
         "nan.csv": ("image,prediction\n000000.jpg,\n000001.jpg,30\n", "row 2 (image 000000.jpg)"),
@@ -597,7 +600,6 @@ def test_held_bad_prediction_files(tmp_path):
         res = invoke("evaluate", "--data", root, "--predictions", path)
         assert res.exit_code == 2, (name, res.output)
         assert message in one_line(res.stderr), name
-    assert len(test) == 2
 
 
 @pytest.mark.parametrize("args, message", [

@@ -526,9 +526,16 @@ def check_trainer(trainer: TrainerConfig) -> None:
     import typing
 
     import torch
-    from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
+
+    try:  # Lightning's own list; it has no public name
+        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+
+        precision_names = [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)]
+    except ImportError:
+        precision_names = ["16-true", "16-mixed", "bf16-true", "bf16-mixed", "32-true", "64-true", "64", "32", "16",
+                           "bf16", "transformer-engine", "transformer-engine-float16"]
 
     accelerators = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
     acc = trainer.accelerator
@@ -549,7 +556,7 @@ def check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(f"trainer.strategy '{trainer.strategy}' is not known{hint}; choose one of "
                           f"{', '.join(strategies)}")
 
-    precisions = ["auto", *typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)]
+    precisions = ["auto", *precision_names]
     if trainer.precision not in precisions:
         close = difflib.get_close_matches(trainer.precision, precisions, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -158,7 +158,8 @@ def parse_extra_categories(value: ExtraCategories) -> str | dict[str, str]:
         pairs = []
         for part in (p.strip() for p in text.split(",")):
             if part.count("=") != 1 or not all(x.strip() for x in part.split("=")):
-                raise DataError(f"extra categories {value!r}: {part!r} is not old=new; expected {EXTRA_CATEGORIES_SYNTAX}")
+                raise DataError(f"extra categories {value!r}: {part!r} is not old=new; "
+                                f"expected {EXTRA_CATEGORIES_SYNTAX}")
             pairs.append(part.split("="))
     elif isinstance(value, Mapping):
         pairs = list(value.items())
