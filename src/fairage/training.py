@@ -415,7 +415,8 @@ def fit_stage(
 ) -> StageResult:
     """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
 
-    stage_name: "stage1" (feature extractor frozen, head trained) or "stage2" (all layers).
+    stage_name: "stage1" (backbone frozen, and the projection unless ``stage.trainable`` is
+    "projection+head"; the rest trained) or "stage2" (all layers).
     Images: uint8 (N, S, S, 3); ages: float years (N,); train_weights: per-face weights
     (loss mode) or sampling weights (sampler mode, ``stage.weighting.mode``), None = all 1.
     Checkpoints go to ``run_dir/checkpoints/{stage_name}-best.ckpt`` and ``-last.ckpt``;
