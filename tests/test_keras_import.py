@@ -41,11 +41,13 @@ def keras_files(tmp_path_factory):
     layers = spec.random_weights(REFERENCE["weights_seed"])
     spec.write_full_model(root / "full_model.h5", layers)
     spec.write_weights_only(root / "weights_only.h5", layers)
+    spec.write_nested_weights_only(root / "nested.h5", layers)
     pngs = []
     for seed in REFERENCE["image_seeds"]:
         pngs.append(root / f"face_{seed}.png")
         Image.fromarray(spec.face_image(seed)).save(pngs[-1])
-    return {"full model": root / "full_model.h5", "weights only": root / "weights_only.h5", "pngs": pngs}
+    return {"full model": root / "full_model.h5", "weights only": root / "weights_only.h5",
+            "nested": root / "nested.h5", "pngs": pngs}
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +84,15 @@ def test_imported_model_gives_keras_ages(keras_files, tmp_path, kind):
     keras = np.array(REFERENCE["ages_years"][kind])
     assert np.abs(ages - keras).max() < TOLERANCE_YEARS, (ages, keras)
     assert ages.max() - ages.min() > 1.0  # the faces get distinct ages: the comparison means something
+
+
+def test_backbone_nested_as_one_sub_model_layer_gives_keras_ages(keras_files, tmp_path):
+    # an age model that wraps the VGGFace2 network as one layer: its weights sit in one group
+    result = runner.invoke(app, ["import-keras", str(keras_files["nested"]), "--out", str(tmp_path / "model")])
+    assert result.exit_code == 0, result.output
+    assert "106 layers" in " ".join(result.output.split())
+    ages = _ages(tmp_path / "model", keras_files["pngs"])
+    assert np.abs(ages - np.array(REFERENCE["ages_years"]["weights only"])).max() < TOLERANCE_YEARS
 
 
 def test_model_folder_contents(keras_files, tmp_path):

@@ -150,3 +150,31 @@ def write_full_model(path, layers, compression: str | None = None) -> None:
         f.attrs["backend"] = b"tensorflow"
         f.attrs["keras_version"] = b"2.21.0"
         _write_layers(f.create_group("model_weights"), layers, compression)
+
+
+def write_nested_weights_only(path, layers, compression: str | None = None) -> None:
+    """``save_weights`` of an age model that wraps the VGGFace2 network as one sub-model layer.
+
+    Keras 2 then stores one layer group (``vggface_resnet50``) whose ``weight_names`` list
+    every backbone and ``dim_proj`` weight under its own layer name, then the head's groups.
+    """
+    import h5py
+
+    head = {name for name, _, _ in KIT_HEAD}
+    with h5py.File(path, "w") as f:
+        f.attrs["layer_names"] = np.array([b"input_1", b"vggface_resnet50"] + [n.encode() for n, _, _ in KIT_HEAD])
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = b"2.21.0"
+        f.create_group("input_1").attrs["weight_names"] = np.array([], dtype="S1")
+        base = f.create_group("vggface_resnet50")
+        names = []
+        for name, _, variables in layers:
+            group = base if name not in head else f.create_group(name)
+            weight_names = [f"{name}/{variable}:0" for variable, _ in variables]
+            for weight_name, (_, array) in zip(weight_names, variables):
+                group.create_dataset(weight_name, data=array, compression=compression)
+            if name in head:
+                group.attrs["weight_names"] = np.array([w.encode() for w in weight_names])
+            else:
+                names += weight_names
+        base.attrs["weight_names"] = np.array([w.encode() for w in names])

@@ -25,7 +25,8 @@ skipped. Anything else (an unknown weighted layer, a missing layer, a shape that
 unreadable dataset, another architecture) is a ``DataError`` naming it.
 
 ``write_model_folder(result, out)`` writes the model folder atomically (a temporary folder
-renamed onto ``out``): ``config.yaml`` (a full ExperimentConfig), ``model.safetensors`` (the
+renamed onto ``out``): ``config.yaml`` (a full ExperimentConfig: the imported network, 224 px,
+and preset M3's kit/authors schedules without sample weights), ``model.safetensors`` (the
 AgeRegressor state dict: ``backbone.*``, ``projection.*`` and ``head.*`` when a head was
 imported) and ``import.json`` (what was mapped, from where).
 """
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ExperimentConfig, dump_config, validate_config
+from ..config import ExperimentConfig, dump_config, preset_raw, validate_config
 from ..errors import ConfigError, DataError
 from ..models import AgeRegressor, keras_layer_map
 
@@ -54,13 +55,9 @@ CLASSIFIERS = ("classifier", "classifier_low_dim")
 KERAS_IMAGE_SIZE = 224
 #: BatchNormalization variable -> torch BatchNorm2d tensor
 _BN_VARS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var"}
-#: training schedule written into an imported model's config.yaml: the kit's two stages
-_KIT_STAGES = {
-    "stage1": {"lr": 1e-5, "batch_size": 32, "max_epochs": 50, "patience": 5, "adam_eps": 1e-7,
-               "trainable": "projection+head", "loss": "mse"},
-    "stage2": {"lr": 1e-5, "batch_size": 16, "max_epochs": 50, "patience": 20, "lr_factor": 0.1,
-               "lr_patience": 6, "min_lr": 1e-6, "lr_min_delta": 1e-4, "adam_eps": 1e-7, "loss": "mse"},
-}
+#: the preset whose stages (the kit's stage I, the authors' stage II; weights dropped) an
+#: imported model's config.yaml carries, so the folder's config trains as it stands
+SCHEDULE_PRESET = "M3"
 
 
 @dataclass
@@ -264,7 +261,7 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
             "head_init": "keras",
         },
         "data": {"image_size": KERAS_IMAGE_SIZE},
-        **{name: dict(stage) for name, stage in _KIT_STAGES.items()},
+        **_schedule(),
     }
     cfg = validate_config(raw, f"import of {path}")
     model = AgeRegressor(cfg.model)
@@ -293,6 +290,15 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
     return KerasImport(source=path, kind=kind, config=cfg, state=state, mapping=mapping, head=head,
                        head_activations_from=None if not head else ("model_config" if config else "kit convention"),
                        skipped=skipped, notes=notes, keras_version=keras_version)
+
+
+def _schedule() -> dict:
+    """The stages of ``SCHEDULE_PRESET`` at full scale, without sample weights."""
+    raw = preset_raw(SCHEDULE_PRESET)
+    stages = {name: dict(raw[name]) for name in ("stage1", "stage2") if raw.get(name)}
+    for stage in stages.values():
+        stage.pop("weighting", None)
+    return stages
 
 
 def _shape_of(variables: dict[str, np.ndarray]) -> str:

@@ -63,7 +63,8 @@ def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: 
               cache_features: bool | None = None, config_yaml: str | None = None) -> StageResult:
     """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
 
-    stage_name: "stage1" (feature extractor frozen, head trained) or "stage2" (all layers).
+    stage_name: "stage1" (backbone frozen, and the projection unless ``stage.trainable`` is
+    "projection+head"; the rest trained) or "stage2" (all layers).
     Checkpoints go to ``run_dir/checkpoints/{stage_name}-best.ckpt`` (best validation loss)
     and ``-last.ckpt`` (every epoch); the per-epoch rows are appended to
     ``previous_history`` and written to ``run_dir/history.csv``. ``ckpt_path`` resumes this
