@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                 if is_finished_run(run_dir, cfg, data_dir):
                     continue
                 t, cpu = time.perf_counter(), time.process_time()
-                training.train(cfg, data_dir, run_dir, progress=False)
+                # an interrupted run of this script continues where it stopped
+                training.train(cfg, data_dir, run_dir, resume=(run_dir / "run.json").is_file(), progress=False)
                 seconds[arm] += time.perf_counter() - t
                 used = json.loads((run_dir / "run.json").read_text())["precision"]
                 # CPU time: on a shared machine the wall time mostly measures the other processes
