@@ -616,10 +616,10 @@ def test_held_config_mistakes(tmp_path, args, message):
 
 
 @pytest.mark.parametrize("args, message", [
-    (("train", "--resume", "{tmp}/nowhere"), "is not a fairage run folder"),
+    (("train", "--resume", "{tmp}/nowhere"), "run folder not found"),
     (("export-backbone", "{tmp}", "--out", "{tmp}/b.pth"), "is not a fairage run folder"),
     (("report", "{tmp}/nowhere", "--out", "{tmp}/rep"), "run folder not found"),
-    (("evaluate", "{tmp}"), "has no predictions_test.csv"),
+    (("evaluate", "{tmp}"), "is not a fairage run folder (no run.json)"),
     (("data", "info", "{tmp}/nowhere"), "dataset folder not found"),
 ])
 def test_held_missing_folders(tmp_path, args, message):

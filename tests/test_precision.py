@@ -13,7 +13,7 @@ from fairage.config import HeadBlock, ModelConfig, StageConfig, TrainerConfig, l
 from fairage.data import write_synthetic
 from fairage.models import AgeRegressor, build_model
 from fairage.precision import use_channels_last
-from fairage.training import (fit_stage, images_to_input, load_module_checkpoint, load_run_data, predict,
+from fairage.training import (StageArrays, fit_stage, images_to_input, load_module_checkpoint, load_run_data, predict,
                               resolve_precision, train)
 
 
@@ -79,8 +79,8 @@ def test_predictions_after_bf16_training_are_float32():
     val_images, val_ages = _squares(32, seed=1)
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(backbone="resnet18", projection_dim=16, head=[HeadBlock(units=32)]))
-    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=1), train_images,
-                       train_ages, val_images, val_ages,
+    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=1),
+                       StageArrays(train_images, train_ages, val_images, val_ages),
                        trainer_cfg=TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     years = predict(model, val_images)

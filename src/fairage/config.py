@@ -106,7 +106,7 @@ class DROConfig(StrictModel):
     size_adjustment: float = Field(0.0, ge=0)
 
     def grouping(self) -> WeightingConfig:
-        """The groups as a ``WeightingConfig`` (for ``fairage.weighting.group_labels``)."""
+        """The groups as a ``WeightingConfig`` (for ``fairage.weighting.face_group_names``)."""
         return WeightingConfig(scheme=self.scheme, attributes=self.attributes, age_edges=self.age_edges,
                                merges=self.merges)
 

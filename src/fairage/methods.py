@@ -55,14 +55,14 @@ def face_arrays(train_faces: pd.DataFrame, stage: StageConfig, stage_name: str =
     """
     arrays = FaceArrays()
     if stage.dro.enabled:
-        from .weighting import group_labels, group_table
+        from .weighting import face_group_names, group_table
 
         grouping = stage.dro.grouping()
         table = group_table(train_faces, grouping)
         table = table[table["n"] > 0]
         names = list(table["name"])
         ids = {name: k for k, name in enumerate(names)}
-        arrays.groups = np.array([ids[g] for g in group_labels(train_faces, grouping)], dtype=np.int64)
+        arrays.groups = np.array([ids[g] for g in face_group_names(train_faces, grouping)], dtype=np.int64)
         arrays.group_names = names
         arrays.group_sizes = table["n"].to_numpy(dtype=np.float64)
     if stage.label_std != "off":
