@@ -73,3 +73,15 @@ def jpeg_bytes(rgb: np.ndarray, quality: int = 95) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
+
+
+def square_faces(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, size, size, 3) images with a white square of side 4 + age/80 * (size - 6) px at the
+    top left, so the age is readable from the image; ages (n,) float32 in [5, 80), seeded."""
+    rng = np.random.default_rng(seed)
+    ages = rng.uniform(5, 80, n).astype(np.float32)
+    images = np.zeros((n, size, size, 3), np.uint8)
+    for i, age in enumerate(ages):
+        side = int(4 + age / 80 * (size - 6))
+        images[i, :side, :side] = 255
+    return images, ages

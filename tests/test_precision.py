@@ -15,6 +15,7 @@ from fairage.models import AgeRegressor, build_model
 from fairage.precision import use_channels_last
 from fairage.training import (StageArrays, fit_stage, images_to_input, load_module_checkpoint, load_run_data, predict,
                               resolve_precision, train)
+from conftest import square_faces
 
 
 def _cpu_capability(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
@@ -52,17 +53,6 @@ def test_channels_last_on_gpu_and_on_cpu_in_float32_only():
     assert not use_channels_last(False, "gpu", "bf16-mixed") and not use_channels_last(False, "cpu", "32-true")
 
 
-def _squares(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, size, size, 3) images with a white square growing with the age; ages (n,) in [5, 80)."""
-    rng = np.random.default_rng(seed)
-    ages = rng.uniform(5, 80, n).astype(np.float32)
-    images = np.zeros((n, size, size, 3), np.uint8)
-    for i, age in enumerate(ages):
-        side = int(4 + age / 80 * (size - 6))
-        images[i, :side, :side] = 255
-    return images, ages
-
-
 def _fp32_and_bf16_years(model: AgeRegressor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The model's ages by a plain float32 forward, and by the same forward under bf16 autocast."""
     model.eval()
@@ -75,8 +65,8 @@ def _fp32_and_bf16_years(model: AgeRegressor, images: np.ndarray) -> tuple[np.nd
 
 
 def test_predictions_after_bf16_training_are_float32():
-    train_images, train_ages = _squares(64, seed=0)
-    val_images, val_ages = _squares(32, seed=1)
+    train_images, train_ages = square_faces(64, seed=0)
+    val_images, val_ages = square_faces(32, seed=1)
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(backbone="resnet18", projection_dim=16, head=[HeadBlock(units=32)]))
     result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=1),

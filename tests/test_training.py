@@ -17,19 +17,9 @@ from lightning.pytorch.callbacks import Callback
 from fairage.config import HeadBlock, ModelConfig, StageConfig
 from fairage.models import build_model
 from fairage.training import NonFiniteLossError, StageArrays, fit_stage, predict
+from conftest import square_faces
 
 SIZE = 32
-
-
-def square_faces(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, 32, 32, 3) images with a white square of side 4 + age/80 * 26 px; ages (n,) in [5, 80)."""
-    rng = np.random.default_rng(seed)
-    ages = rng.uniform(5, 80, n).astype(np.float32)
-    images = np.zeros((n, SIZE, SIZE, 3), np.uint8)
-    for i, age in enumerate(ages):
-        side = int(4 + age / 80 * (SIZE - 6))
-        images[i, :side, :side] = 255
-    return images, ages
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ on the GPU when there is one.
 from __future__ import annotations
 
 import io
-import json
 import os
 import threading
 import warnings
