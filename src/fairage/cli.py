@@ -633,9 +633,11 @@ def train_command(
     if resume is not None:
         if config or preset or data or out or set_ or data_overrides:
             fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
-        if (resume / "config.yaml").is_file():
-            _check_trainers([load_config(resume / "config.yaml")])
-        with _sigterm_exits(f"continue with `fairage train --resume {resume}`", resume / "run.json"):
+        from .runs import RunFolder
+
+        if RunFolder.exists(resume):
+            _check_trainers([RunFolder.open(resume).config()])
+        with _sigterm_exits(f"continue with `fairage train --resume {resume}`", RunFolder(resume).file(RunFolder.RUN)):
             metrics = _interruptible(resume, resume_run, resume, progress=progress)
         if metrics:
             _train_summary(resume, metrics)
@@ -829,7 +831,10 @@ def import_keras_command(
 
 def _is_model_folder(path: Path) -> bool:
     """A model folder (config.yaml + model.safetensors, no run): evaluate predicts with it first."""
-    return (path / "model.safetensors").is_file() and not (path / "predictions_test.csv").is_file()
+    from .models import MODEL_FOLDER_WEIGHTS
+    from .runs import RunFolder
+
+    return (path / MODEL_FOLDER_WEIGHTS).is_file() and not RunFolder.exists(path)
 
 
 def _model_folder_predictions(folder: Path, faces, progress: bool):

@@ -117,7 +117,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if path.is_file() and path.suffix.lower() == ".onnx":
         return _load_onnx(path)
     if path.is_dir() and (path / "config.yaml").is_file():
-        if (path / "checkpoints").is_dir():
+        from .runs import RunFolder
+
+        if RunFolder.exists(path):
             cfg, state = read_run_checkpoint(path)
             model = _model_from_state(cfg, state, path)
             return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
