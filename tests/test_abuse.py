@@ -135,50 +135,52 @@ def test_appa_file_name_outside_the_folder_is_refused_unopened(tmp_path, monkeyp
     assert len(set(messages)) == 1
 
 
-def test_symlinks_leading_out_are_refused_whether_or_not_the_target_exists(tmp_path, monkeypatch, outside):
-    # csv layout: an image that is a symlink to a file outside
+def _refused_unopened_and_alike(monkeypatch, roots: list[Path], outside: Path, expected: str) -> None:
+    """``data info`` refuses every root with ``expected`` in its message, never opens anything in
+    ``outside`` (resolving a symlink reads the link, never its target), and says the same for a
+    link to an existing file (first root) as for one to a missing file (second root)."""
     messages = []
-    for target in ("x.png", "missing.png"):
-        root = write_csv_dataset(tmp_path / f"csv-{target}", CSV_ROWS)
-        (root / "a" / "2.png").unlink()
-        (root / "a" / "2.png").symlink_to(outside / target)
-        with monkeypatch.context() as m:
-            spy = FileSpy(m, with_lstat=False)  # resolving a symlink reads the link, never the target
-            message = info_error(root)
-        assert spy.touched(outside) == []
-        assert "row 3: image 'a/2.png' is not a path inside the dataset folder" in message
-        messages.append(message.replace(str(root), "ROOT"))
-    assert messages[0] == messages[1]
-
-    # utkface: a face file that is a symlink leading out
-    messages = []
-    for target in ("x.png", "missing.png"):
-        root = write_utk(tmp_path / f"utk-{target}", ["26_0_0_20170116.jpg", "30_1_1_20170116.jpg"])
-        (root / "40_1_2_20170116.jpg").symlink_to(outside / target)
+    for root in roots:
         with monkeypatch.context() as m:
             spy = FileSpy(m, with_lstat=False)
             message = info_error(root)
         assert spy.touched(outside) == []
-        assert "40_1_2_20170116.jpg: resolves outside the dataset folder" in message
+        assert expected in message
         messages.append(message.replace(str(root), "ROOT"))
     assert messages[0] == messages[1]
+
+
+def test_symlinks_leading_out_are_refused_whether_or_not_the_target_exists(tmp_path, monkeypatch, outside):
+    # csv layout: an image that is a symlink to a file outside
+    roots = []
+    for target in ("x.png", "missing.png"):
+        root = write_csv_dataset(tmp_path / f"csv-{target}", CSV_ROWS)
+        (root / "a" / "2.png").unlink()
+        (root / "a" / "2.png").symlink_to(outside / target)
+        roots.append(root)
+    _refused_unopened_and_alike(monkeypatch, roots, outside,
+                                "row 3: image 'a/2.png' is not a path inside the dataset folder")
+
+    # utkface: a face file that is a symlink leading out
+    roots = []
+    for target in ("x.png", "missing.png"):
+        root = write_utk(tmp_path / f"utk-{target}", ["26_0_0_20170116.jpg", "30_1_1_20170116.jpg"])
+        (root / "40_1_2_20170116.jpg").symlink_to(outside / target)
+        roots.append(root)
+    _refused_unopened_and_alike(monkeypatch, roots, outside,
+                                "40_1_2_20170116.jpg: resolves outside the dataset folder")
 
     # npy layout: the image array is a symlink leading out
     real = tmp_path / "outside-npy"
     write_npy(real)
-    messages = []
+    roots = []
     for target in ("data_train.npy", "missing.npy"):
         root = tmp_path / f"npy-{target}"
         write_npy(root)
         (root / "data_train.npy").unlink()
         (root / "data_train.npy").symlink_to(real / target)
-        with monkeypatch.context() as m:
-            spy = FileSpy(m, with_lstat=False)
-            message = info_error(root)
-        assert spy.touched(real) == []
-        assert "data_train.npy: resolves outside the dataset folder" in message
-        messages.append(message.replace(str(root), "ROOT"))
-    assert messages[0] == messages[1]
+        roots.append(root)
+    _refused_unopened_and_alike(monkeypatch, roots, real, "data_train.npy: resolves outside the dataset folder")
 
 
 def test_symlinks_inside_the_folder_and_opted_in_absolute_paths_work(tmp_path, outside):
