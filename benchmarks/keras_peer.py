@@ -50,9 +50,14 @@ def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -
     keras = tf.keras
     layers = keras.layers
     keras.utils.set_random_seed(0)
+    keras_version = getattr(keras, "__version__", None)
+    if keras_version is None:  # tf-keras (Keras 2, TF_USE_LEGACY_KERAS=1) keeps its version on its own package
+        import tf_keras
+
+        keras_version = tf_keras.__version__
 
     def safe(name: str) -> str:  # Keras 3 forbids "/" in layer names; Keras 2 (the kit's) allows it
-        return name.replace("/", "_") if keras.__version__.startswith("3") else name
+        return name.replace("/", "_") if keras_version.startswith("3") else name
 
     def conv_bn(x, filters, kernel, name, strides=1, relu=True):
         x = layers.Conv2D(filters, kernel, strides=strides, padding="same" if kernel > 1 else "valid",
@@ -112,7 +117,7 @@ def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -
     steps = n // batch  # full batches only in the count: drop a ragged last one from the timing
     if n % batch:
         timer.images -= batch - n % batch
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, jit_compile={jit}, "
+    print(f"TensorFlow {tf.__version__}, Keras {keras_version}, jit_compile={jit}, "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads, {steps} steps")
     print(f"{RESULT_PREFIX}{timer.images / timer.seconds:.3f}")
 
