@@ -222,7 +222,7 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path, weights_only=False)  # callbacks' state too
+            trainer.save_checkpoint(self.path)  # the full state (optimizer, schedulers, callbacks), for resume
 
 
 class ConfigInCheckpoint(Callback):
