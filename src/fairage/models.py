@@ -420,9 +420,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_error_reason(err: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` refused a file, without torch's advice to retry unsafely.
 
-    torch's message suggests ``weights_only=False``, which would run whatever the file's
-    pickle holds; fairage never does that, so only the sentences saying what was refused
-    are kept.
+    torch's message suggests turning the safe loading off, which would run whatever the
+    file's pickle holds; fairage never does that, so only the sentences saying what was
+    refused are kept.
     """
     text = str(err)
     if "weights_only" not in text and "Weights only load failed" not in text:
