@@ -184,9 +184,8 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
     config_yaml = dump_config(cfg)
     from ..methods import face_arrays
 
-    # checked before any stage trains, so a dataset without age_std fails at once
-    for stage_name, stage in cfg.stages():
-        face_arrays(data.faces["train"], stage, stage_name)
+    # read before any stage trains, so a dataset without age_std fails at once
+    method_arrays = {name: face_arrays(data.faces["train"], stage, name) for name, stage in cfg.stages()}
     for stage_name, stage in cfg.stages():
         if stage_name in completed:
             # the next stage starts from this stage's best
@@ -208,10 +207,11 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
             train_images, source = replicate_faces(train_images, train_faces["age"].to_numpy(), stage.augment.min_age,
                                                    seed=cfg.seed)
             train_faces = train_faces.iloc[source].reset_index(drop=True)
+            method_arrays[stage_name] = face_arrays(train_faces, stage, stage_name)  # rows of the copies too
         weights = stage_weights(train_faces, stage_name, stage, folder.path)
         arrays = StageArrays(train_images, train_faces["age"].to_numpy(np.float32),
                              data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights,
-                             face_arrays=face_arrays(train_faces, stage, stage_name))
+                             face_arrays=method_arrays[stage_name])
         result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
                            num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),
                            ckpt_path=ckpt_path, previous_history=history, callbacks=callbacks,
