@@ -121,7 +121,7 @@ def device_line(cuda: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50"])
+    ap.add_argument("--backbone", default="resnet18", choices=["resnet18", "resnet34", "resnet50", "vggface2_resnet50"])
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -12,7 +12,6 @@ import torch
 from fairage.config import HeadBlock, ModelConfig, StageConfig, TrainerConfig, load_preset
 from fairage.data import write_synthetic
 from fairage.models import AgeRegressor, build_model
-from fairage.precision import use_channels_last
 from fairage.training import (StageArrays, fit_stage, images_to_input, load_module_checkpoint, load_run_data, predict,
                               resolve_precision, train)
 from conftest import square_faces
@@ -44,13 +43,6 @@ def test_auto_on_cuda_follows_the_gpu(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     assert resolve_precision(TrainerConfig(accelerator="gpu")) == expected
     assert resolve_precision(TrainerConfig(accelerator="auto")) == expected
-
-
-def test_channels_last_on_gpu_and_on_cpu_in_float32_only():
-    assert use_channels_last(True, "gpu", "bf16-mixed") and use_channels_last(True, "gpu", "32-true")
-    assert use_channels_last(True, "cpu", "32-true")
-    assert not use_channels_last(True, "cpu", "bf16-mixed")
-    assert not use_channels_last(False, "gpu", "bf16-mixed") and not use_channels_last(False, "cpu", "32-true")
 
 
 def _fp32_and_bf16_years(model: AgeRegressor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,5 +88,6 @@ def test_a_bf16_run_records_its_precision_and_predicts_the_test_split_in_float32
     test_images = load_run_data(cfg, data_dir, progress=False).images["test"]
     fp32, bf16 = _fp32_and_bf16_years(model, test_images)
     written = pd.read_csv(run_dir / "predictions_test.csv")["prediction"].to_numpy()
-    np.testing.assert_allclose(written, fp32, rtol=0, atol=2e-6)  # the file keeps 6 decimals
+    # 6 decimals in the file, and the run's channels_last convolutions sum in another order (~1e-5 years)
+    np.testing.assert_allclose(written, fp32, rtol=0, atol=3e-5)
     assert np.abs(bf16 - fp32).max() > 1e-3

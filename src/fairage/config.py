@@ -229,6 +229,7 @@ class TrainerConfig(StrictModel):
     num_nodes: int = Field(1, ge=1)
     #: "auto": bf16-mixed where bf16 is native (bf16 GPUs, CPUs with AVX512-BF16/AMX), else 32-true
     precision: str = "auto"
+    #: NHWC images and weights: oneDNN's and cuDNN's faster convolution layout, in float32 and bf16
     channels_last: bool = True
     deterministic: bool = False
 

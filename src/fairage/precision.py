@@ -41,15 +41,3 @@ def auto_precision(accelerator: str) -> str:
     if accelerator == "cpu":
         return BF16 if cpu_has_native_bf16() else FP32
     return FP32
-
-
-def use_channels_last(requested: bool, accelerator: str, precision: str) -> bool:
-    """Whether images and weights go channels_last: when ``trainer.channels_last`` asks for it
-    and the device gains from it (CUDA always; the CPU in float32, where oneDNN's NHWC
-    convolutions are faster; not in CPU bf16, where they measured slower than NCHW).
-    """
-    if not requested:
-        return False
-    if accelerator == "gpu":
-        return True
-    return accelerator == "cpu" and not precision.startswith("bf16")

@@ -24,7 +24,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from ..atomic import atomic_path, write_text
 from ..config import StageConfig, TrainerConfig
 from ..models import AgeRegressor
-from ..precision import auto_precision, use_channels_last
+from ..precision import auto_precision
 from ..runs import HISTORY_COLUMNS, read_checkpoint
 from .inference import extract_features
 from .module import FaceArrayDataset
@@ -81,9 +81,10 @@ def device_for(trainer_cfg: TrainerConfig) -> torch.device:
 
 
 def quiet_lightning() -> None:
-    """Keep Lightning's start-up banners (GPU available, tips) out of the console."""
+    """Keep Lightning's start-up banners (GPU available, tips) and its note on every full
+    checkpoint it writes (``LastCheckpoint``'s, at each epoch end) out of the console."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda"):
+                 "lightning.pytorch.accelerators.cuda", "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -107,8 +108,7 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
     (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly.
     """
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
-    channels_last = use_channels_last(trainer_cfg.channels_last, resolve_accelerator(trainer_cfg),
-                                      resolve_precision(trainer_cfg))
+    channels_last = trainer_cfg.channels_last
     sampler = None
     weights = arrays.train_weights
     if weights is not None and stage.weighting.mode == "sampler":

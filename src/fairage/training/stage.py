@@ -31,7 +31,6 @@ from lightning.pytorch.callbacks import Callback
 from ..config import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models import AgeRegressor
-from ..precision import use_channels_last
 from ..runs import RunFolder, read_checkpoint
 from .factories import (StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning, resolve_precision,
                         resolve_accelerator)
@@ -89,8 +88,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     use_cache = stage.cache_features if cache_features is None else cache_features
     use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
-    channels_last = use_channels_last(trainer_cfg.channels_last, resolve_accelerator(trainer_cfg),
-                                      resolve_precision(trainer_cfg))
+    channels_last = trainer_cfg.channels_last
 
     quiet_lightning()
     if on_gpu:
