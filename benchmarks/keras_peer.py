@@ -18,8 +18,9 @@ Trains all layers of the kit's ResNet50 at 224 px, batch 16 (the kit's stage II)
   fairage itself does not depend on it). ``TF_USE_LEGACY_KERAS=1`` with ``tf-keras``
   installed there runs Keras 2, as the kit did; otherwise Keras 3 (without XLA, like Keras 2).
 
-Both sides report steady-state training images/s: the batches after the first (which
-builds kernels, traces the graph), validation excluded. ``--rounds N`` repeats the three
+Both sides report steady-state training images/s: wall time from the end of the first
+training batch (which builds kernels, traces the graph) to the end of the last, input
+pipeline included, validation excluded. ``--rounds N`` repeats the three
 runs N times, interleaved (Keras, fairage fp32, fairage auto, Keras, ...), and compares the
 medians, so that a passing load spike does not decide the ratios. Then the goals: fairage
 auto >= 1.8x Keras, and >= 1.5x fairage float32.
@@ -104,18 +105,19 @@ def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -
     n_val = max(batch, n // 32)
 
     class StepTimer(keras.callbacks.Callback):
+        """Wall time from the end of one training batch to the end of the next (input pipeline
+        included), from the first batch's end on: the first batch traces and builds the graph."""
+
         def __init__(self):
             super().__init__()
-            self.images, self.seconds, self.batches = 0, 0.0, 0
-
-        def on_train_batch_begin(self, step, logs=None):
-            self.start = time.perf_counter()
+            self.images, self.seconds, self.last = 0, 0.0, None
 
         def on_train_batch_end(self, step, logs=None):
-            self.batches += 1
-            if self.batches > 1:  # the first batch traces and builds the graph
-                self.seconds += time.perf_counter() - self.start
+            now = time.perf_counter()
+            if self.last is not None:
+                self.seconds += now - self.last
                 self.images += batch
+            self.last = now
 
     timer = StepTimer()
     model.fit(images, labels, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[timer],

@@ -10,7 +10,8 @@ checkpoints) on random uint8 images, once with ``trainer.precision: 32-true`` an
 and prints images/s of each:
 
 * stage I uncached and stage II (all layers): steady-state training speed, i.e. the
-  training batches after the first one (which pays one-off set-up), validation excluded;
+  training batches after each epoch's first one (the first pays one-off set-up), loading
+  included, validation excluded;
 * stage I cached (``--cached-epochs`` epochs, features extracted once): wall time of the
   whole stage, extraction included, and its speed-up over the uncached stage I projected
   to the same number of epochs.
@@ -36,24 +37,25 @@ GOAL_BF16_OVER_FP32 = 1.5
 
 
 class StepTimer(Callback):
-    """Wall time of the training batches after the first one (one-off set-up excluded)."""
+    """Wall time from the end of one training batch to the end of the next, from the first
+    batch's end on (one-off set-up excluded; loading the batch included, validation not)."""
 
     def __init__(self) -> None:
         self.images = 0
         self.seconds = 0.0
-        self._start: float | None = None
-        self._batches = 0
+        self._last: float | None = None
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._last = None  # validation ran between the previous epoch's last batch and this one
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._batches += 1
-        if self._batches > 1:  # the first batch builds oneDNN/cuDNN kernels and the optimizer state
-            if batch[0].is_cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - self._start
+        if batch[0].is_cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._last is not None:
+            self.seconds += now - self._last
             self.images += len(batch[0])
+        self._last = now
 
     @property
     def rate(self) -> float:

@@ -152,8 +152,8 @@ class KerasBottleneck(nn.Module):
         y = self.relu(self.reduce_bn(self.reduce(x)))
         y = self.relu(self.conv3x3_bn(self.conv3x3(y)))
         y = self.increase_bn(self.increase(y))
-        shortcut = x if self.proj is None else self.proj_bn(self.proj(x))
-        return self.relu(y + shortcut)
+        y += x if self.proj is None else self.proj_bn(self.proj(x))  # in place: one activation less to allocate
+        return self.relu(y)
 
 
 class VGGFace2ResNet50(nn.Module):
