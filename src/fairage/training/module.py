@@ -22,9 +22,6 @@ import lightning as L
 from ..config import AugmentConfig, StageConfig
 from ..models import AgeRegressor
 
-#: parameter dtypes torch's fused Adam takes (on CPU and CUDA)
-FUSED_ADAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 class FaceArrayDataset(Dataset):
     """uint8 images (N, S, S, 3) + ages (N,) years + weights (N,) -> (image HWC uint8, age, weight).
@@ -196,8 +193,9 @@ class AgeModule(L.LightningModule):
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.objective is not None:  # BMC's noise sigma
             params += list(self.objective.parameters())
-        # fused: one kernel for the whole update instead of one pass per operation (same arithmetic)
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_ADAM_DTYPES for p in params)
+        # fused (CPU and CUDA kernels only): one pass over all parameters per step instead of one
+        # per operation, the same update rule
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps, fused=fused)
         # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
