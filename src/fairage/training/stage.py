@@ -32,8 +32,7 @@ from ..config import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models import AgeRegressor
 from ..runs import RunFolder, read_checkpoint
-from .factories import (StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning, resolve_precision,
-                        resolve_accelerator)
+from .factories import StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning, resolve_accelerator
 from .module import AgeModule
 
 log = logging.getLogger(__name__)
