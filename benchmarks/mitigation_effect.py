@@ -108,7 +108,7 @@ def print_tables(data_dir: Path, out: Path, presets: list[str], seeds: list[int]
     print("|---|---|---|---|---|---|")
     for p in presets:
         ms = [evaluate(t, n_boot=0) for t in preds[p]]
-        cells = [np.array([m["mae"] for m in ms])] + [np.array([m["bias"][a] for m in ms]) for a in ATTRIBUTES]
+        cells = [np.array([m.mae for m in ms])] + [np.array([m.bias[a] for m in ms]) for a in ATTRIBUTES]
         print(f"| {p} | " + " | ".join(f"{c.mean():.2f} +- {c.std(ddof=1) if len(c) > 1 else 0:.2f}"
                                       for c in cells) + " |")
 
@@ -123,15 +123,14 @@ def print_tables(data_dir: Path, out: Path, presets: list[str], seeds: list[int]
         per_seed = [compare(a, b, n_boot=0) for a, b in zip(preds[base], preds[p])]
         cells = []
         for key in ("mae", *ATTRIBUTES):
-            d = pooled["diff"]["mae"] if key == "mae" else pooled["diff"]["bias"][key]
-            estimates = [s["diff"]["mae"]["estimate"] if key == "mae" else (s["diff"]["bias"][key] or {}).get("estimate")
-                         for s in per_seed]
-            estimates = [e for e in estimates if e is not None]
-            if d is None or d["ci"] is None:
+            d = pooled.mae_diff if key == "mae" else pooled.bias_diff[key]
+            seed_diffs = [s.mae_diff if key == "mae" else s.bias_diff[key] for s in per_seed]
+            estimates = [e.estimate for e in seed_diffs if e is not None]
+            if d is None or d.ci is None:
                 cells.append("n/a")
                 continue
-            mark = "*" if d["excludes_zero"] else ""
-            cells.append(f"{d['estimate']:+.2f}{mark} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}] "
+            mark = "*" if d.excludes_zero else ""
+            cells.append(f"{d.estimate:+.2f}{mark} [{d.ci[0]:+.2f}, {d.ci[1]:+.2f}] "
                          f"({min(estimates):+.1f}..{max(estimates):+.1f})")
         print(f"| {p} | " + " | ".join(cells) + " |")
 

@@ -45,12 +45,12 @@ def main() -> None:
         other = join_predictions(test, read_predictions(out / preset / "predictions_test.csv"), preset)
         result = compare(base, other)
         cells = []
-        for name, d in [("MAE", result["diff"]["mae"]), *[(f"{a} bias", d) for a, d in result["diff"]["bias"].items()]]:
-            if d is None or d["ci"] is None:
+        for name, _, _, d in result.rows():
+            if d is None or d.ci is None:
                 cells.append(f"{name} n/a")
                 continue
-            mark = "*" if d["excludes_zero"] else ""
-            cells.append(f"{name} {d['estimate']:+.2f}{mark} [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]")
+            mark = "*" if d.excludes_zero else ""
+            cells.append(f"{name} {d.estimate:+.2f}{mark} [{d.ci[0]:+.2f}, {d.ci[1]:+.2f}]")
         print(f"{preset} - {presets[0]}: " + "; ".join(cells))
     print("(* = the paired 95% interval excludes zero)")
 

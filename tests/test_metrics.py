@@ -195,25 +195,31 @@ def test_paired_compare_matches_loop_reference():
     err_a = list(np.abs(df_a["prediction"] - df_a["age"]))
     err_b = list(np.abs(df_b["prediction"] - df_b["age"]))
     pa, pb = _reference_stats(err_a, labels, range(n)), _reference_stats(err_b, labels, range(n))
-    assert result["diff"]["mae"]["estimate"] == pytest.approx(pb["mae"] - pa["mae"])
+    assert result.mae_diff.estimate == pytest.approx(pb["mae"] - pa["mae"])
+    assert (result.mae_a, result.mae_b) == (pytest.approx(pa["mae"]), pytest.approx(pb["mae"]))
     index = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     for key in ("mae", "age", "ethnicity"):
         diffs = [_reference_stats(err_b, labels, row)[key] - _reference_stats(err_a, labels, row)[key]
                  for row in index]
-        got = result["diff"]["mae"] if key == "mae" else result["diff"]["bias"][key]
-        assert got["ci"] == pytest.approx(_percentile_ci(diffs, 0.95))
-        assert got["excludes_zero"] == (got["ci"][0] > 0 or got["ci"][1] < 0)
+        got = result.mae_diff if key == "mae" else result.bias_diff[key]
+        assert got.ci == pytest.approx(_percentile_ci(diffs, 0.95))
+        assert got.excludes_zero == (got.ci[0] > 0 or got.ci[1] < 0)
     # B predicts far better than random A: its MAE is clearly lower
-    assert result["diff"]["mae"]["estimate"] < 0 and result["diff"]["mae"]["excludes_zero"]
+    assert result.mae_diff.estimate < 0 and result.mae_diff.excludes_zero
+    assert result.mae_diff.verdict == "B lower"
+    assert [row[0] for row in result.rows()] == ["MAE", "age bias", "ethnicity bias"]
 
 
 def test_compare_identical_predictions_has_zero_difference():
     df = _random_df(np.random.default_rng(0), 50)
     df["image"] = [str(i) for i in range(50)]
     result = compare(df, df.copy(), n_boot=50)
-    assert result["diff"]["mae"] == {"estimate": 0.0, "ci": [0.0, 0.0], "excludes_zero": False}
+    assert result.to_json()["diff"]["mae"] == {"estimate": 0.0, "ci": [0.0, 0.0], "excludes_zero": False}
+    assert result.mae_diff.verdict == "no clear difference"
     for attr in ("age", "gender", "ethnicity", "expression"):
-        assert result["diff"]["bias"][attr]["estimate"] == 0.0
+        assert result.bias_diff[attr].estimate == 0.0
+    without_bootstrap = compare(df, df.copy(), n_boot=0)
+    assert without_bootstrap.mae_diff.ci is None and without_bootstrap.mae_diff.verdict == "n/a"
 
 
 def test_compare_refuses_different_faces():

@@ -433,27 +433,16 @@ def compare_command(
     result = compare(df_a, df_b, attributes=attribute or None, age_edges=_parse_edges(age_edges),
                      n_boot=n_boot, level=level, seed=seed)
     if json_out:
-        print(json.dumps(result))
+        print(json.dumps(result.to_json()))
         return
     pct = f"{100 * level:g}%"
-    table = Table(title=f"B - A on {result['n']} {split} faces (A: {predictions_a}, B: {predictions_b})",
+    table = Table(title=f"B - A on {result.n} {split} faces (A: {predictions_a}, B: {predictions_b})",
                   title_justify="left")
     for column in ("metric", "A", "B", "B - A", f"{pct} interval", "verdict"):
         table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
-
-    def verdict(d) -> str:
-        if d is None or d["ci"] is None:
-            return "n/a"
-        if not d["excludes_zero"]:
-            return "no clear difference"
-        return "B lower" if d["estimate"] < 0 else "B higher"
-
-    rows = [("MAE", result["a"]["mae"], result["b"]["mae"], result["diff"]["mae"])]
-    rows += [(f"{name} bias", result["a"]["bias"][name], result["b"]["bias"][name], d)
-             for name, d in result["diff"]["bias"].items()]
-    for name, a, b, d in rows:
-        table.add_row(name, _fmt_value(a), _fmt_value(b), _fmt_value(d and d["estimate"]),
-                      _fmt_ci(d and d["ci"]), verdict(d))
+    for name, a, b, d in result.rows():
+        table.add_row(name, _fmt_value(a), _fmt_value(b), _fmt_value(d and d.estimate),
+                      _fmt_ci(d and d.ci), d.verdict if d is not None else "n/a")
     console.print(table)
 
 

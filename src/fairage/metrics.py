@@ -331,9 +331,75 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     return result
 
 
+@dataclass
+class Difference:
+    """B minus A of one statistic, in years (negative: B is lower).
+
+    ``ci`` is the paired-bootstrap percentile interval ``[lo, hi]``, or None without a bootstrap.
+    """
+
+    estimate: float
+    ci: list[float] | None
+
+    @property
+    def excludes_zero(self) -> bool:
+        """True when the interval lies wholly above or below 0 (False without an interval)."""
+        return self.ci is not None and (self.ci[0] > 0 or self.ci[1] < 0)
+
+    @property
+    def verdict(self) -> str:
+        """"B lower", "B higher", "no clear difference", or "n/a" without an interval."""
+        if self.ci is None:
+            return "n/a"
+        if not self.excludes_zero:
+            return "no clear difference"
+        return "B lower" if self.estimate < 0 else "B higher"
+
+    def to_json(self) -> dict:
+        return {"estimate": self.estimate, "ci": self.ci, "excludes_zero": self.excludes_zero}
+
+
+@dataclass
+class ComparisonResult:
+    """Paired comparison of prediction sets A and B on the same ``n`` faces (years).
+
+    ``bias_a[attr]``/``bias_b[attr]`` are None when fewer than two groups of ``attr`` have
+    faces, and then ``bias_diff[attr]`` is None too.
+    """
+
+    n: int
+    level: float
+    n_boot: int
+    mae_a: float
+    mae_b: float
+    mae_diff: Difference
+    bias_a: dict[str, float | None]
+    bias_b: dict[str, float | None]
+    bias_diff: dict[str, Difference | None]
+
+    def rows(self) -> list[tuple[str, float | None, float | None, Difference | None]]:
+        """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order."""
+        return [("MAE", self.mae_a, self.mae_b, self.mae_diff)] + [
+            (f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()]
+
+    def to_json(self) -> dict:
+        """The JSON-ready object of ``fairage compare --json``::
+
+            {"n", "level", "n_boot", "a": {"mae", "bias": {attr}}, "b": {"mae", "bias": {attr}},
+             "diff": {"mae": D, "bias": {attr: D|None}}}
+
+        with ``D = {"estimate", "ci": [lo, hi]|None, "excludes_zero"}``.
+        """
+        return {"n": self.n, "level": self.level, "n_boot": self.n_boot,
+                "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
+                "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
+                "diff": {"mae": self.mae_diff.to_json(),
+                         "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()}}}
+
+
 def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | None = None,
             age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-            seed: int = 0) -> dict:
+            seed: int = 0) -> ComparisonResult:
     """Paired comparison of two prediction sets on the same faces (B minus A).
 
     Both tables have ``image``, ``age``, ``prediction`` and the attribute columns and hold
@@ -341,9 +407,7 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
     Each resample draws the same faces for A and B, so the interval of a difference
     reflects only how the two models differ on the same faces.
 
-    Returns ``{"n", "level", "n_boot", "a": {"mae", "bias"}, "b": {"mae", "bias"},
-    "diff": {"mae": D, "bias": {attr: D|None}}}`` where ``D = {"estimate": B - A,
-    "ci": [lo, hi]|None, "excludes_zero": bool}`` (years; negative = B is lower).
+    Returns a ``ComparisonResult`` (years; its ``to_json()`` is what ``fairage compare --json`` prints).
     """
     for name, df in (("A", df_a), ("B", df_b)):
         if "image" not in df.columns:
@@ -373,23 +437,16 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
     else:
         boot_a = boot_b = None
 
-    def diff(a_point, b_point, a_boot, b_boot) -> dict | None:
+    def diff(a_point, b_point, a_boot, b_boot) -> Difference | None:
         if a_point is None or b_point is None:
             return None
-        ci = _interval(b_boot - a_boot, level) if a_boot is not None else None
-        return {"estimate": float(b_point - a_point), "ci": ci,
-                "excludes_zero": bool(ci is not None and (ci[0] > 0 or ci[1] < 0))}
+        return Difference(float(b_point - a_point), _interval(b_boot - a_boot, level) if a_boot is not None else None)
 
-    result: dict = {"n": int(len(errors_a)), "level": float(level), "n_boot": int(n_boot),
-                    "a": {"mae": mae_a, "bias": {}},
-                    "b": {"mae": mae_b, "bias": {}},
-                    "diff": {"mae": diff(mae_a, mae_b,
-                                         boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
-                             "bias": {}}}
-    for g in groupings:
-        a, b = bias_a[g.attribute], bias_b[g.attribute]
-        result["a"]["bias"][g.attribute] = a
-        result["b"]["bias"][g.attribute] = b
-        result["diff"]["bias"][g.attribute] = diff(
-            a, b, boot_a[g.attribute]["bias"] if boot_a else None, boot_b[g.attribute]["bias"] if boot_b else None)
-    return result
+    bias_diff = {g.attribute: diff(bias_a[g.attribute], bias_b[g.attribute],
+                                   boot_a[g.attribute]["bias"] if boot_a else None,
+                                   boot_b[g.attribute]["bias"] if boot_b else None) for g in groupings}
+    return ComparisonResult(
+        n=int(len(errors_a)), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
+        mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
+        bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
+        bias_b={g.attribute: bias_b[g.attribute] for g in groupings}, bias_diff=bias_diff)
