@@ -14,34 +14,16 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
-from typer.testing import CliRunner
 
-from fairage.cli import app
 from fairage.config import load_preset
-from fairage.data import load_faces, write_synthetic
+from fairage.data import load_faces
 from fairage.training import resume_run, train
 
-N_TRAIN, N_VALID, N_TEST = 64, 32, 32
+from conftest import invoke, tiny_config_file
+
 #: the tiny scale: stage I and stage II each 2 epochs, patience 2 (no early stop possible)
 FULL_SEQUENCE = [(1, "stage1"), (2, "stage1"), (1, "stage2"), (2, "stage2")]
 RUN_FILES = {"config.yaml", "run.json", "history.csv", "curves.png", "predictions_test.csv", "metrics_test.json"}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return write_synthetic(tmp_path_factory.mktemp("synthetic") / "data", n_train=N_TRAIN, n_valid=N_VALID,
-                           n_test=N_TEST, size=32, seed=0, workers=1)
-
-
-def tiny_config_file(tmp_path: Path, **changes) -> Path:
-    cfg = load_preset("M5", "tiny").model_dump(mode="json")
-    cfg["eval"]["n_boot"] = 20
-    for key, value in changes.items():
-        section, name = key.split(".")
-        cfg[section][name] = value
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def sequence(run_dir: Path) -> list[tuple[int, str]]:
@@ -49,9 +31,9 @@ def sequence(run_dir: Path) -> list[tuple[int, str]]:
     return list(zip(h["epoch"].astype(int), h["stage"]))
 
 
-def test_train_command_writes_the_run_folder(data_dir, tmp_path):
+def test_train_command_writes_the_run_folder(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+    result = invoke(*["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
                                       "--out", str(run_dir), "--quiet", "--set", "stage2.weighting.mode=sampler",
                                       "--deterministic"])
     assert result.exit_code == 0, result.output
@@ -61,9 +43,9 @@ def test_train_command_writes_the_run_folder(data_dir, tmp_path):
     assert sequence(run_dir) == FULL_SEQUENCE
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["weights_loaded"] is False
-    assert run["data_dir"] == str(data_dir.resolve()) and run["seed"] == 0
+    assert run["data_dir"] == str(tiny_data.resolve()) and run["seed"] == 0
     # predictions: every test face once, in dataset order, ages in the sigmoid's [0, 100]
-    test_faces = load_faces(data_dir).query("split == 'test'")
+    test_faces = load_faces(tiny_data).query("split == 'test'")
     preds = pd.read_csv(run_dir / "predictions_test.csv")
     assert list(preds["image"].astype(str)) == list(test_faces["image"])
     assert preds["prediction"].between(0, 100).all()
@@ -77,34 +59,34 @@ def test_train_command_writes_the_run_folder(data_dir, tmp_path):
     for ckpt in (run_dir / "checkpoints").iterdir():
         assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=True)
     # a finished run is not overwritten
-    again = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+    again = invoke(*["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
                                      "--out", str(run_dir), "--quiet"])
     assert again.exit_code == 2 and "already holds a finished run" in again.output
 
 
-def test_config_typo_exits_2_naming_the_key(data_dir, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+def test_config_typo_exits_2_naming_the_key(tiny_data, tmp_path):
+    result = invoke(*["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
                                       "--out", str(tmp_path / "run"), "--set", "stage2.lrr=1"])
     assert result.exit_code == 2
     assert "stage2.lrr" in result.output and "did you mean 'lr'" in result.output
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_weights_file_exits_2(data_dir, tmp_path):
-    result = CliRunner().invoke(app, ["train", "--preset", "M5", "--scale", "tiny", "--data", str(data_dir),
+def test_missing_weights_file_exits_2(tiny_data, tmp_path):
+    result = invoke(*["train", "--preset", "M5", "--scale", "tiny", "--data", str(tiny_data),
                                       "--out", str(tmp_path / "run"), "--set", f"model.weights={tmp_path}/vgg.pth"])
     assert result.exit_code == 2
     assert "model.weights file not found" in result.output and "vgg.pth" in result.output
 
 
-def test_single_stage_run_from_a_torchvision_weights_file(data_dir, tmp_path):
+def test_single_stage_run_from_a_torchvision_weights_file(tiny_data, tmp_path):
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
     torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, [
-        "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir), "--out", str(run_dir),
+    result = invoke(*[
+        "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data), "--out", str(run_dir),
         "--quiet", "--set", "stage1=null", "--set", "stage2.max_epochs=1", "--set", "stage2.weighting.scheme=none",
         "--set", f"model.weights={tmp_path / 'resnet18.pth'}"])
     assert result.exit_code == 0, result.output
@@ -135,11 +117,11 @@ class InterruptAfter(Callback):
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_resume_continues_the_history(data_dir, tmp_path, stage):
+def test_resume_continues_the_history(tiny_data, tmp_path, stage):
     cfg = load_preset("M5", "tiny", ["eval.n_boot=20"])
     run_dir = tmp_path / "run"
     with pytest.raises(Interrupt):
-        train(cfg, data_dir, run_dir, progress=False, callbacks=[InterruptAfter(stage, 1)])
+        train(cfg, tiny_data, run_dir, progress=False, callbacks=[InterruptAfter(stage, 1)])
     done = FULL_SEQUENCE[: FULL_SEQUENCE.index((1, stage)) + 1]
     assert sequence(run_dir) == done
     assert not (run_dir / "metrics_test.json").exists()
@@ -150,7 +132,7 @@ def test_resume_continues_the_history(data_dir, tmp_path, stage):
     stage1_mtime = stage1_best.stat().st_mtime_ns if stage == "stage2" else None
 
     # through the CLI, as a user would
-    result = CliRunner().invoke(app, ["train", "--resume", str(run_dir), "--quiet"])
+    result = invoke(*["train", "--resume", str(run_dir), "--quiet"])
     assert result.exit_code == 0, result.output
     assert sequence(run_dir) == FULL_SEQUENCE
     after = pd.read_csv(run_dir / "history.csv")
@@ -164,13 +146,13 @@ def test_resume_continues_the_history(data_dir, tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_two_process_cpu_ddp(data_dir, tmp_path):
+def test_two_process_cpu_ddp(tiny_data, tmp_path):
     """`--devices 2 --strategy ddp --accelerator cpu`: Lightning re-runs the command in rank 1."""
     fairage = Path(sys.executable).with_name("fairage")
     run_dir = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(fairage), "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(data_dir),
+        [str(fairage), "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
          "--out", str(run_dir), "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--quiet"],
         capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -178,14 +160,14 @@ def test_two_process_cpu_ddp(data_dir, tmp_path):
     assert sequence(run_dir) == FULL_SEQUENCE
     assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
     preds = pd.read_csv(run_dir / "predictions_test.csv")
-    assert len(preds) == N_TEST and preds["image"].is_unique
+    assert len(preds) == 32 and preds["image"].is_unique
     assert "devices=2" in json.loads((run_dir / "run.json").read_text())["device"]
 
 
-def test_a_collapsed_model_is_reported(data_dir, tmp_path):
+def test_a_collapsed_model_is_reported(tiny_data, tmp_path):
     # Adam at lr 1.0 saturates the sigmoid output on the first steps: one age for every face
     run_dir = tmp_path / "run"
-    result = CliRunner().invoke(app, ["train", "--preset", "M1", "--scale", "tiny", "--data", str(data_dir),
+    result = invoke(*["train", "--preset", "M1", "--scale", "tiny", "--data", str(tiny_data),
                                       "--out", str(run_dir), "--quiet", "--set", "stage2.lr=1.0",
                                       "--set", "eval.n_boot=20"])
     assert result.exit_code == 0, result.output
