@@ -53,6 +53,28 @@ def test_outputs_in_label_units():
     torch.testing.assert_close(lin.years(lin(x)), lin.head(lin.features(x)).squeeze(-1))
 
 
+def test_reported_ages_are_clamped_into_0_150_years():
+    import numpy as np
+
+    from fairage.training import predict
+
+    lin, _ = build_model(tiny_cfg(output="linear"))
+    lin.eval()
+    scale = lin.label_scale
+    raw = torch.tensor([-0.5, 0.0, 0.2, 1.0, 4.0]) * (100.0 / scale)  # -50, 0, 20, 100, 400 years
+    torch.testing.assert_close(lin.years(raw), torch.tensor([-50.0, 0.0, 20.0, 100.0, 400.0]))
+    torch.testing.assert_close(lin.ages(raw), torch.tensor([0.0, 0.0, 20.0, 100.0, 150.0]))
+    # a head whose last layer answers -3 years for every face: the predictions say 0, training's years -3
+    last = lin.head[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(-3.0 / scale)
+    images = np.zeros((4, 32, 32, 3), dtype=np.uint8)
+    assert predict(lin, images).tolist() == [0.0] * 4
+    x = torch.zeros(4, 3, 32, 32)
+    torch.testing.assert_close(lin.years(lin(x)), torch.full((4,), -3.0))
+
+
 def test_torchvision_backbone_state_dict_loads(tmp_path):
     torch.manual_seed(1)
     reference = resnet18(weights=None)

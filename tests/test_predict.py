@@ -58,7 +58,7 @@ def plain_torch_ages(model, crops: np.ndarray) -> np.ndarray:
     """Reference: the model on (N, S, S, 3) uint8 crops, one batch, written out by hand."""
     x = torch.from_numpy(crops.astype(np.float32) / 255.0).permute(0, 3, 1, 2)
     with torch.no_grad():
-        return model.years(model(x)).double().numpy()
+        return np.clip(model.years(model(x)).double().numpy(), 0.0, 150.0)
 
 
 # --------------------------------------------------------------------------- images

@@ -32,14 +32,14 @@ INPUT_NAME, OUTPUT_NAME = "image", "age"
 
 
 class YearsModel(nn.Module):
-    """An ``AgeRegressor`` whose output is in years: (N, 3, S, S) RGB [0, 1] -> (N,) years."""
+    """An ``AgeRegressor`` whose output is in years: (N, 3, S, S) RGB [0, 1] -> (N,) years in 0-150."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.years(self.model(x))
+        return self.model.ages(self.model(x))
 
 
 def export_metadata(loaded: LoadedModel) -> dict[str, str]:

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from torchvision import models as tv_models
 
 from .config import HeadBlock, ModelConfig
+from .data.predictions import PREDICTION_RANGE
 from .errors import ConfigError
 from .losses import DEX_AGES, dex_expectation
 
@@ -318,6 +319,16 @@ class AgeRegressor(nn.Module):
         if self.output == "dex":
             return dex_expectation(out)
         return out.float() * self.label_scale
+
+    def ages(self, out: torch.Tensor) -> torch.Tensor:
+        """Outputs -> predicted ages in years (N,): ``years`` clamped into ``PREDICTION_RANGE`` (0-150).
+
+        A linear output can fall a little below 0 for a baby's face; what the model reports
+        (predictions files, photos, the service, exports) is clamped so that it is always an age.
+        Training and its logged MAE use ``years`` (a clamp would zero the gradient out there).
+        """
+        low, high = PREDICTION_RANGE
+        return self.years(out).clamp(low, high)
 
     def feature_extractor_modules(self) -> list[nn.Module]:
         """Backbone and projection (what stage I freezes with ``trainable: head``)."""

@@ -41,6 +41,7 @@ import torch
 
 from .config import ExperimentConfig, read_yaml, validate_config
 from .errors import ConfigError, DataError
+from .data.predictions import PREDICTION_RANGE
 from .models import AgeRegressor
 
 #: the crop convention: the detector box enlarged by this fraction of its side on each side
@@ -76,11 +77,12 @@ class LoadedModel:
     run_dir: Path | None = None
 
     def years(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) float [0, 1] on the model's device -> (N,) float32 years."""
+        """(N, 3, S, S) float [0, 1] on the model's device -> (N,) float32 years, clamped into 0-150."""
         out = self.model(x)
         if isinstance(self.model, AgeRegressor):
-            return self.model.years(out)
-        return out.float().reshape(-1)
+            return self.model.ages(out)
+        low, high = PREDICTION_RANGE
+        return out.float().reshape(-1).clamp(low, high)
 
 
 def read_run_checkpoint(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:

@@ -42,6 +42,6 @@ def extract_features(model: AgeRegressor, images: np.ndarray, batch_size: int = 
 def predict(model: AgeRegressor, images: np.ndarray, batch_size: int = 256,
             device: torch.device | str | None = None, channels_last: bool = False,
             autocast: bool = False) -> np.ndarray:
-    """Predicted ages in years, float64 (N,), for uint8 images (N, S, S, 3), eval mode."""
-    out = _eval_batches(model, lambda x: model.years(model(x)), images, batch_size, device, channels_last, autocast)
+    """Predicted ages in years, float64 (N,), for uint8 images (N, S, S, 3), eval mode (``model.ages``: 0-150)."""
+    out = _eval_batches(model, lambda x: model.ages(model(x)), images, batch_size, device, channels_last, autocast)
     return torch.cat(out).double().numpy() if out else np.empty(0)
