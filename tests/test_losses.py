@@ -34,6 +34,42 @@ def test_group_dro_q_update_on_two_groups_by_hand():
     assert dro.q.tolist() == pytest.approx([a / (a + b), b / (a + b)], rel=1e-6)
 
 
+def _dro_in_process_group(rank: int, world: int, store: str, losses: torch.Tensor, groups: torch.Tensor,
+                          out: str) -> None:
+    """One process of a gloo group: Group DRO on its half of the batch; saves q and d loss / d losses."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        half = len(losses) // world
+        mine = losses[rank * half:(rank + 1) * half].clone().requires_grad_(True)
+        dro = GroupDRO([3, 3, 2], eta=0.5)
+        dro(mine, groups[rank * half:(rank + 1) * half]).backward()
+        torch.save({"q": dro.q.clone(), "grad": mine.grad.clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_dro_in_two_processes_acts_as_one_on_the_whole_batch(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    losses = torch.tensor([1.0, 3.0, 2.0, 6.0, 5.0, 4.0, 8.0, 7.0])
+    groups = torch.tensor([0, 0, 1, 2, 0, 1, 1, 0])  # group 2 only in process 0's half
+    mp.spawn(_dro_in_process_group, args=(2, str(tmp_path / "store"), losses, groups, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    # by hand on all 8 faces: group means 4 (1, 3, 5, 7), 14/3 (2, 4, 8), 6 (6); q starts at 1/3 each
+    means = np.array([4.0, 14.0 / 3.0, 6.0])
+    q = np.exp(0.5 * means) / np.exp(0.5 * means).sum()
+    for rank in ranks:
+        np.testing.assert_allclose(rank["q"].numpy(), q, rtol=1e-6)
+    # DDP averages the two processes' gradients: d/d loss_i of sum_g q_g mean_g = q_g(i) / n_g(i)
+    sizes = np.array([4.0, 3.0, 1.0])
+    averaged = torch.cat([rank["grad"] for rank in ranks]).numpy() / 2
+    np.testing.assert_allclose(averaged, q[groups.numpy()] / sizes[groups.numpy()], rtol=1e-6)
+
+
 def test_group_dro_size_adjustment_and_no_update():
     dro = GroupDRO([4, 1], eta=1.0, size_adjustment=1.0)
     # equal losses: only C / sqrt(n) = 0.5 and 1.0 differ -> q ~ e^0.5, e^1

@@ -12,7 +12,8 @@ losses so that sample weights, Group DRO and plain means compose the same way.
   against a one-hot class or a Gaussian label distribution; ``dex_expectation`` is the
   prediction, ``sum_k k softmax_k``.
 * ``GroupDRO`` (Sagawa et al., ICLR 2020): per-group mean losses, online
-  exponentiated-gradient group weights ``q``, loss ``sum_g q_g loss_g``.
+  exponentiated-gradient group weights ``q``, loss ``sum_g q_g loss_g``; under
+  ``torch.distributed`` the group means are over all processes' faces.
 * ``draw_targets`` / ``inverse_variance_weights``: use the raters' spread ``age_std``.
 * ``StageObjective``: one stage's training/validation loss built from these parts.
 """
@@ -20,6 +21,7 @@ losses so that sample weights, Group DRO and plain means compose the same way.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -157,13 +159,30 @@ class GroupDRO(nn.Module):
     def forward(self, per_face: torch.Tensor, groups: torch.Tensor, update: bool = True) -> torch.Tensor:
         """The robust loss ``sum_g q_g loss_g`` (scalar); with ``update``, q is updated first:
         ``q_g <- q_g exp(eta (loss_g + C / sqrt(n_g)))``, then ``q <- q / sum q``.
+
+        In a ``torch.distributed`` group of W processes (DDP), ``loss_g`` is the mean over
+        every process's faces of group g: the per-group sums and counts are all-reduced, so
+        all processes update q alike, and each returns ``W sum_g q_g local_sum_g / n_g``,
+        whose gradient, averaged over the processes by DDP, is that of one process seeing
+        the whole batch.
         """
-        losses, _ = self.group_losses(per_face, groups)
+        per_face = per_face.reshape(-1).float()
+        groups = groups.reshape(-1).long()
+        sums = torch.zeros(self.n_groups, dtype=per_face.dtype, device=per_face.device).index_add(0, groups, per_face)
+        counts = torch.bincount(groups, minlength=self.n_groups).to(per_face.dtype)
+        world = 1
+        total_sums, total_counts = sums.detach(), counts
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            totals = torch.cat([total_sums, total_counts])
+            dist.all_reduce(totals)
+            total_sums, total_counts = totals[: self.n_groups], totals[self.n_groups:]
+        total_counts = total_counts.clamp(min=1)
         if update:
             with torch.no_grad():
-                q = self.q * torch.exp(self.eta * (losses.detach() + self.adjustment))
+                q = self.q * torch.exp(self.eta * (total_sums / total_counts + self.adjustment))
                 self.q.copy_(q / q.sum())
-        return (self.q * losses).sum()
+        return world * (self.q * sums / total_counts).sum()
 
 
 # --------------------------------------------------------------------------- label uncertainty
