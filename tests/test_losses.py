@@ -108,6 +108,41 @@ def test_bmc_on_a_three_face_batch():
     assert float(bmc_loss(torch.tensor(pred), torch.tensor(target), var)) == pytest.approx(want.mean(), rel=1e-5)
 
 
+def _bmc_in_process_group(rank: int, world: int, store: str, pred: torch.Tensor, target: torch.Tensor,
+                          shares: list[int], out: str) -> None:
+    """One process of a gloo group: BMC on its share of the batch; saves the terms and d sum / d sigma."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        start = sum(shares[:rank])
+        loss_fn = BMCLoss(init_sigma=0.5)
+        terms = loss_fn(pred[start:start + shares[rank]], target[start:start + shares[rank]])
+        terms.sum().backward()
+        torch.save({"terms": terms.detach(), "sigma_grad": loss_fn.noise_sigma.grad.clone()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bmc_in_two_processes_contrasts_with_the_whole_batch(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    pred = torch.tensor([0.1, 0.5, 0.9, 0.3, 0.7], dtype=torch.float64)
+    target = torch.tensor([0.2, 0.4, 1.0, 0.3, 0.6], dtype=torch.float64)
+    shares = [3, 2]  # unequal, so the gather's padding is exercised
+    mp.spawn(_bmc_in_process_group, args=(2, str(tmp_path / "store"), pred, target, shares, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+    # every face against all 5 targets, as one process on the whole batch
+    got = torch.cat([rank["terms"] for rank in ranks]).numpy()
+    np.testing.assert_allclose(got, numpy_bmc(pred.numpy(), target.numpy(), 0.25), rtol=1e-5)
+    one_process = BMCLoss(init_sigma=0.5)
+    one_process(pred, target).sum().backward()
+    assert float(sum(rank["sigma_grad"] for rank in ranks)) == pytest.approx(float(one_process.noise_sigma.grad),
+                                                                            rel=1e-5)
+
+
 def test_bmc_noise_sigma_is_learnable():
     loss_fn = BMCLoss(init_sigma=0.5)
     pred = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)

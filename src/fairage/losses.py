@@ -7,7 +7,8 @@ losses so that sample weights, Group DRO and plain means compose the same way.
 
 * ``bmc_loss`` (Ren et al., CVPR 2022, "Balanced MSE", batch-based Monte-Carlo form):
   ``-log softmax_j(-(pred_i - y_j)^2 / (2 sigma^2))`` at ``j = i``, times ``2 sigma^2``
-  detached (restores the MSE scale); ``sigma`` is learnable (``BMCLoss``).
+  detached (restores the MSE scale); ``sigma`` is learnable (``BMCLoss``; under
+  ``torch.distributed`` the j run over every process's targets).
 * ``dex_loss_per_face`` (Rothe et al., 2015, DEX): cross-entropy over 101 age classes,
   against a one-hot class or a Gaussian label distribution; ``dex_expectation`` is the
   prediction, ``sum_k k softmax_k``.
@@ -52,7 +53,8 @@ def regression_loss_per_face(pred: torch.Tensor, target: torch.Tensor, kind: str
 # --------------------------------------------------------------------------- Balanced MSE
 
 
-def bmc_loss_per_face(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor | float) -> torch.Tensor:
+def bmc_loss_per_face(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor | float,
+                      contrast: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """Balanced MSE, batch Monte-Carlo form, one term per face: (B,) pred and target -> (B,).
 
     ``logits[i, j] = -(pred_i - target_j)^2 / (2 noise_var)``; face i's term is the
@@ -60,12 +62,16 @@ def bmc_loss_per_face(pred: torch.Tensor, target: torch.Tensor, noise_var: torch
     learnable variance gets gradient only through the logits). The batch's other targets
     stand in for the training label distribution, so a face whose label is common in the
     batch is pulled less towards it than under MSE. ``noise_var`` in label units squared.
+
+    ``contrast`` (M,): the targets the faces are contrasted with, instead of ``target``
+    itself; face i's own target is ``contrast[offset + i]`` (the whole batch of all
+    processes under DDP, see ``BMCLoss``).
     """
     pred = pred.reshape(-1, 1).float()
-    target = target.reshape(1, -1).to(pred.dtype)
+    target = (target if contrast is None else contrast).reshape(1, -1).to(pred.dtype)
     noise_var = torch.as_tensor(noise_var, dtype=pred.dtype, device=pred.device)
     logits = -(pred - target).pow(2) / (2 * noise_var)
-    labels = torch.arange(pred.shape[0], device=pred.device)
+    labels = torch.arange(offset, offset + pred.shape[0], device=pred.device)
     return F.cross_entropy(logits, labels, reduction="none") * (2 * noise_var).detach()
 
 
@@ -74,8 +80,30 @@ def bmc_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor |
     return bmc_loss_per_face(pred, target, noise_var).mean()
 
 
+def _all_process_targets(target: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Under ``torch.distributed`` (W > 1 processes): every process's (B_r,) targets concatenated
+    in rank order, and where this process's start. Otherwise ``(None, 0)``."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None, 0
+    target = target.detach().reshape(-1)
+    sizes = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([target.numel()], dtype=torch.long, device=target.device))
+    sizes = [int(n) for n in sizes]
+    padded = torch.zeros(max(sizes), dtype=target.dtype, device=target.device)
+    padded[: target.numel()] = target
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    rank = dist.get_rank()
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sum(sizes[:rank])
+
+
 class BMCLoss(nn.Module):
-    """BMC with a learnable noise scale ``noise_sigma`` (label units), started at ``init_sigma``."""
+    """BMC with a learnable noise scale ``noise_sigma`` (label units), started at ``init_sigma``.
+
+    Under ``torch.distributed`` (DDP) each face is contrasted with the targets of the whole
+    batch, all processes' shares gathered, so the per-face terms are those of one process
+    seeing the whole batch.
+    """
 
     def __init__(self, init_sigma: float):
         super().__init__()
@@ -83,7 +111,8 @@ class BMCLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B,) pred, (B,) target -> (B,) per-face BMC terms."""
-        return bmc_loss_per_face(pred, target, self.noise_sigma.pow(2))
+        contrast, offset = _all_process_targets(target)
+        return bmc_loss_per_face(pred, target, self.noise_sigma.pow(2), contrast, offset)
 
 
 # --------------------------------------------------------------------------- DEX
