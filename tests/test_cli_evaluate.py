@@ -79,6 +79,13 @@ def test_evaluate_json_has_exact_keys_and_hand_worked_values(appa, preds):
                                        for g, m in zip(["[0,20)", "[20,40)", "[40,60)", "[60,inf)"], [1, 2, 3, 4])}
     lo, hi = result["mae_ci"]
     assert 1 <= lo <= 2.5 <= hi <= 4
+    # equal gender MAEs: every relabelling gives a bias >= 0, so p = 1; no expression bias, no test
+    assert result["n_perm"] == 1000
+    assert result["bias_p"]["gender"] == 1.0 and result["bias_p"]["expression"] is None
+    assert 0 < result["bias_p"]["age"] <= 1
+    no_test = json.loads(invoke("evaluate", "--data", appa, "--predictions", preds, "--json", "--n-boot", 0,
+                                "--n-perm", 0).stdout)
+    assert no_test["n_perm"] == 0 and set(no_test["bias_p"].values()) == {None}
 
 
 def test_evaluate_human_output_and_custom_attribute(appa, preds):
@@ -91,6 +98,7 @@ def test_evaluate_human_output_and_custom_attribute(appa, preds):
     # [0,40): 1,1,2,2 -> 1.5 ; [40,inf): 3,3,4,4 -> 3.5 ; makeup 1,2,3,4 vs 1,2,3,4 -> 0
     assert "age bias 2.00" in res.output
     assert "makeup bias 0.00" in res.output
+    assert "permutation p = 1" in res.output.split("makeup bias")[1].splitlines()[0]
 
 
 def test_evaluate_run_dir(appa, preds, tmp_path):

@@ -180,6 +180,63 @@ def test_vectorised_bootstrap_matches_loop_reference():
         assert result["bias_ci"][attr] == pytest.approx(_percentile_ci([b[attr] for b in boots], level))
 
 
+def _hand_bias(errors: np.ndarray, labels: np.ndarray) -> float:
+    """Bias score written out: group means, then the mean of |pairwise differences|."""
+    means = [errors[labels == g].mean() for g in sorted(set(labels))]
+    return float(np.mean([abs(a - b) for a, b in combinations(means, 2)]))
+
+
+def test_permutation_pvalues_match_a_loop_reference():
+    import zlib
+
+    rng = np.random.default_rng(11)
+    n, n_perm, seed = 40, 60, 3
+    df = _random_df(rng, n)
+    result = evaluate_result(df, attributes=["gender", "ethnicity"], n_boot=0, n_perm=n_perm, seed=seed)
+    assert result.n_perm == n_perm and result.bias_ci == {"gender": None, "ethnicity": None}
+    errors = np.abs(df["prediction"] - df["age"]).to_numpy()
+    for attr in ("gender", "ethnicity"):
+        known = (df[attr] != "unknown").to_numpy()
+        labels, e = df[attr].to_numpy()[known], errors[known]
+        observed = _hand_bias(e, labels)
+        # documented draws: rng.permutation of the known faces' labels, n_perm times in order
+        draws = np.random.default_rng([seed, zlib.crc32(attr.encode())])
+        permuted = [_hand_bias(e, labels[draws.permutation(len(labels))]) for _ in range(n_perm)]
+        want = (1 + sum(b >= observed - 1e-9 for b in permuted)) / (1 + n_perm)
+        assert result.bias_p[attr] == pytest.approx(want)
+    # a fixed result: the same seed gives the same p-values
+    again = evaluate_result(df, attributes=["gender", "ethnicity"], n_boot=0, n_perm=n_perm, seed=seed)
+    assert again.bias_p == result.bias_p
+
+
+def test_permutation_pvalues_are_calibrated_and_find_a_real_gap():
+    rng = np.random.default_rng(4)
+    n, trials = 120, 200
+    small = []
+    for t in range(trials):  # errors independent of the groups: p should be uniform
+        df = _table(np.full(n, 30.0), 30.0 + rng.normal(0, 5, n),
+                    ethnicity=rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.2, 0.1, 0.7]))
+        p = evaluate_result(df, attributes=["ethnicity"], n_boot=0, n_perm=99, seed=t).bias_p["ethnicity"]
+        assert 0.01 <= p <= 1.0
+        small.append(p <= 0.05)
+    # Binomial(200, 0.05): 10 expected, 3..19 covers it with probability > 0.99
+    assert 3 <= sum(small) <= 19
+    # afroamerican faces misjudged by 8 more years: no permutation reaches the observed bias
+    df = _table(np.full(n, 30.0), 30.0 + rng.normal(0, 2, n),
+                ethnicity=np.repeat(["asian", "afroamerican", "caucasian"], [30, 30, 60]))
+    df.loc[df["ethnicity"] == "afroamerican", "prediction"] += 8.0
+    result = evaluate_result(df, attributes=["ethnicity", "age"], n_boot=0, n_perm=199)
+    assert result.bias_p["ethnicity"] == pytest.approx(1 / 200)
+    assert result.bias_p["age"] is None  # one age group: no bias, no test
+    # the JSON carries the p-values and reads back; an older file without them reads as "no test"
+    raw = result.to_json()
+    assert raw["bias_p"] == {"ethnicity": pytest.approx(1 / 200), "age": None} and raw["n_perm"] == 199
+    assert EvaluationResult.from_json(raw).bias_p == result.bias_p
+    old = {k: v for k, v in raw.items() if k not in ("bias_p", "n_perm")}
+    assert EvaluationResult.from_json(old).n_perm == 0 and EvaluationResult.from_json(old).bias_p == {}
+    assert evaluate_result(df, attributes=["ethnicity"], n_boot=0).bias_p == {"ethnicity": None}
+
+
 def test_paired_compare_matches_loop_reference():
     rng = np.random.default_rng(5)
     n, n_boot, seed = 30, 100, 2

@@ -81,6 +81,8 @@ def test_markdown_holds_the_figures(card):
     assert f"| MAE | {ev['mae']['value']:.2f} | [{lo:.2f}, {hi:.2f}] |" in md
     for attr, b in ev["bias"].items():
         assert f"| {attr} bias | {b['value']:.2f} |" in md
+        assert f" | {b['p']:.3g} |" in md.split(f"| {attr} bias |")[1].split("\n")[0]
+    assert ev["n_perm"] == 200 and "| measure | value | interval | permutation p |" in md
     for g in ev["groups"]["age"]:
         assert f"| {g['group']} | {g['n']} | {g['mae']:.2f} |" in md
     for heading in ("## Evaluation", "### MAE by group", "## Training data", "## Training", "## Warnings",

@@ -341,9 +341,12 @@ def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
             # the card beside it: test MAE and the four biases with their intervals, one table per attribute
             ev = card["evaluation"]
             scores = page.locator("#card-scores tbody tr").all_inner_texts()
-            assert scores[0].split("\t") == ["MAE", f"{ev['mae']['value']:.2f}",
-                                             f"[{ev['mae']['ci'][0]:.2f}, {ev['mae']['ci'][1]:.2f}]"]
+            assert scores[0].split("\t")[:3] == ["MAE", f"{ev['mae']['value']:.2f}",
+                                                 f"[{ev['mae']['ci'][0]:.2f}, {ev['mae']['ci'][1]:.2f}]"]
             assert [s.split("\t")[0] for s in scores[1:]] == [f"{a} bias" for a in ev["bias"]]
+            # each bias's permutation p in the fourth column
+            assert [float(s.split("\t")[3]) for s in scores[1:]] == [pytest.approx(b["p"], rel=5e-3)
+                                                                      for b in ev["bias"].values()]
             for attr, groups in ev["groups"].items():
                 rows = page.locator(f"#card-groups-{attr} tbody tr").all_inner_texts()
                 assert [r.split("\t")[:3] for r in rows] == [[g["group"], str(g["n"]), f"{g['mae']:.2f}"]

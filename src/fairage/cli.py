@@ -337,7 +337,10 @@ def evaluate_command(
                                          help="Bootstrap resamples (0: no intervals; default 1000, for a run its eval.n_boot)."),
     level: Optional[float] = typer.Option(None, "--level", min=0.5, max=0.999,
                                           help="Confidence level of the intervals (default 0.95, for a run its eval.level)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the bootstrap (default 0, for a run its seed)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
+    n_perm: Optional[int] = typer.Option(
+        None, "--n-perm", min=0, help="Label permutations for each bias's p-value (0: no test; default 1000, "
+                                      "for a run its eval.n_perm)."),
     attribute: Optional[list[str]] = typer.Option(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
                                   "Default: age, gender, ethnicity, expression."),
@@ -358,7 +361,7 @@ def evaluate_command(
 
     from .metrics import evaluate
 
-    settings = {"n_boot": 1000, "level": 0.95, "seed": 0}
+    settings = {"n_boot": 1000, "level": 0.95, "n_perm": 1000, "seed": 0}
     model_folder = run_dir is not None and predictions is None and _is_model_folder(run_dir)
     if model_folder:  # no predictions yet: the model predicts the split's faces first
         if data is None:
@@ -376,7 +379,8 @@ def evaluate_command(
         faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     if not model_folder:
         df = _joined_predictions(predictions, faces, clip)
-    chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("seed", seed)) if v is not None}
+    chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("n_perm", n_perm), ("seed", seed))
+              if v is not None}
     settings.update(chosen)
     n_boot, level = settings["n_boot"], settings["level"]
     evaluation = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges), **settings)
@@ -389,7 +393,12 @@ def evaluate_command(
                   f"({n_boot} resamples)", highlight=False)
     console.print(f"  MAE {result['mae']:.2f} years {_fmt_ci(result['mae_ci'])}", highlight=False)
     for name, bias in result["bias"].items():
-        console.print(f"  {name} bias {_fmt_value(bias)} {_fmt_ci(result['bias_ci'][name])}", highlight=False)
+        p_value = result["bias_p"].get(name)
+        test = f"  permutation p = {p_value:.3g}" if p_value is not None else ""
+        console.print(f"  {name} bias {_fmt_value(bias)} {_fmt_ci(result['bias_ci'][name])}{test}", highlight=False)
+    if settings["n_perm"]:
+        console.print(f"  (p: how often {settings['n_perm']} random relabellings of the faces' groups give a bias at "
+                      "least as large; small = the gap is unlikely to be chance)", highlight=False)
     for name, groups in result["groups"].items():
         table = Table(title=f"{name} (bias {_fmt_value(result['bias'][name])})", title_justify="left")
         table.add_column("group")

@@ -244,6 +244,8 @@ class EvalConfig(StrictModel):
     n_boot: int = Field(1000, ge=0)
     #: confidence level of bootstrap intervals
     level: float = Field(0.95, gt=0, lt=1)
+    #: label permutations for each bias score's p-value (0: no test)
+    n_perm: int = Field(1000, ge=0)
 
 
 class ExperimentConfig(StrictModel):
@@ -495,6 +497,7 @@ def apply_scale(raw: dict, scale: str) -> dict:
         stage1_set = dict(stage_set)
         lr_floor = 1e-3
         ev["n_boot"] = 200
+        ev["n_perm"] = 200
     for name, extra in (("stage1", stage1_set), ("stage2", stage_set)):
         st = raw.get(name)
         if isinstance(st, dict):

@@ -20,12 +20,21 @@ Definitions:
   where a statistic is undefined (fewer than two non-empty groups, an empty group) are left
   out of its percentiles. Everything is vectorised: per-face resample counts times a
   one-hot group matrix give every group's error sum and size for all resamples at once.
+* Permutation test of a bias score (``n_perm > 0``): H0 is that the attribute's groups share
+  one distribution of absolute error (group labels exchangeable among the faces with a known
+  group). Permutation k is ``rng.permutation(codes)`` for k = 0..n_perm-1, drawn in that order
+  from ``rng = np.random.default_rng([seed, zlib.crc32(attribute.encode())])``, where ``codes``
+  are the known faces' group indices in table order; the p-value is
+  ``(1 + #{permuted bias >= observed bias}) / (1 + n_perm)`` (never 0, so it stays valid).
+  A bias interval says how large the gap is; the p-value says whether it is there at all,
+  which the interval cannot when the bias is near 0 (a bias is never negative).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -211,6 +220,37 @@ def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Groupin
     return out
 
 
+def permutation_pvalues(errors: np.ndarray, groupings: list[_Grouping], n_perm: int,
+                        seed: int) -> dict[str, float | None]:
+    """Permutation p-value of each attribute's bias score (module docstring); None below two groups.
+
+    ``errors`` (N,) absolute errors in years. The observed and the permuted biases are
+    computed by the same arithmetic, so a permutation that leaves the groups' contents
+    unchanged ties with the observed bias instead of missing it by rounding.
+    """
+    out: dict[str, float | None] = {}
+    for g in groupings:
+        if len(g.order) < 2 or n_perm <= 0:
+            out[g.attribute] = None
+            continue
+        known = g.onehot.sum(axis=1) > 0
+        codes = g.onehot[known].argmax(axis=1)
+        e = errors[known]
+        k = len(g.order)
+        sizes = np.bincount(codes, minlength=k).astype(float)
+        rng = np.random.default_rng([seed, zlib.crc32(g.attribute.encode())])
+        observed = _pairwise_bias((np.bincount(codes, weights=e, minlength=k) / sizes)[None])[0]
+        at_least = 0
+        for start in range(0, n_perm, 256):  # blocks of (256, n) labels bound the memory
+            rows = np.stack([rng.permutation(codes) for _ in range(min(256, n_perm - start))])
+            flat = (rows + (np.arange(len(rows)) * k)[:, None]).ravel()
+            sums = np.bincount(flat, weights=np.tile(e, len(rows)), minlength=len(rows) * k).reshape(-1, k)
+            bias = _pairwise_bias(sums / sizes)
+            at_least += int(np.sum(bias >= observed - 1e-9 * max(1.0, observed)))
+        out[g.attribute] = (1 + at_least) / (1 + n_perm)
+    return out
+
+
 def _interval(values: np.ndarray, level: float) -> list[float] | None:
     """Percentile interval of the finite values (None if there are none)."""
     values = values[np.isfinite(values)]
@@ -260,13 +300,17 @@ class EvaluationResult:
     skipped_groups: dict[str, list[str]]
     level: float
     n_boot: int
+    #: permutation p-value of each bias (None: fewer than two groups, or no permutations)
+    bias_p: dict[str, float | None] = field(default_factory=dict)
+    n_perm: int = 0
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage evaluate --json`` and ``metrics_test.json``::
 
             {"n", "mae", "mae_ci", "bias": {attr: float|None}, "bias_ci": {attr: [lo, hi]|None},
              "groups": {attr: {group: {"n", "mae"}}}, "skipped_groups": {attr: [group, ...]},
-             "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot"}
+             "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot",
+             "bias_p": {attr: float|None}, "n_perm"}
         """
         return {
             "n": self.n, "mae": self.mae, "mae_ci": self.mae_ci, "bias": dict(self.bias),
@@ -275,6 +319,7 @@ class EvaluationResult:
             "skipped_groups": {a: list(v) for a, v in self.skipped_groups.items()},
             "groups_ci": {a: {g: s.ci for g, s in gs.items()} for a, gs in self.groups.items()},
             "level": self.level, "n_boot": self.n_boot,
+            "bias_p": {a: self.bias_p.get(a) for a in self.bias}, "n_perm": self.n_perm,
         }
 
     @classmethod
@@ -290,6 +335,8 @@ class EvaluationResult:
                             for g, v in gs.items()} for a, gs in raw.get("groups", {}).items()},
                 skipped_groups={a: list(v) for a, v in raw.get("skipped_groups", {}).items()},
                 level=float(raw.get("level", 0.95)), n_boot=int(raw.get("n_boot", 0)),
+                bias_p={a: (None if v is None else float(v)) for a, v in (raw.get("bias_p") or {}).items()},
+                n_perm=int(raw.get("n_perm", 0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DataError(f"{source} is not a fairage metrics object ({type(err).__name__}: {err})") from None
@@ -303,21 +350,23 @@ def _point_estimates(df: pd.DataFrame, groupings: list[_Grouping], age_edges: Se
 
 def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
              age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-             seed: int = 0) -> EvaluationResult:
+             seed: int = 0, n_perm: int = 0) -> EvaluationResult:
     """MAE, bias scores and group MAEs of one prediction set, with bootstrap intervals.
 
     ``df`` has ``age`` and ``prediction`` (years) and the attribute columns. ``attributes``
     defaults to ``("age", "gender", "ethnicity", "expression")``; ``"age"`` groups by
     ground-truth age bins with inner edges ``age_edges``. ``n_boot = 0`` skips the bootstrap
-    (all intervals ``None``). Point estimates come from fairlearn's MetricFrame
-    (``group_mae``), the intervals from the vectorised bootstrap.
+    (all intervals ``None``). ``n_perm > 0`` adds each bias's permutation p-value
+    (``bias_p``). Point estimates come from fairlearn's MetricFrame (``group_mae``), the
+    intervals from the vectorised bootstrap.
     """
     attributes, groupings, errors = _prepare(df, attributes, age_edges)
     boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
     total, tables, biases = _point_estimates(df, groupings, age_edges)
     result = EvaluationResult(n=int(len(errors)), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
                               bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
-                              n_boot=int(n_boot))
+                              n_boot=int(n_boot), n_perm=int(n_perm))
+    pvalues = permutation_pvalues(errors, groupings, n_perm, seed)
     for g in groupings:
         table, bias = tables[g.attribute], biases[g.attribute]
         result.bias[g.attribute] = bias
@@ -328,6 +377,7 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
                              _interval(boot[g.attribute]["group_mae"][:, k], level) if boot else None)
             for k, name in enumerate(g.order)}
         result.skipped_groups[g.attribute] = g.skipped
+        result.bias_p[g.attribute] = pvalues[g.attribute] if bias is not None else None
     return result
 
 

@@ -106,9 +106,10 @@ def _evaluation(metrics: "EvaluationResult", source: str) -> dict:
         "n": int(metrics.n),
         "level": float(metrics.level),
         "n_boot": int(metrics.n_boot),
+        "n_perm": int(metrics.n_perm),
         "mae": {"value": float(metrics.mae), "ci": _ci(metrics.mae_ci)},
         "bias": {a: {"value": None if metrics.bias[a] is None else float(metrics.bias[a]),
-                     "ci": _ci(metrics.bias_ci.get(a))} for a in order},
+                     "ci": _ci(metrics.bias_ci.get(a)), "p": metrics.bias_p.get(a)} for a in order},
         "groups": {a: [{"group": g, "n": int(score.n), "mae": float(score.mae), "ci": _ci(score.ci)}
                        for g, score in metrics.groups[a].items()]
                    for a in order if a in metrics.groups},

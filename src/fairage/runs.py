@@ -332,9 +332,9 @@ class RunFolder:
 
     def evaluation_settings(self, cfg: ExperimentConfig | None = None) -> dict:
         """The ``fairage.metrics.evaluate`` arguments the run scores its test split with:
-        ``n_boot``, ``level`` (its ``eval.*``) and ``seed`` (its seed)."""
+        ``n_boot``, ``level``, ``n_perm`` (its ``eval.*``) and ``seed`` (its seed)."""
         cfg = cfg or self.config()
-        return {"n_boot": cfg.eval.n_boot, "level": cfg.eval.level, "seed": cfg.seed}
+        return {"n_boot": cfg.eval.n_boot, "level": cfg.eval.level, "n_perm": cfg.eval.n_perm, "seed": cfg.seed}
 
     # ------------------------------------------------------------------ lock
 
