@@ -194,3 +194,24 @@ def test_report_shows_the_start_and_the_runs_warnings(two_runs, tmp_path):
     m1_part, m5_part = page.split("<h3>M1</h3>")[1].split("<h3>M5</h3>")
     assert "random initialisation" in m1_part and 'class="warning">warning: the model collapsed: &lt;constant&gt;' in m1_part
     assert "pretrained weights /w/backbone.safetensors" in m5_part and "warning" not in m5_part
+
+
+def test_permutation_pvalues_get_their_own_table(two_runs, tmp_path):
+    # runs scored without permutations: no p-value section
+    assert report.pvalue_table(two_runs) is None
+    assert 'id="pvalues"' not in report.build_report(two_runs, tmp_path / "plain").read_text(encoding="utf-8")
+    for run, p_age in zip(two_runs, (0.000999, 0.25)):
+        metrics = json.loads((run / "metrics_test.json").read_text())
+        metrics["bias_p"] = {"age": p_age, "gender": 0.5234, "ethnicity": 0.0123, "expression": None}
+        metrics["n_perm"] = 1000
+        (run / "metrics_test.json").write_text(json.dumps(metrics))
+    table = report.pvalue_table(two_runs)
+    assert list(table.columns) == ["Model", "Seed", "Gender bias", "Expression bias", "Ethnicity bias", "Age bias",
+                                   "Permutations"]
+    assert list(table["Model"]) == ["M1", "M5"] and list(table["Age bias"]) == [0.000999, 0.25]
+    assert table["Expression bias"].isna().all()
+    page = report.build_report(two_runs, tmp_path / "with-p").read_text(encoding="utf-8")
+    section = re.search(r'<table id="pvalues">(.*?)</table>', page, re.S).group(1)
+    cells = re.findall(r"<td[^>]*>([^<]*)</td>", section)
+    assert cells == ["M1", "0", "0.523", "n/a", "0.0123", "0.000999", "1000",
+                     "M5", "0", "0.523", "n/a", "0.0123", "0.25", "1000"]

@@ -177,6 +177,25 @@ def comparison_values(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def pvalue_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame | None:
+    """Permutation p-value of each bias score, one row per run: Model, Seed, the four bias columns.
+
+    None when no run's metrics hold p-values (``eval.n_perm: 0``, or metrics written before
+    they existed); NaN where a run has no p for an attribute.
+    """
+    records = load_runs(runs)
+    if not any(r.metrics.n_perm for r in records):
+        return None
+    rows = []
+    for r in records:
+        row: dict[str, object] = {"Model": r.label, "Seed": r.config.seed, "Permutations": r.metrics.n_perm}
+        for attr, col in BIAS_COLUMNS.items():
+            p = r.metrics.bias_p.get(attr)
+            row[col] = math.nan if p is None else float(p)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["Model", "Seed", *BIAS_COLUMNS.values(), "Permutations"])
+
+
 def format_mean_std(values: Sequence[float], digits: int = 3) -> str:
     """``"m ± s"`` of the values (s = sample standard deviation, ddof=1); NaNs left out.
 
@@ -552,6 +571,13 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         models.append({"label": r.label, "description": r.config.description.strip(), "run_dir": str(r.run_dir),
                        "start": start, "warnings": r.folder.warnings() if record is not None else [],
                        "config_yaml": dump_config(r.config)})
+    pvalues = pvalue_table(records)
+    pvalues_context = None
+    if pvalues is not None:
+        shown = pvalues.copy()
+        for col in BIAS_COLUMNS.values():
+            shown[col] = [("n/a" if math.isnan(v) else f"{v:.3g}") for v in shown[col]]
+        pvalues_context = _table_context(shown, table_id="pvalues")
     reference_context = None
     if reference is not None:
         from .reference import PUBLISHED_NOTE, reference_display
@@ -561,7 +587,8 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
                                                      table_id="reference")}
     return _template().render(
         title=title, css=_CSS, level_pct=int(round(level * 100)),
-        comparison=_table_context(display_table(table), table_id="comparison"), reference=reference_context,
+        comparison=_table_context(display_table(table), table_id="comparison"), pvalues=pvalues_context,
+        reference=reference_context,
         images=[(caption, base64.b64encode(Path(png).read_bytes()).decode("ascii")) for caption, png in images],
         groups=groups, summary=[_table_context(t, caption=f"faces per {attr}", index=True)
                                 for attr, t in (summary or {}).items()],
