@@ -23,7 +23,7 @@ from fairage.config import load_preset
 from fairage.data import write_synthetic
 from fairage.detect import available_detectors, detect_faces, make_detector
 from fairage.errors import ConfigError, DataError
-from fairage.predict import (AgePredictor, crop_box, crop_face, expand_inputs, load_model, read_face,
+from fairage.predict import (AgePredictor, annotated_path, crop_box, crop_face, expand_inputs, load_model, read_face,
                              read_image)
 from fairage.training import train
 
@@ -128,6 +128,23 @@ def test_expand_inputs_folders_globs_and_labels(tmp_path):
         expand_inputs([tmp_path / "nothing.jpg"])
     with pytest.raises(DataError, match="no files match"):
         expand_inputs([str(tmp_path / "*.gif")])
+
+
+def test_expand_inputs_keeps_labels_unique(tmp_path, monkeypatch):
+    # two camera folders with the same file names: the second folder's labels carry the folder
+    for name in ("cam1/IMG_1.jpg", "cam1/IMG_2.jpg", "cam2/IMG_1.jpg"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    cam1, cam2 = tmp_path / "cam1", tmp_path / "cam2"
+    files = expand_inputs([cam1, cam2])
+    assert [label for _, label in files] == ["IMG_1.jpg", "IMG_2.jpg", f"{cam2.as_posix()}/IMG_1.jpg"]
+    assert len({annotated_path(tmp_path / "out", label) for _, label in files}) == 3
+    # a label that stays taken is refused, naming both files: A's cam2/IMG_1.jpg, then cam2's own
+    (tmp_path / "A" / "cam2").mkdir(parents=True)
+    (tmp_path / "A" / "cam2" / "IMG_1.jpg").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"cam2/IMG_1.jpg and A/cam2/IMG_1.jpg would both be labelled 'cam2/IMG_1.jpg'"):
+        expand_inputs(["A", "cam1", "cam2"])
 
 
 # --------------------------------------------------------------------------- detectors

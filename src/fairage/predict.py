@@ -537,24 +537,38 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
     labelled by its path relative to the folder; a pattern with ``*``, ``?`` or ``[``
     that names no existing file is expanded as a glob (``**`` recursive), labels as
     matched. DataError for an input that names nothing.
+
+    Labels name the rows of the predictions CSV and the ``--annotate`` copies, so they are
+    unique: a folder's file whose label another file already has (two folders holding
+    ``IMG_0001.jpg``) is labelled with the folder as given, ``folder/IMG_0001.jpg``; DataError
+    naming both files if even that is taken.
     """
     import glob
 
     out: list[tuple[str, str]] = []
     seen: set[str] = set()
+    labels: dict[str, Path] = {}
 
-    def add(path: Path, label: str) -> None:
+    def add(path: Path, label: str, qualified: str | None = None) -> None:
         key = str(path.resolve())
-        if key not in seen:
-            seen.add(key)
-            out.append((str(path), label))
+        if key in seen:
+            return
+        if label in labels and qualified is not None:
+            label = qualified
+        if label in labels:
+            raise DataError(f"{path} and {labels[label]} would both be labelled {label!r} in the output; "
+                            "rename one or give them in separate runs")
+        seen.add(key)
+        labels[label] = path
+        out.append((str(path), label))
 
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             for p in files:
-                add(p, p.relative_to(path).as_posix())
+                rel = p.relative_to(path).as_posix()
+                add(p, rel, (Path(item) / rel).as_posix())
         elif path.exists():
             add(path, str(item))
         elif any(c in str(item) for c in "*?["):
