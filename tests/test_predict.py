@@ -319,6 +319,32 @@ def test_model_folder_loads_like_the_run(run, predictor, tmp_path):
     assert missing.exit_code == 2 and "model folder" in missing.output
 
 
+def test_evaluate_a_run_on_another_split_and_dataset(run, predictor, tmp_path):
+    """Its predictions_test.csv covers its own test split; elsewhere the run's model predicts first."""
+    import json
+
+    from fairage.data import load_faces, load_images
+
+    run_dir, data = run
+    other = write_synthetic(tmp_path / "other", n_train=4, n_valid=4, n_test=20, size=48, seed=7, workers=1)
+    for dataset, split, n in ((other, "test", 20), (data, "valid", 16)):
+        res = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(dataset), "--split", split, "--json",
+                                       "--n-boot", "0", "--n-perm", "0"])
+        assert res.exit_code == 0, res.output
+        scores = json.loads(res.stdout)
+        # by hand: the predictor on the split's faces decoded as for training
+        faces = load_faces(dataset).query("split == @split").reset_index(drop=True)
+        ages = predictor.predict_crops(load_images(faces, 32))
+        assert scores["n"] == n == len(faces)
+        assert scores["mae"] == pytest.approx(np.abs(ages - faces["age"].to_numpy()).mean(), abs=1e-4)
+    # its own test split still reads predictions_test.csv (no --data, or --data naming the same folder)
+    own = json.loads((run_dir / "metrics_test.json").read_text())
+    for extra in ([], ["--data", str(data)]):
+        res = CliRunner().invoke(app, ["evaluate", str(run_dir), "--json", *extra])
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.stdout) == own
+
+
 def test_export_onnx_and_torchscript_agree_with_torch(run, predictor, tmp_path):
     pytest.importorskip("onnxruntime")
     onnx_path, ts_path = tmp_path / "m.onnx", tmp_path / "m.pt"

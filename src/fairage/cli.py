@@ -328,7 +328,9 @@ def _fmt_value(x) -> str:
 
 @app.command("evaluate")
 def evaluate_command(
-    run_dir: Optional[Path] = typer.Argument(None, help="A training run folder: evaluates its predictions_test.csv."),
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run folder: its predictions_test.csv; for another split or dataset (--split, --data) its model "
+                   "predicts those faces. A model folder predicts the faces of --data."),
     data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     predictions: Optional[Path] = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
@@ -354,6 +356,7 @@ def evaluate_command(
 
     For a run folder the faces are loaded with the run's own data settings (layout,
     target, ...) and scored with its eval settings, so the result equals its metrics_test.json.
+    On another split or dataset the run's model predicts the faces first.
     """
     import json
 
@@ -362,22 +365,29 @@ def evaluate_command(
     from .metrics import evaluate
 
     settings = {"n_boot": 1000, "level": 0.95, "n_perm": 1000, "seed": 0}
-    model_folder = run_dir is not None and predictions is None and _is_model_folder(run_dir)
-    if model_folder:  # no predictions yet: the model predicts the split's faces first
-        if data is None:
+    df = None
+    if run_dir is not None and predictions is None and _is_model_folder(run_dir):
+        if data is None:  # no predictions yet: the model predicts the split's faces first
             fail(f"{run_dir} is a model folder: give the dataset with --data DIR")
         faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
         df, predictions = _model_folder_predictions(run_dir, faces, not json_out), run_dir
     elif run_dir is not None:
-        folder, run_predictions = _run_predictions(run_dir)
-        predictions = predictions or run_predictions
+        from .runs import RunFolder
+
+        folder = RunFolder.open(run_dir)
         settings = folder.evaluation_settings()
         faces = _run_split_faces(folder, data, split, skip_bad, extra_categories, allow_absolute_paths)
+        own_test = split == "test" and (data is None or data.resolve() == Path(folder.data_dir).resolve())
+        if predictions is None and not own_test:
+            # predictions_test.csv covers the run's own test split only: its model predicts these faces
+            df, predictions = _model_folder_predictions(run_dir, faces, not json_out), run_dir
+        elif predictions is None:
+            predictions = _run_predictions(run_dir)[1]
     elif data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
     else:
         faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-    if not model_folder:
+    if df is None:
         df = _joined_predictions(predictions, faces, clip)
     chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("n_perm", n_perm), ("seed", seed))
               if v is not None}
@@ -836,7 +846,8 @@ def _is_model_folder(path: Path) -> bool:
 
 
 def _model_folder_predictions(folder: Path, faces, progress: bool):
-    """``faces`` with a ``prediction`` column from the model in ``folder`` (images decoded as for training)."""
+    """``faces`` with a ``prediction`` column from the model in ``folder`` (a model or run folder;
+    images decoded as for training)."""
     from .predict import predict_faces
 
     df = faces.copy()
