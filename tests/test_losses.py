@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fairage.losses import (BMCLoss, GroupDRO, StageObjective, bmc_loss, bmc_loss_per_face, dex_expectation,
-                            dex_loss_per_face, dex_target_distribution, draw_targets, inverse_variance_weights)
+from fairage.losses import (BMCLoss, GroupDRO, GroupInvariance, StageObjective, bmc_loss, bmc_loss_per_face,
+                            dex_expectation, dex_loss_per_face, dex_target_distribution, draw_targets,
+                            explained_variance_share, inverse_variance_weights)
 from fairage.weighting import weighted_loss
 
 
@@ -246,3 +247,112 @@ def test_objective_sample_draws_targets_by_face_index():
     assert not torch.equal(objective.epoch_targets, targets)
     with pytest.raises(ValueError, match="index"):
         objective(ages, ages, None, None)
+
+
+# --------------------------------------------------------------------------- group invariance
+
+
+FEATURES = np.array([[0.5, 1.0], [-1.0, 0.2], [2.0, -0.5], [0.3, 0.3], [1.0, 1.0]])
+CODES = np.array([0, 1, 1, 0, -1])  # the last face's group is unknown
+
+
+def _hand_share(x: np.ndarray, codes: np.ndarray) -> float:
+    mean = x.mean(axis=0)
+    between = sum((codes == g).mean() * ((x[codes == g].mean(axis=0) - mean) ** 2).sum() for g in set(codes))
+    return float(between / x.var(axis=0).sum())
+
+
+def test_explained_variance_share_by_hand():
+    known = CODES >= 0
+    x, codes = FEATURES[known], CODES[known]
+    # group 0: rows 0, 3 -> mean (0.4, 0.65); group 1: rows 1, 2 -> mean (0.5, -0.15); all: (0.45, 0.25)
+    # between: 0.5 * (0.05^2 + 0.4^2) * 2 = 0.1625; total variance: 1.1325 + 0.2825 = 1.415
+    want = 0.1625 / 1.415
+    assert _hand_share(x, codes) == pytest.approx(want)
+    got = explained_variance_share(torch.tensor(x), torch.tensor(codes), 2)
+    assert float(got) == pytest.approx(want, rel=1e-6)
+    # constant within groups: the groups explain everything; equal group means: nothing
+    assert float(explained_variance_share(torch.tensor([[1.0], [1.0], [3.0]]), torch.tensor([0, 0, 1]), 2)) \
+        == pytest.approx(1.0)
+    assert float(explained_variance_share(torch.tensor([[1.0], [3.0], [1.0], [3.0]]), torch.tensor([0, 0, 1, 1]),
+                                          2)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_invariance_penalty_gradient_and_a_probe_that_sends_none_back():
+    invariance = GroupInvariance(2, [2], weight=0.5)
+    f = torch.tensor(FEATURES, dtype=torch.float32, requires_grad=True)
+    loss, stats = invariance(f, torch.tensor(CODES).reshape(-1, 1))
+    known = CODES >= 0
+    logits = invariance.probes[0](torch.tensor(FEATURES[known], dtype=torch.float32)).detach().numpy()
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probe_ce = -np.mean(np.log(p[np.arange(known.sum()), CODES[known]]))
+    share = _hand_share(FEATURES[known], CODES[known])
+    assert float(loss.detach()) == pytest.approx(0.5 * share + probe_ce, rel=1e-5)
+    assert stats["explained"].tolist() == pytest.approx([share], rel=1e-5)
+    assert stats["accuracy"].tolist() == pytest.approx([np.mean(p.argmax(axis=1) == CODES[known])])
+    loss.backward()
+    # the features feel the penalty only: its gradient, by central differences on the hand formula
+    want = np.zeros_like(FEATURES)
+    for i in np.flatnonzero(known):
+        for d in range(2):
+            up, down = FEATURES.copy(), FEATURES.copy()
+            up[i, d] += 1e-6
+            down[i, d] -= 1e-6
+            want[i, d] = 0.5 * (_hand_share(up[known], CODES[known]) - _hand_share(down[known], CODES[known])) / 2e-6
+    np.testing.assert_allclose(f.grad.numpy(), want, rtol=1e-3, atol=1e-6)
+    assert invariance.probes[0].weight.grad is not None  # the probe learns from its own cross-entropy
+
+
+def test_invariance_batch_without_two_known_faces_adds_nothing():
+    invariance = GroupInvariance(2, [2], weight=1.0)
+    f = torch.tensor(FEATURES, dtype=torch.float32, requires_grad=True)
+    loss, stats = invariance(f, torch.tensor([0, -1, -1, -1, -1]).reshape(-1, 1))
+    assert float(loss.detach()) == 0.0 and np.isnan(stats["explained"].item())
+    loss.backward()
+    assert invariance.probes[0].weight.grad is not None  # used, so DDP finds every parameter
+
+
+def test_invariance_removes_a_group_signal_the_target_does_not_need():
+    """A linear feature map over (signal, noisy group flag, 3 noise inputs), trained with Adam;
+    age needs only the signal.
+
+    Without the penalty the map keeps the flag (a fresh probe tells the groups apart); with
+    it the groups explain almost none of the features' variance, the flag's weight shrinks
+    and a fresh probe falls towards chance.
+    """
+    def train(weight: float | None) -> tuple[float, float, float]:
+        torch.manual_seed(0)
+        n = 512
+        group = (torch.rand(n) < 0.5).long()
+        signal = torch.randn(n)
+        flag = (group.float() * 2 - 1) + 0.5 * torch.randn(n)
+        x = torch.cat([signal[:, None], flag[:, None], torch.randn(n, 3)], dim=1)
+        target = signal * 0.5
+        feature_map, head = torch.nn.Linear(5, 8), torch.nn.Linear(8, 1)
+        invariance = GroupInvariance(8, [2], weight=weight or 1.0)
+        opt = torch.optim.Adam([*feature_map.parameters(), *head.parameters(), *invariance.parameters()], lr=0.02)
+        for _ in range(400):
+            opt.zero_grad()
+            feats = feature_map(x)
+            loss = torch.nn.functional.mse_loss(head(feats).squeeze(-1), target)
+            if weight is not None:
+                loss = loss + invariance(feats, group.reshape(-1, 1))[0]
+            loss.backward()
+            opt.step()
+        w = feature_map.weight.detach()
+        feats = feature_map(x).detach()
+        probe = torch.nn.Linear(8, 2)
+        probe_opt = torch.optim.Adam(probe.parameters(), lr=0.05)
+        for _ in range(300):
+            probe_opt.zero_grad()
+            torch.nn.functional.cross_entropy(probe(feats), group).backward()
+            probe_opt.step()
+        return (float(explained_variance_share(feats, group, 2)), float(w[:, 1].norm() / w.norm()),
+                float((probe(feats).argmax(1) == group).float().mean()))
+
+    explained_plain, flag_plain, probe_plain = train(None)
+    explained_inv, flag_inv, probe_inv = train(1.0)
+    assert explained_plain > 0.05 and probe_plain > 0.95  # the flag passes through an unconstrained map
+    assert explained_inv < 0.001
+    assert flag_inv < flag_plain / 5
+    assert probe_inv < 0.75
