@@ -148,6 +148,16 @@ def _strategy(cfg) -> str:
             scheme = w.scheme if w.scheme != "none" else ""
             desc = "+".join(p for p in (("lds" if w.lds else ""), scheme) if p)
             what += f", {desc} weights" + (" (sampler)" if w.mode == "sampler" else "")
+        if st.dro.enabled:
+            what += f", Group DRO ({st.dro.scheme})"
+        if st.loss == "bmc":
+            what += ", Balanced MSE"
+        elif st.loss == "ce":
+            what += ", DEX"
+        if st.label_std != "off":
+            what += f", label std ({st.label_std})"
+        if st.invariance.enabled:
+            what += f", {'+'.join(st.invariance.attributes)}-invariant features"
         parts.append(("I: " if name == "stage1" else "II: ") + what)
     return "; ".join(parts)
 
