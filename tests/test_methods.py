@@ -146,6 +146,16 @@ def test_label_std_without_age_std_is_a_clear_error():
         face_arrays(faces, StageConfig(label_std="weight"), "stage2")
 
 
+def fit_small_stage(stage: StageConfig, faces: pd.DataFrame, images: np.ndarray, ages: np.ndarray, run_dir):
+    """A ResNet18 with an 8-d projection trained as stage II on ``images``; the first 16 also validate."""
+    arrays = face_arrays(faces, stage)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
+    result = fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
+                       run_dir=run_dir)
+    return model, result
+
+
 def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path):
     images, ages = brightness_faces(48, seed=2)
     faces = pd.DataFrame({"image": [f"f{i}" for i in range(48)], "age": ages,
@@ -153,11 +163,7 @@ def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path
                           "age_std": np.full(48, 2.0)})
     stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=2, loss="bmc", label_std="sample",
                         dro=DROConfig(enabled=True, scheme="custom", attributes=["ethnicity"], eta=5.0))
-    arrays = face_arrays(faces, stage)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
-    result = fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
-                       run_dir=tmp_path)
+    model, result = fit_small_stage(stage, faces, images, ages, tmp_path)
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
     q = pd.read_csv(tmp_path / "dro_q.csv")
     assert list(q.columns) == ["epoch", "stage", "q[asian]", "q[caucasian]"]
@@ -192,11 +198,7 @@ def test_invariance_codes_config_checks_and_a_stage_that_writes_its_trajectory(t
     images, ages = brightness_faces(48, seed=3)
     train_faces = pd.DataFrame({"image": [f"f{i}" for i in range(48)], "age": ages,
                                 "ethnicity": np.where(np.arange(48) % 3 == 0, "asian", "caucasian")})
-    arrays = face_arrays(train_faces, stage)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
-    result = fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
-                       run_dir=tmp_path)
+    _, result = fit_small_stage(stage, train_faces, images, ages, tmp_path)
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
     table = pd.read_csv(tmp_path / "invariance.csv")
     assert list(table.columns) == ["epoch", "stage", "explained[ethnicity]", "probe_accuracy[ethnicity]",
