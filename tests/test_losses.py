@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fairage.losses import (BMCLoss, GroupDRO, GroupInvariance, StageObjective, bmc_loss, bmc_loss_per_face,
-                            dex_expectation, dex_loss_per_face, dex_target_distribution, draw_targets,
-                            explained_variance_share, inverse_variance_weights)
+                            balanced_accuracy, dex_expectation, dex_loss_per_face, dex_target_distribution,
+                            draw_targets, explained_variance_share, inverse_variance_weights)
 from fairage.weighting import weighted_loss
 
 
@@ -289,7 +289,9 @@ def test_invariance_penalty_gradient_and_a_probe_that_sends_none_back():
     share = _hand_share(FEATURES[known], CODES[known])
     assert float(loss.detach()) == pytest.approx(0.5 * share + probe_ce, rel=1e-5)
     assert stats["explained"].tolist() == pytest.approx([share], rel=1e-5)
-    assert stats["accuracy"].tolist() == pytest.approx([np.mean(p.argmax(axis=1) == CODES[known])])
+    predicted, truth = p.argmax(axis=1), CODES[known]
+    recalls = [np.mean(predicted[truth == g] == g) for g in (0, 1)]
+    assert stats["accuracy"].tolist() == pytest.approx([np.mean(recalls)])
     loss.backward()
     # the features feel the penalty only: its gradient, by central differences on the hand formula
     want = np.zeros_like(FEATURES)
@@ -301,6 +303,13 @@ def test_invariance_penalty_gradient_and_a_probe_that_sends_none_back():
             want[i, d] = 0.5 * (_hand_share(up[known], CODES[known]) - _hand_share(down[known], CODES[known])) / 2e-6
     np.testing.assert_allclose(f.grad.numpy(), want, rtol=1e-3, atol=1e-6)
     assert invariance.probes[0].weight.grad is not None  # the probe learns from its own cross-entropy
+
+
+def test_balanced_accuracy_by_hand():
+    target = torch.tensor([0, 0, 0, 1, 2, 2])
+    # recalls: group 0 2/3, group 1 0/1, group 2 2/2 -> 5/9; always naming group 0: 1/3
+    assert float(balanced_accuracy(torch.tensor([0, 0, 2, 0, 2, 2]), target, 4)) == pytest.approx(5 / 9)
+    assert float(balanced_accuracy(torch.zeros(6, dtype=torch.long), target, 4)) == pytest.approx(1 / 3)
 
 
 def test_invariance_batch_without_two_known_faces_adds_nothing():

@@ -201,10 +201,11 @@ def test_invariance_codes_config_checks_and_a_stage_that_writes_its_trajectory(t
     _, result = fit_small_stage(stage, train_faces, images, ages, tmp_path)
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
     table = pd.read_csv(tmp_path / "invariance.csv")
-    assert list(table.columns) == ["epoch", "stage", "explained[ethnicity]", "probe_accuracy[ethnicity]",
+    assert list(table.columns) == ["epoch", "stage", "explained[ethnicity]", "probe_balanced_accuracy[ethnicity]",
                                    "chance[ethnicity]"]
     assert table["epoch"].tolist() == [1, 2]
     assert ((table["explained[ethnicity]"] >= 0) & (table["explained[ethnicity]"] <= 1)).all()
-    assert table["chance[ethnicity]"].tolist() == pytest.approx([32 / 48] * 2)  # 32 caucasian of 48
+    assert table["chance[ethnicity]"].tolist() == [0.5, 0.5]  # two groups
+    assert ((table["probe_balanced_accuracy[ethnicity]"] >= 0) & (table["probe_balanced_accuracy[ethnicity]"] <= 1)).all()
     ckpt = torch.load(tmp_path / "checkpoints" / "stage2-last.ckpt", map_location="cpu", weights_only=True)
     assert "objective.invariance.probes.0.weight" in ckpt["state_dict"]

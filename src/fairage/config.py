@@ -127,8 +127,9 @@ class InvarianceConfig(StrictModel):
 
     enabled: bool = False
     attributes: list[str] = Field(default_factory=lambda: ["ethnicity"], min_length=1)
-    #: lambda: how strongly the features are pushed to hide the groups
-    weight: float = Field(1.0, gt=0)
+    #: lambda: the penalty (a share, 0..1) against the stage's loss (label units: an MSE of ~0.005
+    #: for sigmoid outputs); 0.1 keeps the two comparable
+    weight: float = Field(0.1, gt=0)
 
     @model_validator(mode="after")
     def _no_age_attribute(self) -> "InvarianceConfig":

@@ -260,6 +260,18 @@ def explained_variance_share(features: torch.Tensor, codes: torch.Tensor, n_grou
     return between / (total + 1e-8)
 
 
+def balanced_accuracy(predicted: torch.Tensor, target: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Mean over the groups present in ``target`` of the share of their faces predicted right.
+
+    Always naming one group scores 1 / (groups present), whatever the group sizes, so a
+    probe that has learnt nothing but the largest group does not look informed.
+    """
+    present = torch.bincount(target, minlength=n_groups) > 0
+    hits = torch.bincount(target[predicted == target], minlength=n_groups).float()
+    sizes = torch.bincount(target, minlength=n_groups).float()
+    return (hits[present] / sizes[present]).mean()
+
+
 class GroupInvariance(nn.Module):
     """The invariance penalty of one or more attributes, and a linear probe of each.
 
@@ -273,8 +285,8 @@ class GroupInvariance(nn.Module):
     attribute, -1 where unknown; only known faces count. Returns the loss to add:
     ``weight * sum_a explained_variance_share`` plus the probes' cross-entropy on the
     features *detached* (it trains the probes and nothing else), and ``stats``: (A,)
-    explained shares and (A,) probe accuracies of the batch (NaN for an attribute with
-    fewer than two known faces).
+    explained shares and (A,) balanced probe accuracies of the batch (``balanced_accuracy``;
+    NaN for an attribute with fewer than two known faces).
     """
 
     def __init__(self, feature_dim: int, n_groups: Sequence[int], weight: float = 1.0):
@@ -302,7 +314,7 @@ class GroupInvariance(nn.Module):
             share = explained_variance_share(x[known], target, k)
             total = total + self.weight * share + F.cross_entropy(logits[known], target)
             shares.append(share.detach())
-            accs.append((logits[known].argmax(dim=1) == target).float().mean().detach())
+            accs.append(balanced_accuracy(logits[known].argmax(dim=1), target, k).detach())
         return total, {"explained": torch.stack(shares), "accuracy": torch.stack(accs)}
 
 

@@ -9,9 +9,10 @@
 * ``DROHistoryCallback``: writes the Group DRO weights ``q`` after every epoch to
   ``dro_q.csv`` in the run folder (columns ``epoch``, ``stage``, ``q[<group>]``);
 * ``InvarianceHistoryCallback``: writes, after every epoch, the share of the features'
-  variance the groups explain and the linear probe's accuracy per attribute to
-  ``invariance.csv`` (``epoch``, ``stage``, ``explained[<attr>]``, ``probe_accuracy[<attr>]``,
-  ``chance[<attr>]``), so one sees whether the features still give the groups away.
+  variance the groups explain and the linear probe's balanced accuracy per attribute to
+  ``invariance.csv`` (``epoch``, ``stage``, ``explained[<attr>]``,
+  ``probe_balanced_accuracy[<attr>]``, ``chance[<attr>]``), so one sees whether the
+  features still give the groups away.
 """
 
 from __future__ import annotations
@@ -177,21 +178,18 @@ class InvarianceHistoryCallback(Callback):
     """Appends the invariance statistics' epoch means to ``run_dir/invariance.csv`` (rank 0, atomic).
 
     Columns ``epoch``, ``stage``, then per attribute ``explained[<attr>]`` (the share of the
-    features' variance its groups explain, 0..1), ``probe_accuracy[<attr>]`` (the linear
-    probe's accuracy over the epoch's training batches) and ``chance[<attr>]`` (the
-    accuracy of always naming the largest group). A probe near chance: the features no
-    longer give the groups away, linearly. Rows of other stages and of this stage's epochs
-    up to a resume point are kept.
+    features' variance its groups explain, 0..1), ``probe_balanced_accuracy[<attr>]`` (the
+    linear probe's balanced accuracy, the mean of its per-group recalls, over the epoch's
+    training batches) and ``chance[<attr>]`` (1 / groups: what naming one group always
+    scores). A probe near chance: the features no longer give the groups away, linearly.
+    Rows of other stages and of this stage's epochs up to a resume point are kept.
     """
 
     def __init__(self, run_dir: Path, stage: str, groups: dict[str, list[str]], codes: np.ndarray):
         self.path = Path(run_dir) / INVARIANCE_FILE
         self.stage = stage
         self.attributes = list(groups)
-        self.chance = {}
-        for a, attr in enumerate(self.attributes):
-            known = codes[:, a][codes[:, a] >= 0]
-            self.chance[attr] = float(np.bincount(known).max() / known.size) if known.size else float("nan")
+        self.chance = {attr: 1.0 / len(names) for attr, names in groups.items()}
         self.rows: list[dict] | None = None
         self.sums: np.ndarray | None = None
         self.counts: np.ndarray | None = None
@@ -222,7 +220,7 @@ class InvarianceHistoryCallback(Callback):
         row: dict = {"epoch": trainer.current_epoch + 1, "stage": self.stage}
         for a, attr in enumerate(self.attributes):
             row[f"explained[{attr}]"] = float(means[0, a])
-            row[f"probe_accuracy[{attr}]"] = float(means[1, a])
+            row[f"probe_balanced_accuracy[{attr}]"] = float(means[1, a])
             row[f"chance[{attr}]"] = self.chance[attr]
         self.rows.append(row)
         if trainer.is_global_zero:
