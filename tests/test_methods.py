@@ -7,8 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from fairage.config import (DROConfig, HeadBlock, InvarianceConfig, ModelConfig, StageConfig, load_preset,
-                            validate_config)
+from fairage.config import DROConfig, HeadBlock, ModelConfig, StageConfig, load_preset, validate_config
 from fairage.errors import ConfigError, DataError
 from fairage.methods import build_objective, face_arrays, uses_methods
 from fairage.models import build_model
@@ -100,7 +99,7 @@ def test_defaults_leave_every_method_off():
 
 
 def test_methods_group_and_presets():
-    assert expand_presets(["methods"]) == ["M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex", "M5-inv"]
+    assert expand_presets(["methods"]) == ["M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex"]
     assert expand_presets(["M2", "methods"])[:2] == ["M2", "M1"]
     assert [n for n, _ in suite_configs(["methods"], "tiny")] == list(PRESET_GROUPS["methods"])
     assert load_preset("M5-dro", "cpu").stage2.dro.enabled
@@ -108,9 +107,6 @@ def test_methods_group_and_presets():
     assert load_preset("M5-std", "cpu").stage2.label_std == "sample"
     dex = load_preset("M5-dex", "cpu")
     assert dex.model.output == "dex" and dex.stage1.loss == dex.stage2.loss == "ce"
-    inv = load_preset("M5-inv", "cpu")
-    assert inv.stage2.invariance.enabled and inv.stage2.invariance.attributes == ["ethnicity"]
-    assert not inv.stage1.invariance.enabled and inv.stage2.weighting == load_preset("M5", "cpu").stage2.weighting
 
 
 def faces_table(n: int = 8) -> pd.DataFrame:
@@ -146,16 +142,6 @@ def test_label_std_without_age_std_is_a_clear_error():
         face_arrays(faces, StageConfig(label_std="weight"), "stage2")
 
 
-def fit_small_stage(stage: StageConfig, faces: pd.DataFrame, images: np.ndarray, ages: np.ndarray, run_dir):
-    """A ResNet18 with an 8-d projection trained as stage II on ``images``; the first 16 also validate."""
-    arrays = face_arrays(faces, stage)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
-    result = fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
-                       run_dir=run_dir)
-    return model, result
-
-
 def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path):
     images, ages = brightness_faces(48, seed=2)
     faces = pd.DataFrame({"image": [f"f{i}" for i in range(48)], "age": ages,
@@ -163,7 +149,11 @@ def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path
                           "age_std": np.full(48, 2.0)})
     stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=2, loss="bmc", label_std="sample",
                         dro=DROConfig(enabled=True, scheme="custom", attributes=["ethnicity"], eta=5.0))
-    model, result = fit_small_stage(stage, faces, images, ages, tmp_path)
+    arrays = face_arrays(faces, stage)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
+    result = fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
+                       run_dir=tmp_path)
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
     q = pd.read_csv(tmp_path / "dro_q.csv")
     assert list(q.columns) == ["epoch", "stage", "q[asian]", "q[caucasian]"]
@@ -175,37 +165,3 @@ def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path
     assert "objective.bmc.noise_sigma" in ckpt["state_dict"]
     with pytest.raises(ConfigError, match="dro.enabled needs"):
         fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16]), run_dir=tmp_path / "again")
-
-
-def test_invariance_codes_config_checks_and_a_stage_that_writes_its_trajectory(tmp_path):
-    faces = faces_table()
-    faces.loc[2, "ethnicity"] = "unknown"
-    stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=2,
-                        invariance=InvarianceConfig(enabled=True, attributes=["ethnicity"], weight=1.0))
-    arrays = face_arrays(faces, stage)
-    assert arrays.invariance_groups == {"ethnicity": ["asian", "afroamerican", "caucasian"]}
-    assert arrays.invariance_codes[:, 0].tolist() == [2, 0, -1, 1, 0, 2, 2, 2]
-    with pytest.raises(DataError, match="stage2.invariance.attributes: the training faces have no column 'skin'"):
-        face_arrays(faces, StageConfig(invariance=InvarianceConfig(enabled=True, attributes=["skin"])), "stage2")
-    one_group = faces.assign(ethnicity="caucasian")
-    with pytest.raises(ConfigError, match="'ethnicity' has 1 known group"):
-        face_arrays(one_group, stage)
-    with pytest.raises(ConfigError, match="stage1.invariance needs features that train"):
-        load_preset("M5", "tiny", ["stage1.invariance.enabled=true"])
-    with pytest.raises(ConfigError, match="cannot include 'age'"):
-        load_preset("M5", "tiny", ["stage2.invariance.enabled=true", "stage2.invariance.attributes=[age]"])
-
-    images, ages = brightness_faces(48, seed=3)
-    train_faces = pd.DataFrame({"image": [f"f{i}" for i in range(48)], "age": ages,
-                                "ethnicity": np.where(np.arange(48) % 3 == 0, "asian", "caucasian")})
-    _, result = fit_small_stage(stage, train_faces, images, ages, tmp_path)
-    assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
-    table = pd.read_csv(tmp_path / "invariance.csv")
-    assert list(table.columns) == ["epoch", "stage", "explained[ethnicity]", "probe_balanced_accuracy[ethnicity]",
-                                   "chance[ethnicity]"]
-    assert table["epoch"].tolist() == [1, 2]
-    assert ((table["explained[ethnicity]"] >= 0) & (table["explained[ethnicity]"] <= 1)).all()
-    assert table["chance[ethnicity]"].tolist() == [0.5, 0.5]  # two groups
-    assert ((table["probe_balanced_accuracy[ethnicity]"] >= 0) & (table["probe_balanced_accuracy[ethnicity]"] <= 1)).all()
-    ckpt = torch.load(tmp_path / "checkpoints" / "stage2-last.ckpt", map_location="cpu", weights_only=True)
-    assert "objective.invariance.probes.0.weight" in ckpt["state_dict"]

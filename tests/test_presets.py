@@ -27,7 +27,6 @@ EXPECTED = {
     "M5-bmc": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
     "M5-std": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
     "M5-dex": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
-    "M5-inv": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
 }
 #: presets whose stages train with another loss than MSE: (stage1 loss, stage2 loss)
 LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce")}

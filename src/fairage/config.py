@@ -111,36 +111,6 @@ class DROConfig(StrictModel):
                                merges=self.merges)
 
 
-class InvarianceConfig(StrictModel):
-    """Group-invariant features: a penalty on how much of the features' variance the groups explain.
-
-    For each attribute in ``attributes`` (a face-table column: gender, ethnicity, expression
-    or any other) and each training batch, the penalty is the share of the variance of the
-    features (after the projection, what the head sees) explained by the faces' groups,
-    ``sum_g (n_g / n) ||mean_g - mean||^2 / sum_d var_d``, between 0 and 1: the squared
-    distance of each group's mean features from the batch mean, the linear-kernel MMD of
-    the fair-representation literature (Louizos et al. 2016). ``weight`` times it is added
-    to the stage's loss. A linear probe per attribute, trained on the features without
-    sending any gradient back, measures whether the groups can still be told apart
-    (``invariance.csv``). Faces whose value is "unknown" are left out of that attribute.
-    """
-
-    enabled: bool = False
-    attributes: list[str] = Field(default_factory=lambda: ["ethnicity"], min_length=1)
-    #: lambda: the penalty (a share, 0..1) against the stage's loss (label units: an MSE of ~0.005
-    #: for sigmoid outputs); 0.1 keeps the two comparable
-    weight: float = Field(0.1, gt=0)
-
-    @model_validator(mode="after")
-    def _no_age_attribute(self) -> "InvarianceConfig":
-        if "age" in self.attributes:
-            raise ValueError("invariance.attributes cannot include 'age': hiding age from the features would "
-                             "fight the regression itself")
-        if len(set(self.attributes)) != len(self.attributes):
-            raise ValueError(f"invariance.attributes lists an attribute twice: {self.attributes}")
-        return self
-
-
 class StageConfig(StrictModel):
     lr: float = Field(1e-5, gt=0)
     amsgrad: bool = False
@@ -181,7 +151,6 @@ class StageConfig(StrictModel):
     #: age_std values below this (years) are raised to it, so 1/age_std^2 stays bounded
     age_std_floor: float = Field(1.0, gt=0)
     dro: DROConfig = Field(default_factory=DROConfig)
-    invariance: InvarianceConfig = Field(default_factory=InvarianceConfig)
 
 
 class HeadBlock(StrictModel):
@@ -302,14 +271,6 @@ class ExperimentConfig(StrictModel):
             if (self.model.output == "dex") != (stage.loss == "ce"):
                 raise ValueError(f"{name}.loss '{stage.loss}' does not fit model.output '{self.model.output}': "
                                  "the DEX head (output dex) trains with loss ce, and loss ce needs output dex")
-        return self
-
-    @model_validator(mode="after")
-    def _invariance_has_trainable_features(self) -> "ExperimentConfig":
-        if self.stage1 is not None and self.stage1.invariance.enabled and self.stage1.trainable == "head":
-            raise ValueError("stage1.invariance needs features that train: with stage1.trainable 'head' the "
-                             "backbone and projection are frozen; set trainable: projection+head or use it "
-                             "in stage2")
         return self
 
     @property

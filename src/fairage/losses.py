@@ -16,15 +16,10 @@ losses so that sample weights, Group DRO and plain means compose the same way.
   exponentiated-gradient group weights ``q``, loss ``sum_g q_g loss_g``; under
   ``torch.distributed`` the group means are over all processes' faces.
 * ``draw_targets`` / ``inverse_variance_weights``: use the raters' spread ``age_std``.
-* ``GroupInvariance``: a penalty on the share of the features' variance that the faces'
-  groups explain (the linear-kernel MMD between group-conditional feature distributions,
-  Louizos et al. 2016), with a linear probe per attribute that measures what is left.
 * ``StageObjective``: one stage's training/validation loss built from these parts.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -239,85 +234,6 @@ def inverse_variance_weights(std: torch.Tensor, floor: float = 1.0) -> torch.Ten
     return w / w.mean()
 
 
-# --------------------------------------------------------------------------- group-invariant features
-
-
-def explained_variance_share(features: torch.Tensor, codes: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Share of the features' variance explained by the groups, a scalar in [0, 1].
-
-    ``features`` (B, D), ``codes`` (B,) group index in ``0..n_groups-1`` (all known):
-    ``sum_g (n_g / B) ||mean_g - mean||^2 / (sum_d var_d + 1e-8)`` with population
-    (1/B) variances; 0 when every group has the same mean features, 1 when the features
-    are constant within each group.
-    """
-    x = features.float()
-    onehot = F.one_hot(codes.long(), n_groups).to(x.dtype)  # (B, G)
-    sizes = onehot.sum(dim=0)
-    mean = x.mean(dim=0)
-    group_means = (onehot.T @ x) / sizes.clamp(min=1)[:, None]
-    between = ((sizes / len(x))[:, None] * (group_means - mean).pow(2)).sum()
-    total = (x - mean).pow(2).mean(dim=0).sum()
-    return between / (total + 1e-8)
-
-
-def balanced_accuracy(predicted: torch.Tensor, target: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """Mean over the groups present in ``target`` of the share of their faces predicted right.
-
-    Always naming one group scores 1 / (groups present), whatever the group sizes, so a
-    probe that has learnt nothing but the largest group does not look informed.
-    """
-    present = torch.bincount(target, minlength=n_groups) > 0
-    hits = torch.bincount(target[predicted == target], minlength=n_groups).float()
-    sizes = torch.bincount(target, minlength=n_groups).float()
-    return (hits[present] / sizes[present]).mean()
-
-
-class GroupInvariance(nn.Module):
-    """The invariance penalty of one or more attributes, and a linear probe of each.
-
-    Parameters
-    ----------
-    feature_dim : width D of the features.
-    n_groups : groups per attribute (each >= 2).
-    weight : lambda, the penalty's weight in the stage's loss.
-
-    ``forward(features, codes)``: features (B, D), codes (B, A) int group index per
-    attribute, -1 where unknown; only known faces count. Returns the loss to add:
-    ``weight * sum_a explained_variance_share`` plus the probes' cross-entropy on the
-    features *detached* (it trains the probes and nothing else), and ``stats``: (A,)
-    explained shares and (A,) balanced probe accuracies of the batch (``balanced_accuracy``;
-    NaN for an attribute with fewer than two known faces).
-    """
-
-    def __init__(self, feature_dim: int, n_groups: Sequence[int], weight: float = 1.0):
-        super().__init__()
-        if not n_groups or any(int(k) < 2 for k in n_groups):
-            raise ValueError(f"each invariance attribute needs at least two groups, got {list(n_groups)}")
-        self.weight = float(weight)
-        self.n_groups = [int(k) for k in n_groups]
-        self.probes = nn.ModuleList([nn.Linear(feature_dim, k) for k in self.n_groups])
-
-    def forward(self, features: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x = features.float()
-        codes = codes.reshape(len(x), -1).long()
-        total = x.new_zeros(())
-        shares, accs = [], []
-        for a, (probe, k) in enumerate(zip(self.probes, self.n_groups)):
-            known = codes[:, a] >= 0
-            logits = probe(x.detach()).float()
-            if int(known.sum()) < 2:  # still part of the graph, so every parameter is used in every step (DDP)
-                total = total + logits.sum() * 0.0
-                shares.append(logits.new_tensor(float("nan")))
-                accs.append(logits.new_tensor(float("nan")))
-                continue
-            target = codes[known, a]
-            share = explained_variance_share(x[known], target, k)
-            total = total + self.weight * share + F.cross_entropy(logits[known], target)
-            shares.append(share.detach())
-            accs.append(balanced_accuracy(logits[known].argmax(dim=1), target, k).detach())
-        return total, {"explained": torch.stack(shares), "accuracy": torch.stack(accs)}
-
-
 # --------------------------------------------------------------------------- one stage's objective
 
 
@@ -334,28 +250,21 @@ class StageObjective(nn.Module):
     face_ages, face_std : (N,) years of every training face, for ``label_std``.
     label_std : "off", "sample" (targets drawn each epoch) or "weight" (1/std^2 weights).
     age_std_floor : std floor in years; seed : of the target draws.
-    invariance : a ``GroupInvariance`` or None; needs ``face_codes`` (N, A), -1 = unknown.
 
-    ``forward(out, age, weight, index, train, features)``: ``out`` the model output, ``age``
-    (B,) years, ``weight`` (B,) sample weights or None, ``index`` (B,) positions of the faces
-    in the training arrays (None in validation), ``features`` (B, D) what the head saw
-    (needed in training with ``invariance``). Training: per-face losses times weights, then
-    Group DRO or the mean, plus the invariance penalty and its probes' loss; the batch's
-    regression loss alone is kept in ``last_regression`` and the invariance statistics in
-    ``last_invariance``. Validation: the unweighted mean (MSE for bmc, which depends on the
-    batch; with ``label_std`` the recorded ages are the targets), no penalty.
+    ``forward(out, age, weight, index, train)``: ``out`` the model output, ``age`` (B,)
+    years, ``weight`` (B,) sample weights or None, ``index`` (B,) positions of the faces in
+    the training arrays (None in validation). Training: per-face losses times weights, then
+    Group DRO or the mean. Validation: the unweighted mean (MSE for bmc, which depends on the
+    batch; with ``label_std`` the recorded ages are the targets).
     """
 
     def __init__(self, kind: str, label_scale: float = 1.0, huber_delta: float = 5.0, bmc_sigma: float = 8.0,
                  dex_sigma: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
                  face_ages: torch.Tensor | None = None, face_std: torch.Tensor | None = None,
-                 label_std: str = "off", age_std_floor: float = 1.0, seed: int = 0,
-                 invariance: GroupInvariance | None = None, face_codes: torch.Tensor | None = None):
+                 label_std: str = "off", age_std_floor: float = 1.0, seed: int = 0):
         super().__init__()
         if dro is not None and face_groups is None:
             raise ValueError("Group DRO needs the group id of every training face")
-        if invariance is not None and face_codes is None:
-            raise ValueError("the invariance penalty needs the group codes of every training face")
         if label_std not in ("off", "sample", "weight"):
             raise ValueError(f"label_std must be off, sample or weight, got {label_std!r}")
         if label_std != "off" and (face_ages is None or face_std is None):
@@ -375,21 +284,11 @@ class StageObjective(nn.Module):
         self.register_buffer("face_weight", inverse_variance_weights(std, age_std_floor)
                              if label_std == "weight" else None, persistent=False)
         self.register_buffer("epoch_targets", None, persistent=False)
-        self.invariance = invariance
-        self.register_buffer("face_codes", None if face_codes is None else face_codes.long(), persistent=False)
-        #: the last training batch's regression loss (without the penalty) and invariance statistics
-        self.last_regression: torch.Tensor | None = None
-        self.last_invariance: dict[str, torch.Tensor] | None = None
 
     @property
     def needs_index(self) -> bool:
         """Whether training batches must carry the faces' positions (``index``)."""
-        return self.dro is not None or self.label_std != "off" or self.invariance is not None
-
-    @property
-    def needs_features(self) -> bool:
-        """Whether training steps must pass the features the head saw."""
-        return self.invariance is not None
+        return self.dro is not None or self.label_std != "off"
 
     def start_epoch(self, epoch: int) -> None:
         """Draw this epoch's targets (``label_std: sample``); ``epoch`` 0-based."""
@@ -406,23 +305,11 @@ class StageObjective(nn.Module):
         return regression_loss_per_face(out, target, self.kind, self.huber_delta)
 
     def forward(self, out: torch.Tensor, age: torch.Tensor, weight: torch.Tensor | None = None,
-                index: torch.Tensor | None = None, train: bool = True,
-                features: torch.Tensor | None = None) -> torch.Tensor:
+                index: torch.Tensor | None = None, train: bool = True) -> torch.Tensor:
         if not train:
             return self.per_face(out, age, train=False).mean()
         if self.needs_index and index is None:
-            raise ValueError("training batches must carry the faces' index for Group DRO / label_std / invariance")
-        loss = self._regression(out, age, weight, index)
-        self.last_regression = loss.detach()
-        if self.invariance is None:
-            return loss
-        if features is None:
-            raise ValueError("the invariance penalty needs the features the head saw")
-        penalty, self.last_invariance = self.invariance(features, self.face_codes[index])
-        return loss + penalty
-
-    def _regression(self, out: torch.Tensor, age: torch.Tensor, weight: torch.Tensor | None,
-                    index: torch.Tensor | None) -> torch.Tensor:
+            raise ValueError("training batches must carry the faces' index for Group DRO / label_std")
         target = age
         if self.label_std == "sample":
             if self.epoch_targets is None:

@@ -260,7 +260,7 @@ class StageCallbacks:
 def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, history_path: Path | None,
                    previous_history: pd.DataFrame | None = None, progress: bool = False,
                    config_yaml: str | None = None, extra: Sequence[Callback] = (),
-                   dro_groups: Sequence[str] | None = None, invariance_arrays=None) -> StageCallbacks:
+                   dro_groups: Sequence[str] | None = None) -> StageCallbacks:
     """History (and NaN stop), early stopping, best and last checkpoints in ``run_dir/checkpoints``."""
     history = HistoryCallback(history_path, stage_name, previous_history)
     best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
@@ -276,11 +276,6 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
         from ..methods import DROHistoryCallback
 
         cbs.append(DROHistoryCallback(run_dir, stage_name, list(dro_groups)))
-    if invariance_arrays is not None and history_path is not None:  # explained share and probe per epoch
-        from ..methods import InvarianceHistoryCallback
-
-        cbs.append(InvarianceHistoryCallback(run_dir, stage_name, invariance_arrays.invariance_groups,
-                                             invariance_arrays.invariance_codes))
     if progress:
         cbs.append(StageProgressBar(stage_name))
     return StageCallbacks(cbs, history, best, last)

@@ -161,34 +161,20 @@ class AgeModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
 
-    def head_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The (N, feature_dim) features the head sees, from images or cached stage-I inputs."""
-        if self.inputs == "images":
-            return self.model.features(x)
-        return x if self.stage.trainable == "head" else self.model.project(x)
-
     def _step(self, batch, prefix: str):
         from ..weighting import weighted_loss
 
         x, age, weight, *index = batch
-        train = prefix == "train"
-        features = None
-        if train and self.objective is not None and self.objective.needs_features:
-            features = self.head_input(x)
-            out = self.model.head_forward(features).float()
-        else:
-            out = self(x).float()
+        out = self(x).float()
         target = age / self.scale
-        use_weight = weight if train and self.stage.weighting.mode == "loss" else None
-        if self.objective is not None:  # Group DRO, BMC, DEX, label_std, invariance (fairage.losses)
-            loss = self.objective(out, age, use_weight, index[0] if index else None, train=train, features=features)
+        use_weight = weight if prefix == "train" and self.stage.weighting.mode == "loss" else None
+        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
+            loss = self.objective(out, age, use_weight, index[0] if index else None, train=prefix == "train")
         else:
             loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
         mae = (self.model.years(out) - age).abs().mean()
         n = len(age)
-        # the regression loss alone, so train_loss means the same with and without the invariance penalty
-        logged = self.objective.last_regression if features is not None else loss
-        self.log(f"{prefix}_loss", logged, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=True)
         self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=True)

@@ -97,8 +97,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
         model.to(memory_format=torch.channels_last)
     from ..methods import build_objective
 
-    objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed,
-                                feature_dim=model.feature_dim)
+    objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
     train_loader, val_loader = make_loaders(model, stage, arrays, use_cache=use_cache, trainer_cfg=trainer_cfg,
                                             num_workers=num_workers, seed=seed,
                                             with_index=objective is not None and objective.needs_index)
@@ -107,9 +106,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     dro = objective is not None and objective.dro is not None
     cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / RunFolder.HISTORY if history_file else None,
                          previous_history=previous_history, progress=progress, config_yaml=config_yaml,
-                         extra=callbacks, dro_groups=arrays.face_arrays.group_names if dro else None,
-                         invariance_arrays=arrays.face_arrays if objective is not None and objective.needs_features
-                         else None)
+                         extra=callbacks, dro_groups=arrays.face_arrays.group_names if dro else None)
     trainer = make_trainer(trainer_cfg, stage, cbs.all, run_dir, progress)
     with warnings.catch_warnings():
         for message in (".*does not have many workers.*", ".*number of training batches.*",
