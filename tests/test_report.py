@@ -218,8 +218,8 @@ def test_permutation_pvalues_get_their_own_table(two_runs, tmp_path):
 
 
 def test_training_strategy_names_the_methods_beyond_weighting():
-    strategy = {name: report._strategy(load_preset(name, "cpu")) for name in ("M5", "M5-dro", "M5-dex", "M5-inv")}
+    strategy = {name: report._strategy(load_preset(name, "cpu")) for name in ("M5", "M5-dro", "M5-dex", "M5-std")}
     assert strategy["M5"] == "I: head; II: all layers, age_ethnicity weights"
     assert strategy["M5-dro"] == "I: head; II: all layers, Group DRO (age_ethnicity)"
     assert strategy["M5-dex"] == "I: head, DEX; II: all layers, age_ethnicity weights, DEX"
-    assert strategy["M5-inv"].endswith("II: all layers, age_ethnicity weights, ethnicity-invariant features")
+    assert strategy["M5-std"] == "I: head; II: all layers, age_ethnicity weights, label std (sample)"

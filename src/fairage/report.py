@@ -156,8 +156,6 @@ def _strategy(cfg) -> str:
             what += ", DEX"
         if st.label_std != "off":
             what += f", label std ({st.label_std})"
-        if st.invariance.enabled:
-            what += f", {'+'.join(st.invariance.attributes)}-invariant features"
         parts.append(("I: " if name == "stage1" else "II: ") + what)
     return "; ".join(parts)
 
