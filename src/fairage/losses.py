@@ -30,6 +30,11 @@ from torch import nn
 DEX_AGES = 101
 
 
+def _world_size() -> int:
+    """Processes in the ``torch.distributed`` group (DDP); 1 when there is none."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 # --------------------------------------------------------------------------- regression
 
 
@@ -83,10 +88,11 @@ def bmc_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor |
 def _all_process_targets(target: torch.Tensor) -> tuple[torch.Tensor | None, int]:
     """Under ``torch.distributed`` (W > 1 processes): every process's (B_r,) targets concatenated
     in rank order, and where this process's start. Otherwise ``(None, 0)``."""
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    world = _world_size()
+    if world == 1:
         return None, 0
     target = target.detach().reshape(-1)
-    sizes = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(dist.get_world_size())]
+    sizes = [torch.zeros(1, dtype=torch.long, device=target.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([target.numel()], dtype=torch.long, device=target.device))
     sizes = [int(n) for n in sizes]
     padded = torch.zeros(max(sizes), dtype=target.dtype, device=target.device)
@@ -174,16 +180,16 @@ class GroupDRO(nn.Module):
     def n_groups(self) -> int:
         return int(self.q.numel())
 
-    def group_losses(self, per_face: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B,) losses and (B,) int group ids -> ((G,) mean loss per group, (G,) faces per group).
+    def group_sums(self, per_face: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) losses and (B,) int group ids -> ((G,) summed loss per group, (G,) faces per group).
 
-        A group absent from the batch has loss 0 and count 0.
+        A group absent from the batch has sum 0 and count 0.
         """
         per_face = per_face.reshape(-1).float()
         groups = groups.reshape(-1).long()
         sums = torch.zeros(self.n_groups, dtype=per_face.dtype, device=per_face.device).index_add(0, groups, per_face)
         counts = torch.bincount(groups, minlength=self.n_groups).to(per_face.dtype)
-        return sums / counts.clamp(min=1), counts
+        return sums, counts
 
     def forward(self, per_face: torch.Tensor, groups: torch.Tensor, update: bool = True) -> torch.Tensor:
         """The robust loss ``sum_g q_g loss_g`` (scalar); with ``update``, q is updated first:
@@ -195,14 +201,10 @@ class GroupDRO(nn.Module):
         whose gradient, averaged over the processes by DDP, is that of one process seeing
         the whole batch.
         """
-        per_face = per_face.reshape(-1).float()
-        groups = groups.reshape(-1).long()
-        sums = torch.zeros(self.n_groups, dtype=per_face.dtype, device=per_face.device).index_add(0, groups, per_face)
-        counts = torch.bincount(groups, minlength=self.n_groups).to(per_face.dtype)
-        world = 1
+        sums, counts = self.group_sums(per_face, groups)
+        world = _world_size()
         total_sums, total_counts = sums.detach(), counts
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            world = dist.get_world_size()
+        if world > 1:
             totals = torch.cat([total_sums, total_counts])
             dist.all_reduce(totals)
             total_sums, total_counts = totals[: self.n_groups], totals[self.n_groups:]
