@@ -276,10 +276,17 @@ def _run_predictions(run_dir: Path):
     from .runs import RunFolder
 
     folder = RunFolder.open(run_dir)
+    return folder, _predictions_file(folder)
+
+
+def _predictions_file(folder) -> Path:
+    """A run folder's ``predictions_test.csv``; exit 2 when the run has not written it."""
+    from .runs import RunFolder
+
     predictions = folder.file(RunFolder.PREDICTIONS)
     if not predictions.is_file():
-        fail(f"{run_dir}: run folder has no {RunFolder.PREDICTIONS} (is the run finished?)")
-    return folder, predictions
+        fail(f"{folder.path}: run folder has no {RunFolder.PREDICTIONS} (is the run finished?)")
+    return predictions
 
 
 def _run_split_faces(folder, data: Optional[Path], split: str, skip_bad: bool, extra_categories: Optional[str],
@@ -382,7 +389,7 @@ def evaluate_command(
             # predictions_test.csv covers the run's own test split only: its model predicts these faces
             df, predictions = _model_folder_predictions(run_dir, faces, not json_out), run_dir
         elif predictions is None:
-            predictions = _run_predictions(run_dir)[1]
+            predictions = _predictions_file(folder)
     elif data is None or predictions is None:
         fail("give a run folder, or both --data DIR and --predictions FILE")
     else:

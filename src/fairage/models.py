@@ -253,6 +253,12 @@ def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1) -> n
     return nn.Sequential(*layers)
 
 
+def clamp_ages(years: torch.Tensor) -> torch.Tensor:
+    """Predicted ages clamped into ``PREDICTION_RANGE`` (0-150 years), what the model reports."""
+    low, high = PREDICTION_RANGE
+    return years.clamp(low, high)
+
+
 class AgeRegressor(nn.Module):
     """Backbone -> projection -> head -> (sigmoid); output (N,) in label units ((N, 101) logits for DEX).
 
@@ -327,8 +333,7 @@ class AgeRegressor(nn.Module):
         (predictions files, photos, the service, exports) is clamped so that it is always an age.
         Training and its logged MAE use ``years`` (a clamp would zero the gradient out there).
         """
-        low, high = PREDICTION_RANGE
-        return self.years(out).clamp(low, high)
+        return clamp_ages(self.years(out))
 
     def feature_extractor_modules(self) -> list[nn.Module]:
         """Backbone and projection (what stage I freezes with ``trainable: head``)."""

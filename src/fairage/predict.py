@@ -41,8 +41,7 @@ import torch
 
 from .config import ExperimentConfig, read_yaml, validate_config
 from .errors import ConfigError, DataError
-from .data.predictions import PREDICTION_RANGE
-from .models import AgeRegressor
+from .models import AgeRegressor, clamp_ages
 
 #: the crop convention: the detector box enlarged by this fraction of its side on each side
 CROP_MARGIN = 0.4
@@ -81,8 +80,7 @@ class LoadedModel:
         out = self.model(x)
         if isinstance(self.model, AgeRegressor):
             return self.model.ages(out)
-        low, high = PREDICTION_RANGE
-        return out.float().reshape(-1).clamp(low, high)
+        return clamp_ages(out.float().reshape(-1))
 
 
 def read_run_checkpoint(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
