@@ -140,3 +140,37 @@ def test_cli_bad_model_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["model-card", str(tmp_path / "bad")])
     assert result.exit_code == 2
     assert "run.json" in result.output
+
+
+def test_card_and_cli_quote_the_epoch_the_best_checkpoint_keeps(tiny_run, tmp_path, capsys, monkeypatch):
+    """The best checkpoint monitors val_loss: the quoted val MAE is the one at the lowest val_loss,
+    even when another epoch had a lower val_mae."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    history = pd.DataFrame({
+        "epoch": [0, 1, 2, 3],
+        "stage": ["stage1"] * 4,
+        "train_loss": [9.0, 8.0, 7.0, 6.5],
+        "val_loss": [30.0, 20.0, 25.0, 20.0],
+        "train_mae": [5.0, 4.0, 3.0, 3.0],
+        "val_mae": [6.0, 4.5, 4.25, 4.0],
+        "lr": [1e-3] * 4,
+    })
+    history.to_csv(run / "history.csv", index=False)
+    card = build_model_card(run)
+    stages = {s["name"]: s for s in card["training"]["stages"]}
+    # lowest val_loss 20.0 first at epoch 1 (val_mae 4.5; epoch 3 ties and is not kept), not the
+    # lowest val_mae 4.0 at epoch 3
+    assert (stages["stage1"]["best_epoch"], stages["stage1"]["best_val_mae"]) == (1, 4.5)
+    assert stages["stage1"]["epochs_run"] == 4
+    markdown = card_markdown(card)
+    assert "4.5" in markdown and "(epoch 1)" in markdown
+
+    from fairage.cli import _train_summary
+    from fairage.metrics import EvaluationResult
+
+    metrics = EvaluationResult.from_json(json.loads((run / "metrics_test.json").read_text()), "metrics_test.json")
+    monkeypatch.setenv("COLUMNS", "200")
+    _train_summary(run, metrics)
+    text = capsys.readouterr().out
+    assert "4 / 4.500 (epoch 1)" in text

@@ -588,10 +588,9 @@ def _train_summary(run_dir: Path, metrics) -> None:
     for attr, value in metrics.bias.items():
         if value is not None:
             table.add_row(f"{attr} bias", f"{value:.3f}", ci(metrics.bias_ci.get(attr)))
-    h = folder.history()
-    for stage, rows in h.groupby("stage", sort=False):
-        best = rows.loc[rows["val_loss"].idxmin()] if rows["val_loss"].notna().any() else rows.iloc[-1]
-        table.add_row(f"{stage}: epochs / best val MAE", f"{len(rows)} / {best['val_mae']:.3f}", "")
+    for stage, best in folder.best_epochs().items():
+        val_mae = "n/a" if best["val_mae"] is None else f"{best['val_mae']:.3f}"
+        table.add_row(f"{stage}: epochs / best val MAE", f"{best['epochs_run']} / {val_mae} (epoch {best['epoch']})", "")
     table.add_row("pretrained weights", "yes" if folder.record.weights_loaded else "no (random init)", "")
     for message in folder.warnings():
         err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)

@@ -165,17 +165,16 @@ def _dataset(cfg: "ExperimentConfig", run: "RunFolder | None", data_dir: Path | 
 def _training(cfg: "ExperimentConfig", run: "RunFolder") -> dict:
     from .weighting import describe
 
-    history = run.history()
+    best_epochs = run.best_epochs()
     stages = []
     for name, stage in cfg.stages():
         row: dict[str, Any] = {"name": name, "trains": "head only (backbone frozen)" if name == "stage1" else "all layers",
                                "lr": stage.lr, "batch_size": stage.batch_size, "max_epochs": stage.max_epochs,
                                "patience": stage.patience, "loss": stage.loss, "weighting": describe(stage.weighting),
-                               "epochs_run": None, "best_val_mae": None}
-        rows = history[history["stage"] == name]
-        if len(rows):
-            row["epochs_run"] = int(len(rows))
-            row["best_val_mae"] = float(rows["val_mae"].min()) if rows["val_mae"].notna().any() else None
+                               "epochs_run": None, "best_val_mae": None, "best_epoch": None}
+        if name in best_epochs:
+            best = best_epochs[name]
+            row.update(epochs_run=best["epochs_run"], best_val_mae=best["val_mae"], best_epoch=best["epoch"])
         stages.append(row)
     return {"strategy": cfg.strategy, "seed": cfg.seed, "stages": stages,
             "status": run.record.status, "device": run.record.device or None}

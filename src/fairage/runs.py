@@ -305,6 +305,24 @@ class RunFolder:
             raise DataError(f"{path} lacks columns {missing}")
         return history
 
+    def best_epochs(self) -> dict[str, dict]:
+        """Per stage, the epoch its best checkpoint keeps: ``{stage: {"epoch", "val_mae", "epochs_run"}}``.
+
+        The best checkpoint monitors ``val_loss`` (lowest wins, first on ties), so the quoted
+        validation MAE (years) is the one at that epoch, not the lowest ``val_mae`` of the stage;
+        a stage without any finite ``val_loss`` quotes its last epoch.
+        """
+        history = self.history()
+        out: dict[str, dict] = {}
+        for stage, rows in history.groupby("stage", sort=False):
+            losses = pd.to_numeric(rows["val_loss"], errors="coerce")
+            best = rows.loc[losses.idxmin()] if losses.notna().any() else rows.iloc[-1]
+            val_mae = pd.to_numeric(pd.Series([best["val_mae"]]), errors="coerce").iloc[0]
+            out[str(stage)] = {"epoch": int(best["epoch"]),
+                               "val_mae": None if pd.isna(val_mae) else float(val_mae),
+                               "epochs_run": int(len(rows))}
+        return out
+
     def write_history(self, history: pd.DataFrame) -> None:
         if is_rank_zero():
             write_text(self.file(self.HISTORY), history[HISTORY_COLUMNS].to_csv(index=False))
