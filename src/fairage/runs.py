@@ -316,9 +316,9 @@ class RunFolder:
         out: dict[str, dict] = {}
         for stage, rows in history.groupby("stage", sort=False):
             losses = pd.to_numeric(rows["val_loss"], errors="coerce")
-            best = rows.loc[losses.idxmin()] if losses.notna().any() else rows.iloc[-1]
-            val_mae = pd.to_numeric(pd.Series([best["val_mae"]]), errors="coerce").iloc[0]
-            out[str(stage)] = {"epoch": int(best["epoch"]),
+            best = losses.idxmin() if losses.notna().any() else rows.index[-1]
+            val_mae = pd.to_numeric(rows["val_mae"], errors="coerce")[best]
+            out[str(stage)] = {"epoch": int(rows.at[best, "epoch"]),
                                "val_mae": None if pd.isna(val_mae) else float(val_mae),
                                "epochs_run": int(len(rows))}
         return out
