@@ -26,6 +26,7 @@ chromium:
 	    || echo "chromium could not be installed; the report-rendering test will be skipped" )
 
 test: $(STAMP) chromium
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 clean:

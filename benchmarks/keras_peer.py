@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> None:
 
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_throughput import GOAL_BF16_OVER_FP32, arms, device_line, run_stage, synthetic_set
+    from train_throughput import (
+        GOAL_BF16_OVER_FP32,
+        arms,
+        device_line,
+        run_stage,
+        synthetic_set,
+    )
 
     print(f"device: {device_line(False)}; {args.backbone} at {args.size} px, batch {args.batch}, "
           f"{args.n_images} training images, all layers, {args.rounds} round(s)", flush=True)
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     rates: dict[str, list[float]] = {}
     keras_about = ""
     for round_ in range(1, args.rounds + 1):
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
         found = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
         if done.returncode != 0 or not found:
             sys.exit(f"the Keras run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

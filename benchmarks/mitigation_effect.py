@@ -33,8 +33,15 @@ import pandas as pd
 from fairage.data import load_faces
 from fairage.data.predictions import join_predictions, read_predictions
 from fairage.metrics import DEFAULT_ATTRIBUTES, compare, evaluate
-from fairage.suite import DEMO_SIZES, PRETRAIN_SIZES, PRETRAINED_STAGE2_LR, _synthetic_once, expand_presets, \
-    pretrain_backbone, run_suite
+from fairage.suite import (
+    DEMO_SIZES,
+    PRETRAIN_SIZES,
+    PRETRAINED_STAGE2_LR,
+    _synthetic_once,
+    expand_presets,
+    pretrain_backbone,
+    run_suite,
+)
 
 ATTRIBUTES = ("age", "gender", "ethnicity", "expression")
 

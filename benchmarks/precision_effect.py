@@ -33,10 +33,17 @@ def _metric(metrics: dict, name: str) -> tuple[float, list[float] | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fairage import training
-    from fairage.suite import (DEMO_SIZES, PRETRAINED_STAGE2_LR, _synthetic_once, is_finished_run,
-                               pretrain_backbone, suite_configs)
     from rich.console import Console
+
+    from fairage import training
+    from fairage.suite import (
+        DEMO_SIZES,
+        PRETRAINED_STAGE2_LR,
+        _synthetic_once,
+        is_finished_run,
+        pretrain_backbone,
+        suite_configs,
+    )
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/precision"))

@@ -27,9 +27,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fairage.config import dump_config, load_preset  # noqa: E402
-from fairage.models import AgeRegressor  # noqa: E402
-from fairage.predict import AgePredictor, load_model, read_image  # noqa: E402
+from fairage.config import dump_config, load_preset
+from fairage.models import AgeRegressor
+from fairage.predict import AgePredictor, load_model, read_image
 
 
 def model_folder(root: Path, scale: str) -> Path:
@@ -54,7 +54,7 @@ def plain_loop(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
 
 
 def photos(root: Path, n: int) -> list[Path]:
-    import matplotlib.cbook as cbook
+    from matplotlib import cbook
 
     grace = read_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     rng = np.random.default_rng(0)

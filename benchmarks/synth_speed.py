@@ -15,8 +15,8 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from fairage.data import write_synthetic  # noqa: E402
-from fairage.data.synthetic import make_face  # noqa: E402
+from fairage.data import write_synthetic
+from fairage.data.synthetic import make_face
 
 
 def main() -> None:

@@ -25,7 +25,14 @@ import torch
 import typer
 import yaml
 from PIL import Image
-from test_data_loaders import CSV_ROWS, write_appa, write_csv_dataset, write_image, write_npy, write_utk
+from test_data_loaders import (
+    CSV_ROWS,
+    write_appa,
+    write_csv_dataset,
+    write_image,
+    write_npy,
+    write_utk,
+)
 from typer.testing import CliRunner
 
 from fairage.cli import app

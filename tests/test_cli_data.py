@@ -8,7 +8,14 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
-from test_data_loaders import CSV_ROWS, jpeg_bytes, write_appa, write_csv_dataset, write_npy, write_utk
+from test_data_loaders import (
+    CSV_ROWS,
+    jpeg_bytes,
+    write_appa,
+    write_csv_dataset,
+    write_npy,
+    write_utk,
+)
 from typer.testing import CliRunner
 
 from fairage.cli import app

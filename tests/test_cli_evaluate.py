@@ -8,9 +8,8 @@ import zipfile
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import invoke
+from PIL import Image
 
 AGES = [10, 15, 25, 30, 45, 50, 65, 70]
 ERRORS = [1, -1, 2, -2, 3, -3, 4, -4]  # |error| per age group: 1, 2, 3, 4

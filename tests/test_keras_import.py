@@ -27,7 +27,7 @@ from fairage.errors import DataError
 from fairage.models import build_model
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
-import keras_vggface2_spec as spec  # noqa: E402
+import keras_vggface2_spec as spec
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "keras_vggface2_reference.json").read_text())
 TOLERANCE_YEARS = 0.05

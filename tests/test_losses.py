@@ -8,10 +8,19 @@ import numpy as np
 import pytest
 import torch
 
-from fairage.losses import (BMCLoss, GroupDRO, StageObjective, bmc_loss, bmc_loss_per_face, dex_expectation,
-                            dex_loss_per_face, dex_target_distribution, draw_targets, inverse_variance_weights)
+from fairage.losses import (
+    BMCLoss,
+    GroupDRO,
+    StageObjective,
+    bmc_loss,
+    bmc_loss_per_face,
+    dex_expectation,
+    dex_loss_per_face,
+    dex_target_distribution,
+    draw_targets,
+    inverse_variance_weights,
+)
 from fairage.weighting import weighted_loss
-
 
 # --------------------------------------------------------------------------- Group DRO
 

@@ -7,12 +7,19 @@ import pandas as pd
 import pytest
 import torch
 
-from fairage.config import DROConfig, HeadBlock, ModelConfig, StageConfig, load_preset, validate_config
+from fairage.config import (
+    DROConfig,
+    HeadBlock,
+    ModelConfig,
+    StageConfig,
+    load_preset,
+    validate_config,
+)
 from fairage.errors import ConfigError, DataError
+from fairage.losses import StageObjective
 from fairage.methods import build_objective, face_arrays, uses_methods
 from fairage.models import build_model
 from fairage.suite import PRESET_GROUPS, expand_presets, suite_configs
-from fairage.losses import StageObjective
 from fairage.training import StageArrays, fit_stage, images_to_input
 
 SIZE = 16

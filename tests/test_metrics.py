@@ -324,7 +324,7 @@ def test_evaluate_point_groups_agree_with_the_vectorised_form():
         "expression": rng.choice(["neutral", "happy", "other"], n),
     })
     out = evaluate(df, n_boot=0)
-    attributes, groupings, errors = _prepare(df, None, (20, 40, 60))
+    _attributes, groupings, errors = _prepare(df, None, (20, 40, 60))
     point = _statistics(errors, np.ones((1, n)), groupings)
     assert out["mae"] == pytest.approx(point["mae"][0])
     for g in groupings:

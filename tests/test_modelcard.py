@@ -105,9 +105,9 @@ def test_imported_folder_says_it_has_no_evaluation(model_folder):
 
 def test_server_serves_an_imported_folder(model_folder):
     import httpx
+    from test_serve import LiveServer
 
     from fairage.serve import create_app
-    from test_serve import LiveServer
 
     live = LiveServer(create_app(model_folder))
     try:

@@ -17,7 +17,7 @@ M5_HEAD = [HeadBlock(dropout=0.1, units=256), HeadBlock(dropout=0.1, units=128),
 
 
 def tiny_cfg(**kw) -> ModelConfig:
-    base = dict(backbone="resnet18", projection_dim=16, head=[HeadBlock(units=8)], output="sigmoid")
+    base = {"backbone": "resnet18", "projection_dim": 16, "head": [HeadBlock(units=8)], "output": "sigmoid"}
     base.update(kw)
     return ModelConfig(**base)
 

@@ -8,13 +8,27 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import square_faces
 
-from fairage.config import HeadBlock, ModelConfig, StageConfig, TrainerConfig, load_preset
+from fairage.config import (
+    HeadBlock,
+    ModelConfig,
+    StageConfig,
+    TrainerConfig,
+    load_preset,
+)
 from fairage.data import write_synthetic
 from fairage.models import AgeRegressor, build_model
-from fairage.training import (StageArrays, fit_stage, images_to_input, load_module_checkpoint, load_run_data, predict,
-                              resolve_precision, train)
-from conftest import square_faces
+from fairage.training import (
+    StageArrays,
+    fit_stage,
+    images_to_input,
+    load_module_checkpoint,
+    load_run_data,
+    predict,
+    resolve_precision,
+    train,
+)
 
 
 def _cpu_capability(monkeypatch, avx512_bf16: bool, amx: bool) -> None:

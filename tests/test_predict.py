@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib.cbook as cbook
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib import cbook
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -23,8 +23,16 @@ from fairage.config import load_preset
 from fairage.data import write_synthetic
 from fairage.detect import available_detectors, detect_faces, make_detector
 from fairage.errors import ConfigError, DataError
-from fairage.predict import (AgePredictor, annotated_path, crop_box, crop_face, expand_inputs, load_model, read_face,
-                             read_image)
+from fairage.predict import (
+    AgePredictor,
+    annotated_path,
+    crop_box,
+    crop_face,
+    expand_inputs,
+    load_model,
+    read_face,
+    read_image,
+)
 from fairage.training import train
 
 GRACE = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
@@ -382,7 +390,7 @@ def test_export_onnx_and_torchscript_agree_with_torch(run, predictor, tmp_path):
 def test_read_face_decodes_as_the_training_cache(run):
     from fairage.data.cache import decode_image
 
-    path = sorted((run[1] / "test").glob("*_face.jpg"))[0]
+    path = min((run[1] / "test").glob("*_face.jpg"))
     np.testing.assert_array_equal(read_face(path, 32), decode_image(str(path), 32))
 
 

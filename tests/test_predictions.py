@@ -8,7 +8,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fairage.data.predictions import join_predictions, read_predictions, write_predictions
+from fairage.data.predictions import (
+    join_predictions,
+    read_predictions,
+    write_predictions,
+)
 from fairage.errors import DataError
 from fairage.submission import read_submission, write_submission
 

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
-
-from fairage.config import SCALES, dump_config, list_presets, load_preset, validate_config
-from fairage.errors import ConfigError
 import yaml
+
+from fairage.config import (
+    SCALES,
+    dump_config,
+    list_presets,
+    load_preset,
+    validate_config,
+)
+from fairage.errors import ConfigError
 
 KIT_HEAD = [(128, 0.0), (32, 0.0)]
 DEEP_HEAD = [(256, 0.1), (128, 0.1), (64, 0.05), (32, 0.05)]

@@ -142,14 +142,14 @@ def test_build_report_writes_everything(two_runs, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     page = html_path.read_text(encoding="utf-8")
     # self-contained: nothing fetched from elsewhere, images inline
-    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.IGNORECASE)
     assert "<script" not in page.lower() and "@import" not in page and "<link" not in page.lower()
     srcs = re.findall(r'<img[^>]*\ssrc="([^"]*)"', page)
     assert len(srcs) == 3 and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert 'id="comparison"' in page
     # dataset summary counted from the predictions: 2 male, 3 female test faces
     assert "faces per gender" in page
-    gender_table = re.search(r"<caption>faces per gender</caption>(.*?)</table>", page, re.S).group(1)
+    gender_table = re.search(r"<caption>faces per gender</caption>(.*?)</table>", page, re.DOTALL).group(1)
     assert re.search(r">male</td><td[^>]*>2</td>", gender_table)
     assert re.search(r">female</td><td[^>]*>3</td>", gender_table)
     # each model's config is shown
@@ -211,7 +211,7 @@ def test_permutation_pvalues_get_their_own_table(two_runs, tmp_path):
     assert list(table["Model"]) == ["M1", "M5"] and list(table["Age bias"]) == [0.000999, 0.25]
     assert table["Expression bias"].isna().all()
     page = report.build_report(two_runs, tmp_path / "with-p").read_text(encoding="utf-8")
-    section = re.search(r'<table id="pvalues">(.*?)</table>', page, re.S).group(1)
+    section = re.search(r'<table id="pvalues">(.*?)</table>', page, re.DOTALL).group(1)
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", section)
     assert cells == ["M1", "0", "0.523", "n/a", "0.0123", "0.000999", "1000",
                      "M5", "0", "0.523", "n/a", "0.0123", "0.25", "1000"]

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_report import make_run
 
 from fairage import report
-from test_report import make_run
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                               "/usr/bin/chromium") if p and Path(p).is_file()), None)
@@ -50,11 +50,11 @@ def test_report_renders_in_chromium(tmp_path):
            "--disable-background-networking", "--disable-component-update", "--disable-sync",
            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
            "--dump-dom", probe.as_uri()]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     dom = done.stdout
     assert done.returncode == 0, done.stderr[-2000:]
     # the comparison table with its header and one row per model
-    table = re.search(r'<table id="comparison">(.*?)</table>', dom, re.S)
+    table = re.search(r'<table id="comparison">(.*?)</table>', dom, re.DOTALL)
     assert table, dom[:2000]
     assert "Ethnicity bias" in table.group(1)
     assert len(re.findall(r"<tr>", table.group(1))) == 3  # header + M1 + M3

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import invoke, tiny_config_file
 from lightning.pytorch.callbacks import Callback
 
-from conftest import invoke, tiny_config_file
 from fairage.config import load_preset
 from fairage.data import load_faces
 from fairage.runs import RunFolder

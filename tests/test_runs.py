@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import invoke, tiny_config_file
+
 from fairage.config import load_preset
 from fairage.errors import DataError
 from fairage.runs import HISTORY_COLUMNS, RunFolder, RunInUseError, absolute_paths
@@ -98,9 +98,9 @@ def test_the_lock_is_exclusive_and_dies_with_its_process(tmp_path, cfg):
     with folder.lock():
         assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
         # flock locks belong to an open file description: a second open in this process conflicts too
-        with pytest.raises(RunInUseError, match=f"run folder {tmp_path / 'run'} is in use by PID {os.getpid()}"):
-            with RunFolder(tmp_path / "run").lock():
-                pass
+        with (pytest.raises(RunInUseError, match=f"run folder {tmp_path / 'run'} is in use by PID {os.getpid()}"),
+              RunFolder(tmp_path / "run").lock()):
+            pass
     with folder.lock():  # released on exit
         pass
     # a lock file left by a process that died (here: one that exited without unlocking) does not block

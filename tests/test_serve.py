@@ -20,9 +20,9 @@ import httpx
 import numpy as np
 import pytest
 import uvicorn
+from conftest import GRACE_HOPPER, group_photo, jpeg_bytes
 from PIL import Image
 
-from conftest import GRACE_HOPPER, group_photo, jpeg_bytes
 from fairage.predict import AgePredictor
 from fairage.serve import ServeLimits, create_app
 
@@ -356,7 +356,7 @@ def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
             canvas = page.evaluate("() => [document.querySelector('#photo').width, document.querySelector('#photo').height]")
             assert canvas == [1536, 600]
             for face in expected["faces"]:
-                x, y, w, h = face["box"]
+                x, y, w, _h = face["box"]
                 edge = page.evaluate(f"() => Array.from(document.querySelector('#photo').getContext('2d')"
                                      f".getImageData({x + w // 2}, {y}, 1, 1).data)")
                 assert edge[0] > 200 and edge[1] > 160 and edge[2] < 90, edge  # yellow

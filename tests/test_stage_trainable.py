@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
+from conftest import square_faces
 
 from fairage.augment import replicate_faces
 from fairage.config import HeadBlock, ModelConfig, StageConfig
 from fairage.models import build_model
 from fairage.training import AgeModule, StageArrays, extract_features, fit_stage
-from conftest import square_faces
 
 SIZE = 32
 
@@ -182,7 +183,7 @@ def test_run_trains_on_the_replicated_faces(tmp_path):
     assert old > 0
 
     class TrainingSetSize(Callback):
-        sizes: list[int] = []
+        sizes: ClassVar[list[int]] = []  # one list for every instance Lightning makes
 
         def on_train_start(self, trainer, pl_module):
             self.sizes.append(len(trainer.train_dataloader.dataset))

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from fairage import suite, training
 from fairage.cli import app
 from fairage.config import dump_config, load_preset
-from fairage.models import build_model
 from fairage.data import write_synthetic
+from fairage.models import build_model
 
 TABLE1 = ["Model", "Learning rate", "Training strategy", "Gender bias", "Expression bias",
           "Ethnicity bias", "Age bias", "MAE"]
@@ -35,7 +35,7 @@ def finished_suite(tmp_path_factory):
 
 
 def test_suite_writes_table_plots_and_report(finished_suite):
-    data, out, report = finished_suite
+    _data, out, report = finished_suite
     assert report == out / "report.html"
     table = pd.read_csv(out / "comparison.csv")
     want = TABLE1 + [f"{c} CI {e}" for c in MEASURED for e in ("low", "high")] + ["Runs"]
@@ -200,8 +200,8 @@ def test_export_backbone_refuses_unfinished_runs(finished_suite, tmp_path):
 
 def test_demo_starts_from_the_pretrained_backbone(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    kw = dict(presets=["M2"], scale="tiny", n_train=60, n_valid=40, n_test=40, size=32,
-              pretrain_sizes={"n_train": 60, "n_valid": 40, "n_test": 20}, progress=False)
+    kw = {"presets": ["M2"], "scale": "tiny", "n_train": 60, "n_valid": 40, "n_test": 40, "size": 32,
+          "pretrain_sizes": {"n_train": 60, "n_valid": 40, "n_test": 20}, "progress": False}
     report = suite.run_demo(out, **kw)
     weights = out / "pretrained-backbone.safetensors"
     info = json.loads((out / "M2" / "run.json").read_text())

@@ -12,12 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import square_faces
 from lightning.pytorch.callbacks import Callback
 
 from fairage.config import HeadBlock, ModelConfig, StageConfig
 from fairage.models import build_model
 from fairage.training import NonFiniteLossError, StageArrays, fit_stage, predict
-from conftest import square_faces
 
 SIZE = 32
 
@@ -31,7 +31,7 @@ def faces():
 
 def tiny_model(seed: int = 0, **kw):
     torch.manual_seed(seed)
-    base = dict(backbone="resnet18", projection_dim=16, head=[HeadBlock(dropout=0.2, units=32)])
+    base = {"backbone": "resnet18", "projection_dim": 16, "head": [HeadBlock(dropout=0.2, units=32)]}
     base.update(kw)
     return build_model(ModelConfig(**base))[0]
 

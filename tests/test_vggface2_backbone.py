@@ -8,7 +8,13 @@ from torch import nn
 
 from fairage.config import ModelConfig
 from fairage.errors import ConfigError
-from fairage.models import AgeRegressor, InputNorm, KerasBottleneck, keras_layer_map, tf_same_padding
+from fairage.models import (
+    AgeRegressor,
+    InputNorm,
+    KerasBottleneck,
+    keras_layer_map,
+    tf_same_padding,
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from fairage.weighting import (
     describe,
     dominant_groups_per_face,
     face_group_names,
-    summarize_weights,
     group_table,
     lds_weights,
     make_sampler,
+    summarize_weights,
     weighted_loss,
 )
 

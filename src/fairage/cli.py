@@ -14,7 +14,6 @@ import contextlib
 import errno
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -125,7 +124,7 @@ _ABSOLUTE_HELP = ("csv layout: accept absolute image paths (by default every ima
                   "dataset folder; config data.allow_absolute_paths).")
 
 
-def _data_overrides(skip_bad: bool, extra_categories: Optional[str], allow_absolute_paths: bool) -> list[str]:
+def _data_overrides(skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool) -> list[str]:
     """The data options of train/suite as config overrides (``data.*``)."""
     import json
 
@@ -141,7 +140,7 @@ def _data_overrides(skip_bad: bool, extra_categories: Optional[str], allow_absol
 
 
 @contextlib.contextmanager
-def _sigterm_exits(hint: str, run_json: Optional[Path]):
+def _sigterm_exits(hint: str, run_json: Path | None):
     """SIGTERM inside the block: one message with ``hint`` and exit 143, never exit 0.
 
     ``run_json``: the run folder's run.json; when it does not exist yet, nothing was
@@ -159,7 +158,7 @@ def _sigterm_exits(hint: str, run_json: Optional[Path]):
         raise typer.Exit(Terminated.exit_code) from None
 
 
-def _data_options(base: dict, skip_bad: bool, extra_categories: Optional[str], allow_absolute_paths: bool) -> dict:
+def _data_options(base: dict, skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool) -> dict:
     """``load_faces`` options: ``base`` (a run's config, or {}) with the command-line data options on top."""
     options = dict(base)
     if skip_bad:
@@ -198,7 +197,7 @@ def _without_skipped_log():
 def data_info_command(
     root: Path = typer.Argument(..., help="Dataset folder (or a CSV file for the csv layout)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv (default: detect)."),
+    layout: str | None = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv (default: detect)."),
     target: str = typer.Option("apparent", "--target", help="appa only: apparent (apparent_age_avg) or real (real_age)."),
     full_images: bool = typer.Option(False, "--full-images", help="appa only: the full photos instead of the face crops."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
@@ -214,8 +213,8 @@ def data_info_command(
 
     from .data import load_faces
     from .data.loaders import SKIP_BAD_HINT, describe_faces, find_bad_images
-    from .errors import DataError
     from .data.schema import VOCABULARIES
+    from .errors import DataError
 
     with _without_skipped_log():  # listed below, one line per image
         faces = load_faces(root, layout=layout, target=target, full_images=full_images,
@@ -289,7 +288,7 @@ def _predictions_file(folder) -> Path:
     return predictions
 
 
-def _run_split_faces(folder, data: Optional[Path], split: str, skip_bad: bool, extra_categories: Optional[str],
+def _run_split_faces(folder, data: Path | None, split: str, skip_bad: bool, extra_categories: str | None,
                      allow_absolute_paths: bool):
     """A run's faces of ``split``: loaded as the run loaded them, unless other data or data options are given."""
     base = folder.config().data.loader_options()
@@ -299,7 +298,7 @@ def _run_split_faces(folder, data: Optional[Path], split: str, skip_bad: bool, e
     return _split_faces(data or folder.data_dir, split, options)
 
 
-def _split_faces(data: Path, split: str, options: Optional[dict] = None):
+def _split_faces(data: Path, split: str, options: dict | None = None):
     from .data import load_faces
 
     faces = load_faces(data, **(options or {}))
@@ -335,28 +334,28 @@ def _fmt_value(x) -> str:
 
 @app.command("evaluate")
 def evaluate_command(
-    run_dir: Optional[Path] = typer.Argument(
+    run_dir: Path | None = typer.Argument(
         None, help="A run folder: its predictions_test.csv; for another split or dataset (--split, --data) its model "
                    "predicts those faces. A model folder predicts the faces of --data."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
-    predictions: Optional[Path] = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
+    predictions: Path | None = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: Optional[int] = typer.Option(None, "--n-boot", min=0,
+    n_boot: int | None = typer.Option(None, "--n-boot", min=0,
                                          help="Bootstrap resamples (0: no intervals; default 1000, for a run its eval.n_boot)."),
-    level: Optional[float] = typer.Option(None, "--level", min=0.5, max=0.999,
+    level: float | None = typer.Option(None, "--level", min=0.5, max=0.999,
                                           help="Confidence level of the intervals (default 0.95, for a run its eval.level)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
-    n_perm: Optional[int] = typer.Option(
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
+    n_perm: int | None = typer.Option(
         None, "--n-perm", min=0, help="Label permutations for each bias's p-value (0: no test; default 1000, "
                                       "for a run its eval.n_perm)."),
-    attribute: Optional[list[str]] = typer.Option(
+    attribute: list[str] | None = typer.Option(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
                                   "Default: age, gender, ethnicity, expression."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """MAE and bias scores (with bootstrap intervals) of a prediction set, by group.
@@ -439,11 +438,11 @@ def compare_command(
     n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Paired bootstrap resamples."),
     level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
-    attribute: Optional[list[str]] = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
+    attribute: list[str] | None = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Paired comparison of two prediction sets on the same faces: B - A with bootstrap intervals."""
@@ -475,11 +474,11 @@ def compare_command(
 @app.command("submit")
 def submit_command(
     predictions_or_run: Path = typer.Argument(..., help="Predictions CSV, or a run folder (its predictions_test.csv)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
     out: Path = typer.Option(Path("predictions.zip"), "--out", help="Submission zip to write."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Write the competition submission: a zip with predictions.csv, one age per line in test order."""
@@ -504,23 +503,23 @@ def submit_command(
 @app.command("weights")
 def weights_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder; weights are computed on its train split."),
-    scheme: Optional[str] = typer.Option(
+    scheme: str | None = typer.Option(
         None, "--scheme", help="none, age, age_ethnicity (10 groups; the default), age_ethnicity_expression (48), "
                                "custom. With --formula lds the default is none (LDS alone)."),
     formula: str = typer.Option("inverse", "--formula",
                                 help="inverse (N/(K n_j)), sqrt_inverse, effective_number, or lds (= --lds with inverse)."),
     lds: bool = typer.Option(False, "--lds", help="Multiply by label-distribution-smoothing weights of the age."),
-    attributes: Optional[str] = typer.Option(None, "--attributes", help="custom scheme: comma list, e.g. age,gender."),
-    age_edges: Optional[str] = typer.Option(None, "--age-edges", help="custom scheme: inner age edges, e.g. 20,40,60."),
+    attributes: str | None = typer.Option(None, "--attributes", help="custom scheme: comma list, e.g. age,gender."),
+    age_edges: str | None = typer.Option(None, "--age-edges", help="custom scheme: inner age edges, e.g. 20,40,60."),
     pseudo_count: float = typer.Option(0.0, "--pseudo-count", help="Added to every group count (the report used 1)."),
     beta: float = typer.Option(0.999, "--beta", help="effective_number's beta."),
-    max_weight: Optional[float] = typer.Option(None, "--max-weight", help="Clip weights (after mean-1 rescaling)."),
-    layout: Optional[str] = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv."),
+    max_weight: float | None = typer.Option(None, "--max-weight", help="Clip weights (after mean-1 rescaling)."),
+    layout: str | None = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also save a plot of group sizes against weights (PNG)."),
+    plot: Path | None = typer.Option(None, "--plot", help="Also save a plot of group sizes against weights (PNG)."),
 ) -> None:
     """Group sizes and per-face weights of a weighting scheme on the training split (mean 1).
 
@@ -621,20 +620,20 @@ def _warn_full_scale(cfg, scale: str) -> None:
 
 @app.command("train")
 def train_command(
-    config: Optional[Path] = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="A shipped preset instead of --config (see `fairage presets`)."),
+    config: Path | None = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
+    preset: str | None = typer.Option(None, "--preset", help="A shipped preset instead of --config (see `fairage presets`)."),
     scale: str = typer.Option("full", "--scale", help="Preset scale: full, cpu (resnet18, 64 px) or tiny."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (any layout fairage reads)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create, e.g. runs/NAME."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Config override, e.g. stage2.lr=5e-5 (repeatable)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
-    devices: Optional[str] = typer.Option(None, "--devices", help="Devices per node (Lightning), e.g. 2 or auto."),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="Lightning strategy, e.g. ddp."),
-    num_nodes: Optional[int] = typer.Option(None, "--num-nodes", min=1, help="Machines (Lightning num_nodes)."),
-    accelerator: Optional[str] = typer.Option(None, "--accelerator", help="cpu, gpu or auto."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (any layout fairage reads)."),
+    out: Path | None = typer.Option(None, "--out", help="Run folder to create, e.g. runs/NAME."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Config override, e.g. stage2.lr=5e-5 (repeatable)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue the interrupted run in this folder."),
+    devices: str | None = typer.Option(None, "--devices", help="Devices per node (Lightning), e.g. 2 or auto."),
+    strategy: str | None = typer.Option(None, "--strategy", help="Lightning strategy, e.g. ddp."),
+    num_nodes: int | None = typer.Option(None, "--num-nodes", min=1, help="Machines (Lightning num_nodes)."),
+    accelerator: str | None = typer.Option(None, "--accelerator", help="cpu, gpu or auto."),
     deterministic: bool = typer.Option(False, "--deterministic", help="Bitwise-repeatable kernels where torch allows."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ) -> None:
@@ -707,7 +706,7 @@ def presets_command() -> None:
     console.print(table)
 
 
-def _print_comparison(run_dirs: list[Path], title: str, reference: Optional[str] = None) -> None:
+def _print_comparison(run_dirs: list[Path], title: str, reference: str | None = None) -> None:
     from .report import comparison_table, rich_table
 
     console.print(rich_table(comparison_table(run_dirs), title=title))
@@ -744,9 +743,9 @@ def suite_command(
     presets: str = typer.Option("M1,M2,M3,M4,M5", "--presets", help="Comma-separated preset names (see `fairage presets`)."),
     scale: str = typer.Option("cpu", "--scale", help="full (as the report), cpu (resnet18, 64 px) or tiny (tests)."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Runs per preset; K > 1 gives mean ± std over seeds."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="Config override for every preset, e.g. stage2.lr=5e-5 (repeatable)."),
+    set_: list[str] | None = typer.Option(None, "--set", help="Config override for every preset, e.g. stage2.lr=5e-5 (repeatable)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: Optional[str] = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress output."),
 ) -> None:
@@ -771,7 +770,7 @@ def suite_command(
 def report_command(
     run_dirs: list[Path] = typer.Argument(..., help="Finished run folders (each with metrics_test.json)."),
     out: Path = typer.Option(..., "--out", help="Folder for comparison.csv/.md, plots and report.html."),
-    reference: Optional[str] = typer.Option(
+    reference: str | None = typer.Option(
         None, "--reference", help="Also show a published table beside fairage's: 'seed' (the seed report's "
                                   "Table 1 on APPA-REAL, not measured by fairage)."),
 ) -> None:
@@ -867,16 +866,29 @@ def predict_command(
     inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) and globs."),
     out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces)."),
     faces: bool = typer.Option(False, "--faces", help="Inputs are already face crops: no detection, one row each."),
-    annotate: Optional[Path] = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages drawn (detect mode)."),
+    annotate: Path | None = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages drawn (detect mode)."),
     detector: str = typer.Option("auto", "--detector", help="auto (best installed), yunet, haar or dlib."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Faces per forward pass."),
-    device: Optional[str] = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: GPU when present)."),
+    device: str | None = typer.Option(None, "--device", help="torch device, e.g. cpu or cuda (default: GPU when present)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Ages of every face in photos (or of face crops with --faces), written as CSV."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-    from .predict import AgePredictor, annotated_path, draw_faces, expand_inputs, prediction_rows, write_prediction_csv
+    from .predict import (
+        AgePredictor,
+        annotated_path,
+        draw_faces,
+        expand_inputs,
+        prediction_rows,
+        write_prediction_csv,
+    )
 
     files = expand_inputs(inputs)
     if not files:
@@ -936,9 +948,9 @@ def export_command(
 @app.command("model-card")
 def model_card_command(
     model: Path = typer.Argument(..., help="A run folder, an imported model folder or an exported model file."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the card here (.md Markdown, .json JSON); "
+    out: Path | None = typer.Option(None, "--out", help="Write the card here (.md Markdown, .json JSON); "
                                                            "default: print Markdown."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder for the training-data summary "
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder for the training-data summary "
                                                              "(default: the run's recorded data_dir)."),
 ) -> None:
     """The model card: training data by group, configuration, test MAE and bias scores with intervals, warnings."""
@@ -988,7 +1000,7 @@ def serve_command(
 # =========================================================================== entry point
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv)
 

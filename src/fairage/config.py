@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -181,7 +188,7 @@ class ModelConfig(StrictModel):
     head_init: Literal["torch", "keras"] = "torch"
 
     @model_validator(mode="after")
-    def _vggface2_has_dim_proj(self) -> "ModelConfig":
+    def _vggface2_has_dim_proj(self) -> ModelConfig:
         if self.backbone == "vggface2_resnet50" and self.projection_dim is None:
             raise ValueError("backbone vggface2_resnet50 includes its dim_proj layer: projection_dim must be set "
                              "(512 for the VGGFace2 weights)")
@@ -260,13 +267,13 @@ class ExperimentConfig(StrictModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _at_least_one_stage(self) -> "ExperimentConfig":
+    def _at_least_one_stage(self) -> ExperimentConfig:
         if self.stage1 is None and self.stage2 is None:
             raise ValueError("a config needs at least one of stage1 (head only) and stage2 (all layers)")
         return self
 
     @model_validator(mode="after")
-    def _loss_fits_output(self) -> "ExperimentConfig":
+    def _loss_fits_output(self) -> ExperimentConfig:
         for name, stage in self.stages():
             if (self.model.output == "dex") != (stage.loss == "ce"):
                 raise ValueError(f"{name}.loss '{stage.loss}' does not fit model.output '{self.model.output}': "
@@ -534,7 +541,10 @@ def check_trainer(trainer: TrainerConfig) -> None:
     from lightning.pytorch.strategies import StrategyRegistry
 
     try:  # Lightning's own list; it has no public name
-        from lightning.fabric.connector import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+        from lightning.fabric.connector import (
+            _PRECISION_INPUT_STR,
+            _PRECISION_INPUT_STR_ALIAS,
+        )
 
         precision_names = [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)]
     except ImportError:

@@ -32,6 +32,7 @@ Definitions:
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins, group_order
+from .data.schema import (
+    AGE_EDGES,
+    UNKNOWN,
+    VOCABULARIES,
+    age_bin_labels,
+    age_bins,
+    group_order,
+)
 from .errors import DataError
 
 #: the four bias scores reported by default
@@ -266,7 +274,7 @@ def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequ
         raise DataError(f"attributes listed twice: {attributes}")
     _check_table(df, attributes)
     edges = [float(e) for e in age_edges]
-    if any(e <= 0 for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
+    if any(e <= 0 for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
         raise DataError(f"age edges must be positive and increasing, got {list(age_edges)}")
     groupings = [_grouping(df, a, edges) for a in attributes]
     errors = np.abs(df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float))
@@ -323,7 +331,7 @@ class EvaluationResult:
         }
 
     @classmethod
-    def from_json(cls, raw: dict, source: str = "metrics") -> "EvaluationResult":
+    def from_json(cls, raw: dict, source: str = "metrics") -> EvaluationResult:
         """Read the object ``to_json`` writes; DataError naming ``source`` and the key when one is missing."""
         try:
             groups_ci = raw.get("groups_ci") or {}
@@ -363,7 +371,7 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     attributes, groupings, errors = _prepare(df, attributes, age_edges)
     boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
     total, tables, biases = _point_estimates(df, groupings, age_edges)
-    result = EvaluationResult(n=int(len(errors)), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
+    result = EvaluationResult(n=len(errors), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
                               bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
                               n_boot=int(n_boot), n_perm=int(n_perm))
     pvalues = permutation_pvalues(errors, groupings, n_perm, seed)
@@ -496,7 +504,7 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
                                    boot_a[g.attribute]["bias"] if boot_a else None,
                                    boot_b[g.attribute]["bias"] if boot_b else None) for g in groupings}
     return ComparisonResult(
-        n=int(len(errors_a)), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
+        n=len(errors_a), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
         mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
         bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
         bias_b={g.attribute: bias_b[g.attribute] for g in groupings}, bias_diff=bias_diff)

@@ -37,14 +37,14 @@ MIN_GROUP_FACES = 30
 BIAS_ORDER: tuple[str, ...] = ("gender", "expression", "ethnicity", "age")
 
 INTENDED_USE: tuple[str, ...] = (
-    "Estimating the apparent age of a face (the age it looks to human raters, in years) in photos "
-    "like the training data, for research, teaching and demonstrations.",
-    "Measuring and comparing how an age estimator's error differs across age, gender, ethnicity and "
-    "expression groups, and how training strategies change those differences.",
+    ("Estimating the apparent age of a face (the age it looks to human raters, in years) in photos "
+     "like the training data, for research, teaching and demonstrations."),
+    ("Measuring and comparing how an age estimator's error differs across age, gender, ethnicity and "
+     "expression groups, and how training strategies change those differences."),
 )
 OUT_OF_SCOPE: tuple[str, ...] = (
-    "Decisions about a person: age verification, access control, hiring, insurance, policing or any "
-    "other use where an error harms the person shown.",
+    ("Decisions about a person: age verification, access control, hiring, insurance, policing or any "
+     "other use where an error harms the person shown."),
     "Inferring a person's real (chronological) age, identity, gender or ethnicity.",
 )
 
@@ -97,7 +97,7 @@ def _ci(value) -> list[float] | None:
     return [float(value[0]), float(value[1])] if isinstance(value, (list, tuple)) and len(value) == 2 else None
 
 
-def _evaluation(metrics: "EvaluationResult", source: str) -> dict:
+def _evaluation(metrics: EvaluationResult, source: str) -> dict:
     """The card's evaluation section from a run's test metrics (``fairage.metrics.evaluate``)."""
     order = [a for a in BIAS_ORDER if a in metrics.bias] + [a for a in metrics.bias if a not in BIAS_ORDER]
     return {
@@ -126,7 +126,7 @@ def _summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
     return out
 
 
-def _dataset(cfg: "ExperimentConfig", run: "RunFolder | None", data_dir: Path | None) -> tuple[dict, list[str]]:
+def _dataset(cfg: ExperimentConfig, run: RunFolder | None, data_dir: Path | None) -> tuple[dict, list[str]]:
     """Dataset section (folder, synthetic or not, counts by group and split) and warnings about it.
 
     The dataset is loaded with ``cfg``'s ``data.*`` settings, as the run loaded it; without it,
@@ -162,7 +162,7 @@ def _dataset(cfg: "ExperimentConfig", run: "RunFolder | None", data_dir: Path | 
     return section, warnings
 
 
-def _training(cfg: "ExperimentConfig", run: "RunFolder") -> dict:
+def _training(cfg: ExperimentConfig, run: RunFolder) -> dict:
     from .weighting import describe
 
     best_epochs = run.best_epochs()
@@ -180,7 +180,7 @@ def _training(cfg: "ExperimentConfig", run: "RunFolder") -> dict:
             "status": run.record.status, "device": run.record.device or None}
 
 
-def _warnings(evaluation: dict | None, run: "RunFolder | None", synthetic: bool) -> list[str]:
+def _warnings(evaluation: dict | None, run: RunFolder | None, synthetic: bool) -> list[str]:
     from .runs import RunFolder
 
     out = run.warnings() if run is not None else []
@@ -213,15 +213,15 @@ def _limitations(evaluation: dict | None, synthetic: bool) -> list[str]:
         measured = "; ".join([f"age: {', '.join(age_bin_labels())}"]
                              + [f"{a}: {', '.join(v for v in vals if v != 'unknown')}" for a, vals in VOCABULARIES.items()])
     out = [
-        "Predicts apparent age (what raters judged a face to look), not real age; the two differ by several "
-        "years for many people.",
-        f"Groups measured: {measured}. These are the dataset's annotation categories, assigned by annotators; "
-        "people outside them (e.g. other ethnicities, non-binary gender) and other attributes (skin tone scale, "
-        "make-up, glasses, image quality) are not measured.",
-        "Errors are measured on the test split of the training dataset; on photos from elsewhere (other "
-        "cameras, lighting, poses, crops or face detectors) they can be larger and differ by group in other ways.",
-        "A bias score is the mean absolute difference between group MAEs; its bootstrap interval covers "
-        "test-set sampling only, not a change of population.",
+        ("Predicts apparent age (what raters judged a face to look), not real age; the two differ by several "
+         "years for many people."),
+        (f"Groups measured: {measured}. These are the dataset's annotation categories, assigned by annotators; "
+         "people outside them (e.g. other ethnicities, non-binary gender) and other attributes (skin tone scale, "
+         "make-up, glasses, image quality) are not measured."),
+        ("Errors are measured on the test split of the training dataset; on photos from elsewhere (other "
+         "cameras, lighting, poses, crops or face detectors) they can be larger and differ by group in other ways."),
+        ("A bias score is the mean absolute difference between group MAEs; its bootstrap interval covers "
+         "test-set sampling only, not a change of population."),
     ]
     if synthetic:
         out.insert(0, "The training and test faces are synthetic: procedurally drawn cartoon heads, not photos. "

@@ -421,7 +421,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise ConfigError(f"model.weights {path}: unknown file type '{suffix}'; use .pth, .pt or .safetensors")
     except ConfigError:
         raise
-    except Exception as err:  # corrupt file, pickled objects refused by weights_only
+    except Exception as err:  # noqa: BLE001 - corrupt file, pickled objects refused by weights_only
         raise ConfigError(f"model.weights {path} could not be read as a state dict: {load_error_reason(err)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a Lightning checkpoint

@@ -10,10 +10,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
-from .atomic import atomic_path  # noqa: E402
+from .atomic import atomic_path
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:

@@ -130,7 +130,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             cfg = validate_config(read_yaml(path / "config.yaml"), str(path / "config.yaml"))
             try:
                 state = load_file(str(path / "model.safetensors"))
-            except Exception as err:
+            except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
                 raise ConfigError(f"{path / 'model.safetensors'}: cannot read ({type(err).__name__}: {err})") from None
             model = _model_from_state(cfg, state, path / "model.safetensors")
             return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
@@ -154,7 +154,7 @@ class OnnxAgeModel(torch.nn.Module):
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - onnxruntime's load errors share no public base class
             raise ConfigError(f"{path}: onnxruntime cannot load it ({type(err).__name__}: {err})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)

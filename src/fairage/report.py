@@ -15,18 +15,17 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.ticker import MaxNLocator
 
-from .atomic import atomic_path, write_text  # noqa: E402
-from .config import ExperimentConfig, dump_config  # noqa: E402
-from .errors import ConfigError, DataError  # noqa: E402
-from .metrics import EvaluationResult  # noqa: E402
-from .plots import save_figure  # noqa: E402
-from .runs import RunFolder  # noqa: E402
-
+from .atomic import atomic_path, write_text
+from .config import ExperimentConfig, dump_config
+from .errors import ConfigError, DataError
+from .metrics import EvaluationResult
+from .plots import save_figure
+from .runs import RunFolder
 
 # =========================================================================== comparison report
 #

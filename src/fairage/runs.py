@@ -161,7 +161,7 @@ class RunFolder:
     # ------------------------------------------------------------------ create / open
 
     @classmethod
-    def create(cls, path: str | Path, cfg: ExperimentConfig, data_dir: str | Path, **fields) -> "RunFolder":
+    def create(cls, path: str | Path, cfg: ExperimentConfig, data_dir: str | Path, **fields) -> RunFolder:
         """Start a new run in ``path``: write ``config.yaml`` (absolute paths) and ``run.json``.
 
         ``fields`` go into the record (weights info, device, precision, ...). Any
@@ -180,7 +180,7 @@ class RunFolder:
         return folder
 
     @classmethod
-    def open(cls, path: str | Path, record_required: bool = True) -> "RunFolder":
+    def open(cls, path: str | Path, record_required: bool = True) -> RunFolder:
         """An existing run folder; DataError naming the file when it is not one or its run.json is corrupt.
 
         ``record_required=False`` also opens a folder without ``run.json`` (``record`` is then None).
@@ -320,14 +320,14 @@ class RunFolder:
             val_mae = pd.to_numeric(rows["val_mae"], errors="coerce")[best]
             out[str(stage)] = {"epoch": int(rows.at[best, "epoch"]),
                                "val_mae": None if pd.isna(val_mae) else float(val_mae),
-                               "epochs_run": int(len(rows))}
+                               "epochs_run": len(rows)}
         return out
 
     def write_history(self, history: pd.DataFrame) -> None:
         if is_rank_zero():
             write_text(self.file(self.HISTORY), history[HISTORY_COLUMNS].to_csv(index=False))
 
-    def metrics(self) -> "EvaluationResult | None":
+    def metrics(self) -> EvaluationResult | None:
         """The test metrics (``metrics_test.json``) as an EvaluationResult; None before the run finishes."""
         from .metrics import EvaluationResult
 
@@ -357,7 +357,7 @@ class RunFolder:
     # ------------------------------------------------------------------ lock
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator["RunFolder"]:
+    def lock(self) -> Iterator[RunFolder]:
         """Hold an exclusive lock on the folder while training in it.
 
         ``fcntl.flock`` on ``.lock`` (which records the holder's PID): the kernel drops

@@ -44,9 +44,8 @@ def write_submission(out: str | os.PathLike, test_faces: pd.DataFrame, preds: pd
         raise DataError(f"{source}: prediction {ages[i]:g} for test face {test_faces['image'].iloc[i]!r} is not an age "
                         f"between {low:g} and {high:g} years ({bad.size} such faces)")
     text = "".join(f"{a:.6f}\n" for a in ages)
-    with atomic_path(out) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(SUBMISSION_MEMBER, text)
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(SUBMISSION_MEMBER, text)
     return ages
 
 

@@ -22,7 +22,14 @@ import numpy as np
 import pandas as pd
 
 from .config import WeightingConfig
-from .data.schema import AGE_EDGES, UNKNOWN, VOCABULARIES, age_bin_labels, age_bins, group_order
+from .data.schema import (
+    AGE_EDGES,
+    UNKNOWN,
+    VOCABULARIES,
+    age_bin_labels,
+    age_bins,
+    group_order,
+)
 from .errors import ConfigError
 
 #: built-in schemes as (attributes, merges); "age" means age bins

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import keras_vggface2_spec as spec  # noqa: E402
+import keras_vggface2_spec as spec
 
 WEIGHTS_SEED = 0
 IMAGE_SEEDS = (11, 22, 33)

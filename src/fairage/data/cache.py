@@ -49,7 +49,7 @@ def decode_image(path: str, size: int) -> np.ndarray:
             return np.asarray(im, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except Exception as err:  # Pillow raises many types for corrupt or truncated data
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt or truncated data
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
                         "--skip-bad (config data.skip_bad: true) drops bad images") from None
 
@@ -184,7 +184,13 @@ def open_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
 
 
 def _fill(out: np.ndarray, faces: pd.DataFrame, size: int, workers: int, progress: bool, label: str) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     paths = faces["path"].to_numpy(dtype=object)
     frames = faces["frame"].to_numpy(dtype=np.int64)

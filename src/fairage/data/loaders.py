@@ -37,7 +37,15 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from .schema import AGE_MAX, AGE_MIN, FACE_COLUMNS, SPLITS, UNKNOWN, VOCABULARIES, age_bins
+from .schema import (
+    AGE_MAX,
+    AGE_MIN,
+    FACE_COLUMNS,
+    SPLITS,
+    UNKNOWN,
+    VOCABULARIES,
+    age_bins,
+)
 
 log = logging.getLogger(__name__)
 
@@ -351,7 +359,7 @@ def probe_image(path: str | os.PathLike) -> str | None:
             im.load()
     except FileNotFoundError:
         return "file not found"
-    except Exception as err:  # Pillow raises many types for corrupt data
+    except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt data
         return f"cannot decode image ({type(err).__name__}: {err})"
     return None
 
@@ -651,7 +659,7 @@ def describe_faces(faces: pd.DataFrame) -> dict:
     ages: dict[str, dict] = {}
     for split in [s for s in SPLITS if (faces["split"] == s).any()]:
         part = faces[faces["split"] == split]
-        splits[split] = {"n": int(len(part))}
+        splits[split] = {"n": len(part)}
         for attribute in VOCABULARIES:
             counts = part[attribute].value_counts()
             splits[split][attribute] = {str(k): int(v) for k, v in sorted(counts.items())}

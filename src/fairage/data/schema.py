@@ -21,6 +21,7 @@ Rows are in dataset order (the order of the source CSV / array) within each spli
 
 from __future__ import annotations
 
+import itertools
 import math
 
 UNKNOWN = "unknown"
@@ -63,7 +64,7 @@ def age_bin_labels(edges: tuple[float, ...] | list[float] = AGE_EDGES) -> list[s
     ['[0,30)', '[30,inf)']
     """
     bounds = [0.0, *[float(e) for e in edges], math.inf]
-    return [f"[{_fmt_edge(lo)},{_fmt_edge(hi)})" for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return [f"[{_fmt_edge(lo)},{_fmt_edge(hi)})" for lo, hi in itertools.pairwise(bounds)]
 
 
 def age_bins(ages, edges: tuple[float, ...] | list[float] = AGE_EDGES):

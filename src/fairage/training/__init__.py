@@ -10,18 +10,62 @@ The package in pieces:
   which work on a run folder (``fairage.runs.RunFolder``).
 """
 
-from .factories import (AtomicCheckpointIO, HistoryCallback, LastCheckpoint, StageArrays, make_callbacks,
-                        make_loaders, make_trainer, resolve_accelerator, resolve_precision)
+from .factories import (
+                        AtomicCheckpointIO,
+                        HistoryCallback,
+                        LastCheckpoint,
+                        StageArrays,
+                        make_callbacks,
+                        make_loaders,
+                        make_trainer,
+                        resolve_accelerator,
+                        resolve_precision,
+)
 from .inference import extract_features, predict
-from .module import AgeModule, FaceArrayDataset, build_augment, images_to_input, memory_format
-from .run import (COLLAPSE_STD, collapse_warning, export_backbone, load_model_from_checkpoint, load_run_data,
-                  resume_run, train)
+from .module import (
+                        AgeModule,
+                        FaceArrayDataset,
+                        build_augment,
+                        images_to_input,
+                        memory_format,
+)
+from .run import (
+                        COLLAPSE_STD,
+                        collapse_warning,
+                        export_backbone,
+                        load_model_from_checkpoint,
+                        load_run_data,
+                        resume_run,
+                        train,
+)
 from .stage import NonFiniteLossError, StageResult, fit_stage, load_module_checkpoint
 
 __all__ = [
-    "AgeModule", "AtomicCheckpointIO", "COLLAPSE_STD", "FaceArrayDataset", "HistoryCallback", "LastCheckpoint",
-    "NonFiniteLossError", "StageArrays", "StageResult", "build_augment", "collapse_warning", "export_backbone",
-    "extract_features", "fit_stage", "images_to_input", "load_model_from_checkpoint", "load_module_checkpoint",
-    "load_run_data", "make_callbacks", "make_loaders", "make_trainer", "memory_format", "predict",
-    "resolve_accelerator", "resolve_precision", "resume_run", "train",
+                        "COLLAPSE_STD",
+                        "AgeModule",
+                        "AtomicCheckpointIO",
+                        "FaceArrayDataset",
+                        "HistoryCallback",
+                        "LastCheckpoint",
+                        "NonFiniteLossError",
+                        "StageArrays",
+                        "StageResult",
+                        "build_augment",
+                        "collapse_warning",
+                        "export_backbone",
+                        "extract_features",
+                        "fit_stage",
+                        "images_to_input",
+                        "load_model_from_checkpoint",
+                        "load_module_checkpoint",
+                        "load_run_data",
+                        "make_callbacks",
+                        "make_loaders",
+                        "make_trainer",
+                        "memory_format",
+                        "predict",
+                        "resolve_accelerator",
+                        "resolve_precision",
+                        "resume_run",
+                        "train",
 ]

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-import lightning as L
-from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..atomic import atomic_path, write_text
 from ..config import StageConfig, TrainerConfig
@@ -136,7 +142,7 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
         workers = num_workers
     # re-seed so both paths start training from the same RNG state (same dropout masks)
     L.seed_everything(seed, workers=True, verbose=False)
-    loader_kw: dict[str, Any] = dict(num_workers=workers, pin_memory=on_gpu, persistent_workers=workers > 0)
+    loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
     train_loader = DataLoader(train_set, batch_size=stage.batch_size, shuffle=sampler is None, sampler=sampler,
                               generator=seeded_generator(seed) if sampler is None else None, drop_last=False,
                               **loader_kw)

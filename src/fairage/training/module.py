@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-
-import lightning as L
 
 from ..config import AugmentConfig, StageConfig
 from ..models import AgeRegressor

@@ -11,25 +11,43 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 import yaml
-
-import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from ..atomic import atomic_path, write_text
-from ..config import ExperimentConfig, StageConfig, TrainerConfig, dump_config, validate_config
+from ..config import (
+    ExperimentConfig,
+    StageConfig,
+    TrainerConfig,
+    dump_config,
+    validate_config,
+)
 from ..errors import ConfigError, DataError, FairageError
 from ..metrics import EvaluationResult
 from ..models import AgeRegressor, build_model
-from ..runs import HISTORY_COLUMNS, RunFolder, absolute_paths, config_faces, is_rank_zero, read_checkpoint
-from .factories import CONFIG_KEY, StageArrays, device_for, resolve_accelerator, resolve_precision
+from ..runs import (
+    HISTORY_COLUMNS,
+    RunFolder,
+    absolute_paths,
+    config_faces,
+    is_rank_zero,
+    read_checkpoint,
+)
+from .factories import (
+    CONFIG_KEY,
+    StageArrays,
+    device_for,
+    resolve_accelerator,
+    resolve_precision,
+)
 from .inference import predict
 from .stage import fit_stage, load_module_checkpoint
 

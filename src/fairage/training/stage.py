@@ -18,21 +18,27 @@ import logging
 import math
 import tempfile
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
-
-import pandas as pd
-import torch
 
 import lightning as L
+import pandas as pd
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..config import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models import AgeRegressor
 from ..runs import RunFolder, read_checkpoint
-from .factories import StageArrays, make_callbacks, make_loaders, make_trainer, quiet_lightning, resolve_accelerator
+from .factories import (
+    StageArrays,
+    make_callbacks,
+    make_loaders,
+    make_trainer,
+    quiet_lightning,
+    resolve_accelerator,
+)
 from .module import AgeModule
 
 log = logging.getLogger(__name__)
@@ -70,9 +76,9 @@ def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: 
     (None: use the config). ``config_yaml``: the run's config, stored in every checkpoint.
     ``run_dir=None``: checkpoints go to a temporary folder and no history file is written.
     """
-    kwargs = dict(trainer_cfg=trainer_cfg or TrainerConfig(), num_workers=num_workers, seed=seed, progress=progress,
-                  ckpt_path=ckpt_path, previous_history=previous_history, callbacks=callbacks,
-                  cache_features=cache_features, config_yaml=config_yaml)
+    kwargs = {"trainer_cfg": trainer_cfg or TrainerConfig(), "num_workers": num_workers, "seed": seed,
+              "progress": progress, "ckpt_path": ckpt_path, "previous_history": previous_history,
+              "callbacks": callbacks, "cache_features": cache_features, "config_yaml": config_yaml}
     if run_dir is None:  # checkpoints (for the best weights) still need a folder
         with tempfile.TemporaryDirectory(prefix="fairage-stage-") as tmp:
             return _fit_stage(model, stage_name, stage, arrays, Path(tmp), history_file=False, **kwargs)
