@@ -35,7 +35,9 @@ def test_synth_then_info_json(tmp_path):
     res = invoke("data", "info", out, "--json")
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
-    assert set(info) == {"layout", "splits", "age"}
+    assert set(info) == {"layout", "attributes", "splits", "age", "age_histogram"}
+    assert info["attributes"] == ["gender", "ethnicity", "expression", "makeup", "time"]
+    assert sum(info["age_histogram"]["counts"]) == 22
     assert info["layout"] == "appa"
     assert {s: v["n"] for s, v in info["splits"].items()} == {"train": 12, "valid": 4, "test": 6}
     gt = pd.read_csv(out / "gt_avg_test.csv")
@@ -55,7 +57,9 @@ def test_info_tables_and_counts(tmp_path):
     # counted by hand from APPA_CATS
     assert info["splits"]["train"] == {"n": 3, "gender": {"female": 1, "male": 2},
                                        "ethnicity": {"afroamerican": 1, "asian": 1, "caucasian": 1},
-                                       "expression": {"happy": 1, "neutral": 1, "slightlyhappy": 1}}
+                                       "expression": {"happy": 1, "neutral": 1, "slightlyhappy": 1},
+                                       "makeup": {"makeup": 1, "nomakeup": 2},
+                                       "time": {"modernphoto": 2, "oldphoto": 1}}
     assert info["age"]["train"] == {"min": 8.25, "max": 61.0, "mean": pytest.approx((25.5 + 61 + 8.25) / 3)}
     real = json.loads(invoke("data", "info", root, "--json", "--target", "real").stdout)
     assert real["age"]["train"]["max"] == 65
@@ -129,7 +133,7 @@ def _edit_csv(path, **columns):
 def test_bad_csv_exit_2(tmp_path, edit, message):
     root = write_csv_dataset(tmp_path / "csv", CSV_ROWS)
     edit(root)
-    res = invoke("data", "info", root)
+    res = invoke("data", "info", root, "--extra-categories", "error")
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert re.search(message, res.output.replace("\n", "")), res.output
 

@@ -66,7 +66,9 @@ def test_evaluate_json_has_exact_keys_and_hand_worked_values(appa, preds):
     assert {"n", "mae", "mae_ci", "bias", "bias_ci", "groups", "skipped_groups"} <= set(result)
     assert result["n"] == 8
     assert result["mae"] == pytest.approx(2.5)
-    assert set(result["bias"]) == {"age", "gender", "ethnicity", "expression"}
+    # the four attributes, then the default intersections (every column they need is present)
+    assert list(result["bias"]) == ["age", "gender", "ethnicity", "expression", "age*ethnicity", "gender*ethnicity"]
+    assert result["intersections"] == ["age*ethnicity", "gender*ethnicity"]
     # age groups 1, 2, 3, 4: pairs 1 2 3 1 2 1 -> 10 / 6
     assert result["bias"]["age"] == pytest.approx(10 / 6)
     assert result["bias"]["gender"] == pytest.approx(0.0)       # male 1,2,3,4 ; female 1,2,3,4

@@ -124,7 +124,8 @@ def test_appa_unknown_attribute_value(tmp_path):
     cats["test"] = [cats["test"][0], ("000001.jpg", "female", "hispanic", "nomakeup", "modernphoto", "neutral")]
     root = write_appa(tmp_path / "appa", cats=cats)
     with pytest.raises(DataError, match=r"allcategories_test\.csv: row 3: ethnicity value 'hispanic'"):
-        load_faces(root)
+        load_faces(root, extra_categories="error")
+    assert load_faces(root)["ethnicity"].iloc[-1] == "hispanic"  # groups come from the data by default
     kept = load_faces(root, extra_categories="keep")
     assert kept["ethnicity"].iloc[-1] == "hispanic"
     mapped = load_faces(root, extra_categories="unknown")
@@ -222,7 +223,7 @@ def test_npy_length_mismatch_and_bad_values(tmp_path):
     np.save(root / "labels_test.npy", np.array([10.0, 20.0]))
     np.save(root / "meta_data_test.npy", np.array([["male", "asian", "neutral"], ["man", "asian", "neutral"]]))
     with pytest.raises(DataError, match=r"meta_data_test\.npy: row 1: gender value 'man'"):
-        load_faces(root)
+        load_faces(root, extra_categories="error")
     np.save(root / "meta_data_test.npy", np.array([["male", "asian", "neutral"], ["x", 1, None]], dtype=object))
     with pytest.raises(DataError, match=r"meta_data_test\.npy: cannot read without unpickling"):
         load_faces(root)
@@ -253,8 +254,8 @@ def test_utkface_layout(tmp_path):
 def test_utkface_extra_races_and_bad_names(tmp_path):
     root = write_utk(tmp_path / "utk", ["30_0_3_2017.jpg", "40_1_4_2017.jpg", "50_1_2_2017.jpg"])
     with pytest.raises(DataError, match=r"30_0_3_2017\.jpg: ethnicity 'indian'"):
-        load_faces(root)
-    kept = load_faces(root, extra_categories="keep").set_index("image")
+        load_faces(root, extra_categories="error")
+    kept = load_faces(root).set_index("image")  # all five race codes load with no flag
     assert kept.loc["30_0_3_2017.jpg", "ethnicity"] == "indian" and kept.loc["40_1_4_2017.jpg", "ethnicity"] == "others"
     unk = load_faces(root, extra_categories="unknown").set_index("image")
     assert unk.loc["40_1_4_2017.jpg", "ethnicity"] == UNKNOWN
@@ -337,4 +338,4 @@ def test_csv_bad_input(tmp_path, edit, message):
     root = write_csv_dataset(tmp_path / "csv", CSV_ROWS)
     edit(pd.read_csv(root / "faces.csv")).to_csv(root / "faces.csv", index=False)
     with pytest.raises(DataError, match=message):
-        load_faces(root)
+        load_faces(root, extra_categories="error")

@@ -47,7 +47,7 @@ def test_evaluation_matches_the_predictions_worked_out_by_hand(card, tiny_run):
     assert ev["bias"]["gender"]["value"] == pytest.approx(abs(by_gender["male"] - by_gender["female"]))
     assert {g["group"]: g["mae"] for g in ev["groups"]["gender"]} == pytest.approx(by_gender.to_dict())
     assert {g["group"]: g["n"] for g in ev["groups"]["ethnicity"]} == df["ethnicity"].value_counts().to_dict()
-    assert list(ev["bias"]) == ["gender", "expression", "ethnicity", "age"]
+    assert list(ev["bias"]) == ["gender", "expression", "ethnicity", "age", "age*ethnicity", "gender*ethnicity"]
     for b in ev["bias"].values():
         assert b["ci"] is not None and b["ci"][0] <= b["ci"][1]
 

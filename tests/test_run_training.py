@@ -45,9 +45,10 @@ class EpochRecorder(Callback):
 
 def test_resume_after_non_improving_epochs_redoes_only_the_interrupted_epoch(tiny_data, tmp_path):
     # Adam at lr 1.0 saturates the sigmoid in the first epoch: the validation loss stops improving,
-    # so a "last" checkpoint written only on improvement would sit at epoch 1
+    # so a "last" checkpoint written only on improvement would sit at epoch 1 (the collapse stop,
+    # which would end the stage there, is off)
     cfg = load_preset("M1", "tiny", ["eval.n_boot=0", "stage2.lr=1.0", "stage2.max_epochs=6",
-                                     "stage2.patience=10", "stage2.lr_patience=10"])
+                                     "stage2.patience=10", "stage2.lr_patience=10", "stage2.stop_on_collapse=false"])
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train(cfg, tiny_data, run, progress=False, callbacks=[KillAtEpochStart(4)])  # in epoch 5

@@ -54,7 +54,7 @@ class _FairageGroup(TyperGroup):
             return super().invoke(ctx)
         except FairageError as err:
             _print_error(str(err))
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(err, "exit_code", 2)) from None
         except OSError as err:
             if err.errno == errno.ENOSPC:  # not the input's fault: exit 1, as for any failed run
                 where = f"{err.filename}: " if err.filename else ""
@@ -117,7 +117,8 @@ def _extra_categories_option(value: str):
     return parse_extra_categories(value)
 
 
-_EXTRA_CATEGORIES_HELP = ("Attribute values outside the vocabulary: error, keep, unknown, or a mapping like "
+_EXTRA_CATEGORIES_HELP = ("Attribute values outside the usual vocabulary: keep (default: a group of their own), "
+                          "error, unknown, or a mapping that merges or renames values like "
                           "indian=asian,others=unknown (config data.extra_categories).")
 _SKIP_BAD_HELP = "Drop missing/corrupt images (listed in a warning) instead of failing (config data.skip_bad)."
 _ABSOLUTE_HELP = ("csv layout: accept absolute image paths (by default every image path must lie inside the "
@@ -201,19 +202,17 @@ def data_info_command(
     target: str = typer.Option("apparent", "--target", help="appa only: apparent (apparent_age_avg) or real (real_age)."),
     full_images: bool = typer.Option(False, "--full-images", help="appa only: the full photos instead of the face crops."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: str = typer.Option("error", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str = typer.Option("keep", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the stratified split (utkface, csv without a split column)."),
 ) -> None:
     """Show a dataset: layout, faces per split, counts per attribute value, age histogram."""
     import json
 
-    import numpy as np
     from rich.table import Table
 
     from .data import load_faces
     from .data.loaders import SKIP_BAD_HINT, describe_faces, find_bad_images
-    from .data.schema import VOCABULARIES
     from .errors import DataError
 
     with _without_skipped_log():  # listed below, one line per image
@@ -245,7 +244,7 @@ def data_info_command(
     table.add_column("value")
     for s in splits:
         table.add_column(s, justify="right")
-    for attribute in VOCABULARIES:
+    for attribute in info["attributes"]:
         values = sorted({v for s in splits for v in info["splits"][s][attribute]})
         for k, v in enumerate(values):
             table.add_row(attribute if k == 0 else "", v, *[str(info["splits"][s][attribute].get(v, 0)) for s in splits],
@@ -253,14 +252,12 @@ def data_info_command(
     table.add_row("age", "min / mean / max", *[
         f"{info['age'][s]['min']:.1f} / {info['age'][s]['mean']:.1f} / {info['age'][s]['max']:.1f}" for s in splits])
     console.print(table)
-    edges = np.arange(0, 100, 10)
+    edges, counts = info["age_histogram"]["edges"], info["age_histogram"]["counts"]
     hist = Table(title="age histogram (years, all splits)")
     hist.add_column("age")
     hist.add_column("n", justify="right")
     hist.add_column("")
-    counts = np.bincount(np.clip(np.digitize(faces["age"].to_numpy(), edges) - 1, 0, len(edges) - 1),
-                         minlength=len(edges))
-    top = max(int(counts.max()), 1)
+    top = max(max(counts), 1)
     for lo, c in zip(edges, counts):
         label = f"{lo}-{lo + 10}" if lo < edges[-1] else f"{lo}+"
         hist.add_row(label, str(int(c)), "█" * int(round(40 * c / top)))
@@ -353,12 +350,18 @@ def evaluate_command(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
                                   "Default: age, gender, ethnicity, expression."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+    intersection: list[str] | None = typer.Option(
+        None, "--intersection", help="Attributes scored cell by cell, comma-separated (repeatable), e.g. "
+                                     "age,ethnicity. Default: age x ethnicity and gender x ethnicity "
+                                     "(for a run: its eval.intersections)."),
+    min_group: int | None = typer.Option(None, "--min-group", min=1,
+                                         help="Groups with fewer faces are flagged (default 20; a run: eval.min_group)."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
-    """MAE and bias scores (with bootstrap intervals) of a prediction set, by group.
+    """MAE, bias scores and the field's metrics (with bootstrap intervals) of a prediction set, by group.
 
     For a run folder the faces are loaded with the run's own data settings (layout,
     target, ...) and scored with its eval settings, so the result equals its metrics_test.json.
@@ -366,11 +369,10 @@ def evaluate_command(
     """
     import json
 
-    from rich.table import Table
-
+    from .config import EvalConfig
     from .metrics import evaluate
 
-    settings = {"n_boot": 1000, "level": 0.95, "n_perm": 1000, "seed": 0}
+    eval_config, run_seed = EvalConfig(), 0
     df = None
     if run_dir is not None and predictions is None and _is_model_folder(run_dir):
         if data is None:  # no predictions yet: the model predicts the split's faces first
@@ -381,7 +383,8 @@ def evaluate_command(
         from .runs import RunFolder
 
         folder = RunFolder.open(run_dir)
-        settings = folder.evaluation_settings()
+        run_config = folder.config()
+        eval_config, run_seed = run_config.eval, run_config.seed
         faces = _run_split_faces(folder, data, split, skip_bad, extra_categories, allow_absolute_paths)
         own_test = split == "test" and (data is None or data.resolve() == Path(folder.data_dir).resolve())
         if predictions is None and not own_test:
@@ -395,25 +398,56 @@ def evaluate_command(
         faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     if df is None:
         df = _joined_predictions(predictions, faces, clip)
-    chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("n_perm", n_perm), ("seed", seed))
-              if v is not None}
+    settings = eval_config.metric_settings(run_seed, df.columns)
+    if intersection:
+        settings["intersections"] = [[a.strip() for a in item.split(",") if a.strip()] for item in intersection]
+    chosen = {k: v for k, v in (("n_boot", n_boot), ("level", level), ("n_perm", n_perm), ("seed", seed),
+                                ("attributes", attribute or None), ("min_group", min_group)) if v is not None}
     settings.update(chosen)
     n_boot, level = settings["n_boot"], settings["level"]
-    evaluation = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges), **settings)
+    evaluation = evaluate(df, age_edges=_parse_edges(age_edges), **settings)
     result = evaluation.to_json()
     if json_out:
         print(json.dumps(result))
         return
+    _print_evaluation(result, f"{predictions}", split, settings["n_perm"])
+
+
+def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> None:
+    """The tables of ``fairage evaluate``: age bins first, then the field's metrics, biases and groups."""
+    from rich.table import Table
+
+    level, n_boot = result["level"], result["n_boot"]
     pct = f"{100 * level:g}%"
-    console.print(f"[bold]{predictions}[/bold] on {split} ({result['n']} faces), {pct} bootstrap intervals "
+    console.print(f"[bold]{source}[/bold] on {split} ({result['n']} faces), {pct} bootstrap intervals "
                   f"({n_boot} resamples)", highlight=False)
     console.print(f"  MAE {result['mae']:.2f} years {_fmt_ci(result['mae_ci'])}", highlight=False)
+    small = result["min_group"]
+    ages = Table(title="MAE by age (ground truth, years)", title_justify="left")
+    for column in ("age", "n", "MAE", f"{pct} interval"):
+        ages.add_column(column, justify="left" if column == "age" else "right")
+    for group, row in result["age_bins"]["groups"].items():
+        ages.add_row(group, str(row["n"]), _fmt_value(row["mae"] if row["n"] else None), _fmt_ci(row["ci"]),
+                     style="yellow" if 0 < row["n"] < small else None)
+    console.print(ages)
+    for k, stat in result["cs"].items():
+        console.print(f"  CS@{k} {100 * stat['value']:.1f}% of faces within {k} years "
+                      f"{_fmt_ci(stat['ci'] and [100 * x for x in stat['ci']])}", highlight=False)
+    if result["epsilon_error"]:
+        eps = result["epsilon_error"]
+        console.print(f"  epsilon-error {eps['value']:.3f} {_fmt_ci(eps['ci'])} (against the raters' std)",
+                      highlight=False)
     for name, bias in result["bias"].items():
         p_value = result["bias_p"].get(name)
         test = f"  permutation p = {p_value:.3g}" if p_value is not None else ""
-        console.print(f"  {name} bias {_fmt_value(bias)} {_fmt_ci(result['bias_ci'][name])}{test}", highlight=False)
-    if settings["n_perm"]:
-        console.print(f"  (p: how often {settings['n_perm']} random relabellings of the faces' groups give a bias at "
+        worst = result["worst_group"].get(name)
+        spread = result["group_mae_std"].get(name)
+        field = (f"  worst group {worst['group']} {worst['mae']:.2f} {_fmt_ci(worst['ci'])}, "
+                 f"group-MAE std {spread['value']:.2f}" if worst else "")
+        console.print(f"  {name} bias {_fmt_value(bias)} {_fmt_ci(result['bias_ci'][name])}{test}{field}",
+                      highlight=False)
+    if n_perm:
+        console.print(f"  (p: how often {n_perm} random relabellings of the faces' groups give a bias at "
                       "least as large; small = the gap is unlikely to be chance)", highlight=False)
     for name, groups in result["groups"].items():
         table = Table(title=f"{name} (bias {_fmt_value(result['bias'][name])})", title_justify="left")
@@ -421,10 +455,14 @@ def evaluate_command(
         table.add_column("n", justify="right")
         table.add_column("MAE", justify="right")
         table.add_column(f"{pct} interval", justify="right")
+        table.add_column("")
+        flagged = set(result["small_groups"].get(name, []))
         for group, row in groups.items():
-            table.add_row(group, str(row["n"]), f"{row['mae']:.2f}", _fmt_ci(result["groups_ci"][name][group]))
+            note = f"under {small} faces" if group in flagged else ""
+            table.add_row(group, str(row["n"]), f"{row['mae']:.2f}", _fmt_ci(result["groups_ci"][name][group]), note,
+                          style="yellow" if note else None)
         for group in result["skipped_groups"][name]:
-            table.add_row(group, "0", "-", "skipped (no faces)", style="dim")
+            table.add_row(group, "0", "-", "skipped (no faces)", "", style="dim")
         console.print(table)
 
 
@@ -455,8 +493,12 @@ def compare_command(
     faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     df_a = _joined_predictions(predictions_a, faces, clip)
     df_b = _joined_predictions(predictions_b, faces, clip)
+    from .config import EvalConfig
+
+    defaults = EvalConfig().metric_settings(seed, df_a.columns)
     result = compare(df_a, df_b, attributes=attribute or None, age_edges=_parse_edges(age_edges),
-                     n_boot=n_boot, level=level, seed=seed)
+                     n_boot=n_boot, level=level, seed=seed, intersections=defaults["intersections"],
+                     min_group=defaults["min_group"], cs_k=defaults["cs_k"])
     if json_out:
         print(json.dumps(result.to_json()))
         return
@@ -465,7 +507,7 @@ def compare_command(
                   title_justify="left")
     for column in ("metric", "A", "B", "B - A", f"{pct} interval", "verdict"):
         table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
-    for name, a, b, d in result.rows():
+    for name, a, b, d in [*result.rows(), *result.field_rows()]:
         table.add_row(name, _fmt_value(a), _fmt_value(b), _fmt_value(d and d.estimate),
                       _fmt_ci(d and d.ci), d.verdict if d is not None else "n/a")
     console.print(table)
@@ -728,11 +770,14 @@ def _suite_printer(quiet: bool):
     """The CLI's listener of suite events: steps unless ``quiet``, warnings always (stderr)."""
 
     def show(event) -> None:
+        if event.failed:
+            show.failed += 1
         if event.warning:
             err_console.print(f"[yellow]warning:[/yellow] {event.message}", highlight=False, soft_wrap=True)
         elif not quiet:
             console.print(event.message, highlight=False, soft_wrap=True)
 
+    show.failed = 0  # runs that failed or collapsed: the command's exit code says so
     return show
 
 
@@ -757,13 +802,20 @@ def suite_command(
     plan = suite_configs(names, scale, seeds, overrides)
     _check_trainers([cfg for _, cfg in plan])
     _warn_full_scale(plan[0][1], scale)
+    printer = _suite_printer(quiet)
     with _sigterm_exits("run the same `fairage suite` command again: finished runs are reused, "
                         "the interrupted one resumes", None):
         report = run_suite(data, out, presets=names, scale=scale, seeds=seeds, overrides=overrides,
-                           progress=not quiet, on_event=_suite_printer(quiet))
-    _print_comparison([out / n for n, _ in plan],
-                      title=f"comparison ({data}, scale {scale}): MAE and bias scores in years, test split")
+                           progress=not quiet, on_event=printer)
+    from .runs import RunFolder
+
+    finished = [out / n for n, _ in plan if (out / n / RunFolder.METRICS).is_file()]
+    _print_comparison(finished, title=f"comparison ({data}, scale {scale}): MAE and bias scores in years, test split")
     console.print(f"report: {report}")
+    if printer.failed:
+        err_console.print(f"[red]{printer.failed} run(s) failed or collapsed (see the warnings above)[/red]",
+                          highlight=False)
+        raise typer.Exit(1)
 
 
 @app.command("report")

@@ -139,6 +139,13 @@ class StageConfig(StrictModel):
     huber_delta: float = Field(5.0, gt=0)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    #: clip the gradients' global norm to this before each step (None: no clipping)
+    grad_clip: float | None = Field(None, gt=0)
+    #: raise the learning rate linearly from lr / steps to lr over this many epochs (0: no warm-up):
+    #: the head of a two-stage run meets a newly trainable backbone gently
+    warmup_epochs: float = Field(0.0, ge=0)
+    #: stop the stage after an epoch whose validation predictions collapsed (``training.CollapseStop``)
+    stop_on_collapse: bool = True
     #: stage I only: train the head on backbone features computed once
     cache_features: bool = True
     #: stage I only: what trains on the frozen backbone: "head" (projection frozen too) or
@@ -207,7 +214,7 @@ class DataConfig(StrictModel):
     skip_bad: bool = False
     #: attribute values outside the vocabulary: error, keep, unknown, or a mapping such as
     #: ``indian=asian,others=unknown`` (text) or ``{indian: asian, others: unknown}``
-    extra_categories: str | dict[str, str] = "error"
+    extra_categories: str | dict[str, str] = "keep"
     #: csv layout: accept absolute image paths (otherwise every path stays inside the dataset folder)
     allow_absolute_paths: bool = False
 
@@ -248,11 +255,44 @@ class TrainerConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
+    """How a prediction set is scored (``fairage.metrics.evaluate``'s arguments, one place)."""
+
     n_boot: int = Field(1000, ge=0)
     #: confidence level of bootstrap intervals
     level: float = Field(0.95, gt=0, lt=1)
     #: label permutations for each bias score's p-value (0: no test)
     n_perm: int = Field(1000, ge=0)
+    #: attributes with a bias score; null: age, gender, ethnicity, expression. Any column of the
+    #: face table may be named (APPA-REAL's makeup and time, a csv layout's skin_tone)
+    attributes: list[str] | None = None
+    #: attribute combinations scored cell by cell; those whose columns the data lacks are left out
+    intersections: list[list[str]] = Field(default_factory=lambda: [["age", "ethnicity"], ["gender", "ethnicity"]])
+    #: groups and cells with fewer faces are flagged, and left out of worst-group MAE and group-MAE std
+    min_group: int = Field(20, ge=1)
+    #: k (years) of CS@k, the share of faces within k years
+    cs_k: list[float] = Field(default_factory=lambda: [5.0])
+    #: inner edges (years) of the MAE-by-age table, shown first: children [0,13) then the report's groups
+    age_edges: list[float] = Field(default_factory=lambda: [13.0, 20.0, 40.0, 60.0])
+
+    @field_validator("intersections")
+    @classmethod
+    def _two_attributes(cls, value):
+        for parts in value:
+            if len(set(parts)) < 2:
+                raise ValueError(f"an intersection names at least two different attributes, got {parts}")
+        return value
+
+    def metric_settings(self, seed: int, columns=None) -> dict[str, Any]:
+        """Keyword arguments of ``fairage.metrics.evaluate`` (``seed``: the run's seed).
+
+        ``columns``: the scored table's columns; intersections naming a column it lacks are left out.
+        """
+        intersections = [list(p) for p in self.intersections
+                         if columns is None or all(a == "age" or a in columns for a in p)]
+        return {"n_boot": self.n_boot, "level": self.level, "n_perm": self.n_perm, "seed": seed,
+                "attributes": None if self.attributes is None else list(self.attributes),
+                "intersections": intersections, "min_group": self.min_group, "cs_k": list(self.cs_k),
+                "age_bin_edges": list(self.age_edges)}
 
 
 class ExperimentConfig(StrictModel):
@@ -490,14 +530,22 @@ def apply_scale(raw: dict, scale: str) -> dict:
                 raw[name].pop(key, None)
     if scale == "cpu":
         # Measured on 2 CPU cores (fairage demo, 1200 training faces at 64 px): an
-        # all-layers resnet18 epoch costs ~8-10 s, so 8 epochs per all-layers stage keep
-        # M1, M3 and M5 near 90 s each; stage I trains on cached features (~1 s/epoch),
-        # so it can afford 40 epochs. Random-init backbones barely move at the report's
-        # 1e-5 in 8 epochs; Adam at 1e-3 brings M1 to ~5-6 years validation MAE.
+        # all-layers resnet18 epoch costs ~8-10 s; stage I trains on cached features (~1 s/epoch),
+        # so it can afford 40 epochs. Random-init backbones barely move at the report's 1e-5;
+        # Adam at 1e-3 learns. On real faces (UTKFace, docs/training.md) the all-layers stage
+        # needs more: up to 20 epochs with flips and small shifts (8 epochs without them stop
+        # near 7.9 years), a one-epoch warm-up and gradient clipping, without which stage II
+        # of a two-stage preset can saturate the sigmoid output in its first epoch and never
+        # recover (the head meets a backbone whose BatchNorm statistics suddenly move).
         data["image_size"] = 64
-        stage_set = {"max_epochs": 8, "patience": 4, "lr_patience": 2, "batch_size": 64}
+        stage_set = {"max_epochs": 20, "patience": 6, "lr_patience": 3, "batch_size": 64,
+                     "warmup_epochs": 1.0, "grad_clip": 1.0}
         stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
         lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
+        stage2 = raw.get("stage2")
+        if isinstance(stage2, dict) and not (stage2.get("augment") or {}).get("enabled"):
+            stage2["augment"] = {"enabled": True, "mode": "random", "hflip": 0.5, "translate": 0.05,
+                                 "brightness": 0.1, "contrast": 0.1, "blur_sigma": 0.0}
     else:  # tiny
         data["image_size"] = 32
         stage_set = {"max_epochs": 2, "patience": 2, "lr_patience": 1, "batch_size": 16}

@@ -28,6 +28,18 @@ Definitions:
   ``(1 + #{permuted bias >= observed bias}) / (1 + n_perm)`` (never 0, so it stays valid).
   A bias interval says how large the gap is; the p-value says whether it is there at all,
   which the interval cannot when the bias is near 0 (a bias is never negative).
+* Intersections: ``"age*ethnicity"`` (``schema.intersection_name``) is an attribute whose groups
+  are the cells ``"[60,inf) & asian"`` (``schema.CELL_SEP``) of its parts; a face unknown in any
+  part is left out. Its bias, p-value and intervals are computed like any attribute's.
+* Small groups: groups with fewer than ``min_group`` faces are scored but flagged
+  (``small_groups``); worst-group MAE and the std of group MAEs use the other groups only
+  (``None`` when none is left), so one face cannot decide them.
+* The field's metrics: CS@k, the share of faces with ``|prediction - age| <= k`` years (a
+  fraction in [0, 1]); the ChaLearn LAP epsilon-error ``mean(1 - exp(-(prediction - age)^2 /
+  (2 age_std^2)))`` over the faces with a raters' std ``age_std > 0`` (None without that column);
+  worst-group MAE and the population std (ddof 0) of the group MAEs, per attribute; MAE by the
+  age bins of ``bin_edges`` (default ``CHILD_AGE_EDGES``: a children's bin ``[0,13)`` first).
+  Each has a percentile interval from the same resamples as the MAE.
 """
 
 from __future__ import annotations
@@ -42,6 +54,8 @@ import pandas as pd
 
 from .data.schema import (
     AGE_EDGES,
+    CELL_SEP,
+    INTERSECTION_SEP,
     UNKNOWN,
     VOCABULARIES,
     age_bin_labels,
@@ -52,6 +66,10 @@ from .errors import DataError
 
 #: the four bias scores reported by default
 DEFAULT_ATTRIBUTES: tuple[str, ...] = ("age", "gender", "ethnicity", "expression")
+#: inner edges of the "MAE by age" table: children [0,13) first, then the report's groups
+CHILD_AGE_EDGES: tuple[float, ...] = (13.0, 20.0, 40.0, 60.0)
+#: groups with fewer faces are flagged (and left out of worst-group MAE and group-MAE std)
+MIN_GROUP = 20
 
 
 def mae(y_true, y_pred) -> float:
@@ -70,7 +88,8 @@ def mae(y_true, y_pred) -> float:
 
 
 def _check_table(df: pd.DataFrame, attributes: Sequence[str]) -> None:
-    for column in ("age", "prediction", *[a for a in attributes if a != "age"]):
+    parts = [p for a in attributes for p in a.split(INTERSECTION_SEP)]
+    for column in ("age", "prediction", *dict.fromkeys(p for p in parts if p != "age")):
         if column not in df.columns:
             raise DataError(f"column {column!r} is missing (have: {', '.join(map(str, df.columns))})")
     if len(df) == 0:
@@ -91,7 +110,15 @@ def attribute_groups(df: pd.DataFrame, attribute: str,
     with ``None`` for faces left out (``unknown``), ``order`` the groups in output order
     (``schema.group_order``: vocabulary groups first, even when empty, then extra
     categories sorted) and ``vocabulary`` the expected groups (empty list for a custom attribute).
+    An intersection ``"a*b"`` has the cells of its parts in product order (first part slowest)
+    and no vocabulary (empty cells are not listed as skipped).
     """
+    if INTERSECTION_SEP in attribute:
+        parts = [attribute_groups(df, a, age_edges) for a in attribute.split(INTERSECTION_SEP)]
+        labels = np.array([None if any(v is None for v in cell) else CELL_SEP.join(cell)
+                           for cell in zip(*(p[0] for p in parts))], dtype=object)
+        order = [CELL_SEP.join(cell) for cell in itertools.product(*(p[1] for p in parts))]
+        return labels, order, []
     if attribute == "age":
         vocabulary = age_bin_labels(tuple(age_edges))
         labels = age_bins(df["age"].to_numpy(dtype=float), tuple(age_edges)).astype(object)
@@ -205,19 +232,27 @@ def _pairwise_bias(group_mae_matrix: np.ndarray) -> np.ndarray:
         return np.where(n_valid > 0, total / np.maximum(n_valid, 1), np.nan)
 
 
-def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Grouping]) -> dict:
+def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Grouping],
+                extra: np.ndarray | None = None) -> dict:
     """MAE, group MAEs and biases for every row of ``counts`` (B, N) in one matrix product.
 
-    ``errors`` (N,) absolute errors in years. Returns ``{"mae": (B,), attr: {"group_mae": (B, K),
-    "bias": (B,)}}``.
+    ``errors`` (N,) absolute errors in years; ``extra`` (N, E) further per-face columns whose
+    resample means are wanted (NaN = face left out of that column's mean). Returns
+    ``{"mae": (B,), "extra": (B, E), attr: {"group_mae": (B, K), "bias": (B,)}}``.
     """
-    blocks = [errors[:, None]]
+    extra = np.zeros((len(errors), 0)) if extra is None else np.asarray(extra, dtype=float)
+    valid = np.isfinite(extra)
+    blocks = [errors[:, None], np.where(valid, extra, 0.0), valid.astype(float)]
     for g in groupings:
         blocks += [g.onehot * errors[:, None], g.onehot]
-    design = np.concatenate(blocks, axis=1)  # (N, 1 + 2 * sum K)
-    sums = counts.astype(float) @ design     # (B, 1 + 2 * sum K)
-    out: dict = {"mae": sums[:, 0] / counts.sum(axis=1)}
-    col = 1
+    design = np.concatenate(blocks, axis=1)  # (N, 1 + 2 E + 2 * sum K)
+    sums = counts.astype(float) @ design     # (B, 1 + 2 E + 2 * sum K)
+    e = extra.shape[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out: dict = {"mae": sums[:, 0] / counts.sum(axis=1),
+                     "extra": np.where(sums[:, 1 + e:1 + 2 * e] > 0, sums[:, 1:1 + e] / sums[:, 1 + e:1 + 2 * e],
+                                       np.nan)}
+    col = 1 + 2 * e
     for g in groupings:
         k = len(g.order)
         err_sum, size = sums[:, col:col + k], sums[:, col + k:col + 2 * k]
@@ -226,6 +261,21 @@ def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Groupin
             gm = np.where(size > 0, err_sum / np.where(size > 0, size, 1), np.nan)
         out[g.attribute] = {"group_mae": gm, "bias": _pairwise_bias(gm)}
     return out
+
+
+def _worst_and_std(group_mae_matrix: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of a (B, K) matrix: the largest group MAE and the std (ddof 0) over columns ``keep``."""
+    m = group_mae_matrix[:, keep]
+    if m.shape[1] == 0:
+        nan = np.full(len(m), np.nan)
+        return nan, nan
+    finite = np.isfinite(m)
+    n = finite.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        worst = np.where(n > 0, np.where(finite, m, -np.inf).max(axis=1), np.nan)
+        mean = np.where(finite, m, 0.0).sum(axis=1) / n
+        var = np.where(finite, (m - mean[:, None]) ** 2, 0.0).sum(axis=1) / n
+    return worst, np.where(n > 0, np.sqrt(var), np.nan)
 
 
 def permutation_pvalues(errors: np.ndarray, groupings: list[_Grouping], n_perm: int,
@@ -268,17 +318,47 @@ def _interval(values: np.ndarray, level: float) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequence[float]):
-    attributes = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
-    if len(set(attributes)) != len(attributes):
-        raise DataError(f"attributes listed twice: {attributes}")
-    _check_table(df, attributes)
+def _check_edges(age_edges: Sequence[float]) -> list[float]:
     edges = [float(e) for e in age_edges]
     if any(e <= 0 for e in edges) or any(b <= a for a, b in itertools.pairwise(edges)):
         raise DataError(f"age edges must be positive and increasing, got {list(age_edges)}")
+    return edges
+
+
+def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequence[float],
+             intersections: Sequence[Sequence[str]] = ()):
+    attributes = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
+    attributes += [intersection_name(parts) for parts in intersections]
+    if len(set(attributes)) != len(attributes):
+        raise DataError(f"attributes listed twice: {attributes}")
+    for name in attributes:
+        if INTERSECTION_SEP in name and len(set(name.split(INTERSECTION_SEP))) < 2:
+            raise DataError(f"intersection {name!r} needs at least two different attributes")
+    _check_table(df, attributes)
+    edges = _check_edges(age_edges)
     groupings = [_grouping(df, a, edges) for a in attributes]
     errors = np.abs(df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float))
     return attributes, groupings, errors
+
+
+def intersection_name(parts: Sequence[str]) -> str:
+    """``["age", "ethnicity"]`` -> ``"age*ethnicity"`` (``schema.intersection_name``)."""
+    return INTERSECTION_SEP.join(str(p) for p in parts)
+
+
+def epsilon_errors(prediction, age, age_std) -> np.ndarray:
+    """Per-face ChaLearn LAP epsilon-error ``1 - exp(-(prediction - age)^2 / (2 age_std^2))`` (N,).
+
+    ``age`` is the raters' mean and ``age_std`` their std (years); NaN where ``age_std`` is
+    missing or not positive (no raters' spread to judge against).
+
+    >>> round(float(epsilon_errors([12.0], [10.0], [2.0])[0]), 4)  # 1 - exp(-1/2)
+    0.3935
+    """
+    pred, mu, sigma = (np.asarray(x, dtype=float) for x in (prediction, age, age_std))
+    ok = np.isfinite(sigma) & (sigma > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ok, 1.0 - np.exp(-((pred - mu) ** 2) / (2.0 * np.where(ok, sigma, 1.0) ** 2)), np.nan)
 
 
 @dataclass
@@ -291,12 +371,44 @@ class GroupScore:
 
 
 @dataclass
+class Statistic:
+    """One number with its bootstrap percentile interval ``[lo, hi]`` (None without a bootstrap)."""
+
+    value: float
+    ci: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return {"value": self.value, "ci": self.ci}
+
+    @classmethod
+    def from_json(cls, raw: dict | None) -> Statistic | None:
+        return None if raw is None else cls(float(raw["value"]), raw.get("ci"))
+
+
+@dataclass
+class WorstGroup:
+    """The group of an attribute with the largest MAE (years), among groups of at least ``min_group`` faces."""
+
+    group: str
+    mae: float
+    ci: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return {"group": self.group, "mae": self.mae, "ci": self.ci}
+
+
+@dataclass
 class EvaluationResult:
     """MAE and bias scores of one prediction set (years), with bootstrap intervals.
 
     ``bias[attr]`` is None when fewer than two groups of ``attr`` have faces;
     ``groups[attr]`` holds the non-empty groups in output order and ``skipped_groups[attr]``
     the vocabulary groups without faces. Intervals are ``[lo, hi]`` or None (no bootstrap).
+    Attributes include the intersections (``intersections`` lists their names). The field's
+    metrics (module docstring): ``cs`` {k as str: fraction}, ``epsilon_error`` (None without
+    raters' std), ``worst_group`` / ``group_mae_std`` per attribute (None when no group has
+    ``min_group`` faces), ``age_bins`` (MAE by the bins of ``age_bin_edges``) and
+    ``small_groups`` per attribute (groups under ``min_group`` faces, flagged).
     """
 
     n: int
@@ -311,6 +423,15 @@ class EvaluationResult:
     #: permutation p-value of each bias (None: fewer than two groups, or no permutations)
     bias_p: dict[str, float | None] = field(default_factory=dict)
     n_perm: int = 0
+    intersections: list[str] = field(default_factory=list)
+    min_group: int = MIN_GROUP
+    small_groups: dict[str, list[str]] = field(default_factory=dict)
+    worst_group: dict[str, WorstGroup | None] = field(default_factory=dict)
+    group_mae_std: dict[str, Statistic | None] = field(default_factory=dict)
+    cs: dict[str, Statistic] = field(default_factory=dict)
+    epsilon_error: Statistic | None = None
+    age_bin_edges: list[float] = field(default_factory=list)
+    age_bins: dict[str, GroupScore] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage evaluate --json`` and ``metrics_test.json``::
@@ -318,7 +439,11 @@ class EvaluationResult:
             {"n", "mae", "mae_ci", "bias": {attr: float|None}, "bias_ci": {attr: [lo, hi]|None},
              "groups": {attr: {group: {"n", "mae"}}}, "skipped_groups": {attr: [group, ...]},
              "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot",
-             "bias_p": {attr: float|None}, "n_perm"}
+             "bias_p": {attr: float|None}, "n_perm", "intersections": [attr, ...], "min_group",
+             "small_groups": {attr: [group, ...]}, "worst_group": {attr: {"group", "mae", "ci"}|None},
+             "group_mae_std": {attr: {"value", "ci"}|None}, "cs": {k: {"value", "ci"}},
+             "epsilon_error": {"value", "ci"}|None,
+             "age_bins": {"edges": [...], "groups": {bin: {"n", "mae", "ci"}}}}
         """
         return {
             "n": self.n, "mae": self.mae, "mae_ci": self.mae_ci, "bias": dict(self.bias),
@@ -328,13 +453,24 @@ class EvaluationResult:
             "groups_ci": {a: {g: s.ci for g, s in gs.items()} for a, gs in self.groups.items()},
             "level": self.level, "n_boot": self.n_boot,
             "bias_p": {a: self.bias_p.get(a) for a in self.bias}, "n_perm": self.n_perm,
+            "intersections": list(self.intersections), "min_group": self.min_group,
+            "small_groups": {a: list(v) for a, v in self.small_groups.items()},
+            "worst_group": {a: (w.to_json() if w else None) for a, w in self.worst_group.items()},
+            "group_mae_std": {a: (v.to_json() if v else None) for a, v in self.group_mae_std.items()},
+            "cs": {k: v.to_json() for k, v in self.cs.items()},
+            "epsilon_error": self.epsilon_error.to_json() if self.epsilon_error else None,
+            "age_bins": {"edges": list(self.age_bin_edges),
+                         "groups": {g: {"n": v.n, "mae": v.mae, "ci": v.ci} for g, v in self.age_bins.items()}},
         }
 
     @classmethod
     def from_json(cls, raw: dict, source: str = "metrics") -> EvaluationResult:
-        """Read the object ``to_json`` writes; DataError naming ``source`` and the key when one is missing."""
+        """Read the object ``to_json`` writes; DataError naming ``source`` and the key when one is missing.
+
+        Files written before the field's metrics existed read with those fields empty."""
         try:
             groups_ci = raw.get("groups_ci") or {}
+            bins = raw.get("age_bins") or {}
             return cls(
                 n=int(raw["n"]), mae=float(raw["mae"]), mae_ci=raw.get("mae_ci"),
                 bias={a: (None if v is None else float(v)) for a, v in raw["bias"].items()},
@@ -345,6 +481,17 @@ class EvaluationResult:
                 level=float(raw.get("level", 0.95)), n_boot=int(raw.get("n_boot", 0)),
                 bias_p={a: (None if v is None else float(v)) for a, v in (raw.get("bias_p") or {}).items()},
                 n_perm=int(raw.get("n_perm", 0)),
+                intersections=[str(a) for a in raw.get("intersections", [])],
+                min_group=int(raw.get("min_group", MIN_GROUP)),
+                small_groups={a: list(v) for a, v in (raw.get("small_groups") or {}).items()},
+                worst_group={a: (None if w is None else WorstGroup(str(w["group"]), float(w["mae"]), w.get("ci")))
+                             for a, w in (raw.get("worst_group") or {}).items()},
+                group_mae_std={a: Statistic.from_json(v) for a, v in (raw.get("group_mae_std") or {}).items()},
+                cs={str(k): Statistic.from_json(v) for k, v in (raw.get("cs") or {}).items()},
+                epsilon_error=Statistic.from_json(raw.get("epsilon_error")),
+                age_bin_edges=[float(e) for e in bins.get("edges", [])],
+                age_bins={g: GroupScore(int(v["n"]), float(v["mae"]), v.get("ci"))
+                          for g, v in (bins.get("groups") or {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DataError(f"{source} is not a fairage metrics object ({type(err).__name__}: {err})") from None
@@ -356,36 +503,87 @@ def _point_estimates(df: pd.DataFrame, groupings: list[_Grouping], age_edges: Se
     return mae(df["age"], df["prediction"]), tables, {a: bias_score(t) for a, t in tables.items()}
 
 
+def _cs_keys(cs_k: Sequence[float]) -> list[str]:
+    keys = []
+    for k in cs_k:
+        k = float(k)
+        if not np.isfinite(k) or k < 0:
+            raise DataError(f"CS@k needs k >= 0 years, got {k}")
+        keys.append(f"{k:g}")
+    return keys
+
+
 def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
              age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-             seed: int = 0, n_perm: int = 0) -> EvaluationResult:
-    """MAE, bias scores and group MAEs of one prediction set, with bootstrap intervals.
+             seed: int = 0, n_perm: int = 0, intersections: Sequence[Sequence[str]] = (),
+             min_group: int = MIN_GROUP, cs_k: Sequence[float] = (5,),
+             age_bin_edges: Sequence[float] = CHILD_AGE_EDGES) -> EvaluationResult:
+    """MAE, bias scores, group MAEs and the field's metrics of one prediction set, with bootstrap intervals.
 
-    ``df`` has ``age`` and ``prediction`` (years) and the attribute columns. ``attributes``
-    defaults to ``("age", "gender", "ethnicity", "expression")``; ``"age"`` groups by
-    ground-truth age bins with inner edges ``age_edges``. ``n_boot = 0`` skips the bootstrap
-    (all intervals ``None``). ``n_perm > 0`` adds each bias's permutation p-value
-    (``bias_p``). Point estimates come from fairlearn's MetricFrame (``group_mae``), the
-    intervals from the vectorised bootstrap.
+    ``df`` has ``age`` and ``prediction`` (years) and the attribute columns (and ``age_std``,
+    the raters' std in years, for the epsilon-error). ``attributes`` defaults to
+    ``("age", "gender", "ethnicity", "expression")``; ``"age"`` groups by ground-truth age
+    bins with inner edges ``age_edges``. ``intersections`` lists attribute combinations
+    (``[["age", "ethnicity"]]``) scored as further attributes ``"age*ethnicity"``.
+    ``n_boot = 0`` skips the bootstrap (all intervals ``None``). ``n_perm > 0`` adds each
+    bias's permutation p-value (``bias_p``). ``cs_k``: the k (years) of CS@k. ``age_bin_edges``:
+    inner edges of the MAE-by-age table. Point estimates of group MAEs come from fairlearn's
+    MetricFrame (``group_mae``), the intervals from the vectorised bootstrap.
     """
-    attributes, groupings, errors = _prepare(df, attributes, age_edges)
-    boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
+    if int(min_group) < 1:
+        raise DataError(f"min_group must be at least 1 face, got {min_group}")
+    attributes, groupings, errors = _prepare(df, attributes, age_edges, intersections)
+    bins = _grouping(df, "age", _check_edges(age_bin_edges))
+    bins.attribute = "__age_bins__"  # its own key among the bootstrap's statistics, beside "age"
+    cs_keys = _cs_keys(cs_k)
+    eps = (epsilon_errors(df["prediction"], df["age"], pd.to_numeric(df["age_std"], errors="coerce"))
+           if "age_std" in df.columns else np.full(len(df), np.nan))
+    extra = np.column_stack([*(errors <= float(k) for k in cs_keys), eps]).astype(float)
+    point_extra = _statistics(errors, np.ones((1, len(errors))), [], extra)["extra"][0]
+    boot = (_statistics(errors, resample_counts(len(errors), n_boot, seed), [*groupings, bins], extra)
+            if n_boot > 0 else None)
     total, tables, biases = _point_estimates(df, groupings, age_edges)
     result = EvaluationResult(n=len(errors), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
                               bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
-                              n_boot=int(n_boot), n_perm=int(n_perm))
+                              n_boot=int(n_boot), n_perm=int(n_perm),
+                              intersections=[a for a in attributes if INTERSECTION_SEP in a],
+                              min_group=int(min_group), age_bin_edges=[float(e) for e in age_bin_edges])
     pvalues = permutation_pvalues(errors, groupings, n_perm, seed)
+
+    def ci(values):
+        return _interval(values, level) if boot else None
+
+    for j, k in enumerate(cs_keys):
+        result.cs[k] = Statistic(float(point_extra[j]), ci(boot["extra"][:, j]) if boot else None)
+    if np.isfinite(point_extra[-1]):
+        result.epsilon_error = Statistic(float(point_extra[-1]), ci(boot["extra"][:, -1]) if boot else None)
     for g in groupings:
         table, bias = tables[g.attribute], biases[g.attribute]
         result.bias[g.attribute] = bias
-        result.bias_ci[g.attribute] = (_interval(boot[g.attribute]["bias"], level)
-                                       if boot and bias is not None else None)
+        result.bias_ci[g.attribute] = ci(boot[g.attribute]["bias"]) if boot and bias is not None else None
         result.groups[g.attribute] = {
             name: GroupScore(int(table.at[name, "n"]), float(table.at[name, "mae"]),
-                             _interval(boot[g.attribute]["group_mae"][:, k], level) if boot else None)
+                             ci(boot[g.attribute]["group_mae"][:, k]) if boot else None)
             for k, name in enumerate(g.order)}
         result.skipped_groups[g.attribute] = g.skipped
         result.bias_p[g.attribute] = pvalues[g.attribute] if bias is not None else None
+        sizes = np.array([result.groups[g.attribute][name].n for name in g.order])
+        result.small_groups[g.attribute] = [name for name, n in zip(g.order, sizes) if n < min_group]
+        keep = sizes >= min_group
+        point = np.array([[result.groups[g.attribute][name].mae for name in g.order]])
+        worst, spread = _worst_and_std(point, keep)
+        if not keep.any():
+            result.worst_group[g.attribute] = result.group_mae_std[g.attribute] = None
+            continue
+        boot_worst, boot_spread = (_worst_and_std(boot[g.attribute]["group_mae"], keep) if boot else (None, None))
+        kept = [name for name, k in zip(g.order, keep) if k]
+        worst_name = max(kept, key=lambda name: result.groups[g.attribute][name].mae)
+        result.worst_group[g.attribute] = WorstGroup(worst_name, float(worst[0]), ci(boot_worst) if boot else None)
+        result.group_mae_std[g.attribute] = Statistic(float(spread[0]), ci(boot_spread) if boot else None)
+    bin_table = group_mae(df, "age", age_bin_edges).set_index("group")
+    result.age_bins = {name: GroupScore(int(bin_table.at[name, "n"]), float(bin_table.at[name, "mae"]),
+                                        ci(boot[bins.attribute]["group_mae"][:, k]) if boot else None)
+                       for k, name in enumerate(bins.order)}
     return result
 
 
@@ -434,6 +632,20 @@ class ComparisonResult:
     bias_a: dict[str, float | None]
     bias_b: dict[str, float | None]
     bias_diff: dict[str, Difference | None]
+    #: CS@k (fractions) of A and B and B - A, keyed by k as text ("5")
+    cs_a: dict[str, float] = field(default_factory=dict)
+    cs_b: dict[str, float] = field(default_factory=dict)
+    cs_diff: dict[str, Difference] = field(default_factory=dict)
+    #: worst-group MAE (years; groups of at least ``min_group`` faces in the table) of A and B, B - A
+    worst_a: dict[str, float | None] = field(default_factory=dict)
+    worst_b: dict[str, float | None] = field(default_factory=dict)
+    worst_diff: dict[str, Difference | None] = field(default_factory=dict)
+
+    def field_rows(self) -> list[tuple[str, float | None, float | None, Difference | None]]:
+        """``(metric, A, B, B - A)`` for each CS@k, then ``"{attr} worst-group MAE"`` per attribute."""
+        return [(f"CS@{k}", self.cs_a[k], self.cs_b[k], d) for k, d in self.cs_diff.items()] + [
+            (f"{attr} worst-group MAE", self.worst_a[attr], self.worst_b[attr], d)
+            for attr, d in self.worst_diff.items()]
 
     def rows(self) -> list[tuple[str, float | None, float | None, Difference | None]]:
         """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order."""
@@ -444,7 +656,8 @@ class ComparisonResult:
         """The JSON-ready object of ``fairage compare --json``::
 
             {"n", "level", "n_boot", "a": {"mae", "bias": {attr}}, "b": {"mae", "bias": {attr}},
-             "diff": {"mae": D, "bias": {attr: D|None}}}
+             "diff": {"mae": D, "bias": {attr: D|None}, "cs": {k: D}, "worst_group_mae": {attr: D|None}},
+             "cs": {"a": {k}, "b": {k}}, "worst_group_mae": {"a": {attr}, "b": {attr}}}
 
         with ``D = {"estimate", "ci": [lo, hi]|None, "excludes_zero"}``.
         """
@@ -452,12 +665,18 @@ class ComparisonResult:
                 "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
                 "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
                 "diff": {"mae": self.mae_diff.to_json(),
-                         "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()}}}
+                         "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()},
+                         "cs": {k: d.to_json() for k, d in self.cs_diff.items()},
+                         "worst_group_mae": {a: (d.to_json() if d is not None else None)
+                                             for a, d in self.worst_diff.items()}},
+                "cs": {"a": dict(self.cs_a), "b": dict(self.cs_b)},
+                "worst_group_mae": {"a": dict(self.worst_a), "b": dict(self.worst_b)}}
 
 
 def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | None = None,
             age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-            seed: int = 0) -> ComparisonResult:
+            seed: int = 0, intersections: Sequence[Sequence[str]] = (), min_group: int = MIN_GROUP,
+            cs_k: Sequence[float] = (5,)) -> ComparisonResult:
     """Paired comparison of two prediction sets on the same faces (B minus A).
 
     Both tables have ``image``, ``age``, ``prediction`` and the attribute columns and hold
@@ -485,13 +704,18 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
     df_b_aligned = df_a.copy()
     df_b_aligned["prediction"] = b_pred.to_numpy()
 
-    attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges)
-    _, _, errors_b = _prepare(df_b_aligned, attributes, age_edges)
-    mae_a, _, bias_a = _point_estimates(df_a, groupings, age_edges)
-    mae_b, _, bias_b = _point_estimates(df_b_aligned, groupings, age_edges)
+    attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges, intersections)
+    _, _, errors_b = _prepare(df_b_aligned, attributes[:len(attributes) - len(intersections)], age_edges,
+                              intersections)
+    mae_a, tables_a, bias_a = _point_estimates(df_a, groupings, age_edges)
+    mae_b, tables_b, bias_b = _point_estimates(df_b_aligned, groupings, age_edges)
+    cs_keys = _cs_keys(cs_k)
+    extra_a = np.column_stack([errors_a <= float(k) for k in cs_keys]).astype(float).reshape(len(errors_a), -1)
+    extra_b = np.column_stack([errors_b <= float(k) for k in cs_keys]).astype(float).reshape(len(errors_b), -1)
     if n_boot > 0:
         counts = resample_counts(len(errors_a), n_boot, seed)
-        boot_a, boot_b = _statistics(errors_a, counts, groupings), _statistics(errors_b, counts, groupings)
+        boot_a = _statistics(errors_a, counts, groupings, extra_a)
+        boot_b = _statistics(errors_b, counts, groupings, extra_b)
     else:
         boot_a = boot_b = None
 
@@ -503,8 +727,23 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
     bias_diff = {g.attribute: diff(bias_a[g.attribute], bias_b[g.attribute],
                                    boot_a[g.attribute]["bias"] if boot_a else None,
                                    boot_b[g.attribute]["bias"] if boot_b else None) for g in groupings}
+    cs_a = {k: float(extra_a[:, j].mean()) for j, k in enumerate(cs_keys)}
+    cs_b = {k: float(extra_b[:, j].mean()) for j, k in enumerate(cs_keys)}
+    cs_diff = {k: diff(cs_a[k], cs_b[k], boot_a["extra"][:, j] if boot_a else None,
+                       boot_b["extra"][:, j] if boot_b else None) for j, k in enumerate(cs_keys)}
+    worst_a, worst_b, worst_diff = {}, {}, {}
+    for g in groupings:
+        keep = tables_a[g.attribute].loc[g.order, "n"].to_numpy() >= min_group
+        points = [_worst_and_std(t[g.attribute].loc[g.order, "mae"].to_numpy(dtype=float)[None], keep)[0][0]
+                  for t in (tables_a, tables_b)]
+        wa, wb = (None if not np.isfinite(p) else float(p) for p in points)
+        worst_a[g.attribute], worst_b[g.attribute] = wa, wb
+        worst_diff[g.attribute] = diff(wa, wb, _worst_and_std(boot_a[g.attribute]["group_mae"], keep)[0]
+                                       if boot_a else None,
+                                       _worst_and_std(boot_b[g.attribute]["group_mae"], keep)[0] if boot_b else None)
     return ComparisonResult(
         n=len(errors_a), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
         mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
         bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
-        bias_b={g.attribute: bias_b[g.attribute] for g in groupings}, bias_diff=bias_diff)
+        bias_b={g.attribute: bias_b[g.attribute] for g in groupings}, bias_diff=bias_diff,
+        cs_a=cs_a, cs_b=cs_b, cs_diff=cs_diff, worst_a=worst_a, worst_b=worst_b, worst_diff=worst_diff)

@@ -99,7 +99,9 @@ def _ci(value) -> list[float] | None:
 
 def _evaluation(metrics: EvaluationResult, source: str) -> dict:
     """The card's evaluation section from a run's test metrics (``fairage.metrics.evaluate``)."""
-    order = [a for a in BIAS_ORDER if a in metrics.bias] + [a for a in metrics.bias if a not in BIAS_ORDER]
+    singles = [a for a in metrics.bias if a not in metrics.intersections]
+    order = ([a for a in BIAS_ORDER if a in singles] + [a for a in singles if a not in BIAS_ORDER]
+             + [a for a in metrics.intersections if a in metrics.bias])
     return {
         "split": "test",
         "source": source,
@@ -114,6 +116,17 @@ def _evaluation(metrics: EvaluationResult, source: str) -> dict:
                        for g, score in metrics.groups[a].items()]
                    for a in order if a in metrics.groups},
         "skipped_groups": {a: list(v) for a, v in metrics.skipped_groups.items() if v},
+        "min_group": int(metrics.min_group),
+        "small_groups": {a: list(metrics.small_groups.get(a, [])) for a in order},
+        "age_bins": [{"group": g, "n": int(score.n), "mae": None if score.n == 0 else float(score.mae),
+                      "ci": _ci(score.ci)} for g, score in metrics.age_bins.items()],
+        "cs": {k: {"value": float(v.value), "ci": _ci(v.ci)} for k, v in metrics.cs.items()},
+        "epsilon_error": (None if metrics.epsilon_error is None else
+                          {"value": float(metrics.epsilon_error.value), "ci": _ci(metrics.epsilon_error.ci)}),
+        "worst_group": {a: (None if (w := metrics.worst_group.get(a)) is None else
+                            {"group": w.group, "mae": float(w.mae), "ci": _ci(w.ci)}) for a in order},
+        "group_mae_std": {a: (None if (v := metrics.group_mae_std.get(a)) is None else
+                              {"value": float(v.value), "ci": _ci(v.ci)}) for a in order},
     }
 
 

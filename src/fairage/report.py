@@ -184,6 +184,39 @@ def comparison_values(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def field_metrics_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame | None:
+    """The field's metrics, one row per run: what the age-estimation literature reports beside MAE.
+
+    Columns: Model, Seed, Status ("ok", or the stages that collapsed), MAE by each age bin of the
+    run's ``eval.age_edges`` (children first), CS@k for each k (fractions), epsilon-error (only when
+    a run has the raters' std), then per single attribute its worst group and that group's MAE and
+    the std of its group MAEs (years; groups under ``eval.min_group`` faces left out). None when no
+    run's metrics hold these figures (metrics written before they existed).
+    """
+    records = load_runs(runs)
+    if not any(r.metrics.age_bins or r.metrics.cs for r in records):
+        return None
+    rows = []
+    for r in records:
+        m = r.metrics
+        collapsed = r.folder.record.collapsed_stages if r.folder.record is not None else {}
+        row: dict[str, object] = {"Model": r.label, "Seed": r.config.seed,
+                                  "Status": "ok" if not collapsed else "collapsed: " + ", ".join(collapsed)}
+        for group, score in m.age_bins.items():
+            row[f"MAE {group}"] = score.mae if score.n else float("nan")
+        for k, stat in m.cs.items():
+            row[f"CS@{k}"] = stat.value
+        if any(x.metrics.epsilon_error for x in records):
+            row["epsilon-error"] = m.epsilon_error.value if m.epsilon_error else float("nan")
+        for attr in [a for a in m.bias if a not in m.intersections]:
+            worst, spread = m.worst_group.get(attr), m.group_mae_std.get(attr)
+            row[f"{attr} worst group"] = worst.group if worst else "n/a"
+            row[f"{attr} worst MAE"] = worst.mae if worst else float("nan")
+            row[f"{attr} group-MAE std"] = spread.value if spread else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def pvalue_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame | None:
     """Permutation p-value of each bias score, one row per run: Model, Seed, the four bias columns.
 
@@ -528,9 +561,9 @@ _TEXT_COLUMNS = {"Model", "Training strategy", "group", "attribute"}
 
 
 def _table_context(df: pd.DataFrame, caption: str | None = None, index: bool = False, digits: int = 3,
-                   table_id: str | None = None) -> dict:
+                   table_id: str | None = None, text_columns: set[str] | frozenset[str] = frozenset()) -> dict:
     """A DataFrame as the template's table: column names with their CSS class, formatted cells."""
-    text_cols = _TEXT_COLUMNS | ({df.index.name} if index else set())
+    text_cols = _TEXT_COLUMNS | set(text_columns) | ({df.index.name} if index else set())
     names = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
     rows = []
     for idx, row in df.iterrows():
@@ -578,6 +611,11 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         models.append({"label": r.label, "description": r.config.description.strip(), "run_dir": str(r.run_dir),
                        "start": start, "warnings": r.folder.warnings() if record is not None else [],
                        "config_yaml": dump_config(r.config)})
+    field_table = field_metrics_table(records)
+    field_context = None
+    if field_table is not None:
+        text = {"Status", *[c for c in field_table.columns if c.endswith("worst group")]}
+        field_context = _table_context(field_table, table_id="field", text_columns=text)
     pvalues = pvalue_table(records)
     pvalues_context = None
     if pvalues is not None:
@@ -595,6 +633,7 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
     return _template().render(
         title=title, css=_CSS, level_pct=int(round(level * 100)),
         comparison=_table_context(display_table(table), table_id="comparison"), pvalues=pvalues_context,
+        field=field_context,
         reference=reference_context,
         images=[(caption, base64.b64encode(Path(png).read_bytes()).decode("ascii")) for caption, png in images],
         groups=groups, summary=[_table_context(t, caption=f"faces per {attr}", index=True)

@@ -71,6 +71,8 @@ class RunRecord(BaseModel):
     seed: int = 0
     warnings: list[str] = Field(default_factory=list)
     stopped_stages: dict[str, str] = Field(default_factory=dict, alias="stopped")
+    #: stages stopped because their predictions collapsed (constant), with the message
+    collapsed_stages: dict[str, str] = Field(default_factory=dict)
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``run.json``."""
@@ -286,7 +288,7 @@ class RunFolder:
         """Everything the run warns about: stages stopped on a non-finite loss, then the others."""
         if self.record is None:
             return []
-        return [*self.record.stopped_stages.values(), *self.record.warnings]
+        return [*self.record.stopped_stages.values(), *self.record.collapsed_stages.values(), *self.record.warnings]
 
     # ------------------------------------------------------------------ history, metrics, data
 
@@ -348,11 +350,11 @@ class RunFolder:
             raise DataError(f"dataset {self.data_dir} has no {split!r} faces")
         return faces
 
-    def evaluation_settings(self, cfg: ExperimentConfig | None = None) -> dict:
-        """The ``fairage.metrics.evaluate`` arguments the run scores its test split with:
-        ``n_boot``, ``level``, ``n_perm`` (its ``eval.*``) and ``seed`` (its seed)."""
+    def evaluation_settings(self, cfg: ExperimentConfig | None = None, columns=None) -> dict:
+        """The ``fairage.metrics.evaluate`` arguments the run scores its test split with: its
+        ``eval.*`` (``EvalConfig.metric_settings``) and its seed; ``columns`` of the scored table."""
         cfg = cfg or self.config()
-        return {"n_boot": cfg.eval.n_boot, "level": cfg.eval.level, "n_perm": cfg.eval.n_perm, "seed": cfg.seed}
+        return cfg.eval.metric_settings(cfg.seed, columns)
 
     # ------------------------------------------------------------------ lock
 

@@ -115,10 +115,13 @@ def _matching_run(run_dir: str | Path, cfg: ExperimentConfig, data_dir: str | Pa
 
 @dataclass
 class SuiteEvent:
-    """One step of a suite, for its caller to show: ``message``, and whether it is a warning."""
+    """One step of a suite, for its caller to show: ``message``, whether it is a warning, and
+    whether it reports a failed run (``failed``: the run ended without a model, or a stage of it
+    collapsed; the suite goes on with the other presets)."""
 
     message: str
     warning: bool = False
+    failed: bool = False
 
 
 SuiteListener = Callable[[SuiteEvent], None]
@@ -143,6 +146,7 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     """
     from .data import load_faces
     from .report import build_report
+    from .training.stage import CollapsedStageError
 
     data_dir = Path(data_dir)
     out_dir = Path(out_dir)
@@ -154,8 +158,15 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     run_dirs = []
     for i, (name, cfg) in enumerate(plan, start=1):
         run_dir = out_dir / name
-        _train_or_reuse(run_dir, cfg, data_dir, f"[{i}/{len(plan)}] {name}", scale, notify, progress)
+        tag = f"[{i}/{len(plan)}] {name}"
+        try:
+            _train_or_reuse(run_dir, cfg, data_dir, tag, scale, notify, progress)
+        except CollapsedStageError as err:  # no model to compare; the other presets still run
+            notify(SuiteEvent(f"{tag}: failed: {err}", warning=True, failed=True))
+            continue
         run_dirs.append(run_dir)
+    if not run_dirs:
+        raise FairageError("every run of the suite failed; see the messages above")
     return build_report(run_dirs, out_dir, dataset_summary=faces)
 
 
@@ -190,8 +201,10 @@ def _train_or_reuse(run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: s
 def _notify_warnings(run_dir: Path, tag: str, notify: SuiteListener) -> None:
     """Each warning of the run in ``run_dir`` (stopped stages first) as a warning event."""
     if RunFolder.exists(run_dir):
-        for message in RunFolder.open(run_dir).warnings():
-            notify(SuiteEvent(f"{tag}: {message}", warning=True))
+        folder = RunFolder.open(run_dir)
+        collapsed = set(folder.record.collapsed_stages.values())
+        for message in folder.warnings():
+            notify(SuiteEvent(f"{tag}: {message}", warning=True, failed=message in collapsed))
 
 
 def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int,

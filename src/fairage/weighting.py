@@ -25,7 +25,6 @@ from .config import WeightingConfig
 from .data.schema import (
     AGE_EDGES,
     UNKNOWN,
-    VOCABULARIES,
     age_bin_labels,
     age_bins,
     group_order,
@@ -38,7 +37,8 @@ SCHEMES: dict[str, tuple[list[str], dict[str, list[str]]]] = {
     "none": ([], {}),
     "age": (["age"], {}),
     # the report's "personalised" 10 groups: 3 bins below 60 x 3 ethnicities, plus one >=60 group
-    "age_ethnicity": (["age", "ethnicity"], {_OLD: [f"{_OLD}|{e}" for e in VOCABULARIES["ethnicity"]]}),
+    # (with other ethnicities in the data: 3 bins x every ethnicity present, plus one >=60 group)
+    "age_ethnicity": (["age", "ethnicity"], {_OLD: [f"{_OLD}|*"]}),
     "age_ethnicity_expression": (["age", "ethnicity", "expression"], {}),
 }
 
@@ -54,10 +54,17 @@ def _scheme_parts(cfg: WeightingConfig) -> tuple[list[str], list[float], dict[st
     return list(attributes), list(AGE_EDGES), dict(merges)
 
 
-def _merge_map(merges: dict[str, list[str]], possible: set[str]) -> dict[str, str]:
+def _merge_map(merges: dict[str, list[str]], possible: list[str]) -> dict[str, str]:
+    """Group -> merged group; a member ending in ``|*`` stands for every group that starts with it."""
     mapping: dict[str, str] = {}
     for new, members in merges.items():
+        expanded = []
         for m in members:
+            if m.endswith("|*"):
+                expanded += [p for p in possible if p.startswith(m[:-1])] or [m]
+            else:
+                expanded.append(m)
+        for m in expanded:
             if m not in possible:
                 raise ConfigError(
                     f"weighting.merges['{new}'] names group '{m}', which this scheme cannot produce; "
@@ -96,7 +103,7 @@ def _groups(faces: pd.DataFrame, cfg: WeightingConfig) -> tuple[pd.Series, list[
         return pd.Series([ALL] * len(faces), index=faces.index, dtype=object), [ALL]
     parts, values = _raw_parts(faces, attributes, edges)
     possible = ["|".join(combo) for combo in itertools.product(*values)]
-    mapping = _merge_map(merges, set(possible))
+    mapping = _merge_map(merges, possible)
     names = ["|".join(p) for p in zip(*parts)] if len(faces) else []
     names = [mapping.get(n, n) for n in names]
     ordered: list[str] = []

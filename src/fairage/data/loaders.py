@@ -12,11 +12,12 @@ Layouts (``detect_layout`` picks one from a folder's contents; ``layout=`` force
              columns ``image,age`` and any of ``gender,ethnicity,expression,split``; image
              paths relative to the CSV's folder. Without ``split``: ``stratified_split``.
 
-``extra_categories`` says what to do with an attribute value outside the vocabulary:
-``"error"`` (default: DataError naming file, row and value), ``"keep"`` (keep the value as
-an extra group), ``"unknown"`` (map it to ``"unknown"``), or a dict ``{value: new_value}``
-applied first (values it does not cover still raise); ``parse_extra_categories`` reads the
-text form ``indian=asian,others=unknown``.
+Groups come from the data: an attribute value outside the known vocabulary (UTKFace's
+``indian`` and ``others``, FairFace's seven races, a csv's own labels) is kept as a group of
+its own. ``extra_categories`` changes that: ``"keep"`` (default), ``"error"`` (DataError
+naming file, row and value: a strict vocabulary), ``"unknown"`` (map it to ``"unknown"``), or a
+dict ``{value: new_value}`` that merges or renames values (values it does not cover are kept);
+``parse_extra_categories`` reads the text form ``indian=asian,others=unknown``.
 
 Every file a dataset names (an image path in a table, a UTKFace file, the layout's own
 tables and arrays) must resolve, symlinks included, inside the dataset folder; anything
@@ -45,6 +46,7 @@ from .schema import (
     UNKNOWN,
     VOCABULARIES,
     age_bins,
+    attribute_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ ExtraCategories = str | Mapping[str, str]
 EXTRA_CATEGORIES_SYNTAX = "error, keep, unknown, or a mapping old=new[,old=new...] such as indian=asian,others=unknown"
 #: where a user sets the options that messages advise
 SKIP_BAD_HINT = "--skip-bad (config data.skip_bad: true) drops them"
-EXTRA_CATEGORIES_HINT = ("map or accept it with --extra-categories (config data.extra_categories): "
+EXTRA_CATEGORIES_HINT = ("map or keep it with --extra-categories (config data.extra_categories): "
                          + EXTRA_CATEGORIES_SYNTAX)
 
 
@@ -100,7 +102,7 @@ def detect_layout(root: str | os.PathLike) -> str:
 
 
 def load_faces(root: str | os.PathLike, layout: str | None = None, target: str = "apparent",
-               full_images: bool = False, extra_categories: ExtraCategories = "error", seed: int = 0,
+               full_images: bool = False, extra_categories: ExtraCategories = "keep", seed: int = 0,
                skip_bad: bool = False, allow_absolute_paths: bool = False) -> pd.DataFrame:
     """Read a dataset folder into the face table (columns in ``schema.FACE_COLUMNS`` + extras).
 
@@ -154,8 +156,7 @@ def parse_extra_categories(value: ExtraCategories) -> str | dict[str, str]:
     """The ``extra_categories`` policy from its text or mapping form; DataError showing the syntax.
 
     ``"error"``, ``"keep"`` and ``"unknown"`` are returned as they are; ``"indian=asian,others=unknown"``
-    or a mapping becomes a dict of lower-case values. Every mapped value must be a vocabulary
-    value (``schema.VOCABULARIES``) or ``unknown``: anything else could never load.
+    or a mapping becomes a dict of lower-case values (any new value: a mapping merges or renames groups).
     """
     if isinstance(value, str):
         text = value.strip()
@@ -173,15 +174,11 @@ def parse_extra_categories(value: ExtraCategories) -> str | dict[str, str]:
         pairs = list(value.items())
     else:
         raise DataError(f"extra categories {value!r}: expected {EXTRA_CATEGORIES_SYNTAX}")
-    targets = {v for values in VOCABULARIES.values() for v in values} | {UNKNOWN}
     mapping: dict[str, str] = {}
     for old, new in pairs:
         old, new = str(old).strip().lower(), str(new).strip().lower()
         if not old or not new:
             raise DataError(f"extra categories {value!r}: empty value in a mapping; expected {EXTRA_CATEGORIES_SYNTAX}")
-        if new not in targets:
-            raise DataError(f"extra categories {value!r}: {old!r} is mapped to {new!r}, which is not an attribute "
-                            f"value ({', '.join(sorted(targets))})")
         mapping[old] = new
     if not mapping:
         raise DataError(f"extra categories {value!r}: expected {EXTRA_CATEGORIES_SYNTAX}")
@@ -294,7 +291,7 @@ def _normalise_attribute(values: pd.Series, attribute: str, extra: ExtraCategori
     vals[vals == ""] = UNKNOWN
     if isinstance(extra, Mapping):
         vals = vals.map(lambda v: extra.get(v, v))
-        policy = "error"
+        policy = "keep"
     else:
         policy = extra
         if policy not in ("error", "keep", "unknown"):
@@ -571,7 +568,7 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
     if isinstance(extra, Mapping):
         eth = eth.map(lambda v: extra.get(v, v))
     bad = ~eth.isin(set(VOCABULARIES["ethnicity"]) | {UNKNOWN})
-    if bad.any():
+    if bad.any() and not isinstance(extra, Mapping):
         if extra == "unknown":
             eth = eth.where(~bad, UNKNOWN)
         elif extra != "keep":
@@ -652,17 +649,25 @@ def _order_by_split(df: pd.DataFrame) -> pd.DataFrame:
 def describe_faces(faces: pd.DataFrame) -> dict:
     """Summary of a face table: the object ``fairage data info --json`` prints.
 
-    ``{"layout", "splits": {split: {"n", "gender": {value: count}, "ethnicity": {...},
-    "expression": {...}}}, "age": {split: {"min", "max", "mean"}}}`` (ages in years).
+    ``{"layout", "attributes": [name, ...], "splits": {split: {"n", "gender": {value: count},
+    "ethnicity": {...}, "expression": {...}, further attribute: {...}}},
+    "age": {split: {"min", "max", "mean"}}, "age_histogram": {"edges": [...], "counts": [...]}}``
+    (ages in years; attributes are ``schema.attribute_columns``; the histogram has 10-year bins
+    from 0, the last one open: ``counts[i]`` faces in ``[edges[i], edges[i+1])``).
     """
     splits: dict[str, dict] = {}
     ages: dict[str, dict] = {}
+    attributes = attribute_columns(faces)
     for split in [s for s in SPLITS if (faces["split"] == s).any()]:
         part = faces[faces["split"] == split]
         splits[split] = {"n": len(part)}
-        for attribute in VOCABULARIES:
+        for attribute in attributes:
             counts = part[attribute].value_counts()
-            splits[split][attribute] = {str(k): int(v) for k, v in sorted(counts.items())}
+            splits[split][attribute] = {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))}
         ages[split] = {"min": float(part["age"].min()), "max": float(part["age"].max()),
                        "mean": float(part["age"].mean())}
-    return {"layout": faces.attrs.get("layout"), "splits": splits, "age": ages}
+    edges = np.arange(0, 100, 10)
+    counts = np.bincount(np.clip(np.digitize(faces["age"].to_numpy(dtype=float), edges) - 1, 0, len(edges) - 1),
+                         minlength=len(edges))
+    return {"layout": faces.attrs.get("layout"), "attributes": attributes, "splits": splits, "age": ages,
+            "age_histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]}}

@@ -48,6 +48,33 @@ AGE_MIN, AGE_MAX = 0.0, 120.0
 FACE_COLUMNS: tuple[str, ...] = (
     "image", "age", "gender", "ethnicity", "expression", "split", "path", "frame",
 )
+#: numeric columns some loaders add beside the face columns; never groups
+NUMERIC_COLUMNS: tuple[str, ...] = ("real_age", "apparent_age", "age_std", "num_ratings")
+#: a further column is an attribute when it has at most this many distinct values
+MAX_ATTRIBUTE_VALUES = 50
+#: separator of an intersection's name ("age*ethnicity") and of its groups' names ("[60,inf) & asian")
+INTERSECTION_SEP, CELL_SEP = "*", " & "
+
+
+def attribute_columns(faces) -> list[str]:
+    """The attribute columns of a face table: ``ATTRIBUTES``, then any further categorical column.
+
+    A further column (a csv layout's ``skin_tone``, APPA-REAL's ``makeup`` and ``time``) counts when
+    it is not a face column or a known numeric column and holds at most ``MAX_ATTRIBUTE_VALUES``
+    distinct values; table order is kept.
+
+    >>> import pandas as pd
+    >>> attribute_columns(pd.DataFrame(columns=[*FACE_COLUMNS, "age_std", "skin_tone"]))
+    ['gender', 'ethnicity', 'expression', 'skin_tone']
+    """
+    extra = [c for c in faces.columns if c not in FACE_COLUMNS and c not in NUMERIC_COLUMNS
+             and faces[c].nunique(dropna=True) <= MAX_ATTRIBUTE_VALUES]
+    return [a for a in ATTRIBUTES if a in faces.columns] + [str(c) for c in extra]
+
+
+def intersection_name(attributes) -> str:
+    """The name of an intersection of attributes: ``["age", "ethnicity"]`` -> ``"age*ethnicity"``."""
+    return INTERSECTION_SEP.join(attributes)
 
 
 def _fmt_edge(x: float) -> str:

@@ -11,7 +11,10 @@ The package in pieces:
 """
 
 from .factories import (
+                        COLLAPSE_STD,
                         AtomicCheckpointIO,
+                        BestCheckpoint,
+                        CollapseStop,
                         HistoryCallback,
                         LastCheckpoint,
                         StageArrays,
@@ -30,7 +33,6 @@ from .module import (
                         memory_format,
 )
 from .run import (
-                        COLLAPSE_STD,
                         collapse_warning,
                         export_backbone,
                         load_model_from_checkpoint,
@@ -38,12 +40,21 @@ from .run import (
                         resume_run,
                         train,
 )
-from .stage import NonFiniteLossError, StageResult, fit_stage, load_module_checkpoint
+from .stage import (
+                        CollapsedStageError,
+                        NonFiniteLossError,
+                        StageResult,
+                        fit_stage,
+                        load_module_checkpoint,
+)
 
 __all__ = [
                         "COLLAPSE_STD",
                         "AgeModule",
                         "AtomicCheckpointIO",
+                        "BestCheckpoint",
+                        "CollapseStop",
+                        "CollapsedStageError",
                         "FaceArrayDataset",
                         "HistoryCallback",
                         "LastCheckpoint",

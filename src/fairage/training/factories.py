@@ -253,6 +253,64 @@ class StageProgressBar(RichProgressBar):
         return f"{self.stage} epoch {current_epoch + 1}/{self.trainer.max_epochs}"
 
 
+#: validation predictions spreading less than this (years, standard deviation) mean a collapsed model
+COLLAPSE_STD = 0.5
+
+
+class CollapseStop(Callback):
+    """Stops a stage after the epoch in which its validation predictions collapsed.
+
+    Collapsed: nearly constant predictions (std below ``COLLAPSE_STD`` years) that are either
+    saturated (their mean within ``SATURATION_YEARS`` of 0 or of 100 years: a sigmoid or a
+    softmax pinned at its end) or that spread before in this stage (dead units). A saturated
+    output or dead ReLUs give no gradient to recover from, so training on is wasted; a model
+    that has not spread its predictions yet (an early epoch predicting about the mean age) is
+    not collapsed. ``message`` then says so, and ``collapsed_now`` keeps that epoch out of the
+    best checkpoint (``BestCheckpoint``). Reads ``val_pred_std`` and ``val_pred_mean`` (years),
+    which ``AgeModule`` logs after each validation.
+    """
+
+    SATURATION_YEARS = 1.0
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.message: str | None = None
+        self.collapsed_now = False
+        self.spread_before = False
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        if "val_pred_std" not in metrics:
+            return
+        std, mean = float(metrics["val_pred_std"]), float(metrics.get("val_pred_mean", float("nan")))
+        # only a bounded output (sigmoid, the DEX softmax) can saturate; a linear one starts near 0
+        bounded = getattr(getattr(pl_module, "model", None), "output", "sigmoid") != "linear"
+        saturated = bounded and (mean <= self.SATURATION_YEARS or mean >= 100 - self.SATURATION_YEARS)
+        self.collapsed_now = std < COLLAPSE_STD and (saturated or self.spread_before)
+        self.spread_before = self.spread_before or std >= 2 * COLLAPSE_STD
+        if self.collapsed_now:
+            self.message = (f"{self.stage} collapsed in epoch {trainer.current_epoch + 1}: its validation predictions "
+                            f"are nearly constant (std {std:.2f} years, mean {mean:.1f}); the stage stopped, "
+                            "keeping its best checkpoint before the collapse (try a lower learning rate, "
+                            "warmup_epochs or grad_clip)")
+            trainer.should_stop = True
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` of the lowest validation loss that never keeps a collapsed epoch."""
+
+    def __init__(self, *args, collapse: CollapseStop | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.collapse = collapse
+
+    def check_monitor_top_k(self, trainer, current=None) -> bool:
+        if self.collapse is not None and self.collapse.collapsed_now:
+            return False
+        return super().check_monitor_top_k(trainer, current)
+
+
 @dataclass
 class StageCallbacks:
     """The callbacks of one stage: ``all`` goes to the Trainer; the others are read afterwards."""
@@ -261,6 +319,7 @@ class StageCallbacks:
     history: HistoryCallback
     best: ModelCheckpoint
     last: LastCheckpoint
+    collapse: CollapseStop | None = None
 
 
 def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, history_path: Path | None,
@@ -269,11 +328,12 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
                    dro_groups: Sequence[str] | None = None) -> StageCallbacks:
     """History (and NaN stop), early stopping, best and last checkpoints in ``run_dir/checkpoints``."""
     history = HistoryCallback(history_path, stage_name, previous_history)
-    best = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
-                           mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
-                           enable_version_counter=False)
+    collapse = CollapseStop(stage_name) if stage.stop_on_collapse else None
+    best = BestCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
+                          mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
+                          enable_version_counter=False, collapse=collapse)
     last = LastCheckpoint(run_dir / "checkpoints" / f"{stage_name}-last.ckpt")
-    cbs: list[Callback] = [history,
+    cbs: list[Callback] = [history, *([collapse] if collapse else []),
                            EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
                            best, last, *extra]
     if config_yaml is not None:
@@ -284,7 +344,7 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
         cbs.append(DROHistoryCallback(run_dir, stage_name, list(dro_groups)))
     if progress:
         cbs.append(StageProgressBar(stage_name))
-    return StageCallbacks(cbs, history, best, last)
+    return StageCallbacks(cbs, history, best, last, collapse)
 
 
 def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path,
@@ -307,6 +367,8 @@ def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list
         enable_progress_bar=progress,
         enable_model_summary=False,
         num_sanity_val_steps=0,
+        gradient_clip_val=stage.grad_clip,
+        gradient_clip_algorithm="norm" if stage.grad_clip is not None else None,
         default_root_dir=str(run_dir),
         plugins=[AtomicCheckpointIO()],
     )

@@ -115,6 +115,8 @@ class AgeModule(L.LightningModule):
         self.scale = model.label_scale
         # a fairage.losses.StageObjective when the stage uses a method beyond weighting
         self.objective = objective
+        # running count, sum and sum of squares of the epoch's validation predictions (years)
+        self._val_moments = torch.zeros(3, dtype=torch.float64)
 
     # stage I keeps BatchNorm (and everything else in the feature extractor) in eval mode.
     # Lightning does not call train() at fit start (it only captures and restores
@@ -171,8 +173,12 @@ class AgeModule(L.LightningModule):
             loss = self.objective(out, age, use_weight, index[0] if index else None, train=prefix == "train")
         else:
             loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
-        mae = (self.model.years(out) - age).abs().mean()
+        years = self.model.years(out)
+        mae = (years - age).abs().mean()
         n = len(age)
+        if prefix == "val":
+            y = years.detach().double().cpu()
+            self._val_moments += torch.stack([torch.tensor(float(n), dtype=torch.float64), y.sum(), (y * y).sum()])
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
                  prog_bar=True)
         self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
@@ -187,6 +193,30 @@ class AgeModule(L.LightningModule):
         # LR schedule, so it must score the model as test predictions will use it
         with torch.autocast(self.device.type, enabled=False):
             self._step(batch, "val")
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # linear warm-up over the first ``warmup_epochs``; afterwards the plateau schedule alone
+        # sets the rate, so the two never fight over it
+        if self.stage.warmup_epochs <= 0 or self.trainer is None:
+            return
+        steps = max(1, int(round(self.stage.warmup_epochs * self.trainer.num_training_batches)))
+        step = self.trainer.global_step
+        if step < steps:
+            for group in self.trainer.optimizers[0].param_groups:
+                group["lr"] = self.stage.lr * (step + 1) / steps
+
+    def on_validation_epoch_start(self):
+        self._val_moments.zero_()
+
+    def on_validation_epoch_end(self):
+        # the spread of the validation predictions: near 0 means the model predicts one age for
+        # every face (a saturated output or dead units), which CollapseStop watches for
+        n, total, squares = (float(v) for v in self._val_moments)
+        if n > 0:
+            mean = total / n
+            std = max(squares / n - mean * mean, 0.0) ** 0.5
+            self.log("val_pred_std", std, on_epoch=True, sync_dist=True)
+            self.log("val_pred_mean", mean, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

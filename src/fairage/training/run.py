@@ -42,6 +42,7 @@ from ..runs import (
     read_checkpoint,
 )
 from .factories import (
+    COLLAPSE_STD,
     CONFIG_KEY,
     StageArrays,
     device_for,
@@ -49,7 +50,7 @@ from .factories import (
     resolve_precision,
 )
 from .inference import predict
-from .stage import fit_stage, load_module_checkpoint
+from .stage import CollapsedStageError, fit_stage, load_module_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +110,11 @@ def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: 
     write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions)
     df = test_faces.copy()
     df["prediction"] = predictions
-    metrics = evaluate(df, **folder.evaluation_settings(cfg))
+    metrics = evaluate(df, **folder.evaluation_settings(cfg, df.columns))
     write_text(folder.file(RunFolder.METRICS), json.dumps(metrics.to_json(), indent=2) + "\n")
     return metrics
 
 
-#: test predictions spread less than this (years, standard deviation) mean a collapsed model
-COLLAPSE_STD = 0.5
 
 
 def collapse_warning(predictions: np.ndarray) -> str | None:
@@ -230,16 +229,31 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
         arrays = StageArrays(train_images, train_faces["age"].to_numpy(np.float32),
                              data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights,
                              face_arrays=method_arrays[stage_name])
-        result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
-                           num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),
-                           ckpt_path=ckpt_path, previous_history=history, callbacks=callbacks,
-                           config_yaml=config_yaml)
+        collapsed = dict(folder.record.collapsed_stages)
+        try:
+            result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
+                               num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),
+                               ckpt_path=ckpt_path, previous_history=history, callbacks=callbacks,
+                               config_yaml=config_yaml)
+        except CollapsedStageError as err:
+            if not completed:
+                folder.update(collapsed_stages={**collapsed, stage_name: str(err)})
+                raise
+            # nothing of this stage is worth keeping: the model stays the previous stage's best
+            message = f"{err}; the model is {completed[-1]}'s best"
+            log.warning(message)
+            load_module_checkpoint(model, folder.checkpoint(completed[-1], "best"))
+            folder.update(collapsed_stages={**collapsed, stage_name: message})
+            history = folder.history()
+            break
         history = result.history
         completed.append(stage_name)
         stopped = dict(folder.record.stopped_stages)
         if result.non_finite:
             stopped[stage_name] = result.non_finite
-        folder.update(completed_stages=completed, stopped_stages=stopped)
+        if result.collapsed:
+            collapsed[stage_name] = result.collapsed
+        folder.update(completed_stages=completed, stopped_stages=stopped, collapsed_stages=collapsed)
     return history
 
 

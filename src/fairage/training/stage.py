@@ -48,6 +48,14 @@ class NonFiniteLossError(FairageError):
     """The loss became NaN/inf before any finite validation loss: nothing worth keeping."""
 
 
+class CollapsedStageError(FairageError):
+    """The stage's first epoch already collapsed (constant predictions): no checkpoint worth keeping.
+
+    Not the input's fault: the CLI exits 1, as for any failed run."""
+
+    exit_code = 1
+
+
 @dataclass
 class StageResult:
     """What ``fit_stage`` returns: checkpoint paths, epochs run, the stop message if any."""
@@ -58,6 +66,8 @@ class StageResult:
     best_val_loss: float | None
     history: pd.DataFrame
     non_finite: str | None = None
+    #: the stage stopped after its predictions collapsed (``CollapseStop``'s message)
+    collapsed: str | None = None
 
 
 def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays,
@@ -127,14 +137,20 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     best_val = float(best_score) if best_score is not None else None
     if non_finite and (best_val is None or not math.isfinite(best_val)):
         raise NonFiniteLossError(non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
+    collapsed = cbs.collapse.message if cbs.collapse is not None else None
+    if collapsed and not best_path:
+        raise CollapsedStageError(collapsed.replace("keeping its best checkpoint before the collapse",
+                                                    "with no epoch before the collapse to keep"))
     if non_finite:  # warned only once it is known that a best checkpoint is kept
         log.warning(non_finite)
+    if collapsed:
+        log.warning(collapsed)
     if best_path:
         load_module_checkpoint(model, best_path)
     model.to("cpu")
     return StageResult(best_path=best_path, last_path=str(cbs.last.path) if cbs.last.path.is_file() else None,
                        epochs=trainer.current_epoch, best_val_loss=best_val, history=cbs.history.history,
-                       non_finite=non_finite)
+                       non_finite=non_finite, collapsed=collapsed)
 
 
 def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
