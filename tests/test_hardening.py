@@ -1,0 +1,168 @@
+"""Hardening: what a hostile but realistic user tries against every command and the service, and what must hold.
+
+Each test builds its hostile input here, runs the real command and checks the outcome (one
+message and exit 2, nothing read from outside, nothing of the user's overwritten).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fairage.cli import app
+
+sys.path.insert(0, str(Path(__file__).parent / "tools"))
+import keras_vggface2_spec as spec
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_line(text: str) -> str:
+    """CLI output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- import-keras
+
+
+@pytest.fixture(scope="module")
+def zero_keras(tmp_path_factory) -> Path:
+    """A valid weights-only Keras file of the VGGFace2 ResNet50 (all zeros, compressed)."""
+    path = tmp_path_factory.mktemp("keras") / "zero.h5"
+    spec.write_weights_only(path, spec.zero_weights(), "gzip")
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    dst.write_bytes(src.read_bytes())
+    return dst
+
+
+STEM = "conv1/7x7_s2"
+STEM_KERNEL = f"{STEM}/kernel:0"  # (7, 7, 3, 64) float32: 37632 bytes
+
+
+def _import_refused(h5: Path, out: Path, needle: str) -> str:
+    result = invoke("import-keras", h5, "--out", out)
+    text = one_line(result.output)
+    assert result.exit_code == 2, result.output
+    assert needle in text and "Traceback" not in result.output
+    assert not out.exists()
+    return text
+
+
+def test_import_keras_refuses_external_storage_and_never_imports_the_outside_bytes(zero_keras, tmp_path):
+    # the control: the same bytes stored inside the file import, so the refusal is about where they live
+    secret = np.arange(7 * 7 * 3 * 64, dtype=np.float32).reshape(7, 7, 3, 64) + 0.5
+    outside = tmp_path / "outside" / "secret.bin"
+    outside.parent.mkdir()
+    outside.write_bytes(secret.tobytes())
+    h5 = _copy(zero_keras, tmp_path / "external.h5")
+    with h5py.File(h5, "a") as f:
+        del f[STEM][STEM_KERNEL]
+        f[STEM].create_dataset(STEM_KERNEL, shape=secret.shape, dtype="<f4",
+                               external=[(str(outside), 0, secret.nbytes)])
+        assert f[STEM][STEM_KERNEL].external  # h5py really wrote external storage
+    text = _import_refused(h5, tmp_path / "model", "has external storage")
+    assert f"dataset '/{STEM}/{STEM_KERNEL}'" in text
+    assert str(outside) in text
+    # the message is the same whether or not the outside file exists (no probing of the machine)
+    outside.unlink()
+    assert _import_refused(h5, tmp_path / "model", "has external storage") == text
+
+
+def test_import_keras_refuses_external_links_without_opening_the_other_file(zero_keras, tmp_path):
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("kernel", data=np.ones((7, 7, 3, 64), np.float32))
+    h5 = _copy(zero_keras, tmp_path / "linked.h5")
+    with h5py.File(h5, "a") as f:
+        del f[STEM][STEM_KERNEL]
+        f[STEM][STEM_KERNEL] = h5py.ExternalLink(str(other), "/kernel")
+    text = _import_refused(h5, tmp_path / "model", "is an external link to")
+    assert str(other) in text
+    # a link target that cannot be opened gives the same message: the link was never followed
+    other.write_text("not hdf5")
+    assert _import_refused(h5, tmp_path / "model", "is an external link to") == text
+
+
+def test_import_keras_refuses_virtual_datasets(zero_keras, tmp_path):
+    other = tmp_path / "source.h5"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("kernel", data=np.ones((7, 7, 3, 64), np.float32))
+    h5 = _copy(zero_keras, tmp_path / "virtual.h5")
+    with h5py.File(h5, "a") as f:
+        del f[STEM][STEM_KERNEL]
+        layout = h5py.VirtualLayout(shape=(7, 7, 3, 64), dtype="<f4")
+        layout[...] = h5py.VirtualSource(str(other), "kernel", shape=(7, 7, 3, 64))
+        f[STEM].create_virtual_dataset(STEM_KERNEL, layout)
+    text = _import_refused(h5, tmp_path / "model", "is a virtual dataset mapped from")
+    assert str(other) in text
+
+
+def test_import_keras_refuses_soft_links(zero_keras, tmp_path):
+    h5 = _copy(zero_keras, tmp_path / "soft.h5")
+    with h5py.File(h5, "a") as f:
+        f["alias"] = h5py.SoftLink("/dim_proj")
+    _import_refused(h5, tmp_path / "model", "'/alias' is a soft link to /dim_proj")
+
+
+def test_import_keras_checks_declared_shapes_before_reading(zero_keras, tmp_path, monkeypatch):
+    # a 10 GB conv kernel declared in a small file (chunked, never written): refused from its header
+    h5 = _copy(zero_keras, tmp_path / "huge.h5")
+    with h5py.File(h5, "a") as f:
+        del f[STEM][STEM_KERNEL]
+        f[STEM].create_dataset(STEM_KERNEL, shape=(7, 7, 3, 64 * 200_000), dtype="<f4", chunks=(7, 7, 3, 64),
+                               compression="gzip")
+        # and a (10^6, 10^6) Dense kernel in a layer of no fixed shape
+        dense = f.create_group("dense_huge")
+        dense.attrs["weight_names"] = np.array([b"dense_huge/kernel:0", b"dense_huge/bias:0"])
+        dense.create_dataset("dense_huge/kernel:0", shape=(10**6, 10**6), dtype="<f4", chunks=(1, 1024))
+        dense.create_dataset("dense_huge/bias:0", data=np.zeros(10**6, np.float32))
+        f.attrs["layer_names"] = np.array(list(f.attrs["layer_names"]) + [b"dense_huge"])
+    assert h5.stat().st_size < 200e6
+    reads = []
+    original = h5py.Dataset.__getitem__
+    monkeypatch.setattr(h5py.Dataset, "__getitem__",
+                        lambda self, key: reads.append(self.name) or original(self, key))
+    text = _import_refused(h5, tmp_path / "model", f"layer '{STEM}': shape mismatch")
+    assert "(7, 7, 3, 12800000)" in text and "needs (7, 7, 3, 64)" in text
+    assert f"/{STEM_KERNEL}" not in reads
+    with h5py.File(h5, "a") as f:  # the stem fixed: the Dense kernel is refused from its header
+        del f[STEM][STEM_KERNEL]
+        f[STEM].create_dataset(STEM_KERNEL, data=np.zeros((7, 7, 3, 64), np.float32))
+    reads.clear()
+    text = _import_refused(h5, tmp_path / "model", "declares shape (1000000, 1000000)")
+    assert "dense_huge/kernel:0" in text and not any("dense_huge/kernel" in r for r in reads)
+
+
+def test_import_keras_refuses_bytes_weights_and_odd_model_configs(zero_keras, tmp_path):
+    h5 = _copy(zero_keras, tmp_path / "bytes.h5")
+    with h5py.File(h5, "a") as f:
+        name = f"{STEM}/bn/gamma:0"
+        del f[f"{STEM}/bn"][name]
+        f[f"{STEM}/bn"].create_dataset(name, data=np.array([b"x" * 10] * 64))
+    _import_refused(h5, tmp_path / "model", "holds |S10 values; Keras weights are floating-point numbers")
+    # a full-model file whose model_config has a list where Keras writes a mapping: imports, the
+    # head's activations then follow the kit's convention
+    import json
+
+    for config in ({"class_name": "Functional", "config": []}, [1, 2], {"config": {"layers": {"a": 1}}},
+                   {"config": {"layers": [{"name": "dim_proj", "config": ["relu"]}]}}):
+        full = tmp_path / "full.h5"
+        spec.write_full_model(full, spec.zero_weights(), "gzip")
+        with h5py.File(full, "a") as f:
+            f.attrs["model_config"] = json.dumps(config).encode()
+        out = tmp_path / f"model-{abs(hash(json.dumps(config)))}"
+        result = invoke("import-keras", full, "--out", out)
+        assert result.exit_code == 0, (config, result.output)
+        assert (out / "model.safetensors").is_file()
