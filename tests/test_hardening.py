@@ -166,3 +166,69 @@ def test_import_keras_refuses_bytes_weights_and_odd_model_configs(zero_keras, tm
         result = invoke("import-keras", full, "--out", out)
         assert result.exit_code == 0, (config, result.output)
         assert (out / "model.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- train --out: the user's folder
+
+
+def test_train_refuses_a_folder_that_is_not_a_run_and_touches_nothing(tmp_path, tiny_data):
+    out = tmp_path / "mine"
+    out.mkdir()
+    files = {"config.yaml": "my: own config\n", "history.csv": "year,event\n1999,party\n", ".notes.tmp1": "notes"}
+    for name, text in files.items():
+        (out / name).write_text(text)
+    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", tiny_data, "--out", out)
+    assert result.exit_code == 2, result.output
+    text = one_line(result.output)
+    assert f"--out {out} is a folder that is not a fairage run" in text and "config.yaml" in text
+    assert {p.name: p.read_text() for p in out.iterdir()} == files
+
+
+def test_stale_temp_cleanup_removes_only_names_fairage_writes(tmp_path):
+    from fairage.runs import RunFolder
+
+    folder = RunFolder(tmp_path / "run")
+    (folder.path / "checkpoints").mkdir(parents=True)
+    ours = [folder.path / ".run.json.k2j_x9q1.tmp.json", folder.path / ".history.csv.abc.tmp.csv",
+            folder.path / "checkpoints" / ".stage1-last.ckpt.q1w2e3r4.tmp.ckpt"]
+    theirs = [folder.path / ".notes.tmp1", folder.path / ".draft.txt.abc.tmp.txt",
+              folder.path / "checkpoints" / ".mine.ckpt.abc.tmp.ckpt", folder.path / ".run.json.tmp"]
+    for p in ours + theirs:
+        p.write_text("x")
+    with folder.lock():
+        pass
+    assert [p.exists() for p in ours] == [False] * len(ours)
+    assert [p.exists() for p in theirs] == [True] * len(theirs)
+
+
+# --------------------------------------------------------------------------- predict --annotate
+
+
+def test_annotate_never_writes_over_an_input_and_names_stay_unique(tiny_run, tmp_path, monkeypatch):
+    from conftest import GRACE_HOPPER
+
+    photos = tmp_path / "work" / "a"
+    photos.mkdir(parents=True)
+    (tmp_path / "a").mkdir()
+    original = GRACE_HOPPER.read_bytes()
+    (photos / "x.jpg").write_bytes(original)
+    (tmp_path / "a" / "x.jpg").write_bytes(original)
+    monkeypatch.chdir(tmp_path / "work")
+    # --annotate names the input folder itself
+    result = invoke("predict", tiny_run, "a", "--out", "p.csv", "--quiet", "--detector", "haar", "--annotate", "a")
+    assert result.exit_code == 0, result.output
+    assert (photos / "x.jpg").read_bytes() == original
+    assert sorted(p.name for p in photos.iterdir()) == ["x.annotated.jpg", "x.jpg"]
+    # two inputs whose labels differ only by "..": two rows, two drawn copies
+    drawn = tmp_path / "drawn"
+    result = invoke("predict", tiny_run, "a/x.jpg", "../a/x.jpg", "--out", "q.csv", "--quiet", "--detector", "haar",
+                    "--annotate", drawn)
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    assert pd.read_csv("q.csv")["image"].tolist() == ["a/x.jpg", "../a/x.jpg"]
+    assert sorted(p.relative_to(drawn).as_posix() for p in drawn.rglob("*.jpg")) == ["a/x.annotated.jpg", "a/x.jpg"]
+    # the CSV itself is never written over an input image
+    result = invoke("predict", tiny_run, "a/x.jpg", "--out", "a/x.jpg", "--quiet", "--detector", "haar")
+    assert result.exit_code == 2 and "is one of the input images" in one_line(result.output)
+    assert (photos / "x.jpg").read_bytes() == original

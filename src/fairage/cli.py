@@ -883,7 +883,7 @@ def predict_command(
 
     from .predict import (
         AgePredictor,
-        annotated_path,
+        annotated_paths,
         draw_faces,
         expand_inputs,
         prediction_rows,
@@ -893,6 +893,9 @@ def predict_command(
     files = expand_inputs(inputs)
     if not files:
         fail("no image files in the inputs")
+    if any(Path(path).resolve() == out.resolve() for path, _ in files):
+        fail(f"--out {out} is one of the input images; choose another file for the CSV")
+    drawn = annotated_paths(annotate, files) if annotate is not None else {}
     predictor = AgePredictor(model, detector=detector, device=device, batch_size=batch_size)
     labels = dict(files)
     rows: list[dict] = []
@@ -913,7 +916,7 @@ def predict_command(
             n_empty += not result.faces
             rows += prediction_rows(labels[path], result, faces)
             if annotate is not None and rgb is not None:
-                draw_faces(rgb, result, annotated_path(annotate, labels[path]))
+                draw_faces(rgb, result, drawn[labels[path]])
     for message in unreadable:
         err_console.print(f"[yellow]skipped:[/yellow] {message}", highlight=False, soft_wrap=True)
     if n_photos == 0:

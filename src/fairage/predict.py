@@ -636,6 +636,30 @@ def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> 
                 **({"quality": 90} if suffix in (".jpg", ".jpeg") else {}))
 
 
+def annotated_paths(annotate_dir: str | os.PathLike, files: Sequence[tuple[str, str]]) -> dict[str, Path]:
+    """Label -> where its drawn copy goes, for every ``(path, label)`` of ``expand_inputs``.
+
+    Each copy goes to its label's path under the folder (``annotated_path``), unless that
+    would write over one of the input files (``--annotate`` naming the input folder) or a
+    copy of another label (``a/x.jpg`` and ``../a/x.jpg``): then ``x.annotated.jpg``,
+    ``x.annotated-2.jpg``, ... Every path is distinct and none is an input.
+    """
+    inputs = {Path(path).resolve() for path, _ in files}
+    taken: set[Path] = set()
+    out: dict[str, Path] = {}
+    for _, label in files:
+        target = annotated_path(annotate_dir, label)
+        k = 1
+        while target.resolve() in inputs or target.resolve() in taken:
+            base = annotated_path(annotate_dir, label)
+            tail = "annotated" if k == 1 else f"annotated-{k}"
+            target = base.with_name(f"{base.stem}.{tail}{base.suffix}")
+            k += 1
+        taken.add(target.resolve())
+        out[label] = target
+    return out
+
+
 def annotated_path(annotate_dir: str | os.PathLike, label: str) -> Path:
     """Where the drawn copy of the image labelled ``label`` goes (its label's path under the folder)."""
     rel = Path(label)

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .atomic import write_text
 from .config import ExperimentConfig, dump_config, read_yaml, validate_config
-from .errors import DataError, FairageError
+from .errors import ConfigError, DataError, FairageError
 
 if TYPE_CHECKING:
     from .metrics import EvaluationResult
@@ -194,6 +195,27 @@ class RunFolder:
         if folder.file(cls.RUN).is_file():
             folder.record = folder._read_record()
         return folder
+
+    @classmethod
+    def check_out(cls, path: str | Path) -> None:
+        """ConfigError unless ``path`` can take a new run: absent, empty, or a fairage run folder.
+
+        A folder holding anything else (the user's own files) is refused before anything is
+        written or deleted in it; a folder holding only the ``.lock`` of a run killed before
+        it wrote its record counts as empty.
+        """
+        path = Path(path)
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise ConfigError(f"--out {path} exists and is not a folder; choose a new folder for the run")
+        if cls.exists(path):
+            return
+        names = sorted(p.name for p in path.iterdir() if p.name != cls.LOCK)
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ConfigError(f"--out {path} is a folder that is not a fairage run (it holds {shown}); fairage "
+                              "would overwrite files there: choose a new or empty folder for the run")
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
@@ -391,15 +413,29 @@ class RunFolder:
             os.close(fd)  # closing the descriptor releases the lock
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete ``.*.tmp*`` files an interrupted atomic write left in the folder; return them.
+        """Delete the temporary files an interrupted atomic write of fairage left in the folder; return them.
 
-        Only call this while holding the lock: a live writer's temp file looks the same.
+        Only names ``fairage.atomic`` makes for the files a run writes (``.run.json.x1y2.tmp.json``,
+        ``checkpoints/.stage1-last.ckpt.x1y2.tmp.ckpt``): any other file, even one that looks
+        temporary, is not fairage's to delete. Only call this while holding the lock: a live
+        writer's temp file looks the same.
         """
         removed = []
-        for folder in (self.path, self.checkpoints_dir):
+        for folder, pattern in ((self.path, _RUN_TEMP), (self.checkpoints_dir, _CHECKPOINT_TEMP)):
             if folder.is_dir():
                 for p in folder.glob(".*.tmp*"):
-                    if p.is_file():
+                    if pattern.fullmatch(p.name) and p.is_file():
                         p.unlink(missing_ok=True)
                         removed.append(p)
         return removed
+
+
+def _temp_pattern(names: str) -> re.Pattern:
+    """``fairage.atomic``'s temporary names (``.NAME.RANDOM.tmp.SUFFIX``) for targets matching ``names``."""
+    return re.compile(rf"\.(?P<name>{names})\.[A-Za-z0-9_]+\.tmp(?P<suffix>\.[A-Za-z0-9]+)?")
+
+
+#: the files a run writes in its folder, and in its checkpoints folder
+_RUN_TEMP = _temp_pattern(r"config\.yaml|run\.json|history\.csv|predictions_test\.csv|metrics_test\.json|"
+                          r"curves\.png|weights_stage[12]\.png|dro_q\.csv")
+_CHECKPOINT_TEMP = _temp_pattern(r"stage[12]-(best|last)(-v\d+)?\.ckpt")

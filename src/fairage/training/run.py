@@ -148,6 +148,8 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     """
     run_dir = Path(out_dir)
     cfg = absolute_paths(cfg)
+    if not resume:  # the user's own folder is never written into (nor cleaned)
+        RunFolder.check_out(run_dir)
     # DDP's script launcher re-runs this command in the other ranks after rank 0 has
     # created the run folder: only rank 0 locks, checks and writes it
     lock = RunFolder(run_dir).lock() if is_rank_zero() else contextlib.nullcontext()
