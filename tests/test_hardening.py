@@ -232,3 +232,29 @@ def test_annotate_never_writes_over_an_input_and_names_stay_unique(tiny_run, tmp
     result = invoke("predict", tiny_run, "a/x.jpg", "--out", "a/x.jpg", "--quiet", "--detector", "haar")
     assert result.exit_code == 2 and "is one of the input images" in one_line(result.output)
     assert (photos / "x.jpg").read_bytes() == original
+
+
+# --------------------------------------------------------------------------- synth DIR
+
+
+def test_synth_refuses_a_dataset_or_another_synthetic_set(tmp_path):
+    real = tmp_path / "real"
+    (real / "train").mkdir(parents=True)
+    (real / "gt_avg_train.csv").write_text("file_name,apparent_age_avg\n000000.jpg,31.5\n")
+    (real / "train" / "000000.jpg_face.jpg").write_bytes(b"my photo")
+    before = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    small = ("--n-train", 2, "--n-valid", 1, "--n-test", 1, "--size", 16, "--workers", 1, "--quiet")
+    result = invoke("synth", real, *small)
+    assert result.exit_code == 2, result.output
+    assert "holds no synthetic set" in one_line(result.output)
+    assert {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
+    # a synthetic set: the same command again is fine (byte-identical), other parameters are refused
+    synth = tmp_path / "synth"
+    assert invoke("synth", synth, *small).exit_code == 0
+    table = (synth / "gt_avg_train.csv").read_bytes()
+    assert invoke("synth", synth, *small).exit_code == 0
+    assert (synth / "gt_avg_train.csv").read_bytes() == table
+    result = invoke("synth", synth, *small, "--seed", 5)
+    assert result.exit_code == 2 and "holds another synthetic set (version" in one_line(result.output)
+    assert "seed 0" in one_line(result.output) and "seed 5" in one_line(result.output)
+    assert (synth / "gt_avg_train.csv").read_bytes() == table
