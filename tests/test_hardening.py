@@ -258,3 +258,83 @@ def test_synth_refuses_a_dataset_or_another_synthetic_set(tmp_path):
     assert result.exit_code == 2 and "holds another synthetic set (version" in one_line(result.output)
     assert "seed 0" in one_line(result.output) and "seed 5" in one_line(result.output)
     assert (synth / "gt_avg_train.csv").read_bytes() == table
+
+
+# --------------------------------------------------------------------------- one image decoder
+
+
+def _kinds(folder: Path, size: int = 32) -> dict[str, tuple[Path, np.ndarray]]:
+    """One file per kind of image, each with the RGB pixels it must decode to (worked out by hand)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    half = size // 2
+    out = {}
+    colour = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    # EXIF orientation 6 ("rotate 90 clockwise to display"): the stored pixels are turned counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(colour, 1).copy()).save(folder / "rotated.png", exif=exif)
+    out["exif"] = (folder / "rotated.png", colour)
+    # 16-bit grey: v * 257 in 16 bits is v in 8 bits (not 255: saturated)
+    grey8 = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(folder / "deep.png")
+    out["16-bit"] = (folder / "deep.png", np.repeat(grey8[..., None], 3, axis=2))
+    # RGBA: opaque left half keeps its colour, transparent right half is white
+    rgba = np.dstack([colour, np.full((size, size), 255, np.uint8)])
+    rgba[:, half:, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    expected = colour.copy()
+    expected[:, half:] = 255
+    out["RGBA"] = (folder / "alpha.png", expected)
+    # grey + alpha
+    la = np.dstack([grey8, np.where(np.arange(size) < half, 255, 0).astype(np.uint8)[None].repeat(size, 0)])
+    Image.fromarray(la, "LA").save(folder / "la.png")
+    expected = np.repeat(grey8[..., None], 3, axis=2)
+    expected[:, half:] = 255
+    out["LA"] = (folder / "la.png", expected)
+    # palette with a transparent index
+    palette_rgb = [(200, 10, 10), (10, 200, 10), (0, 0, 0)]
+    index = (np.arange(size)[None] // 11).repeat(size, 0).astype(np.uint8)  # 0, 1, 2 by column
+    p = Image.fromarray(index, "P")
+    p.putpalette([c for rgb in palette_rgb for c in rgb])
+    p.save(folder / "palette.png", transparency=2)
+    expected = np.array([palette_rgb[0], palette_rgb[1], (255, 255, 255)], np.uint8)[index]
+    out["palette"] = (folder / "palette.png", expected)
+    # CMYK (TIFF, lossless): C, M, Y, K = 0, 255, 255, 0 is red, all zero is white
+    cmyk = np.zeros((size, size, 4), np.uint8)
+    cmyk[:half, :, 1:3] = 255
+    Image.fromarray(cmyk, "CMYK").save(folder / "cmyk.tif")
+    expected = np.full((size, size, 3), 255, np.uint8)
+    expected[:half, :, 1:] = 0
+    out["CMYK"] = (folder / "cmyk.tif", expected)
+    # plain grey
+    Image.fromarray(grey8, "L").save(folder / "grey.png")
+    out["grey"] = (folder / "grey.png", np.repeat(grey8[..., None], 3, axis=2))
+    return out
+
+
+def test_cache_predict_and_serve_decode_every_kind_of_image_alike(tiny_run, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from fairage.data.cache import decode_image, load_images
+    from fairage.predict import AgePredictor, read_face
+    from fairage.serve import create_app
+
+    kinds = _kinds(tmp_path)
+    predictor = AgePredictor(tiny_run, device="cpu")
+    assert predictor.image_size == 32
+    faces = __import__("pandas").DataFrame({"path": [str(p) for p, _ in kinds.values()], "frame": -1,
+                                            "split": "test"})
+    cached = load_images(faces, 32, cache_dir=tmp_path / "cache", workers=1, progress=False)
+    client = TestClient(create_app(predictor))
+    for i, (kind, (path, expected)) in enumerate(kinds.items()):
+        np.testing.assert_array_equal(decode_image(str(path), 32), expected, err_msg=kind)
+        np.testing.assert_array_equal(cached[i], expected, err_msg=kind)
+        np.testing.assert_array_equal(read_face(path, 32), expected, err_msg=kind)
+        age = float(predictor.predict_crops(expected[None])[0])
+        served = client.post("/predict?faces_only=true", content=path.read_bytes(),
+                             headers={"content-type": "application/octet-stream"})
+        assert served.status_code == 200, (kind, served.text)
+        assert served.json()["faces"][0]["age"] == pytest.approx(age, abs=1e-4), kind
+        assert served.json()["image"] == {"width": 32, "height": 32}, kind

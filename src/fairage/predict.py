@@ -28,10 +28,8 @@ on the GPU when there is one.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +38,8 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig, read_yaml, validate_config
+from .data.decode import decode_face, open_image, pil_to_rgb, resize_square, to_rgb
+from .data.decode import read_image as _decode_read_image
 from .errors import ConfigError, DataError
 from .models import AgeRegressor, clamp_ages
 
@@ -181,65 +181,11 @@ def _load_onnx(path: Path) -> LoadedModel:
 # =========================================================================== images
 
 
-def _open_checked(source):
-    """Pillow image of a path or bytes; DataError for unreadable input and decompression bombs."""
-    from PIL import Image, UnidentifiedImageError
-
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: refuse both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(bytes(source)) if name == "<bytes>" else source)
-            im.size  # noqa: B018 - header parsed; the pixel count is checked on open
-        return im
-    except FileNotFoundError:
-        raise DataError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{name}: is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image Pillow can read") from None
-    except OSError as err:
-        raise DataError(f"{name}: cannot read ({err})") from None
-
-
-def _to_rgb_array(im, name: str, draft_size: int | None = None) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if draft_size is not None:
-                im.draft("RGB", (draft_size, draft_size))  # JPEG: decode at the smallest scale >= size
-            im = ImageOps.exif_transpose(im)
-            rgb = _pil_to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
-        raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-        raise DataError(f"{name}: decoded to an unusable array of shape {rgb.shape}")
-    return rgb
-
-
-def _pil_to_rgb(im) -> np.ndarray:
-    """Any Pillow mode -> uint8 (H, W, 3) RGB; transparency composited on white, 16/32-bit scaled to 8."""
-    from PIL import Image
-
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
-        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
-        im = im.convert("RGBA")
-    if im.mode in ("LA", "La", "RGBA", "RGBa"):
-        # transparent pixels on white, as an image viewer shows them
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im.convert("RGBA"))
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+# one decoder for the cache, predict and serve (``fairage.data.decode``)
+_open_checked = open_image
+_to_rgb_array = to_rgb
+_pil_to_rgb = pil_to_rgb
+resize_face = resize_square
 
 
 def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
@@ -250,38 +196,22 @@ def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
     file for a missing, unreadable or non-image file and for one over Pillow's pixel limit
     (``PIL.Image.MAX_IMAGE_PIXELS``: decompression bombs).
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    with _open_checked(source) as im:
-        return _to_rgb_array(im, name)
+    return _decode_read_image(source)
 
 
 def read_face(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     """An already-cropped face file as uint8 (size, size, 3) RGB, decoded as the training cache does.
 
-    The same JPEG draft scale and bilinear resize as ``fairage.data.cache.decode_image``
-    (so a dataset's ``_face.jpg`` gives the pixels the model saw in training), after the
-    EXIF orientation is applied.
+    The same decoder as ``fairage.data.cache.decode_image`` (``fairage.data.decode``: EXIF
+    orientation, bit depth, alpha, JPEG draft scale, bilinear resize), so a dataset's
+    ``_face.jpg`` gives the pixels the model saw in training.
     """
     return _read_face(source, size)[0]
 
 
 def _read_face(source, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """``read_face`` and the file's (width, height) in its EXIF-corrected orientation."""
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    with _open_checked(source) as im:
-        width, height = im.size
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the axes
-            width, height = height, width
-        return resize_face(_to_rgb_array(im, name, draft_size=size), size), (width, height)
-
-
-def resize_face(rgb: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (size, size, 3), Pillow bilinear (antialiased when shrinking), as the training cache."""
-    if rgb.shape[:2] == (size, size):
-        return rgb
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return decode_face(source, size)
 
 
 def crop_box(box: Sequence[float], margin: float = CROP_MARGIN) -> tuple[int, int, int]:

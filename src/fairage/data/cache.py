@@ -7,8 +7,9 @@ The key hashes S and, for every face in order, its source path and frame, plus t
 and modification time of each source file, so a changed source file gives a new key
 (and the stale entry of the same faces and size is removed; see ``cache_file``).
 
-Image files are resized to S x S with Pillow (bilinear with antialiasing; the faces are
-already crops, so a plain resize). The npy layout's arrays are already decoded: their rows
+Image files are decoded by ``fairage.data.decode`` (the decoder of predict and serve: EXIF
+orientation, bit depth, alpha, palette, CMYK, grey) and resized to S x S with Pillow
+(bilinear with antialiasing; the faces are already crops, so a plain resize). The npy layout's arrays are already decoded: their rows
 are converted BGR -> RGB (and resized with OpenCV's area interpolation when S differs from
 the stored size) and cached the same way, so every layout is served as an RGB memmap.
 """
@@ -29,29 +30,28 @@ from ..errors import DataError
 from .schema import SPLITS
 
 CACHE_DIRNAME = ".fairage_cache"
-_CACHE_VERSION = "fairage-cache-1"
+_CACHE_VERSION = "fairage-cache-2"  # 2: the shared decoder (EXIF, 16-bit, alpha)
 _CHUNK = 64  # images per worker task
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode the image file at ``path`` into a uint8 (size, size, 3) RGB array.
+    """Decode the face image file at ``path`` into a uint8 (size, size, 3) RGB array.
 
-    DataError naming the file if it is missing or cannot be decoded.
+    The decoder of ``fairage predict`` and ``fairage serve`` (``fairage.data.decode.decode_face``:
+    EXIF orientation, 16-bit scaled, alpha on white, palette/CMYK/grey to RGB, bilinear
+    resize). DataError naming the file if it is missing or cannot be decoded.
     """
-    from PIL import Image
+    from .decode import decode_face
 
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale >= size (fast)
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt or truncated data
-        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
-                        "--skip-bad (config data.skip_bad: true) drops bad images") from None
+        return decode_face(path, size)[0]
+    except DataError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        if reason == "file not found":
+            raise DataError(f"{path}: image file not found") from None
+        if not reason.startswith("cannot decode image"):
+            reason = f"cannot decode image ({reason})"
+        raise DataError(f"{path}: {reason}; --skip-bad (config data.skip_bad: true) drops bad images") from None
 
 
 def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:

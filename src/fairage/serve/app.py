@@ -80,8 +80,6 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     model card dict (default: ``fairage.modelcard.build_model_card`` of the model's folder).
     """
     from ..modelcard import card_markdown
-    from ..predict import read_image
-
     predictor = _predictor(predictor_or_model_path, detector)
     card = card if card is not None else default_card(predictor.loaded)
     card_md = card_markdown(card)
@@ -104,9 +102,9 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     def infer(data: bytes, faces_only: bool) -> dict:
         check_image(data, limits.max_pixels)
         try:
-            # the bytes, as `fairage predict` reads a file: same decoding, EXIF turn, crops; a face
-            # crop is decoded first so its box and size are the upload's, not the model's input size
-            result = predictor.predict_image(read_image(data) if faces_only else data, faces_only=faces_only)
+            # the bytes, as `fairage predict` reads a file and the training cache a face crop: one
+            # decoder (fairage.data.decode), EXIF turn, crops; a face's box is the upload's size
+            result = predictor.predict_image(data, faces_only=faces_only)
         except DataError as err:  # passed the header check but the pixel data is bad
             raise UploadError(400, f"upload: {err}") from None
         return {
