@@ -338,3 +338,40 @@ def test_cache_predict_and_serve_decode_every_kind_of_image_alike(tiny_run, tmp_
         assert served.status_code == 200, (kind, served.text)
         assert served.json()["faces"][0]["age"] == pytest.approx(age, abs=1e-4), kind
         assert served.json()["image"] == {"width": 32, "height": 32}, kind
+
+
+# --------------------------------------------------------------------------- bounded YAML
+
+
+def _bomb(levels: int) -> str:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for k in range(1, levels + 1):
+        lines.append(f"l{k}: &l{k} [" + ", ".join([f"*l{k - 1}"] * 9) + "]")
+    return "\n".join(lines) + f"\nname: *l{levels}\n"
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, tiny_data):
+    from fairage.config import load_yaml
+    from fairage.errors import ConfigError
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_bomb(6))  # 9^7 = 4.8 million strings once expanded
+    result = invoke("train", "--config", bomb, "--data", tiny_data, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "expands to more than 100000 values" in one_line(result.output)
+    assert len(result.output) < 1000 and not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="recursive alias"):
+        load_yaml("a: &a [1, *a]\n", "x")
+    # a few anchors, as people share stage settings, still read; the bound is on the expanded size
+    assert load_yaml("s: &s {lr: 0.1}\nt: *s\nu: [*s, *s]\n", "x") == {"s": {"lr": 0.1}, "t": {"lr": 0.1},
+                                                                        "u": [{"lr": 0.1}, {"lr": 0.1}]}
+    assert len(load_yaml(_bomb(3), "x")["name"]) == 9  # 9^4 = 6561 values: fine
+
+
+def test_validation_messages_cut_long_values(tmp_path, tiny_data):
+    cfg = tmp_path / "long.yaml"
+    cfg.write_text("stage2: {lr: 0.001}\ndata:\n  image_size: " + "9" * 50_000 + "x\n")
+    result = invoke("train", "--config", cfg, "--data", tiny_data, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    text = one_line(result.output)
+    assert "data.image_size" in text and "more characters)" in text and len(text) < 1000

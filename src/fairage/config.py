@@ -294,6 +294,88 @@ class ExperimentConfig(StrictModel):
         return [(n, s) for n, s in (("stage1", self.stage1), ("stage2", self.stage2)) if s is not None]
 
 
+# --------------------------------------------------------------------------- bounded YAML
+
+#: a config's YAML may hold at most this many values once its aliases are expanded
+MAX_YAML_VALUES = 100_000
+#: ... and at most this many aliases (``*name``)
+MAX_YAML_ALIASES = 1_000
+#: ... in at most this many characters
+MAX_YAML_CHARS = 5_000_000
+#: the longest piece of a user's value a message quotes
+MAX_QUOTED = 200
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to ``limit`` characters (with how much was left out), for messages."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` with bounds: ConfigError naming ``source`` for an alias bomb or huge text.
+
+    Anchors and aliases are allowed (``stage2: *stage1``), but the document is measured on
+    its composed graph, where an alias costs nothing, before it is built: at most
+    ``MAX_YAML_ALIASES`` aliases and ``MAX_YAML_VALUES`` values once expanded (a "billion
+    laughs" of 6 levels expands to millions), and no alias inside itself.
+    ``yaml.YAMLError`` for invalid YAML, as ``yaml.safe_load``.
+    """
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{source}: {len(text)} characters of YAML; a config holds at most {MAX_YAML_CHARS}")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML nests too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root, source: str) -> None:
+    """ConfigError when the YAML graph of ``root`` expands beyond the bounds of ``load_yaml``."""
+    sizes: dict[int, int] = {}  # expanded size of every node, each counted once however often it is aliased
+    aliases = 0
+    seen: set[int] = set()
+    # iterative post-order walk: a node is sized once its children are
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            children = _yaml_children(node)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_YAML_VALUES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases of "
+                                  "aliases: a YAML bomb?); a config is a few hundred")
+            continue
+        if key in seen:  # an alias: costs its target's size, counted again
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise ConfigError(f"{source}: more than {MAX_YAML_ALIASES} YAML aliases; a config needs a few")
+            if key in on_path:
+                raise ConfigError(f"{source}: a YAML alias refers to the value that holds it (a recursive alias)")
+            continue
+        seen.add(key)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _yaml_children(node))
+
+
+def _yaml_children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -338,7 +420,7 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
                 hint = f" (did you mean '{close[0]}'?)"
             lines.append(f"  unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  {key}: {e['msg']} (got {clip(repr(e.get('input')))})")
     return "\n".join(lines)
 
 
@@ -357,7 +439,7 @@ def validate_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
 
 def _parse_value(text: str) -> Any:
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text, f"override value {clip(text, 60)!r}")
     except yaml.YAMLError:
         return text
     if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
@@ -377,7 +459,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.sub=value")
+            raise ConfigError(f"override '{clip(item)}' must look like key.sub=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = raw
@@ -398,7 +480,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as err:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ExperimentConfig, read_yaml, validate_config
+from .config import ExperimentConfig, load_yaml, read_yaml, validate_config
 from .data.decode import decode_face, open_image, pil_to_rgb, resize_square, to_rgb
 from .data.decode import read_image as _decode_read_image
 from .errors import ConfigError, DataError
@@ -173,7 +173,11 @@ def _load_onnx(path: Path) -> LoadedModel:
     if meta.get("fairage_config"):
         import yaml
 
-        cfg = validate_config(yaml.safe_load(meta["fairage_config"]), f"{path} (metadata fairage_config)")
+        try:
+            raw = load_yaml(meta["fairage_config"], f"{path} (metadata fairage_config)")
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: its metadata fairage_config is not valid YAML ({err})") from None
+        cfg = validate_config(raw, f"{path} (metadata fairage_config)")
     return LoadedModel(module, cfg, int(meta["fairage_image_size"]), meta.get("fairage_input_norm", ""),
                        meta.get("fairage_name", path.stem), path, "exported")
 

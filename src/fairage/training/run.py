@@ -28,6 +28,7 @@ from ..config import (
     StageConfig,
     TrainerConfig,
     dump_config,
+    load_yaml,
     validate_config,
 )
 from ..errors import ConfigError, DataError, FairageError
@@ -273,7 +274,7 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[AgeRegressor, Experime
         raise DataError(f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
                         "fairage training, or by an older version: use its run folder instead")
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text, f"{path} ({CONFIG_KEY})")
     except yaml.YAMLError as err:
         raise DataError(f"{path}: the config saved inside is not valid YAML: {err}") from None
     cfg = validate_config(raw, f"{path} ({CONFIG_KEY})")
