@@ -375,3 +375,81 @@ def test_validation_messages_cut_long_values(tmp_path, tiny_data):
     assert result.exit_code == 2, result.output
     text = one_line(result.output)
     assert "data.image_size" in text and "more characters)" in text and len(text) < 1000
+
+
+# --------------------------------------------------------------------------- bounds of settings
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.image_size=100000", "data.image_size: Input should be less than or equal to 1024; allowed: 8 <= value <= 1024"),
+    ("eval.n_boot=1000000000", "eval.n_boot: Input should be less than or equal to 10000; allowed: 0 <= value <= 10000"),
+    ("eval.n_perm=1000000000", "allowed: 0 <= value <= 100000"),
+    ("stage2.lr=inf", "stage2.lr: Input should be a finite number; allowed: 0 < value <= 10.0 (got inf)"),
+    ("stage2.lr=.nan", "stage2.lr: Input should be a finite number"),
+    ("stage2.max_epochs=" + "1" + "0" * 30, "allowed: 1 <= value <= 100000"),
+    ("data.num_workers=200", "data.num_workers: Input should be less than or equal to 64; allowed: 0 <= value <= 64"),
+])
+def test_unbounded_settings_are_refused_before_the_run_folder_exists(tmp_path, tiny_data, override, message):
+    out = tmp_path / "run"
+    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", tiny_data, "--out", out, "--set", override)
+    assert result.exit_code == 2, result.output
+    assert message in one_line(result.output)
+    assert not out.exists()
+
+
+def test_evaluate_counts_are_bounded_in_the_options_too(tmp_path, tiny_run):
+    for args in (("--n-boot", 10**9), ("--n-perm", 10**9), ("--n-perm", "1e9")):
+        result = invoke("evaluate", tiny_run, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "Invalid value for" in one_line(result.output), result.output
+    from fairage.errors import ConfigError
+    from fairage.metrics import evaluate
+
+    import pandas as pd
+
+    df = pd.DataFrame({"age": [10.0, 20.0], "prediction": [11.0, 19.0], "gender": ["female", "male"]})
+    with pytest.raises(ConfigError, match="n_boot 1000000000: bootstrap resamples must be 0 to 10000"):
+        evaluate(df, attributes=["gender"], n_boot=10**9)
+
+
+# --------------------------------------------------------------------------- devices, opsets, exported metadata
+
+
+def test_predict_device_and_export_opset_mistakes_exit_2(tiny_run, tmp_path, monkeypatch):
+    import torch
+
+    from conftest import GRACE_HOPPER
+
+    result = invoke("predict", tiny_run, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces", "--device", "quantum")
+    assert result.exit_code == 2 and "--device 'quantum' is not a torch device" in one_line(result.output)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    result = invoke("predict", tiny_run, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces", "--device", "cuda")
+    assert result.exit_code == 2 and "--device cuda: no CUDA GPU is available" in one_line(result.output)
+    assert not (tmp_path / "p.csv").exists()
+    result = invoke("export", tiny_run, "--out", tmp_path / "m.onnx", "--opset", 1000)
+    assert result.exit_code == 2 and "--opset 1000: this torch exports ONNX opsets" in one_line(result.output)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_exported_metadata_out_of_bounds_is_refused(tiny_run, tmp_path):
+    import onnx
+
+    from conftest import GRACE_HOPPER
+
+    good = tmp_path / "m.onnx"
+    assert invoke("export", tiny_run, "--out", good).exit_code == 0
+    for key, value, message in (("fairage_image_size", "100000", "fairage_image_size '100000' is not an image side"),
+                                ("fairage_image_size", "64", "its input has shape"),
+                                ("fairage_input_norm", "rot13", "fairage_input_norm 'rot13' is not")):
+        proto = onnx.load(str(good))
+        for entry in proto.metadata_props:
+            if entry.key == key:
+                entry.value = value
+        bad = tmp_path / f"bad-{key}-{value}.onnx"
+        onnx.save(proto, str(bad))
+        result = invoke("predict", bad, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces")
+        assert result.exit_code == 2, result.output
+        assert message in one_line(result.output)
+    result = invoke("predict", good, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces")
+    assert result.exit_code == 0, result.output

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from .config import MAX_IMAGE_SIZE, MAX_N_BOOT, MAX_N_PERM
 from .errors import FairageError
 
 
@@ -96,7 +97,7 @@ def synth_command(
     n_train: int = typer.Option(4000, "--n-train", min=0, help="Faces in the train split."),
     n_valid: int = typer.Option(1500, "--n-valid", min=0, help="Faces in the valid split."),
     n_test: int = typer.Option(2000, "--n-test", min=0, help="Faces in the test split."),
-    size: int = typer.Option(224, "--size", min=16, help="Image side in pixels."),
+    size: int = typer.Option(224, "--size", min=16, max=MAX_IMAGE_SIZE, help="Image side in pixels."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> byte-identical files)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Processes drawing faces (output does not depend on it)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -341,13 +342,13 @@ def evaluate_command(
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     predictions: Path | None = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: int | None = typer.Option(None, "--n-boot", min=0,
+    n_boot: int | None = typer.Option(None, "--n-boot", min=0, max=MAX_N_BOOT,
                                          help="Bootstrap resamples (0: no intervals; default 1000, for a run its eval.n_boot)."),
     level: float | None = typer.Option(None, "--level", min=0.5, max=0.999,
                                           help="Confidence level of the intervals (default 0.95, for a run its eval.level)."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
     n_perm: int | None = typer.Option(
-        None, "--n-perm", min=0, help="Label permutations for each bias's p-value (0: no test; default 1000, "
+        None, "--n-perm", min=0, max=MAX_N_PERM, help="Label permutations for each bias's p-value (0: no test; default 1000, "
                                       "for a run its eval.n_perm)."),
     attribute: list[str] | None = typer.Option(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
@@ -435,7 +436,7 @@ def compare_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Paired bootstrap resamples."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, max=MAX_N_BOOT, help="Paired bootstrap resamples."),
     level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
     attribute: list[str] | None = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),

@@ -32,9 +32,22 @@ from pydantic import (
 
 from .errors import ConfigError
 
+#: bounds of settings whose extremes cost memory or time out of proportion (each message names its range)
+MAX_IMAGE_SIZE = 1024  # px; the VGGFace2 network is 224
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_NUM_WORKERS = 64
+MAX_UNITS = 65_536
+MAX_LR = 10.0
+#: bootstrap resamples: the resample matrix is (n_boot, N) integers
+MAX_N_BOOT = 10_000
+#: label permutations per bias score
+MAX_N_PERM = 100_000
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused in every float setting (a learning rate of inf trains NaNs)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class WeightingConfig(StrictModel):
@@ -59,7 +72,7 @@ class WeightingConfig(StrictModel):
     #: effective_number's beta in [0, 1)
     beta: float = Field(0.999, ge=0, lt=1)
     lds: bool = False
-    lds_kernel_size: int = Field(5, ge=1)
+    lds_kernel_size: int = Field(5, ge=1, le=1001)
     lds_sigma: float = Field(2.0, gt=0)
     lds_sqrt: bool = False
     #: clip weights after the mean-1 rescaling (None: no clip)
@@ -119,16 +132,16 @@ class DROConfig(StrictModel):
 
 
 class StageConfig(StrictModel):
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(1e-5, gt=0, le=MAX_LR)
     amsgrad: bool = False
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
-    max_epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
+    max_epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
     #: early stopping on validation loss
-    patience: int = Field(20, ge=1)
+    patience: int = Field(20, ge=1, le=MAX_EPOCHS)
     #: ReduceLROnPlateau on validation loss
     lr_factor: float = Field(0.1, gt=0, lt=1)
-    lr_patience: int = Field(10, ge=1)
+    lr_patience: int = Field(10, ge=1, le=MAX_EPOCHS)
     min_lr: float = Field(1e-7, ge=0)
     #: ReduceLROnPlateau improvement threshold: None = torch's (relative, 1e-4); a number =
     #: an absolute change of the validation loss (label units), Keras's ``min_delta`` (1e-4)
@@ -162,7 +175,7 @@ class StageConfig(StrictModel):
 
 class HeadBlock(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
-    units: int = Field(..., ge=1)
+    units: int = Field(..., ge=1, le=MAX_UNITS)
 
 
 class ModelConfig(StrictModel):
@@ -172,7 +185,7 @@ class ModelConfig(StrictModel):
     #: local .pth/.pt state dict or .safetensors; None = random init (recorded in the run)
     weights: Path | None = None
     #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
-    projection_dim: int | None = Field(512, ge=1)
+    projection_dim: int | None = Field(512, ge=1, le=MAX_UNITS)
     head: list[HeadBlock] = Field(
         default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)]
     )
@@ -196,13 +209,13 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    image_size: int = Field(224, ge=8)
+    image_size: int = Field(224, ge=8, le=MAX_IMAGE_SIZE)
     layout: Literal["appa", "npy", "utkface", "csv"] | None = None
     target: Literal["apparent", "real"] = "apparent"
     full_images: bool = False
     #: decoded-image cache folder; None = ``<data>/.fairage_cache``
     cache_dir: Path | None = None
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=MAX_NUM_WORKERS)
     #: drop faces whose image is missing or cannot be decoded (listed in a warning) instead of failing
     skip_bad: bool = False
     #: attribute values outside the vocabulary: error, keep, unknown, or a mapping such as
@@ -248,17 +261,17 @@ class TrainerConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    n_boot: int = Field(1000, ge=0)
+    n_boot: int = Field(1000, ge=0, le=MAX_N_BOOT)
     #: confidence level of bootstrap intervals
     level: float = Field(0.95, gt=0, lt=1)
     #: label permutations for each bias score's p-value (0: no test)
-    n_perm: int = Field(1000, ge=0)
+    n_perm: int = Field(1000, ge=0, le=MAX_N_PERM)
 
 
 class ExperimentConfig(StrictModel):
     name: str = "experiment"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     stage1: StageConfig | None = None
@@ -407,6 +420,38 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple) -> str:
+    """``"; allowed: 8 <= value <= 1024"`` for the numeric field at ``loc`` (best effort, else "")."""
+    import annotated_types as at
+
+    current: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        info = fields[part]
+        current = _model_in(info.annotation)
+    if info is None:
+        return ""
+    low = high = ""
+    for m in info.metadata:
+        if isinstance(m, at.Ge):
+            low = f"{m.ge} <= "
+        elif isinstance(m, at.Gt):
+            low = f"{m.gt} < "
+        elif isinstance(m, at.Le):
+            high = f" <= {m.le}"
+        elif isinstance(m, at.Lt):
+            high = f" < {m.lt}"
+    return f"; allowed: {low}value{high}" if low or high else "; allowed: a finite number"
+
+
 def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
@@ -420,7 +465,8 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
                 hint = f" (did you mean '{close[0]}'?)"
             lines.append(f"  unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {clip(repr(e.get('input')))})")
+            allowed = _allowed_range(model, loc) if e["type"] in _RANGE_ERRORS else ""
+            lines.append(f"  {key}: {e['msg']}{allowed} (got {clip(repr(e.get('input')))})")
     return "\n".join(lines)
 
 

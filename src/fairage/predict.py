@@ -165,10 +165,24 @@ class OnnxAgeModel(torch.nn.Module):
 
 
 def _load_onnx(path: Path) -> LoadedModel:
+    from .config import MAX_IMAGE_SIZE
+
     module = OnnxAgeModel(path)
     meta = module.metadata
     if "fairage_image_size" not in meta:
         raise ConfigError(f"{path}: no fairage metadata (fairage_image_size); export it with `fairage export`")
+    # the metadata decides how much is allocated per face: checked as strictly as a config
+    text = str(meta["fairage_image_size"]).strip()
+    size = int(text) if text.isdigit() and len(text) <= 6 else None
+    if size is None or not 8 <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"{path}: its metadata fairage_image_size {text[:40]!r} is not an image side of 8 to "
+                          f"{MAX_IMAGE_SIZE} px")
+    dims = list(module.session.get_inputs()[0].shape)
+    if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in zip(dims[1:], (3, size, size))):
+        raise ConfigError(f"{path}: its input has shape {dims}, but its metadata says (N, 3, {size}, {size})")
+    norm = meta.get("fairage_input_norm", "")
+    if norm not in ("", "imagenet", "vggface2", "caffe"):
+        raise ConfigError(f"{path}: its metadata fairage_input_norm {norm[:40]!r} is not imagenet, vggface2 or caffe")
     cfg = None
     if meta.get("fairage_config"):
         import yaml
@@ -178,8 +192,7 @@ def _load_onnx(path: Path) -> LoadedModel:
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: its metadata fairage_config is not valid YAML ({err})") from None
         cfg = validate_config(raw, f"{path} (metadata fairage_config)")
-    return LoadedModel(module, cfg, int(meta["fairage_image_size"]), meta.get("fairage_input_norm", ""),
-                       meta.get("fairage_name", path.stem), path, "exported")
+    return LoadedModel(module, cfg, size, norm, str(meta.get("fairage_name", path.stem))[:200], path, "exported")
 
 
 # =========================================================================== images
@@ -284,6 +297,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(text: str | torch.device) -> torch.device:
+    """A ``--device`` value (``cpu``, ``cuda``, ``cuda:1``, ``mps``) as a torch device present here.
+
+    ConfigError naming the value for an unknown device type or one this machine lacks.
+    """
+    if isinstance(text, torch.device):
+        device = text
+    else:
+        try:
+            device = torch.device(str(text).strip())
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {str(text)[:60]!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: no Apple MPS device is available on this machine; use cpu")
+        return device
+    raise ConfigError(f"--device {device}: fairage predicts on cpu, cuda, cuda:N or mps")
+
+
 class AgePredictor:
     """Ages of faces: detection, crop, batched fp32 inference.
 
@@ -300,7 +341,7 @@ class AgePredictor:
     def __init__(self, model: LoadedModel | str | os.PathLike, detector: str = "auto", device=None,
                  batch_size: int = 64):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = parse_device(device) if device is not None else default_device()
         if self.loaded.kind == "exported":
             self.device = torch.device("cpu")  # onnxruntime takes host arrays
         else:
