@@ -402,10 +402,10 @@ def test_evaluate_counts_are_bounded_in_the_options_too(tmp_path, tiny_run):
         result = invoke("evaluate", tiny_run, *args)
         assert result.exit_code == 2, (args, result.output)
         assert "Invalid value for" in one_line(result.output), result.output
+    import pandas as pd
+
     from fairage.errors import ConfigError
     from fairage.metrics import evaluate
-
-    import pandas as pd
 
     df = pd.DataFrame({"age": [10.0, 20.0], "prediction": [11.0, 19.0], "gender": ["female", "male"]})
     with pytest.raises(ConfigError, match="n_boot 1000000000: bootstrap resamples must be 0 to 10000"):
@@ -417,7 +417,6 @@ def test_evaluate_counts_are_bounded_in_the_options_too(tmp_path, tiny_run):
 
 def test_predict_device_and_export_opset_mistakes_exit_2(tiny_run, tmp_path, monkeypatch):
     import torch
-
     from conftest import GRACE_HOPPER
 
     result = invoke("predict", tiny_run, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces", "--device", "quantum")
@@ -434,7 +433,6 @@ def test_predict_device_and_export_opset_mistakes_exit_2(tiny_run, tmp_path, mon
 
 def test_exported_metadata_out_of_bounds_is_refused(tiny_run, tmp_path):
     import onnx
-
     from conftest import GRACE_HOPPER
 
     good = tmp_path / "m.onnx"
