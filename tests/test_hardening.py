@@ -451,3 +451,52 @@ def test_exported_metadata_out_of_bounds_is_refused(tiny_run, tmp_path):
         assert message in one_line(result.output)
     result = invoke("predict", good, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces")
     assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------- --resume on damaged run folders
+
+
+def _interrupted(tiny_run: Path, dest: Path) -> Path:
+    """A copy of the finished tiny run made to look interrupted in its last stage."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_run, dest)
+    for name in ("metrics_test.json", "predictions_test.csv", ".lock"):
+        (dest / name).unlink(missing_ok=True)
+    record = json.loads((dest / "run.json").read_text())
+    last = record["completed_stages"][-1]
+    record.update(status="running", stage=last, completed_stages=record["completed_stages"][:-1])
+    (dest / "run.json").write_text(json.dumps(record))
+    assert (dest / "checkpoints" / f"{last}-last.ckpt").is_file()
+    return dest
+
+
+def test_resume_of_damaged_run_folders_is_one_message(tiny_run, tmp_path):
+    import torch
+    import yaml
+
+    # the last checkpoint is a valid torch file without an epoch
+    run = _interrupted(tiny_run, tmp_path / "no-epoch")
+    last = next((run / "checkpoints").glob("*-last.ckpt"))
+    torch.save({"state_dict": {}}, last)
+    result = invoke("train", "--resume", run, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert f"{last} holds no epoch number" in one_line(result.output) and "Traceback" not in result.output
+    # history.csv with an epoch that is not a number
+    run = _interrupted(tiny_run, tmp_path / "bad-history")
+    lines = (run / "history.csv").read_text().splitlines()
+    lines[1] = "one" + lines[1][lines[1].index(","):]
+    (run / "history.csv").write_text("\n".join(lines) + "\n")
+    result = invoke("train", "--resume", run, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "history.csv: row 2: epoch 'one' is not an epoch number" in one_line(result.output)
+    # config.yaml edited to another backbone
+    run = _interrupted(tiny_run, tmp_path / "edited")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"]["backbone"] = "resnet34" if cfg["model"]["backbone"] != "resnet34" else "resnet18"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result = invoke("train", "--resume", run, "--quiet")
+    assert result.exit_code == 2, result.output
+    assert "its weights do not fit the model of the run's config.yaml" in one_line(result.output)
+    assert "was config.yaml edited?" in one_line(result.output)

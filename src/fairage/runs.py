@@ -325,6 +325,19 @@ class RunFolder:
         missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
         if missing:
             raise DataError(f"{path} lacks columns {missing}")
+        epochs = pd.to_numeric(history["epoch"], errors="coerce")
+        bad = history.index[epochs.isna() | (epochs % 1 != 0) | (epochs < 0)]
+        if len(bad):
+            row = int(bad[0])
+            raise DataError(f"{path}: row {row + 2}: epoch {str(history.at[bad[0], 'epoch'])[:40]!r} is not an "
+                            "epoch number; the run folder is damaged (restore history.csv or start a new run)")
+        stages = history["stage"].astype(str)
+        bad = history.index[~stages.isin(STAGES)]
+        if len(bad):
+            raise DataError(f"{path}: row {int(bad[0]) + 2}: stage {stages[bad[0]][:40]!r} is not one of "
+                            f"{', '.join(STAGES)}; the run folder is damaged")
+        history["epoch"] = epochs.astype(int)
+        history["stage"] = stages
         return history
 
     def best_epochs(self) -> dict[str, dict]:

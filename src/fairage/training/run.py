@@ -215,7 +215,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
         last = folder.checkpoint(stage_name, "last")
         ckpt_path = last if resume and last.is_file() else None
         if ckpt_path is not None:
-            epoch = int(read_checkpoint(ckpt_path)["epoch"]) + 1
+            epoch = _resumable_epoch(ckpt_path, model) + 1
             keep = (history["stage"] != stage_name) | (history["epoch"] <= epoch)
             history = history[keep & history["stage"].isin(completed + [stage_name])].reset_index(drop=True)
         else:
@@ -244,6 +244,37 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
             stopped[stage_name] = result.non_finite
         folder.update(completed_stages=completed, stopped_stages=stopped)
     return history
+
+
+def _resumable_epoch(path: Path, model: AgeRegressor) -> int:
+    """The epoch of the ``-last`` checkpoint ``path``, checked to be one Lightning can resume ``model`` from.
+
+    DataError naming the file when it lacks what Lightning restores (epoch, weights, optimizer
+    state) or its weights do not fit ``model`` (the run's config.yaml was edited to another
+    network), so ``--resume`` says so in one line instead of failing inside Lightning.
+    """
+    ckpt = read_checkpoint(path)
+    epoch = ckpt.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise DataError(f"{path} holds no epoch number: not a checkpoint fairage training wrote; delete it to "
+                        "restart this stage from its beginning")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not isinstance(ckpt.get("optimizer_states"), list):
+        raise DataError(f"{path} holds no model weights or optimizer state: not a checkpoint fairage training "
+                        "wrote; delete it to restart this stage from its beginning")
+    own = {f"model.{k}": v for k, v in model.state_dict().items()}
+    theirs = {k: v for k, v in state.items() if k.startswith("model.")}
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    wrong = sorted(k for k in set(own) & set(theirs)
+                   if not isinstance(theirs[k], torch.Tensor) or tuple(theirs[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", wrong)) if keys)
+        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({details}); was "
+                        "config.yaml edited? Restore it, or start a new run")
+    return epoch
 
 
 def resume_run(out_dir: str | Path, progress: bool = True,
