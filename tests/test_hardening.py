@@ -500,3 +500,61 @@ def test_resume_of_damaged_run_folders_is_one_message(tiny_run, tmp_path):
     assert result.exit_code == 2, result.output
     assert "its weights do not fit the model of the run's config.yaml" in one_line(result.output)
     assert "was config.yaml edited?" in one_line(result.output)
+
+
+# --------------------------------------------------------------------------- dataset files: exit codes, messages
+
+
+def test_a_split_table_that_is_a_folder_is_an_error_not_a_missing_split(tmp_path):
+    from test_data_loaders import write_appa
+
+    root = write_appa(tmp_path / "appa")
+    (root / "gt_avg_test.csv").unlink()
+    (root / "gt_avg_test.csv").mkdir()
+    result = invoke("data", "info", root)
+    assert result.exit_code == 2, result.output
+    assert f"{root / 'gt_avg_test.csv'} is a folder" in one_line(result.output)
+    (root / "gt_avg_test.csv").rmdir()  # absent: the split is simply not there
+    assert invoke("data", "info", root).exit_code == 0
+
+
+def test_utkface_files_named_in_capitals_are_detected(tmp_path):
+    from test_data_loaders import write_utk
+
+    from fairage.data import detect_layout, load_faces
+
+    names = ["26_0_0_20170116.JPG", "3_1_1_20161219.jpg.chip.JPG", "70_1_2_20170109.JPG"]
+    root = write_utk(tmp_path / "utk", names)
+    assert detect_layout(root) == "utkface"
+    assert sorted(load_faces(root)["age"].tolist()) == [3, 26, 70]
+
+
+def test_messages_never_suggest_unpickling(tmp_path, tiny_run):
+    import os
+    import shutil
+
+    import torch
+    from test_data_loaders import write_npy
+
+    root = tmp_path / "npy"
+    write_npy(root)
+    for kind in ("labels", "meta_data"):
+        shutil.copy(root / f"{kind}_train.npy", root / f"{kind}_valid.npy")
+    (root / "data_valid.npy").write_text("just some text\n")
+    result = invoke("data", "info", root)
+    text = one_line(result.output)
+    assert result.exit_code == 2 and "data_valid.npy: not a .npy file (no NumPy header)" in text
+    assert "pickle" not in text.lower()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "payload-ran"),))
+
+    ckpt = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.x": Payload()}, "epoch": 0}, ckpt)
+    result = invoke("export-backbone", ckpt, "--out", tmp_path / "b.safetensors")
+    text = one_line(result.output)
+    assert result.exit_code == 2, result.output
+    assert "holds pickled Python objects" in text and "fairage never unpickles" in text
+    assert "corrupt" not in text and "weights_only" not in text and "will likely succeed" not in text
+    assert not (tmp_path / "payload-ran").exists()

@@ -132,7 +132,14 @@ def read_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        from .models import load_error_reason
+
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+            # a complete file whose pickle names more than tensors: not damage, and never to be unpickled
+            raise DataError(f"{path}: {load_error_reason(err)}; it is not a checkpoint fairage training wrote "
+                            "(delete it to retrain from the previous checkpoint, or start a new run)") from None
+        reason = text.splitlines()[0] if text else type(err).__name__
         raise DataError(f"{path} is corrupt or truncated ({reason}); delete it to retrain from the "
                         "previous checkpoint, or start a new run") from None
     if not isinstance(ckpt, dict):
