@@ -384,7 +384,7 @@ def test_validation_messages_cut_long_values(tmp_path, tiny_data):
     ("data.image_size=100000", "data.image_size: Input should be less than or equal to 1024; allowed: 8 <= value <= 1024"),
     ("eval.n_boot=1000000000", "eval.n_boot: Input should be less than or equal to 10000; allowed: 0 <= value <= 10000"),
     ("eval.n_perm=1000000000", "allowed: 0 <= value <= 100000"),
-    ("stage2.lr=inf", "stage2.lr: Input should be a finite number; allowed: 0 < value <= 10.0 (got inf)"),
+    ("stage2.lr=inf", "stage2.lr: Input should be a finite number; allowed: 0 < value (got inf)"),
     ("stage2.lr=.nan", "stage2.lr: Input should be a finite number"),
     ("stage2.max_epochs=" + "1" + "0" * 30, "allowed: 1 <= value <= 100000"),
     ("data.num_workers=200", "data.num_workers: Input should be less than or equal to 64; allowed: 0 <= value <= 64"),

@@ -38,7 +38,6 @@ MAX_EPOCHS = 100_000
 MAX_BATCH_SIZE = 65_536
 MAX_NUM_WORKERS = 64
 MAX_UNITS = 65_536
-MAX_LR = 10.0
 #: bootstrap resamples: the resample matrix is (n_boot, N) integers
 MAX_N_BOOT = 10_000
 #: label permutations per bias score
@@ -132,7 +131,7 @@ class DROConfig(StrictModel):
 
 
 class StageConfig(StrictModel):
-    lr: float = Field(1e-5, gt=0, le=MAX_LR)
+    lr: float = Field(1e-5, gt=0)
     amsgrad: bool = False
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
