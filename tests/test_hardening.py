@@ -558,3 +558,38 @@ def test_messages_never_suggest_unpickling(tmp_path, tiny_run):
     assert "holds pickled Python objects" in text and "fairage never unpickles" in text
     assert "corrupt" not in text and "weights_only" not in text and "will likely succeed" not in text
     assert not (tmp_path / "payload-ran").exists()
+
+
+# --------------------------------------------------------------------------- spreadsheet formulas in CSVs
+
+
+def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(tmp_path, tiny_run):
+    import csv
+
+    import pandas as pd
+
+    from conftest import GRACE_HOPPER
+
+    from fairage.data.predictions import read_predictions, write_predictions
+
+    evil = '=HYPERLINK("x.example","y").jpg'
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in (evil, "+1.jpg", "@me.jpg", "-x.jpg", "'q.jpg", "plain.jpg"):
+        (photos / name).write_bytes(GRACE_HOPPER.read_bytes())
+    out = tmp_path / "p.csv"
+    result = invoke("predict", tiny_run, photos, "--out", out, "--faces", "--quiet")
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as f:
+        cells = [row[0] for row in csv.reader(f)][1:]
+    assert sorted(cells) == sorted(["'" + evil, "'+1.jpg", "'@me.jpg", "'-x.jpg", "''q.jpg", "plain.jpg"])
+    # fairage reads its own file back to the names it was given
+    back = read_predictions(out)
+    assert sorted(back["image"]) == sorted([evil, "+1.jpg", "@me.jpg", "-x.jpg", "'q.jpg", "plain.jpg"])
+    # the run's predictions file too, with numbers (negative ones included) untouched
+    faces = pd.DataFrame({"image": [evil, "ok"], "gender": ["=1+1", "male"]})
+    write_predictions(tmp_path / "pred.csv", faces, [-0.0, 42.5])
+    with open(tmp_path / "pred.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[1] == ["'" + evil, "-0.0", "'=1+1"] and rows[2] == ["ok", "42.5", "male"]
+    assert read_predictions(tmp_path / "pred.csv")["image"].tolist() == [evil, "ok"]

@@ -576,6 +576,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
     import pandas as pd
 
     from .atomic import atomic_path
+    from .csvcells import safe_table
 
     columns = list(FACES_COLUMNS if faces_only else DETECT_COLUMNS)
     table = pd.DataFrame(rows, columns=columns)
@@ -583,7 +584,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
         for c in ("face", "x", "y", "w", "h"):
             table[c] = table[c].astype("Int64")  # empty for photos without a face, ints otherwise
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+        safe_table(table).to_csv(tmp, index=False)  # a photo named "=HYPERLINK(...)" stays text
 
 
 def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> None:
