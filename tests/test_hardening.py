@@ -593,3 +593,39 @@ def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(tm
         rows = list(csv.reader(f))
     assert rows[1] == ["'" + evil, "-0.0", "'=1+1"] and rows[2] == ["ok", "42.5", "male"]
     assert read_predictions(tmp_path / "pred.csv")["image"].tolist() == [evil, "ok"]
+
+
+# --------------------------------------------------------------------------- read-only datasets
+
+
+def test_evaluate_on_a_read_only_dataset_caches_in_the_user_cache(tmp_path, tiny_run, monkeypatch):
+    import errno
+    import os
+    import tempfile
+
+    from conftest import tiny_synthetic
+
+    data = tiny_synthetic(tmp_path / "readonly", n_train=4, n_valid=4, n_test=8, seed=3)
+    user = tmp_path / "user-cache"
+    monkeypatch.setenv("FAIRAGE_CACHE_DIR", str(user))
+    real_mkstemp = tempfile.mkstemp
+
+    def read_only(*args, dir=None, **kwargs):  # root ignores chmod: refuse writes under the dataset instead
+        if dir is not None and str(dir).startswith(str(data)):
+            raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, ".x.tmp"))
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    result = invoke("evaluate", tiny_run, "--data", data, "--json", "--n-boot", 0, "--n-perm", 0)
+    assert result.exit_code == 0, result.output
+    assert not (data / ".fairage_cache").exists() or not any((data / ".fairage_cache").iterdir())
+    assert len(list(user.glob("readonly-*/*.npy"))) == 1
+    # with the user cache unwritable too, the message names both and what evaluate can set
+    monkeypatch.setenv("FAIRAGE_CACHE_DIR", str(data / "also-read-only"))
+    for p in user.glob("readonly-*/*.npy"):
+        p.unlink()
+    result = invoke("evaluate", tiny_run, "--data", data, "--json", "--n-boot", 0, "--n-perm", 0)
+    assert result.exit_code == 2, result.output
+    text = one_line(result.output)
+    assert "cannot write the decoded-image cache (Read-only file system); nor the user cache" in text
+    assert "set FAIRAGE_CACHE_DIR (any command)" in text
