@@ -567,7 +567,6 @@ def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(tm
     import csv
 
     import pandas as pd
-
     from conftest import GRACE_HOPPER
 
     from fairage.data.predictions import read_predictions, write_predictions
