@@ -628,3 +628,53 @@ def test_evaluate_on_a_read_only_dataset_caches_in_the_user_cache(tmp_path, tiny
     text = one_line(result.output)
     assert "cannot write the decoded-image cache (Read-only file system); nor the user cache" in text
     assert "set FAIRAGE_CACHE_DIR (any command)" in text
+
+
+# --------------------------------------------------------------------------- full disk while checkpointing
+
+
+def test_full_disk_while_checkpointing_is_one_line_exit_1_and_resume_works(tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from conftest import tiny_synthetic
+
+    import fairage.atomic
+
+    data = tiny_synthetic(tmp_path / "data", n_train=16, n_valid=8, n_test=8)
+
+    class FullDisk:
+        """A file whose writes fail with ENOSPC after a few kilobytes, as on a full disk."""
+
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(fairage.atomic, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    out = tmp_path / "run"
+    args = ("--preset", "M1", "--scale", "tiny", "--data", data, "--quiet", "--set", "eval.n_boot=0",
+            "--set", "eval.n_perm=0", "--set", "stage2.max_epochs=1", "--set", "data.image_size=16")
+    result = invoke("train", *args, "--out", out)
+    assert result.exit_code == 1, result.output
+    text = one_line(result.output)
+    assert "no space left on device; free some space and run the command again" in text
+    assert ".ckpt" in text and "Traceback" not in result.output and "unexpected pos" not in text
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written
+    monkeypatch.delattr(fairage.atomic, "open")  # space freed
+    result = invoke("train", "--resume", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert (out / "metrics_test.json").is_file()

@@ -22,7 +22,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, save_torch, write_text
 from ..config import (
     ExperimentConfig,
     StageConfig,
@@ -354,6 +354,5 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
             save_file(state, str(tmp), metadata={"fairage_run": str(source.resolve()),
                                                  "backbone": cfg.model.backbone})
         else:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
+            save_torch(state, tmp)
     return out_path
