@@ -983,7 +983,7 @@ def serve_command(
 
     import uvicorn
 
-    from .serve import ServeLimits, create_app
+    from .serve import ServeLimits, create_app, serve_protocol
 
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
     # the model and its card load here first, so a bad path is one message and exit 2, in any mode
@@ -991,14 +991,14 @@ def serve_command(
     console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops",
                   highlight=False)
     if workers == 1:
-        uvicorn.run(application, host=host, port=port, log_level=log_level)
+        uvicorn.run(application, host=host, port=port, log_level=log_level, http=serve_protocol())
         return
     del application
     os.environ.update(FAIRAGE_SERVE_MODEL=str(model.resolve()), FAIRAGE_SERVE_DETECTOR=detector,
                       FAIRAGE_SERVE_MAX_UPLOAD_BYTES=str(limits.max_upload_bytes),
                       FAIRAGE_SERVE_MAX_PIXELS=str(limits.max_pixels))
     uvicorn.run("fairage.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+                log_level=log_level, http=serve_protocol())
 
 
 # =========================================================================== entry point
