@@ -678,3 +678,71 @@ def test_full_disk_while_checkpointing_is_one_line_exit_1_and_resume_works(tmp_p
     result = invoke("train", "--resume", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert (out / "metrics_test.json").is_file()
+
+
+# --------------------------------------------------------------------------- serve: slow clients
+
+
+def _read_until_closed(sock) -> bytes:
+    """Everything the server sends on ``sock`` until it closes the connection (socket timeout: fail)."""
+    data = b""
+    while True:
+        part = sock.recv(65536)
+        if not part:
+            return data
+        data += part
+
+
+def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+
+    from conftest import GRACE_HOPPER
+
+    from fairage.predict import AgePredictor
+    from fairage.serve import ServeLimits, create_app, serve_protocol
+
+    limits = ServeLimits(max_pending=2, max_uploading=16, body_timeout=2.0, chunk_timeout=0.5)
+    app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    address = listener.getsockname()
+    url = f"http://127.0.0.1:{address[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=serve_protocol(0.5)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    slow = []
+    try:
+        # more slow uploads than the inference queue holds: each declares 100000 bytes and sends one
+        for _ in range(6):
+            sock = socket.create_connection(address, timeout=20)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                         b"Content-Length: 100000\r\n\r\n\xff")
+            slow.append(sock)
+        trickle = socket.create_connection(address, timeout=20)  # headers that never end
+        trickle.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
+        # a normal client is served meanwhile: the slow bodies hold no place in the inference queue
+        normal = httpx.post(f"{url}/predict", content=GRACE_HOPPER.read_bytes(),
+                            headers={"content-type": "image/jpeg"}, timeout=60)
+        assert normal.status_code == 200, normal.text
+        assert httpx.get(f"{url}/health", timeout=20).json() == {"status": "ok"}
+        # every slow body gets 408 and its connection closed; the slow headers get the connection closed
+        for sock in slow:
+            answer = _read_until_closed(sock)
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"the upload arrived too slowly (1 bytes" in answer
+        assert _read_until_closed(trickle) == b""
+        # and the service still serves
+        again = httpx.post(f"{url}/predict?faces_only=true", content=GRACE_HOPPER.read_bytes(),
+                           headers={"content-type": "image/jpeg"}, timeout=60)
+        assert again.status_code == 200
+    finally:
+        for sock in slow:
+            sock.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
