@@ -664,7 +664,10 @@ def test_full_disk_while_checkpointing_is_one_line_exit_1_and_resume_works(tmp_p
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(fairage.atomic, "open", lambda *a, **k: FullDisk(builtins.open(*a, **k)), raising=False)
+    def full_open(*args, **kwargs):
+        return FullDisk(builtins.open(*args, **kwargs))
+
+    monkeypatch.setattr(fairage.atomic, "open", full_open, raising=False)
     out = tmp_path / "run"
     args = ("--preset", "M1", "--scale", "tiny", "--data", data, "--quiet", "--set", "eval.n_boot=0",
             "--set", "eval.n_perm=0", "--set", "stage2.max_epochs=1", "--set", "data.image_size=16")
@@ -699,7 +702,6 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
 
     import httpx
     import uvicorn
-
     from conftest import GRACE_HOPPER
 
     from fairage.predict import AgePredictor
