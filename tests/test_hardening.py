@@ -398,7 +398,7 @@ def test_unbounded_settings_are_refused_before_the_run_folder_exists(tmp_path, t
 
 
 def test_evaluate_counts_are_bounded_in_the_options_too(tmp_path, tiny_run):
-    for args in (("--n-boot", 10**9), ("--n-perm", 10**9), ("--n-perm", "1e9")):
+    for args in (("--n-boot", 10**9), ("--n-perm", 10**9), ("--n-perm", "1e9"), ("--seed", -1)):
         result = invoke("evaluate", tiny_run, *args)
         assert result.exit_code == 2, (args, result.output)
         assert "Invalid value for" in one_line(result.output), result.output

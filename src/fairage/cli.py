@@ -98,7 +98,7 @@ def synth_command(
     n_valid: int = typer.Option(1500, "--n-valid", min=0, help="Faces in the valid split."),
     n_test: int = typer.Option(2000, "--n-test", min=0, help="Faces in the test split."),
     size: int = typer.Option(224, "--size", min=16, max=MAX_IMAGE_SIZE, help="Image side in pixels."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> byte-identical files)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed -> byte-identical files)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Processes drawing faces (output does not depend on it)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -204,7 +204,7 @@ def data_info_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     extra_categories: str = typer.Option("error", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the stratified split (utkface, csv without a split column)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the stratified split (utkface, csv without a split column)."),
 ) -> None:
     """Show a dataset: layout, faces per split, counts per attribute value, age histogram."""
     import json
@@ -346,7 +346,7 @@ def evaluate_command(
                                          help="Bootstrap resamples (0: no intervals; default 1000, for a run its eval.n_boot)."),
     level: float | None = typer.Option(None, "--level", min=0.5, max=0.999,
                                           help="Confidence level of the intervals (default 0.95, for a run its eval.level)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
     n_perm: int | None = typer.Option(
         None, "--n-perm", min=0, max=MAX_N_PERM, help="Label permutations for each bias's p-value (0: no test; default 1000, "
                                       "for a run its eval.n_perm)."),
@@ -438,7 +438,7 @@ def compare_command(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
     n_boot: int = typer.Option(1000, "--n-boot", min=0, max=MAX_N_BOOT, help="Paired bootstrap resamples."),
     level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap."),
     attribute: list[str] | None = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
