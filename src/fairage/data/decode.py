@@ -32,7 +32,9 @@ DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def source_name(source) -> str:
     """How messages name ``source``: its path, or ``<bytes>``."""
-    return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    return (
+        "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+    )
 
 
 def open_image(source):
@@ -52,7 +54,9 @@ def open_image(source):
     except IsADirectoryError:
         raise DataError(f"{name}: is a folder, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
+        raise DataError(
+            f"{name}: refused, too many pixels for a photo ({err})"
+        ) from None
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image Pillow can read") from None
     except OSError as err:
@@ -90,13 +94,25 @@ def to_rgb(im, name: str, draft_size: int | None = None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if draft_size is not None:
-                im.draft("RGB", (draft_size, draft_size))  # JPEG: decode at the smallest scale >= size
+                im.draft(
+                    "RGB", (draft_size, draft_size)
+                )  # JPEG: decode at the smallest scale >= size
             im = ImageOps.exif_transpose(im)
             rgb = pil_to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
-    except (OSError, ValueError, SyntaxError, TypeError, IndexError) as err:  # truncated or corrupt data
-        raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
+        raise DataError(
+            f"{name}: refused, too many pixels for a photo ({err})"
+        ) from None
+    except (
+        OSError,
+        ValueError,
+        SyntaxError,
+        TypeError,
+        IndexError,
+    ) as err:  # truncated or corrupt data
+        raise DataError(
+            f"{name}: cannot decode image ({type(err).__name__}: {err})"
+        ) from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
         raise DataError(f"{name}: decoded to an unusable array of shape {rgb.shape}")
     return rgb
@@ -114,10 +130,15 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
         return rgb
     from PIL import Image
 
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return np.asarray(
+        Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR),
+        dtype=np.uint8,
+    )
 
 
-def decode_face(source: str | os.PathLike | bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_face(
+    source: str | os.PathLike | bytes, size: int
+) -> tuple[np.ndarray, tuple[int, int]]:
     """A face crop file as uint8 (size, size, 3) RGB, and the file's (width, height) after its EXIF turn."""
     with open_image(source) as im:
         width, height = im.size
@@ -127,4 +148,7 @@ def decode_face(source: str | os.PathLike | bytes, size: int) -> tuple[np.ndarra
             orientation = None
         if orientation in (5, 6, 7, 8):  # orientations that swap the axes
             width, height = height, width
-        return resize_square(to_rgb(im, source_name(source), draft_size=size), size), (width, height)
+        return resize_square(to_rgb(im, source_name(source), draft_size=size), size), (
+            width,
+            height,
+        )
