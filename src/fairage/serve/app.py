@@ -13,8 +13,9 @@ The model is loaded once, when the app is made. Inference runs on one dedicated 
 (torch uses the cores inside each call), so the event loop keeps answering while it works.
 Two bounded counts, so slow clients cannot starve the others: at most ``max_uploading``
 request bodies are being received at once and at most ``max_pending`` received uploads wait
-for (or are in) inference; more get 503. A body must arrive within ``body_timeout`` seconds,
-with no gap longer than ``chunk_timeout`` (408 and the connection closed otherwise), and the
+for (or are in) inference; more get 503. A body must arrive within ``body_timeout`` seconds
+(plus one per ``min_body_rate`` bytes received), with no gap longer than ``chunk_timeout``
+(408 and the connection closed otherwise), and the
 request headers within ``HEADER_TIMEOUT`` (``serve_protocol``: the connection is closed).
 Bad uploads get 400, 413 or 415 with a message; the request body is read with a running
 byte count, so an oversized upload is refused without being stored.
@@ -63,10 +64,13 @@ class ServeLimits:
     max_pending: int = 64
     #: request bodies being received at once (503 above), counted apart from the inference queue
     max_uploading: int = 128
-    #: seconds to receive a whole request body (408 above)
-    body_timeout: float = 30.0
+    #: seconds to receive a request body (408 above), plus one second per ``min_body_rate`` bytes
+    #: received: a slow-loris client is cut after about this long, a real upload keeps its pace
+    body_timeout: float = 10.0
+    #: bytes per second a body must keep up to earn more time than ``body_timeout``
+    min_body_rate: float = 50_000.0
     #: longest wait for the next piece of a request body, seconds (408 above)
-    chunk_timeout: float = 10.0
+    chunk_timeout: float = 5.0
 
 
 def _predictor(model: Any, detector: str):
@@ -177,8 +181,9 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
 
 
 async def _body_chunks(request: Request, limits: ServeLimits):
-    """The request body's pieces as they arrive, within ``limits.body_timeout`` seconds in all and
-    ``limits.chunk_timeout`` between pieces; UploadError 408 when the client is slower.
+    """The request body's pieces as they arrive, within ``limits.body_timeout`` seconds (plus one
+    per ``limits.min_body_rate`` bytes received) in all and ``limits.chunk_timeout`` between
+    pieces; UploadError 408 when the client is slower.
 
     Read from the ASGI ``receive`` directly, so a timed-out wait is simply cancelled.
     ClientDisconnect when the client goes away.
@@ -187,7 +192,7 @@ async def _body_chunks(request: Request, limits: ServeLimits):
     deadline = loop.time() + limits.body_timeout
     received = 0
     while True:
-        remaining = min(limits.chunk_timeout, deadline - loop.time())
+        remaining = min(limits.chunk_timeout, deadline + received / limits.min_body_rate - loop.time())
         try:
             if remaining <= 0:
                 raise TimeoutError
@@ -195,7 +200,7 @@ async def _body_chunks(request: Request, limits: ServeLimits):
         except TimeoutError:
             raise UploadError(408, f"the upload arrived too slowly ({received} bytes; the service waits "
                                    f"{limits.chunk_timeout:g} s for each part and {limits.body_timeout:g} s "
-                                   "for the whole body)") from None
+                                   f"for the body, plus 1 s per {limits.min_body_rate:g} bytes)") from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")
