@@ -18,6 +18,12 @@ from fairage.config import load_preset
 from fairage.data import write_synthetic
 
 
+@pytest.fixture(autouse=True)
+def _user_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The per-user decoded-image cache (used when a dataset folder is read-only) in a test folder, not ~/.cache."""
+    monkeypatch.setenv("FAIRAGE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "user-cache"))
+
+
 def invoke(*args):
     """Run ``fairage ARGS...`` in-process (arguments converted to str); returns click's Result."""
     return CliRunner().invoke(app, [str(a) for a in args])

@@ -57,3 +57,45 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Atomically write ``text`` (UTF-8) to ``path``."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+class _WriteRecorder:
+    """A binary file's ``write``/``flush`` that remembers the OSError a write raised.
+
+    ``torch.save`` writes through a C++ zip writer that turns a failed Python write (a full
+    disk) into ``RuntimeError: ... unexpected pos``; the recorded error says what happened.
+    """
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def save_torch(obj, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically; a full disk is an OSError naming ``path`` (nothing half-written)."""
+    import torch
+
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            err = recorder.error
+            raise type(err)(err.errno, err.strerror or str(err), str(path)) from None

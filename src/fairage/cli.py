@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from .config import MAX_IMAGE_SIZE, MAX_N_BOOT, MAX_N_PERM
 from .errors import FairageError
 
 
@@ -96,8 +97,8 @@ def synth_command(
     n_train: int = typer.Option(4000, "--n-train", min=0, help="Faces in the train split."),
     n_valid: int = typer.Option(1500, "--n-valid", min=0, help="Faces in the valid split."),
     n_test: int = typer.Option(2000, "--n-test", min=0, help="Faces in the test split."),
-    size: int = typer.Option(224, "--size", min=16, help="Image side in pixels."),
-    seed: int = typer.Option(0, "--seed", help="Random seed (same seed -> byte-identical files)."),
+    size: int = typer.Option(224, "--size", min=16, max=MAX_IMAGE_SIZE, help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed -> byte-identical files)."),
     workers: int = typer.Option(2, "--workers", min=1, help="Processes drawing faces (output does not depend on it)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
@@ -204,7 +205,7 @@ def data_info_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     extra_categories: str = typer.Option("keep", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the stratified split (utkface, csv without a split column)."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the stratified split (utkface, csv without a split column)."),
 ) -> None:
     """Show a dataset: layout, faces per split, counts per attribute value, age histogram."""
     import json
@@ -338,13 +339,13 @@ def evaluate_command(
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     predictions: Path | None = typer.Option(None, "--predictions", help="Predictions CSV (image,prediction)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: int | None = typer.Option(None, "--n-boot", min=0,
+    n_boot: int | None = typer.Option(None, "--n-boot", min=0, max=MAX_N_BOOT,
                                          help="Bootstrap resamples (0: no intervals; default 1000, for a run its eval.n_boot)."),
     level: float | None = typer.Option(None, "--level", min=0.5, max=0.999,
                                           help="Confidence level of the intervals (default 0.95, for a run its eval.level)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of the bootstrap and permutations (default 0, for a run its seed)."),
     n_perm: int | None = typer.Option(
-        None, "--n-perm", min=0, help="Label permutations for each bias's p-value (0: no test; default 1000, "
+        None, "--n-perm", min=0, max=MAX_N_PERM, help="Label permutations for each bias's p-value (0: no test; default 1000, "
                                       "for a run its eval.n_perm)."),
     attribute: list[str] | None = typer.Option(
         None, "--attribute", help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
@@ -473,9 +474,9 @@ def compare_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, help="Paired bootstrap resamples."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=0, max=MAX_N_BOOT, help="Paired bootstrap resamples."),
     level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap."),
     attribute: list[str] | None = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
     age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
@@ -935,7 +936,7 @@ def predict_command(
 
     from .predict import (
         AgePredictor,
-        annotated_path,
+        annotated_paths,
         draw_faces,
         expand_inputs,
         prediction_rows,
@@ -945,6 +946,9 @@ def predict_command(
     files = expand_inputs(inputs)
     if not files:
         fail("no image files in the inputs")
+    if any(Path(path).resolve() == out.resolve() for path, _ in files):
+        fail(f"--out {out} is one of the input images; choose another file for the CSV")
+    drawn = annotated_paths(annotate, files) if annotate is not None else {}
     predictor = AgePredictor(model, detector=detector, device=device, batch_size=batch_size)
     labels = dict(files)
     rows: list[dict] = []
@@ -965,7 +969,7 @@ def predict_command(
             n_empty += not result.faces
             rows += prediction_rows(labels[path], result, faces)
             if annotate is not None and rgb is not None:
-                draw_faces(rgb, result, annotated_path(annotate, labels[path]))
+                draw_faces(rgb, result, drawn[labels[path]])
     for message in unreadable:
         err_console.print(f"[yellow]skipped:[/yellow] {message}", highlight=False, soft_wrap=True)
     if n_photos == 0:
@@ -1031,7 +1035,7 @@ def serve_command(
 
     import uvicorn
 
-    from .serve import ServeLimits, create_app
+    from .serve import ServeLimits, create_app, serve_protocol
 
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
     # the model and its card load here first, so a bad path is one message and exit 2, in any mode
@@ -1039,14 +1043,14 @@ def serve_command(
     console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops",
                   highlight=False)
     if workers == 1:
-        uvicorn.run(application, host=host, port=port, log_level=log_level)
+        uvicorn.run(application, host=host, port=port, log_level=log_level, http=serve_protocol())
         return
     del application
     os.environ.update(FAIRAGE_SERVE_MODEL=str(model.resolve()), FAIRAGE_SERVE_DETECTOR=detector,
                       FAIRAGE_SERVE_MAX_UPLOAD_BYTES=str(limits.max_upload_bytes),
                       FAIRAGE_SERVE_MAX_PIXELS=str(limits.max_pixels))
     uvicorn.run("fairage.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+                log_level=log_level, http=serve_protocol())
 
 
 # =========================================================================== entry point

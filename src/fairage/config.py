@@ -32,9 +32,21 @@ from pydantic import (
 
 from .errors import ConfigError
 
+#: bounds of settings whose extremes cost memory or time out of proportion (each message names its range)
+MAX_IMAGE_SIZE = 1024  # px; the VGGFace2 network is 224
+MAX_EPOCHS = 100_000
+MAX_BATCH_SIZE = 65_536
+MAX_NUM_WORKERS = 64
+MAX_UNITS = 65_536
+#: bootstrap resamples: the resample matrix is (n_boot, N) integers
+MAX_N_BOOT = 10_000
+#: label permutations per bias score
+MAX_N_PERM = 100_000
+
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinity are refused in every float setting (a learning rate of inf trains NaNs)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class WeightingConfig(StrictModel):
@@ -59,7 +71,7 @@ class WeightingConfig(StrictModel):
     #: effective_number's beta in [0, 1)
     beta: float = Field(0.999, ge=0, lt=1)
     lds: bool = False
-    lds_kernel_size: int = Field(5, ge=1)
+    lds_kernel_size: int = Field(5, ge=1, le=1001)
     lds_sigma: float = Field(2.0, gt=0)
     lds_sqrt: bool = False
     #: clip weights after the mean-1 rescaling (None: no clip)
@@ -122,13 +134,13 @@ class StageConfig(StrictModel):
     lr: float = Field(1e-5, gt=0)
     amsgrad: bool = False
     weight_decay: float = Field(0.0, ge=0)
-    batch_size: int = Field(32, ge=1)
-    max_epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
+    max_epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
     #: early stopping on validation loss
-    patience: int = Field(20, ge=1)
+    patience: int = Field(20, ge=1, le=MAX_EPOCHS)
     #: ReduceLROnPlateau on validation loss
     lr_factor: float = Field(0.1, gt=0, lt=1)
-    lr_patience: int = Field(10, ge=1)
+    lr_patience: int = Field(10, ge=1, le=MAX_EPOCHS)
     min_lr: float = Field(1e-7, ge=0)
     #: ReduceLROnPlateau improvement threshold: None = torch's (relative, 1e-4); a number =
     #: an absolute change of the validation loss (label units), Keras's ``min_delta`` (1e-4)
@@ -169,7 +181,7 @@ class StageConfig(StrictModel):
 
 class HeadBlock(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
-    units: int = Field(..., ge=1)
+    units: int = Field(..., ge=1, le=MAX_UNITS)
 
 
 class ModelConfig(StrictModel):
@@ -179,7 +191,7 @@ class ModelConfig(StrictModel):
     #: local .pth/.pt state dict or .safetensors; None = random init (recorded in the run)
     weights: Path | None = None
     #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
-    projection_dim: int | None = Field(512, ge=1)
+    projection_dim: int | None = Field(512, ge=1, le=MAX_UNITS)
     head: list[HeadBlock] = Field(
         default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)]
     )
@@ -203,13 +215,13 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    image_size: int = Field(224, ge=8)
+    image_size: int = Field(224, ge=8, le=MAX_IMAGE_SIZE)
     layout: Literal["appa", "npy", "utkface", "csv"] | None = None
     target: Literal["apparent", "real"] = "apparent"
     full_images: bool = False
     #: decoded-image cache folder; None = ``<data>/.fairage_cache``
     cache_dir: Path | None = None
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=MAX_NUM_WORKERS)
     #: drop faces whose image is missing or cannot be decoded (listed in a warning) instead of failing
     skip_bad: bool = False
     #: attribute values outside the vocabulary: error, keep, unknown, or a mapping such as
@@ -257,11 +269,11 @@ class TrainerConfig(StrictModel):
 class EvalConfig(StrictModel):
     """How a prediction set is scored (``fairage.metrics.evaluate``'s arguments, one place)."""
 
-    n_boot: int = Field(1000, ge=0)
+    n_boot: int = Field(1000, ge=0, le=MAX_N_BOOT)
     #: confidence level of bootstrap intervals
     level: float = Field(0.95, gt=0, lt=1)
     #: label permutations for each bias score's p-value (0: no test)
-    n_perm: int = Field(1000, ge=0)
+    n_perm: int = Field(1000, ge=0, le=MAX_N_PERM)
     #: attributes with a bias score; null: age, gender, ethnicity, expression. Any column of the
     #: face table may be named (APPA-REAL's makeup and time, a csv layout's skin_tone)
     attributes: list[str] | None = None
@@ -298,7 +310,7 @@ class EvalConfig(StrictModel):
 class ExperimentConfig(StrictModel):
     name: str = "experiment"
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and Lightning's seed range
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     stage1: StageConfig | None = None
@@ -334,6 +346,88 @@ class ExperimentConfig(StrictModel):
         return [(n, s) for n, s in (("stage1", self.stage1), ("stage2", self.stage2)) if s is not None]
 
 
+# --------------------------------------------------------------------------- bounded YAML
+
+#: a config's YAML may hold at most this many values once its aliases are expanded
+MAX_YAML_VALUES = 100_000
+#: ... and at most this many aliases (``*name``)
+MAX_YAML_ALIASES = 1_000
+#: ... in at most this many characters
+MAX_YAML_CHARS = 5_000_000
+#: the longest piece of a user's value a message quotes
+MAX_QUOTED = 200
+
+
+def clip(text: str, limit: int = MAX_QUOTED) -> str:
+    """``text`` cut to ``limit`` characters (with how much was left out), for messages."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)`` with bounds: ConfigError naming ``source`` for an alias bomb or huge text.
+
+    Anchors and aliases are allowed (``stage2: *stage1``), but the document is measured on
+    its composed graph, where an alias costs nothing, before it is built: at most
+    ``MAX_YAML_ALIASES`` aliases and ``MAX_YAML_VALUES`` values once expanded (a "billion
+    laughs" of 6 levels expands to millions), and no alias inside itself.
+    ``yaml.YAMLError`` for invalid YAML, as ``yaml.safe_load``.
+    """
+    if len(text) > MAX_YAML_CHARS:
+        raise ConfigError(f"{source}: {len(text)} characters of YAML; a config holds at most {MAX_YAML_CHARS}")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_yaml_size(node, source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: the YAML nests too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root, source: str) -> None:
+    """ConfigError when the YAML graph of ``root`` expands beyond the bounds of ``load_yaml``."""
+    sizes: dict[int, int] = {}  # expanded size of every node, each counted once however often it is aliased
+    aliases = 0
+    seen: set[int] = set()
+    # iterative post-order walk: a node is sized once its children are
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    on_path: set[int] = set()
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            children = _yaml_children(node)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[key] > MAX_YAML_VALUES:
+                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases of "
+                                  "aliases: a YAML bomb?); a config is a few hundred")
+            continue
+        if key in seen:  # an alias: costs its target's size, counted again
+            aliases += 1
+            if aliases > MAX_YAML_ALIASES:
+                raise ConfigError(f"{source}: more than {MAX_YAML_ALIASES} YAML aliases; a config needs a few")
+            if key in on_path:
+                raise ConfigError(f"{source}: a YAML alias refers to the value that holds it (a recursive alias)")
+            continue
+        seen.add(key)
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _yaml_children(node))
+
+
+def _yaml_children(node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -365,6 +459,38 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number")
+
+
+def _allowed_range(model: type[BaseModel], loc: tuple) -> str:
+    """``"; allowed: 8 <= value <= 1024"`` for the numeric field at ``loc`` (best effort, else "")."""
+    import annotated_types as at
+
+    current: Any = model
+    info = None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            break
+        info = fields[part]
+        current = _model_in(info.annotation)
+    if info is None:
+        return ""
+    low = high = ""
+    for m in info.metadata:
+        if isinstance(m, at.Ge):
+            low = f"{m.ge} <= "
+        elif isinstance(m, at.Gt):
+            low = f"{m.gt} < "
+        elif isinstance(m, at.Le):
+            high = f" <= {m.le}"
+        elif isinstance(m, at.Lt):
+            high = f" < {m.lt}"
+    return f"; allowed: {low}value{high}" if low or high else "; allowed: a finite number"
+
+
 def format_validation_error(err: ValidationError, source: str, model: type[BaseModel] = ExperimentConfig) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
@@ -378,7 +504,8 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
                 hint = f" (did you mean '{close[0]}'?)"
             lines.append(f"  unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
         else:
-            lines.append(f"  {key}: {e['msg']} (got {e.get('input')!r})")
+            allowed = _allowed_range(model, loc) if e["type"] in _RANGE_ERRORS else ""
+            lines.append(f"  {key}: {e['msg']}{allowed} (got {clip(repr(e.get('input')))})")
     return "\n".join(lines)
 
 
@@ -397,7 +524,7 @@ def validate_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
 
 def _parse_value(text: str) -> Any:
     try:
-        value = yaml.safe_load(text)
+        value = load_yaml(text, f"override value {clip(text, 60)!r}")
     except yaml.YAMLError:
         return text
     if isinstance(value, str):  # YAML 1.1 reads "5e-5" as a string
@@ -417,7 +544,7 @@ def apply_overrides(raw: dict, overrides: list[str] | None) -> dict:
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key.sub=value")
+            raise ConfigError(f"override '{clip(item)}' must look like key.sub=value")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         node = raw
@@ -438,7 +565,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"), f"config file {path}")
     except UnicodeDecodeError:
         raise ConfigError(f"config file {path} is not UTF-8 text (a binary file?)") from None
     except yaml.YAMLError as err:

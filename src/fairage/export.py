@@ -57,6 +57,15 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
     }
 
 
+def onnx_opsets() -> tuple[int, int]:
+    """The ONNX opsets (lowest, highest) fairage exports with this torch's TorchScript-based exporter."""
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET, ONNX_MIN_OPSET
+    except ImportError:  # a private module: torch may move it
+        return 9, 18
+    return max(9, ONNX_MIN_OPSET), ONNX_MAX_OPSET
+
+
 def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
                  opset: int = 17) -> Path:
     """Write ``model`` (a ``LoadedModel`` or a path for ``load_model``) to ``out`` atomically.
@@ -67,6 +76,9 @@ def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike,
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format '{fmt}'; choose {' or '.join(FORMATS)}")
+    low, high = onnx_opsets()
+    if fmt == "onnx" and not low <= opset <= high:
+        raise ConfigError(f"--opset {opset}: this torch exports ONNX opsets {low} to {high}")
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
     if loaded.kind == "exported":
         raise ConfigError(f"{loaded.source} is already an exported model; export a run or model folder")
@@ -82,9 +94,14 @@ def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike,
             raise ConfigError("ONNX export needs the onnx package (pip install 'fairage[export]')") from None
         with atomic_path(out) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-            torch.onnx.export(wrapped, (example,), str(tmp), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=opset, dynamo=False, do_constant_folding=True)
+            try:
+                torch.onnx.export(wrapped, (example,), str(tmp), input_names=[INPUT_NAME],
+                                  output_names=[OUTPUT_NAME],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                                  opset_version=opset, dynamo=False, do_constant_folding=True)
+            except (torch.onnx.errors.OnnxExporterError, ValueError) as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"ONNX export at opset {opset} failed: {reason[:300]}") from None
             proto = onnx.load(str(tmp))
             proto.doc_string = f"fairage age regressor: input {EXPORT_INPUT}; output {EXPORT_OUTPUT}"
             for key, value in meta.items():

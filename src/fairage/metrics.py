@@ -513,6 +513,17 @@ def _cs_keys(cs_k: Sequence[float]) -> list[str]:
     return keys
 
 
+def _check_counts(n_boot: int, n_perm: int = 0) -> None:
+    """ConfigError for resample counts outside the config's bounds (``eval.n_boot``, ``eval.n_perm``)."""
+    from .config import MAX_N_BOOT, MAX_N_PERM
+    from .errors import ConfigError
+
+    if not 0 <= int(n_boot) <= MAX_N_BOOT:
+        raise ConfigError(f"n_boot {n_boot}: bootstrap resamples must be 0 to {MAX_N_BOOT}")
+    if not 0 <= int(n_perm) <= MAX_N_PERM:
+        raise ConfigError(f"n_perm {n_perm}: label permutations must be 0 to {MAX_N_PERM}")
+
+
 def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
              age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
              seed: int = 0, n_perm: int = 0, intersections: Sequence[Sequence[str]] = (),
@@ -530,6 +541,7 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     inner edges of the MAE-by-age table. Point estimates of group MAEs come from fairlearn's
     MetricFrame (``group_mae``), the intervals from the vectorised bootstrap.
     """
+    _check_counts(n_boot, n_perm)
     if int(min_group) < 1:
         raise DataError(f"min_group must be at least 1 face, got {min_group}")
     attributes, groupings, errors = _prepare(df, attributes, age_edges, intersections)
@@ -686,6 +698,7 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
 
     Returns a ``ComparisonResult`` (years; its ``to_json()`` is what ``fairage compare --json`` prints).
     """
+    _check_counts(n_boot)
     for name, df in (("A", df_a), ("B", df_b)):
         if "image" not in df.columns:
             raise DataError(f"prediction set {name} has no 'image' column")

@@ -28,10 +28,8 @@ on the GPU when there is one.
 
 from __future__ import annotations
 
-import io
 import os
 import threading
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ExperimentConfig, read_yaml, validate_config
+from .config import ExperimentConfig, load_yaml, read_yaml, validate_config
+from .data.decode import decode_face, open_image, pil_to_rgb, resize_square, to_rgb
+from .data.decode import read_image as _decode_read_image
 from .errors import ConfigError, DataError
 from .models import AgeRegressor, clamp_ages
 
@@ -165,81 +165,44 @@ class OnnxAgeModel(torch.nn.Module):
 
 
 def _load_onnx(path: Path) -> LoadedModel:
+    from .config import MAX_IMAGE_SIZE
+
     module = OnnxAgeModel(path)
     meta = module.metadata
     if "fairage_image_size" not in meta:
         raise ConfigError(f"{path}: no fairage metadata (fairage_image_size); export it with `fairage export`")
+    # the metadata decides how much is allocated per face: checked as strictly as a config
+    text = str(meta["fairage_image_size"]).strip()
+    size = int(text) if text.isdigit() and len(text) <= 6 else None
+    if size is None or not 8 <= size <= MAX_IMAGE_SIZE:
+        raise ConfigError(f"{path}: its metadata fairage_image_size {text[:40]!r} is not an image side of 8 to "
+                          f"{MAX_IMAGE_SIZE} px")
+    dims = list(module.session.get_inputs()[0].shape)
+    if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in zip(dims[1:], (3, size, size))):
+        raise ConfigError(f"{path}: its input has shape {dims}, but its metadata says (N, 3, {size}, {size})")
+    norm = meta.get("fairage_input_norm", "")
+    if norm not in ("", "imagenet", "vggface2", "caffe"):
+        raise ConfigError(f"{path}: its metadata fairage_input_norm {norm[:40]!r} is not imagenet, vggface2 or caffe")
     cfg = None
     if meta.get("fairage_config"):
         import yaml
 
-        cfg = validate_config(yaml.safe_load(meta["fairage_config"]), f"{path} (metadata fairage_config)")
-    return LoadedModel(module, cfg, int(meta["fairage_image_size"]), meta.get("fairage_input_norm", ""),
-                       meta.get("fairage_name", path.stem), path, "exported")
+        try:
+            raw = load_yaml(meta["fairage_config"], f"{path} (metadata fairage_config)")
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: its metadata fairage_config is not valid YAML ({err})") from None
+        cfg = validate_config(raw, f"{path} (metadata fairage_config)")
+    return LoadedModel(module, cfg, size, norm, str(meta.get("fairage_name", path.stem))[:200], path, "exported")
 
 
 # =========================================================================== images
 
 
-def _open_checked(source):
-    """Pillow image of a path or bytes; DataError for unreadable input and decompression bombs."""
-    from PIL import Image, UnidentifiedImageError
-
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that: refuse both
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(bytes(source)) if name == "<bytes>" else source)
-            im.size  # noqa: B018 - header parsed; the pixel count is checked on open
-        return im
-    except FileNotFoundError:
-        raise DataError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{name}: is a folder, not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
-    except UnidentifiedImageError:
-        raise DataError(f"{name}: not an image Pillow can read") from None
-    except OSError as err:
-        raise DataError(f"{name}: cannot read ({err})") from None
-
-
-def _to_rgb_array(im, name: str, draft_size: int | None = None) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            if draft_size is not None:
-                im.draft("RGB", (draft_size, draft_size))  # JPEG: decode at the smallest scale >= size
-            im = ImageOps.exif_transpose(im)
-            rgb = _pil_to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
-    except (OSError, ValueError, SyntaxError) as err:  # truncated or corrupt data
-        raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
-        raise DataError(f"{name}: decoded to an unusable array of shape {rgb.shape}")
-    return rgb
-
-
-def _pil_to_rgb(im) -> np.ndarray:
-    """Any Pillow mode -> uint8 (H, W, 3) RGB; transparency composited on white, 16/32-bit scaled to 8."""
-    from PIL import Image
-
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if values.max(initial=0) > 255 else 255.0
-        gray = np.clip(np.round(values * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
-    if im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
-        im = im.convert("RGBA")
-    if im.mode in ("LA", "La", "RGBA", "RGBa"):
-        # transparent pixels on white, as an image viewer shows them
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im.convert("RGBA"))
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+# one decoder for the cache, predict and serve (``fairage.data.decode``)
+_open_checked = open_image
+_to_rgb_array = to_rgb
+_pil_to_rgb = pil_to_rgb
+resize_face = resize_square
 
 
 def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
@@ -250,38 +213,22 @@ def read_image(source: str | os.PathLike | bytes) -> np.ndarray:
     file for a missing, unreadable or non-image file and for one over Pillow's pixel limit
     (``PIL.Image.MAX_IMAGE_PIXELS``: decompression bombs).
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    with _open_checked(source) as im:
-        return _to_rgb_array(im, name)
+    return _decode_read_image(source)
 
 
 def read_face(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
     """An already-cropped face file as uint8 (size, size, 3) RGB, decoded as the training cache does.
 
-    The same JPEG draft scale and bilinear resize as ``fairage.data.cache.decode_image``
-    (so a dataset's ``_face.jpg`` gives the pixels the model saw in training), after the
-    EXIF orientation is applied.
+    The same decoder as ``fairage.data.cache.decode_image`` (``fairage.data.decode``: EXIF
+    orientation, bit depth, alpha, JPEG draft scale, bilinear resize), so a dataset's
+    ``_face.jpg`` gives the pixels the model saw in training.
     """
     return _read_face(source, size)[0]
 
 
 def _read_face(source, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """``read_face`` and the file's (width, height) in its EXIF-corrected orientation."""
-    name = "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    with _open_checked(source) as im:
-        width, height = im.size
-        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # orientations that swap the axes
-            width, height = height, width
-        return resize_face(_to_rgb_array(im, name, draft_size=size), size), (width, height)
-
-
-def resize_face(rgb: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W, 3) -> (size, size, 3), Pillow bilinear (antialiased when shrinking), as the training cache."""
-    if rgb.shape[:2] == (size, size):
-        return rgb
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return decode_face(source, size)
 
 
 def crop_box(box: Sequence[float], margin: float = CROP_MARGIN) -> tuple[int, int, int]:
@@ -350,6 +297,34 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def parse_device(text: str | torch.device) -> torch.device:
+    """A ``--device`` value (``cpu``, ``cuda``, ``cuda:1``, ``mps``) as a torch device present here.
+
+    ConfigError naming the value for an unknown device type or one this machine lacks.
+    """
+    if isinstance(text, torch.device):
+        device = text
+    else:
+        try:
+            device = torch.device(str(text).strip())
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {str(text)[:60]!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; use cpu")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+        return device
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {device}: no Apple MPS device is available on this machine; use cpu")
+        return device
+    raise ConfigError(f"--device {device}: fairage predicts on cpu, cuda, cuda:N or mps")
+
+
 class AgePredictor:
     """Ages of faces: detection, crop, batched fp32 inference.
 
@@ -366,7 +341,7 @@ class AgePredictor:
     def __init__(self, model: LoadedModel | str | os.PathLike, detector: str = "auto", device=None,
                  batch_size: int = 64):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = parse_device(device) if device is not None else default_device()
         if self.loaded.kind == "exported":
             self.device = torch.device("cpu")  # onnxruntime takes host arrays
         else:
@@ -601,6 +576,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
     import pandas as pd
 
     from .atomic import atomic_path
+    from .csvcells import safe_table
 
     columns = list(FACES_COLUMNS if faces_only else DETECT_COLUMNS)
     table = pd.DataFrame(rows, columns=columns)
@@ -608,7 +584,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
         for c in ("face", "x", "y", "w", "h"):
             table[c] = table[c].astype("Int64")  # empty for photos without a face, ints otherwise
     with atomic_path(path) as tmp:
-        table.to_csv(tmp, index=False)
+        safe_table(table).to_csv(tmp, index=False)  # a photo named "=HYPERLINK(...)" stays text
 
 
 def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> None:
@@ -634,6 +610,30 @@ def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> 
     with atomic_path(out) as tmp:
         im.save(tmp, format=None if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else "PNG",
                 **({"quality": 90} if suffix in (".jpg", ".jpeg") else {}))
+
+
+def annotated_paths(annotate_dir: str | os.PathLike, files: Sequence[tuple[str, str]]) -> dict[str, Path]:
+    """Label -> where its drawn copy goes, for every ``(path, label)`` of ``expand_inputs``.
+
+    Each copy goes to its label's path under the folder (``annotated_path``), unless that
+    would write over one of the input files (``--annotate`` naming the input folder) or a
+    copy of another label (``a/x.jpg`` and ``../a/x.jpg``): then ``x.annotated.jpg``,
+    ``x.annotated-2.jpg``, ... Every path is distinct and none is an input.
+    """
+    inputs = {Path(path).resolve() for path, _ in files}
+    taken: set[Path] = set()
+    out: dict[str, Path] = {}
+    for _, label in files:
+        target = annotated_path(annotate_dir, label)
+        k = 1
+        while target.resolve() in inputs or target.resolve() in taken:
+            base = annotated_path(annotate_dir, label)
+            tail = "annotated" if k == 1 else f"annotated-{k}"
+            target = base.with_name(f"{base.stem}.{tail}{base.suffix}")
+            k += 1
+        taken.add(target.resolve())
+        out[label] = target
+    return out
 
 
 def annotated_path(annotate_dir: str | os.PathLike, label: str) -> Path:

@@ -22,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .atomic import atomic_path, write_text
 from .config import ExperimentConfig, dump_config
+from .csvcells import safe_table, unquote
 from .errors import ConfigError, DataError
 from .metrics import EvaluationResult
 from .plots import save_figure
@@ -536,6 +537,8 @@ def _summary_from_predictions(records: list[FinishedRun]) -> tuple[dict[str, pd.
             except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
                 raise DataError(f"{p} is not a readable CSV: {err}") from None
             df = df.assign(split="test")
+            for column in df.columns[df.dtypes == object]:
+                df[column] = df[column].map(unquote)
             return summarize_faces(df), f"test split, from {p}"
     return None
 
@@ -659,7 +662,7 @@ def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Pa
     table = comparison_table(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "comparison.csv") as tmp:
-        table.to_csv(tmp, index=False)
+        safe_table(table).to_csv(tmp, index=False)  # run names that a spreadsheet would run stay text
     write_text(out_dir / "comparison.md", to_markdown(display_table(table)))
     images = [
         ("Training curves", plot_all_training_curves(records, out_dir / "training_curves.png")),

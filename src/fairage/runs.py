@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .atomic import write_text
 from .config import ExperimentConfig, dump_config, read_yaml, validate_config
-from .errors import DataError, FairageError
+from .errors import ConfigError, DataError, FairageError
 
 if TYPE_CHECKING:
     from .metrics import EvaluationResult
@@ -133,7 +134,14 @@ def read_checkpoint(path: str | Path) -> dict:
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
             raise
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        from .models import load_error_reason
+
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
+            # a complete file whose pickle names more than tensors: not damage, and never to be unpickled
+            raise DataError(f"{path}: {load_error_reason(err)}; it is not a checkpoint fairage training wrote "
+                            "(delete it to retrain from the previous checkpoint, or start a new run)") from None
+        reason = text.splitlines()[0] if text else type(err).__name__
         raise DataError(f"{path} is corrupt or truncated ({reason}); delete it to retrain from the "
                         "previous checkpoint, or start a new run") from None
     if not isinstance(ckpt, dict):
@@ -196,6 +204,27 @@ class RunFolder:
         if folder.file(cls.RUN).is_file():
             folder.record = folder._read_record()
         return folder
+
+    @classmethod
+    def check_out(cls, path: str | Path) -> None:
+        """ConfigError unless ``path`` can take a new run: absent, empty, or a fairage run folder.
+
+        A folder holding anything else (the user's own files) is refused before anything is
+        written or deleted in it; a folder holding only the ``.lock`` of a run killed before
+        it wrote its record counts as empty.
+        """
+        path = Path(path)
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise ConfigError(f"--out {path} exists and is not a folder; choose a new folder for the run")
+        if cls.exists(path):
+            return
+        names = sorted(p.name for p in path.iterdir() if p.name != cls.LOCK)
+        if names:
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise ConfigError(f"--out {path} is a folder that is not a fairage run (it holds {shown}); fairage "
+                              "would overwrite files there: choose a new or empty folder for the run")
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
@@ -305,6 +334,19 @@ class RunFolder:
         missing = [c for c in HISTORY_COLUMNS if c not in history.columns]
         if missing:
             raise DataError(f"{path} lacks columns {missing}")
+        epochs = pd.to_numeric(history["epoch"], errors="coerce")
+        bad = history.index[epochs.isna() | (epochs % 1 != 0) | (epochs < 0)]
+        if len(bad):
+            row = int(bad[0])
+            raise DataError(f"{path}: row {row + 2}: epoch {str(history.at[bad[0], 'epoch'])[:40]!r} is not an "
+                            "epoch number; the run folder is damaged (restore history.csv or start a new run)")
+        stages = history["stage"].astype(str)
+        bad = history.index[~stages.isin(STAGES)]
+        if len(bad):
+            raise DataError(f"{path}: row {int(bad[0]) + 2}: stage {stages[bad[0]][:40]!r} is not one of "
+                            f"{', '.join(STAGES)}; the run folder is damaged")
+        history["epoch"] = epochs.astype(int)
+        history["stage"] = stages
         return history
 
     def best_epochs(self) -> dict[str, dict]:
@@ -393,15 +435,29 @@ class RunFolder:
             os.close(fd)  # closing the descriptor releases the lock
 
     def remove_stale_temp_files(self) -> list[Path]:
-        """Delete ``.*.tmp*`` files an interrupted atomic write left in the folder; return them.
+        """Delete the temporary files an interrupted atomic write of fairage left in the folder; return them.
 
-        Only call this while holding the lock: a live writer's temp file looks the same.
+        Only names ``fairage.atomic`` makes for the files a run writes (``.run.json.x1y2.tmp.json``,
+        ``checkpoints/.stage1-last.ckpt.x1y2.tmp.ckpt``): any other file, even one that looks
+        temporary, is not fairage's to delete. Only call this while holding the lock: a live
+        writer's temp file looks the same.
         """
         removed = []
-        for folder in (self.path, self.checkpoints_dir):
+        for folder, pattern in ((self.path, _RUN_TEMP), (self.checkpoints_dir, _CHECKPOINT_TEMP)):
             if folder.is_dir():
                 for p in folder.glob(".*.tmp*"):
-                    if p.is_file():
+                    if pattern.fullmatch(p.name) and p.is_file():
                         p.unlink(missing_ok=True)
                         removed.append(p)
         return removed
+
+
+def _temp_pattern(names: str) -> re.Pattern:
+    """``fairage.atomic``'s temporary names (``.NAME.RANDOM.tmp.SUFFIX``) for targets matching ``names``."""
+    return re.compile(rf"\.(?P<name>{names})\.[A-Za-z0-9_]+\.tmp(?P<suffix>\.[A-Za-z0-9]+)?")
+
+
+#: the files a run writes in its folder, and in its checkpoints folder
+_RUN_TEMP = _temp_pattern(r"config\.yaml|run\.json|history\.csv|predictions_test\.csv|metrics_test\.json|"
+                          r"curves\.png|weights_stage[12]\.png|dro_q\.csv")
+_CHECKPOINT_TEMP = _temp_pattern(r"stage[12]-(best|last)(-v\d+)?\.ckpt")

@@ -7,8 +7,9 @@ The key hashes S and, for every face in order, its source path and frame, plus t
 and modification time of each source file, so a changed source file gives a new key
 (and the stale entry of the same faces and size is removed; see ``cache_file``).
 
-Image files are resized to S x S with Pillow (bilinear with antialiasing; the faces are
-already crops, so a plain resize). The npy layout's arrays are already decoded: their rows
+Image files are decoded by ``fairage.data.decode`` (the decoder of predict and serve: EXIF
+orientation, bit depth, alpha, palette, CMYK, grey) and resized to S x S with Pillow
+(bilinear with antialiasing; the faces are already crops, so a plain resize). The npy layout's arrays are already decoded: their rows
 are converted BGR -> RGB (and resized with OpenCV's area interpolation when S differs from
 the stored size) and cached the same way, so every layout is served as an RGB memmap.
 """
@@ -29,29 +30,28 @@ from ..errors import DataError
 from .schema import SPLITS
 
 CACHE_DIRNAME = ".fairage_cache"
-_CACHE_VERSION = "fairage-cache-1"
+_CACHE_VERSION = "fairage-cache-2"  # 2: the shared decoder (EXIF, 16-bit, alpha)
 _CHUNK = 64  # images per worker task
 
 
 def decode_image(path: str, size: int) -> np.ndarray:
-    """Decode the image file at ``path`` into a uint8 (size, size, 3) RGB array.
+    """Decode the face image file at ``path`` into a uint8 (size, size, 3) RGB array.
 
-    DataError naming the file if it is missing or cannot be decoded.
+    The decoder of ``fairage predict`` and ``fairage serve`` (``fairage.data.decode.decode_face``:
+    EXIF orientation, 16-bit scaled, alpha on white, palette/CMYK/grey to RGB, bilinear
+    resize). DataError naming the file if it is missing or cannot be decoded.
     """
-    from PIL import Image
+    from .decode import decode_face
 
     try:
-        with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale >= size (fast)
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except Exception as err:  # noqa: BLE001 - Pillow raises many types for corrupt or truncated data
-        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err}); "
-                        "--skip-bad (config data.skip_bad: true) drops bad images") from None
+        return decode_face(path, size)[0]
+    except DataError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        if reason == "file not found":
+            raise DataError(f"{path}: image file not found") from None
+        if not reason.startswith("cannot decode image"):
+            reason = f"cannot decode image ({reason})"
+        raise DataError(f"{path}: {reason}; --skip-bad (config data.skip_bad: true) drops bad images") from None
 
 
 def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:
@@ -116,11 +116,31 @@ def cache_file(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike) -> 
     return Path(cache_dir) / f"{prefix}_{int(size)}px_{_rows_key(faces)[:10]}_{cache_key(faces, size)[:16]}.npy"
 
 
+def user_cache_dir(faces: pd.DataFrame) -> Path:
+    """The per-user cache folder of a dataset: ``$FAIRAGE_CACHE_DIR`` (else ``$XDG_CACHE_HOME/fairage``,
+    else ``~/.cache/fairage``) / ``<dataset folder name>-<hash of its path>``.
+
+    Used when the dataset's own ``.fairage_cache`` cannot be written (a read-only folder).
+    """
+    base = os.environ.get("FAIRAGE_CACHE_DIR")
+    if not base:
+        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                            "fairage")
+    data_root = default_cache_dir(faces).parent.resolve()
+    digest = hashlib.sha256(str(data_root).encode()).hexdigest()[:12]
+    return Path(base) / f"{data_root.name or 'data'}-{digest}"
+
+
+_UNWRITABLE_HINT = ("set FAIRAGE_CACHE_DIR (any command) or data.cache_dir (a config; train/suite: "
+                    "--set data.cache_dir=DIR) to a writable folder")
+
+
 def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True) -> np.ndarray:
     """Decoded faces as a read-only uint8 memmap (N, size, size, 3), RGB; row i = ``faces.iloc[i]``.
 
-    Cached in ``cache_dir`` (default ``default_cache_dir(faces)``); a second call with the
+    Cached in ``cache_dir`` (default ``default_cache_dir(faces)``, or ``user_cache_dir(faces)``
+    when that cannot be written: a read-only dataset); a second call with the
     same faces, size and unchanged sources only memory-maps the cached file. ``workers``
     processes decode the images on a miss (1 = in this process); the result does not
     depend on ``workers``. DataError naming the file for a missing or undecodable image.
@@ -131,28 +151,44 @@ def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | N
     n = len(faces)
     if n == 0:
         return np.zeros((0, size, size, 3), dtype=np.uint8)
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(faces)
-    target = cache_file(faces, size, cache_dir)
+    dirs = [Path(cache_dir)] if cache_dir is not None else [default_cache_dir(faces)]
+    name = cache_file(faces, size, dirs[0]).name
+    if cache_dir is None:
+        dirs.append(user_cache_dir(faces))
+    for folder in dirs:
+        cached = open_cached(folder / name, (n, size, size, 3))
+        if cached is not None:
+            return cached
+    refused: list[str] = []
+    for folder in dirs:
+        try:
+            return _build(folder / name, faces, size, workers, progress)
+        except OSError as err:
+            unwritable = isinstance(err, PermissionError) or err.errno in (errno.EROFS, errno.EACCES)
+            # only the cache folder's own refusal; a source file that cannot be read is not the cache's
+            named = None if err.filename is None else str(err.filename)
+            about_cache = named is None or named.startswith(str(folder)) or str(folder).startswith(named)
+            if not (unwritable and about_cache):
+                raise
+            refused.append(f"{folder} ({err.strerror})")
+    message = f"{dirs[0]}: cannot write the decoded-image cache ({refused[0].rsplit(' (', 1)[1]}"
+    if len(refused) > 1:
+        message += f"; nor the user cache {refused[1]}"
+    raise DataError(f"{message}; {_UNWRITABLE_HINT}") from None
+
+
+def _build(target: Path, faces: pd.DataFrame, size: int, workers: int, progress: bool) -> np.ndarray:
+    """Decode ``faces`` into the cache file ``target`` (atomically) and memory-map it."""
+    n = len(faces)
+    cache_dir = target.parent
     stem = target.name.rsplit("_", 1)[0]  # <splits>_<S>px_<rows>
-    cached = open_cached(target, (n, size, size, 3))
-    if cached is not None:
-        return cached
     # a missing, truncated or foreign file is (re)built; the atomic write replaces it
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic.atomic_path(target) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-            _fill(out, faces, size, workers, progress, label=f"decoding {stem.split('_')[0]} faces at {size} px")
-            out.flush()
-            del out
-    except PermissionError as err:
-        raise DataError(f"{cache_dir}: cannot write the decoded-image cache ({err.strerror}); set data.cache_dir "
-                        "to a writable folder (e.g. --set data.cache_dir=/tmp/fairage-cache)") from None
-    except OSError as err:
-        if err.errno not in (errno.EROFS, errno.EACCES):
-            raise
-        raise DataError(f"{cache_dir}: cannot write the decoded-image cache ({err.strerror}); set data.cache_dir "
-                        "to a writable folder (e.g. --set data.cache_dir=/tmp/fairage-cache)") from None
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        _fill(out, faces, size, workers, progress, label=f"decoding {stem.split('_')[0]} faces at {size} px")
+        out.flush()
+        del out
     for stale in cache_dir.glob(f"{stem}_*.npy"):
         if stale != target:
             stale.unlink(missing_ok=True)

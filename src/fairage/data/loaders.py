@@ -92,7 +92,7 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "npy"
     if any(os.path.lexists(root / n) for n in CSV_NAMES):
         return "csv"
-    for path in root.rglob("*.jpg"):
+    for path in root.rglob("*"):  # any case: UTKFace copies come as .jpg and .JPG
         if _UTK_NAME.match(path.name):
             return "utkface"
     raise DataError(
@@ -216,16 +216,24 @@ def _inside_or_raise(root: Path, path: Path) -> Path:
     return Path(real)
 
 
-def _present(root: Path, path: Path) -> bool:
+def _present(root: Path, path: Path, layout_file: bool = True) -> bool:
     """Whether the layout file ``path`` inside ``root`` is there; DataError if it leads out of ``root``.
 
     Checked on the name (``lexists``) before anything follows it, so a symlink leading out
-    is refused the same way whether or not its target exists.
+    is refused the same way whether or not its target exists. A layout file (a split's
+    table or array) that is there but is not a regular file (a folder, a pipe) is a
+    DataError, not a missing split; with ``layout_file=False`` (an image found by a walk)
+    it is just not taken.
     """
     if not os.path.lexists(path):
         return False
     _inside_or_raise(root, path)
-    return path.is_file()
+    if path.is_file():
+        return True
+    if layout_file:
+        what = "a folder" if path.is_dir() else "not a regular file"
+        raise DataError(f"{path} is {what}; the dataset needs it to be a file (or absent)")
+    return False
 
 
 def _outside_message(source: Path, row: int, column: str, name: str, root: Path, absolute_hint: bool) -> str:
@@ -526,21 +534,44 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
 
 
 def _open_npy(path: Path, mmap: bool) -> np.ndarray:
+    # numpy calls anything without its header "pickled data" and suggests allow_pickle: the
+    # header is checked here, and the message never suggests unpickling
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(_NPY_MAGIC))
+            dtype = None
+            if magic == _NPY_MAGIC:
+                f.seek(0)
+                version = np.lib.format.read_magic(f)
+                dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                         else np.lib.format.read_array_header_2_0)(f)[2]
+    except (ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy file (its header is damaged: {str(err)[:200]})") from None
+    except OSError as err:
+        raise DataError(f"{path}: not a readable .npy file ({err.strerror or err})") from None
+    if magic != _NPY_MAGIC:
+        raise DataError(f"{path}: not a .npy file (no NumPy header); save the array with numpy.save")
+    if dtype.hasobject:
+        # object arrays are pickled: fairage never unpickles user files
+        raise DataError(f"{path}: cannot read without unpickling: it holds Python objects (dtype object), which "
+                        "fairage never unpickles; store strings as a fixed-width unicode array (dtype '<U...')")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except ValueError as err:
-        # object arrays (pickled) are refused: we never unpickle user files
-        raise DataError(f"{path}: cannot read without unpickling or not a .npy array ({err}); "
-                        "store strings as a fixed-width unicode array (dtype '<U...')") from None
+    except (ValueError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npy file ({str(err)[:200]})") from None
     except OSError as err:
-        raise DataError(f"{path}: not a readable .npy file ({err})") from None
+        raise DataError(f"{path}: not a readable .npy file ({err.strerror or err})") from None
+
+
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool = False) -> pd.DataFrame:
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     # confined by name before anything follows a symlink (see _present); rglob does not enter linked folders
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and _present(root, p))
+    files = sorted(p for p in root.rglob("*")
+                   if p.suffix.lower() in _IMAGE_SUFFIXES and _present(root, p, layout_file=False))
     if not files:
         raise DataError(f"{root}: no image files found (UTKFace layout)")
     recs, bad_names = [], []

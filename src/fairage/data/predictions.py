@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..atomic import atomic_path
+from ..csvcells import safe_table, unquote
 from ..errors import DataError
 
 #: plausible predicted ages in years; ``read_predictions`` refuses values outside (or clips them)
@@ -37,8 +38,9 @@ def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions)
         if column in faces.columns:
             table[column] = faces[column].to_numpy()
     with atomic_path(path) as tmp:
-        # shortest round-trip digits: the file holds exactly the values the run scored
-        table.to_csv(tmp, index=False)
+        # shortest round-trip digits: the file holds exactly the values the run scored; image ids
+        # that a spreadsheet would run as formulas are quoted (read_predictions unquotes them)
+        safe_table(table).to_csv(tmp, index=False)
 
 
 def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFrame:
@@ -55,6 +57,7 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
         table = pd.read_csv(path, dtype={"image": str})  # pandas parses floats round-trip exactly
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
+    table["image"] = table["image"].map(unquote)
     if list(table.columns) == ["image", "age"]:
         table = _from_face_predictions(table)
     missing = [c for c in ("image", "prediction") if c not in table.columns]

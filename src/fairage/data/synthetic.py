@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .. import atomic
+from ..errors import DataError
 from .schema import SPLITS
 
 #: sampling proportions (APPA-REAL-like)
@@ -366,8 +367,14 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
     if size < 16:
         raise ValueError(f"size must be >= 16 px, got {size}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "valid": n_valid, "test": n_test}
+    marker = {"generator": "fairage.data.synthetic", "version": SYNTH_VERSION, "seed": seed, "size": size,
+              "faces": counts}
+    _check_out(out, marker)
+    out.mkdir(parents=True, exist_ok=True)
+    # marks the folder as drawn, not photographed, so model cards and reports can say so; written
+    # first, so an interrupted write is recognised (and finished) by the same command
+    atomic.write_text(out / SYNTHETIC_MARKER, json.dumps(marker, indent=2) + "\n")
     tasks = [(seed, split, a, min(a + _CHUNK, n), size)
              for split, n in counts.items() for a in range(0, n, _CHUNK)]
     total = sum(counts.values())
@@ -390,10 +397,6 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
     finally:
         if pool:
             pool.shutdown()
-    # marks the folder as drawn, not photographed, so model cards and reports can say so
-    atomic.write_text(out / SYNTHETIC_MARKER, json.dumps(
-        {"generator": "fairage.data.synthetic", "version": SYNTH_VERSION, "seed": seed, "size": size,
-         "faces": counts}, indent=2) + "\n")
     # the CSVs last and atomically: a folder with the CSVs is a complete dataset
     for split, recs in rows.items():
         (out / split).mkdir(exist_ok=True)
@@ -406,6 +409,32 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
                              "makeup": df["makeup"], "time": df["time"], "happiness": df["expression"]})
         atomic.write_text(out / f"allcategories_{split}.csv", cats.to_csv(index=False, lineterminator="\n"))
     return out
+
+
+def _check_out(out: Path, marker: dict) -> None:
+    """DataError unless ``out`` is absent, empty, or a synthetic set written with the same parameters.
+
+    Anything else (a real dataset, another synthetic set, the user's files) would have its
+    tables and images overwritten and be marked synthetic.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out} exists and is not a folder; choose a new folder for the synthetic set")
+    if not any(out.iterdir()):
+        return
+    found = synthetic_marker(out)
+    if found is None:
+        raise DataError(f"{out} is not empty and holds no synthetic set (no {SYNTHETIC_MARKER}); writing there "
+                        "would overwrite its files: choose a new or empty folder")
+    if found != marker:
+        def describe(m: dict) -> str:
+            faces = m.get("faces") if isinstance(m.get("faces"), dict) else {}
+            return (f"version {m.get('version')}, seed {m.get('seed')}, {m.get('size')} px, "
+                    f"{faces.get('train')}/{faces.get('valid')}/{faces.get('test')} faces")
+
+        raise DataError(f"{out} holds another synthetic set ({describe(found)}); this one would be "
+                        f"{describe(marker)}: choose a new or empty folder")
 
 
 def synthetic_marker(root: str | os.PathLike) -> dict | None:

@@ -122,33 +122,133 @@ def _texts(values) -> list[str]:
     return [_text(v) for v in np.atleast_1d(values)] if values is not None else []
 
 
+#: the most values one dataset of a layer fairage has no fixed shape for (dim_proj, a head's Dense
+#: layers, the identity classifiers) may declare: the VGGFace2 classifier holds 512 x 8631 = 4.4 M
+MAX_DATASET_VALUES = 1 << 25
+#: the most values all datasets read together may declare (the whole network holds ~25 M)
+MAX_TOTAL_VALUES = 1 << 27
+#: the most HDF5 objects a file may hold (the network with its head has ~330)
+MAX_OBJECTS = 100_000
+
+
+def _refuse_outside_storage(path: Path, handle) -> None:
+    """DataError for any object whose bytes live outside ``path``, found before any dataset is read.
+
+    External links (another file's object), soft links (Keras writes none; they could lead
+    around this check), datasets with external storage (raw bytes in another file, e.g.
+    ``/etc/passwd``) and virtual datasets (mapped from other files). Only link and dataset
+    headers are looked at: nothing outside ``path`` is opened.
+    """
+    import h5py
+
+    seen: set = set()
+    stack: list[tuple[str, h5py.Group]] = [("", handle)]
+    while stack:
+        prefix, group = stack.pop()
+        for name in group:
+            where = f"{prefix}/{name}"
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.ExternalLink):
+                raise DataError(f"{path}: '{where}' is an external link to {link.filename}:{link.path}; "
+                                "import-keras reads only the file it is given (Keras files hold no links)")
+            if isinstance(link, h5py.SoftLink):
+                raise DataError(f"{path}: '{where}' is a soft link to {link.path}; Keras files hold no links")
+            obj = group.get(name)
+            if obj.id in seen:  # a group hard-linked twice (or into itself) is walked once
+                continue
+            seen.add(obj.id)
+            if len(seen) > MAX_OBJECTS:
+                raise DataError(f"{path} holds more than {MAX_OBJECTS} HDF5 objects; not a Keras weights file")
+            if isinstance(obj, h5py.Dataset):
+                if obj.is_virtual:
+                    sources = sorted({s.file_name for s in obj.virtual_sources()})
+                    raise DataError(f"{path}: dataset '{where}' is a virtual dataset mapped from "
+                                    f"{', '.join(sources)}; import-keras reads only the file it is given")
+                if obj.external:
+                    files = sorted({_text(entry[0]) for entry in obj.external})
+                    raise DataError(f"{path}: dataset '{where}' has external storage (its bytes are in "
+                                    f"{', '.join(files)}); import-keras reads only the file it is given")
+            elif isinstance(obj, h5py.Group):
+                stack.append((where, obj))
+
+
+def _expected_shapes() -> dict[tuple[str, str], tuple[int, ...]]:
+    """(Keras layer, variable) -> the Keras shape the VGGFace2 ResNet50 needs (backbone layers)."""
+    from ..models import VGGFace2ResNet50
+
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        own = {k: tuple(v.shape) for k, v in VGGFace2ResNet50().state_dict().items()}
+    shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+    for keras_name, module in keras_layer_map().items():
+        if not module.startswith("backbone."):
+            continue
+        key = module[len("backbone."):]
+        if keras_name.endswith("/bn"):
+            for variable, torch_name in _BN_VARS.items():
+                shapes[(keras_name, variable)] = own[f"{key}.{torch_name}"]
+        else:
+            out, cin, h, w = own[f"{key}.weight"]
+            shapes[(keras_name, "kernel")] = (h, w, cin, out)
+    return shapes
+
+
+def _check_dataset(path: Path, layer: str, weight: str, owner: str, variable: str, dataset,
+                   expected: dict, total: int) -> int:
+    """DataError unless ``dataset``'s declared dtype and shape fit; returns the running count of values."""
+    dtype, shape = dataset.dtype, tuple(dataset.shape)
+    if dtype.kind != "f":
+        raise DataError(f"{path}: weight '{weight}' of layer '{layer}' holds {dtype} values; Keras weights are "
+                        "floating-point numbers")
+    need = expected.get((owner, variable))
+    if need is not None and shape != need:
+        raise DataError(f"{path}: layer '{owner}': shape mismatch, file {shape} ({weight}), the VGGFace2 "
+                        f"ResNet50 needs {need}")
+    values = int(np.prod(shape, dtype=object))
+    if need is None and (len(shape) > 4 or values > MAX_DATASET_VALUES):
+        raise DataError(f"{path}: weight '{weight}' of layer '{layer}' declares shape {shape} ({values} values); "
+                        f"a layer of an age model holds at most {MAX_DATASET_VALUES} values in at most 4 dimensions")
+    total += values
+    if total > MAX_TOTAL_VALUES:
+        raise DataError(f"{path}: its weights declare more than {MAX_TOTAL_VALUES} values in all; the VGGFace2 "
+                        "ResNet50 with an age head holds about 25 million")
+    return total
+
+
 def _read_layers(path: Path, group) -> dict[str, dict[str, np.ndarray]]:
-    """Owning layer -> {variable: array}, in file order, following ``layer_names``/``weight_names``."""
+    """Owning layer -> {variable: array}, in file order, following ``layer_names``/``weight_names``.
+
+    Every dataset's declared dtype and shape are checked before its bytes are read.
+    """
     import h5py
 
     layers: dict[str, dict[str, np.ndarray]] = {}
     known = keras_layer_map()
+    expected = _expected_shapes()
+    total = 0
     for layer in _texts(group.attrs.get("layer_names")):
         if layer not in group:
             raise DataError(f"{path}: layer '{layer}' is listed in layer_names but has no group")
         layer_group = group[layer]
+        if not isinstance(layer_group, h5py.Group):
+            raise DataError(f"{path}: layer '{layer}' is listed in layer_names but is not a group")
         for weight in _texts(layer_group.attrs.get("weight_names")):
-            try:
-                dataset = layer_group[weight]
-                if not isinstance(dataset, h5py.Dataset):
-                    raise KeyError(weight)
-                array = np.asarray(dataset[()])
-            except KeyError:
-                raise DataError(f"{path}: weight '{weight}' of layer '{layer}' is listed in weight_names "
-                                "but not stored") from None
-            except (OSError, RuntimeError, ValueError) as err:
-                raise DataError(f"{path}: weight '{weight}' of layer '{layer}' cannot be read ({err}); "
-                                "the file is truncated or corrupt") from None
             owner, _, variable = weight.rpartition("/")
             variable = variable.split(":", 1)[0]
             # a weight named without its layer (or under an outer scope) belongs to the group's layer
             if not owner or (owner not in known and layer in known):
                 owner = layer
+            try:
+                dataset = layer_group[weight]
+                if not isinstance(dataset, h5py.Dataset):
+                    raise KeyError(weight)
+                total = _check_dataset(path, layer, weight, owner, variable, dataset, expected, total)
+                array = np.asarray(dataset[()])
+            except KeyError:
+                raise DataError(f"{path}: weight '{weight}' of layer '{layer}' is listed in weight_names "
+                                "but not stored") from None
+            except (OSError, RuntimeError, ValueError, TypeError) as err:
+                raise DataError(f"{path}: weight '{weight}' of layer '{layer}' cannot be read ({err}); "
+                                "the file is truncated or corrupt") from None
             layers.setdefault(owner, {})[variable] = array
     return layers
 
@@ -164,15 +264,21 @@ def _model_config(path: Path, handle) -> dict | None:
     return config
 
 
+def _mapping(value) -> dict:
+    """``value`` if it is a mapping, else ``{}`` (a model_config's parts are JSON of any shape)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _config_layers(config: dict | None) -> list[dict]:
     """The layer entries of a Keras model config, nested models flattened, in order."""
     if not isinstance(config, dict):
         return []
     out: list[dict] = []
-    for layer in (config.get("config") or {}).get("layers") or []:
+    layers = _mapping(config.get("config")).get("layers")
+    for layer in layers if isinstance(layers, list) else []:
         if not isinstance(layer, dict):
             continue
-        if isinstance((layer.get("config") or {}).get("layers"), list):
+        if isinstance(_mapping(layer.get("config")).get("layers"), list):
             out += _config_layers(layer)
         else:
             out.append(layer)
@@ -180,7 +286,7 @@ def _config_layers(config: dict | None) -> list[dict]:
 
 
 def _layer_name(entry: dict) -> str:
-    return str(entry.get("name") or (entry.get("config") or {}).get("name") or "")
+    return str(entry.get("name") or _mapping(entry.get("config")).get("name") or "")
 
 
 def read_keras_h5(path: str | os.PathLike, input_norm: str = "vggface2") -> KerasImport:
@@ -198,6 +304,12 @@ def read_keras_h5(path: str | os.PathLike, input_norm: str = "vggface2") -> Kera
         raise DataError(f"{path} is not an HDF5 file ({err}); import-keras reads Keras 2 .h5 files "
                         "(model.save or model.save_weights)") from None
     with handle:
+        # before any name is looked up: a lookup through an external link opens the other file
+        try:
+            _refuse_outside_storage(path, handle)
+        except (OSError, RuntimeError, KeyError, ValueError) as err:
+            raise DataError(f"{path}: its HDF5 objects cannot be listed ({err}); the file is truncated or "
+                            "corrupt") from None
         if "model_weights" in handle:
             kind, group = "full model", handle["model_weights"]
             config = _model_config(path, handle)
@@ -243,7 +355,7 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
         dense = order
     projection_dim = int(layers["dim_proj"]["kernel"].shape[-1])
     head = _head_layers(path, dense, layers, config_layers, projection_dim, notes)
-    dim_proj_activation = ((config_layers.get("dim_proj") or {}).get("config") or {}).get("activation")
+    dim_proj_activation = _mapping(_mapping(config_layers.get("dim_proj")).get("config")).get("activation")
     if dim_proj_activation not in (None, "relu"):
         raise DataError(f"{path}: dim_proj has activation '{dim_proj_activation}'; the VGGFace2 ResNet50 "
                         "(and fairage's vggface2_resnet50) use relu")
@@ -321,7 +433,7 @@ def _head_layers(path: Path, dense: list[str], layers: dict, config_layers: dict
         last = position == len(dense) - 1
         entry = config_layers.get(name)
         if entry is not None:
-            activation = str((entry.get("config") or {}).get("activation", "linear"))
+            activation = str(_mapping(entry.get("config")).get("activation", "linear"))
         else:
             activation = "sigmoid" if last else "relu"
         if not last and activation != "relu":
@@ -330,7 +442,7 @@ def _head_layers(path: Path, dense: list[str], layers: dict, config_layers: dict
         if last and activation not in ("sigmoid", "linear"):
             raise DataError(f"{path}: the output layer '{name}' has activation '{activation}'; fairage reads "
                             "sigmoid (years / 100) or linear outputs")
-        dropout = _dropout_before(name, names, config_layers)
+        dropout = _dropout_before(path, name, names, config_layers)
         if last and dropout:
             notes.append(f"Dropout {dropout} before the output layer '{name}' is not represented (no effect on "
                          "predictions)")
@@ -344,13 +456,17 @@ def _head_layers(path: Path, dense: list[str], layers: dict, config_layers: dict
     return head
 
 
-def _dropout_before(name: str, names: list[str], config_layers: dict) -> float:
+def _dropout_before(path: Path, name: str, names: list[str], config_layers: dict) -> float:
     """The rate of a Dropout layer directly before ``name`` in the model config (0 if none)."""
     if name not in config_layers:
         return 0.0
     index = names.index(name)
     if index > 0 and config_layers[names[index - 1]].get("class_name") == "Dropout":
-        return float((config_layers[names[index - 1]].get("config") or {}).get("rate", 0.0))
+        rate = _mapping(config_layers[names[index - 1]].get("config")).get("rate", 0.0)
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise DataError(f"{path}: model_config: the Dropout before '{name}' has rate {str(rate)[:40]!r}; "
+                            "a rate is a number in [0, 1)")
+        return float(rate)
     return 0.0
 
 

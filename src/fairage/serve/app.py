@@ -10,10 +10,15 @@ Endpoints::
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
 
 The model is loaded once, when the app is made. Inference runs on one dedicated thread
-(torch uses the cores inside each call), so the event loop keeps answering while it works;
-at most ``max_pending`` uploads are being read or wait for it at once, more get 503. Bad
-uploads get 400, 413 or 415 with a message; the request body is read with a running byte
-count, so an oversized upload is refused without being stored.
+(torch uses the cores inside each call), so the event loop keeps answering while it works.
+Two bounded counts, so slow clients cannot starve the others: at most ``max_uploading``
+request bodies are being received at once and at most ``max_pending`` received uploads wait
+for (or are in) inference; more get 503. A body must arrive within ``body_timeout`` seconds
+(plus one per ``min_body_rate`` bytes received), with no gap longer than ``chunk_timeout``
+(408 and the connection closed otherwise), and the
+request headers within ``HEADER_TIMEOUT`` (``serve_protocol``: the connection is closed).
+Bad uploads get 400, 413 or 415 with a message; the request body is read with a running
+byte count, so an oversized upload is refused without being stored.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from starlette.requests import ClientDisconnect
 from ..errors import DataError
 from .uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, check_image
 
+#: seconds a connection may take to send a request's headers (``serve_protocol``)
+HEADER_TIMEOUT = 10.0
+
 #: room for the multipart boundaries and part headers around the file
 _MULTIPART_OVERHEAD = 64 * 1024
 #: after refusing an oversized body, read (and drop) up to this much more of it so the client
@@ -52,8 +60,17 @@ class ServeLimits:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     #: decoded pixels (width x height) per image (413 above)
     max_pixels: int = MAX_PIXELS
-    #: uploads being read, waiting for or in inference at once (503 above)
+    #: received uploads waiting for or in inference at once (503 above)
     max_pending: int = 64
+    #: request bodies being received at once (503 above), counted apart from the inference queue
+    max_uploading: int = 128
+    #: seconds to receive a request body (408 above), plus one second per ``min_body_rate`` bytes
+    #: received: a slow-loris client is cut after about this long, a real upload keeps its pace
+    body_timeout: float = 10.0
+    #: bytes per second a body must keep up to earn more time than ``body_timeout``
+    min_body_rate: float = 50_000.0
+    #: longest wait for the next piece of a request body, seconds (408 above)
+    chunk_timeout: float = 5.0
 
 
 def _predictor(model: Any, detector: str):
@@ -80,8 +97,6 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     model card dict (default: ``fairage.modelcard.build_model_card`` of the model's folder).
     """
     from ..modelcard import card_markdown
-    from ..predict import read_image
-
     predictor = _predictor(predictor_or_model_path, detector)
     card = card if card is not None else default_card(predictor.loaded)
     card_md = card_markdown(card)
@@ -90,6 +105,7 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     model_name = predictor.loaded.name
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairage-inference")
     pending = 0
+    uploading = 0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -104,9 +120,9 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     def infer(data: bytes, faces_only: bool) -> dict:
         check_image(data, limits.max_pixels)
         try:
-            # the bytes, as `fairage predict` reads a file: same decoding, EXIF turn, crops; a face
-            # crop is decoded first so its box and size are the upload's, not the model's input size
-            result = predictor.predict_image(read_image(data) if faces_only else data, faces_only=faces_only)
+            # the bytes, as `fairage predict` reads a file and the training cache a face crop: one
+            # decoder (fairage.data.decode), EXIF turn, crops; a face's box is the upload's size
+            result = predictor.predict_image(data, faces_only=faces_only)
         except DataError as err:  # passed the header check but the pixel data is bad
             raise UploadError(400, f"upload: {err}") from None
         return {
@@ -118,7 +134,9 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, err: UploadError):
-        return JSONResponse({"detail": str(err)}, status_code=err.status)
+        # a body that stopped arriving is left unread: the connection cannot carry another request
+        headers = {"Connection": "close"} if err.status == 408 else None
+        return JSONResponse({"detail": str(err)}, status_code=err.status, headers=headers)
 
     @app.get("/health")
     async def health() -> dict:
@@ -126,14 +144,22 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
 
     @app.post("/predict", openapi_extra=_PREDICT_OPENAPI)
     async def predict(request: Request, faces_only: bool = False) -> JSONResponse:
-        nonlocal pending
-        if pending >= limits.max_pending:
-            await _drain(request, 0)
-            return JSONResponse({"detail": f"busy: {pending} uploads are waiting; try again shortly"},
+        nonlocal pending, uploading
+        if uploading >= limits.max_uploading:
+            await _drain(request, 0, limits)
+            return JSONResponse({"detail": f"busy: {uploading} uploads are being received; try again shortly"},
                                 status_code=503, headers={"Retry-After": "1"})
-        pending += 1  # counted from the first byte read, so memory is bounded too
+        uploading += 1  # counted from the first byte read, so memory is bounded too
         try:
             data = await read_upload(request, limits)
+        finally:
+            uploading -= 1
+        # only uploads received in full wait for the model: a slow sender holds no place in its queue
+        if pending >= limits.max_pending:
+            return JSONResponse({"detail": f"busy: {pending} uploads are waiting; try again shortly"},
+                                status_code=503, headers={"Retry-After": "1"})
+        pending += 1
+        try:
             loop = asyncio.get_running_loop()
             return JSONResponse(await loop.run_in_executor(executor, infer, data, faces_only))
         finally:
@@ -154,15 +180,46 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     return app
 
 
-async def _drain(request: Request, already: int) -> None:
-    """Read and drop the rest of a refused body (bounded), so the client sees the answer."""
+async def _body_chunks(request: Request, limits: ServeLimits):
+    """The request body's pieces as they arrive, within ``limits.body_timeout`` seconds (plus one
+    per ``limits.min_body_rate`` bytes received) in all and ``limits.chunk_timeout`` between
+    pieces; UploadError 408 when the client is slower.
+
+    Read from the ASGI ``receive`` directly, so a timed-out wait is simply cancelled.
+    ClientDisconnect when the client goes away.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limits.body_timeout
+    received = 0
+    while True:
+        remaining = min(limits.chunk_timeout, deadline + received / limits.min_body_rate - loop.time())
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            message = await asyncio.wait_for(request.receive(), remaining)
+        except TimeoutError:
+            raise UploadError(408, f"the upload arrived too slowly ({received} bytes; the service waits "
+                                   f"{limits.chunk_timeout:g} s for each part and {limits.body_timeout:g} s "
+                                   f"for the body, plus 1 s per {limits.min_body_rate:g} bytes)") from None
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
+        received += len(chunk)
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+async def _drain(request: Request, already: int, limits: ServeLimits) -> None:
+    """Read and drop the rest of a refused body (bounded in bytes and time), so the client sees the answer."""
     seen = already
     try:
-        async for chunk in request.stream():
+        async for chunk in _body_chunks(request, limits):
             seen += len(chunk)
             if seen > _DRAIN_LIMIT:
                 return
-    except ClientDisconnect:  # the client went away: nothing left to drain
+    except (ClientDisconnect, UploadError):  # gone, or too slow: nothing more to drain
         return
 
 
@@ -170,7 +227,8 @@ async def read_upload(request: Request, limits: ServeLimits) -> bytes:
     """The encoded image of a ``/predict`` request: the multipart field ``file`` or the raw body.
 
     Raises UploadError: 413 over ``limits.max_upload_bytes``, 415 a body type that is not an
-    image, 400 a multipart form without ``file`` or a malformed one.
+    image, 400 a multipart form without ``file`` or a malformed one, 408 a body slower than
+    ``limits.body_timeout`` / ``limits.chunk_timeout``.
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = content_type == "multipart/form-data"
@@ -181,15 +239,15 @@ async def read_upload(request: Request, limits: ServeLimits) -> bytes:
     too_large = UploadError(413, f"upload larger than the limit of {limits.max_upload_bytes} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_body:
-        await _drain(request, 0)
+        await _drain(request, 0, limits)
         raise too_large
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in _body_chunks(request, limits):
             size += len(chunk)
             if size > max_body:
-                await _drain(request, size)
+                await _drain(request, size, limits)
                 raise too_large
             chunks.append(chunk)
     except ClientDisconnect:
@@ -233,6 +291,69 @@ _PREDICT_OPENAPI = {
         },
     },
 }
+
+
+def serve_protocol(header_timeout: float = HEADER_TIMEOUT) -> type:
+    """uvicorn's h11 protocol with a bound on the time to send request headers (``uvicorn.Config(http=...)``).
+
+    uvicorn closes an idle keep-alive connection but waits for ever for a request whose headers
+    trickle in; this protocol closes a connection that has not sent a request's headers
+    ``header_timeout`` seconds after it opened (or after its previous response).
+    """
+    if header_timeout == HEADER_TIMEOUT:
+        return HeaderTimeoutH11Protocol
+    return type("HeaderTimeoutH11Protocol", (HeaderTimeoutH11Protocol,), {"header_timeout": float(header_timeout)})
+
+
+def _h11_protocol_base() -> type:
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    return H11Protocol
+
+
+class HeaderTimeoutH11Protocol(_h11_protocol_base()):
+    """``serve_protocol``'s class: uvicorn's ``H11Protocol`` plus a request-header deadline."""
+
+    header_timeout = HEADER_TIMEOUT
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = None
+        self._arm_header_timer()
+
+    def _arm_header_timer(self) -> None:
+        self._cancel_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_too_slow)
+
+    def _cancel_header_timer(self) -> None:
+        timer = getattr(self, "_header_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._header_timer = None
+
+    def _waiting_for_headers(self) -> bool:
+        import h11
+
+        return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self._waiting_for_headers() and not self.transport.is_closing():
+            self.transport.close()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if not self._waiting_for_headers():  # a request's headers are in
+            self._cancel_header_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self._waiting_for_headers():
+            self._arm_header_timer()  # the next request's headers get the same time
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
 
 
 def app_from_environment() -> FastAPI:

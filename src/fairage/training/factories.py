@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..atomic import atomic_path, write_text
+from ..atomic import save_torch, write_text
 from ..config import StageConfig, TrainerConfig
 from ..models import AgeRegressor
 from ..precision import auto_precision
@@ -158,8 +158,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     and reads with ``weights_only=True`` (a corrupt file is a DataError naming it)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)  # through a Python file, so a full disk is an OSError
+        save_torch(checkpoint, path)  # a full disk is an OSError naming the checkpoint, not torch's "unexpected pos"
 
     def load_checkpoint(self, path, map_location=None, weights_only=True):
         return read_checkpoint(path)

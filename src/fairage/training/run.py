@@ -22,12 +22,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 
-from ..atomic import atomic_path, write_text
+from ..atomic import atomic_path, save_torch, write_text
 from ..config import (
     ExperimentConfig,
     StageConfig,
     TrainerConfig,
     dump_config,
+    load_yaml,
     validate_config,
 )
 from ..errors import ConfigError, DataError, FairageError
@@ -147,6 +148,8 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
     """
     run_dir = Path(out_dir)
     cfg = absolute_paths(cfg)
+    if not resume:  # the user's own folder is never written into (nor cleaned)
+        RunFolder.check_out(run_dir)
     # DDP's script launcher re-runs this command in the other ranks after rank 0 has
     # created the run folder: only rank 0 locks, checks and writes it
     lock = RunFolder(run_dir).lock() if is_rank_zero() else contextlib.nullcontext()
@@ -211,7 +214,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
         last = folder.checkpoint(stage_name, "last")
         ckpt_path = last if resume and last.is_file() else None
         if ckpt_path is not None:
-            epoch = int(read_checkpoint(ckpt_path)["epoch"]) + 1
+            epoch = _resumable_epoch(ckpt_path, model) + 1
             keep = (history["stage"] != stage_name) | (history["epoch"] <= epoch)
             history = history[keep & history["stage"].isin(completed + [stage_name])].reset_index(drop=True)
         else:
@@ -257,6 +260,37 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
     return history
 
 
+def _resumable_epoch(path: Path, model: AgeRegressor) -> int:
+    """The epoch of the ``-last`` checkpoint ``path``, checked to be one Lightning can resume ``model`` from.
+
+    DataError naming the file when it lacks what Lightning restores (epoch, weights, optimizer
+    state) or its weights do not fit ``model`` (the run's config.yaml was edited to another
+    network), so ``--resume`` says so in one line instead of failing inside Lightning.
+    """
+    ckpt = read_checkpoint(path)
+    epoch = ckpt.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise DataError(f"{path} holds no epoch number: not a checkpoint fairage training wrote; delete it to "
+                        "restart this stage from its beginning")
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict) or not isinstance(ckpt.get("optimizer_states"), list):
+        raise DataError(f"{path} holds no model weights or optimizer state: not a checkpoint fairage training "
+                        "wrote; delete it to restart this stage from its beginning")
+    own = {f"model.{k}": v for k, v in model.state_dict().items()}
+    theirs = {k: v for k, v in state.items() if k.startswith("model.")}
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    wrong = sorted(k for k in set(own) & set(theirs)
+                   if not isinstance(theirs[k], torch.Tensor) or tuple(theirs[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or wrong:
+        details = "; ".join(f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+                            for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                               ("other shape", wrong)) if keys)
+        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({details}); was "
+                        "config.yaml edited? Restore it, or start a new run")
+    return epoch
+
+
 def resume_run(out_dir: str | Path, progress: bool = True,
                callbacks: Sequence[Callback] = ()) -> EvaluationResult | None:
     """Continue an interrupted run from its last checkpoint, in the right stage; return the test metrics.
@@ -285,7 +319,7 @@ def load_model_from_checkpoint(path: str | Path) -> tuple[AgeRegressor, Experime
         raise DataError(f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
                         "fairage training, or by an older version: use its run folder instead")
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text, f"{path} ({CONFIG_KEY})")
     except yaml.YAMLError as err:
         raise DataError(f"{path}: the config saved inside is not valid YAML: {err}") from None
     cfg = validate_config(raw, f"{path} ({CONFIG_KEY})")
@@ -334,6 +368,5 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
             save_file(state, str(tmp), metadata={"fairage_run": str(source.resolve()),
                                                  "backbone": cfg.model.backbone})
         else:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
+            save_torch(state, tmp)
     return out_path

@@ -160,4 +160,15 @@ def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
         from ..errors import DataError
 
         raise DataError(f"{path} holds no 'state_dict': not a fairage training checkpoint")
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
+    except RuntimeError as err:  # missing/unexpected keys or other shapes: config.yaml names another model
+        from ..errors import DataError
+
+        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({_first_line(err)}); "
+                        "was config.yaml edited? Restore it, or start a new run") from None
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
