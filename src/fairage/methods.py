@@ -44,7 +44,7 @@ class FaceArrays:
 
 def uses_methods(stage: StageConfig) -> bool:
     """Whether ``stage`` turns on any method beyond sample weighting."""
-    return stage.loss in ("bmc", "ce") or stage.label_std != "off" or stage.dro.enabled
+    return stage.loss in ("bmc", "ce", "coral", "corn") or stage.label_std != "off" or stage.dro.enabled
 
 
 def face_arrays(train_faces: pd.DataFrame, stage: StageConfig, stage_name: str = "stage") -> FaceArrays:

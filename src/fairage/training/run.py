@@ -48,7 +48,7 @@ from .factories import (
     resolve_accelerator,
     resolve_precision,
 )
-from .inference import predict
+from .inference import predict_with_spread
 from .stage import fit_stage, load_module_checkpoint
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,13 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
 
 
 def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: np.ndarray,
-                  folder: RunFolder) -> EvaluationResult:
-    """Write ``predictions_test.csv`` and (last, atomically) ``metrics_test.json``; return the metrics."""
+                  folder: RunFolder, spread: np.ndarray | None = None) -> EvaluationResult:
+    """Write ``predictions_test.csv`` (with the per-face ``spread`` when the head gives one) and
+    (last, atomically) ``metrics_test.json``; return the metrics."""
     from ..data.predictions import write_predictions
     from ..metrics import evaluate
 
-    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions)
+    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, spread)
     df = test_faces.copy()
     df["prediction"] = predictions
     metrics = evaluate(df, **folder.evaluation_settings(cfg))
@@ -183,14 +184,15 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
 
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
-    preds = predict(model, data.images["test"], device=device_for(cfg.trainer))  # float32, whatever training used
+    # float32, whatever training used
+    preds, spread = predict_with_spread(model, data.images["test"], device=device_for(cfg.trainer))
     warnings = list(folder.record.warnings)
     collapsed = collapse_warning(preds)
     if collapsed:
         log.warning("%s: %s", run_dir, collapsed)
         warnings.append(collapsed)
     folder.update(stage="test", warnings=warnings)  # predicting and evaluating the test split
-    metrics = evaluate_test(cfg, data.faces["test"], preds, folder)
+    metrics = evaluate_test(cfg, data.faces["test"], preds, folder, spread)
     folder.update(status="finished", stage=cfg.stages()[-1][0])
     return metrics
 
