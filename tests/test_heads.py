@@ -15,7 +15,13 @@ import pytest
 import torch
 from coral_pytorch.losses import coral_loss, corn_loss
 
-from fairage.config import HeadBlock, ModelConfig, StageConfig, load_preset, validate_config
+from fairage.config import (
+    HeadBlock,
+    ModelConfig,
+    StageConfig,
+    load_preset,
+    validate_config,
+)
 from fairage.data.predictions import read_predictions
 from fairage.errors import ConfigError
 from fairage.losses import (
@@ -201,3 +207,37 @@ def test_output_dex_alone_trains_and_writes_the_spread(tmp_path):
     result = predictor.predict_image(load_images(faces.iloc[:1], 32)[0], faces_only=True)
     row = prediction_rows("a.jpg", result, faces_only=True)[0]
     assert set(row) == {"image", "age", "spread"} and row["spread"] == pytest.approx(spreads[0], abs=1e-4)
+
+
+@pytest.mark.parametrize("output", ["dex", "coral", "corn"])
+def test_distribution_heads_start_at_the_training_ages_distribution(output):
+    model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)],
+                                    output=output))[0]
+    assert model.init_output_bias(np.array([10.0, 10.2, 20.0]))
+    # counts over the ages 0..100 with half a face added to each: 2.5 at 10, 1.5 at 20, 0.5 elsewhere
+    counts = [0.5] * 101
+    counts[10], counts[20] = 2.5, 1.5
+    total = sum(counts)  # 53.5
+    last = model.head[-1]
+    bias = (last.coral_bias if output == "coral" else last.bias).detach().double().numpy()
+    if output == "dex":
+        expected = [math.log(c / total) for c in counts]
+    else:
+        above = [sum(counts[k + 1:]) for k in range(100)]
+        below = [total] + above[:-1]  # faces older than k-1
+        p = [a / (total if output == "coral" else b) for a, b in zip(above, below)]
+        expected = [math.log(q / (1 - q)) for q in p]
+    assert bias.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    # with the last layer's weights at zero the head predicts from the prior alone
+    with torch.no_grad():
+        (last.coral_weights.weight if output == "coral" else last.weight).zero_()
+    years = model.years(model.eval()(torch.rand(2, 3, 32, 32)))
+    if output == "dex":  # the prior's mean
+        assert years.tolist() == pytest.approx([sum(k * c for k, c in enumerate(counts)) / total] * 2, rel=1e-5)
+    else:  # the thresholds whose P(age > k) exceeds 1/2
+        passed = sum(1 for k in range(100) if math.prod(p[: k + 1] if output == "corn" else [p[k]]) > 0.5)
+        # by hand: faces older than k are 50.5 - (k + 1) / 2 of 53.5 for k >= 20, more than half up to k = 46
+        assert passed == 47
+        assert years.tolist() == [passed, passed]
+    regression = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)]))[0]
+    assert not regression.init_output_bias(np.array([10.0, 20.0]))

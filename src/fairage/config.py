@@ -154,6 +154,9 @@ class StageConfig(StrictModel):
     bmc_sigma: float = Field(8.0, gt=0)
     #: loss ce (DEX): Gaussian label-distribution sigma in years; 0 = one-hot target class
     dex_sigma: float = Field(0.0, ge=0)
+    #: loss ce (DEX): weight of the L1 error (years) of the softmax's expected age, added to the
+    #: cross-entropy (DLDL-v2); 0 = the plain cross-entropy of DEX
+    dex_l1: float = Field(0.0, ge=0)
     #: per-face rater spread (face table column ``age_std``): "sample" draws each epoch's
     #: targets from N(age, age_std); "weight" multiplies the loss by 1/age_std^2 (mean 1)
     label_std: Literal["off", "sample", "weight"] = "off"

@@ -152,10 +152,17 @@ def dex_target_distribution(target_years: torch.Tensor, sigma: float = 0.0, n_cl
     return torch.softmax(-(ages - t).pow(2) / (2 * sigma ** 2), dim=1)
 
 
-def dex_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of (B, 101) logits against ``dex_target_distribution`` -> (B,) (nats)."""
+def dex_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, sigma: float = 0.0,
+                      l1: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of (B, 101) logits against ``dex_target_distribution`` -> (B,) (nats), plus
+    ``l1`` times ``|expected age - age|`` in years when ``l1 > 0`` (DLDL-v2, Gao et al. 2018: the
+    expectation's error reaches every logit, ``d E / d logit_k = p_k (k - E)``, so the ordering of
+    the classes is learnt from each face, not only its own class)."""
     target = dex_target_distribution(target_years, sigma, logits.shape[-1])
-    return -(target * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    loss = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    if l1 > 0:
+        loss = loss + l1 * (dex_expectation(logits) - target_years.reshape(-1).float()).abs()
+    return loss
 
 
 def dex_spread(logits: torch.Tensor) -> torch.Tensor:
@@ -346,6 +353,7 @@ class StageObjective(nn.Module):
     kind : the stage's loss: mse, mae, huber, bmc, ce (DEX logits), coral or corn (ordinal logits).
     label_scale : years per label unit (``fairage.models.LABEL_SCALE``).
     huber_delta, bmc_sigma, dex_sigma : in years (converted to label units here).
+    dex_l1 : loss ce: weight of the expected age's L1 error (years) added to the cross-entropy.
     dro : a ``GroupDRO`` or None; needs ``face_groups``.
     face_groups : (N,) int group id of every training face (DRO), or None.
     face_ages, face_std : (N,) years of every training face, for ``label_std``.
@@ -360,7 +368,7 @@ class StageObjective(nn.Module):
     """
 
     def __init__(self, kind: str, label_scale: float = 1.0, huber_delta: float = 5.0, bmc_sigma: float = 8.0,
-                 dex_sigma: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
+                 dex_sigma: float = 0.0, dex_l1: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
                  face_ages: torch.Tensor | None = None, face_std: torch.Tensor | None = None,
                  label_std: str = "off", age_std_floor: float = 1.0, seed: int = 0):
         super().__init__()
@@ -374,6 +382,7 @@ class StageObjective(nn.Module):
         self.scale = float(label_scale)
         self.huber_delta = huber_delta / self.scale
         self.dex_sigma = float(dex_sigma)
+        self.dex_l1 = float(dex_l1)
         self.bmc = BMCLoss(bmc_sigma / self.scale) if kind == "bmc" else None
         self.dro = dro
         self.label_std = label_std
@@ -399,7 +408,7 @@ class StageObjective(nn.Module):
     def per_face(self, out: torch.Tensor, target_years: torch.Tensor, train: bool) -> torch.Tensor:
         """(B,) losses of the outputs against targets in years."""
         if self.kind == "ce":
-            return dex_loss_per_face(out, target_years, self.dex_sigma)
+            return dex_loss_per_face(out, target_years, self.dex_sigma, self.dex_l1)
         if self.kind == "coral":
             return coral_loss_per_face(out, target_years)
         if self.kind == "corn":

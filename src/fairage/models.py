@@ -48,6 +48,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -56,7 +57,14 @@ from torchvision import models as tv_models
 from .config import TORCHVISION_BACKBONES, HeadBlock, ModelConfig, timm_name
 from .data.predictions import PREDICTION_RANGE
 from .errors import ConfigError
-from .losses import DEX_AGES, ORDINAL_TASKS, dex_expectation, dex_spread, ordinal_ages, ordinal_spread
+from .losses import (
+    DEX_AGES,
+    ORDINAL_TASKS,
+    dex_expectation,
+    dex_spread,
+    ordinal_ages,
+    ordinal_spread,
+)
 
 log = logging.getLogger(__name__)
 
@@ -378,6 +386,35 @@ class AgeRegressor(nn.Module):
         if self.output in ("coral", "corn"):
             return ordinal_ages(out, self.output)
         return out.float() * self.label_scale
+
+    def init_output_bias(self, train_ages) -> bool:
+        """Start a distribution head at the training ages' distribution (its last layer's biases); True if done.
+
+        ``train_ages``: (N,) years. DEX: ``b_k = log p_k``, CORAL: ``b_k = logit P(age > k)``,
+        CORN: ``b_k = logit P(age > k | age > k-1)``, the probabilities counted over the ages
+        rounded to 0..100 with half a face added to every count (no infinite logit). At torch's
+        init every bias is near 0: DEX's softmax starts uniform over 0..100 and CORAL's 100
+        thresholds start within 1 logit of each other, so the first epochs only spread them
+        out; from the prior they start where a mean predictor ends and learn the faces at
+        once. The regression heads are left alone (False).
+        """
+        if self.output not in DISTRIBUTION_HEADS:
+            return False
+        ages = torch.as_tensor(np.asarray(train_ages, dtype=np.float32)).reshape(-1)
+        counts = torch.bincount(ages.round().clamp(0, DEX_AGES - 1).long(), minlength=DEX_AGES).double() + 0.5
+        if self.output == "dex":
+            bias = (counts / counts.sum()).log()
+        else:
+            above = counts.sum() - counts.cumsum(0)[:-1]  # faces older than k, k = 0..99
+            if self.output == "coral":
+                p = above / counts.sum()
+            else:  # conditional on being older than k-1
+                p = above / torch.cat([counts.sum().reshape(1), above[:-1]])
+            bias = (p / (1 - p)).log()
+        last = self.head[-1]
+        with torch.no_grad():
+            (last.coral_bias if self.output == "coral" else last.bias).copy_(bias.float())
+        return True
 
     @property
     def has_spread(self) -> bool:

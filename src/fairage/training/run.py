@@ -172,6 +172,10 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
+    head_loaded = weight_info["weights_loaded"] and not any(k.startswith("head.")
+                                                            for k in weight_info.get("missing_keys", []))
+    if not head_loaded:  # a distribution head starts at the training ages' distribution (no-op for regression)
+        model.init_output_bias(data.faces["train"]["age"].to_numpy(dtype=float))
     if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
         folder = RunFolder.create(run_dir, cfg, data_dir, **weight_info, device=device_description(cfg.trainer),
                                   precision=resolve_precision(cfg.trainer))
