@@ -207,6 +207,19 @@ def test_output_dex_alone_trains_and_writes_the_spread(tmp_path):
     result = predictor.predict_image(load_images(faces.iloc[:1], 32)[0], faces_only=True)
     row = prediction_rows("a.jpg", result, faces_only=True)[0]
     assert set(row) == {"image", "age", "spread"} and row["spread"] == pytest.approx(spreads[0], abs=1e-4)
+    # the service's JSON carries it too (in-process ASGI client, no socket)
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from conftest import jpeg_bytes
+    from fairage.serve import create_app
+
+    crop = np.asarray(Image.fromarray(load_images(faces.iloc[:1], 32)[0]).resize((64, 64)))
+    with TestClient(create_app(predictor)) as client:
+        answer = client.post("/predict?faces_only=true", content=jpeg_bytes(crop), headers={"content-type": "image/jpeg"})
+    assert answer.status_code == 200
+    face = answer.json()["faces"][0]
+    assert set(face) == {"box", "score", "age", "spread"} and 0 < face["spread"] < 60
 
 
 @pytest.mark.parametrize("output", ["dex", "coral", "corn"])
@@ -241,3 +254,28 @@ def test_distribution_heads_start_at_the_training_ages_distribution(output):
         assert years.tolist() == [passed, passed]
     regression = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)]))[0]
     assert not regression.init_output_bias(np.array([10.0, 20.0]))
+
+
+def test_spread_columns_in_the_prediction_files(tmp_path):
+    from fairage.data.predictions import write_predictions
+    from fairage.predict import FaceResult, ImageResult, prediction_rows, write_prediction_csv
+
+    faces = pd.DataFrame({"image": ["a", "b"], "age": [20.0, 30.0]})
+    write_predictions(tmp_path / "p.csv", faces, [21.0, 29.5], spread=[3.0, 4.5])
+    table = read_predictions(tmp_path / "p.csv")
+    assert list(table.columns) == ["image", "prediction", "spread", "age"]
+    assert table["spread"].tolist() == [3.0, 4.5]
+    write_predictions(tmp_path / "q.csv", faces, [21.0, 29.5])  # a regression head: no column
+    assert "spread" not in read_predictions(tmp_path / "q.csv").columns
+    # `fairage predict --faces` output with a spread reads as predictions too
+    rows = [r for label, age in (("a", 21.0), ("b", 29.5))
+            for r in prediction_rows(label, ImageResult(8, 8, [FaceResult((0, 0, 8, 8), 1.0, age, 2.0)]), True)]
+    write_prediction_csv(tmp_path / "faces.csv", rows, faces_only=True)
+    assert (tmp_path / "faces.csv").read_text().splitlines()[0] == "image,age,spread"
+    assert read_predictions(tmp_path / "faces.csv")["prediction"].tolist() == [21.0, 29.5]
+    # detect mode: a photo without a face has an empty spread
+    detect = prediction_rows("x", ImageResult(8, 8, [FaceResult((1, 2, 3, 4), 0.9, 40.0, 5.0)]), False)
+    detect += prediction_rows("y", ImageResult(8, 8, []), False)
+    write_prediction_csv(tmp_path / "detect.csv", detect, faces_only=False)
+    lines = (tmp_path / "detect.csv").read_text().splitlines()
+    assert lines[0] == "image,face,x,y,w,h,score,age,spread" and lines[1].endswith(",40.0,5.0") and lines[2] == "y,,,,,,,,"
