@@ -28,6 +28,8 @@ losses so that sample weights, Group DRO and plain means compose the same way.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -223,23 +225,23 @@ def corn_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor) -> torc
 def ordinal_exceed_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """(B, K-1) logits -> (B, K-1) P(age > k): CORAL's sigmoids (made non-increasing with a running
     minimum, which the trained model satisfies by its shared weights), CORN's running product."""
-    probs = torch.sigmoid(logits.float())
-    if kind == "corn":
-        return torch.cumprod(probs, dim=-1)
+    if kind == "corn":  # the running product as exp of a running sum: ONNX has CumSum, not CumProd
+        return torch.exp(torch.cumsum(F.logsigmoid(logits.float()), dim=-1))
     if kind == "coral":
-        return torch.cummin(probs, dim=-1).values
+        return torch.cummin(torch.sigmoid(logits.float()), dim=-1).values
     raise ValueError(f"unknown ordinal head {kind!r}; choose coral or corn")
 
 
 def ordinal_ages(logits: torch.Tensor, kind: str) -> torch.Tensor:
     """(B, K-1) CORAL/CORN logits -> (B,) predicted age in years: the thresholds passed, ``#{k: P(age > k) > 0.5}``
     (``coral_pytorch.dataset.proba_to_label`` / ``corn_label_from_logits``)."""
-    probs = torch.sigmoid(logits.float())
-    if kind == "corn":
-        probs = torch.cumprod(probs, dim=-1)
-    elif kind != "coral":
+    if kind == "coral":
+        passed = logits.float() > 0  # sigmoid > 1/2
+    elif kind == "corn":  # log of the running product of the sigmoids > log 1/2 (exportable to ONNX)
+        passed = torch.cumsum(F.logsigmoid(logits.float()), dim=-1) > math.log(0.5)
+    else:
         raise ValueError(f"unknown ordinal head {kind!r}; choose coral or corn")
-    return (probs > 0.5).sum(dim=-1).to(torch.float32)
+    return passed.sum(dim=-1).to(torch.float32)
 
 
 def ordinal_spread(logits: torch.Tensor, kind: str) -> torch.Tensor:
