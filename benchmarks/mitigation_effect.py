@@ -1,6 +1,7 @@
 """Do the field's mitigation methods lower the bias scores on the synthetic benchmark, and at what MAE cost?
 
-Trains the ``methods`` preset group (M1, M5, M5-dro, M5-bmc, M5-std, M5-dex) at ``cpu``
+Trains the ``methods`` preset group (M1, M5, M5-dro, M5-bmc, M5-std, M5-dex, M5-coral,
+M5-corn: the heads DEX, CORAL and CORN beside the losses) at ``cpu``
 scale from the demo's stand-in pretrained backbone, once per training seed (0..K-1), on
 the demo's synthetic benchmark (optionally with fewer training faces), then prints:
 

@@ -106,7 +106,7 @@ def test_defaults_leave_every_method_off():
 
 
 def test_methods_group_and_presets():
-    assert expand_presets(["methods"]) == ["M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex"]
+    assert expand_presets(["methods"]) == ["M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex", "M5-coral", "M5-corn"]
     assert expand_presets(["M2", "methods"])[:2] == ["M2", "M1"]
     assert [n for n, _ in suite_configs(["methods"], "tiny")] == list(PRESET_GROUPS["methods"])
     assert load_preset("M5-dro", "cpu").stage2.dro.enabled

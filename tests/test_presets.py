@@ -33,9 +33,14 @@ EXPECTED = {
     "M5-bmc": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
     "M5-std": (DEEP_HEAD, UNWEIGHTED, ("age_ethnicity", False, "loss")),
     "M5-dex": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
+    "M5-coral": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
+    "M5-corn": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
 }
 #: presets whose stages train with another loss than MSE: (stage1 loss, stage2 loss)
-LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce")}
+LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce"), "M5-coral": ("coral", "coral"),
+          "M5-corn": ("corn", "corn")}
+#: presets with another head than the kit's sigmoid
+OUTPUTS = {"M5-dex": "dex", "M5-coral": "coral", "M5-corn": "corn"}
 
 
 def test_every_preset_is_listed_with_a_one_line_description():
@@ -71,7 +76,7 @@ def test_full_scale_is_the_kit_and_report_setting(name):
     cfg = load_preset(name, "full")
     m = cfg.model
     assert (m.backbone, m.projection_dim, m.input_norm, m.head_init, m.output) == (
-        "vggface2_resnet50", 512, "vggface2", "keras", "dex" if name == "M5-dex" else "sigmoid")
+        "vggface2_resnet50", 512, "vggface2", "keras", OUTPUTS.get(name, "sigmoid"))
     assert m.weights is None  # the user's own weights.h5, imported
     assert cfg.data.image_size == 224
     assert [(b.units, b.dropout) for b in m.head] == head

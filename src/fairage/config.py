@@ -145,8 +145,10 @@ class StageConfig(StrictModel):
     #: ReduceLROnPlateau improvement threshold: None = torch's (relative, 1e-4); a number =
     #: an absolute change of the validation loss (label units), Keras's ``min_delta`` (1e-4)
     lr_min_delta: float | None = Field(None, ge=0)
-    #: "bmc": Balanced MSE (batch Monte-Carlo); "ce": cross-entropy, only with ``model.output: dex``
-    loss: Literal["mse", "mae", "huber", "bmc", "ce"] = "mse"
+    #: "bmc": Balanced MSE (batch Monte-Carlo); "ce": cross-entropy, only with ``model.output: dex``;
+    #: "coral" / "corn": the ordinal heads' losses, each only with its head. Unset in an experiment
+    #: config, the loss follows the head (``HEAD_LOSS``: mse for sigmoid and linear, ce for dex, ...)
+    loss: Literal["mse", "mae", "huber", "bmc", "ce", "coral", "corn"] = "mse"
     #: Huber transition point in years
     huber_delta: float = Field(5.0, gt=0)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
@@ -171,6 +173,9 @@ class StageConfig(StrictModel):
     bmc_sigma: float = Field(8.0, gt=0)
     #: loss ce (DEX): Gaussian label-distribution sigma in years; 0 = one-hot target class
     dex_sigma: float = Field(0.0, ge=0)
+    #: loss ce (DEX): weight of the L1 error (years) of the softmax's expected age, added to the
+    #: cross-entropy (DLDL-v2); 0 = the plain cross-entropy of DEX
+    dex_l1: float = Field(0.0, ge=0)
     #: per-face rater spread (face table column ``age_std``): "sample" draws each epoch's
     #: targets from N(age, age_std); "weight" multiplies the loss by 1/age_std^2 (mean 1)
     label_std: Literal["off", "sample", "weight"] = "off"
@@ -184,27 +189,84 @@ class HeadBlock(StrictModel):
     units: int = Field(..., ge=1, le=MAX_UNITS)
 
 
+#: the torchvision backbones (``model.weights: imagenet`` loads their ImageNet weights)
+TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50")
+#: ``model.backbone: timm/<name>``: any timm model (``timm.create_model(name, num_classes=0)``)
+TIMM_PREFIX = "timm/"
+
+
+def timm_name(backbone: str) -> str | None:
+    """The timm model name of ``timm/<name>``, else None."""
+    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
+
+
 class ModelConfig(StrictModel):
-    #: torchvision ResNets, or "vggface2_resnet50": the VGGFace2 authors' Keras ResNet50 (the
-    #: course kit's network; its projection is dim_proj, Dense(projection_dim) + ReLU)
-    backbone: Literal["resnet18", "resnet34", "resnet50", "vggface2_resnet50"] = "resnet50"
-    #: local .pth/.pt state dict or .safetensors; None = random init (recorded in the run)
-    weights: Path | None = None
+    #: torchvision ResNets, "vggface2_resnet50": the VGGFace2 authors' Keras ResNet50 (the
+    #: course kit's network; its projection is dim_proj, Dense(projection_dim) + ReLU), or
+    #: "timm/<name>": a timm model's pooled features (e.g. timm/convnext_tiny.fb_in22k)
+    backbone: str = "resnet50"
+    #: a local .pth/.pt state dict, .safetensors file or model folder; "pretrained" (timm backbones:
+    #: timm's own weights through its cache, ``timm.create_model(pretrained=True)``); "imagenet"
+    #: (torchvision backbones: the weights enum's DEFAULT through the torch hub cache); None =
+    #: random init (recorded in the run). An offline machine needs the cached file (the error says which)
+    weights: Literal["pretrained", "imagenet"] | Path | None = None
     #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
     projection_dim: int | None = Field(512, ge=1, le=MAX_UNITS)
     head: list[HeadBlock] = Field(
         default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)]
     )
     #: "sigmoid": output in [0, 100] years (labels /100 internally); "linear": raw years;
-    #: "dex": 101 age classes 0..100, softmax, prediction = expected value (trains with loss ce)
-    output: Literal["sigmoid", "linear", "dex"] = "sigmoid"
+    #: "dex": 101 age classes 0..100, softmax, prediction = expected value (trains with loss ce);
+    #: "coral" / "corn": 100 ordinal thresholds "age > k" (coral-pytorch), prediction = thresholds passed
+    output: Literal["sigmoid", "linear", "dex", "coral", "corn"] = "sigmoid"
     #: the network's input convention, applied inside the model (``fairage.models.InputNorm``):
     #: "imagenet" (RGB, ImageNet mean/std), "vggface2" (BGR 0-255 minus the VGGFace2 mean),
-    #: "caffe" (BGR 0-255 minus 103.939/116.779/123.68, Keras resnet50.preprocess_input)
-    input_norm: Literal["imagenet", "vggface2", "caffe"] = "imagenet"
+    #: "caffe" (BGR 0-255 minus 103.939/116.779/123.68, Keras resnet50.preprocess_input),
+    #: "pretrained" (timm backbones, their default: the mean and std of the model's pretrained config)
+    input_norm: Literal["imagenet", "vggface2", "caffe", "pretrained"] = "imagenet"
     #: initialisation of the Dense layers fairage creates (projection, head): "torch" (nn.Linear's
     #: default) or "keras" (Keras Dense's default: glorot-uniform kernel, zero bias)
     head_init: Literal["torch", "keras"] = "torch"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _timm_input_norm(cls, data: Any) -> Any:
+        # a timm model's input convention is in its pretrained config (mean/std differ between models)
+        if isinstance(data, dict) and str(data.get("backbone", "")).startswith(TIMM_PREFIX) \
+                and "input_norm" not in data:
+            data = {**data, "input_norm": "pretrained"}
+        return data
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        name = timm_name(value)
+        if name is None:
+            known = (*TORCHVISION_BACKBONES, "vggface2_resnet50")
+            if value not in known:
+                raise ValueError(f"'{value}' is not one of {', '.join(known)} or timm/<name> (a timm model)")
+            return value
+        import timm
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=1)
+            hint = f" (did you mean 'timm/{close[0]}'?)" if close else ""
+            raise ValueError(f"'{name}' is not a timm model{hint}; timm.list_models() lists them")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_fit_backbone(self) -> ModelConfig:
+        timm = timm_name(self.backbone) is not None
+        if self.weights == "pretrained" and not timm:
+            raise ValueError(f"model.weights 'pretrained' needs a timm backbone (timm/<name>), not '{self.backbone}'; "
+                             f"for {', '.join(TORCHVISION_BACKBONES)} use model.weights: imagenet")
+        if self.weights == "imagenet" and self.backbone not in TORCHVISION_BACKBONES:
+            raise ValueError(f"model.weights 'imagenet' needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)}), "
+                             f"not '{self.backbone}'" + ("; for timm models use model.weights: pretrained" if timm else ""))
+        if self.input_norm == "pretrained" and not timm:
+            raise ValueError(f"model.input_norm 'pretrained' reads a timm model's pretrained config; backbone "
+                             f"'{self.backbone}' has none (use imagenet, vggface2 or caffe)")
+        return self
 
     @model_validator(mode="after")
     def _vggface2_has_dim_proj(self) -> ModelConfig:
@@ -212,6 +274,24 @@ class ModelConfig(StrictModel):
             raise ValueError("backbone vggface2_resnet50 includes its dim_proj layer: projection_dim must be set "
                              "(512 for the VGGFace2 weights)")
         return self
+
+
+#: each head's default training loss, used when a stage does not set ``loss``
+HEAD_LOSS: dict[str, str] = {"sigmoid": "mse", "linear": "mse", "dex": "ce", "coral": "coral", "corn": "corn"}
+#: the losses each head trains with (the regression losses fit the two regression heads)
+HEAD_LOSSES: dict[str, tuple[str, ...]] = {
+    "sigmoid": ("mse", "mae", "huber", "bmc"), "linear": ("mse", "mae", "huber", "bmc"),
+    "dex": ("ce",), "coral": ("coral",), "corn": ("corn",)}
+
+
+def loss_conflict(stage_name: str, loss: str, output: str) -> str | None:
+    """One line naming both keys when ``stage_name``'s loss cannot train ``model.output``, else None."""
+    if loss in HEAD_LOSSES[output]:
+        return None
+    fits = [head for head, losses in HEAD_LOSSES.items() if loss in losses]
+    return (f"{stage_name}.loss '{loss}' does not fit model.output '{output}': the {output} head trains with loss "
+            f"{' or '.join(HEAD_LOSSES[output])}, and loss {loss} needs output {' or '.join(fits)} "
+            f"(leave {stage_name}.loss unset and it follows the head)")
 
 
 class DataConfig(StrictModel):
@@ -324,12 +404,31 @@ class ExperimentConfig(StrictModel):
             raise ValueError("a config needs at least one of stage1 (head only) and stage2 (all layers)")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_follows_head(cls, data: Any) -> Any:
+        # a stage that does not set its loss trains with its head's (output dex -> ce, ...)
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model")
+        output = model.get("output") if isinstance(model, dict) else getattr(model, "output", None)
+        if output not in HEAD_LOSS:
+            return data  # the default head, or a bad value the field's own check reports
+        data = dict(data)
+        for name in ("stage1", "stage2"):
+            stage = data.get(name)
+            if isinstance(stage, dict) and "loss" not in stage:
+                data[name] = {**stage, "loss": HEAD_LOSS[output]}
+            elif isinstance(stage, StageConfig) and "loss" not in stage.model_fields_set:
+                data[name] = stage.model_copy(update={"loss": HEAD_LOSS[output]})
+        return data
+
     @model_validator(mode="after")
     def _loss_fits_output(self) -> ExperimentConfig:
         for name, stage in self.stages():
-            if (self.model.output == "dex") != (stage.loss == "ce"):
-                raise ValueError(f"{name}.loss '{stage.loss}' does not fit model.output '{self.model.output}': "
-                                 "the DEX head (output dex) trains with loss ce, and loss ce needs output dex")
+            conflict = loss_conflict(name, stage.loss, self.model.output)
+            if conflict:
+                raise ValueError(conflict)
         return self
 
     @property
@@ -503,6 +602,10 @@ def format_validation_error(err: ValidationError, source: str, model: type[BaseM
             if close:
                 hint = f" (did you mean '{close[0]}'?)"
             lines.append(f"  unknown key '{key}'{hint}; valid keys here: {', '.join(valid)}")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):
+            # a check across keys: its message names them; the input would be a whole section
+            message = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"  {message}" if not loc or message.startswith(f"{key}.") else f"  {key}: {message}")
         else:
             allowed = _allowed_range(model, loc) if e["type"] in _RANGE_ERRORS else ""
             lines.append(f"  {key}: {e['msg']}{allowed} (got {clip(repr(e.get('input')))})")

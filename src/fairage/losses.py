@@ -1,8 +1,9 @@
-"""Training losses beyond weighted regression: Group DRO, Balanced MSE (BMC), DEX, label uncertainty.
+"""Training losses beyond weighted regression: Group DRO, Balanced MSE (BMC), DEX, CORAL, CORN, label uncertainty.
 
-Pure torch. Shapes: a batch of B faces; ``pred``/``target`` (B,) in the model's *label
-units* (years / 100 for ``output: sigmoid``, years for ``linear``); DEX logits (B, 101)
-over the ages 0..100 with targets in years. Every ``*_per_face`` function returns (B,)
+Pure torch (the ordinal losses through ``coral-pytorch``). Shapes: a batch of B faces;
+``pred``/``target`` (B,) in the model's *label units* (years / 100 for ``output: sigmoid``,
+years for ``linear``); DEX logits (B, 101) over the ages 0..100 and CORAL/CORN logits
+(B, 100), one per threshold "age > k" for k = 0..99, with targets in years. Every ``*_per_face`` function returns (B,)
 losses so that sample weights, Group DRO and plain means compose the same way.
 
 * ``bmc_loss`` (Ren et al., CVPR 2022, "Balanced MSE", batch-based Monte-Carlo form):
@@ -12,6 +13,12 @@ losses so that sample weights, Group DRO and plain means compose the same way.
 * ``dex_loss_per_face`` (Rothe et al., 2015, DEX): cross-entropy over 101 age classes,
   against a one-hot class or a Gaussian label distribution; ``dex_expectation`` is the
   prediction, ``sum_k k softmax_k``.
+* ``coral_loss_per_face`` (Cao et al. 2020, CORAL) and ``corn_loss_per_face`` (Shi et al.
+  2023, CORN): K-1 = 100 binary tasks "age > k" over the ages 0..100; the prediction is the
+  number of thresholds passed (``ordinal_ages``), CORAL's from each task's probability,
+  CORN's from their running product (the tasks are conditional on the previous ones).
+* ``dex_spread`` / ``ordinal_spread``: the standard deviation (years) of the predicted age
+  distribution of each face.
 * ``GroupDRO`` (Sagawa et al., ICLR 2020): per-group mean losses, online
   exponentiated-gradient group weights ``q``, loss ``sum_g q_g loss_g``; under
   ``torch.distributed`` the group means are over all processes' faces.
@@ -20,6 +27,8 @@ losses so that sample weights, Group DRO and plain means compose the same way.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -145,10 +154,107 @@ def dex_target_distribution(target_years: torch.Tensor, sigma: float = 0.0, n_cl
     return torch.softmax(-(ages - t).pow(2) / (2 * sigma ** 2), dim=1)
 
 
-def dex_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
-    """Cross-entropy of (B, 101) logits against ``dex_target_distribution`` -> (B,) (nats)."""
+def dex_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, sigma: float = 0.0,
+                      l1: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of (B, 101) logits against ``dex_target_distribution`` -> (B,) (nats), plus
+    ``l1`` times ``|expected age - age|`` in years when ``l1 > 0`` (DLDL-v2, Gao et al. 2018: the
+    expectation's error reaches every logit, ``d E / d logit_k = p_k (k - E)``, so the ordering of
+    the classes is learnt from each face, not only its own class)."""
     target = dex_target_distribution(target_years, sigma, logits.shape[-1])
-    return -(target * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    loss = -(target * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
+    if l1 > 0:
+        loss = loss + l1 * (dex_expectation(logits) - target_years.reshape(-1).float()).abs()
+    return loss
+
+
+def dex_spread(logits: torch.Tensor) -> torch.Tensor:
+    """(B, 101) DEX logits -> (B,) standard deviation in years of the softmax over the ages 0..100."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    ages = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    mean = probs @ ages
+    return (probs @ ages.pow(2) - mean.pow(2)).clamp(min=0).sqrt()
+
+
+# --------------------------------------------------------------------------- CORAL and CORN
+
+#: ordinal heads' binary tasks: "age > k" for k = 0..99 (DEX_AGES - 1 of them)
+ORDINAL_TASKS = DEX_AGES - 1
+
+
+def age_classes(target_years: torch.Tensor, n_classes: int = DEX_AGES) -> torch.Tensor:
+    """(B,) ages in years -> (B,) int64 classes: the nearest whole age, clamped to 0..n_classes-1."""
+    return target_years.reshape(-1).round().clamp(0, n_classes - 1).long()
+
+
+def ordinal_levels(target_years: torch.Tensor, n_classes: int = DEX_AGES) -> torch.Tensor:
+    """(B,) ages -> (B, n_classes - 1) float levels, ``levels[i, k] = 1`` when class_i > k
+    (``coral_pytorch.dataset.levels_from_labelbatch``, vectorised)."""
+    classes = age_classes(target_years, n_classes).reshape(-1, 1)
+    ks = torch.arange(n_classes - 1, device=classes.device).reshape(1, -1)
+    return (classes > ks).float()
+
+
+def coral_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor) -> torch.Tensor:
+    """CORAL loss of (B, K-1) logits against ages in years -> (B,): the sum over the K-1 tasks
+    of the binary cross-entropy of "age > k" (nats; ``coral_pytorch.losses.coral_loss`` per face)."""
+    from coral_pytorch.losses import coral_loss
+
+    logits = logits.float()
+    return coral_loss(logits, ordinal_levels(target_years, logits.shape[-1] + 1), reduction=None)
+
+
+def corn_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor) -> torch.Tensor:
+    """CORN loss of (B, K-1) logits against ages in years -> (B,).
+
+    Task k is trained only on the faces with class > k-1 (the conditional training sets of
+    CORN); face i takes part in ``n_i = min(class_i + 1, K-1)`` tasks. ``coral_pytorch``'s
+    ``corn_loss`` is the sum of all these binary cross-entropies divided by ``sum_i n_i``;
+    face i's term here is its own sum times ``B / sum_i n_i``, so that the plain mean of the
+    (B,) terms is exactly ``corn_loss`` and weights multiply each face's share.
+    """
+    logits = logits.float()
+    classes = age_classes(target_years, logits.shape[-1] + 1).reshape(-1, 1)
+    ks = torch.arange(logits.shape[-1], device=logits.device).reshape(1, -1)
+    in_task = (classes > ks - 1).float()  # face i is in task k's training set
+    label = (classes > ks).float()
+    bce = -(F.logsigmoid(logits) * label + (F.logsigmoid(logits) - logits) * (1 - label))
+    per_face = (bce * in_task).sum(dim=1)
+    return per_face * (len(per_face) / in_task.sum().clamp(min=1))
+
+
+def ordinal_exceed_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, K-1) logits -> (B, K-1) P(age > k): CORAL's sigmoids (made non-increasing with a running
+    minimum, which the trained model satisfies by its shared weights), CORN's running product."""
+    if kind == "corn":  # the running product as exp of a running sum: ONNX has CumSum, not CumProd
+        return torch.exp(torch.cumsum(F.logsigmoid(logits.float()), dim=-1))
+    if kind == "coral":
+        return torch.cummin(torch.sigmoid(logits.float()), dim=-1).values
+    raise ValueError(f"unknown ordinal head {kind!r}; choose coral or corn")
+
+
+def ordinal_ages(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, K-1) CORAL/CORN logits -> (B,) predicted age in years: the thresholds passed, ``#{k: P(age > k) > 0.5}``
+    (``coral_pytorch.dataset.proba_to_label`` / ``corn_label_from_logits``)."""
+    if kind == "coral":
+        passed = logits.float() > 0  # sigmoid > 1/2
+    elif kind == "corn":  # log of the running product of the sigmoids > log 1/2 (exportable to ONNX)
+        passed = torch.cumsum(F.logsigmoid(logits.float()), dim=-1) > math.log(0.5)
+    else:
+        raise ValueError(f"unknown ordinal head {kind!r}; choose coral or corn")
+    return passed.sum(dim=-1).to(torch.float32)
+
+
+def ordinal_spread(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, K-1) logits -> (B,) standard deviation in years of the age distribution the thresholds give:
+    ``P(age = k) = P(age > k-1) - P(age > k)`` over the ages 0..K-1 (``P(age > -1) = 1``, ``P(age > K-1) = 0``)."""
+    exceed = ordinal_exceed_probs(logits, kind)
+    ones = torch.ones_like(exceed[:, :1])
+    upper = torch.cat([ones, exceed], dim=1)
+    lower = torch.cat([exceed, torch.zeros_like(ones)], dim=1)
+    probs = (upper - lower).clamp(min=0)
+    ages = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    mean = probs @ ages
+    return (probs @ ages.pow(2) - mean.pow(2)).clamp(min=0).sqrt()
 
 
 # --------------------------------------------------------------------------- Group DRO
@@ -211,8 +317,10 @@ class GroupDRO(nn.Module):
         total_counts = total_counts.clamp(min=1)
         if update:
             with torch.no_grad():
-                q = self.q * torch.exp(self.eta * (total_sums / total_counts + self.adjustment))
-                self.q.copy_(q / q.sum())
+                # in log space: exp(eta loss_g) overflows float32 for losses of ~90 nats (CORAL
+                # and CORN sum 100 binary cross-entropies per face)
+                step = self.eta * (total_sums / total_counts + self.adjustment)
+                self.q.copy_(torch.softmax(self.q.clamp(min=1e-30).log() + step, dim=0))
         return world * (self.q * sums / total_counts).sum()
 
 
@@ -244,9 +352,10 @@ class StageObjective(nn.Module):
 
     Parameters
     ----------
-    kind : the stage's loss: mse, mae, huber, bmc or ce (DEX logits).
+    kind : the stage's loss: mse, mae, huber, bmc, ce (DEX logits), coral or corn (ordinal logits).
     label_scale : years per label unit (``fairage.models.LABEL_SCALE``).
     huber_delta, bmc_sigma, dex_sigma : in years (converted to label units here).
+    dex_l1 : loss ce: weight of the expected age's L1 error (years) added to the cross-entropy.
     dro : a ``GroupDRO`` or None; needs ``face_groups``.
     face_groups : (N,) int group id of every training face (DRO), or None.
     face_ages, face_std : (N,) years of every training face, for ``label_std``.
@@ -261,7 +370,7 @@ class StageObjective(nn.Module):
     """
 
     def __init__(self, kind: str, label_scale: float = 1.0, huber_delta: float = 5.0, bmc_sigma: float = 8.0,
-                 dex_sigma: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
+                 dex_sigma: float = 0.0, dex_l1: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
                  face_ages: torch.Tensor | None = None, face_std: torch.Tensor | None = None,
                  label_std: str = "off", age_std_floor: float = 1.0, seed: int = 0):
         super().__init__()
@@ -275,6 +384,7 @@ class StageObjective(nn.Module):
         self.scale = float(label_scale)
         self.huber_delta = huber_delta / self.scale
         self.dex_sigma = float(dex_sigma)
+        self.dex_l1 = float(dex_l1)
         self.bmc = BMCLoss(bmc_sigma / self.scale) if kind == "bmc" else None
         self.dro = dro
         self.label_std = label_std
@@ -300,7 +410,11 @@ class StageObjective(nn.Module):
     def per_face(self, out: torch.Tensor, target_years: torch.Tensor, train: bool) -> torch.Tensor:
         """(B,) losses of the outputs against targets in years."""
         if self.kind == "ce":
-            return dex_loss_per_face(out, target_years, self.dex_sigma)
+            return dex_loss_per_face(out, target_years, self.dex_sigma, self.dex_l1)
+        if self.kind == "coral":
+            return coral_loss_per_face(out, target_years)
+        if self.kind == "corn":
+            return corn_loss_per_face(out, target_years)
         target = target_years / self.scale
         if self.kind == "bmc":
             return self.bmc(out, target) if train else regression_loss_per_face(out, target, "mse")

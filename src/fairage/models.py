@@ -9,9 +9,14 @@ export) feeds the same [0, 1] RGB pixels:
   are divided by 100 for training, ``LABEL_SCALE["sigmoid"] == 100``);
 * ``output: linear`` -> years directly (``LABEL_SCALE["linear"] == 1``);
 * ``output: dex`` -> (N, 101) logits over the ages 0..100 (DEX, Rothe et al. 2015);
-  targets stay in years (``LABEL_SCALE["dex"] == 1``) and the loss is a cross-entropy.
+  targets stay in years (``LABEL_SCALE["dex"] == 1``) and the loss is a cross-entropy;
+* ``output: coral`` / ``corn`` -> (N, 100) logits of the ordinal tasks "age > k", k = 0..99
+  (CORAL, Cao et al. 2020: ``coral_pytorch.layers.CoralLayer``, one weight vector shared by
+  all tasks and 100 biases; CORN, Shi et al. 2023: a plain ``Linear(100)``); targets in years.
 
-``model.years(out)`` converts outputs to years (for DEX: the softmax's expected age).
+``model.years(out)`` converts outputs to years (for DEX: the softmax's expected age; for
+CORAL/CORN: the number of thresholds passed); ``model.spread(out)`` is the standard
+deviation in years of the age distribution the distribution heads (dex, coral, corn) give.
 
 Layout (state-dict prefixes): ``backbone.*`` (a torchvision ResNet without its ``fc``, or
 ``VGGFace2ResNet50``, the VGGFace2 authors' Keras ResNet50 as the course kit uses it),
@@ -24,8 +29,17 @@ projection+head`` (the kit: ``dim_proj`` trains with the head) only the backbone
 and the cache holds the pooled backbone output (``frozen_modules``, ``frozen_features``,
 ``trainable_forward``).
 
-Nothing is ever downloaded: torchvision backbones are built with ``weights=None``;
-pretrained weights come only from a local file (``load_weights``).
+``model.backbone: timm/<name>`` is any timm model, built with ``num_classes=0`` so that it
+returns its pooled features; its input normalisation is the mean/std of its pretrained
+config (``input_norm: pretrained``, ``InputNorm.from_mean_std``).
+
+Weights: a local file (``load_weights``: safetensors, or a state dict read with
+``weights_only=True``), or, asked for by name, the published ones through their library's
+cache: ``model.weights: pretrained`` (timm: ``timm.create_model(pretrained=True)``, the
+Hugging Face cache) and ``model.weights: imagenet`` (torchvision: the weights enum's
+``DEFAULT`` through the torch hub cache, ``<TORCH_HOME>/hub/checkpoints``). Nothing else is
+downloaded; an offline machine without the cached file gets a ConfigError naming the file,
+its address and where to put it (``PretrainedWeightsError``).
 """
 
 from __future__ import annotations
@@ -34,20 +48,33 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torchvision import models as tv_models
 
-from .config import HeadBlock, ModelConfig
+from .config import TORCHVISION_BACKBONES, HeadBlock, ModelConfig, timm_name
 from .data.predictions import PREDICTION_RANGE
 from .errors import ConfigError
-from .losses import DEX_AGES, dex_expectation
+from .losses import (
+    DEX_AGES,
+    ORDINAL_TASKS,
+    dex_expectation,
+    dex_spread,
+    ordinal_ages,
+    ordinal_spread,
+)
 
 log = logging.getLogger(__name__)
 
 #: label units -> years factor per output kind
-LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0, "dex": 1.0}
+LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0, "dex": 1.0, "coral": 1.0, "corn": 1.0}
+#: the heads whose output is a distribution over the ages (``AgeRegressor.spread`` is defined)
+DISTRIBUTION_HEADS = ("dex", "coral", "corn")
+#: width of each head's last layer
+HEAD_OUTPUTS: dict[str, int] = {"sigmoid": 1, "linear": 1, "dex": DEX_AGES, "coral": ORDINAL_TASKS,
+                                "corn": ORDINAL_TASKS}
 
 #: ImageNet normalisation (torchvision ResNets), RGB, on [0, 1] pixels
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,17 +99,21 @@ class InputNorm(nn.Module):
     derived from the config, not stored in state dicts.
     """
 
-    KINDS = ("imagenet", "vggface2", "caffe")
+    KINDS = ("imagenet", "vggface2", "caffe", "pretrained")
 
-    def __init__(self, kind: str = "imagenet"):
+    def __init__(self, kind: str = "imagenet", mean: tuple[float, ...] | None = None,
+                 std: tuple[float, ...] | None = None):
         super().__init__()
         if kind not in self.KINDS:
             raise ConfigError(f"model.input_norm '{kind}' is not one of {', '.join(self.KINDS)}")
+        if (kind == "pretrained") != (mean is not None and std is not None):
+            raise ValueError("InputNorm: mean and std (RGB, [0, 1] pixels) are given with kind 'pretrained' only")
         self.kind = kind
-        self.bgr = kind != "imagenet"
-        if kind == "imagenet":
-            scale = [1.0 / s for s in IMAGENET_STD]
-            shift = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+        self.bgr = kind not in ("imagenet", "pretrained")
+        if kind in ("imagenet", "pretrained"):
+            mean, std = (IMAGENET_MEAN, IMAGENET_STD) if kind == "imagenet" else (tuple(mean), tuple(std))
+            scale = [1.0 / s for s in std]
+            shift = [-m / s for m, s in zip(mean, std)]
         else:
             mean = VGGFACE2_MEAN_BGR if kind == "vggface2" else CAFFE_MEAN_BGR
             scale = [255.0] * 3
@@ -97,6 +128,13 @@ class InputNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return self.kind
+
+    @classmethod
+    def from_mean_std(cls, mean, std) -> InputNorm:
+        """``(x - mean) / std`` per RGB channel on [0, 1] pixels: a pretrained model's own convention
+        (``input_norm: pretrained``; timm's ``pretrained_cfg["mean"]`` and ``["std"]``)."""
+        return cls("pretrained", mean=tuple(float(m) for m in mean), std=tuple(float(v) for v in std))
+
 
 _BACKBONES = {
     "resnet18": tv_models.resnet18,
@@ -236,11 +274,13 @@ def keras_layer_map() -> dict[str, str]:
     return names
 
 
-def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1) -> nn.Sequential:
+def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1, last: str = "linear") -> nn.Sequential:
     """MLP head: per block Dropout(p) -> Linear(units) -> ReLU, then Linear(outputs).
 
     The report's M5 head is ``blocks = [(0.1, 256), (0.1, 128), (0.05, 64), (0.05, 32)]``
-    after the 512-d layer: 512 -> 256 -> 128 -> 64 -> 32 -> 1.
+    after the 512-d layer: 512 -> 256 -> 128 -> 64 -> 32 -> 1. ``last="coral"``: the last
+    layer is ``coral_pytorch``'s ``CoralLayer`` (``outputs`` thresholds sharing one weight
+    vector, ``outputs + 1`` classes).
     """
     layers: list[nn.Module] = []
     width = in_features
@@ -249,7 +289,12 @@ def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1) -> n
             layers.append(nn.Dropout(block.dropout))
         layers += [nn.Linear(width, block.units), nn.ReLU(inplace=True)]
         width = block.units
-    layers.append(nn.Linear(width, outputs))
+    if last == "coral":
+        from coral_pytorch.layers import CoralLayer
+
+        layers.append(CoralLayer(width, outputs + 1))
+    else:
+        layers.append(nn.Linear(width, outputs))
     return nn.Sequential(*layers)
 
 
@@ -270,10 +315,15 @@ class AgeRegressor(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.backbone not in _BACKBONES:
-            raise ConfigError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(_BACKBONES)}")
-        backbone = _BACKBONES[cfg.backbone](weights=None)
-        if isinstance(backbone, VGGFace2ResNet50):
+        timm = timm_name(cfg.backbone)
+        if timm is None and cfg.backbone not in _BACKBONES:
+            raise ConfigError(f"model.backbone '{cfg.backbone}' is not one of {', '.join(_BACKBONES)} or timm/<name>")
+        # random init here: published weights are loaded by build_model only, so that a trained model
+        # (whose checkpoint replaces them) loads without them on an offline machine
+        backbone = timm_backbone(timm) if timm else _BACKBONES[cfg.backbone](weights=None)
+        if timm:
+            self.backbone_dim = int(backbone.num_features)
+        elif isinstance(backbone, VGGFace2ResNet50):
             self.backbone_dim = backbone.out_features
         else:
             self.backbone_dim = backbone.fc.in_features
@@ -288,13 +338,21 @@ class AgeRegressor(nn.Module):
         # the VGGFace2 model's dim_proj is Dense(512, relu); a projection without a
         # nonlinearity would merge with the head's first layer into one linear map
         self.projection_act: nn.Module = nn.ReLU() if cfg.backbone == "vggface2_resnet50" else nn.Identity()
-        self.head = build_head(self.feature_dim, cfg.head, DEX_AGES if cfg.output == "dex" else 1)
+        self.head = build_head(self.feature_dim, cfg.head, HEAD_OUTPUTS[cfg.output],
+                               last="coral" if cfg.output == "coral" else "linear")
         if cfg.head_init == "keras":
             for module in [self.projection, *self.head]:
                 if isinstance(module, nn.Linear):  # Keras Dense defaults: glorot-uniform kernel, zero bias
                     nn.init.xavier_uniform_(module.weight)
                     nn.init.zeros_(module.bias)
-        self.input_norm = InputNorm(cfg.input_norm)
+        if cfg.input_norm == "pretrained":
+            if not timm:
+                raise ConfigError(f"model.input_norm 'pretrained' needs a timm backbone, not '{cfg.backbone}'")
+            pretrained = backbone.pretrained_cfg
+            self.input_norm = InputNorm.from_mean_std(pretrained.get("mean", IMAGENET_MEAN),
+                                                      pretrained.get("std", IMAGENET_STD))
+        else:
+            self.input_norm = InputNorm(cfg.input_norm)
         self.output = cfg.output
         self.label_scale = LABEL_SCALE[cfg.output]
 
@@ -311,8 +369,8 @@ class AgeRegressor(nn.Module):
         return self.projection_act(self.projection(pooled))
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, feature_dim) features -> (N,) outputs in label units ((N, 101) logits for DEX)."""
-        if self.output == "dex":
+        """(N, feature_dim) features -> (N,) outputs in label units ((N, 101) logits for DEX, (N, 100) for CORAL/CORN)."""
+        if self.output in DISTRIBUTION_HEADS:
             return self.head(features)
         out = self.head(features).squeeze(-1)
         return torch.sigmoid(out) if self.output == "sigmoid" else out
@@ -321,10 +379,56 @@ class AgeRegressor(nn.Module):
         return self.head_forward(self.features(x))
 
     def years(self, out: torch.Tensor) -> torch.Tensor:
-        """Outputs -> years (N,): label units times the scale; DEX logits (N, 101) -> expected age."""
+        """Outputs -> years (N,): label units times the scale; DEX logits (N, 101) -> expected age;
+        CORAL/CORN logits (N, 100) -> the number of thresholds passed."""
         if self.output == "dex":
             return dex_expectation(out)
+        if self.output in ("coral", "corn"):
+            return ordinal_ages(out, self.output)
         return out.float() * self.label_scale
+
+    def init_output_bias(self, train_ages) -> bool:
+        """Start a distribution head at the training ages' distribution (its last layer's biases); True if done.
+
+        ``train_ages``: (N,) years. DEX: ``b_k = log p_k``, CORAL: ``b_k = logit P(age > k)``,
+        CORN: ``b_k = logit P(age > k | age > k-1)``, the probabilities counted over the ages
+        rounded to 0..100 with half a face added to every count (no infinite logit). At torch's
+        init every bias is near 0: DEX's softmax starts uniform over 0..100 and CORAL's 100
+        thresholds start within 1 logit of each other, so the first epochs only spread them
+        out; from the prior they start where a mean predictor ends and learn the faces at
+        once. The regression heads are left alone (False).
+        """
+        if self.output not in DISTRIBUTION_HEADS:
+            return False
+        ages = torch.as_tensor(np.asarray(train_ages, dtype=np.float32)).reshape(-1)
+        counts = torch.bincount(ages.round().clamp(0, DEX_AGES - 1).long(), minlength=DEX_AGES).double() + 0.5
+        if self.output == "dex":
+            bias = (counts / counts.sum()).log()
+        else:
+            above = counts.sum() - counts.cumsum(0)[:-1]  # faces older than k, k = 0..99
+            if self.output == "coral":
+                p = above / counts.sum()
+            else:  # conditional on being older than k-1
+                p = above / torch.cat([counts.sum().reshape(1), above[:-1]])
+            bias = (p / (1 - p)).log()
+        last = self.head[-1]
+        with torch.no_grad():
+            (last.coral_bias if self.output == "coral" else last.bias).copy_(bias.float())
+        return True
+
+    @property
+    def has_spread(self) -> bool:
+        """Whether the head gives a distribution over the ages (``spread`` is defined)."""
+        return self.output in DISTRIBUTION_HEADS
+
+    def spread(self, out: torch.Tensor) -> torch.Tensor | None:
+        """Outputs -> (N,) standard deviation in years of each face's predicted age distribution
+        (DEX's softmax; CORAL's and CORN's threshold probabilities); None for the regression heads."""
+        if self.output == "dex":
+            return dex_spread(out)
+        if self.output in ("coral", "corn"):
+            return ordinal_spread(out, self.output)
+        return None
 
     def ages(self, out: torch.Tensor) -> torch.Tensor:
         """Outputs -> predicted ages in years (N,): ``years`` clamped into ``PREDICTION_RANGE`` (0-150).
@@ -372,16 +476,100 @@ def _check_trainable(trainable: str) -> None:
         raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
 
 
+class PretrainedWeightsError(ConfigError):
+    """Published weights asked for by name (``model.weights: pretrained`` / ``imagenet``) are neither
+    cached nor downloadable here; the message names the file, its address and where to put it."""
+
+
+def timm_backbone(name: str, pretrained: bool = False) -> nn.Module:
+    """``timm.create_model(name, num_classes=0)``: a timm model that returns (N, num_features) pooled features.
+
+    ``pretrained``: timm loads its published weights through its cache (the Hugging Face hub
+    cache, or the torch hub cache for weights published at a URL); PretrainedWeightsError
+    when they are neither cached nor downloadable (an offline machine).
+    """
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, num_classes=0)
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=0)
+    except (OSError, RuntimeError, ValueError) as err:  # the hub's errors are OSErrors; urllib's URLError too
+        raise PretrainedWeightsError(_timm_fetch_advice(name, err)) from None
+
+
+def _timm_fetch_advice(name: str, err: Exception) -> str:
+    """What to download for timm model ``name``'s pretrained weights and where to put it."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}".rstrip(": ")
+    head = f"model.weights pretrained: timm could not load the pretrained weights of {name} ({reason})."
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_id:
+        filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+        from huggingface_hub import constants
+
+        return (f"{head} Download https://huggingface.co/{hub_id}/resolve/main/{filename} (the file {filename} "
+                f"of the Hugging Face repository {hub_id}) on a machine with network access and pass it as "
+                f"model.weights=/path/to/{filename}, or copy that machine's Hugging Face cache after "
+                f"`hf download {hub_id} {filename}` into {constants.HF_HUB_CACHE} here")
+    url = getattr(cfg, "url", None) if cfg is not None else None
+    if url:
+        target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        return f"{head} Download {url} and put it at {target}, or pass it as model.weights=/path/to/{target.name}"
+    return f"{head} timm lists no published weights for it; give a local file as model.weights"
+
+
+def torchvision_imagenet_state(backbone: str) -> tuple[dict[str, torch.Tensor], Path]:
+    """The ImageNet state dict of torchvision backbone ``backbone`` (its weights enum's ``DEFAULT``) and its file.
+
+    Read through the torch hub cache (``<TORCH_HOME>/hub/checkpoints/<file name of the URL>``;
+    downloaded there when missing and the network allows) with ``weights_only=True``;
+    PretrainedWeightsError naming the file, its URL and that folder when it cannot be had.
+    """
+    if backbone not in TORCHVISION_BACKBONES:
+        raise ConfigError(f"model.weights imagenet: backbone '{backbone}' is not one of {', '.join(TORCHVISION_BACKBONES)}")
+    weights = tv_models.get_model_weights(backbone).DEFAULT
+    target = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    try:
+        state = weights.get_state_dict(progress=False, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - urllib, socket and hash errors differ; the advice is the same
+        reason = f"{type(err).__name__}: {err}"
+        raise PretrainedWeightsError(
+            f"model.weights imagenet: the {weights} weights of {backbone} are not in the torch hub cache and "
+            f"could not be downloaded ({reason}). Download {weights.url} on a machine with network access and "
+            f"put it at {target} (TORCH_HOME sets the folder), or pass it as model.weights=/path/to/{target.name}"
+        ) from None
+    return state, target
+
+
 def build_model(cfg: ModelConfig) -> tuple[AgeRegressor, dict]:
     """Build the model and load ``cfg.weights`` when given.
 
     Returns ``(model, info)`` where ``info`` is ``{"weights_loaded": bool}`` plus, when
-    a weights file was given, ``"weights"`` (its path), ``"missing_keys"`` and
-    ``"unexpected_keys"`` (recorded in the run's ``run.json``).
+    weights were given, ``"weights"`` (the file's path; for ``imagenet`` the cached file;
+    for timm's ``pretrained`` the model's name), ``"missing_keys"`` and ``"unexpected_keys"``
+    (recorded in the run's ``run.json``).
     """
     model = AgeRegressor(cfg)
     if cfg.weights is None:
         return model, {"weights_loaded": False}
+    if cfg.weights in ("pretrained", "imagenet"):
+        if cfg.weights == "pretrained":
+            name = timm_name(cfg.backbone)
+            state, source = timm_backbone(name, pretrained=True).state_dict(), f"timm pretrained {name}"
+        else:
+            state, path = torchvision_imagenet_state(cfg.backbone)
+            source = str(path)
+        result = model.backbone.load_state_dict(state, strict=False)
+        if result.missing_keys:
+            raise ConfigError(f"model.weights {cfg.weights}: {source} lacks {len(result.missing_keys)} tensors of "
+                              f"{cfg.backbone} (e.g. {result.missing_keys[0]}); delete the cached file so that it is "
+                              "fetched again")
+        missing = [k for k in model.state_dict() if not k.startswith("backbone.")]
+        return model, {"weights_loaded": True, "weights": source, "missing_keys": missing,
+                       "unexpected_keys": list(result.unexpected_keys)}
     missing, unexpected = load_weights(model, cfg.weights)
     return model, {
         "weights_loaded": True,

@@ -77,10 +77,21 @@ class LoadedModel:
 
     def years(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float [0, 1] on the model's device -> (N,) float32 years, clamped into 0-150."""
+        return self.years_and_spread(x)[0]
+
+    @property
+    def has_spread(self) -> bool:
+        """Whether the model gives each face a spread (a distribution head: dex, coral, corn)."""
+        return isinstance(self.model, AgeRegressor) and self.model.has_spread
+
+    def years_and_spread(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``years`` and the (N,) float32 spread in years (the standard deviation of each face's
+        predicted age distribution), or None when the model gives none (regression heads, exports)."""
         out = self.model(x)
         if isinstance(self.model, AgeRegressor):
-            return self.model.ages(out)
-        return clamp_ages(out.float().reshape(-1))
+            spread = self.model.spread(out)
+            return self.model.ages(out), None if spread is None else spread.float()
+        return clamp_ages(out.float().reshape(-1)), None
 
 
 def read_run_checkpoint(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
@@ -274,11 +285,13 @@ def _as_rgb(image) -> np.ndarray:
 @dataclass
 class FaceResult:
     """One face: ``box`` (x, y, w, h) in original-photo pixels (after EXIF orientation),
-    the detector's ``score`` and the predicted ``age`` in years."""
+    the detector's ``score``, the predicted ``age`` in years and its ``spread`` in years (the
+    standard deviation of the predicted age distribution; None for a model that gives none)."""
 
     box: tuple[int, int, int, int]
     score: float
     age: float
+    spread: float | None = None
 
 
 @dataclass
@@ -370,15 +383,20 @@ class AgePredictor:
 
     # ----------------------------------------------------------------- inference
 
-    @torch.inference_mode()
     def predict_batch(self, faces: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) RGB faces at the model's size -> float64 (N,) years, one forward pass."""
+        return self.predict_batch_spread(faces)[0]
+
+    @torch.inference_mode()
+    def predict_batch_spread(self, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict_batch``'s years and the float64 (N,) spreads in years (None: the model gives none)."""
         faces = np.ascontiguousarray(faces)
         if not faces.flags.writeable:  # a read-only memmap: torch wants writable memory
             faces = faces.copy()
         batch = torch.from_numpy(faces).to(self.device, non_blocking=True)
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        return self.loaded.years(x).double().cpu().numpy()
+        years, spread = self.loaded.years_and_spread(x)
+        return years.double().cpu().numpy(), None if spread is None else spread.double().cpu().numpy()
 
     def predict_crops(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Ages (float64 (N,), years) of already-cropped faces.
@@ -386,6 +404,10 @@ class AgePredictor:
         ``crops``: uint8 (H, W, 3) RGB arrays (any size; resized to the model's size like
         the training cache does) or one uint8 (N, S, S, 3) array at the model's size.
         """
+        return self.predict_crops_spread(crops)[0]
+
+    def predict_crops_spread(self, crops: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict_crops``'s ages and float64 (N,) spreads in years (None when the model gives none)."""
         size = self.image_size
         if isinstance(crops, np.ndarray) and crops.ndim == 4:
             if crops.shape[1:] != (size, size, 3) or crops.dtype != np.uint8:
@@ -394,8 +416,11 @@ class AgePredictor:
         else:
             faces = [resize_face(_as_rgb(c), size) for c in crops]
             batches = (np.stack(faces[a:a + self.batch_size]) for a in range(0, len(faces), self.batch_size))
-        out = [self.predict_batch(b) for b in batches]
-        return np.concatenate(out) if out else np.empty(0)
+        out = [self.predict_batch_spread(b) for b in batches]
+        ages = np.concatenate([a for a, _ in out]) if out else np.empty(0)
+        if not self.loaded.has_spread:
+            return ages, None
+        return ages, np.concatenate([s for _, s in out]) if out else np.empty(0)
 
     def find_faces(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], float, np.ndarray]]:
         """Detected faces of a photo: ``(box, score, crop)`` per face, crop at the model's size."""
@@ -419,14 +444,15 @@ class AgePredictor:
         found = self.find_faces(rgb)
         result = ImageResult(rgb.shape[1], rgb.shape[0])
         if found:
-            ages = self.predict_crops(np.stack([crop for _, _, crop in found]))
-            result.faces = [FaceResult(box, float(score), float(age)) for (box, score, _), age in zip(found, ages)]
+            ages, spreads = self.predict_crops_spread(np.stack([crop for _, _, crop in found]))
+            result.faces = [FaceResult(box, float(score), float(age), _float(spreads, i))
+                            for i, ((box, score, _), age) in enumerate(zip(found, ages))]
         return result
 
     def _face_result(self, face: np.ndarray, size: tuple[int, int]) -> ImageResult:
         width, height = size
-        age = float(self.predict_crops(face[None])[0])
-        return ImageResult(width, height, [FaceResult((0, 0, width, height), 1.0, age)])
+        ages, spreads = self.predict_crops_spread(face[None])
+        return ImageResult(width, height, [FaceResult((0, 0, width, height), 1.0, float(ages[0]), _float(spreads, 0))])
 
     def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
                       keep_images: bool = False
@@ -458,12 +484,14 @@ class AgePredictor:
 
         def flush():
             crops = [crop for *_, found, _ in pending if found for _, _, crop in found]
-            ages = iter(self.predict_crops(np.stack(crops)) if crops else [])
+            ages, spreads = self.predict_crops_spread(np.stack(crops)) if crops else ([], None)
+            index = iter(range(len(ages)))
             for path, error, rgb, found, size in pending:
                 if error is not None:
                     yield path, None, error, None
                     continue
-                faces = [FaceResult(box, float(score), float(next(ages))) for box, score, _ in found]
+                faces = [FaceResult(box, float(score), float(ages[i]), _float(spreads, i))
+                         for (box, score, _), i in zip(found, index)]
                 yield path, ImageResult(size[0], size[1], faces), None, rgb
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -482,6 +510,10 @@ class AgePredictor:
                     yield from flush()
                     pending, queued = [], 0
             yield from flush()
+
+
+def _float(values: np.ndarray | None, i: int) -> float | None:
+    return None if values is None else float(values[i])
 
 
 def predict_faces(model: LoadedModel | str | os.PathLike, faces, device=None, batch_size: int = 64,
@@ -558,27 +590,33 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
 
 DETECT_COLUMNS = ("image", "face", "x", "y", "w", "h", "score", "age")
 FACES_COLUMNS = ("image", "age")
+#: the column a distribution head's models add after ``age``: the spread in years
+SPREAD_COLUMN = "spread"
 
 
 def prediction_rows(label: str, result: ImageResult, faces_only: bool) -> list[dict]:
     """CSV rows of one image: ``image,age`` with ``faces_only``, else one row per face
-    (``image,face,x,y,w,h,score,age``; a photo without a face: one row, face columns empty)."""
+    (``image,face,x,y,w,h,score,age``; a photo without a face: one row, face columns empty);
+    ``spread`` (years) too for a face that has one."""
+    spread = (lambda f: {} if f.spread is None else {SPREAD_COLUMN: round(f.spread, 6)})
     if faces_only:
-        return [{"image": label, "age": round(result.faces[0].age, 6)}]
+        return [{"image": label, "age": round(result.faces[0].age, 6), **spread(result.faces[0])}]
     if not result.faces:
         return [{"image": label}]
     return [{"image": label, "face": i, "x": f.box[0], "y": f.box[1], "w": f.box[2], "h": f.box[3],
-             "score": round(f.score, 6), "age": round(f.age, 6)} for i, f in enumerate(result.faces)]
+             "score": round(f.score, 6), "age": round(f.age, 6), **spread(f)} for i, f in enumerate(result.faces)]
 
 
 def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool) -> None:
-    """Atomically write prediction rows (``prediction_rows``) as CSV."""
+    """Atomically write prediction rows (``prediction_rows``) as CSV (with ``spread`` when a row has one)."""
     import pandas as pd
 
     from .atomic import atomic_path
     from .csvcells import safe_table
 
     columns = list(FACES_COLUMNS if faces_only else DETECT_COLUMNS)
+    if any(SPREAD_COLUMN in row for row in rows):
+        columns.append(SPREAD_COLUMN)
     table = pd.DataFrame(rows, columns=columns)
     if not faces_only:
         for c in ("face", "x", "y", "w", "h"):

@@ -154,6 +154,8 @@ def _strategy(cfg) -> str:
             what += ", Balanced MSE"
         elif st.loss == "ce":
             what += ", DEX"
+        elif st.loss in ("coral", "corn"):
+            what += f", {st.loss.upper()}"
         if st.label_std != "off":
             what += f", label std ({st.label_std})"
         parts.append(("I: " if name == "stage1" else "II: ") + what)

@@ -26,7 +26,7 @@ from .runs import RunFolder
 REPORT_PRESETS: tuple[str, ...] = ("M1", "M2", "M3", "M4", "M5")
 #: named preset groups for ``--presets``: the field's mitigation methods next to M1 and M5
 PRESET_GROUPS: dict[str, tuple[str, ...]] = {
-    "methods": ("M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex"),
+    "methods": ("M1", "M5", "M5-dro", "M5-bmc", "M5-std", "M5-dex", "M5-coral", "M5-corn"),
 }
 
 

@@ -2,8 +2,10 @@
 
 CSV with header ``image,prediction`` (``image`` is the face table's identifier, compared
 as a string; ``prediction`` in years) plus, when written by fairage,
-``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order.
-``read_predictions`` also takes the ``image,age`` file of ``fairage predict --faces``.
+``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order. A model
+whose head gives a distribution over the ages (dex, coral, corn) adds ``spread``, each
+face's standard deviation of that distribution in years, after ``prediction``.
+``read_predictions`` also takes the ``image,age[,spread]`` file of ``fairage predict --faces``.
 """
 
 from __future__ import annotations
@@ -23,17 +25,26 @@ PREDICTION_RANGE: tuple[float, float] = (0.0, 150.0)
 
 #: columns written by ``write_predictions``
 PREDICTION_COLUMNS: tuple[str, ...] = ("image", "prediction", "age", "gender", "ethnicity", "expression")
+#: the per-face spread (years) of a distribution head's prediction; not the face table's ``age_std``,
+#: which is the raters' spread of the label
+SPREAD_COLUMN = "spread"
 
 
-def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions) -> None:
+def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions, spread=None) -> None:
     """Atomically write the predictions of one split's ``faces`` (dataset order) to ``path``.
 
-    ``predictions`` is array-like of shape (len(faces),), years.
+    ``predictions`` is array-like of shape (len(faces),), years; ``spread`` (same shape,
+    years) the model's per-face standard deviation, or None for a model that gives none.
     """
     predictions = np.asarray(predictions, dtype=float).reshape(-1)
     if predictions.shape[0] != len(faces):
         raise ValueError(f"{len(predictions)} predictions for {len(faces)} faces")
     table = pd.DataFrame({"image": faces["image"].astype(str).to_numpy(), "prediction": predictions})
+    if spread is not None:
+        spread = np.asarray(spread, dtype=float).reshape(-1)
+        if spread.shape[0] != len(faces):
+            raise ValueError(f"{len(spread)} spreads for {len(faces)} faces")
+        table[SPREAD_COLUMN] = spread
     for column in PREDICTION_COLUMNS[2:]:
         if column in faces.columns:
             table[column] = faces[column].to_numpy()
@@ -58,7 +69,7 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
     table["image"] = table["image"].map(unquote)
-    if list(table.columns) == ["image", "age"]:
+    if list(table.columns[:2]) == ["image", "age"] and set(table.columns) <= {"image", "age", SPREAD_COLUMN}:
         table = _from_face_predictions(table)
     missing = [c for c in ("image", "prediction") if c not in table.columns]
     if missing:
@@ -94,7 +105,7 @@ def _show(value) -> str:
         value = value.item()
     return repr(value)
 def _from_face_predictions(table: pd.DataFrame) -> pd.DataFrame:
-    """A ``fairage predict --faces`` file (``image,age``: ages predicted from face crops) as predictions.
+    """A ``fairage predict --faces`` file (``image,age[,spread]``: ages predicted from face crops) as predictions.
 
     An APPA-REAL face crop ``[<folder>/]<id>_face.jpg`` names the face ``<id>``; other
     image names are kept as written (the path relative to the folder predicted).

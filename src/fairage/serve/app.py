@@ -4,7 +4,8 @@ Endpoints::
 
     GET  /health     {"status": "ok"}
     POST /predict    multipart field ``file`` or a raw image body ->
-                     {"faces": [{"box": [x, y, w, h], "score", "age"}], "image": {"width", "height"}, "model"}
+                     {"faces": [{"box": [x, y, w, h], "score", "age"[, "spread"]}], "image": {"width", "height"},
+                     "model"}; "spread" (years, the std of the predicted age distribution) for dex/coral/corn heads
     GET  /model      the model card (JSON)
     GET  /model.md   the model card (Markdown)
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
@@ -126,7 +127,8 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
         except DataError as err:  # passed the header check but the pixel data is bad
             raise UploadError(400, f"upload: {err}") from None
         return {
-            "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age)}
+            "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age),
+                       **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)})}
                       for f in result.faces],
             "image": {"width": int(result.width), "height": int(result.height)},
             "model": model_name,

@@ -5,7 +5,7 @@ The package in pieces:
 * ``module``: the Lightning module (``AgeModule``), the dataset and the augmentation;
 * ``factories``: ``StageArrays`` and the loader, callback and Trainer factories;
 * ``stage``: ``fit_stage``, one stage on in-memory arrays;
-* ``inference``: ``predict`` and ``extract_features``;
+* ``inference``: ``predict``, ``predict_with_spread`` and ``extract_features``;
 * ``run``: ``train``, ``resume_run``, ``export_backbone`` and ``load_model_from_checkpoint``,
   which work on a run folder (``fairage.runs.RunFolder``).
 """
@@ -24,7 +24,7 @@ from .factories import (
                         resolve_accelerator,
                         resolve_precision,
 )
-from .inference import extract_features, predict
+from .inference import extract_features, predict, predict_with_spread
 from .module import (
                         AgeModule,
                         FaceArrayDataset,
@@ -75,6 +75,7 @@ __all__ = [
                         "make_trainer",
                         "memory_format",
                         "predict",
+                        "predict_with_spread",
                         "resolve_accelerator",
                         "resolve_precision",
                         "resume_run",

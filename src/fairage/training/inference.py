@@ -45,3 +45,21 @@ def predict(model: AgeRegressor, images: np.ndarray, batch_size: int = 256,
     """Predicted ages in years, float64 (N,), for uint8 images (N, S, S, 3), eval mode (``model.ages``: 0-150)."""
     out = _eval_batches(model, lambda x: model.ages(model(x)), images, batch_size, device, channels_last, autocast)
     return torch.cat(out).double().numpy() if out else np.empty(0)
+
+
+@torch.inference_mode()
+def predict_with_spread(model: AgeRegressor, images: np.ndarray, batch_size: int = 256,
+                        device: torch.device | str | None = None, channels_last: bool = False,
+                        autocast: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """``predict``'s ages and, for a distribution head (``model.has_spread``), each face's spread:
+    the standard deviation in years of its predicted age distribution, float64 (N,); else None."""
+    if not model.has_spread:
+        return predict(model, images, batch_size, device, channels_last, autocast), None
+
+    def both(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        return torch.stack([model.ages(out), model.spread(out)], dim=1)
+
+    out = _eval_batches(model, both, images, batch_size, device, channels_last, autocast)
+    table = torch.cat(out).double().numpy() if out else np.empty((0, 2))
+    return table[:, 0].copy(), table[:, 1].copy()

@@ -50,7 +50,7 @@ from .factories import (
     resolve_accelerator,
     resolve_precision,
 )
-from .inference import predict
+from .inference import predict_with_spread
 from .stage import CollapsedStageError, fit_stage, load_module_checkpoint
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,13 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
 
 
 def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: np.ndarray,
-                  folder: RunFolder) -> EvaluationResult:
-    """Write ``predictions_test.csv`` and (last, atomically) ``metrics_test.json``; return the metrics."""
+                  folder: RunFolder, spread: np.ndarray | None = None) -> EvaluationResult:
+    """Write ``predictions_test.csv`` (with the per-face ``spread`` when the head gives one) and
+    (last, atomically) ``metrics_test.json``; return the metrics."""
     from ..data.predictions import write_predictions
     from ..metrics import evaluate
 
-    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions)
+    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, spread)
     df = test_faces.copy()
     df["prediction"] = predictions
     metrics = evaluate(df, **folder.evaluation_settings(cfg, df.columns))
@@ -173,6 +174,10 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
+    head_loaded = weight_info["weights_loaded"] and not any(k.startswith("head.")
+                                                            for k in weight_info.get("missing_keys", []))
+    if not head_loaded:  # a distribution head starts at the training ages' distribution (no-op for regression)
+        model.init_output_bias(data.faces["train"]["age"].to_numpy(dtype=float))
     if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
         folder = RunFolder.create(run_dir, cfg, data_dir, **weight_info, device=device_description(cfg.trainer),
                                   precision=resolve_precision(cfg.trainer))
@@ -185,14 +190,15 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
 
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
-    preds = predict(model, data.images["test"], device=device_for(cfg.trainer))  # float32, whatever training used
+    # float32, whatever training used
+    preds, spread = predict_with_spread(model, data.images["test"], device=device_for(cfg.trainer))
     warnings = list(folder.record.warnings)
     collapsed = collapse_warning(preds)
     if collapsed:
         log.warning("%s: %s", run_dir, collapsed)
         warnings.append(collapsed)
     folder.update(stage="test", warnings=warnings)  # predicting and evaluating the test split
-    metrics = evaluate_test(cfg, data.faces["test"], preds, folder)
+    metrics = evaluate_test(cfg, data.faces["test"], preds, folder, spread)
     folder.update(status="finished", stage=cfg.stages()[-1][0])
     return metrics
 
