@@ -360,3 +360,16 @@ def calibration_from_text(text: str | None, source: str) -> Calibration | None:
     if not isinstance(raw, dict):
         raise DataError(f"{source} does not hold a JSON object")
     return Calibration.from_json(raw, source=source)
+
+
+def interval_arguments(calibration: Calibration | None, df: pd.DataFrame) -> dict:
+    """The ``intervals`` and ``target`` arguments of ``fairage.metrics.evaluate`` for ``df``
+    (``prediction`` and the attribute columns): the calibration's intervals as ``conformal``
+    and, for a Mondrian calibration, the plain ones beside them as ``plain``. ``{}`` without one."""
+    if calibration is None:
+        return {}
+    pred = df["prediction"].to_numpy(dtype=float)
+    intervals = {"conformal": calibration.intervals(pred, df)}
+    if calibration.by:
+        intervals["plain"] = calibration.plain_intervals(pred)
+    return {"intervals": intervals, "target": calibration.level}

@@ -28,6 +28,12 @@ Definitions:
   ``(1 + #{permuted bias >= observed bias}) / (1 + n_perm)`` (never 0, so it stays valid).
   A bias interval says how large the gap is; the p-value says whether it is there at all,
   which the interval cannot when the bias is near 0 (a bias is never negative).
+* Intervals (``age_lo``, ``age_hi``, years; the conformal intervals of ``fairage.conformal``):
+  coverage is the share of faces with ``age_lo <= age <= age_hi``, width the mean of
+  ``age_hi - age_lo`` (years), overall and per group; the coverage gap of an attribute is its
+  bias score computed on coverage instead of MAE (mean over pairs of groups of
+  ``|coverage_i - coverage_j|``, a fraction), with the same bootstrap resamples and
+  permutation test.
 """
 
 from __future__ import annotations
@@ -291,6 +297,57 @@ class GroupScore:
 
 
 @dataclass
+class GroupCoverage:
+    """One group's interval coverage (fraction of faces) and mean width (years), with intervals."""
+
+    n: int
+    coverage: float
+    width: float
+    coverage_ci: list[float] | None = None
+    width_ci: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "coverage": self.coverage, "coverage_ci": self.coverage_ci, "width": self.width,
+                "width_ci": self.width_ci}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> GroupCoverage:
+        return cls(int(raw["n"]), float(raw["coverage"]), float(raw["width"]), raw.get("coverage_ci"),
+                   raw.get("width_ci"))
+
+
+@dataclass
+class CoverageScore:
+    """Coverage and width of one set of intervals: overall (``total``), per group of each
+    attribute (``groups``) and each attribute's coverage ``gap`` (bias score on coverage) with
+    its interval ``gap_ci`` and permutation p-value ``gap_p`` (None below two groups)."""
+
+    total: GroupCoverage
+    groups: dict[str, dict[str, GroupCoverage]]
+    gap: dict[str, float | None]
+    gap_ci: dict[str, list[float] | None]
+    gap_p: dict[str, float | None]
+
+    def worst(self, attribute: str) -> tuple[str, GroupCoverage] | None:
+        """The group of ``attribute`` with the lowest coverage (None without groups)."""
+        groups = self.groups.get(attribute) or {}
+        return min(groups.items(), key=lambda kv: kv[1].coverage) if groups else None
+
+    def to_json(self) -> dict:
+        return {**self.total.to_json(),
+                "groups": {a: {g: s.to_json() for g, s in gs.items()} for a, gs in self.groups.items()},
+                "gap": dict(self.gap), "gap_ci": dict(self.gap_ci), "gap_p": dict(self.gap_p)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CoverageScore:
+        gap = {a: (None if v is None else float(v)) for a, v in raw["gap"].items()}
+        return cls(GroupCoverage.from_json(raw),
+                   {a: {g: GroupCoverage.from_json(v) for g, v in gs.items()} for a, gs in raw["groups"].items()},
+                   gap, {a: (raw.get("gap_ci") or {}).get(a) for a in gap},
+                   {a: (None if (raw.get("gap_p") or {}).get(a) is None else float(raw["gap_p"][a])) for a in gap})
+
+
+@dataclass
 class EvaluationResult:
     """MAE and bias scores of one prediction set (years), with bootstrap intervals.
 
@@ -311,6 +368,10 @@ class EvaluationResult:
     #: permutation p-value of each bias (None: fewer than two groups, or no permutations)
     bias_p: dict[str, float | None] = field(default_factory=dict)
     n_perm: int = 0
+    #: interval sets (``conformal``, and ``plain`` beside a Mondrian one) -> their coverage; {} without intervals
+    coverage: dict[str, CoverageScore] = field(default_factory=dict)
+    #: the coverage the intervals aim at (1 - alpha), None when not known
+    coverage_target: float | None = None
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage evaluate --json`` and ``metrics_test.json``::
@@ -319,8 +380,12 @@ class EvaluationResult:
              "groups": {attr: {group: {"n", "mae"}}}, "skipped_groups": {attr: [group, ...]},
              "groups_ci": {attr: {group: [lo, hi]|None}}, "level", "n_boot",
              "bias_p": {attr: float|None}, "n_perm"}
+
+        plus, when the predictions carry intervals, ``"coverage": {name: {"n", "coverage",
+        "coverage_ci", "width", "width_ci", "groups": {attr: {group: {same five}}}, "gap": {attr},
+        "gap_ci": {attr}, "gap_p": {attr}}}`` and ``"coverage_target"``.
         """
-        return {
+        out = {
             "n": self.n, "mae": self.mae, "mae_ci": self.mae_ci, "bias": dict(self.bias),
             "bias_ci": dict(self.bias_ci),
             "groups": {a: {g: {"n": s.n, "mae": s.mae} for g, s in gs.items()} for a, gs in self.groups.items()},
@@ -329,6 +394,10 @@ class EvaluationResult:
             "level": self.level, "n_boot": self.n_boot,
             "bias_p": {a: self.bias_p.get(a) for a in self.bias}, "n_perm": self.n_perm,
         }
+        if self.coverage:
+            out["coverage"] = {name: c.to_json() for name, c in self.coverage.items()}
+            out["coverage_target"] = self.coverage_target
+        return out
 
     @classmethod
     def from_json(cls, raw: dict, source: str = "metrics") -> EvaluationResult:
@@ -345,6 +414,8 @@ class EvaluationResult:
                 level=float(raw.get("level", 0.95)), n_boot=int(raw.get("n_boot", 0)),
                 bias_p={a: (None if v is None else float(v)) for a, v in (raw.get("bias_p") or {}).items()},
                 n_perm=int(raw.get("n_perm", 0)),
+                coverage={str(k): CoverageScore.from_json(v) for k, v in (raw.get("coverage") or {}).items()},
+                coverage_target=None if raw.get("coverage_target") is None else float(raw["coverage_target"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DataError(f"{source} is not a fairage metrics object ({type(err).__name__}: {err})") from None
@@ -356,9 +427,56 @@ def _point_estimates(df: pd.DataFrame, groupings: list[_Grouping], age_edges: Se
     return mae(df["age"], df["prediction"]), tables, {a: bias_score(t) for a, t in tables.items()}
 
 
+def _interval_indicators(df: pd.DataFrame, lo, hi, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(covered 0/1, width years) per face of one interval set; DataError for bad bounds."""
+    lo = np.asarray(lo, dtype=float).reshape(-1)
+    hi = np.asarray(hi, dtype=float).reshape(-1)
+    if lo.shape[0] != len(df) or hi.shape[0] != len(df):
+        raise DataError(f"intervals {name!r}: {lo.shape[0]} bounds for {len(df)} faces")
+    bad = np.flatnonzero(~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi))
+    if bad.size:
+        raise DataError(f"intervals {name!r}: row {int(bad[0])} is not a finite interval with age_lo <= age_hi "
+                        f"({bad.size} such rows)")
+    age = df["age"].to_numpy(dtype=float)
+    return ((age >= lo) & (age <= hi)).astype(float), hi - lo
+
+
+def interval_coverage(df: pd.DataFrame, lo, hi, groupings: list[_Grouping], counts: np.ndarray | None,
+                      level: float, n_perm: int, seed: int, name: str = "intervals") -> CoverageScore:
+    """Coverage and width of one interval set (module docstring), bootstrapped over ``counts``."""
+    covered, width = _interval_indicators(df, lo, hi, name)
+    ones = np.ones((1, len(df)))
+    point_c, point_w = _statistics(covered, ones, groupings), _statistics(width, ones, groupings)
+    boot_c = _statistics(covered, counts, groupings) if counts is not None else None
+    boot_w = _statistics(width, counts, groupings) if counts is not None else None
+
+    def ci(boot, key, k=None):
+        if boot is None:
+            return None
+        values = boot[key] if k is None else boot[key[0]][key[1]][:, k]
+        return _interval(values, level)
+
+    total = GroupCoverage(len(df), float(point_c["mae"][0]), float(point_w["mae"][0]),
+                          ci(boot_c, "mae"), ci(boot_w, "mae"))
+    pvalues = permutation_pvalues(covered, groupings, n_perm, seed)
+    groups, gap, gap_ci, gap_p = {}, {}, {}, {}
+    for g in groupings:
+        a = g.attribute
+        groups[a] = {grp: GroupCoverage(int(g.onehot[:, k].sum()), float(point_c[a]["group_mae"][0, k]),
+                                        float(point_w[a]["group_mae"][0, k]), ci(boot_c, (a, "group_mae"), k),
+                                        ci(boot_w, (a, "group_mae"), k))
+                     for k, grp in enumerate(g.order)}
+        value = point_c[a]["bias"][0]
+        gap[a] = None if not np.isfinite(value) else float(value)
+        gap_ci[a] = _interval(boot_c[a]["bias"], level) if boot_c is not None and gap[a] is not None else None
+        gap_p[a] = pvalues[a] if gap[a] is not None else None
+    return CoverageScore(total, groups, gap, gap_ci, gap_p)
+
+
 def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
              age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-             seed: int = 0, n_perm: int = 0) -> EvaluationResult:
+             seed: int = 0, n_perm: int = 0, intervals: dict | None = None,
+             target: float | None = None) -> EvaluationResult:
     """MAE, bias scores and group MAEs of one prediction set, with bootstrap intervals.
 
     ``df`` has ``age`` and ``prediction`` (years) and the attribute columns. ``attributes``
@@ -367,9 +485,16 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     (all intervals ``None``). ``n_perm > 0`` adds each bias's permutation p-value
     (``bias_p``). Point estimates come from fairlearn's MetricFrame (``group_mae``), the
     intervals from the vectorised bootstrap.
+
+    ``intervals`` maps a name to ``(age_lo, age_hi)`` arrays (N,) of years (e.g. the
+    ``conformal`` intervals and the ``plain`` ones); without it, ``df``'s ``age_lo`` and
+    ``age_hi`` columns, when present, are scored as ``conformal``. Their coverage and width
+    (``coverage``) use the same resamples and permutations as the MAE; ``target`` is the
+    coverage they aim at.
     """
     attributes, groupings, errors = _prepare(df, attributes, age_edges)
-    boot = _statistics(errors, resample_counts(len(errors), n_boot, seed), groupings) if n_boot > 0 else None
+    counts = resample_counts(len(errors), n_boot, seed) if n_boot > 0 else None
+    boot = _statistics(errors, counts, groupings) if n_boot > 0 else None
     total, tables, biases = _point_estimates(df, groupings, age_edges)
     result = EvaluationResult(n=len(errors), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
                               bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
@@ -386,6 +511,11 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
             for k, name in enumerate(g.order)}
         result.skipped_groups[g.attribute] = g.skipped
         result.bias_p[g.attribute] = pvalues[g.attribute] if bias is not None else None
+    if intervals is None and {"age_lo", "age_hi"} <= set(df.columns):
+        intervals = {"conformal": (df["age_lo"].to_numpy(dtype=float), df["age_hi"].to_numpy(dtype=float))}
+    for name, (lo, hi) in (intervals or {}).items():
+        result.coverage[name] = interval_coverage(df, lo, hi, groupings, counts, level, n_perm, seed, name)
+    result.coverage_target = None if target is None else float(target)
     return result
 
 

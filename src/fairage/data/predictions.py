@@ -1,7 +1,8 @@
 """The predictions file: one predicted age per face, joined to the dataset on ``image``.
 
 CSV with header ``image,prediction`` (``image`` is the face table's identifier, compared
-as a string; ``prediction`` in years) plus, when written by fairage,
+as a string; ``prediction`` in years), then, when the model carries a conformal calibration
+(``fairage.conformal``), ``age_lo,age_hi`` (its interval, years) and, when written by fairage,
 ``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order.
 ``read_predictions`` also takes the ``image,age`` file of ``fairage predict --faces``.
 """
@@ -22,17 +23,26 @@ PREDICTION_RANGE: tuple[float, float] = (0.0, 150.0)
 
 #: columns written by ``write_predictions``
 PREDICTION_COLUMNS: tuple[str, ...] = ("image", "prediction", "age", "gender", "ethnicity", "expression")
+#: the conformal interval's columns (optional), years
+INTERVAL_COLUMNS: tuple[str, str] = ("age_lo", "age_hi")
 
 
-def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions) -> None:
+def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions, intervals=None) -> None:
     """Atomically write the predictions of one split's ``faces`` (dataset order) to ``path``.
 
-    ``predictions`` is array-like of shape (len(faces),), years.
+    ``predictions`` is array-like of shape (len(faces),), years; ``intervals`` an optional
+    ``(age_lo, age_hi)`` pair of such arrays (the conformal interval).
     """
     predictions = np.asarray(predictions, dtype=float).reshape(-1)
     if predictions.shape[0] != len(faces):
         raise ValueError(f"{len(predictions)} predictions for {len(faces)} faces")
     table = pd.DataFrame({"image": faces["image"].astype(str).to_numpy(), "prediction": predictions})
+    if intervals is not None:
+        for column, values in zip(INTERVAL_COLUMNS, intervals):
+            values = np.asarray(values, dtype=float).reshape(-1)
+            if values.shape != predictions.shape:
+                raise ValueError(f"{len(values)} {column} values for {len(faces)} faces")
+            table[column] = values
     for column in PREDICTION_COLUMNS[2:]:
         if column in faces.columns:
             table[column] = faces[column].to_numpy()
@@ -82,7 +92,26 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
                         + "; --clip clips predictions into that range")
     table["image"] = table["image"].astype(str)
     table["prediction"] = values
+    if any(c in table.columns for c in INTERVAL_COLUMNS):
+        _check_intervals(path, table)
     return table
+
+
+def _check_intervals(path: Path, table: pd.DataFrame) -> None:
+    """``age_lo`` and ``age_hi`` both present, finite and ordered; DataError naming the first bad row."""
+    missing = [c for c in INTERVAL_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: has {', '.join(c for c in INTERVAL_COLUMNS if c not in missing)} "
+                        f"but not {missing[0]} (an interval needs both)")
+    lo = pd.to_numeric(table["age_lo"], errors="coerce").to_numpy(dtype=float)
+    hi = pd.to_numeric(table["age_hi"], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): interval "
+                        f"[{_show(table['age_lo'].iloc[row])}, {_show(table['age_hi'].iloc[row])}] is not two finite "
+                        "numbers with age_lo <= age_hi" + (f" ({bad.size} bad rows in all)" if bad.size > 1 else ""))
+    table["age_lo"], table["age_hi"] = lo, hi
 
 
 def _show(value) -> str:
@@ -110,7 +139,8 @@ def _few(ids, limit: int = 5) -> str:
 
 
 def join_predictions(faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.PathLike = "predictions") -> pd.DataFrame:
-    """``faces`` (one split, dataset order) with a ``prediction`` column from ``preds``.
+    """``faces`` (one split, dataset order) with a ``prediction`` column from ``preds``
+    (and ``age_lo``, ``age_hi`` when ``preds`` has them).
 
     Every face must have exactly one prediction and every prediction must belong to a
     face of the split; otherwise DataError (naming ``source``) lists a few of the missing,
@@ -132,7 +162,9 @@ def join_predictions(faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.
         problems.append(f"{len(extra)} prediction(s) for images not in the split: {_few(extra)}")
     if problems:
         raise DataError(f"{source}: " + "; ".join(problems))
-    lookup = pd.Series(preds["prediction"].to_numpy(dtype=float), index=pred_ids.to_numpy())
     joined = faces.copy()
-    joined["prediction"] = lookup.loc[face_ids.to_numpy()].to_numpy()
+    for column in ("prediction", *INTERVAL_COLUMNS):
+        if column in preds.columns:
+            lookup = pd.Series(preds[column].to_numpy(dtype=float), index=pred_ids.to_numpy())
+            joined[column] = lookup.loc[face_ids.to_numpy()].to_numpy()
     return joined

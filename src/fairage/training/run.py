@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,16 +101,38 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
     return weights
 
 
+def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.ndarray,
+              folder: RunFolder):
+    """Fit the conformal calibration (``eval.conformal``) on the validation predictions (years),
+    store it as ``conformal.json`` and return it with its warnings; ``(None, [])`` when disabled."""
+    from ..conformal import fit_calibration
+
+    settings = cfg.eval.conformal
+    if not settings.enabled:
+        return None, []
+    df = valid_faces.copy()
+    df["prediction"] = predictions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
+        calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
+                                                age_edges=settings.age_edges, min_group=settings.min_group)
+    folder.write_calibration(calibration)
+    return calibration, messages
+
+
 def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: np.ndarray,
-                  folder: RunFolder) -> EvaluationResult:
-    """Write ``predictions_test.csv`` and (last, atomically) ``metrics_test.json``; return the metrics."""
+                  folder: RunFolder, calibration=None) -> EvaluationResult:
+    """Write ``predictions_test.csv`` (with the conformal intervals of ``calibration``, when given)
+    and (last, atomically) ``metrics_test.json``; return the metrics."""
+    from ..conformal import interval_arguments
     from ..data.predictions import write_predictions
     from ..metrics import evaluate
 
-    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions)
+    intervals = calibration.intervals(predictions, test_faces) if calibration is not None else None
+    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, intervals)
     df = test_faces.copy()
     df["prediction"] = predictions
-    metrics = evaluate(df, **folder.evaluation_settings(cfg))
+    metrics = evaluate(df, **interval_arguments(calibration, df), **folder.evaluation_settings(cfg))
     write_text(folder.file(RunFolder.METRICS), json.dumps(metrics.to_json(), indent=2) + "\n")
     return metrics
 
@@ -189,8 +212,15 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     if collapsed:
         log.warning("%s: %s", run_dir, collapsed)
         warnings.append(collapsed)
+    calibration = None
+    if cfg.eval.conformal.enabled:  # calibrated on faces the model did not train on
+        val_preds = predict(model, data.images["valid"], device=device_for(cfg.trainer))
+        calibration, messages = calibrate(cfg, data.faces["valid"], val_preds, folder)
+        for message in messages:
+            log.warning("%s: %s", run_dir, message)
+        warnings.extend(messages)
     folder.update(stage="test", warnings=warnings)  # predicting and evaluating the test split
-    metrics = evaluate_test(cfg, data.faces["test"], preds, folder)
+    metrics = evaluate_test(cfg, data.faces["test"], preds, folder, calibration)
     folder.update(status="finished", stage=cfg.stages()[-1][0])
     return metrics
 
