@@ -370,9 +370,13 @@ def evaluate_command(
 
     from .metrics import evaluate
 
+    from .conformal import CONFORMAL, interval_arguments, read_calibration
+
     settings = {"n_boot": 1000, "level": 0.95, "n_perm": 1000, "seed": 0}
     df = None
+    calibration = None  # the model's, when the predictions are its own
     if run_dir is not None and predictions is None and _is_model_folder(run_dir):
+        calibration = read_calibration(run_dir / CONFORMAL)
         if data is None:  # no predictions yet: the model predicts the split's faces first
             fail(f"{run_dir} is a model folder: give the dataset with --data DIR")
         faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
@@ -382,6 +386,7 @@ def evaluate_command(
 
         folder = RunFolder.open(run_dir)
         settings = folder.evaluation_settings()
+        calibration = folder.calibration() if predictions is None else None
         faces = _run_split_faces(folder, data, split, skip_bad, extra_categories, allow_absolute_paths)
         own_test = split == "test" and (data is None or data.resolve() == Path(folder.data_dir).resolve())
         if predictions is None and not own_test:
@@ -399,7 +404,8 @@ def evaluate_command(
               if v is not None}
     settings.update(chosen)
     n_boot, level = settings["n_boot"], settings["level"]
-    evaluation = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges), **settings)
+    evaluation = evaluate(df, attributes=attribute or None, age_edges=_parse_edges(age_edges), **settings,
+                          **interval_arguments(calibration, df))
     result = evaluation.to_json()
     if json_out:
         print(json.dumps(result))
@@ -425,6 +431,49 @@ def evaluate_command(
             table.add_row(group, str(row["n"]), f"{row['mae']:.2f}", _fmt_ci(result["groups_ci"][name][group]))
         for group in result["skipped_groups"][name]:
             table.add_row(group, "0", "-", "skipped (no faces)", style="dim")
+        console.print(table)
+    _print_coverage(evaluation, pct)
+
+
+def _fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _fmt_pct_ci(ci) -> str:
+    return "-" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _print_coverage(evaluation, pct: str) -> None:
+    """Coverage and width of the intervals (conformal, plain beside it), overall and per group."""
+    from rich.table import Table
+
+    if not evaluation.coverage:
+        return
+    target = evaluation.coverage_target
+    aim = f", aiming at {_fmt_pct(target)}" if target is not None else ""
+    console.print(f"[bold]intervals[/bold] (age_lo-age_hi{aim}; gap = coverage bias score, mean |difference| "
+                  "between groups)", highlight=False)
+    for name, cov in evaluation.coverage.items():
+        console.print(f"  {name}: coverage {_fmt_pct(cov.total.coverage)} {_fmt_pct_ci(cov.total.coverage_ci)}, "
+                      f"mean width {cov.total.width:.2f} years {_fmt_ci(cov.total.width_ci)}", highlight=False)
+    for attribute in next(iter(evaluation.coverage.values())).groups:
+        table = Table(title=f"{attribute}: interval coverage ({pct} intervals)", title_justify="left")
+        table.add_column("group")
+        table.add_column("n", justify="right")
+        for name in evaluation.coverage:
+            table.add_column(f"{name} coverage", justify="right")
+            table.add_column("width", justify="right")
+        for group, row in next(iter(evaluation.coverage.values())).groups[attribute].items():
+            cells = [group, str(row.n)]
+            for cov in evaluation.coverage.values():
+                g = cov.groups[attribute][group]
+                cells += [f"{_fmt_pct(g.coverage)} {_fmt_pct_ci(g.coverage_ci)}", f"{g.width:.1f}"]
+            table.add_row(*cells)
+        gaps = [f"{name} {_fmt_pct(cov.gap[attribute])} {_fmt_pct_ci(cov.gap_ci[attribute])}"
+                + (f" p = {cov.gap_p[attribute]:.3g}" if cov.gap_p.get(attribute) is not None else "")
+                for name, cov in evaluation.coverage.items()]
+        table.caption = "coverage gap: " + "; ".join(gaps)
+        table.caption_justify = "left"
         console.print(table)
 
 
@@ -852,11 +901,15 @@ def _is_model_folder(path: Path) -> bool:
 
 def _model_folder_predictions(folder: Path, faces, progress: bool):
     """``faces`` with a ``prediction`` column from the model in ``folder`` (a model or run folder;
-    images decoded as for training)."""
-    from .predict import predict_faces
+    images decoded as for training) and, when it carries a calibration, ``age_lo``, ``age_hi``
+    (the faces' own group labels used)."""
+    from .predict import load_model, predict_faces
 
+    loaded = load_model(folder)
     df = faces.copy()
-    df["prediction"] = predict_faces(folder, faces, progress=progress)
+    df["prediction"] = predict_faces(loaded, faces, progress=progress)
+    if loaded.calibration is not None:
+        df["age_lo"], df["age_hi"] = loaded.calibration.intervals(df["prediction"].to_numpy(), df)
     return df
 
 
@@ -864,7 +917,8 @@ def _model_folder_predictions(folder: Path, faces, progress: bool):
 def predict_command(
     model: Path = typer.Argument(..., help="A run folder, a model folder (import-keras) or an exported .onnx file."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) and globs."),
-    out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces)."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces); "
+                                                "then age_lo,age_hi (conformal interval) for a calibrated model."),
     faces: bool = typer.Option(False, "--faces", help="Inputs are already face crops: no detection, one row each."),
     annotate: Path | None = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages drawn (detect mode)."),
     detector: str = typer.Option("auto", "--detector", help="auto (best installed), yunet, haar or dlib."),
@@ -918,7 +972,7 @@ def predict_command(
         err_console.print(f"[yellow]skipped:[/yellow] {message}", highlight=False, soft_wrap=True)
     if n_photos == 0:
         fail(f"none of the {len(files)} input file(s) could be read as an image")
-    write_prediction_csv(out, rows, faces)
+    write_prediction_csv(out, rows, faces, intervals=predictor.calibration is not None)
     what = f"{n_photos} face crops" if faces else (f"{n_photos} photos, {n_faces} faces, "
                                                    f"{n_empty} photos without a face")
     console.print(f"{what}, {len(unreadable)} unreadable files; model {predictor.loaded.name} "

@@ -241,7 +241,9 @@ def minimum_group_size(alpha: float) -> int:
 
 def _crepes_quantiles(residuals: np.ndarray, names: np.ndarray, alpha: float) -> dict[str, float]:
     """crepes' Mondrian quantile (years) of every group present in ``names``; inf where too small."""
-    from crepes import ConformalRegressor
+    with warnings.catch_warnings():
+        # crepes calls warnings.simplefilter("always", UserWarning) when imported: keep that change local
+        from crepes import ConformalRegressor
 
     regressor = ConformalRegressor()
     regressor.fit(residuals, bins=names)

@@ -6,6 +6,7 @@
     predictor = AgePredictor("runs/M1")                  # a run folder, a model folder or a .onnx file
     result = predictor.predict_image("family.jpg")       # every face: box (x, y, w, h), score, age
     ages = predictor.predict_crops([crop1, crop2])       # already-cropped faces -> years
+    lo, hi = predictor.intervals(ages)                   # conformal intervals (years), when calibrated
 
 Models (``load_model``):
 
@@ -24,6 +25,12 @@ only (``fairage.detect.detect_faces``) and cropped from the original.
 
 Images are uint8 (H, W, 3) RGB arrays; ages are float years. Inference is batched, fp32,
 on the GPU when there is one.
+
+A model that carries a conformal calibration (``fairage.conformal``: ``conformal.json`` of a run
+or model folder, the ``fairage_conformal`` metadata of an exported file) gives every face an
+interval ``age_lo``-``age_hi`` (years) besides its age; photos carry no group labels, so a
+Mondrian calibration over attributes gives each face the widest interval of the groups it
+could belong to.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig, read_yaml, validate_config
+from .conformal import CONFORMAL, EXPORT_KEY, Calibration, calibration_from_text, read_calibration
 from .errors import ConfigError, DataError
 from .models import AgeRegressor, clamp_ages
 
@@ -63,7 +71,8 @@ class LoadedModel:
     ``AgeRegressor`` in eval mode, fp32, on the CPU, for run and model folders; for an
     exported file a module that returns years directly (``years`` handles both).
     ``image_size`` is S; ``input_norm`` the normalisation inside the network; ``kind`` is
-    ``"run"``, ``"folder"`` or ``"exported"``; ``run_dir`` the run folder (runs only).
+    ``"run"``, ``"folder"`` or ``"exported"``; ``run_dir`` the run folder (runs only);
+    ``calibration`` its conformal calibration (``fairage.conformal.Calibration``) or None.
     """
 
     model: torch.nn.Module
@@ -74,6 +83,7 @@ class LoadedModel:
     source: Path
     kind: str
     run_dir: Path | None = None
+    calibration: Calibration | None = None
 
     def years(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float [0, 1] on the model's device -> (N,) float32 years, clamped into 0-150."""
@@ -123,7 +133,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             cfg, state = read_run_checkpoint(path)
             model = _model_from_state(cfg, state, path)
             return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                               path, "run", path)
+                               path, "run", path, RunFolder.open(path).calibration())
         if (path / "model.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -134,7 +144,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                 raise ConfigError(f"{path / 'model.safetensors'}: cannot read ({type(err).__name__}: {err})") from None
             model = _model_from_state(cfg, state, path / "model.safetensors")
             return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                               path, "folder")
+                               path, "folder", calibration=read_calibration(path / CONFORMAL))
     if not path.exists():
         raise ConfigError(f"{path}: model not found")
     raise ConfigError(f"{path}: not a fairage model: expected a run folder (config.yaml + checkpoints/), a model "
@@ -174,8 +184,9 @@ def _load_onnx(path: Path) -> LoadedModel:
         import yaml
 
         cfg = validate_config(yaml.safe_load(meta["fairage_config"]), f"{path} (metadata fairage_config)")
+    calibration = calibration_from_text(meta.get(EXPORT_KEY), f"{path} (metadata {EXPORT_KEY})")
     return LoadedModel(module, cfg, int(meta["fairage_image_size"]), meta.get("fairage_input_norm", ""),
-                       meta.get("fairage_name", path.stem), path, "exported")
+                       meta.get("fairage_name", path.stem), path, "exported", calibration=calibration)
 
 
 # =========================================================================== images
@@ -327,11 +338,14 @@ def _as_rgb(image) -> np.ndarray:
 @dataclass
 class FaceResult:
     """One face: ``box`` (x, y, w, h) in original-photo pixels (after EXIF orientation),
-    the detector's ``score`` and the predicted ``age`` in years."""
+    the detector's ``score``, the predicted ``age`` in years and its conformal interval
+    ``age_lo``-``age_hi`` (years; None when the model carries no calibration)."""
 
     box: tuple[int, int, int, int]
     score: float
     age: float
+    age_lo: float | None = None
+    age_hi: float | None = None
 
 
 @dataclass
@@ -422,6 +436,26 @@ class AgePredictor:
         out = [self.predict_batch(b) for b in batches]
         return np.concatenate(out) if out else np.empty(0)
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """The model's conformal calibration, None when it has none."""
+        return self.loaded.calibration
+
+    def intervals(self, ages) -> tuple[np.ndarray, np.ndarray] | None:
+        """Conformal intervals ``(age_lo, age_hi)`` (float64 (N,), years) of predicted ages (N,)
+        for faces with no known group labels; None when the model carries no calibration."""
+        if self.loaded.calibration is None:
+            return None
+        return self.loaded.calibration.intervals(np.asarray(ages, dtype=float))
+
+    def _faces(self, found, ages) -> list[FaceResult]:
+        """FaceResults of ``(box, score, ...)`` detections and their ages, with intervals when calibrated."""
+        ages = np.asarray(ages, dtype=float)
+        bounds = self.intervals(ages) if len(ages) else None
+        return [FaceResult(box, float(score), float(age),
+                           None if bounds is None else float(bounds[0][i]), None if bounds is None else float(bounds[1][i]))
+                for i, ((box, score, *_), age) in enumerate(zip(found, ages))]
+
     def find_faces(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], float, np.ndarray]]:
         """Detected faces of a photo: ``(box, score, crop)`` per face, crop at the model's size."""
         from .detect import detect_faces
@@ -444,14 +478,12 @@ class AgePredictor:
         found = self.find_faces(rgb)
         result = ImageResult(rgb.shape[1], rgb.shape[0])
         if found:
-            ages = self.predict_crops(np.stack([crop for _, _, crop in found]))
-            result.faces = [FaceResult(box, float(score), float(age)) for (box, score, _), age in zip(found, ages)]
+            result.faces = self._faces(found, self.predict_crops(np.stack([crop for _, _, crop in found])))
         return result
 
     def _face_result(self, face: np.ndarray, size: tuple[int, int]) -> ImageResult:
         width, height = size
-        age = float(self.predict_crops(face[None])[0])
-        return ImageResult(width, height, [FaceResult((0, 0, width, height), 1.0, age)])
+        return ImageResult(width, height, self._faces([((0, 0, width, height), 1.0)], self.predict_crops(face[None])))
 
     def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
                       keep_images: bool = False
@@ -483,12 +515,14 @@ class AgePredictor:
 
         def flush():
             crops = [crop for *_, found, _ in pending if found for _, _, crop in found]
-            ages = iter(self.predict_crops(np.stack(crops)) if crops else [])
+            ages = self.predict_crops(np.stack(crops)) if crops else np.empty(0)
+            start = 0
             for path, error, rgb, found, size in pending:
                 if error is not None:
                     yield path, None, error, None
                     continue
-                faces = [FaceResult(box, float(score), float(next(ages))) for box, score, _ in found]
+                faces = self._faces(found, ages[start:start + len(found)])
+                start += len(found)
                 yield path, ImageResult(size[0], size[1], faces), None, rgb
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -583,26 +617,38 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
 
 DETECT_COLUMNS = ("image", "face", "x", "y", "w", "h", "score", "age")
 FACES_COLUMNS = ("image", "age")
+#: the conformal interval's columns, after ``age``, when the model carries a calibration
+INTERVAL_COLUMNS = ("age_lo", "age_hi")
+
+
+def _face_values(face: FaceResult) -> dict:
+    out = {"age": round(face.age, 6)}
+    if face.age_lo is not None:
+        out.update(age_lo=round(face.age_lo, 6), age_hi=round(face.age_hi, 6))
+    return out
 
 
 def prediction_rows(label: str, result: ImageResult, faces_only: bool) -> list[dict]:
     """CSV rows of one image: ``image,age`` with ``faces_only``, else one row per face
-    (``image,face,x,y,w,h,score,age``; a photo without a face: one row, face columns empty)."""
+    (``image,face,x,y,w,h,score,age``; a photo without a face: one row, face columns empty);
+    ``age_lo,age_hi`` follow ``age`` for a calibrated model."""
     if faces_only:
-        return [{"image": label, "age": round(result.faces[0].age, 6)}]
+        return [{"image": label, **_face_values(result.faces[0])}]
     if not result.faces:
         return [{"image": label}]
     return [{"image": label, "face": i, "x": f.box[0], "y": f.box[1], "w": f.box[2], "h": f.box[3],
-             "score": round(f.score, 6), "age": round(f.age, 6)} for i, f in enumerate(result.faces)]
+             "score": round(f.score, 6), **_face_values(f)} for i, f in enumerate(result.faces)]
 
 
-def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool) -> None:
-    """Atomically write prediction rows (``prediction_rows``) as CSV."""
+def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool,
+                         intervals: bool = False) -> None:
+    """Atomically write prediction rows (``prediction_rows``) as CSV (``intervals``: with
+    ``age_lo,age_hi`` columns)."""
     import pandas as pd
 
     from .atomic import atomic_path
 
-    columns = list(FACES_COLUMNS if faces_only else DETECT_COLUMNS)
+    columns = list(FACES_COLUMNS if faces_only else DETECT_COLUMNS) + (list(INTERVAL_COLUMNS) if intervals else [])
     table = pd.DataFrame(rows, columns=columns)
     if not faces_only:
         for c in ("face", "x", "y", "w", "h"):
@@ -612,7 +658,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
 
 
 def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> None:
-    """Save ``rgb`` with each face's box and age drawn on it to ``out`` (atomically)."""
+    """Save ``rgb`` with each face's box and age (and its interval, ``31 (24-39)``) drawn on it to ``out`` (atomically)."""
     from PIL import Image, ImageDraw, ImageFont
 
     from .atomic import atomic_path
@@ -624,7 +670,7 @@ def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> 
     for face in result.faces:
         x, y, w, h = face.box
         draw.rectangle((x, y, x + w, y + h), outline=(255, 64, 0), width=line)
-        text = f"{face.age:.0f}"
+        text = f"{face.age:.0f}" if face.age_lo is None else f"{face.age:.0f} ({face.age_lo:.0f}-{face.age_hi:.0f})"
         tx, ty = x, max(0, y - font.size - 2 * line)
         bbox = draw.textbbox((tx, ty), text, font=font)
         draw.rectangle(bbox, fill=(255, 64, 0))

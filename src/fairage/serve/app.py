@@ -4,7 +4,10 @@ Endpoints::
 
     GET  /health     {"status": "ok"}
     POST /predict    multipart field ``file`` or a raw image body ->
-                     {"faces": [{"box": [x, y, w, h], "score", "age"}], "image": {"width", "height"}, "model"}
+                     {"faces": [{"box": [x, y, w, h], "score", "age"[, "age_lo", "age_hi"]}],
+                      "image": {"width", "height"}, "model", "interval_level"}
+                     (age_lo-age_hi: the conformal interval at interval_level, for a calibrated
+                     model; interval_level is null otherwise)
     GET  /model      the model card (JSON)
     GET  /model.md   the model card (Markdown)
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
@@ -88,6 +91,8 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     limits = limits or ServeLimits()
     page = resources.files("fairage.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     model_name = predictor.loaded.name
+    calibration = getattr(predictor.loaded, "calibration", None)
+    interval_level = float(calibration.level) if calibration is not None else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairage-inference")
     pending = 0
 
@@ -110,10 +115,12 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
         except DataError as err:  # passed the header check but the pixel data is bad
             raise UploadError(400, f"upload: {err}") from None
         return {
-            "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age)}
+            "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age),
+                       **({"age_lo": float(f.age_lo), "age_hi": float(f.age_hi)} if f.age_lo is not None else {})}
                       for f in result.faces],
             "image": {"width": int(result.width), "height": int(result.height)},
             "model": model_name,
+            "interval_level": interval_level,
         }
 
     @app.exception_handler(UploadError)
