@@ -4,7 +4,7 @@ CSV with header ``image,prediction`` (``image`` is the face table's identifier, 
 as a string; ``prediction`` in years), then, when the model carries a conformal calibration
 (``fairage.conformal``), ``age_lo,age_hi`` (its interval, years) and, when written by fairage,
 ``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order.
-``read_predictions`` also takes the ``image,age`` file of ``fairage predict --faces``.
+``read_predictions`` also takes the ``image,age[,age_lo,age_hi]`` file of ``fairage predict --faces``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
         table = pd.read_csv(path, dtype={"image": str})  # pandas parses floats round-trip exactly
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
-    if list(table.columns) == ["image", "age"]:
+    if list(table.columns) in (["image", "age"], ["image", "age", *INTERVAL_COLUMNS]):
         table = _from_face_predictions(table)
     missing = [c for c in ("image", "prediction") if c not in table.columns]
     if missing:
