@@ -141,3 +141,22 @@ def test_model_card_reports_coverage_by_group(tiny_run):
     assert "### Age intervals" in text
     assert f"{100 * metrics['coverage']['conformal']['coverage']:.1f}%" in text
     assert "Coverage gap of age" in text
+
+
+def test_report_plots_coverage_beside_mae(tiny_run, tmp_path):
+    from fairage.report import build_report, coverage_table, group_coverage_frame
+
+    metrics = json.loads((tiny_run / RunFolder.METRICS).read_text())
+    frame = group_coverage_frame([tiny_run])
+    age = frame[(frame["attribute"] == "age") & (frame["intervals"] == "conformal")].set_index("group")
+    for group, row in metrics["coverage"]["conformal"]["groups"]["age"].items():
+        assert age.at[group, "coverage"] == pytest.approx(row["coverage"]) and age.at[group, "n"] == row["n"]
+    table = coverage_table([tiny_run])
+    assert table.loc[0, "conformal coverage %"] == pytest.approx(100 * metrics["coverage"]["conformal"]["coverage"])
+    assert table.loc[0, "Target"] == pytest.approx(90.0)
+    report = build_report([tiny_run], tmp_path / "report")
+    assert (tmp_path / "report" / "group_coverage.png").is_file()
+    html = report.read_text()
+    assert html.index("Per-group test MAE") < html.index("Per-group coverage of the age intervals") < html.index(
+        "Bias vs MAE")
+    assert 'id="coverage"' in html
