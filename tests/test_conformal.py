@@ -229,3 +229,26 @@ def test_interval_arguments_score_mondrian_and_plain_side_by_side():
     plain = result.coverage["plain"].groups["age"]
     assert min(g.coverage for g in groups.values()) > plain["[60,inf)"].coverage
     assert result.coverage["conformal"].gap["age"] < result.coverage["plain"].gap["age"]
+
+
+def test_compare_reports_coverage_width_and_gap_differences():
+    from fairage.metrics import compare
+
+    df_a = pd.DataFrame({"image": list("abcd"), "age": [10, 20, 30, 40.0], "prediction": [11, 19, 33, 40.0],
+                         "gender": ["male", "male", "female", "female"],
+                         "age_lo": [0, 10, 20, 30.0], "age_hi": [20, 30, 40, 50.0]})
+    # B in another row order: covers a, b, d (not c: 30 outside [31, 35]); widths 2, 2, 4, 2
+    df_b = pd.DataFrame({"image": list("dcba"), "prediction": [41, 33, 19, 11.0],
+                         "age_lo": [39, 31, 18, 9.0], "age_hi": [41, 35, 20, 11.0]})
+    result = compare(df_a, df_b, attributes=["gender"], n_boot=100)
+    a, b, d = result.intervals["coverage"]
+    assert (a, b) == (1.0, pytest.approx(0.75)) and d.estimate == pytest.approx(-0.25)
+    assert result.intervals["width"][:2] == (20.0, pytest.approx(2.5))
+    # gender coverage: A 1 and 1 (gap 0); B male 1, female 1/2 (gap 1/2)
+    gap = result.intervals["gender coverage gap"]
+    assert gap[0] == 0.0 and gap[1] == pytest.approx(0.5)
+    raw = result.to_json()
+    assert raw["b"]["intervals"]["coverage"] == pytest.approx(0.75)
+    assert raw["diff"]["intervals"]["width"]["estimate"] == pytest.approx(-17.5)
+    assert [r[0] for r in result.rows()][-3:] == ["coverage", "width", "gender coverage gap"]
+    assert compare(df_a, df_b.drop(columns=["age_lo"]), attributes=["gender"], n_boot=0).intervals == {}

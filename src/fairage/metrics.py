@@ -564,11 +564,16 @@ class ComparisonResult:
     bias_a: dict[str, float | None]
     bias_b: dict[str, float | None]
     bias_diff: dict[str, Difference | None]
+    #: when both sets carry intervals (age_lo, age_hi): "coverage" (fraction), "width" (years) and
+    #: "{attr} coverage gap" (fraction) -> (A, B, B - A); {} otherwise
+    intervals: dict[str, tuple[float | None, float | None, Difference | None]] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, float | None, float | None, Difference | None]]:
-        """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order."""
+        """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order,
+        then the interval measures (``coverage``, ``width``, ``{attr} coverage gap``) when present."""
         return [("MAE", self.mae_a, self.mae_b, self.mae_diff)] + [
-            (f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()]
+            (f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()] + [
+            (name, a, b, d) for name, (a, b, d) in self.intervals.items()]
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage compare --json``::
@@ -578,11 +583,17 @@ class ComparisonResult:
 
         with ``D = {"estimate", "ci": [lo, hi]|None, "excludes_zero"}``.
         """
-        return {"n": self.n, "level": self.level, "n_boot": self.n_boot,
-                "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
-                "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
-                "diff": {"mae": self.mae_diff.to_json(),
-                         "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()}}}
+        out = {"n": self.n, "level": self.level, "n_boot": self.n_boot,
+               "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
+               "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
+               "diff": {"mae": self.mae_diff.to_json(),
+                        "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()}}}
+        if self.intervals:  # {"a": {"intervals": {measure: A}}, ..., "diff": {"intervals": {measure: D|None}}}
+            for side, k in (("a", 0), ("b", 1)):
+                out[side]["intervals"] = {m: v[k] for m, v in self.intervals.items()}
+            out["diff"]["intervals"] = {m: (v[2].to_json() if v[2] is not None else None)
+                                        for m, v in self.intervals.items()}
+        return out
 
 
 def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | None = None,
@@ -633,7 +644,28 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
     bias_diff = {g.attribute: diff(bias_a[g.attribute], bias_b[g.attribute],
                                    boot_a[g.attribute]["bias"] if boot_a else None,
                                    boot_b[g.attribute]["bias"] if boot_b else None) for g in groupings}
-    return ComparisonResult(
+    intervals = {}
+    columns = {"age_lo", "age_hi"}
+    if columns <= set(df_a.columns) and columns <= set(df_b.columns):
+        per_set = []
+        for df in (df_a, df_b.set_index(ids_b.to_numpy()).loc[ids_a.to_numpy()].reset_index(drop=True)):
+            covered, width = _interval_indicators(df_a, df["age_lo"], df["age_hi"], "compare")
+            ones = np.ones((1, len(df_a)))
+            per_set.append([(_statistics(v, ones, groupings),
+                             _statistics(v, counts, groupings) if n_boot > 0 else None) for v in (covered, width)])
+        (ca, wa), (cb, wb) = per_set
+        for name, (pa, ba), (pb, bb) in (("coverage", ca, cb), ("width", wa, wb)):
+            intervals[name] = (float(pa["mae"][0]), float(pb["mae"][0]),
+                               diff(float(pa["mae"][0]), float(pb["mae"][0]), ba["mae"] if ba else None,
+                                    bb["mae"] if bb else None))
+        for g in groupings:
+            a_gap, b_gap = ca[0][g.attribute]["bias"][0], cb[0][g.attribute]["bias"][0]
+            a_gap = None if not np.isfinite(a_gap) else float(a_gap)
+            b_gap = None if not np.isfinite(b_gap) else float(b_gap)
+            intervals[f"{g.attribute} coverage gap"] = (
+                a_gap, b_gap, diff(a_gap, b_gap, ca[1][g.attribute]["bias"] if ca[1] else None,
+                                   cb[1][g.attribute]["bias"] if cb[1] else None))
+    return ComparisonResult(intervals=intervals,
         n=len(errors_a), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
         mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
         bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
