@@ -160,3 +160,38 @@ def test_report_plots_coverage_beside_mae(tiny_run, tmp_path):
     assert html.index("Per-group test MAE") < html.index("Per-group coverage of the age intervals") < html.index(
         "Bias vs MAE")
     assert 'id="coverage"' in html
+
+
+def test_calibrate_command_refits_a_run_and_calibrates_a_model_folder(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / RunFolder.CONFORMAL).unlink()
+    metrics = json.loads((run / RunFolder.METRICS).read_text())
+    result = invoke("calibrate", run, "--by", "none", "--alpha", "0.2", "--quiet")
+    assert result.exit_code == 0, result.output
+    cal = RunFolder.open(run).calibration()
+    assert cal.by == [] and cal.alpha == 0.2
+    valid = RunFolder.open(run).faces("valid")
+    errors = np.sort(np.abs(predict_faces(run, valid) - valid["age"].to_numpy()))
+    assert cal.plain == pytest.approx(errors[math.ceil((len(valid) + 1) * 0.8) - 1], abs=1e-4)
+    preds = pd.read_csv(run / RunFolder.PREDICTIONS)
+    np.testing.assert_allclose(preds["age_hi"] - preds["prediction"],
+                               np.minimum(cal.plain, 150 - preds["prediction"]), atol=1e-6)
+    rewritten = json.loads((run / RunFolder.METRICS).read_text())
+    assert rewritten["mae"] == metrics["mae"] and set(rewritten["coverage"]) == {"conformal"}
+    assert rewritten["coverage_target"] == pytest.approx(0.8)
+
+    # a model folder (config.yaml + model.safetensors) calibrates on a dataset given with --data
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(run / "config.yaml", folder / "config.yaml")
+    save_file({k: v.contiguous() for k, v in load_model(run).model.state_dict().items()}, str(folder / "model.safetensors"))
+    assert load_model(folder).calibration is None
+    assert invoke("calibrate", folder, "--quiet").exit_code == 2  # no --data
+    data_dir = RunFolder.open(run).data_dir
+    result = invoke("calibrate", folder, "--data", data_dir, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert load_model(folder).calibration.to_json()["plain"] == pytest.approx(
+        errors[math.ceil((len(valid) + 1) * 0.9) - 1], abs=1e-4)

@@ -979,6 +979,39 @@ def predict_command(
                   f"({predictor.loaded.kind}, {predictor.image_size} px) -> {out}", highlight=False, soft_wrap=True)
 
 
+@app.command("calibrate")
+def calibrate_command(
+    model: Path = typer.Argument(..., help="A run folder or a model folder (import-keras)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
+    split: str = typer.Option("valid", "--split", help="Split to calibrate on: faces the model did not train on."),
+    alpha: float | None = typer.Option(None, "--alpha", min=0.001, max=0.5,
+                                          help="Miscoverage: intervals aim at 1 - alpha (default: eval.conformal.alpha, 0.1)."),
+    by: list[str] | None = typer.Option(None, "--by", help="Attribute calibrated separately (repeatable; 'age' = true "
+                                                            "age bins; several = their intersection; 'none' = plain). "
+                                                            "Default: eval.conformal.by."),
+    min_group: int | None = typer.Option(None, "--min-group", min=0, help="Fewest faces a group needs for its own quantile."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Fit the conformal age intervals of a model and store them in its folder (conformal.json).
+
+    A finished run's predictions_test.csv and metrics_test.json are rewritten with the
+    intervals (same predictions), so runs trained before intervals existed gain them.
+    """
+    from .training import calibrate_folder
+
+    chosen = None if not by else ([] if by == ["none"] else by)
+    calibration, messages = calibrate_folder(model, data, split, alpha=alpha, by=chosen, min_group=min_group,
+                                             progress=not quiet)
+    for message in messages:
+        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    what = " x ".join(calibration.by) or "plain"
+    console.print(f"calibrated {model} on {calibration.n} {split} faces: {100 * calibration.level:g}% intervals, "
+                  f"Mondrian by {what}; plain half-width {calibration.plain:.2f} years", highlight=False, soft_wrap=True)
+    for group, q in calibration.groups.items():
+        note = f" (too few faces: uses {q.fallback})" if q.fallback else ""
+        console.print(f"  {group}: n={q.n}, half-width {q.quantile:.2f} years{note}", highlight=False, soft_wrap=True)
+
+
 @app.command("export")
 def export_command(
     model: Path = typer.Argument(..., help="A run folder or a model folder."),

@@ -31,6 +31,7 @@ from .module import (
 )
 from .run import (
                         COLLAPSE_STD,
+                        calibrate_folder,
                         collapse_warning,
                         export_backbone,
                         load_model_from_checkpoint,
@@ -51,6 +52,7 @@ __all__ = [
                         "StageArrays",
                         "StageResult",
                         "build_augment",
+                        "calibrate_folder",
                         "collapse_warning",
                         "export_backbone",
                         "extract_features",

@@ -353,3 +353,58 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
             with open(tmp, "wb") as f:
                 torch.save(state, f)
     return out_path
+
+
+def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split: str = "valid",
+                     alpha: float | None = None, by: Sequence[str] | None = None,
+                     min_group: int | None = None, progress: bool = False):
+    """Fit (or refit) the conformal calibration of a run folder or a model folder; return
+    ``(calibration, warnings)``.
+
+    The model predicts the faces of ``split`` (default ``valid``: faces it did not train on)
+    of ``data_dir`` (a run's default: its own data, loaded with its ``data.*`` settings; a
+    model folder needs it). ``alpha``, ``by``, ``min_group`` default to the config's
+    ``eval.conformal``. The calibration goes to the folder's ``conformal.json``; a finished
+    run's ``predictions_test.csv`` and ``metrics_test.json`` are rewritten with the new
+    intervals (same predictions), so an older run gains them.
+    """
+    from ..conformal import CONFORMAL, fit_calibration, write_calibration
+    from ..predict import load_model, predict_faces
+
+    path = Path(path)
+    loaded = load_model(path)
+    if loaded.kind == "exported":
+        raise ConfigError(f"{path}: calibrate a run or model folder, then export it again")
+    cfg = loaded.config
+    settings = cfg.eval.conformal
+    alpha = settings.alpha if alpha is None else alpha
+    by = list(settings.by if by is None else by)
+    min_group = settings.min_group if min_group is None else min_group
+    folder = RunFolder.open(path) if loaded.kind == "run" else None
+    if data_dir is None and folder is None:
+        raise ConfigError(f"{path} is a model folder: give the dataset to calibrate on (--data DIR)")
+    faces = config_faces(cfg, data_dir or folder.data_dir)
+    faces = faces[faces["split"] == split].reset_index(drop=True)
+    if len(faces) == 0:
+        raise DataError(f"dataset {data_dir or folder.data_dir} has no {split!r} faces to calibrate on")
+    df = faces.copy()
+    df["prediction"] = predict_faces(loaded, faces, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # returned to the caller
+        calibration, messages = fit_calibration(df, alpha=alpha, by=by, age_edges=settings.age_edges,
+                                                min_group=min_group, split=split)
+    if folder is None:
+        write_calibration(path / CONFORMAL, calibration)
+        return calibration, messages
+    with folder.lock():
+        folder.write_calibration(calibration)
+        kept = [w for w in folder.record.warnings if not w.startswith("conformal groups")]
+        folder.update(warnings=kept + messages)
+        if folder.file(RunFolder.PREDICTIONS).is_file() and folder.is_finished():
+            from ..data.predictions import join_predictions, read_predictions
+
+            test = folder.faces("test")
+            joined = join_predictions(test, read_predictions(folder.file(RunFolder.PREDICTIONS)),
+                                      folder.file(RunFolder.PREDICTIONS))
+            evaluate_test(folder.config(), test, joined["prediction"].to_numpy(), folder, calibration)
+    return calibration, messages
