@@ -368,9 +368,8 @@ def evaluate_command(
 
     from rich.table import Table
 
-    from .metrics import evaluate
-
     from .conformal import CONFORMAL, interval_arguments, read_calibration
+    from .metrics import evaluate
 
     settings = {"n_boot": 1000, "level": 0.95, "n_perm": 1000, "seed": 0}
     df = None

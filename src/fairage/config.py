@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import re
 from importlib import resources
 from pathlib import Path
@@ -270,7 +271,7 @@ class ConformalConfig(StrictModel):
     @field_validator("age_edges")
     @classmethod
     def _increasing(cls, value: list[float]) -> list[float]:
-        if any(e <= 0 for e in value) or any(b <= a for a, b in zip(value, value[1:])):
+        if any(e <= 0 for e in value) or any(b <= a for a, b in itertools.pairwise(value)):
             raise ValueError(f"age edges must be positive and increasing, got {value}")
         return value
 

@@ -101,11 +101,18 @@ class Calibration:
 
     def fallbacks(self) -> dict[str, str]:
         """Groups (all levels) that use another group's quantile: ``{group: group used}``."""
-        return {g: s.fallback for lv in self.levels.values() for g, s in lv.items() if s.fallback is not None}
+        return {
+            g: s.fallback
+            for lv in self.levels.values()
+            for g, s in lv.items()
+            if s.fallback is not None
+        }
 
     # ------------------------------------------------------------------ applying
 
-    def intervals(self, predictions, faces: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def intervals(
+        self, predictions, faces: pd.DataFrame | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(age_lo, age_hi)``, float64 arrays of shape (N,) in years, of predictions (N,) years.
 
         ``faces`` (N rows, optional) gives the non-age attributes of ``by`` when they are
@@ -116,11 +123,15 @@ class Calibration:
         pred = np.asarray(predictions, dtype=float).reshape(-1)
         lo_range, hi_range = AGE_RANGE
         if not self.by:
-            return np.clip(pred - self.plain, lo_range, hi_range), np.clip(pred + self.plain, lo_range, hi_range)
+            return np.clip(pred - self.plain, lo_range, hi_range), np.clip(
+                pred + self.plain, lo_range, hi_range
+            )
         q_by_bin = self._face_quantiles(pred.shape[0], faces)  # {age bin or None: (N,)}
         if None in q_by_bin:
             q = q_by_bin[None]
-            return np.clip(pred - q, lo_range, hi_range), np.clip(pred + q, lo_range, hi_range)
+            return np.clip(pred - q, lo_range, hi_range), np.clip(
+                pred + q, lo_range, hi_range
+            )
         bounds = [0.0, *self.age_edges, math.inf]
         lo = np.full(pred.shape, np.inf)
         hi = np.full(pred.shape, -np.inf)
@@ -136,9 +147,14 @@ class Calibration:
     def plain_intervals(self, predictions) -> tuple[np.ndarray, np.ndarray]:
         """The plain intervals (one quantile for all faces) of the same calibration, years."""
         pred = np.asarray(predictions, dtype=float).reshape(-1)
-        return (np.clip(pred - self.plain, *AGE_RANGE), np.clip(pred + self.plain, *AGE_RANGE))
+        return (
+            np.clip(pred - self.plain, *AGE_RANGE),
+            np.clip(pred + self.plain, *AGE_RANGE),
+        )
 
-    def _face_quantiles(self, n: int, faces: pd.DataFrame | None) -> dict[str | None, np.ndarray]:
+    def _face_quantiles(
+        self, n: int, faces: pd.DataFrame | None
+    ) -> dict[str | None, np.ndarray]:
         """Per age bin (None when ``age`` is not in ``by``) the quantile of every face, (N,)."""
         groups = self.groups
         options = []  # per attribute of by: (N,) chosen value index or -1 (unknown)
@@ -158,9 +174,15 @@ class Calibration:
         for age_label in age_bins:
             q = np.zeros(n)
             # every combination of the non-age values; a face takes the max over those it could be
-            others = [list(range(len(self.values[a]))) if a != "age" else [None] for a in self.by]
+            others = [
+                list(range(len(self.values[a]))) if a != "age" else [None]
+                for a in self.by
+            ]
             for combo in itertools.product(*others):
-                name = "|".join(age_label if a == "age" else self.values[a][k] for a, k in zip(self.by, combo))
+                name = "|".join(
+                    age_label if a == "age" else self.values[a][k]
+                    for a, k in zip(self.by, combo)
+                )
                 value = groups[name].quantile
                 fits = np.ones(n, dtype=bool)
                 for codes, k in zip(options, combo):
@@ -175,40 +197,74 @@ class Calibration:
     def to_json(self) -> dict:
         """The object of ``conformal.json``::
 
-            {"version", "method", "alpha", "level", "by", "age_edges", "split", "n", "min_group",
-             "plain": q, "values": {attr: [group]},
-             "groups": {group: {"n", "quantile", "fallback"}},      # the finest groups
-             "levels": {prefix: {group: {"n", "quantile", "fallback"}}}}
+        {"version", "method", "alpha", "level", "by", "age_edges", "split", "n", "min_group",
+         "plain": q, "values": {attr: [group]},
+         "groups": {group: {"n", "quantile", "fallback"}},      # the finest groups
+         "levels": {prefix: {group: {"n", "quantile", "fallback"}}}}
         """
-        def dump(level: dict[str, GroupQuantile]) -> dict:
-            return {g: {"n": s.n, "quantile": s.quantile, "fallback": s.fallback} for g, s in level.items()}
 
-        return {"version": VERSION,
-                "method": "split conformal, absolute error (crepes ConformalRegressor"
-                          + (", Mondrian by " + " x ".join(self.by) if self.by else "") + ")",
-                "alpha": self.alpha, "level": self.level, "by": list(self.by), "age_edges": list(self.age_edges),
-                "split": self.split, "n": self.n, "min_group": self.min_group, "plain": self.plain,
-                "values": {a: list(v) for a, v in self.values.items()},
-                "groups": dump(self.groups), "levels": {p: dump(lv) for p, lv in self.levels.items()}}
+        def dump(level: dict[str, GroupQuantile]) -> dict:
+            return {
+                g: {"n": s.n, "quantile": s.quantile, "fallback": s.fallback}
+                for g, s in level.items()
+            }
+
+        return {
+            "version": VERSION,
+            "method": "split conformal, absolute error (crepes ConformalRegressor"
+            + (", Mondrian by " + " x ".join(self.by) if self.by else "")
+            + ")",
+            "alpha": self.alpha,
+            "level": self.level,
+            "by": list(self.by),
+            "age_edges": list(self.age_edges),
+            "split": self.split,
+            "n": self.n,
+            "min_group": self.min_group,
+            "plain": self.plain,
+            "values": {a: list(v) for a, v in self.values.items()},
+            "groups": dump(self.groups),
+            "levels": {p: dump(lv) for p, lv in self.levels.items()},
+        }
 
     @classmethod
     def from_json(cls, raw: dict, source: str = "calibration") -> Calibration:
         """Read ``to_json``'s object; DataError naming ``source`` and the problem when it is not one."""
         try:
             if int(raw["version"]) > VERSION:
-                raise ValueError(f"version {raw['version']} is newer than this fairage reads ({VERSION})")
-            cal = cls(alpha=float(raw["alpha"]), by=[str(a) for a in raw["by"]],
-                      age_edges=[float(e) for e in raw["age_edges"]], n=int(raw["n"]), plain=float(raw["plain"]),
-                      values={str(a): [str(v) for v in vs] for a, vs in raw.get("values", {}).items()},
-                      levels={str(p): {str(g): GroupQuantile(int(s["n"]), float(s["quantile"]), s.get("fallback"))
-                                       for g, s in lv.items()} for p, lv in raw.get("levels", {}).items()},
-                      split=str(raw.get("split", "valid")), min_group=int(raw.get("min_group", 0)))
+                raise ValueError(
+                    f"version {raw['version']} is newer than this fairage reads ({VERSION})"
+                )
+            cal = cls(
+                alpha=float(raw["alpha"]),
+                by=[str(a) for a in raw["by"]],
+                age_edges=[float(e) for e in raw["age_edges"]],
+                n=int(raw["n"]),
+                plain=float(raw["plain"]),
+                values={
+                    str(a): [str(v) for v in vs]
+                    for a, vs in raw.get("values", {}).items()
+                },
+                levels={
+                    str(p): {
+                        str(g): GroupQuantile(
+                            int(s["n"]), float(s["quantile"]), s.get("fallback")
+                        )
+                        for g, s in lv.items()
+                    }
+                    for p, lv in raw.get("levels", {}).items()
+                },
+                split=str(raw.get("split", "valid")),
+                min_group=int(raw.get("min_group", 0)),
+            )
             if not 0 < cal.alpha < 1:
                 raise ValueError(f"alpha {cal.alpha} is not between 0 and 1")
             missing = [a for a in cal.by if a != "age" and a not in cal.values]
             if missing or ("age" in cal.by and "age" not in cal.values):
                 raise ValueError(f"no values for {missing or ['age']}")
-            qs = [cal.plain] + [s.quantile for lv in cal.levels.values() for s in lv.values()]
+            qs = [cal.plain] + [
+                s.quantile for lv in cal.levels.values() for s in lv.values()
+            ]
             if not all(math.isfinite(q) and q >= 0 for q in qs):
                 raise ValueError("a quantile is negative or not finite")
             others = [cal.values[a] for a in cal.by]
@@ -217,7 +273,9 @@ class Calibration:
                     raise ValueError(f"no quantile for group {'|'.join(combo)!r}")
             return cal
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise DataError(f"{source} is not a fairage conformal calibration ({type(err).__name__}: {err})") from None
+            raise DataError(
+                f"{source} is not a fairage conformal calibration ({type(err).__name__}: {err})"
+            ) from None
 
 
 # =========================================================================== fitting
@@ -239,7 +297,9 @@ def minimum_group_size(alpha: float) -> int:
     return n
 
 
-def _crepes_quantiles(residuals: np.ndarray, names: np.ndarray, alpha: float) -> dict[str, float]:
+def _crepes_quantiles(
+    residuals: np.ndarray, names: np.ndarray, alpha: float
+) -> dict[str, float]:
     """crepes' Mondrian quantile (years) of every group present in ``names``; inf where too small."""
     with warnings.catch_warnings():
         # crepes calls warnings.simplefilter("always", UserWarning) when imported: keep that change local
@@ -249,21 +309,32 @@ def _crepes_quantiles(residuals: np.ndarray, names: np.ndarray, alpha: float) ->
     regressor.fit(residuals, bins=names)
     present = np.unique(names)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # too-small bins: handled by the fallback
-        bounds = regressor.predict_int(np.zeros(present.size), bins=present, confidence=1.0 - alpha)
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # too-small bins: handled by the fallback
+        bounds = regressor.predict_int(
+            np.zeros(present.size), bins=present, confidence=1.0 - alpha
+        )
     return {str(g): float(hi) for g, hi in zip(present, bounds[:, 1])}
 
 
-def _labels(df: pd.DataFrame, attribute: str, age_edges: Sequence[float]) -> tuple[np.ndarray, list[str]]:
+def _labels(
+    df: pd.DataFrame, attribute: str, age_edges: Sequence[float]
+) -> tuple[np.ndarray, list[str]]:
     from .metrics import attribute_groups
 
     labels, order, _ = attribute_groups(df, attribute, age_edges)
     return labels, order
 
 
-def fit_calibration(df: pd.DataFrame, alpha: float = 0.1, by: Sequence[str] = ("age",),
-                    age_edges: Sequence[float] = AGE_EDGES, min_group: int = 0,
-                    split: str = "valid") -> tuple[Calibration, list[str]]:
+def fit_calibration(
+    df: pd.DataFrame,
+    alpha: float = 0.1,
+    by: Sequence[str] = ("age",),
+    age_edges: Sequence[float] = AGE_EDGES,
+    min_group: int = 0,
+    split: str = "valid",
+) -> tuple[Calibration, list[str]]:
     """Fit a calibration on held-out predictions; return it and the fallback warnings.
 
     ``df`` has ``age`` and ``prediction`` (years) and the non-age columns of ``by``, one
@@ -278,30 +349,55 @@ def fit_calibration(df: pd.DataFrame, alpha: float = 0.1, by: Sequence[str] = ("
         raise DataError(f"conformal groups listed twice: {by}")
     for column in ("age", "prediction", *[a for a in by if a != "age"]):
         if column not in df.columns:
-            raise DataError(f"calibration: column {column!r} is missing (have: {', '.join(map(str, df.columns))})")
-    residuals = np.abs(df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float))
+            raise DataError(
+                f"calibration: column {column!r} is missing (have: {', '.join(map(str, df.columns))})"
+            )
+    residuals = np.abs(
+        df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float)
+    )
     if not np.isfinite(residuals).all():
         raise DataError("calibration: ages and predictions must be finite numbers")
     smallest = max(int(min_group), minimum_group_size(alpha))
     if len(residuals) < smallest:
-        raise DataError(f"calibration needs at least {smallest} faces for level {1 - alpha:g}, got {len(residuals)}")
+        raise DataError(
+            f"calibration needs at least {smallest} faces for level {1 - alpha:g}, got {len(residuals)}"
+        )
     plain = _crepes_quantiles(residuals, np.full(len(residuals), ALL), alpha)[ALL]
     edges = [float(e) for e in age_edges]
     labels, values = {}, {}
     for attr in by:
         labels[attr], values[attr] = _labels(df, attr, edges)
-    cal = Calibration(alpha=float(alpha), by=by, age_edges=edges, n=len(residuals), plain=plain, values=values,
-                      split=split, min_group=int(min_group))
+    cal = Calibration(
+        alpha=float(alpha),
+        by=by,
+        age_edges=edges,
+        n=len(residuals),
+        plain=plain,
+        values=values,
+        split=split,
+        min_group=int(min_group),
+    )
     messages = []
-    parent_of = {ALL: GroupQuantile(len(residuals), plain)}  # quantiles of the previous level
+    parent_of = {
+        ALL: GroupQuantile(len(residuals), plain)
+    }  # quantiles of the previous level
     for depth in range(1, len(by) + 1):
         attrs = by[:depth]
         known = np.ones(len(residuals), dtype=bool)
         for a in attrs:
             known &= np.array([v is not None for v in labels[a]])
-        names = np.array(["|".join(str(labels[a][i]) for a in attrs) for i in np.flatnonzero(known)], dtype=object)
-        own = _crepes_quantiles(residuals[known], names.astype(str), alpha) if known.any() else {}
-        counts = pd.Series(names).value_counts() if known.any() else pd.Series(dtype=int)
+        names = np.array(
+            ["|".join(str(labels[a][i]) for a in attrs) for i in np.flatnonzero(known)],
+            dtype=object,
+        )
+        own = (
+            _crepes_quantiles(residuals[known], names.astype(str), alpha)
+            if known.any()
+            else {}
+        )
+        counts = (
+            pd.Series(names).value_counts() if known.any() else pd.Series(dtype=int)
+        )
         level = {}
         small = []
         for combo in itertools.product(*[values[a] for a in attrs]):
@@ -312,12 +408,16 @@ def fit_calibration(df: pd.DataFrame, alpha: float = 0.1, by: Sequence[str] = ("
                 level[name] = GroupQuantile(n, own[name])
             else:
                 source = parent_of[parent]
-                level[name] = GroupQuantile(n, source.quantile, source.fallback or parent)
+                level[name] = GroupQuantile(
+                    n, source.quantile, source.fallback or parent
+                )
                 small.append(f"{name} (n={n})")
         if small:
-            messages.append(f"conformal groups with fewer than {smallest} calibration faces (too few for level "
-                            f"{1 - alpha:g}) use their parent's quantile ({'plain' if depth == 1 else '|'.join(by[:depth - 1])}): "
-                            + ", ".join(small))
+            messages.append(
+                f"conformal groups with fewer than {smallest} calibration faces (too few for level "
+                f"{1 - alpha:g}) use their parent's quantile ({'plain' if depth == 1 else '|'.join(by[: depth - 1])}): "
+                + ", ".join(small)
+            )
         cal.levels["|".join(attrs)] = level
         parent_of = level
     for message in messages:

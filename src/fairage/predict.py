@@ -47,7 +47,13 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig, read_yaml, validate_config
-from .conformal import CONFORMAL, EXPORT_KEY, Calibration, calibration_from_text, read_calibration
+from .conformal import (
+    CONFORMAL,
+    EXPORT_KEY,
+    Calibration,
+    calibration_from_text,
+    read_calibration,
+)
 from .errors import ConfigError, DataError
 from .models import AgeRegressor, clamp_ages
 
