@@ -362,3 +362,24 @@ def test_compare_reports_coverage_width_and_gap_differences():
         ).intervals
         == {}
     )
+
+
+def test_coverage_per_intersection():
+    df = pd.DataFrame(
+        {
+            "age": [10, 12, 30, 35, 50.0],
+            "prediction": [10, 12, 30, 35, 50.0],
+            "gender": ["male", "female", "male", "male", "unknown"],
+            "age_lo": [9, 13, 29, 30, 40.0],
+            "age_hi": [11, 14, 31, 40, 60.0],
+        }
+    )
+    result = evaluate(df, attributes=["age|gender"], n_boot=0)
+    groups = result.coverage["conformal"].groups["age|gender"]
+    # the unknown-gender face is left out; [20,40)|female has no faces and is not listed
+    assert list(groups) == ["[0,20)|male", "[0,20)|female", "[20,40)|male"]
+    assert [g.coverage for g in groups.values()] == [1.0, 0.0, 1.0]
+    assert [g.n for g in groups.values()] == [1, 1, 2]
+    assert result.coverage["conformal"].gap["age|gender"] == pytest.approx(
+        2 / 3
+    )  # pairs: 1, 0, 1

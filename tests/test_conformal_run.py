@@ -249,6 +249,18 @@ def test_calibrate_command_refits_a_run_and_calibrates_a_model_folder(
         "conformal"
     }
     assert rewritten["coverage_target"] == pytest.approx(0.8)
+    # an intersection calibration is scored on the intersection too
+    assert (
+        invoke("calibrate", run, "--by", "age", "--by", "gender", "--quiet").exit_code
+        == 0
+    )
+    rewritten = json.loads((run / RunFolder.METRICS).read_text())
+    crossed = rewritten["coverage"]["conformal"]["groups"]["age|gender"]
+    test = RunFolder.open(run).faces("test")
+    assert sum(g["n"] for g in crossed.values()) == int(
+        test["gender"].isin(["male", "female"]).sum()
+    )
+    assert set(rewritten["coverage"]) == {"conformal", "plain"}
 
     # a model folder (config.yaml + model.safetensors) calibrates on a dataset given with --data
     from safetensors.torch import save_file

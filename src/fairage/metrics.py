@@ -76,7 +76,8 @@ def mae(y_true, y_pred) -> float:
 
 
 def _check_table(df: pd.DataFrame, attributes: Sequence[str]) -> None:
-    for column in ("age", "prediction", *[a for a in attributes if a != "age"]):
+    parts = [p for a in attributes for p in a.split("|")]
+    for column in ("age", "prediction", *dict.fromkeys(p for p in parts if p != "age")):
         if column not in df.columns:
             raise DataError(f"column {column!r} is missing (have: {', '.join(map(str, df.columns))})")
     if len(df) == 0:
@@ -97,7 +98,17 @@ def attribute_groups(df: pd.DataFrame, attribute: str,
     with ``None`` for faces left out (``unknown``), ``order`` the groups in output order
     (``schema.group_order``: vocabulary groups first, even when empty, then extra
     categories sorted) and ``vocabulary`` the expected groups (empty list for a custom attribute).
+    An attribute naming several joined by ``|`` (``"age|gender"``) is their intersection: labels
+    joined by ``|``, the combinations present only, in the parts' order.
     """
+    if "|" in attribute:  # an intersection, e.g. "age|gender": groups "[20,40)|female", ...
+        parts = [attribute_groups(df, part, age_edges) for part in attribute.split("|")]
+        labels = np.array([None if any(p[0][i] is None for p in parts) else "|".join(p[0][i] for p in parts)
+                           for i in range(len(df))], dtype=object)
+        present = {v for v in labels if v is not None}
+        order = ["|".join(c) for c in itertools.product(*[p[1] for p in parts])]
+        order = [g for g in order if g in present] + sorted(present - set(order))
+        return labels, order, []
     if attribute == "age":
         vocabulary = age_bin_labels(tuple(age_edges))
         labels = age_bins(df["age"].to_numpy(dtype=float), tuple(age_edges)).astype(object)

@@ -132,7 +132,13 @@ def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: 
     write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, intervals)
     df = test_faces.copy()
     df["prediction"] = predictions
-    metrics = evaluate(df, **interval_arguments(calibration, df), **folder.evaluation_settings(cfg))
+    attributes = None
+    if calibration is not None and len(calibration.by) > 1:  # coverage (and MAE) of the calibrated intersection too
+        from ..metrics import DEFAULT_ATTRIBUTES
+
+        attributes = [*DEFAULT_ATTRIBUTES, "|".join(calibration.by)]
+    metrics = evaluate(df, attributes=attributes, **interval_arguments(calibration, df),
+                       **folder.evaluation_settings(cfg))
     write_text(folder.file(RunFolder.METRICS), json.dumps(metrics.to_json(), indent=2) + "\n")
     return metrics
 
