@@ -178,9 +178,13 @@ def test_tiny_groups_fall_back_to_their_parent_with_a_warning():
     )
     assert cal.groups["[60,inf)|female"].fallback == "[60,inf)"
     assert cal.groups["[60,inf)|male"].fallback is None
-    assert cal.groups["[60,inf)|male"].quantile == pytest.approx(
+    split = cal.groups["[60,inf)|male"].split_quantile
+    assert split == pytest.approx(
         _order_statistic(residuals[old & (gender == "male")], ALPHA)
     )
+    assert (
+        cal.groups["[60,inf)|male"].quantile <= split
+    )  # the hull's tightening only lowers it
     # a group empty at both levels ends at the plain quantile
     assert cal.groups["[0,20)|female"].quantile == cal.plain
     assert cal.groups["[0,20)|female"].fallback == "all"
@@ -224,7 +228,7 @@ def test_calibration_file_round_trip_and_damage(tmp_path):
     assert back.to_json() == cal.to_json()
     raw = json.loads(path.read_text())
     assert raw["level"] == pytest.approx(0.9) and raw["by"] == ["age", "gender"]
-    assert set(raw["groups"]["[0,20)|male"]) == {"n", "quantile", "fallback"}
+    assert set(raw["groups"]["[0,20)|male"]) == {"n", "quantile", "fallback", "split_quantile"}
     assert read_calibration(tmp_path / "absent.json") is None
     del raw["groups"]
     raw["levels"]["age|gender"].pop("[0,20)|male")
@@ -383,3 +387,44 @@ def test_coverage_per_intersection():
     assert result.coverage["conformal"].gap["age|gender"] == pytest.approx(
         2 / 3
     )  # pairs: 1, 0, 1
+
+
+def _gappy_faces(n: int, seed: int) -> pd.DataFrame:
+    """Ages over 0-80 with accurate predictions in [0,20) and [40,60) (sd 1) between inaccurate
+    ones (sd 8): the wide neighbours' pieces reach into the accurate bins."""
+    rng = np.random.default_rng(seed)
+    age = rng.uniform(0, 80, n)
+    sd = np.select([age < 20, age < 40, age < 60], [1.0, 8.0, 1.0], 8.0)
+    return pd.DataFrame(
+        {"age": age, "prediction": np.clip(age + rng.normal(0, 1, n) * sd, 0, 150)}
+    )
+
+
+def test_tightened_hull_covers_each_age_group_near_the_target():
+    cal_df, test_df = _gappy_faces(10000, seed=1), _gappy_faces(40000, seed=2)
+    bins = pd.cut(test_df["age"], [0, 20, 40, 60, np.inf], right=False)
+    cal_bins = pd.cut(cal_df["age"], [0, 20, 40, 60, np.inf], right=False)
+    loose, _ = fit_calibration(cal_df, ALPHA, by=["age"], tighten=False)
+    tight, _ = fit_calibration(cal_df, ALPHA, by=["age"])
+    assert tight.tightened and not loose.tightened
+    loose_cov = (
+        _coverage(test_df, *loose.intervals(test_df["prediction"]))
+        .groupby(bins, observed=True)
+        .mean()
+    )
+    tight_cov = (
+        _coverage(test_df, *tight.intervals(test_df["prediction"]))
+        .groupby(bins, observed=True)
+        .mean()
+    )
+    limits = {
+        g: binomial_limit(int((bins == g).sum()), int((cal_bins == g).sum()))
+        for g in loose_cov.index
+    }
+    # without tightening, the hull over-covers the accurate [40,60) bin well beyond sampling noise
+    g40 = loose_cov.index[2]
+    assert loose_cov[g40] - 0.9 > limits[g40]
+    for g in tight_cov.index:
+        assert abs(tight_cov[g] - 0.9) < limits[g], (g, tight_cov[g])
+    for name, group in tight.groups.items():
+        assert group.quantile <= group.split_quantile == loose.groups[name].quantile

@@ -260,6 +260,8 @@ class ConformalConfig(StrictModel):
     age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
     #: fewest calibration faces a group needs for its own quantile (0: the fewest the level allows)
     min_group: int = Field(0, ge=0)
+    #: lower the age groups' quantiles where the interval's hull over-covers (fairage.conformal.fit_calibration)
+    tighten: bool = True
 
     @field_validator("by")
     @classmethod

@@ -115,7 +115,8 @@ def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
         calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
-                                                age_edges=settings.age_edges, min_group=settings.min_group)
+                                                age_edges=settings.age_edges, min_group=settings.min_group,
+                                                tighten=settings.tighten)
     folder.write_calibration(calibration)
     return calibration, messages
 
@@ -398,7 +399,7 @@ def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # returned to the caller
         calibration, messages = fit_calibration(df, alpha=alpha, by=by, age_edges=settings.age_edges,
-                                                min_group=min_group, split=split)
+                                                min_group=min_group, split=split, tighten=settings.tighten)
     if folder is None:
         write_calibration(path / CONFORMAL, calibration)
         return calibration, messages
