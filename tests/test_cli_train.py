@@ -172,7 +172,9 @@ def test_a_collapsed_model_is_reported(tiny_data, tmp_path):
     assert result.exit_code == 0, result.output
     preds = pd.read_csv(run_dir / "predictions_test.csv")["prediction"]
     assert preds.std() < 0.5
-    [warning] = json.loads((run_dir / "run.json").read_text())["warnings"]
+    # besides the collapse, the tiny validation split leaves age groups too small for their own interval width
+    warnings = json.loads((run_dir / "run.json").read_text())["warnings"]
+    [warning] = [w for w in warnings if not w.startswith("conformal groups")]
     assert "collapsed" in warning
     assert "warning:" in result.output and "collapsed" in result.output
 
