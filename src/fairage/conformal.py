@@ -19,10 +19,14 @@ Groups (``by``), so that coverage holds within each group and not only on averag
   ``b = [lo_b, hi_b)`` the ages ``y`` in ``b`` with ``|y - prediction| <= q_b`` are kept, and
   the interval is the hull of what is kept. A face of true bin ``b`` is covered whenever
   ``|age - prediction| <= q_b``, which by exchangeability within bin ``b`` happens with
-  probability at least ``1 - alpha`` for every bin separately.
+  probability at least ``1 - alpha`` for every bin separately. The hull also fills the gaps
+  between the pieces, which over-covers an accurate bin next to inaccurate ones; by default
+  (``tighten``) the bins' quantiles are then lowered as far as the hull keeps every bin's
+  guaranteed count on the calibration faces (``fit_calibration``), trading the exact
+  guarantee for coverage near ``1 - alpha`` in every bin.
 
-Groups with too few calibration faces for the level (crepes needs ``n >= 1/alpha - 1`` for a
-finite quantile; ``min_group`` can ask for more) use their parent's quantile: ``by`` minus its
+Groups with too few calibration faces for the level (crepes needs ``alpha (n + 1) >= 1`` for a
+finite quantile, 10 faces at 90%; ``min_group`` can ask for more) use their parent's quantile: ``by`` minus its
 last attribute, down to the plain quantile; ``fit_calibration`` warns naming them.
 
 ``Calibration`` is stored as ``conformal.json`` (``CONFORMAL``) in run folders and model
