@@ -228,7 +228,12 @@ def test_calibration_file_round_trip_and_damage(tmp_path):
     assert back.to_json() == cal.to_json()
     raw = json.loads(path.read_text())
     assert raw["level"] == pytest.approx(0.9) and raw["by"] == ["age", "gender"]
-    assert set(raw["groups"]["[0,20)|male"]) == {"n", "quantile", "fallback", "split_quantile"}
+    assert set(raw["groups"]["[0,20)|male"]) == {
+        "n",
+        "quantile",
+        "fallback",
+        "split_quantile",
+    }
     assert read_calibration(tmp_path / "absent.json") is None
     del raw["groups"]
     raw["levels"]["age|gender"].pop("[0,20)|male")
@@ -426,5 +431,10 @@ def test_tightened_hull_covers_each_age_group_near_the_target():
     assert loose_cov[g40] - 0.9 > limits[g40]
     for g in tight_cov.index:
         assert abs(tight_cov[g] - 0.9) < limits[g], (g, tight_cov[g])
-    for name, group in tight.groups.items():
+    residuals = np.abs(cal_df["prediction"] - cal_df["age"]).to_numpy()
+    for (name, group), interval in zip(tight.groups.items(), cal_bins.cat.categories):
         assert group.quantile <= group.split_quantile == loose.groups[name].quantile
+        # never below the group's own 80% quantile
+        assert group.quantile >= _order_statistic(
+            residuals[(cal_bins == interval).to_numpy()], 2 * ALPHA
+        )

@@ -362,7 +362,9 @@ def fit_calibration(
     group whose neighbours have wider quantiles. Each own age-group quantile is then lowered
     (crepes' value kept as ``split_quantile``) to the smallest value at which the hull still
     covers, on the calibration faces, at least the ``ceil((n + 1)(1 - alpha))`` faces of every
-    age group that crepes' quantile guarantees (and no fewer of a fallback group than before).
+    age group that crepes' quantile guarantees (and no fewer of a fallback group than before),
+    but not below crepes' quantile at level ``1 - 2 alpha`` (the group's own piece keeps most of
+    its faces rather than leaving its width to the neighbouring groups' pieces).
     Coverage then sits near ``1 - alpha`` in every age group instead of above it; the
     guarantee becomes approximate (four or so numbers tuned on the calibration faces).
     """
@@ -507,12 +509,20 @@ def _tighten(cal: Calibration, pred: np.ndarray, age: np.ndarray, labels: dict) 
         distances = np.abs(
             np.concatenate([y - p, *[e - p for e in cal.age_edges], [0.0]])
         )
+        # a bin's own piece keeps covering at least 1 - 2 alpha of its faces, so that its width is
+        # never handed over entirely to the neighbours' pieces bridging across it
+        floors = np.zeros(len(bins))
+        if 2 * cal.alpha < 1:
+            floor = _crepes_quantiles(np.abs(y - p), codes.astype(str), 2 * cal.alpha)
+            floors = np.array([floor.get(str(k), 0.0) for k in range(len(bins))])
+            floors[~np.isfinite(floors)] = 0.0
         for _ in range(3):
             changed = False
             for k, name in enumerate(names):
                 if groups[name].fallback is not None:
                     continue
-                candidates = np.unique(np.append(distances[distances < q[k]], q[k]))
+                keep = (distances < q[k]) & (distances >= floors[k])
+                candidates = np.unique(np.append(distances[keep], q[k]))
                 low, high = (
                     0,
                     len(candidates) - 1,
