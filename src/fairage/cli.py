@@ -1007,7 +1007,7 @@ def calibrate_command(
     console.print(f"calibrated {model} on {calibration.n} {split} faces: {100 * calibration.level:g}% intervals, "
                   f"Mondrian by {what}; plain half-width {calibration.plain:.2f} years", highlight=False, soft_wrap=True)
     for group, q in calibration.groups.items():
-        note = f" (too few faces: uses {q.fallback})" if q.fallback else ""
+        note = f" (too few faces: uses {'the plain quantile' if q.fallback == 'all' else q.fallback})" if q.fallback else ""
         if q.split_quantile is not None and q.quantile < q.split_quantile:
             note = f" (split conformal {q.split_quantile:.2f}, tightened for the interval's hull)"
         console.print(f"  {group}: n={q.n}, half-width {q.quantile:.2f} years{note}", highlight=False, soft_wrap=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from .conformal import CONFORMAL, read_calibration
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -119,6 +120,7 @@ def _evaluation(metrics: EvaluationResult, source: str) -> dict:
 
 
 def _intervals(metrics: EvaluationResult, order: list[str]) -> dict | None:
+    # ``build_model_card`` adds "calibration": {by, alpha, n, split, tightened, fallbacks} from conformal.json
     """The card's interval section: per interval set (``conformal``, ``plain``) coverage (fraction)
     and mean width (years) overall and per group, and the coverage gap; None without intervals."""
     if not metrics.coverage:
@@ -128,7 +130,7 @@ def _intervals(metrics: EvaluationResult, order: list[str]) -> dict | None:
         return {"group": name, "n": int(score.n), "coverage": score.coverage, "ci": _ci(score.coverage_ci),
                 "width": score.width, "width_ci": _ci(score.width_ci)}
 
-    return {"target": metrics.coverage_target,
+    return {"target": metrics.coverage_target, "calibration": None,
             "sets": {name: {"coverage": c.total.coverage, "ci": _ci(c.total.coverage_ci), "width": c.total.width,
                             "width_ci": _ci(c.total.width_ci),
                             "gap": {a: {"value": c.gap.get(a), "ci": _ci(c.gap_ci.get(a)), "p": c.gap_p.get(a)}
@@ -281,6 +283,11 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
         cfg, import_info = read_model_folder(path)
         metrics = None  # an imported model carries no evaluation
     evaluation = _evaluation(metrics, RunFolder.METRICS) if metrics is not None else None
+    calibration = run.calibration() if run is not None else read_calibration(path / CONFORMAL)
+    if evaluation is not None and evaluation["intervals"] is not None and calibration is not None:
+        evaluation["intervals"]["calibration"] = {
+            "by": list(calibration.by), "alpha": calibration.alpha, "n": calibration.n, "split": calibration.split,
+            "tightened": calibration.tightened, "fallbacks": calibration.fallbacks()}
     if evaluation is not None:
         note = (f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
                 f"({evaluation['n_boot']} resamples)")
