@@ -191,6 +191,9 @@ def test_model_card_reports_coverage_by_group(tiny_run):
     assert "### Age intervals" in text
     assert f"{100 * metrics['coverage']['conformal']['coverage']:.1f}%" in text
     assert "Coverage gap of age" in text
+    calibration = intervals["calibration"]
+    assert calibration["by"] == ["age"] and calibration["n"] == len(RunFolder.open(tiny_run).faces("valid"))
+    assert f"calibrated on {calibration['n']} valid faces, separately for each age group" in text
 
 
 def test_report_plots_coverage_beside_mae(tiny_run, tmp_path):
