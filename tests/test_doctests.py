@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["fairage.data.schema", "fairage.metrics", "fairage.reference", "fairage.report", "fairage.suite",
+MODULES = ["fairage.conformal", "fairage.data.schema", "fairage.metrics", "fairage.reference", "fairage.report", "fairage.suite",
            "fairage.training.run", "fairage.weighting"]
 
 

@@ -187,7 +187,8 @@ def test_faces_mode_on_the_test_split_equals_the_runs_predictions(run):
     assert result.exit_code == 0, result.output
     assert "16 face crops, 0 unreadable" in result.output
     table = pd.read_csv(out)
-    assert list(table.columns) == ["image", "age"]
+    # the run carries a conformal calibration, so its interval follows the age
+    assert list(table.columns) == ["image", "age", "age_lo", "age_hi"]
     table["id"] = [Path(p).name.removesuffix("_face.jpg") for p in table["image"]]
     reference = pd.read_csv(run_dir / "predictions_test.csv", dtype={"image": str})
     joined = reference.merge(table.rename(columns={"image": "path", "age": "predicted"}), left_on="image", right_on="id")
@@ -277,7 +278,7 @@ def test_predict_cli_detect_mode_annotations_and_bad_files(run, tmp_path):
     assert "2 photos, 1 faces, 1 photos without a face, 1 unreadable files" in result.output
     assert "broken.jpg" in result.output
     table = pd.read_csv(out)
-    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "score", "age"]
+    assert list(table.columns) == ["image", "face", "x", "y", "w", "h", "score", "age", "age_lo", "age_hi"]
     assert table["image"].tolist() == ["sky.png", "sub/grace.jpg"]
     assert table.loc[0, ["face", "x", "age"]].isna().all()
     grace = table.iloc[1]

@@ -371,11 +371,14 @@ def evaluate_command(
     import json
 
     from .config import EvalConfig
+    from .conformal import CONFORMAL, interval_arguments, read_calibration
     from .metrics import evaluate
 
     eval_config, run_seed = EvalConfig(), 0
     df = None
+    calibration = None  # the model's, when the predictions are its own
     if run_dir is not None and predictions is None and _is_model_folder(run_dir):
+        calibration = read_calibration(run_dir / CONFORMAL)
         if data is None:  # no predictions yet: the model predicts the split's faces first
             fail(f"{run_dir} is a model folder: give the dataset with --data DIR")
         faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
@@ -386,6 +389,7 @@ def evaluate_command(
         folder = RunFolder.open(run_dir)
         run_config = folder.config()
         eval_config, run_seed = run_config.eval, run_config.seed
+        calibration = folder.calibration() if predictions is None else None
         faces = _run_split_faces(folder, data, split, skip_bad, extra_categories, allow_absolute_paths)
         own_test = split == "test" and (data is None or data.resolve() == Path(folder.data_dir).resolve())
         if predictions is None and not own_test:
@@ -406,12 +410,13 @@ def evaluate_command(
                                 ("attributes", attribute or None), ("min_group", min_group)) if v is not None}
     settings.update(chosen)
     n_boot, level = settings["n_boot"], settings["level"]
-    evaluation = evaluate(df, age_edges=_parse_edges(age_edges), **settings)
+    evaluation = evaluate(df, age_edges=_parse_edges(age_edges), **settings, **interval_arguments(calibration, df))
     result = evaluation.to_json()
     if json_out:
         print(json.dumps(result))
         return
     _print_evaluation(result, f"{predictions}", split, settings["n_perm"])
+    _print_coverage(evaluation, f"{100 * level:g}%")
 
 
 def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> None:
@@ -464,6 +469,48 @@ def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> Non
                           style="yellow" if note else None)
         for group in result["skipped_groups"][name]:
             table.add_row(group, "0", "-", "skipped (no faces)", "", style="dim")
+        console.print(table)
+
+
+def _fmt_pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _fmt_pct_ci(ci) -> str:
+    return "-" if ci is None else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _print_coverage(evaluation, pct: str) -> None:
+    """Coverage and width of the intervals (conformal, plain beside it), overall and per group."""
+    from rich.table import Table
+
+    if not evaluation.coverage:
+        return
+    target = evaluation.coverage_target
+    aim = f", aiming at {_fmt_pct(target)}" if target is not None else ""
+    console.print(f"[bold]intervals[/bold] (age_lo-age_hi{aim}; gap = coverage bias score, mean |difference| "
+                  "between groups)", highlight=False)
+    for name, cov in evaluation.coverage.items():
+        console.print(f"  {name}: coverage {_fmt_pct(cov.total.coverage)} {_fmt_pct_ci(cov.total.coverage_ci)}, "
+                      f"mean width {cov.total.width:.2f} years {_fmt_ci(cov.total.width_ci)}", highlight=False)
+    for attribute in next(iter(evaluation.coverage.values())).groups:
+        table = Table(title=f"{attribute}: interval coverage ({pct} intervals)", title_justify="left")
+        table.add_column("group")
+        table.add_column("n", justify="right")
+        for name in evaluation.coverage:
+            table.add_column(f"{name} coverage", justify="right")
+            table.add_column("width", justify="right")
+        for group, row in next(iter(evaluation.coverage.values())).groups[attribute].items():
+            cells = [group, str(row.n)]
+            for cov in evaluation.coverage.values():
+                g = cov.groups[attribute][group]
+                cells += [f"{_fmt_pct(g.coverage)} {_fmt_pct_ci(g.coverage_ci)}", f"{g.width:.1f}"]
+            table.add_row(*cells)
+        gaps = [f"{name} {_fmt_pct(cov.gap[attribute])} {_fmt_pct_ci(cov.gap_ci[attribute])}"
+                + (f" p = {cov.gap_p[attribute]:.3g}" if cov.gap_p.get(attribute) is not None else "")
+                for name, cov in evaluation.coverage.items()]
+        table.caption = "coverage gap: " + "; ".join(gaps)
+        table.caption_justify = "left"
         console.print(table)
 
 
@@ -905,11 +952,15 @@ def _is_model_folder(path: Path) -> bool:
 
 def _model_folder_predictions(folder: Path, faces, progress: bool):
     """``faces`` with a ``prediction`` column from the model in ``folder`` (a model or run folder;
-    images decoded as for training)."""
-    from .predict import predict_faces
+    images decoded as for training) and, when it carries a calibration, ``age_lo``, ``age_hi``
+    (the faces' own group labels used)."""
+    from .predict import load_model, predict_faces
 
+    loaded = load_model(folder)
     df = faces.copy()
-    df["prediction"] = predict_faces(folder, faces, progress=progress)
+    df["prediction"] = predict_faces(loaded, faces, progress=progress)
+    if loaded.calibration is not None:
+        df["age_lo"], df["age_hi"] = loaded.calibration.intervals(df["prediction"].to_numpy(), df)
     return df
 
 
@@ -917,7 +968,8 @@ def _model_folder_predictions(folder: Path, faces, progress: bool):
 def predict_command(
     model: Path = typer.Argument(..., help="A run folder, a model folder (import-keras) or an exported .onnx file."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) and globs."),
-    out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces)."),
+    out: Path = typer.Option(..., "--out", help="CSV to write: image,face,x,y,w,h,score,age (image,age with --faces); "
+                                                "then age_lo,age_hi (conformal interval) for a calibrated model."),
     faces: bool = typer.Option(False, "--faces", help="Inputs are already face crops: no detection, one row each."),
     annotate: Path | None = typer.Option(None, "--annotate", help="Folder for copies of the photos with boxes and ages drawn (detect mode)."),
     detector: str = typer.Option("auto", "--detector", help="auto (best installed), yunet, haar or dlib."),
@@ -974,11 +1026,46 @@ def predict_command(
         err_console.print(f"[yellow]skipped:[/yellow] {message}", highlight=False, soft_wrap=True)
     if n_photos == 0:
         fail(f"none of the {len(files)} input file(s) could be read as an image")
-    write_prediction_csv(out, rows, faces)
+    write_prediction_csv(out, rows, faces, intervals=predictor.calibration is not None)
     what = f"{n_photos} face crops" if faces else (f"{n_photos} photos, {n_faces} faces, "
                                                    f"{n_empty} photos without a face")
     console.print(f"{what}, {len(unreadable)} unreadable files; model {predictor.loaded.name} "
                   f"({predictor.loaded.kind}, {predictor.image_size} px) -> {out}", highlight=False, soft_wrap=True)
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Path = typer.Argument(..., help="A run folder or a model folder (import-keras)."),
+    data: Path | None = typer.Option(None, "--data", help="Dataset folder (default for a run: its data_dir)."),
+    split: str = typer.Option("valid", "--split", help="Split to calibrate on: faces the model did not train on."),
+    alpha: float | None = typer.Option(None, "--alpha", min=0.001, max=0.5,
+                                          help="Miscoverage: intervals aim at 1 - alpha (default: eval.conformal.alpha, 0.1)."),
+    by: list[str] | None = typer.Option(None, "--by", help="Attribute calibrated separately (repeatable; 'age' = true "
+                                                            "age bins; several = their intersection; 'none' = plain). "
+                                                            "Default: eval.conformal.by."),
+    min_group: int | None = typer.Option(None, "--min-group", min=0, help="Fewest faces a group needs for its own quantile."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Fit the conformal age intervals of a model and store them in its folder (conformal.json).
+
+    A finished run's predictions_test.csv and metrics_test.json are rewritten with the
+    intervals (same predictions), so runs trained before intervals existed gain them.
+    """
+    from .training import calibrate_folder
+
+    chosen = None if not by else ([] if by == ["none"] else by)
+    calibration, messages = calibrate_folder(model, data, split, alpha=alpha, by=chosen, min_group=min_group,
+                                             progress=not quiet)
+    for message in messages:
+        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+    what = " x ".join(calibration.by) or "plain"
+    console.print(f"calibrated {model} on {calibration.n} {split} faces: {100 * calibration.level:g}% intervals, "
+                  f"Mondrian by {what}; plain half-width {calibration.plain:.2f} years", highlight=False, soft_wrap=True)
+    for group, q in calibration.groups.items():
+        note = f" (too few faces: uses {'the plain quantile' if q.fallback == 'all' else q.fallback})" if q.fallback else ""
+        if q.split_quantile is not None and q.quantile < q.split_quantile:
+            note = f" (split conformal {q.split_quantile:.2f}, tightened for the interval's hull)"
+        console.print(f"  {group}: n={q.n}, half-width {q.quantile:.2f} years{note}", highlight=False, soft_wrap=True)
 
 
 @app.command("export")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import itertools
 import re
 from importlib import resources
 from pathlib import Path
@@ -346,6 +347,36 @@ class TrainerConfig(StrictModel):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
+class ConformalConfig(StrictModel):
+    """Conformal age intervals (``fairage.conformal``), calibrated on the validation split."""
+
+    enabled: bool = True
+    #: miscoverage: intervals aim to hold the true age for 1 - alpha of the faces
+    alpha: float = Field(0.1, gt=0, lt=1)
+    #: groups whose coverage is calibrated separately (``age`` = true age bins; several = their intersection)
+    by: list[str] = Field(default_factory=lambda: ["age"])
+    #: inner edges of the age bins of ``by: [age]``, years
+    age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
+    #: fewest calibration faces a group needs for its own quantile (0: the fewest the level allows)
+    min_group: int = Field(0, ge=0)
+    #: lower the age groups' quantiles where the interval's hull over-covers (fairage.conformal.fit_calibration)
+    tighten: bool = True
+
+    @field_validator("by")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"attributes listed twice: {value}")
+        return value
+
+    @field_validator("age_edges")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if any(e <= 0 for e in value) or any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError(f"age edges must be positive and increasing, got {value}")
+        return value
+
+
 class EvalConfig(StrictModel):
     """How a prediction set is scored (``fairage.metrics.evaluate``'s arguments, one place)."""
 
@@ -385,6 +416,8 @@ class EvalConfig(StrictModel):
                 "attributes": None if self.attributes is None else list(self.attributes),
                 "intersections": intersections, "min_group": self.min_group, "cs_k": list(self.cs_k),
                 "age_bin_edges": list(self.age_edges)}
+    #: conformal age intervals with per-group coverage
+    conformal: ConformalConfig = Field(default_factory=ConformalConfig)
 
 
 class ExperimentConfig(StrictModel):

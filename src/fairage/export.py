@@ -10,7 +10,9 @@ and divides by 255.
 Metadata (ONNX ``metadata_props``; TorchScript extra file ``fairage.json``):
 ``fairage_image_size`` (S), ``fairage_input`` and ``fairage_output`` (the conventions above
 in words), ``fairage_input_norm``, ``fairage_crop_margin``, ``fairage_name`` and
-``fairage_config`` (the model's resolved config YAML, when known).
+``fairage_config`` (the model's resolved config YAML, when known) and ``fairage_conformal``
+(the model's conformal calibration, ``fairage.conformal``, as JSON; empty when it has none), so
+an exported model gives the same age intervals as its run.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from .atomic import atomic_path
+from .conformal import EXPORT_KEY
 from .errors import ConfigError
 from .predict import CROP_MARGIN, EXPORT_INPUT, EXPORT_OUTPUT, LoadedModel, load_model
 
@@ -54,6 +57,7 @@ def export_metadata(loaded: LoadedModel) -> dict[str, str]:
         "fairage_crop_margin": str(CROP_MARGIN),
         "fairage_name": loaded.name,
         "fairage_config": dump_config(loaded.config) if loaded.config is not None else "",
+        EXPORT_KEY: json.dumps(loaded.calibration.to_json()) if loaded.calibration is not None else "",
     }
 
 

@@ -40,6 +40,12 @@ Definitions:
   worst-group MAE and the population std (ddof 0) of the group MAEs, per attribute; MAE by the
   age bins of ``bin_edges`` (default ``CHILD_AGE_EDGES``: a children's bin ``[0,13)`` first).
   Each has a percentile interval from the same resamples as the MAE.
+* Intervals (``age_lo``, ``age_hi``, years; the conformal intervals of ``fairage.conformal``):
+  coverage is the share of faces with ``age_lo <= age <= age_hi``, width the mean of
+  ``age_hi - age_lo`` (years), overall and per group; the coverage gap of an attribute is its
+  bias score computed on coverage instead of MAE (mean over pairs of groups of
+  ``|coverage_i - coverage_j|``, a fraction), with the same bootstrap resamples and
+  permutation test.
 """
 
 from __future__ import annotations
@@ -398,6 +404,57 @@ class WorstGroup:
 
 
 @dataclass
+class GroupCoverage:
+    """One group's interval coverage (fraction of faces) and mean width (years), with intervals."""
+
+    n: int
+    coverage: float
+    width: float
+    coverage_ci: list[float] | None = None
+    width_ci: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return {"n": self.n, "coverage": self.coverage, "coverage_ci": self.coverage_ci, "width": self.width,
+                "width_ci": self.width_ci}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> GroupCoverage:
+        return cls(int(raw["n"]), float(raw["coverage"]), float(raw["width"]), raw.get("coverage_ci"),
+                   raw.get("width_ci"))
+
+
+@dataclass
+class CoverageScore:
+    """Coverage and width of one set of intervals: overall (``total``), per group of each
+    attribute (``groups``) and each attribute's coverage ``gap`` (bias score on coverage) with
+    its interval ``gap_ci`` and permutation p-value ``gap_p`` (None below two groups)."""
+
+    total: GroupCoverage
+    groups: dict[str, dict[str, GroupCoverage]]
+    gap: dict[str, float | None]
+    gap_ci: dict[str, list[float] | None]
+    gap_p: dict[str, float | None]
+
+    def worst(self, attribute: str) -> tuple[str, GroupCoverage] | None:
+        """The group of ``attribute`` with the lowest coverage (None without groups)."""
+        groups = self.groups.get(attribute) or {}
+        return min(groups.items(), key=lambda kv: kv[1].coverage) if groups else None
+
+    def to_json(self) -> dict:
+        return {**self.total.to_json(),
+                "groups": {a: {g: s.to_json() for g, s in gs.items()} for a, gs in self.groups.items()},
+                "gap": dict(self.gap), "gap_ci": dict(self.gap_ci), "gap_p": dict(self.gap_p)}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> CoverageScore:
+        gap = {a: (None if v is None else float(v)) for a, v in raw["gap"].items()}
+        return cls(GroupCoverage.from_json(raw),
+                   {a: {g: GroupCoverage.from_json(v) for g, v in gs.items()} for a, gs in raw["groups"].items()},
+                   gap, {a: (raw.get("gap_ci") or {}).get(a) for a in gap},
+                   {a: (None if (raw.get("gap_p") or {}).get(a) is None else float(raw["gap_p"][a])) for a in gap})
+
+
+@dataclass
 class EvaluationResult:
     """MAE and bias scores of one prediction set (years), with bootstrap intervals.
 
@@ -432,6 +489,10 @@ class EvaluationResult:
     epsilon_error: Statistic | None = None
     age_bin_edges: list[float] = field(default_factory=list)
     age_bins: dict[str, GroupScore] = field(default_factory=dict)
+    #: interval sets (``conformal``, and ``plain`` beside a Mondrian one) -> their coverage; {} without intervals
+    coverage: dict[str, CoverageScore] = field(default_factory=dict)
+    #: the coverage the intervals aim at (1 - alpha), None when not known
+    coverage_target: float | None = None
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage evaluate --json`` and ``metrics_test.json``::
@@ -444,8 +505,12 @@ class EvaluationResult:
              "group_mae_std": {attr: {"value", "ci"}|None}, "cs": {k: {"value", "ci"}},
              "epsilon_error": {"value", "ci"}|None,
              "age_bins": {"edges": [...], "groups": {bin: {"n", "mae", "ci"}}}}
+
+        plus, when the predictions carry intervals, ``"coverage": {name: {"n", "coverage",
+        "coverage_ci", "width", "width_ci", "groups": {attr: {group: {same five}}}, "gap": {attr},
+        "gap_ci": {attr}, "gap_p": {attr}}}`` and ``"coverage_target"``.
         """
-        return {
+        out = {
             "n": self.n, "mae": self.mae, "mae_ci": self.mae_ci, "bias": dict(self.bias),
             "bias_ci": dict(self.bias_ci),
             "groups": {a: {g: {"n": s.n, "mae": s.mae} for g, s in gs.items()} for a, gs in self.groups.items()},
@@ -462,6 +527,10 @@ class EvaluationResult:
             "age_bins": {"edges": list(self.age_bin_edges),
                          "groups": {g: {"n": v.n, "mae": v.mae, "ci": v.ci} for g, v in self.age_bins.items()}},
         }
+        if self.coverage:
+            out["coverage"] = {name: c.to_json() for name, c in self.coverage.items()}
+            out["coverage_target"] = self.coverage_target
+        return out
 
     @classmethod
     def from_json(cls, raw: dict, source: str = "metrics") -> EvaluationResult:
@@ -492,6 +561,8 @@ class EvaluationResult:
                 age_bin_edges=[float(e) for e in bins.get("edges", [])],
                 age_bins={g: GroupScore(int(v["n"]), float(v["mae"]), v.get("ci"))
                           for g, v in (bins.get("groups") or {}).items()},
+                coverage={str(k): CoverageScore.from_json(v) for k, v in (raw.get("coverage") or {}).items()},
+                coverage_target=None if raw.get("coverage_target") is None else float(raw["coverage_target"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DataError(f"{source} is not a fairage metrics object ({type(err).__name__}: {err})") from None
@@ -524,11 +595,58 @@ def _check_counts(n_boot: int, n_perm: int = 0) -> None:
         raise ConfigError(f"n_perm {n_perm}: label permutations must be 0 to {MAX_N_PERM}")
 
 
+def _interval_indicators(df: pd.DataFrame, lo, hi, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(covered 0/1, width years) per face of one interval set; DataError for bad bounds."""
+    lo = np.asarray(lo, dtype=float).reshape(-1)
+    hi = np.asarray(hi, dtype=float).reshape(-1)
+    if lo.shape[0] != len(df) or hi.shape[0] != len(df):
+        raise DataError(f"intervals {name!r}: {lo.shape[0]} bounds for {len(df)} faces")
+    bad = np.flatnonzero(~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi))
+    if bad.size:
+        raise DataError(f"intervals {name!r}: row {int(bad[0])} is not a finite interval with age_lo <= age_hi "
+                        f"({bad.size} such rows)")
+    age = df["age"].to_numpy(dtype=float)
+    return ((age >= lo) & (age <= hi)).astype(float), hi - lo
+
+
+def interval_coverage(df: pd.DataFrame, lo, hi, groupings: list[_Grouping], counts: np.ndarray | None,
+                      level: float, n_perm: int, seed: int, name: str = "intervals") -> CoverageScore:
+    """Coverage and width of one interval set (module docstring), bootstrapped over ``counts``."""
+    covered, width = _interval_indicators(df, lo, hi, name)
+    ones = np.ones((1, len(df)))
+    point_c, point_w = _statistics(covered, ones, groupings), _statistics(width, ones, groupings)
+    boot_c = _statistics(covered, counts, groupings) if counts is not None else None
+    boot_w = _statistics(width, counts, groupings) if counts is not None else None
+
+    def ci(boot, key, k=None):
+        if boot is None:
+            return None
+        values = boot[key] if k is None else boot[key[0]][key[1]][:, k]
+        return _interval(values, level)
+
+    total = GroupCoverage(len(df), float(point_c["mae"][0]), float(point_w["mae"][0]),
+                          ci(boot_c, "mae"), ci(boot_w, "mae"))
+    pvalues = permutation_pvalues(covered, groupings, n_perm, seed)
+    groups, gap, gap_ci, gap_p = {}, {}, {}, {}
+    for g in groupings:
+        a = g.attribute
+        groups[a] = {grp: GroupCoverage(int(g.onehot[:, k].sum()), float(point_c[a]["group_mae"][0, k]),
+                                        float(point_w[a]["group_mae"][0, k]), ci(boot_c, (a, "group_mae"), k),
+                                        ci(boot_w, (a, "group_mae"), k))
+                     for k, grp in enumerate(g.order)}
+        value = point_c[a]["bias"][0]
+        gap[a] = None if not np.isfinite(value) else float(value)
+        gap_ci[a] = _interval(boot_c[a]["bias"], level) if boot_c is not None and gap[a] is not None else None
+        gap_p[a] = pvalues[a] if gap[a] is not None else None
+    return CoverageScore(total, groups, gap, gap_ci, gap_p)
+
+
 def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
              age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
              seed: int = 0, n_perm: int = 0, intersections: Sequence[Sequence[str]] = (),
              min_group: int = MIN_GROUP, cs_k: Sequence[float] = (5,),
-             age_bin_edges: Sequence[float] = CHILD_AGE_EDGES) -> EvaluationResult:
+             age_bin_edges: Sequence[float] = CHILD_AGE_EDGES, intervals: dict | None = None,
+             target: float | None = None) -> EvaluationResult:
     """MAE, bias scores, group MAEs and the field's metrics of one prediction set, with bootstrap intervals.
 
     ``df`` has ``age`` and ``prediction`` (years) and the attribute columns (and ``age_std``,
@@ -540,6 +658,12 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     bias's permutation p-value (``bias_p``). ``cs_k``: the k (years) of CS@k. ``age_bin_edges``:
     inner edges of the MAE-by-age table. Point estimates of group MAEs come from fairlearn's
     MetricFrame (``group_mae``), the intervals from the vectorised bootstrap.
+
+    ``intervals`` maps a name to ``(age_lo, age_hi)`` arrays (N,) of years (e.g. the
+    ``conformal`` intervals and the ``plain`` ones); without it, ``df``'s ``age_lo`` and
+    ``age_hi`` columns, when present, are scored as ``conformal``. Their coverage and width
+    (``coverage``) use the same resamples and permutations as the MAE; ``target`` is the
+    coverage they aim at.
     """
     _check_counts(n_boot, n_perm)
     if int(min_group) < 1:
@@ -552,8 +676,8 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
            if "age_std" in df.columns else np.full(len(df), np.nan))
     extra = np.column_stack([*(errors <= float(k) for k in cs_keys), eps]).astype(float)
     point_extra = _statistics(errors, np.ones((1, len(errors))), [], extra)["extra"][0]
-    boot = (_statistics(errors, resample_counts(len(errors), n_boot, seed), [*groupings, bins], extra)
-            if n_boot > 0 else None)
+    counts = resample_counts(len(errors), n_boot, seed) if n_boot > 0 else None
+    boot = _statistics(errors, counts, [*groupings, bins], extra) if n_boot > 0 else None
     total, tables, biases = _point_estimates(df, groupings, age_edges)
     result = EvaluationResult(n=len(errors), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
                               bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
@@ -596,6 +720,11 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     result.age_bins = {name: GroupScore(int(bin_table.at[name, "n"]), float(bin_table.at[name, "mae"]),
                                         ci(boot[bins.attribute]["group_mae"][:, k]) if boot else None)
                        for k, name in enumerate(bins.order)}
+    if intervals is None and {"age_lo", "age_hi"} <= set(df.columns):
+        intervals = {"conformal": (df["age_lo"].to_numpy(dtype=float), df["age_hi"].to_numpy(dtype=float))}
+    for name, (lo, hi) in (intervals or {}).items():
+        result.coverage[name] = interval_coverage(df, lo, hi, groupings, counts, level, n_perm, seed, name)
+    result.coverage_target = None if target is None else float(target)
     return result
 
 
@@ -658,11 +787,16 @@ class ComparisonResult:
         return [(f"CS@{k}", self.cs_a[k], self.cs_b[k], d) for k, d in self.cs_diff.items()] + [
             (f"{attr} worst-group MAE", self.worst_a[attr], self.worst_b[attr], d)
             for attr, d in self.worst_diff.items()]
+    #: when both sets carry intervals (age_lo, age_hi): "coverage" (fraction), "width" (years) and
+    #: "{attr} coverage gap" (fraction) -> (A, B, B - A); {} otherwise
+    intervals: dict[str, tuple[float | None, float | None, Difference | None]] = field(default_factory=dict)
 
     def rows(self) -> list[tuple[str, float | None, float | None, Difference | None]]:
-        """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order."""
+        """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order,
+        then the interval measures (``coverage``, ``width``, ``{attr} coverage gap``) when present."""
         return [("MAE", self.mae_a, self.mae_b, self.mae_diff)] + [
-            (f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()]
+            (f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()] + [
+            (name, a, b, d) for name, (a, b, d) in self.intervals.items()]
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage compare --json``::
@@ -673,16 +807,22 @@ class ComparisonResult:
 
         with ``D = {"estimate", "ci": [lo, hi]|None, "excludes_zero"}``.
         """
-        return {"n": self.n, "level": self.level, "n_boot": self.n_boot,
-                "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
-                "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
-                "diff": {"mae": self.mae_diff.to_json(),
-                         "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()},
-                         "cs": {k: d.to_json() for k, d in self.cs_diff.items()},
-                         "worst_group_mae": {a: (d.to_json() if d is not None else None)
-                                             for a, d in self.worst_diff.items()}},
-                "cs": {"a": dict(self.cs_a), "b": dict(self.cs_b)},
-                "worst_group_mae": {"a": dict(self.worst_a), "b": dict(self.worst_b)}}
+        out = {"n": self.n, "level": self.level, "n_boot": self.n_boot,
+               "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
+               "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
+               "diff": {"mae": self.mae_diff.to_json(),
+                        "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()},
+                        "cs": {k: d.to_json() for k, d in self.cs_diff.items()},
+                        "worst_group_mae": {a: (d.to_json() if d is not None else None)
+                                            for a, d in self.worst_diff.items()}},
+               "cs": {"a": dict(self.cs_a), "b": dict(self.cs_b)},
+               "worst_group_mae": {"a": dict(self.worst_a), "b": dict(self.worst_b)}}
+        if self.intervals:  # {"a": {"intervals": {measure: A}}, ..., "diff": {"intervals": {measure: D|None}}}
+            for side, k in (("a", 0), ("b", 1)):
+                out[side]["intervals"] = {m: v[k] for m, v in self.intervals.items()}
+            out["diff"]["intervals"] = {m: (v[2].to_json() if v[2] is not None else None)
+                                        for m, v in self.intervals.items()}
+        return out
 
 
 def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | None = None,
@@ -754,7 +894,28 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
         worst_diff[g.attribute] = diff(wa, wb, _worst_and_std(boot_a[g.attribute]["group_mae"], keep)[0]
                                        if boot_a else None,
                                        _worst_and_std(boot_b[g.attribute]["group_mae"], keep)[0] if boot_b else None)
-    return ComparisonResult(
+    intervals = {}
+    columns = {"age_lo", "age_hi"}
+    if columns <= set(df_a.columns) and columns <= set(df_b.columns):
+        per_set = []
+        for df in (df_a, df_b.set_index(ids_b.to_numpy()).loc[ids_a.to_numpy()].reset_index(drop=True)):
+            covered, width = _interval_indicators(df_a, df["age_lo"], df["age_hi"], "compare")
+            ones = np.ones((1, len(df_a)))
+            per_set.append([(_statistics(v, ones, groupings),
+                             _statistics(v, counts, groupings) if n_boot > 0 else None) for v in (covered, width)])
+        (ca, wa), (cb, wb) = per_set
+        for name, (pa, ba), (pb, bb) in (("coverage", ca, cb), ("width", wa, wb)):
+            intervals[name] = (float(pa["mae"][0]), float(pb["mae"][0]),
+                               diff(float(pa["mae"][0]), float(pb["mae"][0]), ba["mae"] if ba else None,
+                                    bb["mae"] if bb else None))
+        for g in groupings:
+            a_gap, b_gap = ca[0][g.attribute]["bias"][0], cb[0][g.attribute]["bias"][0]
+            a_gap = None if not np.isfinite(a_gap) else float(a_gap)
+            b_gap = None if not np.isfinite(b_gap) else float(b_gap)
+            intervals[f"{g.attribute} coverage gap"] = (
+                a_gap, b_gap, diff(a_gap, b_gap, ca[1][g.attribute]["bias"] if ca[1] else None,
+                                   cb[1][g.attribute]["bias"] if cb[1] else None))
+    return ComparisonResult(intervals=intervals,
         n=len(errors_a), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
         mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
         bias_a={g.attribute: bias_a[g.attribute] for g in groupings},

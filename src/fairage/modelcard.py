@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from .conformal import CONFORMAL, read_calibration
 from .errors import DataError
 
 if TYPE_CHECKING:
@@ -127,7 +128,28 @@ def _evaluation(metrics: EvaluationResult, source: str) -> dict:
                             {"group": w.group, "mae": float(w.mae), "ci": _ci(w.ci)}) for a in order},
         "group_mae_std": {a: (None if (v := metrics.group_mae_std.get(a)) is None else
                               {"value": float(v.value), "ci": _ci(v.ci)}) for a in order},
+        "intervals": _intervals(metrics, order),
     }
+
+
+def _intervals(metrics: EvaluationResult, order: list[str]) -> dict | None:
+    # ``build_model_card`` adds "calibration": {by, alpha, n, split, tightened, fallbacks} from conformal.json
+    """The card's interval section: per interval set (``conformal``, ``plain``) coverage (fraction)
+    and mean width (years) overall and per group, and the coverage gap; None without intervals."""
+    if not metrics.coverage:
+        return None
+
+    def group(name, score):
+        return {"group": name, "n": int(score.n), "coverage": score.coverage, "ci": _ci(score.coverage_ci),
+                "width": score.width, "width_ci": _ci(score.width_ci)}
+
+    return {"target": metrics.coverage_target, "calibration": None,
+            "sets": {name: {"coverage": c.total.coverage, "ci": _ci(c.total.coverage_ci), "width": c.total.width,
+                            "width_ci": _ci(c.total.width_ci),
+                            "gap": {a: {"value": c.gap.get(a), "ci": _ci(c.gap_ci.get(a)), "p": c.gap_p.get(a)}
+                                    for a in order if a in c.gap},
+                            "groups": {a: [group(g, v) for g, v in c.groups[a].items()] for a in order if a in c.groups}}
+                     for name, c in metrics.coverage.items()}}
 
 
 def _summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
@@ -214,6 +236,15 @@ def _warnings(evaluation: dict | None, run: RunFolder | None, synthetic: bool) -
                        + ", ".join(small))
     for attr, groups in evaluation["skipped_groups"].items():
         out.append(f"{attr}: no test faces in {', '.join(groups)}: not measured")
+    intervals = evaluation.get("intervals")
+    conformal = (intervals or {}).get("sets", {}).get("conformal")
+    if conformal and intervals["target"] is not None:
+        target = intervals["target"]
+        low = [f"{attr} {r['group']} ({100 * r['coverage']:.1f}%)" for attr, rows in conformal["groups"].items()
+               for r in rows if r["ci"] is not None and r["ci"][1] < target]
+        if low:
+            out.append(f"age intervals cover fewer than {100 * target:g}% of the test faces (the whole bootstrap "
+                       "interval below) in: " + ", ".join(low))
     return out
 
 
@@ -265,6 +296,11 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
         cfg, import_info = read_model_folder(path)
         metrics = None  # an imported model carries no evaluation
     evaluation = _evaluation(metrics, RunFolder.METRICS) if metrics is not None else None
+    calibration = run.calibration() if run is not None else read_calibration(path / CONFORMAL)
+    if evaluation is not None and evaluation["intervals"] is not None and calibration is not None:
+        evaluation["intervals"]["calibration"] = {
+            "by": list(calibration.by), "alpha": calibration.alpha, "n": calibration.n, "split": calibration.split,
+            "tightened": calibration.tightened, "fallbacks": calibration.fallbacks()}
     if evaluation is not None:
         note = (f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
                 f"({evaluation['n_boot']} resamples)")
@@ -336,6 +372,8 @@ def card_markdown(card: dict) -> str:
                              keep_trailing_newline=True)
     env.filters["num"] = _fmt
     env.filters["ci"] = _fmt_ci
+    env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"
+    env.filters["pctci"] = lambda ci: "" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
     config = {k: v for k, v in (card["configuration"] or {}).items() if k != "description"}  # shown at the top
     config_yaml = yaml.safe_dump(config, sort_keys=False, width=1000) if config else None
     return env.from_string(template).render(card=card, config_yaml=config_yaml)

@@ -6,6 +6,7 @@
     predictor = AgePredictor("runs/M1")                  # a run folder, a model folder or a .onnx file
     result = predictor.predict_image("family.jpg")       # every face: box (x, y, w, h), score, age
     ages = predictor.predict_crops([crop1, crop2])       # already-cropped faces -> years
+    lo, hi = predictor.intervals(ages)                   # conformal intervals (years), when calibrated
 
 Models (``load_model``):
 
@@ -24,6 +25,12 @@ only (``fairage.detect.detect_faces``) and cropped from the original.
 
 Images are uint8 (H, W, 3) RGB arrays; ages are float years. Inference is batched, fp32,
 on the GPU when there is one.
+
+A model that carries a conformal calibration (``fairage.conformal``: ``conformal.json`` of a run
+or model folder, the ``fairage_conformal`` metadata of an exported file) gives every face an
+interval ``age_lo``-``age_hi`` (years) besides its age; photos carry no group labels, so a
+Mondrian calibration over attributes gives each face the widest interval of the groups it
+could belong to.
 """
 
 from __future__ import annotations
@@ -38,6 +45,13 @@ import numpy as np
 import torch
 
 from .config import ExperimentConfig, load_yaml, read_yaml, validate_config
+from .conformal import (
+    CONFORMAL,
+    EXPORT_KEY,
+    Calibration,
+    calibration_from_text,
+    read_calibration,
+)
 from .data.decode import decode_face, open_image, pil_to_rgb, resize_square, to_rgb
 from .data.decode import read_image as _decode_read_image
 from .errors import ConfigError, DataError
@@ -63,7 +77,8 @@ class LoadedModel:
     ``AgeRegressor`` in eval mode, fp32, on the CPU, for run and model folders; for an
     exported file a module that returns years directly (``years`` handles both).
     ``image_size`` is S; ``input_norm`` the normalisation inside the network; ``kind`` is
-    ``"run"``, ``"folder"`` or ``"exported"``; ``run_dir`` the run folder (runs only).
+    ``"run"``, ``"folder"`` or ``"exported"``; ``run_dir`` the run folder (runs only);
+    ``calibration`` its conformal calibration (``fairage.conformal.Calibration``) or None.
     """
 
     model: torch.nn.Module
@@ -74,6 +89,7 @@ class LoadedModel:
     source: Path
     kind: str
     run_dir: Path | None = None
+    calibration: Calibration | None = None
 
     def years(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) float [0, 1] on the model's device -> (N,) float32 years, clamped into 0-150."""
@@ -134,7 +150,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
             cfg, state = read_run_checkpoint(path)
             model = _model_from_state(cfg, state, path)
             return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                               path, "run", path)
+                               path, "run", path, RunFolder.open(path).calibration())
         if (path / "model.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -145,7 +161,7 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
                 raise ConfigError(f"{path / 'model.safetensors'}: cannot read ({type(err).__name__}: {err})") from None
             model = _model_from_state(cfg, state, path / "model.safetensors")
             return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                               path, "folder")
+                               path, "folder", calibration=read_calibration(path / CONFORMAL))
     if not path.exists():
         raise ConfigError(f"{path}: model not found")
     raise ConfigError(f"{path}: not a fairage model: expected a run folder (config.yaml + checkpoints/), a model "
@@ -203,7 +219,9 @@ def _load_onnx(path: Path) -> LoadedModel:
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: its metadata fairage_config is not valid YAML ({err})") from None
         cfg = validate_config(raw, f"{path} (metadata fairage_config)")
-    return LoadedModel(module, cfg, size, norm, str(meta.get("fairage_name", path.stem))[:200], path, "exported")
+    calibration = calibration_from_text(meta.get(EXPORT_KEY), f"{path} (metadata {EXPORT_KEY})")
+    return LoadedModel(module, cfg, size, norm, str(meta.get("fairage_name", path.stem))[:200], path, "exported",
+                       calibration=calibration)
 
 
 # =========================================================================== images
@@ -285,13 +303,16 @@ def _as_rgb(image) -> np.ndarray:
 @dataclass
 class FaceResult:
     """One face: ``box`` (x, y, w, h) in original-photo pixels (after EXIF orientation),
-    the detector's ``score``, the predicted ``age`` in years and its ``spread`` in years (the
-    standard deviation of the predicted age distribution; None for a model that gives none)."""
+    the detector's ``score``, the predicted ``age`` in years, its ``spread`` in years (the
+    standard deviation of the predicted age distribution; None for a model that gives none) and
+    its conformal interval ``age_lo``-``age_hi`` (years; None when the model carries no calibration)."""
 
     box: tuple[int, int, int, int]
     score: float
     age: float
     spread: float | None = None
+    age_lo: float | None = None
+    age_hi: float | None = None
 
 
 @dataclass
@@ -422,6 +443,28 @@ class AgePredictor:
             return ages, None
         return ages, np.concatenate([s for _, s in out]) if out else np.empty(0)
 
+    @property
+    def calibration(self) -> Calibration | None:
+        """The model's conformal calibration, None when it has none."""
+        return self.loaded.calibration
+
+    def intervals(self, ages) -> tuple[np.ndarray, np.ndarray] | None:
+        """Conformal intervals ``(age_lo, age_hi)`` (float64 (N,), years) of predicted ages (N,)
+        for faces with no known group labels; None when the model carries no calibration."""
+        if self.loaded.calibration is None:
+            return None
+        return self.loaded.calibration.intervals(np.asarray(ages, dtype=float))
+
+    def _faces(self, found, ages, spreads=None) -> list[FaceResult]:
+        """FaceResults of ``(box, score, ...)`` detections, their ages and spreads (years, or None),
+        with intervals when calibrated."""
+        ages = np.asarray(ages, dtype=float)
+        bounds = self.intervals(ages) if len(ages) else None
+        return [FaceResult(box, float(score), float(age), spread=_float(spreads, i),
+                           age_lo=None if bounds is None else float(bounds[0][i]),
+                           age_hi=None if bounds is None else float(bounds[1][i]))
+                for i, ((box, score, *_), age) in enumerate(zip(found, ages))]
+
     def find_faces(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], float, np.ndarray]]:
         """Detected faces of a photo: ``(box, score, crop)`` per face, crop at the model's size."""
         from .detect import detect_faces
@@ -445,14 +488,13 @@ class AgePredictor:
         result = ImageResult(rgb.shape[1], rgb.shape[0])
         if found:
             ages, spreads = self.predict_crops_spread(np.stack([crop for _, _, crop in found]))
-            result.faces = [FaceResult(box, float(score), float(age), _float(spreads, i))
-                            for i, ((box, score, _), age) in enumerate(zip(found, ages))]
+            result.faces = self._faces(found, ages, spreads)
         return result
 
     def _face_result(self, face: np.ndarray, size: tuple[int, int]) -> ImageResult:
         width, height = size
         ages, spreads = self.predict_crops_spread(face[None])
-        return ImageResult(width, height, [FaceResult((0, 0, width, height), 1.0, float(ages[0]), _float(spreads, 0))])
+        return ImageResult(width, height, self._faces([((0, 0, width, height), 1.0)], ages, spreads))
 
     def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
                       keep_images: bool = False
@@ -484,14 +526,15 @@ class AgePredictor:
 
         def flush():
             crops = [crop for *_, found, _ in pending if found for _, _, crop in found]
-            ages, spreads = self.predict_crops_spread(np.stack(crops)) if crops else ([], None)
-            index = iter(range(len(ages)))
+            ages, spreads = self.predict_crops_spread(np.stack(crops)) if crops else (np.empty(0), None)
+            start = 0
             for path, error, rgb, found, size in pending:
                 if error is not None:
                     yield path, None, error, None
                     continue
-                faces = [FaceResult(box, float(score), float(ages[i]), _float(spreads, i))
-                         for (box, score, _), i in zip(found, index)]
+                faces = self._faces(found, ages[start:start + len(found)],
+                                    None if spreads is None else spreads[start:start + len(found)])
+                start += len(found)
                 yield path, ImageResult(size[0], size[1], faces), None, rgb
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -592,23 +635,35 @@ DETECT_COLUMNS = ("image", "face", "x", "y", "w", "h", "score", "age")
 FACES_COLUMNS = ("image", "age")
 #: the column a distribution head's models add after ``age``: the spread in years
 SPREAD_COLUMN = "spread"
+#: the conformal interval's columns, after ``age`` (and ``spread``), when the model carries a calibration
+INTERVAL_COLUMNS = ("age_lo", "age_hi")
+
+
+def _face_values(face: FaceResult) -> dict:
+    out = {"age": round(face.age, 6)}
+    if face.spread is not None:
+        out[SPREAD_COLUMN] = round(face.spread, 6)
+    if face.age_lo is not None:
+        out.update(age_lo=round(face.age_lo, 6), age_hi=round(face.age_hi, 6))
+    return out
 
 
 def prediction_rows(label: str, result: ImageResult, faces_only: bool) -> list[dict]:
     """CSV rows of one image: ``image,age`` with ``faces_only``, else one row per face
     (``image,face,x,y,w,h,score,age``; a photo without a face: one row, face columns empty);
-    ``spread`` (years) too for a face that has one."""
-    spread = (lambda f: {} if f.spread is None else {SPREAD_COLUMN: round(f.spread, 6)})
+    ``spread`` follows ``age`` for a model that gives one, then ``age_lo,age_hi`` for a calibrated model."""
     if faces_only:
-        return [{"image": label, "age": round(result.faces[0].age, 6), **spread(result.faces[0])}]
+        return [{"image": label, **_face_values(result.faces[0])}]
     if not result.faces:
         return [{"image": label}]
     return [{"image": label, "face": i, "x": f.box[0], "y": f.box[1], "w": f.box[2], "h": f.box[3],
-             "score": round(f.score, 6), "age": round(f.age, 6), **spread(f)} for i, f in enumerate(result.faces)]
+             "score": round(f.score, 6), **_face_values(f)} for i, f in enumerate(result.faces)]
 
 
-def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool) -> None:
-    """Atomically write prediction rows (``prediction_rows``) as CSV (with ``spread`` when a row has one)."""
+def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool,
+                         intervals: bool = False) -> None:
+    """Atomically write prediction rows (``prediction_rows``) as CSV (with ``spread`` when a row has
+    one; ``intervals``: with ``age_lo,age_hi`` columns)."""
     import pandas as pd
 
     from .atomic import atomic_path
@@ -617,6 +672,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
     columns = list(FACES_COLUMNS if faces_only else DETECT_COLUMNS)
     if any(SPREAD_COLUMN in row for row in rows):
         columns.append(SPREAD_COLUMN)
+    columns += list(INTERVAL_COLUMNS) if intervals else []
     table = pd.DataFrame(rows, columns=columns)
     if not faces_only:
         for c in ("face", "x", "y", "w", "h"):
@@ -626,7 +682,7 @@ def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: 
 
 
 def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> None:
-    """Save ``rgb`` with each face's box and age drawn on it to ``out`` (atomically)."""
+    """Save ``rgb`` with each face's box and age (and its interval, ``31 (24-39)``) drawn on it to ``out`` (atomically)."""
     from PIL import Image, ImageDraw, ImageFont
 
     from .atomic import atomic_path
@@ -638,7 +694,7 @@ def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> 
     for face in result.faces:
         x, y, w, h = face.box
         draw.rectangle((x, y, x + w, y + h), outline=(255, 64, 0), width=line)
-        text = f"{face.age:.0f}"
+        text = f"{face.age:.0f}" if face.age_lo is None else f"{face.age:.0f} ({face.age_lo:.0f}-{face.age_hi:.0f})"
         tx, ty = x, max(0, y - font.size - 2 * line)
         bbox = draw.textbbox((tx, ty), text, font=font)
         draw.rectangle(bbox, fill=(255, 64, 0))

@@ -460,6 +460,105 @@ def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -
     return save_figure(fig, path)
 
 
+def group_coverage_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
+    """Per-group test coverage of the runs' age intervals: columns Model, intervals (``conformal``,
+    ``plain``), attribute, group, n, coverage (fraction, mean over runs), coverage_std, width (years,
+    mean over runs). Empty when no run has intervals."""
+    records = load_runs(runs)
+    rows = []
+    for r in records:
+        for name, cov in r.metrics.coverage.items():
+            for attr, groups in cov.groups.items():
+                for g, score in groups.items():
+                    rows.append({"Model": r.label, "intervals": name, "attribute": attr, "group": str(g),
+                                 "n": score.n, "coverage": score.coverage, "width": score.width})
+    columns = ["Model", "intervals", "attribute", "group", "n", "coverage", "coverage_std", "width"]
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    out = (pd.DataFrame(rows).groupby(["Model", "intervals", "attribute", "group"], sort=False)
+           .agg(n=("n", "first"), coverage=("coverage", "mean"), coverage_std=("coverage", "std"),
+                width=("width", "mean")).reset_index())
+    return out[columns]
+
+
+def coverage_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame | None:
+    """One row per run with intervals: Model, Seed, Target, then per interval set its coverage (%),
+    mean width (years), worst age group and the coverage gap of each attribute (percentage points,
+    the bias score of coverage). None when no run has intervals."""
+    rows = []
+    for r in load_runs(runs):
+        if not r.metrics.coverage:
+            continue
+        row = {"Model": r.label, "Seed": r.config.seed,
+               "Target": math.nan if r.metrics.coverage_target is None else 100 * r.metrics.coverage_target}
+        for name, cov in r.metrics.coverage.items():
+            row[f"{name} coverage %"] = 100 * cov.total.coverage
+            row[f"{name} width"] = cov.total.width
+            worst = cov.worst("age")
+            if worst is not None:
+                row[f"{name} worst age group"] = f"{worst[0]} {100 * worst[1].coverage:.1f}%"
+            for attr, gap in cov.gap.items():
+                row[f"{name} {attr} gap"] = math.nan if gap is None else 100 * gap
+        rows.append(row)
+    return pd.DataFrame(rows) if rows else None
+
+
+def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Path) -> Path | None:
+    """Per-group test coverage (%) of the age intervals, one panel per attribute, models side by side.
+
+    Bars: the calibrated (``conformal``) intervals; black ticks: the plain intervals of the
+    same calibration; dashed line: the target coverage. None (nothing written) when no run
+    has intervals.
+    """
+    records = load_runs(runs)
+    frame = group_coverage_frame(records)
+    if frame.empty:
+        return None
+    models = list(_group(records))
+    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
+    attrs += [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
+    n = len(attrs)
+    ncols = min(2, n)
+    nrows = math.ceil(n / ncols)
+    panel_width = max(5.0, 0.35 * len(models) * 4 + 1.5)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    width = 0.8 / max(1, len(models))
+    colors = plt.get_cmap("tab10")
+    targets = {r.metrics.coverage_target for r in records if r.metrics.coverage_target is not None}
+    for ax, attr in zip(axes.flat, attrs):
+        sub = frame[frame["attribute"] == attr]
+        groups = list(dict.fromkeys(sub["group"]))
+        for k, model in enumerate(models):
+            pos = np.arange(len(groups)) + (k - (len(models) - 1) / 2) * width
+            for name, style in (("conformal", "bar"), ("plain", "tick")):
+                m = sub[(sub["Model"] == model) & (sub["intervals"] == name)].set_index("group")
+                if m.empty:
+                    continue
+                vals = [100 * m["coverage"].get(g, math.nan) for g in groups]
+                if style == "bar":
+                    errs = [100 * m["coverage_std"].get(g, math.nan) for g in groups]
+                    errs = None if all(math.isnan(e) for e in errs) else np.nan_to_num(errs)
+                    ax.bar(pos, vals, width=width, yerr=errs, capsize=2, color=colors(k % 10), label=model)
+                else:
+                    ax.scatter(pos, vals, marker="_", s=220, color="black", linewidths=2,
+                               label="plain intervals" if k == 0 else None, zorder=3)
+        for target in targets:
+            ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
+        ax.set_xticks(np.arange(len(groups)))
+        ax.set_xticklabels(groups, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 105)
+        ax.set_title(attr)
+        ax.set_ylabel("test coverage (%)")
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 8), fontsize=9)
+    fig.suptitle("age-interval coverage per group (dashed: target; a coverage gap is the mean pairwise gap between bars)")
+    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.04, 1, 1))
+    return save_figure(fig, path)
+
+
 def plot_bias_vs_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -> Path:
     """Bias against MAE, one panel per bias score, one point per model with its intervals.
 
@@ -628,6 +727,10 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         for col in BIAS_COLUMNS.values():
             shown[col] = [("n/a" if math.isnan(v) else f"{v:.3g}") for v in shown[col]]
         pvalues_context = _table_context(shown, table_id="pvalues")
+    coverage = coverage_table(records)
+    coverage_context = None
+    if coverage is not None:
+        coverage_context = _table_context(coverage, table_id="coverage", digits=1)
     reference_context = None
     if reference is not None:
         from .reference import PUBLISHED_NOTE, reference_display
@@ -639,6 +742,7 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         title=title, css=_CSS, level_pct=int(round(level * 100)),
         comparison=_table_context(display_table(table), table_id="comparison"), pvalues=pvalues_context,
         field=field_context,
+        coverage=coverage_context,
         reference=reference_context,
         images=[(caption, base64.b64encode(Path(png).read_bytes()).decode("ascii")) for caption, png in images],
         groups=groups, summary=[_table_context(t, caption=f"faces per {attr}", index=True)
@@ -651,8 +755,8 @@ def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Pa
     """Write the comparison of finished runs into ``out_dir``; return ``report.html``'s path.
 
     Writes ``comparison.csv`` (``comparison_table``), ``comparison.md`` (the display
-    table with intervals), ``training_curves.png``, ``group_mae.png``,
-    ``bias_vs_mae.png`` and ``report.html`` (self-contained: inline CSS, images as data
+    table with intervals), ``training_curves.png``, ``group_mae.png``, ``group_coverage.png``
+    (runs with age intervals only), ``bias_vs_mae.png`` and ``report.html`` (self-contained: inline CSS, images as data
     URIs, no scripts, fonts or links to fetch). ``dataset_summary`` is a face table
     (counted with ``summarize_faces``) or its result; None counts the test faces in
     the first run's ``predictions_test.csv``. ``reference`` names a published table
@@ -669,8 +773,11 @@ def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Pa
     images = [
         ("Training curves", plot_all_training_curves(records, out_dir / "training_curves.png")),
         ("Per-group test MAE, models side by side", plot_group_mae(records, out_dir / "group_mae.png")),
-        ("Bias vs MAE", plot_bias_vs_mae(records, out_dir / "bias_vs_mae.png")),
     ]
+    coverage_png = plot_group_coverage(records, out_dir / "group_coverage.png")
+    if coverage_png is not None:  # beside the MAE per group: is the reported uncertainty as true for every group
+        images.append(("Per-group coverage of the age intervals", coverage_png))
+    images.append(("Bias vs MAE", plot_bias_vs_mae(records, out_dir / "bias_vs_mae.png")))
     source = None
     if dataset_summary is None:
         found = _summary_from_predictions(records)

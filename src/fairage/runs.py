@@ -7,7 +7,8 @@ A run folder, as written by ``fairage.training.train``::
     history.csv              one row per epoch (HISTORY_COLUMNS), both stages
     checkpoints/{stage}-best.ckpt, checkpoints/{stage}-last.ckpt
     curves.png, weights_{stage}.png
-    predictions_test.csv     written before metrics_test.json
+    conformal.json           the conformal calibration (fairage.conformal), fitted on the valid split
+    predictions_test.csv     written before metrics_test.json (age_lo, age_hi: the conformal intervals)
     metrics_test.json        written last: its presence means the run is finished
     .lock                    the PID of the process training in it (held with fcntl.flock)
 
@@ -159,6 +160,7 @@ class RunFolder:
     METRICS = "metrics_test.json"
     CHECKPOINTS = "checkpoints"
     CURVES = "curves.png"
+    CONFORMAL = "conformal.json"
     LOCK = ".lock"
 
     def __init__(self, path: str | Path, record: RunRecord | None = None):
@@ -383,6 +385,20 @@ class RunFolder:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise DataError(f"{path} is not valid JSON: {err}") from None
         return EvaluationResult.from_json(raw, source=str(path))
+
+    def calibration(self):
+        """The run's conformal calibration (``conformal.json``, ``fairage.conformal.Calibration``);
+        None when the run has none (written before intervals existed, or ``eval.conformal.enabled`` off)."""
+        from .conformal import read_calibration
+
+        return read_calibration(self.file(self.CONFORMAL))
+
+    def write_calibration(self, calibration) -> None:
+        """Store ``calibration`` as ``conformal.json`` (atomically, rank 0 only)."""
+        from .conformal import write_calibration
+
+        if is_rank_zero():
+            write_calibration(self.file(self.CONFORMAL), calibration)
 
     def faces(self, split: str = "test") -> pd.DataFrame:
         """The faces of ``split`` loaded as the run loaded them: its data_dir and its own ``data.*`` settings."""

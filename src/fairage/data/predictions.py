@@ -1,11 +1,12 @@
 """The predictions file: one predicted age per face, joined to the dataset on ``image``.
 
 CSV with header ``image,prediction`` (``image`` is the face table's identifier, compared
-as a string; ``prediction`` in years) plus, when written by fairage,
-``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order. A model
-whose head gives a distribution over the ages (dex, coral, corn) adds ``spread``, each
-face's standard deviation of that distribution in years, after ``prediction``.
-``read_predictions`` also takes the ``image,age[,spread]`` file of ``fairage predict --faces``.
+as a string; ``prediction`` in years) plus, when written by fairage, ``spread`` (a model
+whose head gives a distribution over the ages, dex, coral, corn: each face's standard deviation
+of that distribution in years), then, when the model carries a conformal calibration
+(``fairage.conformal``), ``age_lo,age_hi`` (its interval, years), then
+``age,gender,ethnicity,expression`` for convenience. Rows are in dataset order.
+``read_predictions`` also takes the ``image,age[,spread][,age_lo,age_hi]`` file of ``fairage predict --faces``.
 """
 
 from __future__ import annotations
@@ -28,13 +29,17 @@ PREDICTION_COLUMNS: tuple[str, ...] = ("image", "prediction", "age", "gender", "
 #: the per-face spread (years) of a distribution head's prediction; not the face table's ``age_std``,
 #: which is the raters' spread of the label
 SPREAD_COLUMN = "spread"
+#: the conformal interval's columns (optional), years
+INTERVAL_COLUMNS: tuple[str, str] = ("age_lo", "age_hi")
 
 
-def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions, spread=None) -> None:
+def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions, spread=None,
+                      intervals=None) -> None:
     """Atomically write the predictions of one split's ``faces`` (dataset order) to ``path``.
 
     ``predictions`` is array-like of shape (len(faces),), years; ``spread`` (same shape,
-    years) the model's per-face standard deviation, or None for a model that gives none.
+    years) the model's per-face standard deviation, or None for a model that gives none;
+    ``intervals`` an optional ``(age_lo, age_hi)`` pair of such arrays (the conformal interval).
     """
     predictions = np.asarray(predictions, dtype=float).reshape(-1)
     if predictions.shape[0] != len(faces):
@@ -45,6 +50,12 @@ def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions,
         if spread.shape[0] != len(faces):
             raise ValueError(f"{len(spread)} spreads for {len(faces)} faces")
         table[SPREAD_COLUMN] = spread
+    if intervals is not None:
+        for column, values in zip(INTERVAL_COLUMNS, intervals):
+            values = np.asarray(values, dtype=float).reshape(-1)
+            if values.shape != predictions.shape:
+                raise ValueError(f"{len(values)} {column} values for {len(faces)} faces")
+            table[column] = values
     for column in PREDICTION_COLUMNS[2:]:
         if column in faces.columns:
             table[column] = faces[column].to_numpy()
@@ -69,7 +80,8 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
     table["image"] = table["image"].map(unquote)
-    if list(table.columns[:2]) == ["image", "age"] and set(table.columns) <= {"image", "age", SPREAD_COLUMN}:
+    if (list(table.columns[:2]) == ["image", "age"]
+            and set(table.columns) <= {"image", "age", SPREAD_COLUMN, *INTERVAL_COLUMNS}):
         table = _from_face_predictions(table)
     missing = [c for c in ("image", "prediction") if c not in table.columns]
     if missing:
@@ -96,7 +108,26 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
                         + "; --clip clips predictions into that range")
     table["image"] = table["image"].astype(str)
     table["prediction"] = values
+    if any(c in table.columns for c in INTERVAL_COLUMNS):
+        _check_intervals(path, table)
     return table
+
+
+def _check_intervals(path: Path, table: pd.DataFrame) -> None:
+    """``age_lo`` and ``age_hi`` both present, finite and ordered; DataError naming the first bad row."""
+    missing = [c for c in INTERVAL_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: has {', '.join(c for c in INTERVAL_COLUMNS if c not in missing)} "
+                        f"but not {missing[0]} (an interval needs both)")
+    lo = pd.to_numeric(table["age_lo"], errors="coerce").to_numpy(dtype=float)
+    hi = pd.to_numeric(table["age_hi"], errors="coerce").to_numpy(dtype=float)
+    bad = np.flatnonzero(~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): interval "
+                        f"[{_show(table['age_lo'].iloc[row])}, {_show(table['age_hi'].iloc[row])}] is not two finite "
+                        "numbers with age_lo <= age_hi" + (f" ({bad.size} bad rows in all)" if bad.size > 1 else ""))
+    table["age_lo"], table["age_hi"] = lo, hi
 
 
 def _show(value) -> str:
@@ -124,7 +155,8 @@ def _few(ids, limit: int = 5) -> str:
 
 
 def join_predictions(faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.PathLike = "predictions") -> pd.DataFrame:
-    """``faces`` (one split, dataset order) with a ``prediction`` column from ``preds``.
+    """``faces`` (one split, dataset order) with a ``prediction`` column from ``preds``
+    (and ``age_lo``, ``age_hi`` when ``preds`` has them).
 
     Every face must have exactly one prediction and every prediction must belong to a
     face of the split; otherwise DataError (naming ``source``) lists a few of the missing,
@@ -146,7 +178,9 @@ def join_predictions(faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.
         problems.append(f"{len(extra)} prediction(s) for images not in the split: {_few(extra)}")
     if problems:
         raise DataError(f"{source}: " + "; ".join(problems))
-    lookup = pd.Series(preds["prediction"].to_numpy(dtype=float), index=pred_ids.to_numpy())
     joined = faces.copy()
-    joined["prediction"] = lookup.loc[face_ids.to_numpy()].to_numpy()
+    for column in ("prediction", *INTERVAL_COLUMNS):
+        if column in preds.columns:
+            lookup = pd.Series(preds[column].to_numpy(dtype=float), index=pred_ids.to_numpy())
+            joined[column] = lookup.loc[face_ids.to_numpy()].to_numpy()
     return joined

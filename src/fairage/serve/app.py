@@ -4,8 +4,10 @@ Endpoints::
 
     GET  /health     {"status": "ok"}
     POST /predict    multipart field ``file`` or a raw image body ->
-                     {"faces": [{"box": [x, y, w, h], "score", "age"[, "spread"]}], "image": {"width", "height"},
-                     "model"}; "spread" (years, the std of the predicted age distribution) for dex/coral/corn heads
+                     {"faces": [{"box": [x, y, w, h], "score", "age"[, "spread"][, "age_lo", "age_hi"]}],
+                      "image": {"width", "height"}, "model", "interval_level"}; "spread" (years, the std of the
+                     predicted age distribution) for dex/coral/corn heads; age_lo-age_hi: the conformal interval
+                     at interval_level, for a calibrated model; interval_level is null otherwise
     GET  /model      the model card (JSON)
     GET  /model.md   the model card (Markdown)
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
@@ -104,6 +106,8 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     limits = limits or ServeLimits()
     page = resources.files("fairage.serve").joinpath("static/index.html").read_text(encoding="utf-8")
     model_name = predictor.loaded.name
+    calibration = getattr(predictor.loaded, "calibration", None)
+    interval_level = float(calibration.level) if calibration is not None else None
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairage-inference")
     pending = 0
     uploading = 0
@@ -128,10 +132,12 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
             raise UploadError(400, f"upload: {err}") from None
         return {
             "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age),
-                       **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)})}
+                       **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)}),
+                       **({"age_lo": float(f.age_lo), "age_hi": float(f.age_hi)} if f.age_lo is not None else {})}
                       for f in result.faces],
             "image": {"width": int(result.width), "height": int(result.height)},
             "model": model_name,
+            "interval_level": interval_level,
         }
 
     @app.exception_handler(UploadError)

@@ -33,6 +33,7 @@ from .module import (
                         memory_format,
 )
 from .run import (
+                        calibrate_folder,
                         collapse_warning,
                         export_backbone,
                         load_model_from_checkpoint,
@@ -62,6 +63,7 @@ __all__ = [
                         "StageArrays",
                         "StageResult",
                         "build_augment",
+                        "calibrate_folder",
                         "collapse_warning",
                         "export_backbone",
                         "extract_features",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +51,7 @@ from .factories import (
     resolve_accelerator,
     resolve_precision,
 )
-from .inference import predict_with_spread
+from .inference import predict, predict_with_spread
 from .stage import CollapsedStageError, fit_stage, load_module_checkpoint
 
 log = logging.getLogger(__name__)
@@ -102,17 +103,45 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
     return weights
 
 
+def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.ndarray,
+              folder: RunFolder):
+    """Fit the conformal calibration (``eval.conformal``) on the validation predictions (years),
+    store it as ``conformal.json`` and return it with its warnings; ``(None, [])`` when disabled."""
+    from ..conformal import fit_calibration
+
+    settings = cfg.eval.conformal
+    if not settings.enabled:
+        return None, []
+    df = valid_faces.copy()
+    df["prediction"] = predictions
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
+        calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
+                                                age_edges=settings.age_edges, min_group=settings.min_group,
+                                                tighten=settings.tighten)
+    folder.write_calibration(calibration)
+    return calibration, messages
+
+
 def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: np.ndarray,
-                  folder: RunFolder, spread: np.ndarray | None = None) -> EvaluationResult:
-    """Write ``predictions_test.csv`` (with the per-face ``spread`` when the head gives one) and
-    (last, atomically) ``metrics_test.json``; return the metrics."""
+                  folder: RunFolder, spread: np.ndarray | None = None, calibration=None) -> EvaluationResult:
+    """Write ``predictions_test.csv`` (with the per-face ``spread`` when the head gives one, and the
+    conformal intervals of ``calibration`` when given) and (last, atomically) ``metrics_test.json``;
+    return the metrics."""
+    from ..conformal import interval_arguments
     from ..data.predictions import write_predictions
     from ..metrics import evaluate
 
-    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, spread)
+    intervals = calibration.intervals(predictions, test_faces) if calibration is not None else None
+    write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, spread, intervals)
     df = test_faces.copy()
     df["prediction"] = predictions
-    metrics = evaluate(df, **folder.evaluation_settings(cfg, df.columns))
+    settings = folder.evaluation_settings(cfg, df.columns)
+    if calibration is not None and len(calibration.by) > 1:  # coverage (and MAE) of the calibrated intersection too
+        by = list(calibration.by)
+        if by not in settings["intersections"]:
+            settings["intersections"] = [*settings["intersections"], by]
+    metrics = evaluate(df, **interval_arguments(calibration, df), **settings)
     write_text(folder.file(RunFolder.METRICS), json.dumps(metrics.to_json(), indent=2) + "\n")
     return metrics
 
@@ -197,8 +226,15 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     if collapsed:
         log.warning("%s: %s", run_dir, collapsed)
         warnings.append(collapsed)
+    calibration = None
+    if cfg.eval.conformal.enabled:  # calibrated on faces the model did not train on
+        val_preds = predict(model, data.images["valid"], device=device_for(cfg.trainer))
+        calibration, messages = calibrate(cfg, data.faces["valid"], val_preds, folder)
+        for message in messages:
+            log.warning("%s: %s", run_dir, message)
+        warnings.extend(messages)
     folder.update(stage="test", warnings=warnings)  # predicting and evaluating the test split
-    metrics = evaluate_test(cfg, data.faces["test"], preds, folder, spread)
+    metrics = evaluate_test(cfg, data.faces["test"], preds, folder, spread, calibration)
     folder.update(status="finished", stage=cfg.stages()[-1][0])
     return metrics
 
@@ -376,3 +412,61 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
         else:
             save_torch(state, tmp)
     return out_path
+
+
+def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split: str = "valid",
+                     alpha: float | None = None, by: Sequence[str] | None = None,
+                     min_group: int | None = None, progress: bool = False):
+    """Fit (or refit) the conformal calibration of a run folder or a model folder; return
+    ``(calibration, warnings)``.
+
+    The model predicts the faces of ``split`` (default ``valid``: faces it did not train on)
+    of ``data_dir`` (a run's default: its own data, loaded with its ``data.*`` settings; a
+    model folder needs it). ``alpha``, ``by``, ``min_group`` default to the config's
+    ``eval.conformal``. The calibration goes to the folder's ``conformal.json``; a finished
+    run's ``predictions_test.csv`` and ``metrics_test.json`` are rewritten with the new
+    intervals (same predictions), so an older run gains them.
+    """
+    from ..conformal import CONFORMAL, fit_calibration, write_calibration
+    from ..predict import load_model, predict_faces
+
+    path = Path(path)
+    loaded = load_model(path)
+    if loaded.kind == "exported":
+        raise ConfigError(f"{path}: calibrate a run or model folder, then export it again")
+    cfg = loaded.config
+    settings = cfg.eval.conformal
+    alpha = settings.alpha if alpha is None else alpha
+    by = list(settings.by if by is None else by)
+    min_group = settings.min_group if min_group is None else min_group
+    folder = RunFolder.open(path) if loaded.kind == "run" else None
+    if data_dir is None and folder is None:
+        raise ConfigError(f"{path} is a model folder: give the dataset to calibrate on (--data DIR)")
+    faces = config_faces(cfg, data_dir or folder.data_dir)
+    faces = faces[faces["split"] == split].reset_index(drop=True)
+    if len(faces) == 0:
+        raise DataError(f"dataset {data_dir or folder.data_dir} has no {split!r} faces to calibrate on")
+    df = faces.copy()
+    df["prediction"] = predict_faces(loaded, faces, progress=progress)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # returned to the caller
+        calibration, messages = fit_calibration(df, alpha=alpha, by=by, age_edges=settings.age_edges,
+                                                min_group=min_group, split=split, tighten=settings.tighten)
+    if folder is None:
+        write_calibration(path / CONFORMAL, calibration)
+        return calibration, messages
+    with folder.lock():
+        folder.write_calibration(calibration)
+        kept = [w for w in folder.record.warnings if not w.startswith("conformal groups")]
+        folder.update(warnings=kept + messages)
+        if folder.file(RunFolder.PREDICTIONS).is_file() and folder.is_finished():
+            from ..data.predictions import join_predictions, read_predictions
+
+            test = folder.faces("test")
+            joined = join_predictions(test, read_predictions(folder.file(RunFolder.PREDICTIONS)),
+                                      folder.file(RunFolder.PREDICTIONS))
+            from ..data.predictions import SPREAD_COLUMN
+
+            spread = joined[SPREAD_COLUMN].to_numpy() if SPREAD_COLUMN in joined.columns else None
+            evaluate_test(folder.config(), test, joined["prediction"].to_numpy(), folder, spread, calibration)
+    return calibration, messages
