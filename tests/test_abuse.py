@@ -396,10 +396,14 @@ def test_utkface_with_race_codes_3_and_4_trains_with_the_mapping(tmp_path, caplo
     names = [f"{20 + k}_{k % 2}_{race}_2017{k:02d}{race}.jpg" for race in (0, 1, 3, 4) for k in range(10)]
     root = write_utk(tmp_path / "utk", names)
     (root / "30_0_0_20179999.jpg").write_bytes(b"not a jpeg")
-    res = invoke("train", *QUICK, "--data", root, "--out", tmp_path / "r0")
+    # race codes 3 and 4 load by default (groups come from the data); a strict vocabulary names the option
+    res = invoke("train", *QUICK, "--data", root, "--out", tmp_path / "r0", "--extra-categories", "error")
     assert res.exit_code == 2
     message = one_line(res.stderr)
     assert "--extra-categories (config data.extra_categories)" in message and "indian=asian" in message
+    assert not (tmp_path / "r0").exists()
+    res = invoke("train", *QUICK, "--data", root, "--out", tmp_path / "r0")
+    assert res.exit_code == 2 and "--skip-bad (config data.skip_bad: true)" in one_line(res.stderr)
     assert not (tmp_path / "r0").exists()
     # every option a message names exists: on each command that reads a dataset, and in the config
     group = typer.main.get_command(app)

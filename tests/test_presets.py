@@ -111,7 +111,7 @@ def test_every_full_scale_value_says_where_it_comes_from():
 # (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
 SMALL_SCALES = {
     "cpu": (64, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
-                 "stage2": (1e-3, 64, 8, 4, 0.1, 2, 1e-7, 1e-8, "mse", None)}),
+                 "stage2": (1e-3, 64, 20, 6, 0.1, 3, 1e-7, 1e-8, "mse", None)}),
     "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
                   "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None)}),
 }
