@@ -60,11 +60,45 @@ def _import_refused(h5: Path, out: Path, needle: str) -> str:
     return text
 
 
+def _aged(path: Path) -> float:
+    """Set ``path``'s access time well before its modification time (so a read moves it, even under
+    relatime) and return it."""
+    import os
+
+    st = os.stat(path)
+    os.utime(path, (st.st_mtime - 1000, st.st_mtime))
+    return os.stat(path).st_atime
+
+
+def _reads_move_atime(folder: Path) -> bool:
+    """Whether this file system records reads in the access time (not mounted noatime)."""
+    import os
+
+    probe = folder / "atime-probe"
+    probe.write_bytes(b"x" * 64)
+    before = _aged(probe)
+    probe.read_bytes()
+    return os.stat(probe).st_atime != before
+
+
 def test_import_keras_refuses_external_storage_and_never_imports_the_outside_bytes(
     zero_keras, tmp_path
 ):
-    # the control: the same bytes stored inside the file import, so the refusal is about where they live
+    import os
+
+    from safetensors.numpy import load_file
+
     secret = np.arange(7 * 7 * 3 * 64, dtype=np.float32).reshape(7, 7, 3, 64) + 0.5
+    # the control: the same bytes stored inside the file are imported (as the (out, in, h, w) stem)
+    inside = _copy(zero_keras, tmp_path / "inside.h5")
+    with h5py.File(inside, "a") as f:
+        f[STEM][STEM_KERNEL][...] = secret
+    assert invoke("import-keras", inside, "--out", tmp_path / "control").exit_code == 0
+    stem = load_file(str(tmp_path / "control" / "model.safetensors"))[
+        "backbone.conv1.weight"
+    ]
+    np.testing.assert_array_equal(stem, secret.transpose(3, 2, 0, 1))
+    # stored outside the file (external storage): refused, and the outside file is never read
     outside = tmp_path / "outside" / "secret.bin"
     outside.parent.mkdir()
     outside.write_bytes(secret.tobytes())
@@ -78,9 +112,13 @@ def test_import_keras_refuses_external_storage_and_never_imports_the_outside_byt
             external=[(str(outside), 0, secret.nbytes)],
         )
         assert f[STEM][STEM_KERNEL].external  # h5py really wrote external storage
+    tracks = _reads_move_atime(tmp_path)
+    before = _aged(outside)
     text = _import_refused(h5, tmp_path / "model", "has external storage")
     assert f"dataset '/{STEM}/{STEM_KERNEL}'" in text
     assert str(outside) in text
+    if tracks:
+        assert os.stat(outside).st_atime == before, "the outside file was read"
     # the message is the same whether or not the outside file exists (no probing of the machine)
     outside.unlink()
     assert _import_refused(h5, tmp_path / "model", "has external storage") == text
@@ -96,8 +134,14 @@ def test_import_keras_refuses_external_links_without_opening_the_other_file(
     with h5py.File(h5, "a") as f:
         del f[STEM][STEM_KERNEL]
         f[STEM][STEM_KERNEL] = h5py.ExternalLink(str(other), "/kernel")
+    tracks = _reads_move_atime(tmp_path)
+    before = _aged(other)
     text = _import_refused(h5, tmp_path / "model", "is an external link to")
     assert str(other) in text
+    if tracks:
+        assert __import__("os").stat(other).st_atime == before, (
+            "the linked file was read"
+        )
     # a link target that cannot be opened gives the same message: the link was never followed
     other.write_text("not hdf5")
     assert _import_refused(h5, tmp_path / "model", "is an external link to") == text
@@ -113,8 +157,14 @@ def test_import_keras_refuses_virtual_datasets(zero_keras, tmp_path):
         layout = h5py.VirtualLayout(shape=(7, 7, 3, 64), dtype="<f4")
         layout[...] = h5py.VirtualSource(str(other), "kernel", shape=(7, 7, 3, 64))
         f[STEM].create_virtual_dataset(STEM_KERNEL, layout)
+    tracks = _reads_move_atime(tmp_path)
+    before = _aged(other)
     text = _import_refused(h5, tmp_path / "model", "is a virtual dataset mapped from")
     assert str(other) in text
+    if tracks:
+        assert __import__("os").stat(other).st_atime == before, (
+            "the source file was read"
+        )
 
 
 def test_import_keras_refuses_soft_links(zero_keras, tmp_path):
