@@ -1103,3 +1103,63 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
         server.should_exit = True
         thread.join(timeout=30)
         listener.close()
+
+
+def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+    from conftest import GRACE_HOPPER
+
+    from fairage.predict import AgePredictor
+    from fairage.serve import ServeLimits, create_app, serve_protocol
+
+    limits = ServeLimits(
+        max_pending=8, max_uploading=1, body_timeout=3.0, chunk_timeout=3.0
+    )
+    app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = listener.getsockname()
+    url = f"http://127.0.0.1:{address[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", http=serve_protocol())
+    )
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener]}, daemon=True
+    )
+    thread.start()
+    sock = socket.create_connection(address, timeout=20)
+    try:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff"
+        )
+        # a round trip: the server has taken the slow upload's headers and started receiving its body
+        assert httpx.get(f"{url}/health", timeout=20).status_code == 200
+        busy = httpx.post(
+            f"{url}/predict",
+            content=GRACE_HOPPER.read_bytes(),
+            headers={"content-type": "image/jpeg"},
+            timeout=60,
+        )
+        assert (
+            busy.status_code == 503
+            and "1 uploads are being received" in busy.json()["detail"]
+        )
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 408")
+        # its place is free again
+        done = httpx.post(
+            f"{url}/predict",
+            content=GRACE_HOPPER.read_bytes(),
+            headers={"content-type": "image/jpeg"},
+            timeout=60,
+        )
+        assert done.status_code == 200
+    finally:
+        sock.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
