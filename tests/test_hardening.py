@@ -60,11 +60,45 @@ def _import_refused(h5: Path, out: Path, needle: str) -> str:
     return text
 
 
+def _aged(path: Path) -> float:
+    """Set ``path``'s access time well before its modification time (so a read moves it, even under
+    relatime) and return it."""
+    import os
+
+    st = os.stat(path)
+    os.utime(path, (st.st_mtime - 1000, st.st_mtime))
+    return os.stat(path).st_atime
+
+
+def _reads_move_atime(folder: Path) -> bool:
+    """Whether this file system records reads in the access time (not mounted noatime)."""
+    import os
+
+    probe = folder / "atime-probe"
+    probe.write_bytes(b"x" * 64)
+    before = _aged(probe)
+    probe.read_bytes()
+    return os.stat(probe).st_atime != before
+
+
 def test_import_keras_refuses_external_storage_and_never_imports_the_outside_bytes(
     zero_keras, tmp_path
 ):
-    # the control: the same bytes stored inside the file import, so the refusal is about where they live
+    import os
+
+    from safetensors.numpy import load_file
+
     secret = np.arange(7 * 7 * 3 * 64, dtype=np.float32).reshape(7, 7, 3, 64) + 0.5
+    # the control: the same bytes stored inside the file are imported (as the (out, in, h, w) stem)
+    inside = _copy(zero_keras, tmp_path / "inside.h5")
+    with h5py.File(inside, "a") as f:
+        f[STEM][STEM_KERNEL][...] = secret
+    assert invoke("import-keras", inside, "--out", tmp_path / "control").exit_code == 0
+    stem = load_file(str(tmp_path / "control" / "model.safetensors"))[
+        "backbone.conv1.weight"
+    ]
+    np.testing.assert_array_equal(stem, secret.transpose(3, 2, 0, 1))
+    # stored outside the file (external storage): refused, and the outside file is never read
     outside = tmp_path / "outside" / "secret.bin"
     outside.parent.mkdir()
     outside.write_bytes(secret.tobytes())
@@ -78,9 +112,13 @@ def test_import_keras_refuses_external_storage_and_never_imports_the_outside_byt
             external=[(str(outside), 0, secret.nbytes)],
         )
         assert f[STEM][STEM_KERNEL].external  # h5py really wrote external storage
+    tracks = _reads_move_atime(tmp_path)
+    before = _aged(outside)
     text = _import_refused(h5, tmp_path / "model", "has external storage")
     assert f"dataset '/{STEM}/{STEM_KERNEL}'" in text
     assert str(outside) in text
+    if tracks:
+        assert os.stat(outside).st_atime == before, "the outside file was read"
     # the message is the same whether or not the outside file exists (no probing of the machine)
     outside.unlink()
     assert _import_refused(h5, tmp_path / "model", "has external storage") == text
@@ -96,8 +134,14 @@ def test_import_keras_refuses_external_links_without_opening_the_other_file(
     with h5py.File(h5, "a") as f:
         del f[STEM][STEM_KERNEL]
         f[STEM][STEM_KERNEL] = h5py.ExternalLink(str(other), "/kernel")
+    tracks = _reads_move_atime(tmp_path)
+    before = _aged(other)
     text = _import_refused(h5, tmp_path / "model", "is an external link to")
     assert str(other) in text
+    if tracks:
+        assert __import__("os").stat(other).st_atime == before, (
+            "the linked file was read"
+        )
     # a link target that cannot be opened gives the same message: the link was never followed
     other.write_text("not hdf5")
     assert _import_refused(h5, tmp_path / "model", "is an external link to") == text
@@ -113,8 +157,14 @@ def test_import_keras_refuses_virtual_datasets(zero_keras, tmp_path):
         layout = h5py.VirtualLayout(shape=(7, 7, 3, 64), dtype="<f4")
         layout[...] = h5py.VirtualSource(str(other), "kernel", shape=(7, 7, 3, 64))
         f[STEM].create_virtual_dataset(STEM_KERNEL, layout)
+    tracks = _reads_move_atime(tmp_path)
+    before = _aged(other)
     text = _import_refused(h5, tmp_path / "model", "is a virtual dataset mapped from")
     assert str(other) in text
+    if tracks:
+        assert __import__("os").stat(other).st_atime == before, (
+            "the source file was read"
+        )
 
 
 def test_import_keras_refuses_soft_links(zero_keras, tmp_path):
@@ -1050,6 +1100,66 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
     finally:
         for sock in slow:
             sock.close()
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
+
+
+def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
+    import socket
+    import threading
+
+    import httpx
+    import uvicorn
+    from conftest import GRACE_HOPPER
+
+    from fairage.predict import AgePredictor
+    from fairage.serve import ServeLimits, create_app, serve_protocol
+
+    limits = ServeLimits(
+        max_pending=8, max_uploading=1, body_timeout=3.0, chunk_timeout=3.0
+    )
+    app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = listener.getsockname()
+    url = f"http://127.0.0.1:{address[1]}"
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", http=serve_protocol())
+    )
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [listener]}, daemon=True
+    )
+    thread.start()
+    sock = socket.create_connection(address, timeout=20)
+    try:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff"
+        )
+        # a round trip: the server has taken the slow upload's headers and started receiving its body
+        assert httpx.get(f"{url}/health", timeout=20).status_code == 200
+        busy = httpx.post(
+            f"{url}/predict",
+            content=GRACE_HOPPER.read_bytes(),
+            headers={"content-type": "image/jpeg"},
+            timeout=60,
+        )
+        assert (
+            busy.status_code == 503
+            and "1 uploads are being received" in busy.json()["detail"]
+        )
+        assert _read_until_closed(sock).startswith(b"HTTP/1.1 408")
+        # its place is free again
+        done = httpx.post(
+            f"{url}/predict",
+            content=GRACE_HOPPER.read_bytes(),
+            headers={"content-type": "image/jpeg"},
+            timeout=60,
+        )
+        assert done.status_code == 200
+    finally:
+        sock.close()
         server.should_exit = True
         thread.join(timeout=30)
         listener.close()
