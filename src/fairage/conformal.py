@@ -384,9 +384,10 @@ def fit_calibration(
     if not np.isfinite(residuals).all():
         raise DataError("calibration: ages and predictions must be finite numbers")
     smallest = max(int(min_group), minimum_group_size(alpha))
-    if len(residuals) < smallest:
+    if len(residuals) < minimum_group_size(alpha):
         raise DataError(
-            f"calibration needs at least {smallest} faces for level {1 - alpha:g}, got {len(residuals)}"
+            f"calibration needs at least {minimum_group_size(alpha)} faces for level {1 - alpha:g}, "
+            f"got {len(residuals)}"
         )
     plain = _crepes_quantiles(residuals, np.full(len(residuals), ALL), alpha)[ALL]
     edges = [float(e) for e in age_edges]

@@ -105,11 +105,16 @@ def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.
               folder: RunFolder):
     """Fit the conformal calibration (``eval.conformal``) on the validation predictions (years),
     store it as ``conformal.json`` and return it with its warnings; ``(None, [])`` when disabled."""
-    from ..conformal import fit_calibration
+    from ..conformal import fit_calibration, minimum_group_size
 
     settings = cfg.eval.conformal
     if not settings.enabled:
         return None, []
+    if len(valid_faces) < minimum_group_size(settings.alpha):  # too few for any interval: train on, say so
+        needed = minimum_group_size(settings.alpha)
+        message = (f"no age intervals: the valid split has {len(valid_faces)} faces, fewer than the {needed} "
+                   f"a {100 * (1 - settings.alpha):g}% interval needs")
+        return None, [message]
     df = valid_faces.copy()
     df["prediction"] = predictions
     with warnings.catch_warnings():
