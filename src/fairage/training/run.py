@@ -206,6 +206,11 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
+    if cfg.eval.conformal.enabled:  # an unknown group column fails now, not after training
+        missing = [a for a in cfg.eval.conformal.by if a != "age" and a not in data.faces["valid"].columns]
+        if missing:
+            raise ConfigError(f"eval.conformal.by names {', '.join(map(repr, missing))}, which the dataset "
+                              f"{data_dir} has no column for (have: {', '.join(map(str, data.faces['valid'].columns))})")
     if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
         folder = RunFolder.create(run_dir, cfg, data_dir, **weight_info, device=device_description(cfg.trainer),
                                   precision=resolve_precision(cfg.trainer))
