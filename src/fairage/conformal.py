@@ -131,6 +131,8 @@ class Calibration:
         ``faces``: the age part is label-conditional (module docstring).
         """
         pred = np.asarray(predictions, dtype=float).reshape(-1)
+        if faces is not None and len(faces) != pred.shape[0]:
+            raise ValueError(f"{pred.shape[0]} predictions for {len(faces)} faces")
         lo_range, hi_range = AGE_RANGE
         if not self.by:
             return np.clip(pred - self.plain, lo_range, hi_range), np.clip(
