@@ -396,6 +396,10 @@ def fit_calibration(
     labels, values = {}, {}
     for attr in by:
         labels[attr], values[attr] = _labels(df, attr, edges)
+        if not values[attr]:
+            raise DataError(
+                f"calibration: no face has a known {attr!r} (all unknown), so it cannot group by it"
+            )
     cal = Calibration(
         alpha=float(alpha),
         by=by,
