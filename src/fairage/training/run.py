@@ -117,11 +117,14 @@ def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.
         return None, [message]
     df = valid_faces.copy()
     df["prediction"] = predictions
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
-        calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
-                                                age_edges=settings.age_edges, min_group=settings.min_group,
-                                                tighten=settings.tighten)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
+            calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
+                                                    age_edges=settings.age_edges, min_group=settings.min_group,
+                                                    tighten=settings.tighten)
+    except DataError as err:  # the trained model is kept; `fairage calibrate` can add intervals later
+        return None, [f"no age intervals: {err}"]
     folder.write_calibration(calibration)
     return calibration, messages
 
