@@ -438,3 +438,32 @@ def test_tightened_hull_covers_each_age_group_near_the_target():
         assert group.quantile >= _order_statistic(
             residuals[(cal_bins == interval).to_numpy()], 2 * ALPHA
         )
+
+
+def test_training_goes_on_without_intervals_when_the_valid_split_is_tiny(tmp_path):
+    from fairage.config import load_preset
+    from fairage.runs import RunFolder
+    from fairage.training.run import calibrate
+
+    cfg = load_preset("M1", "tiny")
+    folder = RunFolder(tmp_path)
+    faces = pd.DataFrame({"age": [10.0, 20, 30, 40], "image": list("abcd")})
+    calibration, notes = calibrate(cfg, faces, np.array([11.0, 19, 33, 40]), folder)
+    assert calibration is None and notes == [
+        "no age intervals: the valid split has 4 faces, fewer than the 10 a 90% interval needs"
+    ]
+    assert not (tmp_path / RunFolder.CONFORMAL).exists()
+
+
+def test_training_goes_on_without_intervals_when_a_group_is_never_known(tmp_path):
+    from fairage.config import load_preset
+    from fairage.runs import RunFolder
+    from fairage.training.run import calibrate
+
+    cfg = load_preset("M1", "tiny", ["eval.conformal.by=[site]"])
+    faces = pd.DataFrame({"age": np.arange(20.0), "site": ["unknown"] * 20})
+    calibration, notes = calibrate(cfg, faces, np.arange(20.0) + 1, RunFolder(tmp_path))
+    assert calibration is None
+    assert notes == [
+        "no age intervals: calibration: no face has a known 'site' (all unknown), so it cannot group by it"
+    ]

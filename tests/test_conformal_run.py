@@ -192,8 +192,13 @@ def test_model_card_reports_coverage_by_group(tiny_run):
     assert f"{100 * metrics['coverage']['conformal']['coverage']:.1f}%" in text
     assert "Coverage gap of age" in text
     calibration = intervals["calibration"]
-    assert calibration["by"] == ["age"] and calibration["n"] == len(RunFolder.open(tiny_run).faces("valid"))
-    assert f"calibrated on {calibration['n']} valid faces, separately for each age group" in text
+    assert calibration["by"] == ["age"] and calibration["n"] == len(
+        RunFolder.open(tiny_run).faces("valid")
+    )
+    assert (
+        f"calibrated on {calibration['n']} valid faces, separately for each age group"
+        in text
+    )
 
 
 def test_report_plots_coverage_beside_mae(tiny_run, tmp_path):
@@ -283,3 +288,23 @@ def test_calibrate_command_refits_a_run_and_calibrates_a_model_folder(
     assert load_model(folder).calibration.to_json()["plain"] == pytest.approx(
         errors[math.ceil((len(valid) + 1) * 0.9) - 1], abs=1e-4
     )
+
+
+def test_an_unknown_interval_group_fails_before_training(tiny_data, tmp_path):
+    result = invoke(
+        "train",
+        "--preset",
+        "M1",
+        "--scale",
+        "tiny",
+        "--data",
+        tiny_data,
+        "--out",
+        tmp_path / "r",
+        "--quiet",
+        "--set",
+        "eval.conformal.by=[age, hairstyle]",
+    )
+    assert result.exit_code == 2
+    assert "eval.conformal.by names 'hairstyle'" in " ".join(result.output.split())
+    assert not (tmp_path / "r" / "history.csv").exists()

@@ -51,10 +51,11 @@ def test_suite_writes_table_plots_and_report(finished_suite):
         by_gender = err.groupby(preds["gender"]).mean()
         assert row["Gender bias"] == pytest.approx(abs(by_gender["male"] - by_gender["female"]), abs=1e-6)
         assert row["MAE CI low"] <= row["MAE"] <= row["MAE CI high"]
-    for png in ("training_curves.png", "group_mae.png", "bias_vs_mae.png"):
+    # the runs carry age intervals, so the coverage-by-group plot joins the three others
+    for png in ("training_curves.png", "group_mae.png", "group_coverage.png", "bias_vs_mae.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     page = report.read_text(encoding="utf-8")
-    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', page)) == 3
+    assert len(re.findall(r'<img[^>]*src="data:image/png;base64,', page)) == 4
     assert "faces per ethnicity" in page
     assert (out / "comparison.md").is_file()
 

@@ -131,6 +131,8 @@ class Calibration:
         ``faces``: the age part is label-conditional (module docstring).
         """
         pred = np.asarray(predictions, dtype=float).reshape(-1)
+        if faces is not None and len(faces) != pred.shape[0]:
+            raise ValueError(f"{pred.shape[0]} predictions for {len(faces)} faces")
         lo_range, hi_range = AGE_RANGE
         if not self.by:
             return np.clip(pred - self.plain, lo_range, hi_range), np.clip(
@@ -384,15 +386,20 @@ def fit_calibration(
     if not np.isfinite(residuals).all():
         raise DataError("calibration: ages and predictions must be finite numbers")
     smallest = max(int(min_group), minimum_group_size(alpha))
-    if len(residuals) < smallest:
+    if len(residuals) < minimum_group_size(alpha):
         raise DataError(
-            f"calibration needs at least {smallest} faces for level {1 - alpha:g}, got {len(residuals)}"
+            f"calibration needs at least {minimum_group_size(alpha)} faces for level {1 - alpha:g}, "
+            f"got {len(residuals)}"
         )
     plain = _crepes_quantiles(residuals, np.full(len(residuals), ALL), alpha)[ALL]
     edges = [float(e) for e in age_edges]
     labels, values = {}, {}
     for attr in by:
         labels[attr], values[attr] = _labels(df, attr, edges)
+        if not values[attr]:
+            raise DataError(
+                f"calibration: no face has a known {attr!r} (all unknown), so it cannot group by it"
+            )
     cal = Calibration(
         alpha=float(alpha),
         by=by,

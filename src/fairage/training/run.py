@@ -107,18 +107,26 @@ def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.
               folder: RunFolder):
     """Fit the conformal calibration (``eval.conformal``) on the validation predictions (years),
     store it as ``conformal.json`` and return it with its warnings; ``(None, [])`` when disabled."""
-    from ..conformal import fit_calibration
+    from ..conformal import fit_calibration, minimum_group_size
 
     settings = cfg.eval.conformal
     if not settings.enabled:
         return None, []
+    if len(valid_faces) < minimum_group_size(settings.alpha):  # too few for any interval: train on, say so
+        needed = minimum_group_size(settings.alpha)
+        message = (f"no age intervals: the valid split has {len(valid_faces)} faces, fewer than the {needed} "
+                   f"a {100 * (1 - settings.alpha):g}% interval needs")
+        return None, [message]
     df = valid_faces.copy()
     df["prediction"] = predictions
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
-        calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
-                                                age_edges=settings.age_edges, min_group=settings.min_group,
-                                                tighten=settings.tighten)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
+            calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
+                                                    age_edges=settings.age_edges, min_group=settings.min_group,
+                                                    tighten=settings.tighten)
+    except DataError as err:  # the trained model is kept; `fairage calibrate` can add intervals later
+        return None, [f"no age intervals: {err}"]
     folder.write_calibration(calibration)
     return calibration, messages
 
@@ -207,6 +215,11 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
                                                             for k in weight_info.get("missing_keys", []))
     if not head_loaded:  # a distribution head starts at the training ages' distribution (no-op for regression)
         model.init_output_bias(data.faces["train"]["age"].to_numpy(dtype=float))
+    if cfg.eval.conformal.enabled:  # an unknown group column fails now, not after training
+        missing = [a for a in cfg.eval.conformal.by if a != "age" and a not in data.faces["valid"].columns]
+        if missing:
+            raise ConfigError(f"eval.conformal.by names {', '.join(map(repr, missing))}, which the dataset "
+                              f"{data_dir} has no column for (have: {', '.join(map(str, data.faces['valid'].columns))})")
     if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
         folder = RunFolder.create(run_dir, cfg, data_dir, **weight_info, device=device_description(cfg.trainer),
                                   precision=resolve_precision(cfg.trainer))
