@@ -239,6 +239,9 @@ class TrainerConfig(StrictModel):
     #: NHWC images and weights: oneDNN's and cuDNN's faster convolution layout, in float32 and bf16
     channels_last: bool = True
     deterministic: bool = False
+    #: Lightning logger of the epoch metrics, written inside the run folder under ``logs/``:
+    #: "csv" (CSVLogger), "tensorboard" (TensorBoardLogger; ``tensorboard --logdir RUN/logs``) or "none"
+    logger: Literal["none", "csv", "tensorboard"] = "none"
 
     @field_validator("precision", mode="before")
     @classmethod
