@@ -172,7 +172,7 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path, data):
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
     proc = subprocess.run([sys.executable, str(script), str(data), str(out), repr(SPACE)], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == -9, proc.stderr[-2000:]
     storage = f"sqlite:///{out / 'study.db'}"
     before = open_study(storage, "fairage-tune").get_trials()
@@ -229,7 +229,9 @@ def test_trainer_logger_writes_in_the_run_folder(tmp_path, data, logger):
           progress=False)
     history = pd.read_csv(run / "history.csv")
     if logger == "tensorboard":
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        from tensorboard.backend.event_processing.event_accumulator import (
+            EventAccumulator,
+        )
 
         events = list((run / "logs").glob("version_0/events.out.tfevents.*"))
         assert len(events) == 1

@@ -330,7 +330,9 @@ def _fmt_ci(ci) -> str:
 
 def _fmt_number(x) -> str:
     """Three decimals; "n/a" for None or NaN (an empty table cell)."""
-    return "n/a" if x is None or x != x else f"{float(x):.3f}"
+    import math
+
+    return "n/a" if x is None or math.isnan(float(x)) else f"{float(x):.3f}"
 
 
 def _fmt_value(x) -> str:
@@ -844,6 +846,8 @@ def tune_command(
     elif pick is None:
         fail("--data DIR is required to run trials (only --pick reads a finished study without it)")
     else:
+        if storage is None and not (out / "study.db").is_file():
+            fail(f"{out} holds no study (no study.db); run `fairage tune --data DIR --out {out}` first")
         study_ = open_study(url, study)
     if pick is not None:
         chosen = pick_trial(study_, pick, out)

@@ -319,6 +319,7 @@ def make_storage(url: str):
     """An Optuna storage for ``url``: ``journal:///path`` a journal file, ``sqlite:///...`` with a long
     lock timeout (several workers), anything else as Optuna reads it (PostgreSQL, MySQL)."""
     import optuna
+    from sqlalchemy.exc import SQLAlchemyError
 
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -331,7 +332,7 @@ def make_storage(url: str):
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except (ImportError, ValueError) as err:
         raise ConfigError(f"--storage {url}: {err}") from None
-    except Exception as err:  # SQLAlchemy's errors for an unreachable server or a bad URL
+    except SQLAlchemyError as err:  # an unreachable server, a bad URL, a folder that does not exist
         raise ConfigError(f"--storage {url}: cannot open the storage ({type(err).__name__}: {err})") from None
 
 
@@ -458,9 +459,7 @@ class Tuner:
 
         out = []
         for t in self.study.get_trials(deepcopy=False):
-            if t.state == TrialState.COMPLETE or t.state == TrialState.RUNNING:
-                out.append(t.number)
-            elif t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+            if t.state == TrialState.COMPLETE or t.state == TrialState.RUNNING or t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
                 out.append(t.number)
         return sorted(out)
 
@@ -538,7 +537,7 @@ class Tuner:
                                     "(fewer than two groups with faces)")
                 trial.set_user_attr(f"val_{name}", float(value))
                 values.append(float(value))
-        except Exception as err:  # recorded, and the study goes on
+        except Exception as err:  # noqa: BLE001 - a failing trial is recorded with its message; the study goes on
             message = f"{type(err).__name__}: {err}" if not str(err).startswith(type(err).__name__) else str(err)
             trial.set_user_attr("error", message)
             trial.set_user_attr("duration_s", round(time.time() - start, 1))
