@@ -580,6 +580,13 @@ def check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(f"trainer.precision '{trainer.precision}' is not known{hint}; choose one of "
                           f"{', '.join(precisions)}")
 
+    if trainer.logger == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("trainer.logger 'tensorboard' needs the tensorboard package: "
+                              "pip install 'fairage[tensorboard]' (or use csv)")
+
     devices = trainer.devices
     text = str(devices).strip()
     if not (text == "auto" or re.fullmatch(r"-?\d+", text) or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text)):
