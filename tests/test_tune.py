@@ -50,12 +50,12 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def study_dir(tmp_path_factory, data) -> Path:
-    """A finished 5-trial study (NSGA-II, seeded), trial 2 failing on purpose."""
+def study_dir(tmp_path_factory, data, tiny_run) -> Path:
+    """A finished 5-trial study (NSGA-II, seeded), trial 2 failing on purpose; a reference run in its plot."""
     out = tmp_path_factory.mktemp("tune") / "out"
     base = load_preset("M1", "tiny", BASE_SET)
     tuner = Tuner(data, out, SearchSpace(SPACE, base), ["mae", "age_bias"], n_trials=5,
-                  callbacks=[FailTrial("trial-0002")])
+                  callbacks=[FailTrial("trial-0002")], references=[tiny_run])
     tuner.run()
     return out
 
@@ -93,6 +93,7 @@ def test_front_is_non_dominated_and_failed_trial_recorded(study_dir):
         assert cfg.stage2.lr == pytest.approx(trial["stage2.lr"])
         assert cfg.stage2.weighting.scheme == trial["stage2.weighting.scheme"]
         assert all(b.dropout == pytest.approx(trial["model.head.dropout"]) for b in cfg.model.head)
+    assert (study_dir / "front.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pick_chooses_on_validation_and_writes_a_config(study_dir):

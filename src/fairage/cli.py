@@ -797,12 +797,15 @@ def tune_command(
     pick: str | None = typer.Option(None, "--pick", help='Choose a trial on validation figures, e.g. '
                                     '"age_bias<=1.0" or "mae<=+0.3" (within 0.3 of the best MAE); '
                                     "writes OUT/picked.yaml."),
+    reference: list[Path] | None = typer.Option(None, "--reference", help="A finished run folder (e.g. the "
+                                                "suite's M1) drawn as a reference point in front.png (repeatable)."),
 ) -> None:
     """Search a config space for the accuracy-fairness Pareto front (Optuna; several machines may share a study)."""
     from rich.table import Table
 
     from .tune import (
         FRONT,
+        FRONT_PLOT,
         TRIALS,
         SearchSpace,
         default_storage,
@@ -828,7 +831,8 @@ def tune_command(
 
         with _sigterm_exits("run the same `fairage tune` command again: finished trials are kept, "
                             "the interrupted one is retried", None):
-            tuner = run_tune(data, out, base, space_, names, trials, url, study, sampler, scale, seed, show)
+            tuner = run_tune(data, out, base, space_, names, trials, url, study, sampler, scale, seed, show,
+                             references=list(reference or []))
         study_ = tuner.study
         front = tuner.write_tables()[1]
         table = Table(title=f"Pareto front of study '{study}' (validation; test beside), years")
@@ -842,7 +846,7 @@ def tune_command(
                 cells.extend(_fmt_number(row[f"{split}_{name}"]) for split in ("val", "test"))
             table.add_row(*cells)
         console.print(table)
-        console.print(f"trials: {out / TRIALS}  front: {out / FRONT}")
+        console.print(f"trials: {out / TRIALS}  front: {out / FRONT}  plot: {out / FRONT_PLOT}")
     elif pick is None:
         fail("--data DIR is required to run trials (only --pick reads a finished study without it)")
     else:

@@ -15,6 +15,8 @@ This module owns the tune output folder:
   error, retry_of, duration_s`` (years for MAE and bias scores).
 * ``front.csv``: the Pareto trials of the validation objectives, with the same objectives on the
   test split beside them (``test_<objective>`` and its bootstrap interval ``test_<objective>_ci_low/high``).
+* ``front.png``: the first two objectives of every finished trial on the test split, with their
+  bootstrap intervals, the Pareto trials highlighted and reference runs (``references``) as crosses.
 * ``trials/trial-NNNN/``: the run folders; ``picked.yaml`` (``pick``).
 
 A tune killed mid-trial resumes when started again: finished trials are kept (the storage), the
@@ -53,6 +55,7 @@ TRIALS = "trials.csv"
 FRONT = "front.csv"
 STUDY_DB = "study.db"
 PICKED = "picked.yaml"
+FRONT_PLOT = "front.png"
 TRIALS_DIR = "trials"
 DEFAULT_OBJECTIVES = ("mae", "age_bias")
 SAMPLERS = ("nsga2", "tpe")
@@ -426,7 +429,8 @@ class Tuner:
     def __init__(self, data_dir: str | Path, out_dir: str | Path, space: SearchSpace, objectives: Sequence[str],
                  n_trials: int, storage: str | None = None, study_name: str = "fairage-tune",
                  sampler: str = "nsga2", seed: int | None = None,
-                 on_event: Callable[[TuneEvent], None] | None = None, callbacks: Sequence = ()):
+                 on_event: Callable[[TuneEvent], None] | None = None, callbacks: Sequence = (),
+                 references: Sequence[str | Path] = ()):
         if n_trials < 0:
             raise ConfigError(f"--trials must be >= 0, got {n_trials}")
         self.data_dir = Path(data_dir).resolve()
@@ -440,6 +444,7 @@ class Tuner:
         self.sampler_name = sampler
         self.on_event = on_event or (lambda event: None)
         self.callbacks = callbacks
+        self.references = [Path(r) for r in references]
         self.host = socket.gethostname()
 
     # ------------------------------------------------------------------ study
@@ -495,6 +500,9 @@ class Tuner:
 
         from .runs import config_faces
 
+        for ref in self.references:  # refused before any trial, not after the last
+            if _test_point(ref, self.objectives[:2]) is None:
+                raise DataError(f"--reference {ref} is not a finished run folder")
         self.open()
         config_faces(self.space.base, self.data_dir)  # a bad dataset fails before any trial
         for number in self.recover_interrupted():
@@ -559,6 +567,8 @@ class Tuner:
         front = front_table(self.study, self.objectives)
         write_text(self.out / TRIALS, trials.to_csv(index=False))
         write_text(self.out / FRONT, front.to_csv(index=False))
+        if len(self.objectives) >= 2:
+            plot_front(self.study, self.objectives[:2], self.out / FRONT_PLOT, self.references)
         return trials, front
 
 
@@ -612,6 +622,50 @@ def front_table(study, objectives: Sequence[str]) -> pd.DataFrame:
     columns = ["number", *[f"val_{n}" for n in objectives],
                *[c for n in objectives for c in (f"test_{n}", f"test_{n}_ci_low", f"test_{n}_ci_high")], "run_dir"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def _test_point(run_dir: Path, objectives: Sequence[str]) -> dict | None:
+    """``x, x_low, x_high, y, y_low, y_high`` of a finished run's test metrics (None when it has none)."""
+    from .runs import RunFolder
+
+    if not RunFolder.exists(run_dir):
+        return None
+    metrics = RunFolder.open(run_dir).metrics()
+    if metrics is None:
+        return None
+    row = {}
+    for axis, name in zip("xy", objectives):
+        value, ci = objective_value(metrics, name)
+        if value is None:
+            return None
+        row.update({axis: value, f"{axis}_low": ci[0] if ci else math.nan, f"{axis}_high": ci[1] if ci else math.nan})
+    return row
+
+
+def plot_front(study, objectives: Sequence[str], path: Path, references: Sequence[Path] = ()) -> Path | None:
+    """``front.png``: two objectives of the finished trials whose run folders are here (test split)."""
+    from optuna.trial import TrialState
+
+    from .plots import plot_pareto
+    from .runs import RunFolder
+
+    on_front = {t.number for t in study.best_trials}
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        point = _test_point(Path(t.user_attrs.get("run_dir", "")), objectives)
+        if point is not None:
+            rows.append({"number": t.number, **point, "front": t.number in on_front})
+    if not rows:
+        return None
+    refs = []
+    for ref in references:
+        point = _test_point(ref, objectives)
+        if point is None:
+            raise DataError(f"reference {ref} is not a finished run folder with {', '.join(objectives)}")
+        refs.append({"name": RunFolder.open(ref).config().name, **point})
+    return plot_pareto(pd.DataFrame(rows), path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
+                       pd.DataFrame(refs) if refs else None,
+                       title=f"study '{study.study_name}': trials on the test split (bootstrap intervals)")
 
 
 # =========================================================================== choosing
@@ -691,13 +745,14 @@ def load_base(config: str | Path | None, preset: str, scale: str, overrides: Seq
 def run_tune(data_dir: str | Path, out_dir: str | Path, base: ExperimentConfig, space: SearchSpace | None = None,
              objectives: Sequence[str] = DEFAULT_OBJECTIVES, n_trials: int = 20, storage: str | None = None,
              study_name: str = "fairage-tune", sampler: str = "nsga2", scale: str = "cpu", seed: int | None = None,
-             on_event: Callable[[TuneEvent], None] | None = None) -> Tuner:
+             on_event: Callable[[TuneEvent], None] | None = None, references: Sequence[str | Path] = ()) -> Tuner:
     """Run (or continue) a study until it holds ``n_trials`` trials; returns the Tuner (``.study``).
 
-    ``space`` defaults to the shipped space of ``scale``. Writes ``trials.csv`` and ``front.csv``.
+    ``space`` defaults to the shipped space of ``scale``. Writes ``trials.csv``, ``front.csv`` and
+    ``front.png`` (with ``references``, finished run folders such as M1..M5, as reference points).
     """
     space = space or SearchSpace.default(scale, base)
     tuner = Tuner(data_dir, out_dir, space, parse_objectives(objectives), n_trials, storage, study_name, sampler,
-                  seed, on_event)
+                  seed, on_event, references=references)
     tuner.run()
     return tuner
