@@ -164,10 +164,11 @@ KILL_SCRIPT = textwrap.dedent("""
 
     data, out, space = sys.argv[1], sys.argv[2], eval(sys.argv[3])
     base = load_preset("M1", "tiny", ["eval.n_boot=20", "eval.n_perm=0", "stage2.max_epochs=2"])
-    Tuner(data, out, SearchSpace(space, base), ["mae", "age_bias"], n_trials=3, callbacks=[KillInTrial1()]).run()
+    Tuner(data, out, SearchSpace(space, base), ["mae", "age_bias"], n_trials=2, callbacks=[KillInTrial1()]).run()
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_keeps_finished_trials(tmp_path, data):
     out = tmp_path / "out"
     script = tmp_path / "kill.py"
@@ -182,10 +183,10 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path, data):
     stamp = first_metrics.stat().st_mtime_ns
 
     base = load_preset("M1", "tiny", ["eval.n_boot=20", "eval.n_perm=0", "stage2.max_epochs=2"])
-    Tuner(data, out, SearchSpace(SPACE, base), ["mae", "age_bias"], n_trials=3).run()
+    Tuner(data, out, SearchSpace(SPACE, base), ["mae", "age_bias"], n_trials=2).run()
     after = open_study(storage, "fairage-tune").get_trials()
     states = [t.state.name for t in after]
-    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
     assert after[0].values == before[0].values and first_metrics.stat().st_mtime_ns == stamp  # not retrained
     assert "ended" in after[1].user_attrs["interrupted"]
     retry = after[2]
@@ -193,11 +194,11 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path, data):
     assert Path(retry.user_attrs["run_dir"]).name == "trial-0001"  # the interrupted run folder, resumed
     history = pd.read_csv(out / "trials" / "trial-0001" / "history.csv")
     assert list(history["epoch"]) == [1, 2]
-    assert Path(after[3].user_attrs["run_dir"]).name == "trial-0003"
     trials = pd.read_csv(out / "trials.csv")
     assert list(trials["state"]) == states and trials.loc[2, "retry_of"] == 1
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path, data):
     out = tmp_path / "out"
     space = tmp_path / "space.yaml"
