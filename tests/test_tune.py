@@ -243,3 +243,12 @@ def test_trainer_logger_writes_in_the_run_folder(tmp_path, data, logger):
     else:
         logged = pd.read_csv(run / "logs" / "version_0" / "metrics.csv")["val_mae"].dropna().tolist()
     assert logged == pytest.approx(history["val_mae"].tolist(), rel=1e-5)
+
+
+def test_bad_options_exit_2(tmp_path, data):
+    result = invoke("tune", "--data", data, "--out", tmp_path / "a", "--scale", "tiny", "--objectives", "mae,age_bais")
+    assert result.exit_code == 2 and "unknown objective 'age_bais'" in result.output
+    result = invoke("tune", "--data", data, "--out", tmp_path / "b", "--scale", "tiny", "--storage", "nosuch://x")
+    assert result.exit_code == 2 and "--storage nosuch://x" in result.output
+    result = invoke("tune", "--out", tmp_path / "c", "--pick", "mae<=+0.3")
+    assert result.exit_code == 2 and "holds no study" in result.output
