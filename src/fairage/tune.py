@@ -503,8 +503,8 @@ class Tuner:
         for ref in self.references:  # refused before any trial, not after the last
             if _test_point(ref, self.objectives[:2]) is None:
                 raise DataError(f"--reference {ref} is not a finished run folder")
+        config_faces(self.space.base, self.data_dir)  # a bad dataset fails before the study is opened
         self.open()
-        config_faces(self.space.base, self.data_dir)  # a bad dataset fails before any trial
         for number in self.recover_interrupted():
             self.on_event(TuneEvent(f"trial {number} was interrupted: queued again, its run folder resumes",
                                     warning=True))
