@@ -339,6 +339,9 @@ class TrainerConfig(StrictModel):
     #: NHWC images and weights: oneDNN's and cuDNN's faster convolution layout, in float32 and bf16
     channels_last: bool = True
     deterministic: bool = False
+    #: Lightning logger of the epoch metrics, written inside the run folder under ``logs/``:
+    #: "csv" (CSVLogger), "tensorboard" (TensorBoardLogger; ``tensorboard --logdir RUN/logs``) or "none"
+    logger: Literal["none", "csv", "tensorboard"] = "none"
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -887,6 +890,13 @@ def check_trainer(trainer: TrainerConfig) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"trainer.precision '{trainer.precision}' is not known{hint}; choose one of "
                           f"{', '.join(precisions)}")
+
+    if trainer.logger == "tensorboard":
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
+            raise ConfigError("trainer.logger 'tensorboard' needs the tensorboard package: "
+                              "pip install 'fairage[tensorboard]' (or use csv)")
 
     devices = trainer.devices
     text = str(devices).strip()

@@ -71,3 +71,41 @@ def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None
     ax1.set_xticklabels(g["name"], rotation=60, ha="right", fontsize=8)
     ax1.set_title(title or "group sizes and weights")
     return save_figure(fig, path)
+
+
+def plot_pareto(points: pd.DataFrame, path: str | Path, x_label: str, y_label: str,
+                references: pd.DataFrame | None = None, title: str | None = None) -> Path:
+    """Two objectives of a tune's trials (years), each with its interval; the Pareto trials highlighted.
+
+    ``points``: one row per trial with columns ``number``, ``x``, ``x_low``, ``x_high``, ``y``,
+    ``y_low``, ``y_high`` (intervals may be NaN) and ``front`` (bool: on the validation Pareto
+    front). ``references``: optional rows ``name, x, x_low, x_high, y, y_low, y_high`` (finished
+    runs such as M1..M5), drawn as labelled crosses.
+    """
+
+    def err(df, c):
+        lo, hi = (df[c] - df[f"{c}_low"]).clip(lower=0), (df[f"{c}_high"] - df[c]).clip(lower=0)
+        return [lo.fillna(0).to_numpy(), hi.fillna(0).to_numpy()]
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    rest, front = points[~points["front"]], points[points["front"]].sort_values("x")
+    if len(rest):
+        ax.errorbar(rest["x"], rest["y"], xerr=err(rest, "x"), yerr=err(rest, "y"), fmt="o", color="0.65",
+                    ecolor="0.85", ms=4, label="other trials")
+    if len(front):
+        ax.errorbar(front["x"], front["y"], xerr=err(front, "x"), yerr=err(front, "y"), fmt="o-",
+                    color="tab:red", ecolor="tab:red", alpha=0.9, ms=5, lw=1, elinewidth=0.8,
+                    label="Pareto trials (validation)")
+        for r in front.itertuples():
+            ax.annotate(str(r.number), (r.x, r.y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if references is not None and len(references):
+        ax.errorbar(references["x"], references["y"], xerr=err(references, "x"), yerr=err(references, "y"),
+                    fmt="x", color="black", ecolor="0.3", ms=7, label="reference runs")
+        for r in references.itertuples():
+            ax.annotate(str(r.name), (r.x, r.y), textcoords="offset points", xytext=(5, -10), fontsize=8)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.set_title(title or "trials on the test split (intervals: bootstrap)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -346,9 +346,19 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
     return StageCallbacks(cbs, history, best, last, collapse)
 
 
+def make_logger(trainer_cfg: TrainerConfig, run_dir: Path):
+    """The Lightning logger of ``trainer.logger`` writing under ``RUN/logs/`` (one version per stage), or False."""
+    if trainer_cfg.logger == "none":
+        return False
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    cls = TensorBoardLogger if trainer_cfg.logger == "tensorboard" else CSVLogger
+    return cls(save_dir=str(run_dir), name="logs")
+
+
 def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path,
                  progress: bool = False) -> L.Trainer:
-    """The Lightning Trainer of one stage (no logger; checkpoints through ``AtomicCheckpointIO``)."""
+    """The Lightning Trainer of one stage (logger of ``trainer.logger``; checkpoints through ``AtomicCheckpointIO``)."""
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
     return L.Trainer(
         accelerator=resolve_accelerator(trainer_cfg),
@@ -361,7 +371,7 @@ def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list
         benchmark=on_gpu and not trainer_cfg.deterministic,
         max_epochs=stage.max_epochs,
         callbacks=callbacks,
-        logger=False,
+        logger=make_logger(trainer_cfg, run_dir),
         enable_checkpointing=True,
         enable_progress_bar=progress,
         enable_model_summary=False,
