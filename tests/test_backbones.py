@@ -194,3 +194,29 @@ def test_torchvision_imagenet_weights_offline_name_the_file_and_the_folder(torch
         url in text
         and str(torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]) in text
     )
+
+
+def test_a_timm_backbone_trains_through_both_stages(tmp_path):
+    from conftest import tiny_synthetic
+
+    from fairage.config import load_preset
+    from fairage.data.predictions import read_predictions
+    from fairage.training import train
+
+    data = tiny_synthetic(tmp_path / "data", n_train=24, n_valid=8, n_test=8)
+    cfg = load_preset(
+        "M5",
+        "tiny",
+        [
+            f"model.backbone=timm/{TIMM_MODEL}",
+            "model.output=corn",
+            "stage1.max_epochs=1",
+            "stage2.max_epochs=1",
+            "eval.n_boot=0",
+            "eval.n_perm=0",
+        ],
+    )
+    assert cfg.model.input_norm == "pretrained" and cfg.stage2.loss == "corn"
+    train(cfg, data, tmp_path / "run", progress=False)
+    preds = read_predictions(tmp_path / "run" / "predictions_test.csv")
+    assert len(preds) == 8 and "spread" in preds.columns

@@ -455,3 +455,18 @@ def test_ordinal_heads_export_to_onnx(output, tmp_path):
     )[0]
     with torch.no_grad():
         assert ages.tolist() == wrapped(x).tolist()
+
+
+def test_dex_l1_adds_the_expected_ages_error():
+    from fairage.losses import dex_loss_per_face
+
+    # three classes (ages 0, 1, 2) at equal logits: CE of a one-hot target = ln 3, expected age 1
+    logits = torch.zeros(2, 3)
+    ages = torch.tensor([0.0, 2.0])
+    assert dex_loss_per_face(logits, ages).tolist() == pytest.approx([math.log(3)] * 2)
+    assert dex_loss_per_face(logits, ages, l1=0.5).tolist() == pytest.approx(
+        [math.log(3) + 0.5] * 2
+    )
+    # the stage defaults: a Gaussian label distribution of 2 years and the L1 term at weight 1
+    stage = StageConfig(loss="ce")
+    assert (stage.dex_sigma, stage.dex_l1) == (2.0, 1.0)
