@@ -442,7 +442,8 @@ def test_utkface_with_race_codes_3_and_4_trains_with_the_mapping(tmp_path, caplo
     assert json.loads(res.stdout)["mae"] == pytest.approx(result["mae"])
 
 
-@pytest.mark.parametrize("value", ["indian=asian,others", "bogus", "indian=martian", "=asian", "a=b=c"])
+# a mapping may rename a value to any new one ("indian=martian" merges or renames groups), so it is not here
+@pytest.mark.parametrize("value", ["indian=asian,others", "bogus", "=asian", "a=b=c"])
 def test_extra_categories_syntax_errors(tmp_path, value):
     root = write_utk(tmp_path / "utk", ["30_0_0_2017.jpg", "40_1_1_2017.jpg"])
     message = info_error(root, "--extra-categories", value)

@@ -250,7 +250,7 @@ def test_predictions_file_carries_intervals(tmp_path):
         {"image": ["a", "b"], "age": [10.0, 50.0], "gender": ["male", "female"]}
     )
     path = tmp_path / "p.csv"
-    write_predictions(path, faces, [12.0, 44.0], ([9.5, 40.0], [14.5, 48.0]))
+    write_predictions(path, faces, [12.0, 44.0], intervals=([9.5, 40.0], [14.5, 48.0]))
     assert (
         path.read_text().splitlines()[0] == "image,prediction,age_lo,age_hi,age,gender"
     )
@@ -383,13 +383,13 @@ def test_coverage_per_intersection():
             "age_hi": [11, 14, 31, 40, 60.0],
         }
     )
-    result = evaluate(df, attributes=["age|gender"], n_boot=0)
-    groups = result.coverage["conformal"].groups["age|gender"]
-    # the unknown-gender face is left out; [20,40)|female has no faces and is not listed
-    assert list(groups) == ["[0,20)|male", "[0,20)|female", "[20,40)|male"]
+    result = evaluate(df, attributes=[], intersections=[["age", "gender"]], n_boot=0)
+    groups = result.coverage["conformal"].groups["age*gender"]
+    # the unknown-gender face is left out; [20,40) & female has no faces and is not listed
+    assert list(groups) == ["[0,20) & male", "[0,20) & female", "[20,40) & male"]
     assert [g.coverage for g in groups.values()] == [1.0, 0.0, 1.0]
     assert [g.n for g in groups.values()] == [1, 1, 2]
-    assert result.coverage["conformal"].gap["age|gender"] == pytest.approx(
+    assert result.coverage["conformal"].gap["age*gender"] == pytest.approx(
         2 / 3
     )  # pairs: 1, 0, 1
 

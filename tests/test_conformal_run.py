@@ -163,7 +163,7 @@ def test_annotated_copy_shows_the_interval(tiny_run, tmp_path):
     )
     draw_faces(
         rgb,
-        ImageResult(200, 200, [FaceResult((50, 60, 80, 80), 1.0, 31.0, 24.0, 39.0)]),
+        ImageResult(200, 200, [FaceResult((50, 60, 80, 80), 1.0, 31.0, age_lo=24.0, age_hi=39.0)]),
         with_interval,
     )
     from PIL import Image
@@ -263,7 +263,7 @@ def test_calibrate_command_refits_a_run_and_calibrates_a_model_folder(
         == 0
     )
     rewritten = json.loads((run / RunFolder.METRICS).read_text())
-    crossed = rewritten["coverage"]["conformal"]["groups"]["age|gender"]
+    crossed = rewritten["coverage"]["conformal"]["groups"]["age*gender"]
     test = RunFolder.open(run).faces("test")
     assert sum(g["n"] for g in crossed.values()) == int(
         test["gender"].isin(["male", "female"]).sum()

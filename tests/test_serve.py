@@ -276,7 +276,8 @@ def test_server_still_answers_after_every_bad_upload(server):
 def test_model_card_endpoints(server, tiny_run):
     card = httpx.get(f"{server.url}/model").json()
     assert card["name"] == "M2" and card["kind"] == "run"
-    assert set(card["evaluation"]["bias"]) == {"age", "gender", "ethnicity", "expression"}
+    assert set(card["evaluation"]["bias"]) == {"age", "gender", "ethnicity", "expression", "age*ethnicity",
+                                               "gender*ethnicity"}
     assert card["data"]["synthetic"] is True
     md = httpx.get(f"{server.url}/model.md")
     assert md.headers["content-type"].startswith("text/markdown")

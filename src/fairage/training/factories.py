@@ -260,8 +260,8 @@ class CollapseStop(Callback):
     """Stops a stage after the epoch in which its validation predictions collapsed.
 
     Collapsed: nearly constant predictions (std below ``COLLAPSE_STD`` years) that are either
-    saturated (their mean within ``SATURATION_YEARS`` of 0 or of 100 years: a sigmoid or a
-    softmax pinned at its end) or that spread before in this stage (dead units). A saturated
+    saturated (a sigmoid output whose mean is within ``SATURATION_YEARS`` of 0 or of 100 years)
+    or that spread before in this stage (dead units, any head). A saturated
     output or dead ReLUs give no gradient to recover from, so training on is wasted; a model
     that has not spread its predictions yet (an early epoch predicting about the mean age) is
     not collapsed. ``message`` then says so, and ``collapsed_now`` keeps that epoch out of the
@@ -284,8 +284,9 @@ class CollapseStop(Callback):
         if "val_pred_std" not in metrics:
             return
         std, mean = float(metrics["val_pred_std"]), float(metrics.get("val_pred_mean", float("nan")))
-        # only a bounded output (sigmoid, the DEX softmax) can saturate; a linear one starts near 0
-        bounded = getattr(getattr(pl_module, "model", None), "output", "sigmoid") != "linear"
+        # only the sigmoid output saturates at an end; a linear one starts near 0, and the distribution
+        # heads (dex, coral, corn) may sit near an end early on small data and still learn
+        bounded = getattr(getattr(pl_module, "model", None), "output", "sigmoid") == "sigmoid"
         saturated = bounded and (mean <= self.SATURATION_YEARS or mean >= 100 - self.SATURATION_YEARS)
         self.collapsed_now = std < COLLAPSE_STD and (saturated or self.spread_before)
         self.spread_before = self.spread_before or std >= 2 * COLLAPSE_STD
