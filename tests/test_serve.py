@@ -7,6 +7,7 @@ state, so clients can connect at once (the kernel queues them until the server a
 from __future__ import annotations
 
 import io
+import re
 import socket
 import struct
 import subprocess
@@ -349,7 +350,8 @@ def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
             assert [float(s.split("\t")[3]) for s in scores[1:]] == [pytest.approx(b["p"], rel=5e-3)
                                                                       for b in ev["bias"].values()]
             for attr, groups in ev["groups"].items():
-                rows = page.locator(f"#card-groups-{attr} tbody tr").all_inner_texts()
+                # an intersection's table id has its "*" made a "-" (card-groups-age-ethnicity)
+                rows = page.locator(f"#card-groups-{re.sub(r'[^A-Za-z0-9_-]', '-', attr)} tbody tr").all_inner_texts()
                 assert [r.split("\t")[:3] for r in rows] == [[g["group"], str(g["n"]), f"{g['mae']:.2f}"]
                                                              for g in groups]
             assert page.is_visible("#synthetic")
