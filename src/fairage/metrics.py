@@ -67,6 +67,7 @@ from .data.schema import (
     age_bin_labels,
     age_bins,
     group_order,
+    intersection_name,
 )
 from .errors import DataError
 
@@ -345,11 +346,6 @@ def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequ
     groupings = [_grouping(df, a, edges) for a in attributes]
     errors = np.abs(df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float))
     return attributes, groupings, errors
-
-
-def intersection_name(parts: Sequence[str]) -> str:
-    """``["age", "ethnicity"]`` -> ``"age*ethnicity"`` (``schema.intersection_name``)."""
-    return INTERSECTION_SEP.join(str(p) for p in parts)
 
 
 def epsilon_errors(prediction, age, age_std) -> np.ndarray:

@@ -416,6 +416,25 @@ def group_mae_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     return out
 
 
+def _panel_attributes(frame: pd.DataFrame) -> list[str]:
+    """The attributes of a per-group frame in plotting order: the four, then the others as they come."""
+    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
+    return attrs + [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
+
+
+def _attribute_panels(n_attributes: int, n_models: int):
+    """A figure of one panel per attribute, two per row, wide enough for ``n_models`` bars per group;
+    panels beyond ``n_attributes`` hidden. Returns ``(fig, axes)`` (axes a 2-D array)."""
+    n = max(1, n_attributes)
+    ncols = min(2, n)
+    nrows = math.ceil(n / ncols)
+    panel_width = max(5.0, 0.35 * n_models * 4 + 1.5)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
 def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -> Path:
     """Per-group test MAE (years) bars, one panel per attribute, models side by side.
 
@@ -424,15 +443,8 @@ def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -
     records = load_runs(runs)
     frame = group_mae_frame(records)
     models = list(_group(records))
-    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
-    attrs += [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
-    n = max(1, len(attrs))
-    ncols = min(2, n)
-    nrows = math.ceil(n / ncols)
-    panel_width = max(5.0, 0.35 * len(models) * 4 + 1.5)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    attrs = _panel_attributes(frame)
+    fig, axes = _attribute_panels(len(attrs), len(models))
     width = 0.8 / max(1, len(models))
     colors = plt.get_cmap("tab10")
     for ax, attr in zip(axes.flat, attrs):
@@ -456,7 +468,7 @@ def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -
     if handles:
         fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 8), fontsize=9)
     fig.suptitle("test MAE per group (a bias score is the mean pairwise gap between these bars)")
-    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if axes.shape[0] == 1 else 0.04, 1, 1))
     return save_figure(fig, path)
 
 
@@ -515,15 +527,8 @@ def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Pa
     if frame.empty:
         return None
     models = list(_group(records))
-    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
-    attrs += [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
-    n = len(attrs)
-    ncols = min(2, n)
-    nrows = math.ceil(n / ncols)
-    panel_width = max(5.0, 0.35 * len(models) * 4 + 1.5)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(panel_width * ncols, 3.6 * nrows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
+    attrs = _panel_attributes(frame)
+    fig, axes = _attribute_panels(len(attrs), len(models))
     width = 0.8 / max(1, len(models))
     colors = plt.get_cmap("tab10")
     targets = {r.metrics.coverage_target for r in records if r.metrics.coverage_target is not None}
@@ -555,7 +560,7 @@ def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Pa
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 8), fontsize=9)
     fig.suptitle("age-interval coverage per group (dashed: target; a coverage gap is the mean pairwise gap between bars)")
-    fig.tight_layout(rect=(0, 0.06 if nrows == 1 else 0.04, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 if axes.shape[0] == 1 else 0.04, 1, 1))
     return save_figure(fig, path)
 
 

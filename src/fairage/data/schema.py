@@ -74,7 +74,7 @@ def attribute_columns(faces) -> list[str]:
 
 def intersection_name(attributes) -> str:
     """The name of an intersection of attributes: ``["age", "ethnicity"]`` -> ``"age*ethnicity"``."""
-    return INTERSECTION_SEP.join(attributes)
+    return INTERSECTION_SEP.join(str(a) for a in attributes)
 
 
 def _fmt_edge(x: float) -> str:
