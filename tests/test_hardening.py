@@ -6,6 +6,7 @@ message and exit 2, nothing read from outside, nothing of the user's overwritten
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -1033,12 +1034,34 @@ def _read_until_closed(sock) -> bytes:
         data += part
 
 
-def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
+@contextlib.contextmanager
+def _served(app, http, backlog: int):
+    """``app`` under a real uvicorn server (``http``: its protocol class) on 127.0.0.1, an ephemeral
+    port with a listen ``backlog``: yields ``(address, url)``; the server stops on leaving."""
     import socket
     import threading
 
-    import httpx
     import uvicorn
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(backlog)
+    address = listener.getsockname()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", http=http))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        yield address, f"http://127.0.0.1:{address[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
+
+
+def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
+    import socket
+
+    import httpx
     from conftest import GRACE_HOPPER
 
     from fairage.predict import AgePredictor
@@ -1048,69 +1071,53 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
         max_pending=2, max_uploading=16, body_timeout=2.0, chunk_timeout=0.5
     )
     app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(128)
-    address = listener.getsockname()
-    url = f"http://127.0.0.1:{address[1]}"
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", http=serve_protocol(0.5))
-    )
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [listener]}, daemon=True
-    )
-    thread.start()
-    slow = []
-    try:
-        # more slow uploads than the inference queue holds: each declares 100000 bytes and sends one
-        for _ in range(6):
-            sock = socket.create_connection(address, timeout=20)
-            sock.sendall(
-                b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-                b"Content-Length: 100000\r\n\r\n\xff"
+    with _served(app, serve_protocol(0.5), backlog=128) as (address, url):
+        slow = []
+        try:
+            # more slow uploads than the inference queue holds: each declares 100000 bytes and sends one
+            for _ in range(6):
+                sock = socket.create_connection(address, timeout=20)
+                sock.sendall(
+                    b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                    b"Content-Length: 100000\r\n\r\n\xff"
+                )
+                slow.append(sock)
+            trickle = socket.create_connection(
+                address, timeout=20
+            )  # headers that never end
+            trickle.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
+            # a normal client is served meanwhile: the slow bodies hold no place in the inference queue
+            normal = httpx.post(
+                f"{url}/predict",
+                content=GRACE_HOPPER.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
             )
-            slow.append(sock)
-        trickle = socket.create_connection(
-            address, timeout=20
-        )  # headers that never end
-        trickle.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
-        # a normal client is served meanwhile: the slow bodies hold no place in the inference queue
-        normal = httpx.post(
-            f"{url}/predict",
-            content=GRACE_HOPPER.read_bytes(),
-            headers={"content-type": "image/jpeg"},
-            timeout=60,
-        )
-        assert normal.status_code == 200, normal.text
-        assert httpx.get(f"{url}/health", timeout=20).json() == {"status": "ok"}
-        # every slow body gets 408 and its connection closed; the slow headers get the connection closed
-        for sock in slow:
-            answer = _read_until_closed(sock)
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-            assert b"the upload arrived too slowly (1 bytes" in answer
-        assert _read_until_closed(trickle) == b""
-        # and the service still serves
-        again = httpx.post(
-            f"{url}/predict?faces_only=true",
-            content=GRACE_HOPPER.read_bytes(),
-            headers={"content-type": "image/jpeg"},
-            timeout=60,
-        )
-        assert again.status_code == 200
-    finally:
-        for sock in slow:
-            sock.close()
-        server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
+            assert normal.status_code == 200, normal.text
+            assert httpx.get(f"{url}/health", timeout=20).json() == {"status": "ok"}
+            # every slow body gets 408 and its connection closed; the slow headers get the connection closed
+            for sock in slow:
+                answer = _read_until_closed(sock)
+                assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+                assert b"the upload arrived too slowly (1 bytes" in answer
+            assert _read_until_closed(trickle) == b""
+            # and the service still serves
+            again = httpx.post(
+                f"{url}/predict?faces_only=true",
+                content=GRACE_HOPPER.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            )
+            assert again.status_code == 200
+        finally:
+            for sock in slow:
+                sock.close()
 
 
 def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
     import socket
-    import threading
 
     import httpx
-    import uvicorn
     from conftest import GRACE_HOPPER
 
     from fairage.predict import AgePredictor
@@ -1120,46 +1127,32 @@ def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
         max_pending=8, max_uploading=1, body_timeout=3.0, chunk_timeout=3.0
     )
     app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    address = listener.getsockname()
-    url = f"http://127.0.0.1:{address[1]}"
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", http=serve_protocol())
-    )
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [listener]}, daemon=True
-    )
-    thread.start()
-    sock = socket.create_connection(address, timeout=20)
-    try:
-        sock.sendall(
-            b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff"
-        )
-        # a round trip: the server has taken the slow upload's headers and started receiving its body
-        assert httpx.get(f"{url}/health", timeout=20).status_code == 200
-        busy = httpx.post(
-            f"{url}/predict",
-            content=GRACE_HOPPER.read_bytes(),
-            headers={"content-type": "image/jpeg"},
-            timeout=60,
-        )
-        assert (
-            busy.status_code == 503
-            and "1 uploads are being received" in busy.json()["detail"]
-        )
-        assert _read_until_closed(sock).startswith(b"HTTP/1.1 408")
-        # its place is free again
-        done = httpx.post(
-            f"{url}/predict",
-            content=GRACE_HOPPER.read_bytes(),
-            headers={"content-type": "image/jpeg"},
-            timeout=60,
-        )
-        assert done.status_code == 200
-    finally:
-        sock.close()
-        server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
+    with _served(app, serve_protocol(), backlog=16) as (address, url):
+        sock = socket.create_connection(address, timeout=20)
+        try:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n\xff"
+            )
+            # a round trip: the server has taken the slow upload's headers and started receiving its body
+            assert httpx.get(f"{url}/health", timeout=20).status_code == 200
+            busy = httpx.post(
+                f"{url}/predict",
+                content=GRACE_HOPPER.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            )
+            assert (
+                busy.status_code == 503
+                and "1 uploads are being received" in busy.json()["detail"]
+            )
+            assert _read_until_closed(sock).startswith(b"HTTP/1.1 408")
+            # its place is free again
+            done = httpx.post(
+                f"{url}/predict",
+                content=GRACE_HOPPER.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            )
+            assert done.status_code == 200
+        finally:
+            sock.close()
