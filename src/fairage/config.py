@@ -139,7 +139,9 @@ class StageConfig(StrictModel):
     max_epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
     #: early stopping on validation loss
     patience: int = Field(20, ge=1, le=MAX_EPOCHS)
-    #: ReduceLROnPlateau on validation loss
+    #: "plateau": ReduceLROnPlateau on validation loss (``lr_factor``, ``lr_patience``, ``min_lr``);
+    #: "cosine": per-step cosine decay from ``lr`` (after any warm-up) to ``min_lr`` at ``max_epochs``
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
     lr_factor: float = Field(0.1, gt=0, lt=1)
     lr_patience: int = Field(10, ge=1, le=MAX_EPOCHS)
     min_lr: float = Field(1e-7, ge=0)

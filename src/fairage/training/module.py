@@ -194,13 +194,18 @@ class AgeModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             self._step(batch, "val")
 
-    def on_train_batch_start(self, batch, batch_idx):
-        # linear warm-up over the first ``warmup_epochs``; afterwards the plateau schedule alone
-        # sets the rate, so the two never fight over it
+    def _warmup_steps(self) -> int:
         if self.stage.warmup_epochs <= 0 or self.trainer is None:
+            return 0
+        return max(1, int(round(self.stage.warmup_epochs * self.trainer.num_training_batches)))
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # linear warm-up over the first ``warmup_epochs`` under the plateau schedule, which then sets
+        # the rate alone, so the two never fight over it (the cosine schedule has its warm-up built in)
+        if self.stage.lr_schedule != "plateau":
             return
-        steps = max(1, int(round(self.stage.warmup_epochs * self.trainer.num_training_batches)))
-        step = self.trainer.global_step
+        steps = self._warmup_steps()
+        step = self.trainer.global_step if self.trainer is not None else 0
         if step < steps:
             for group in self.trainer.optimizers[0].param_groups:
                 group["lr"] = self.stage.lr * (step + 1) / steps
@@ -227,6 +232,8 @@ class AgeModule(L.LightningModule):
         fused = all(p.device.type in ("cpu", "cuda") for p in params)
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps, fused=fused)
+        if self.stage.lr_schedule == "cosine":
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": self._cosine(opt), "interval": "step"}}
         # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
         threshold = {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta,
                                                                  "threshold_mode": "abs"}
@@ -234,3 +241,21 @@ class AgeModule(L.LightningModule):
             opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr,
             **threshold)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
+
+    def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_lr`` at ``max_epochs`` (per step)."""
+        # the loaders are not set up yet here (num_training_batches is inf): Lightning's own estimate
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        per_epoch = total / self.stage.max_epochs
+        warm = min(int(round(self.stage.warmup_epochs * per_epoch)), total - 1)
+        if self.stage.warmup_epochs > 0:
+            warm = max(warm, 1)
+        floor = min(self.stage.min_lr / self.stage.lr, 1.0)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            done = min(1.0, (step - warm) / max(1, total - warm))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * done))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor)
