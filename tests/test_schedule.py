@@ -35,3 +35,25 @@ def test_plateau_schedule_warm_up_is_linear_per_step(tmp_path, tiny_data):
     # 8 warm-up steps: the history records the rate an epoch started with, before that epoch's
     # first warm-up step sets it (epoch 1: Adam's initial 1e-3; epoch 2: step 3's 4/8 * 1e-3)
     assert lrs[1] == pytest.approx(0.5e-3) and lrs[2] == pytest.approx(1e-3)
+
+
+def test_max_images_caps_the_epochs_and_the_cosine_schedule_follows(tmp_path, tiny_data):
+    from fairage.training import train
+
+    # 64 training faces, at most 100 images: ceil(100 / 64) = 2 epochs of 4 steps, though max_epochs is 5
+    cfg = load_preset("M1", "tiny", ["eval.n_boot=0", "eval.n_perm=0", "stage2.lr_schedule=cosine", "stage2.lr=1e-3",
+                                     "stage2.min_lr=0", "stage2.max_epochs=5", "stage2.patience=5",
+                                     "stage2.max_images=100", "stage2.batch_size=16", "stage2.stop_on_collapse=false"])
+    train(cfg, tiny_data, tmp_path / "run", progress=False)
+    history = RunFolder.open(tmp_path / "run").history()
+    assert history["epoch"].tolist() == [1, 2]
+    # no warm-up; 8 steps: epoch 2 starts at step 4, halfway down the cosine to 0
+    assert history["lr"].tolist() == pytest.approx([1e-3, 0.5e-3], rel=1e-6)
+
+
+def test_epochs_for_rounds_the_image_budget_up():
+    from fairage.config import StageConfig
+
+    assert StageConfig(max_epochs=20, max_images=110_000).epochs_for(7_000) == 16
+    assert StageConfig(max_epochs=20, max_images=110_000).epochs_for(3_000) == 20
+    assert StageConfig(max_epochs=20).epochs_for(3_000) == 20

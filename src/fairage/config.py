@@ -137,6 +137,10 @@ class StageConfig(StrictModel):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
     max_epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
+    #: upper bound on the training images the stage sees (faces x epochs): the stage runs
+    #: min(max_epochs, ceil(max_images / training faces)) epochs, so its time does not grow with the
+    #: dataset (None: max_epochs alone)
+    max_images: int | None = Field(None, ge=1)
     #: early stopping on validation loss
     patience: int = Field(20, ge=1, le=MAX_EPOCHS)
     #: "plateau": ReduceLROnPlateau on validation loss (``lr_factor``, ``lr_patience``, ``min_lr``);
@@ -187,6 +191,12 @@ class StageConfig(StrictModel):
     #: age_std values below this (years) are raised to it, so 1/age_std^2 stays bounded
     age_std_floor: float = Field(1.0, gt=0)
     dro: DROConfig = Field(default_factory=DROConfig)
+
+    def epochs_for(self, n_train: int) -> int:
+        """The stage's epoch count on ``n_train`` training faces (``max_epochs`` capped by ``max_images``)."""
+        if self.max_images is None or n_train <= 0:
+            return self.max_epochs
+        return max(1, min(self.max_epochs, -(-self.max_images // n_train)))
 
 
 class HeadBlock(StrictModel):

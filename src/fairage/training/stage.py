@@ -100,6 +100,8 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
                ckpt_path: str | Path | None, previous_history: pd.DataFrame | None, callbacks: Sequence[Callback],
                cache_features: bool | None, config_yaml: str | None) -> StageResult:
     frozen = stage_name == "stage1"
+    if stage.max_images is not None:  # the image budget becomes an epoch count for the loop, the schedule and resume
+        stage = stage.model_copy(update={"max_epochs": stage.epochs_for(len(arrays.train_images)), "max_images": None})
     use_cache = stage.cache_features if cache_features is None else cache_features
     use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
