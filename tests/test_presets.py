@@ -111,7 +111,7 @@ def test_every_full_scale_value_says_where_it_comes_from():
 # (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
 SMALL_SCALES = {
     "cpu": (64, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
-                 "stage2": (1e-3, 64, 20, 6, 0.1, 3, 1e-7, 1e-8, "mse", None)}),
+                 "stage2": (1e-3, 64, 20, 20, 0.1, 3, 1e-7, 1e-8, "mae", None)}),
     "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
                   "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None)}),
 }
@@ -133,8 +133,12 @@ def test_cpu_and_tiny_scales_keep_their_torchvision_settings(name, scale):
         if b is not None:
             assert b.weighting == a.weighting
             assert b.trainable == "head"
-            loss = LOSSES.get(name, ("mse", "mse"))[stage == "stage2"]  # the methods' presets change only the loss
+            # the methods' presets change only the loss; elsewhere the scale's own loss
+            loss = LOSSES[name][stage == "stage2"] if name in LOSSES else schedules[stage][8]
             assert _schedule(b) == schedules[stage][:8] + (loss,) + schedules[stage][9:]
+            # cpu's all-layers stage: a cosine schedule over a budget of 110,000 images
+            cosine = scale == "cpu" and stage == "stage2"
+            assert (b.lr_schedule, b.max_images) == (("cosine", 110_000) if cosine else ("plateau", None))
 
 
 def test_demo_settings_unchanged():
