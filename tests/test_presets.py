@@ -136,9 +136,9 @@ def test_cpu_and_tiny_scales_keep_their_torchvision_settings(name, scale):
             # the methods' presets change only the loss; elsewhere the scale's own loss
             loss = LOSSES[name][stage == "stage2"] if name in LOSSES else schedules[stage][8]
             assert _schedule(b) == schedules[stage][:8] + (loss,) + schedules[stage][9:]
-            # cpu's all-layers stage: a cosine schedule over a budget of 110,000 images
+            # cpu's all-layers stage: a cosine schedule over a budget of 100,000 images
             cosine = scale == "cpu" and stage == "stage2"
-            assert (b.lr_schedule, b.max_images) == (("cosine", 110_000) if cosine else ("plateau", None))
+            assert (b.lr_schedule, b.max_images) == (("cosine", 100_000) if cosine else ("plateau", None))
 
 
 def test_demo_settings_unchanged():

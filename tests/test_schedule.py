@@ -40,10 +40,10 @@ def test_plateau_schedule_warm_up_is_linear_per_step(tmp_path, tiny_data):
 def test_max_images_caps_the_epochs_and_the_cosine_schedule_follows(tmp_path, tiny_data):
     from fairage.training import train
 
-    # 64 training faces, at most 100 images: ceil(100 / 64) = 2 epochs of 4 steps, though max_epochs is 5
+    # 64 training faces, at most 150 images: floor(150 / 64) = 2 epochs of 4 steps, though max_epochs is 5
     cfg = load_preset("M1", "tiny", ["eval.n_boot=0", "eval.n_perm=0", "stage2.lr_schedule=cosine", "stage2.lr=1e-3",
                                      "stage2.min_lr=0", "stage2.max_epochs=5", "stage2.patience=5",
-                                     "stage2.max_images=100", "stage2.batch_size=16", "stage2.stop_on_collapse=false"])
+                                     "stage2.max_images=150", "stage2.batch_size=16", "stage2.stop_on_collapse=false"])
     train(cfg, tiny_data, tmp_path / "run", progress=False)
     history = RunFolder.open(tmp_path / "run").history()
     assert history["epoch"].tolist() == [1, 2]
@@ -51,9 +51,10 @@ def test_max_images_caps_the_epochs_and_the_cosine_schedule_follows(tmp_path, ti
     assert history["lr"].tolist() == pytest.approx([1e-3, 0.5e-3], rel=1e-6)
 
 
-def test_epochs_for_rounds_the_image_budget_up():
+def test_epochs_for_keeps_within_the_image_budget():
     from fairage.config import StageConfig
 
-    assert StageConfig(max_epochs=20, max_images=110_000).epochs_for(7_000) == 16
-    assert StageConfig(max_epochs=20, max_images=110_000).epochs_for(3_000) == 20
+    assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(7_000) == 14  # 98,000 images
+    assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(3_000) == 20
+    assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(200_000) == 1
     assert StageConfig(max_epochs=20).epochs_for(3_000) == 20

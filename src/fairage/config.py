@@ -138,8 +138,8 @@ class StageConfig(StrictModel):
     batch_size: int = Field(32, ge=1, le=MAX_BATCH_SIZE)
     max_epochs: int = Field(50, ge=1, le=MAX_EPOCHS)
     #: upper bound on the training images the stage sees (faces x epochs): the stage runs
-    #: min(max_epochs, ceil(max_images / training faces)) epochs, so its time does not grow with the
-    #: dataset (None: max_epochs alone)
+    #: min(max_epochs, floor(max_images / training faces)) epochs (at least one), so its time does
+    #: not grow with the dataset (None: max_epochs alone)
     max_images: int | None = Field(None, ge=1)
     #: early stopping on validation loss
     patience: int = Field(20, ge=1, le=MAX_EPOCHS)
@@ -196,7 +196,7 @@ class StageConfig(StrictModel):
         """The stage's epoch count on ``n_train`` training faces (``max_epochs`` capped by ``max_images``)."""
         if self.max_images is None or n_train <= 0:
             return self.max_epochs
-        return max(1, min(self.max_epochs, -(-self.max_images // n_train)))
+        return max(1, min(self.max_epochs, self.max_images // n_train))
 
 
 class HeadBlock(StrictModel):
@@ -817,13 +817,13 @@ def apply_scale(raw: dict, scale: str) -> dict:
         # near 7.9 years), a one-epoch warm-up and gradient clipping, without which stage II
         # of a two-stage preset can saturate the sigmoid output in its first epoch and never
         # recover (the head meets a backbone whose BatchNorm statistics suddenly move).
-        # The all-layers stage runs a budget of 110,000 training images (16 epochs of 7,000 faces,
-        # about 12 minutes at ~150 images/s on 2 cores; fewer epochs on a larger set) under a per-step
+        # The all-layers stage runs a budget of 100,000 training images (14 epochs of 7,000 faces,
+        # about 12 minutes at ~140 images/s on 2 cores; fewer epochs on a larger set) under a per-step
         # cosine schedule, which spends its last epochs at small steps where the plateau schedule
         # waited for a stall; early stopping is off within that budget (the best epoch is kept).
         # Regression heads train with L1, the metric itself.
         data["image_size"] = 64
-        stage_set = {"max_epochs": 20, "max_images": 110_000, "patience": 20, "lr_patience": 3, "batch_size": 64,
+        stage_set = {"max_epochs": 20, "max_images": 100_000, "patience": 20, "lr_patience": 3, "batch_size": 64,
                      "warmup_epochs": 1.0, "grad_clip": 1.0, "lr_schedule": "cosine"}
         stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
         lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
