@@ -651,9 +651,9 @@ def objective_point(run_dir: Path, objectives: Sequence[str]) -> dict | None:
     """``x, x_low, x_high, y, y_low, y_high`` of a finished run's test metrics (None when it has none)."""
     from .runs import RunFolder
 
-    if not RunFolder.exists(run_dir):
+    if not RunFolder(run_dir).file(RunFolder.CONFIG).is_file():
         return None
-    metrics = RunFolder.open(run_dir).metrics()
+    metrics = RunFolder.open(run_dir, record_required=False).metrics()
     if metrics is None:
         return None
     row = {}
@@ -685,7 +685,7 @@ def plot_front(study, objectives: Sequence[str], path: Path, references: Sequenc
         point = objective_point(ref, objectives)
         if point is None:
             raise DataError(f"reference {ref} is not a finished run folder with {', '.join(objectives)}")
-        refs.append({"name": RunFolder.open(ref).config().name, **point})
+        refs.append({"name": RunFolder.open(ref, record_required=False).config().name, **point})
     return plot_pareto(pd.DataFrame(rows), path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
                        pd.DataFrame(refs) if refs else None,
                        title=f"study '{study.study_name}': trials on the test split (bootstrap intervals)")
@@ -716,7 +716,7 @@ class TuneFolder:
         if not isinstance(recorded, str) or not recorded:
             return None
         for path in (Path(recorded), self.path / TRIALS_DIR / Path(recorded).name):
-            if RunFolder.exists(path):
+            if RunFolder(path).file(RunFolder.CONFIG).is_file():
                 return path
         return None
 
@@ -837,7 +837,7 @@ def paired_differences(baseline: str | Path, run_dir: str | Path,
         if "age" not in table.columns:
             raise DataError(f"{RunFolder(run).file(RunFolder.PREDICTIONS)}: no age column to compare on")
         tables.append(table)
-    folder = RunFolder.open(baseline)
+    folder = RunFolder.open(baseline, record_required=False)
     settings = folder.evaluation_settings(columns=tables[0].columns)
     result = compare(tables[0], tables[1], attributes=settings["attributes"], n_boot=settings["n_boot"],
                      level=settings["level"], seed=settings["seed"], intersections=settings["intersections"],
