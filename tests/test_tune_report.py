@@ -145,3 +145,17 @@ def test_bad_front_csv_is_refused_naming_the_cell(tmp_path, tune_dir, change, wo
 def test_a_folder_without_front_csv_is_not_a_tune_folder(tmp_path):
     with pytest.raises(DataError, match="is not a tune folder: no front.csv"):
         read_tune_folder(tmp_path)
+
+
+def test_a_front_without_trials_gives_an_empty_table_and_no_plot(tmp_path, tune_dir):
+    front = pd.read_csv(tune_dir / "front.csv")
+    front.iloc[:0].to_csv(tune_dir / "front.csv", index=False)  # header only: nothing finished yet
+    m1 = make_run(tmp_path / "runs", "M1", "M1", 4.4, BIAS)
+    page = report.build_report([m1], tmp_path / "report", tune=tune_dir).read_text()
+    head, *rows = _table_rows(page, "tune-front")
+    assert head == ["Trial"] and rows == []
+    # trial 5, finished off the front with its run folder here, is still drawn
+    assert (tmp_path / "report" / "front.png").is_file() and 'alt="Pareto front' in page
+    (tune_dir / "trials.csv").unlink()
+    page = report.build_report([m1], tmp_path / "report2", tune=tune_dir).read_text()
+    assert 'alt="Pareto front' not in page and not (tmp_path / "report2" / "front.png").exists()

@@ -649,7 +649,9 @@ def tune_front_frame(tune, baseline: FinishedRun | None = None) -> tuple[pd.Data
 def tune_front_display(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
     """``tune_front_frame`` for reading: each measured cell ``value [low, high]``; a paired difference
     that excludes 0 marked ``*``."""
-    out = pd.DataFrame({"Trial": frame["Trial"].astype(str)}) if len(frame) else pd.DataFrame(columns=["Trial"])
+    if frame.empty:  # a study without a finished trial yet
+        return pd.DataFrame(columns=["Trial"])
+    out = pd.DataFrame({"Trial": frame["Trial"].astype(str)})
     for col in frame.columns:
         if col == "Trial" or col.endswith((" CI low", " CI high", " excludes 0")):
             continue
