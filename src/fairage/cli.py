@@ -965,6 +965,8 @@ def tune_command(
             table.add_row(*cells)
         console.print(table)
         console.print(f"trials: {out / TRIALS}  front: {out / FRONT}  plot: {out / FRONT_PLOT}")
+        console.print(f"HTML report of the front: fairage report [BASELINE_RUN ...] --tune {out} --out DIR",
+                      highlight=False)
     elif pick is None:
         fail("--data DIR is required to run trials (only --pick reads a finished study without it)")
     elif tracking_uri is not None:
