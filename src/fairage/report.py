@@ -687,7 +687,7 @@ def plot_tune_front(tune, references: Sequence[FinishedRun], path: str | Path) -
             refs.append({"name": r.label, **point})
     return plot_pareto(points, path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
                        pd.DataFrame(refs) if refs else None,
-                       title=f"tune {tune.path.name}: trials on the test split (bootstrap intervals)")
+                       title=f"Pareto front ({tune.path.name}): trials on the test split (bootstrap intervals)")
 
 
 # --------------------------------------------------------------------------- dataset summary
