@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --upgrade pip
 	# Pinned: the CUDA build of torch 2.14.1 runs on CPU too; pip takes it from the local disk when present.
 	$(BIN)/pip install torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -e ".[dev,export,tensorboard]"
+	$(BIN)/pip install -e ".[dev,export,tensorboard,mlflow]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -254,3 +254,109 @@ def test_bad_options_exit_2(tmp_path, data):
     assert result.exit_code == 2 and "--storage nosuch://x" in result.output
     result = invoke("tune", "--out", tmp_path / "c", "--pick", "mae<=+0.3")
     assert result.exit_code == 2 and "holds no study" in result.output
+
+
+def test_mlflow_logger_groups_the_trials_under_their_study(tmp_path, data):
+    """trainer.logger: mlflow through Lightning's MLFlowLogger: a tune's trials in one store, one
+    experiment named after the study, each stage's epoch metrics as its history.csv holds them."""
+    mlflow = pytest.importorskip("mlflow")
+    out = tmp_path / "out"
+    base = load_preset("M1", "tiny", [*BASE_SET, "stage2.max_epochs=2", "stage2.stop_on_collapse=false",
+                                      "trainer.logger=mlflow"])
+    Tuner(data, out, SearchSpace(SPACE, base), ["mae", "age_bias"], n_trials=2, study_name="gap-study").run()
+    assert (out / "mlflow.db").is_file()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("gap-study")
+    assert experiment.artifact_location == (out / "mlartifacts").as_uri()
+    runs = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: int(r.data.tags["fairage.trial"]))
+    trials = pd.read_csv(out / "trials.csv")
+    assert [r.data.tags["fairage.trial"] for r in runs] == ["0", "1"]
+    for run, trial in zip(runs, trials.to_dict("records")):
+        assert run.info.run_name == f"trial-{trial['number']:04d}/stage2"
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["fairage.study"] == "gap-study" and run.data.tags["fairage.stage"] == "stage2"
+        assert float(run.data.params["stage2.lr"]) == pytest.approx(trial["stage2.lr"])  # the trial's parameters
+        history = pd.read_csv(out / "trials" / f"trial-{trial['number']:04d}" / "history.csv")
+        logged = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val_mae"), key=lambda m: m.step)]
+        assert logged == pytest.approx(history["val_mae"].tolist(), rel=1e-5)
+        assert len(logged) == 2
+    # nothing of MLflow's in the working directory or the run folders
+    assert not (out / "trials" / "trial-0000" / "logs").exists()
+
+
+def test_mlflow_logger_default_store_is_in_the_run_folder(tmp_path, data, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    from fairage.training import train
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    train(load_preset("M2", "tiny", [*BASE_SET, "stage1.max_epochs=1", "stage2.max_epochs=2",
+                                     "trainer.logger=mlflow"]), data, run, progress=False)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{run / 'logs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fairage")
+    runs = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
+    assert [r.info.run_name for r in runs] == ["M2/stage1", "M2/stage2"]  # one MLflow run per stage
+    history = pd.read_csv(run / "history.csv")
+    for r in runs:
+        stage = r.data.tags["fairage.stage"]
+        logged = [m.value for m in sorted(client.get_metric_history(r.info.run_id, "val_mae"), key=lambda m: m.step)]
+        assert logged == pytest.approx(history.loc[history["stage"] == stage, "val_mae"].tolist(), rel=1e-5)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_mlflow_missing_is_one_message_before_any_folder(tmp_path, data, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
+    out = tmp_path / "run"
+    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", out,
+                    "--set", "trainer.logger=mlflow")
+    assert result.exit_code == 2, result.output
+    assert "trainer.logger 'mlflow'" in result.output and "pip install 'fairage[mlflow]'" in result.output
+    assert not out.exists()
+    result = invoke("tune", "--data", data, "--out", tmp_path / "tune", "--scale", "tiny", "--trials", "1",
+                    "--tracking-uri", "http://127.0.0.1:5000")
+    assert result.exit_code == 2 and "pip install 'fairage[mlflow]'" in result.output
+    assert not (tmp_path / "tune").exists()
+
+
+@pytest.mark.parametrize("uri, words", [
+    ("ftp://host/x", "unknown scheme 'ftp'"),
+    ("http://", "no host"),
+    ("mlruns", "is not a URL"),
+    ("sqlite://", "a SQLite URI is"),
+    ("http://host:5000/a b", "spaces"),
+])
+def test_bad_tracking_uri_exits_2_naming_the_key(tmp_path, data, uri, words):
+    out = tmp_path / "run"
+    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", out, "--tracking-uri", uri)
+    assert result.exit_code == 2, result.output
+    assert "trainer.tracking_uri" in result.output and words in result.output
+    assert not out.exists()
+
+
+def test_tracking_uri_sets_the_mlflow_logger_and_is_made_absolute(tmp_path, data, monkeypatch):
+    from fairage.config import normalize_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert normalize_tracking_uri("sqlite:///store/m.db") == f"sqlite:///{tmp_path.resolve() / 'store' / 'm.db'}"
+    assert normalize_tracking_uri("file:mlruns") == (tmp_path.resolve() / "mlruns").as_uri()
+    assert normalize_tracking_uri("postgresql+psycopg2://u@db/x") == "postgresql+psycopg2://u@db/x"
+    cfg = load_preset("M1", "tiny", ["trainer.logger=mlflow", "trainer.tracking_uri=http://127.0.0.1:5000"])
+    assert cfg.trainer.tracking_uri == "http://127.0.0.1:5000"
+    # a tracking setting without the mlflow logger is refused, naming the keys
+    with pytest.raises(ConfigError, match="tracking_uri only apply to trainer.logger: mlflow"):
+        load_preset("M1", "tiny", ["trainer.tracking_uri=http://127.0.0.1:5000"])
+    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", tmp_path / "r",
+                    "--tracking-uri", "http://127.0.0.1:5000", "--set", "trainer.logger=csv")
+    assert result.exit_code == 2 and "trainer.logger is 'csv'" in result.output
+    # a pick retrains outside the trial: the trial's tags are dropped, the study's experiment kept
+    from fairage.tune import Tuner as _Tuner
+
+    tuner = _Tuner(data, tmp_path / "t", SearchSpace(SPACE, load_preset("M1", "tiny", ["trainer.logger=mlflow"])),
+                   ["mae", "age_bias"], n_trials=0, study_name="s1")
+    cfg = tuner.tracked(load_preset("M1", "tiny", ["trainer.logger=mlflow"]), tmp_path / "t" / "trials" / "trial-0012")
+    assert cfg.trainer.tracking_tags == {"fairage.study": "s1", "fairage.trial": "12"}
+    assert cfg.trainer.experiment_name == "s1"
+    assert cfg.trainer.tracking_uri == f"sqlite:///{(tmp_path / 't').resolve() / 'mlflow.db'}"

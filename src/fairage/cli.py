@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 from pathlib import Path
 
@@ -178,6 +179,18 @@ def _check_trainers(configs) -> None:
 
     for cfg in configs:
         check_trainer(cfg.trainer)
+
+
+_TRACKING_HELP = ("Log each stage's epoch metrics to this MLflow tracking server or store "
+                  "(http://HOST:5000, sqlite:///mlflow.db, ...): sets trainer.logger=mlflow and "
+                  "trainer.tracking_uri. Default with trainer.logger=mlflow: a store in the run (or tune) folder.")
+
+
+def _tracking_overrides(uri: str | None) -> list[str]:
+    """``--tracking-uri URL`` as config overrides (first, so that a --set trainer.logger=... is seen)."""
+    if uri is None:
+        return []
+    return ["trainer.logger=mlflow", f"trainer.tracking_uri={json.dumps(uri)}"]
 
 
 @contextlib.contextmanager
@@ -732,6 +745,7 @@ def train_command(
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help=_TRACKING_HELP),
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ) -> None:
     """Train a model (stage I and/or II), evaluate it on the test split, print a summary."""
@@ -741,7 +755,7 @@ def train_command(
     progress = not quiet
     data_overrides = _data_overrides(skip_bad, extra_categories, allow_absolute_paths)
     if resume is not None:
-        if config or preset or data or out or set_ or data_overrides:
+        if config or preset or data or out or set_ or data_overrides or tracking_uri:
             fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
         from .runs import RunFolder
 
@@ -756,7 +770,7 @@ def train_command(
         fail("give exactly one of --config CFG.yaml and --preset NAME (or --resume runs/NAME)")
     if data is None or out is None:
         fail("--data DIR and --out runs/NAME are required (or --resume runs/NAME)")
-    overrides = list(set_ or []) + data_overrides
+    overrides = _tracking_overrides(tracking_uri) + list(set_ or []) + data_overrides
     for key, value in (("accelerator", accelerator), ("devices", devices), ("strategy", strategy),
                        ("num_nodes", num_nodes)):
         if value is not None:
@@ -899,6 +913,10 @@ def tune_command(
                                     "writes OUT/picked.yaml."),
     reference: list[Path] | None = typer.Option(None, "--reference", help="A finished run folder (e.g. the "
                                                 "suite's M1) drawn as a reference point in front.png (repeatable)."),
+    tracking_uri: str | None = typer.Option(None, "--tracking-uri", help="Log every trial to this MLflow "
+                                            "tracking server or store (experiment: the study's name); sets "
+                                            "trainer.logger=mlflow. Default with trainer.logger=mlflow: "
+                                            "sqlite:///OUT/mlflow.db."),
 ) -> None:
     """Search a config space for the accuracy-fairness Pareto front (Optuna; several machines may share a study)."""
     from rich.table import Table
@@ -919,7 +937,7 @@ def tune_command(
     names = parse_objectives(objectives)
     url = storage or default_storage(out)
     if data is not None:
-        base = load_base(config, preset, scale, list(set_ or []))
+        base = load_base(config, preset, scale, _tracking_overrides(tracking_uri) + list(set_ or []))
         _check_trainers([base])
         space_ = SearchSpace.from_file(space, base) if space else SearchSpace.default(scale, base)
 
@@ -947,8 +965,12 @@ def tune_command(
             table.add_row(*cells)
         console.print(table)
         console.print(f"trials: {out / TRIALS}  front: {out / FRONT}  plot: {out / FRONT_PLOT}")
+        console.print(f"HTML report of the front: fairage report [BASELINE_RUN ...] --tune {out} --out DIR",
+                      highlight=False)
     elif pick is None:
         fail("--data DIR is required to run trials (only --pick reads a finished study without it)")
+    elif tracking_uri is not None:
+        fail("--tracking-uri applies to trials run with --data DIR, not to --pick alone")
     else:
         if storage is None and not (out / "study.db").is_file():
             fail(f"{out} holds no study (no study.db); run `fairage tune --data DIR --out {out}` first")
@@ -963,21 +985,33 @@ def tune_command(
 
 @app.command("report")
 def report_command(
-    run_dirs: list[Path] = typer.Argument(..., help="Finished run folders (each with metrics_test.json)."),
+    run_dirs: list[Path] | None = typer.Argument(None, help="Finished run folders (each with metrics_test.json); "
+                                                "with --tune, the reference models (the first: the baseline)."),
     out: Path = typer.Option(..., "--out", help="Folder for comparison.csv/.md, plots and report.html."),
     reference: str | None = typer.Option(
         None, "--reference", help="Also show a published table beside fairage's: 'seed' (the seed report's "
                                   "Table 1 on APPA-REAL, not measured by fairage)."),
+    tune: Path | None = typer.Option(None, "--tune", help="A `fairage tune` folder: the report opens with its "
+                                     "Pareto front (table and plot, the run folders as reference points) and "
+                                     "compares the front's trials too."),
 ) -> None:
-    """Build the comparison table, plots and report.html from existing run folders."""
+    """Build the comparison table, plots and report.html from existing run folders (and a tune's front)."""
     from .reference import REFERENCES
     from .report import build_report
 
     if reference is not None and reference not in REFERENCES:
         fail(f"--reference: unknown table {reference!r}; available: {', '.join(REFERENCES)}")
-    report = build_report(run_dirs, out, reference=reference)
-    _print_comparison(list(run_dirs), title="comparison: MAE and bias scores in years, test split",
-                      reference=reference)
+    if not run_dirs and tune is None:
+        fail("give finished run folders to compare, or --tune TUNE_FOLDER")
+    report = build_report(list(run_dirs or []), out, reference=reference, tune=tune)
+    shown = list(run_dirs or [])
+    if tune is not None:
+        from .tune import read_tune_folder
+
+        folder = read_tune_folder(tune)
+        if "run_dir" in folder.front.columns:
+            shown += [d for d in map(folder.run_dir, folder.front["run_dir"]) if d is not None]
+    _print_comparison(shown, title="comparison: MAE and bias scores in years, test split", reference=reference)
     console.print(f"report: {report}")
 
 

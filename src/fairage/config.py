@@ -343,6 +343,53 @@ class DataConfig(StrictModel):
                 "allow_absolute_paths": self.allow_absolute_paths}
 
 
+#: MLflow tracking URI schemes ``trainer.tracking_uri`` takes (MLflow's own stores and servers)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
+def normalize_tracking_uri(uri: str) -> str:
+    """Check an MLflow tracking URI; a relative ``sqlite:///x.db`` or ``file:x`` is made absolute (cwd).
+
+    ValueError (the message names the URI) for an empty URI, spaces or control characters, an
+    unknown scheme, a server URL without a host, or a plain path (MLflow would read it as a file store).
+
+    >>> normalize_tracking_uri("http://127.0.0.1:5000")
+    'http://127.0.0.1:5000'
+    >>> normalize_tracking_uri("sqlite:////data/mlflow.db")
+    'sqlite:////data/mlflow.db'
+    """
+    from urllib.parse import urlsplit
+
+    text = str(uri)
+    if not text.strip() or any(c.isspace() or ord(c) < 32 for c in text):
+        raise ValueError(f"tracking URI {clip(text)!r}: empty, or holds spaces or control characters")
+    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", text)
+    scheme = match.group(1).lower() if match else None
+    if scheme is None or len(scheme) == 1:  # "C:\..." is a path, not a scheme
+        raise ValueError(f"tracking URI {clip(text)!r} is not a URL; give e.g. http://HOST:5000 or "
+                         "sqlite:////abs/path/mlflow.db")
+    base = scheme.split("+")[0]  # postgresql+psycopg2, mysql+pymysql
+    if base not in TRACKING_SCHEMES:
+        raise ValueError(f"tracking URI {clip(text)!r}: unknown scheme '{scheme}'; use one of "
+                         f"{', '.join(TRACKING_SCHEMES)}")
+    if base in ("http", "https") and not urlsplit(text).hostname:
+        raise ValueError(f"tracking URI {clip(text)!r}: no host (e.g. http://127.0.0.1:5000)")
+    if base == "sqlite":
+        path = text[len("sqlite:///"):] if text.startswith("sqlite:///") else None
+        if not path:
+            raise ValueError(f"tracking URI {clip(text)!r}: a SQLite URI is sqlite:///relative.db or "
+                             "sqlite:////absolute/path.db")
+        if not path.startswith("/"):
+            text = f"sqlite:///{Path(path).resolve()}"
+    elif base == "file":
+        path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
+        if not path:
+            raise ValueError(f"tracking URI {clip(text)!r}: no folder")
+        if not path.startswith("/"):
+            text = Path(path).resolve().as_uri()
+    return text
+
+
 class TrainerConfig(StrictModel):
     accelerator: str = "auto"
     devices: int | str = 1
@@ -354,8 +401,39 @@ class TrainerConfig(StrictModel):
     channels_last: bool = True
     deterministic: bool = False
     #: Lightning logger of the epoch metrics, written inside the run folder under ``logs/``:
-    #: "csv" (CSVLogger), "tensorboard" (TensorBoardLogger; ``tensorboard --logdir RUN/logs``) or "none"
-    logger: Literal["none", "csv", "tensorboard"] = "none"
+    #: "csv" (CSVLogger), "tensorboard" (TensorBoardLogger; ``tensorboard --logdir RUN/logs``),
+    #: "mlflow" (MLFlowLogger; one MLflow run per stage) or "none"
+    logger: Literal["none", "csv", "tensorboard", "mlflow"] = "none"
+    #: MLflow tracking URI (``http://host:5000``, ``sqlite:////abs/mlflow.db``, ...); None: the run
+    #: folder's own store ``sqlite:///RUN/logs/mlflow.db``. Relative sqlite/file paths are made absolute.
+    tracking_uri: str | None = None
+    #: MLflow experiment the runs go to; None: "fairage" (``fairage tune``: the study's name)
+    experiment_name: str | None = Field(None, min_length=1, max_length=500)
+    #: extra MLflow tags of every run (``fairage tune`` adds ``fairage.study`` and ``fairage.trial``)
+    tracking_tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _known_tracking_uri(cls, value):
+        return None if value is None else normalize_tracking_uri(value)
+
+    @field_validator("tracking_tags", mode="before")
+    @classmethod
+    def _tag_text(cls, value):
+        # "--set trainer.tracking_tags.trial=3" arrives as the YAML integer 3
+        if isinstance(value, dict):
+            return {k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
+                    for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _tracking_needs_mlflow(self):
+        given = [k for k in ("tracking_uri", "experiment_name") if getattr(self, k) is not None]
+        given += ["tracking_tags"] if self.tracking_tags else []
+        if given and self.logger != "mlflow":
+            raise ValueError(f"{', '.join(given)} only apply to trainer.logger: mlflow "
+                             f"(trainer.logger is '{self.logger}')")
+        return self
 
     @field_validator("precision", mode="before")
     @classmethod
@@ -918,6 +996,12 @@ def check_trainer(trainer: TrainerConfig) -> None:
         if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
             raise ConfigError("trainer.logger 'tensorboard' needs the tensorboard package: "
                               "pip install 'fairage[tensorboard]' (or use csv)")
+    if trainer.logger == "mlflow":
+        import importlib.util
+
+        if importlib.util.find_spec("mlflow") is None:
+            raise ConfigError("trainer.logger 'mlflow' needs the mlflow package: "
+                              "pip install 'fairage[mlflow]' (or pip install mlflow-skinny; or use csv)")
 
     devices = trainer.devices
     text = str(devices).strip()

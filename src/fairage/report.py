@@ -598,6 +598,98 @@ def plot_bias_vs_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path)
     return save_figure(fig, path)
 
 
+# --------------------------------------------------------------------------- a tune's Pareto front
+
+
+#: the report's table of a tune's front, ``tune_front.csv``
+TUNE_FRONT = "tune_front.csv"
+
+
+def tune_front_frame(tune, baseline: FinishedRun | None = None) -> tuple[pd.DataFrame, str | None]:
+    """The Pareto trials of a tune folder (``fairage.tune.TuneFolder``) and their paired differences.
+
+    One row per row of ``front.csv``: ``Trial``, ``val <objective>`` (what the front was chosen on),
+    ``test <objective>`` with ``... CI low/high`` (bootstrap, from ``front.csv``), and with a
+    ``baseline`` run ``<objective> - <baseline>`` with ``... CI low/high`` and ``... excludes 0``
+    (``fairage.tune.paired_differences``: the trial minus the baseline on the same test faces,
+    paired bootstrap; NaN / "n/a" where undefined). Years throughout. Returns the frame and a note
+    (why differences are missing) or None.
+    """
+    from .tune import paired_differences
+
+    note = None
+    rows = []
+    for r in tune.front.to_dict("records"):
+        row: dict[str, object] = {"Trial": int(r["number"])}
+        for name in tune.objectives:
+            row[f"val {name}"] = r[f"val_{name}"]
+        for name in tune.objectives:
+            row[f"test {name}"] = r[f"test_{name}"]
+            row[f"test {name} CI low"], row[f"test {name} CI high"] = r[f"test_{name}_ci_low"], r[f"test_{name}_ci_high"]
+        if baseline is not None:
+            diffs: dict = {}
+            run_dir = tune.run_dir(r.get("run_dir"))
+            if run_dir is None:
+                note = note or f"trial {int(r['number'])}: its run folder is not here, no paired difference"
+            else:
+                try:
+                    diffs = paired_differences(baseline.run_dir, run_dir, tune.objectives)
+                except DataError as err:
+                    note = note or f"trial {int(r['number'])} against {baseline.label}: {err}"
+            for name in tune.objectives:
+                d = diffs.get(name)
+                col = f"{name} - {baseline.label}"
+                row[col] = d.estimate if d is not None else math.nan
+                row[f"{col} CI low"], row[f"{col} CI high"] = (d.ci if d is not None and d.ci else (math.nan,) * 2)
+                row[f"{col} excludes 0"] = "n/a" if d is None or d.ci is None else ("yes" if d.excludes_zero else "no")
+        rows.append(row)
+    return pd.DataFrame(rows), note
+
+
+def tune_front_display(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """``tune_front_frame`` for reading: each measured cell ``value [low, high]``; a paired difference
+    that excludes 0 marked ``*``."""
+    if frame.empty:  # a study without a finished trial yet
+        return pd.DataFrame(columns=["Trial"])
+    out = pd.DataFrame({"Trial": frame["Trial"].astype(str)})
+    for col in frame.columns:
+        if col == "Trial" or col.endswith((" CI low", " CI high", " excludes 0")):
+            continue
+        cells = []
+        for _, row in frame.iterrows():
+            v = row[col]
+            lo, hi = row.get(f"{col} CI low", math.nan), row.get(f"{col} CI high", math.nan)
+            text = _cell(v, digits) if math.isnan(lo) else f"{_cell(v, digits)} [{_cell(lo, digits)}, {_cell(hi, digits)}]"
+            if row.get(f"{col} excludes 0") == "yes":
+                text += " *"
+            cells.append(text)
+        out[col] = cells
+    return out
+
+
+def plot_tune_front(tune, references: Sequence[FinishedRun], path: str | Path) -> Path | None:
+    """The front's first two objectives on the test split (``plots.plot_pareto``): every trial with
+    test figures here, the Pareto trials highlighted, ``references`` (e.g. M1..M5) as crosses.
+    None (nothing written) with fewer than two objectives or no trial with test figures."""
+    from .plots import plot_pareto
+    from .tune import front_points, objective_point
+
+    if len(tune.objectives) < 2:
+        return None
+    objectives = tune.objectives[:2]
+    points = front_points(tune, objectives)
+    if points.empty:
+        return None
+    refs = []
+    for r in references:
+        point = objective_point(r.run_dir, objectives)
+        if point is not None:
+            refs.append({"name": r.label, **point})
+    return plot_pareto(points, path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
+                       pd.DataFrame(refs) if refs else None,
+                       title=f"Pareto front ({tune.path.name}): trials on the test split (bootstrap intervals)")
+
+
 # --------------------------------------------------------------------------- dataset summary
 
 
@@ -692,11 +784,14 @@ def _template():
 
 def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records: list[FinishedRun],
                 summary: dict[str, pd.DataFrame] | None, summary_source: str | None,
-                title: str = "fairage comparison report", reference: str | None = None) -> str:
+                title: str = "fairage comparison report", reference: str | None = None,
+                tune: dict | None = None) -> str:
     """The report page as one string (Jinja2 template ``templates/report.html.j2``).
 
     Inline CSS, PNGs as base64 data URIs, no scripts. ``reference``: the name of a
     published table (``fairage.reference``) to show beside fairage's, marked as such.
+    ``tune``: the Pareto front section (``source``, ``baseline``, ``note``, ``frame`` from
+    ``tune_front_frame``, ``image``: its plot or None).
     """
     level = records[0].config.eval.level if records else 0.95
     groups = None
@@ -743,8 +838,14 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         reference_context = {"note": PUBLISHED_NOTE,
                              "table": _table_context(reference_display(reference), caption=PUBLISHED_NOTE,
                                                      table_id="reference")}
+    tune_context = None
+    if tune is not None:
+        image = tune.get("image")
+        tune_context = {"source": str(tune["source"]), "baseline": tune.get("baseline"), "note": tune.get("note"),
+                        "table": _table_context(tune_front_display(tune["frame"]), table_id="tune-front"),
+                        "image": base64.b64encode(Path(image).read_bytes()).decode("ascii") if image else None}
     return _template().render(
-        title=title, css=_CSS, level_pct=int(round(level * 100)),
+        title=title, css=_CSS, level_pct=int(round(level * 100)), tune=tune_context,
         comparison=_table_context(display_table(table), table_id="comparison"), pvalues=pvalues_context,
         field=field_context,
         coverage=coverage_context,
@@ -756,7 +857,8 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
 
 
 def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Path,
-                 dataset_summary: pd.DataFrame | dict | None = None, reference: str | None = None) -> Path:
+                 dataset_summary: pd.DataFrame | dict | None = None, reference: str | None = None,
+                 tune: str | Path | None = None) -> Path:
     """Write the comparison of finished runs into ``out_dir``; return ``report.html``'s path.
 
     Writes ``comparison.csv`` (``comparison_table``), ``comparison.md`` (the display
@@ -767,9 +869,26 @@ def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Pa
     the first run's ``predictions_test.csv``. ``reference`` names a published table
     (``fairage.reference``, e.g. ``"seed"``) shown beside fairage's, marked as not
     measured by fairage. All files are written atomically.
+
+    ``tune``: a ``fairage tune`` output folder; the report then opens with its Pareto front
+    (``tune_front_frame``, also written as ``tune_front.csv``, and ``front.png``: the trials on the
+    test split, the front highlighted, ``run_dirs`` as reference points) and the front trials'
+    run folders join the comparison after ``run_dirs``; the first of ``run_dirs`` (e.g. M1) is the
+    baseline of the paired differences. ``run_dirs`` may then be empty.
     """
     out_dir = Path(out_dir)
-    records = load_runs(run_dirs)
+    tune_folder = None
+    trial_dirs: list[Path] = []
+    if tune is not None:
+        from .tune import read_tune_folder
+
+        tune_folder = read_tune_folder(tune)
+        if "run_dir" in tune_folder.front.columns:
+            trial_dirs = [d for d in map(tune_folder.run_dir, tune_folder.front["run_dir"]) if d is not None]
+        if not run_dirs and not trial_dirs:
+            raise DataError(f"{tune}: none of the front's run folders is here, and no run folder was given")
+    records = load_runs([*run_dirs, *trial_dirs])
+    references = records[: len(run_dirs)]
     table = comparison_table(records)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / "comparison.csv") as tmp:
@@ -793,7 +912,15 @@ def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Pa
         summary = dataset_summary
     else:
         raise ConfigError(f"dataset_summary must be a face table or a dict, got {type(dataset_summary).__name__}")
-    page = render_html(table, images, records, summary, source, reference=reference)
+    tune_section = None
+    if tune_folder is not None:
+        baseline = references[0] if references else None
+        frame, note = tune_front_frame(tune_folder, baseline)
+        with atomic_path(out_dir / TUNE_FRONT) as tmp:
+            safe_table(frame).to_csv(tmp, index=False)
+        tune_section = {"source": tune_folder.path, "baseline": baseline.label if baseline else None, "note": note,
+                        "frame": frame, "image": plot_tune_front(tune_folder, references, out_dir / "front.png")}
+    page = render_html(table, images, records, summary, source, reference=reference, tune=tune_section)
     report = out_dir / "report.html"
     write_text(report, page)
     return report

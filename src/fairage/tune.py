@@ -501,7 +501,7 @@ class Tuner:
         from .runs import config_faces
 
         for ref in self.references:  # refused before any trial, not after the last
-            if _test_point(ref, self.objectives[:2]) is None:
+            if objective_point(ref, self.objectives[:2]) is None:
                 raise DataError(f"--reference {ref} is not a finished run folder")
         config_faces(self.space.base, self.data_dir)  # a bad dataset fails before the study is opened
         self.open()
@@ -526,14 +526,16 @@ class Tuner:
         from .training import train
 
         start = time.time()
-        run_dir = Path(trial.user_attrs.get("run_dir") or self.out / TRIALS_DIR / f"trial-{trial.number:04d}")
+        # absolute: trials.csv and front.csv then name the folder whatever directory reads them
+        run_dir = Path(trial.user_attrs.get("run_dir")
+                       or (self.out / TRIALS_DIR / f"trial-{trial.number:04d}").absolute())
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("host", self.host)
         trial.set_user_attr("pid", os.getpid())
         try:
             params = self.space.suggest(trial)
             self.on_event(TuneEvent(f"trial {trial.number}: {_params_text(params)}"))
-            cfg = self.space.config(params, name=run_dir.name)
+            cfg = self.tracked(self.space.config(params, name=run_dir.name), run_dir)
             train(cfg, self.data_dir, run_dir, resume=RunFolder.exists(run_dir), progress=False,
                   callbacks=self.callbacks)
             scores = validation_scores(run_dir)
@@ -559,6 +561,27 @@ class Tuner:
         self.study.tell(trial, values)
         self.on_event(TuneEvent(f"trial {trial.number} finished in {time.time() - start:.0f} s: "
                                 + ", ".join(f"val {n} {v:.3f}" for n, v in zip(self.objectives, values))))
+
+    def tracked(self, cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
+        """A trial's config with its MLflow settings (``trainer.logger: mlflow`` only; else unchanged).
+
+        The study's trials share one experiment (the study's name, unless the base config names
+        one) in one store (``sqlite:///OUT/mlflow.db`` unless ``trainer.tracking_uri`` names one),
+        tagged ``fairage.study`` and ``fairage.trial`` (the number in the run folder's name, so a
+        retried trial keeps its first number and its run folder still matches its config).
+        """
+        if cfg.trainer.logger != "mlflow":
+            return cfg
+        from .training.factories import sqlite_tracking_uri
+
+        raw = cfg.model_dump(mode="json")
+        trainer = raw["trainer"]
+        trainer["tracking_uri"] = trainer["tracking_uri"] or sqlite_tracking_uri(self.out)
+        trainer["experiment_name"] = trainer["experiment_name"] or self.study_name
+        number = run_dir.name.removeprefix("trial-")
+        trainer["tracking_tags"] = {**trainer["tracking_tags"], "fairage.study": self.study_name,
+                                    "fairage.trial": str(int(number)) if number.isdigit() else run_dir.name}
+        return validate_config(raw, f"trial {run_dir.name}")
 
     # ------------------------------------------------------------------ tables
 
@@ -624,13 +647,13 @@ def front_table(study, objectives: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def _test_point(run_dir: Path, objectives: Sequence[str]) -> dict | None:
+def objective_point(run_dir: Path, objectives: Sequence[str]) -> dict | None:
     """``x, x_low, x_high, y, y_low, y_high`` of a finished run's test metrics (None when it has none)."""
     from .runs import RunFolder
 
-    if not RunFolder.exists(run_dir):
+    if not RunFolder(run_dir).file(RunFolder.CONFIG).is_file():
         return None
-    metrics = RunFolder.open(run_dir).metrics()
+    metrics = RunFolder.open(run_dir, record_required=False).metrics()
     if metrics is None:
         return None
     row = {}
@@ -652,20 +675,182 @@ def plot_front(study, objectives: Sequence[str], path: Path, references: Sequenc
     on_front = {t.number for t in study.best_trials}
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        point = _test_point(Path(t.user_attrs.get("run_dir", "")), objectives)
+        point = objective_point(Path(t.user_attrs.get("run_dir", "")), objectives)
         if point is not None:
             rows.append({"number": t.number, **point, "front": t.number in on_front})
     if not rows:
         return None
     refs = []
     for ref in references:
-        point = _test_point(ref, objectives)
+        point = objective_point(ref, objectives)
         if point is None:
             raise DataError(f"reference {ref} is not a finished run folder with {', '.join(objectives)}")
-        refs.append({"name": RunFolder.open(ref).config().name, **point})
+        refs.append({"name": RunFolder.open(ref, record_required=False).config().name, **point})
     return plot_pareto(pd.DataFrame(rows), path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
                        pd.DataFrame(refs) if refs else None,
                        title=f"study '{study.study_name}': trials on the test split (bootstrap intervals)")
+
+
+# =========================================================================== reading a tune folder
+
+
+@dataclass
+class TuneFolder:
+    """A tune folder read back from its tables (no Optuna needed; see ``read_tune_folder``).
+
+    ``objectives``: the study's objectives in order (from ``front.csv``'s ``val_<objective>``
+    columns); ``front``: ``front.csv`` (numeric columns as floats, ``number`` as int);
+    ``trials``: ``trials.csv`` or None without one.
+    """
+
+    path: Path
+    objectives: list[str]
+    front: pd.DataFrame
+    trials: pd.DataFrame | None
+
+    def run_dir(self, recorded: Any) -> Path | None:
+        """The run folder of a trial whose table names ``recorded``: that path, else
+        ``TUNE/trials/<its name>`` (a tune folder copied or moved); None when neither is a run folder."""
+        from .runs import RunFolder
+
+        if not isinstance(recorded, str) or not recorded:
+            return None
+        for path in (Path(recorded), self.path / TRIALS_DIR / Path(recorded).name):
+            if RunFolder(path).file(RunFolder.CONFIG).is_file():
+                return path
+        return None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    from .csvcells import unquote
+
+    try:
+        table = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({err})") from None
+    for column in table.columns[table.dtypes == object]:
+        table[column] = table[column].map(unquote)
+    return table
+
+
+def _numeric_columns(table: pd.DataFrame, columns: Sequence[str], path: Path, integer: Sequence[str] = ()) -> None:
+    """Columns as floats in place (empty cells NaN); DataError naming the file, line and column of a bad cell."""
+    for column in columns:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = np.flatnonzero(values.isna().to_numpy() & table[column].notna().to_numpy()
+                             | (~np.isfinite(values.to_numpy(dtype=float)) & values.notna().to_numpy()))
+        if column in integer:
+            bad = np.union1d(bad, np.flatnonzero(values.isna().to_numpy()
+                                                 | (values.fillna(0) % 1 != 0).to_numpy()))
+        if bad.size:
+            row = int(bad[0])
+            raise DataError(f"{path}: line {row + 2}, column {column}: {table[column].iloc[row]!r} is not "
+                            + ("a trial number" if column in integer else "a finite number"))
+        table[column] = values.astype(int) if column in integer else values.astype(float)
+
+
+def read_tune_folder(path: str | Path) -> TuneFolder:
+    """Read ``front.csv`` (required) and ``trials.csv`` (optional) of a tune folder.
+
+    DataError naming the file for a folder without ``front.csv``, an unreadable table, a missing
+    column (``number``, a ``val_<objective>`` per objective, its ``test_<objective>`` and
+    ``_ci_low``/``_ci_high``), an unknown objective, or a cell that is not a number (line and column).
+    """
+    path = Path(path)
+    front_path = path / FRONT
+    if not front_path.is_file():
+        raise DataError(f"{path} is not a tune folder: no {FRONT} (written by fairage tune --out {path})")
+    front = _read_table(front_path)
+    objectives = [c[len("val_"):] for c in front.columns if str(c).startswith("val_")]
+    if "number" not in front.columns or not objectives:
+        raise DataError(f"{front_path}: expected the columns number, val_<objective>..., test_<objective>...; "
+                        f"found {', '.join(map(str, front.columns))}")
+    unknown = [o for o in objectives if o not in objective_names()]
+    if unknown:
+        raise DataError(f"{front_path}: column val_{unknown[0]} names no objective fairage tune has")
+    numeric = [f"val_{o}" for o in objectives] + [f"test_{o}{end}" for o in objectives
+                                                  for end in ("", "_ci_low", "_ci_high")]
+    missing = [c for c in numeric if c not in front.columns]
+    if missing:
+        raise DataError(f"{front_path}: missing column {missing[0]}")
+    _numeric_columns(front, ["number", *numeric], front_path, integer=["number"])
+    trials = None
+    trials_path = path / TRIALS
+    if trials_path.is_file():
+        trials = _read_table(trials_path)
+        missing = [c for c in ("number", "state", *[f"val_{o}" for o in objectives]) if c not in trials.columns]
+        if missing:
+            raise DataError(f"{trials_path}: missing column {missing[0]} (objectives of {FRONT}: "
+                            f"{', '.join(objectives)})")
+        _numeric_columns(trials, ["number", *[f"val_{o}" for o in objectives]], trials_path, integer=["number"])
+    return TuneFolder(path, objectives, front, trials)
+
+
+def front_points(tune: TuneFolder, objectives: Sequence[str]) -> pd.DataFrame:
+    """The test-split points of ``plots.plot_pareto``: the front's rows (``front.csv``), then every other
+    finished trial of ``trials.csv`` whose run folder is here (its ``metrics_test.json``).
+
+    Columns ``number, x, x_low, x_high, y, y_low, y_high, front`` (x, y: the two ``objectives``,
+    years); trials without test figures are left out.
+    """
+    rows = []
+    x, y = objectives[:2]
+    for r in tune.front.to_dict("records"):
+        if not (math.isnan(r[f"test_{x}"]) or math.isnan(r[f"test_{y}"])):
+            rows.append({"number": int(r["number"]), "front": True,
+                         **{f"{axis}{end}": r[f"test_{name}{ci}"] for axis, name in (("x", x), ("y", y))
+                            for end, ci in (("", ""), ("_low", "_ci_low"), ("_high", "_ci_high"))}})
+    on_front = set(tune.front["number"])
+    if tune.trials is not None and "run_dir" in tune.trials.columns:
+        for r in tune.trials.to_dict("records"):
+            run_dir = tune.run_dir(r["run_dir"])
+            if r["state"] != "COMPLETE" or r["number"] in on_front or run_dir is None:
+                continue
+            point = objective_point(run_dir, (x, y))
+            if point is not None:
+                rows.append({"number": int(r["number"]), "front": False, **point})
+    columns = ["number", "x", "x_low", "x_high", "y", "y_low", "y_high", "front"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def paired_differences(baseline: str | Path, run_dir: str | Path,
+                       objectives: Sequence[str]) -> dict[str, Any]:
+    """Each objective of ``run_dir`` minus ``baseline`` on the same test faces, a paired bootstrap.
+
+    ``fairage.metrics.compare`` of both runs' ``predictions_test.csv`` (A = the baseline, B = the
+    run; negative: the run is lower) with the baseline's ``eval.*`` settings and seed. Returns
+    ``{objective: metrics.Difference | None}``: ``mae`` and ``<attr>_bias`` objectives (None for a bias
+    undefined on the test split; ``worst_<attr>_mae`` objectives are None too: compare's worst group
+    leaves small groups out, the objective does not). DataError when a run has no predictions or
+    the two cover different faces.
+    """
+    from .csvcells import unquote
+    from .data.predictions import read_predictions
+    from .metrics import compare
+    from .runs import RunFolder
+
+    tables = []
+    for run in (baseline, run_dir):
+        table = read_predictions(RunFolder(run).file(RunFolder.PREDICTIONS))
+        for column in table.columns[table.dtypes == object]:
+            table[column] = table[column].map(unquote)
+        if "age" not in table.columns:
+            raise DataError(f"{RunFolder(run).file(RunFolder.PREDICTIONS)}: no age column to compare on")
+        tables.append(table)
+    folder = RunFolder.open(baseline, record_required=False)
+    settings = folder.evaluation_settings(columns=tables[0].columns)
+    result = compare(tables[0], tables[1], attributes=settings["attributes"], n_boot=settings["n_boot"],
+                     level=settings["level"], seed=settings["seed"], intersections=settings["intersections"],
+                     min_group=settings["min_group"], cs_k=settings["cs_k"])
+    out: dict[str, Any] = {}
+    for name in objectives:
+        if name == "mae":
+            out[name] = result.mae_diff
+        elif name.endswith("_bias"):
+            out[name] = result.bias_diff.get(name[: -len("_bias")])
+        else:
+            out[name] = None
+    return out
 
 
 # =========================================================================== choosing
@@ -721,6 +906,9 @@ def pick_trial(study, rule: str, out_dir: str | Path) -> Pick:
     if not RunFolder.exists(run_dir):
         raise DataError(f"--pick: trial {chosen.number}'s run folder {run_dir} is not on this machine")
     cfg = RunFolder.open(run_dir).config()
+    if cfg.trainer.tracking_tags:  # a retrained pick is not the trial: it keeps the study's experiment only
+        tags = {k: v for k, v in cfg.trainer.tracking_tags.items() if k not in ("fairage.study", "fairage.trial")}
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"tracking_tags": tags})})
     values = dict(zip(objectives, chosen.values))
     text = ", ".join(f"validation {n} {v:.3f}" for n, v in values.items())
     cfg = cfg.model_copy(update={"name": f"tuned-{run_dir.name}",

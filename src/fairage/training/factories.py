@@ -347,14 +347,80 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
     return StageCallbacks(cbs, history, best, last, collapse)
 
 
+#: the MLflow store of a run folder without ``trainer.tracking_uri``: ``RUN/logs/mlflow.db``
+MLFLOW_DB = "mlflow.db"
+#: MLflow's default experiment name when ``trainer.experiment_name`` is not set
+MLFLOW_EXPERIMENT = "fairage"
+
+
+def sqlite_tracking_uri(folder: str | Path) -> str:
+    """The MLflow tracking URI of ``FOLDER/mlflow.db`` (a local SQLite store), absolute."""
+    return f"sqlite:///{(Path(folder).resolve() / MLFLOW_DB)}"
+
+
+def _flat_params(value: Any, prefix: str = "") -> dict[str, str]:
+    """A config dump flattened to ``{"stage2.lr": "0.001", "model.head.0.units": "256", ...}``."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return {prefix: "None" if value is None else str(value)}
+    out: dict[str, str] = {}
+    for key, sub in items:
+        out.update(_flat_params(sub, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def make_logger(trainer_cfg: TrainerConfig, run_dir: Path):
-    """The Lightning logger of ``trainer.logger`` writing under ``RUN/logs/`` (one version per stage), or False."""
+    """The Lightning logger of ``trainer.logger`` (one version, or MLflow run, per stage), or False.
+
+    ``csv`` and ``tensorboard`` write under ``RUN/logs/version_K/``. ``mlflow``: Lightning's
+    ``MLFlowLogger`` to ``trainer.tracking_uri`` (default: the run folder's own SQLite store
+    ``RUN/logs/mlflow.db``, artifacts in ``mlartifacts/`` beside a SQLite file), experiment
+    ``trainer.experiment_name`` (default ``"fairage"``), run name ``<config name>/<stage>``, tags
+    ``fairage.run``, ``fairage.stage``, ``fairage.run_dir`` and ``trainer.tracking_tags``; the run's
+    config is logged as its parameters (dotted keys, as ``--set`` names them).
+    """
     if trainer_cfg.logger == "none":
         return False
+    run_dir = Path(run_dir)
+    if trainer_cfg.logger == "mlflow":
+        return _mlflow_logger(trainer_cfg, run_dir)
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     cls = TensorBoardLogger if trainer_cfg.logger == "tensorboard" else CSVLogger
     return cls(save_dir=str(run_dir), name="logs")
+
+
+def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    from ..runs import RunFolder
+
+    uri = trainer_cfg.tracking_uri
+    if uri is None:
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        uri = sqlite_tracking_uri(run_dir / "logs")
+    # MLflow puts a new experiment's artifacts under ./mlruns of the working directory unless told;
+    # beside a SQLite store they stay with it (a server chooses its own)
+    artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") \
+        else None
+    name, stage, params = run_dir.name, None, {}
+    if RunFolder.exists(run_dir):  # a stage of a run folder (not fit_stage's temporary folder)
+        folder = RunFolder.open(run_dir)
+        cfg = folder.config()
+        name, stage = cfg.name, folder.record.stage if folder.record is not None else None
+        params = _flat_params(cfg.model_dump(mode="json"))
+    tags = {"fairage.run": name, "fairage.run_dir": str(run_dir.resolve()), **trainer_cfg.tracking_tags}
+    if stage:
+        tags["fairage.stage"] = stage
+    logger = MLFlowLogger(experiment_name=trainer_cfg.experiment_name or MLFLOW_EXPERIMENT,
+                          run_name=f"{name}/{stage}" if stage else name, tracking_uri=uri, tags=tags,
+                          artifact_location=artifacts)
+    if params:
+        logger.log_hyperparams(params)
+    return logger
 
 
 def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path,
