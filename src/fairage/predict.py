@@ -316,6 +316,18 @@ class FaceResult:
 
 
 @dataclass
+class PreparedImage:
+    """A photo ready for the model (``AgePredictor.prepare_image``): its size (after EXIF
+    orientation), ``found`` = ``[(box, score)]`` per face, best first, and ``crops`` their uint8
+    (N, S, S, 3) RGB crops at the model's size."""
+
+    width: int
+    height: int
+    found: list[tuple[tuple[int, int, int, int], float]]
+    crops: np.ndarray
+
+
+@dataclass
 class ImageResult:
     """One photo: its size (after EXIF orientation) and its faces, best detector score first."""
 
@@ -370,10 +382,12 @@ class AgePredictor:
     device : torch device (default: CUDA when present, else CPU). Exported models run
         on onnxruntime's own device.
     batch_size : faces per forward pass.
+    detector_threads : OpenMP threads per YuNet call (``fairage.detect.YuNetDetector``; default 1,
+        robust on busy machines; 0: OpenMP's default).
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike, detector: str = "auto", device=None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, detector_threads: int = 1):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = parse_device(device) if device is not None else default_device()
         if self.loaded.kind == "exported":
@@ -383,6 +397,9 @@ class AgePredictor:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        if isinstance(detector_threads, bool) or not isinstance(detector_threads, int) or detector_threads < 0:
+            raise ConfigError(f"detector_threads must be an integer >= 0 (0: OpenMP's default), got {detector_threads!r}")
+        self.detector_threads = detector_threads
         self.detector_name = detector
         self._local = threading.local()  # one detector per thread: OpenCV and dlib detectors are not shared safely
         if detector != "auto":
@@ -399,7 +416,7 @@ class AgePredictor:
         if detector is None:
             from .detect import make_detector
 
-            detector = self._local.detector = make_detector(self.detector_name)
+            detector = self._local.detector = make_detector(self.detector_name, threads=self.detector_threads)
         return detector
 
     # ----------------------------------------------------------------- inference
@@ -479,22 +496,36 @@ class AgePredictor:
         orientation applied). ``faces_only=True``: the image is already a face crop; no
         detection, one face whose box is the whole image and score 1.
         """
+        prepared = self.prepare_image(image, faces_only=faces_only)
+        if not len(prepared.crops):
+            return self.finish_image(prepared, np.empty(0), None)
+        return self.finish_image(prepared, *self.predict_crops_spread(prepared.crops))
+
+    def prepare_image(self, image, faces_only: bool = False) -> PreparedImage:
+        """``predict_image`` up to the model: decode, detect and crop (``image`` and
+        ``faces_only`` as there). The crops' ages, from any forward pass (``predict_crops_spread``,
+        alone or batched with other photos' crops), go to ``finish_image``."""
         if faces_only and isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            return self._face_result(*_read_face(image, self.image_size))
+            face, (width, height) = _read_face(image, self.image_size)
+            return PreparedImage(width, height, [((0, 0, width, height), 1.0)], face[None])
         rgb = _as_rgb(image)
         if faces_only:
-            return self._face_result(resize_face(rgb, self.image_size), (rgb.shape[1], rgb.shape[0]))
+            width, height = rgb.shape[1], rgb.shape[0]
+            return PreparedImage(width, height, [((0, 0, width, height), 1.0)],
+                                 resize_face(rgb, self.image_size)[None])
         found = self.find_faces(rgb)
-        result = ImageResult(rgb.shape[1], rgb.shape[0])
-        if found:
-            ages, spreads = self.predict_crops_spread(np.stack([crop for _, _, crop in found]))
-            result.faces = self._faces(found, ages, spreads)
-        return result
+        size = self.image_size
+        crops = np.stack([crop for _, _, crop in found]) if found else np.empty((0, size, size, 3), np.uint8)
+        return PreparedImage(rgb.shape[1], rgb.shape[0], [(box, score) for box, score, _ in found], crops)
 
-    def _face_result(self, face: np.ndarray, size: tuple[int, int]) -> ImageResult:
-        width, height = size
-        ages, spreads = self.predict_crops_spread(face[None])
-        return ImageResult(width, height, self._faces([((0, 0, width, height), 1.0)], ages, spreads))
+    def finish_image(self, prepared: PreparedImage, ages, spreads=None) -> ImageResult:
+        """The ``ImageResult`` of a ``prepare_image`` photo from its crops' ages and spreads
+        (float (N,) years, N = len(prepared.crops); spreads None for a model that gives none),
+        with the conformal intervals when the model is calibrated."""
+        result = ImageResult(prepared.width, prepared.height)
+        if prepared.found:
+            result.faces = self._faces(prepared.found, ages, spreads)
+        return result
 
     def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
                       keep_images: bool = False
