@@ -1210,6 +1210,14 @@ def serve_command(
     detector: str = typer.Option("auto", "--detector", help="Face detector: auto, yunet, haar, dlib."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001, help="Largest upload, MiB (413 above)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Largest decoded image, pixels (413 above)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Faces of concurrent requests in one forward pass, "
+                                                           "1-4096 (1: each request alone)."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Milliseconds a request's faces wait for "
+                                                                      "other requests' to share a pass, 0-1000."),
+    prepare_threads: int = typer.Option(2, "--prepare-threads", help="Threads that decode, detect and crop "
+                                                                      "uploads, 1-64."),
+    detector_threads: int = typer.Option(1, "--detector-threads", help="OpenMP threads per YuNet call "
+                                                                        "(0: OpenMP's default, every core)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
 ) -> None:
     """HTTP service and web page: POST /predict (photo -> faces, ages), GET /model (model card), GET / (page)."""
@@ -1218,10 +1226,12 @@ def serve_command(
     import uvicorn
 
     from .serve import ServeLimits, create_app, serve_protocol
+    from .serve.app import limits_to_environment
 
-    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+                         max_batch=max_batch, batch_wait_ms=batch_wait_ms, prepare_threads=prepare_threads)
     # the model and its card load here first, so a bad path is one message and exit 2, in any mode
-    application = create_app(model, limits=limits, detector=detector)
+    application = create_app(model, limits=limits, detector=detector, detector_threads=detector_threads)
     console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops",
                   highlight=False)
     if workers == 1:
@@ -1229,8 +1239,7 @@ def serve_command(
         return
     del application
     os.environ.update(FAIRAGE_SERVE_MODEL=str(model.resolve()), FAIRAGE_SERVE_DETECTOR=detector,
-                      FAIRAGE_SERVE_MAX_UPLOAD_BYTES=str(limits.max_upload_bytes),
-                      FAIRAGE_SERVE_MAX_PIXELS=str(limits.max_pixels))
+                      FAIRAGE_SERVE_DETECTOR_THREADS=str(detector_threads), **limits_to_environment(limits))
     uvicorn.run("fairage.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, http=serve_protocol())
 
