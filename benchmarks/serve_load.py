@@ -4,9 +4,10 @@ Runs three server configurations one after another, each in its own process, and
 side by side:
 
 * ``before``: every request whole on one inference thread (decode, detect, crop, its own forward
-  pass), YuNet with OpenMP's default threads: the service as it was before shared passes (the
-  app's path for a predictor without ``prepare_image``);
-* ``alone``: `fairage serve --max-batch 1` (every request's crops in a pass of their own);
+  pass), YuNet with OpenMP's default threads, torch with its default threads: the service as it
+  was before shared passes (the app's path for a predictor without ``prepare_image``);
+* ``alone``: `fairage serve --max-batch 1` (every request's crops in a pass of their own; one
+  YuNet thread, the age model on the faster runtime with one thread);
 * ``batched``: `fairage serve` with its defaults (crops of concurrent requests share passes).
 
 N client threads (each with its own keep-alive connection) post the same photo back to back
@@ -133,7 +134,7 @@ def load(url: str, photo: bytes, clients: int, seconds: float) -> tuple[list[flo
 
 
 CONFIGS = {
-    "before": "each request whole on one thread, YuNet OpenMP default",
+    "before": "each request whole on one thread, OpenMP/torch default threads",
     "alone": "fairage serve --max-batch 1",
     "batched": "fairage serve (defaults: --max-batch 32 --batch-wait-ms 5)",
 }

@@ -24,6 +24,8 @@ other at every layer), so one thread is the robust choice; ``threads=0`` keeps O
 from __future__ import annotations
 
 import importlib.util
+import sys
+import threading
 from functools import lru_cache
 from typing import Protocol
 
@@ -169,9 +171,19 @@ class DlibDetector:
 DETECTORS = {"yunet": (YuNetDetector, "yuface"), "haar": (HaarDetector, "cv2"), "dlib": (DlibDetector, "dlib")}
 
 
+#: detectors are made by several threads at once (one per thread): imports and checks one at a time
+_MAKE_LOCK = threading.RLock()
+
+
+def _installed(module: str) -> bool:
+    # a module another thread is importing has __spec__ None for a moment, and find_spec then raises
+    with _MAKE_LOCK:
+        return module in sys.modules or importlib.util.find_spec(module) is not None
+
+
 def available_detectors() -> list[str]:
     """Names of the detectors whose package is installed."""
-    return [name for name, (_, module) in DETECTORS.items() if importlib.util.find_spec(module) is not None]
+    return [name for name, (_, module) in DETECTORS.items() if _installed(module)]
 
 
 def make_detector(name: str = "auto", threads: int = 1) -> FaceDetector:
@@ -185,10 +197,11 @@ def make_detector(name: str = "auto", threads: int = 1) -> FaceDetector:
     if name not in DETECTORS:
         raise ConfigError(f"unknown detector '{name}'; choose auto, {', '.join(DETECTORS)}")
     cls, module = DETECTORS[name]
-    if importlib.util.find_spec(module) is None:
+    if not _installed(module):
         package = {"yuface": "yuface", "dlib": "dlib-bin"}.get(module, module)
         raise ConfigError(f"detector '{name}' needs the package {package} (pip install {package})")
-    return cls(threads=threads) if cls is YuNetDetector else cls()
+    with _MAKE_LOCK:
+        return cls(threads=threads) if cls is YuNetDetector else cls()
 
 
 def detect_faces(detector: FaceDetector, rgb: np.ndarray, max_side: int | None = None) -> list[Box]:

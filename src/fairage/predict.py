@@ -103,7 +103,10 @@ class LoadedModel:
     def years_and_spread(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``years`` and the (N,) float32 spread in years (the standard deviation of each face's
         predicted age distribution), or None when the model gives none (regression heads, exports)."""
-        out = self.model(x)
+        return self.outputs_to_years(self.model(x))
+
+    def outputs_to_years(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``years_and_spread`` of the network's raw output ``out`` (however it was computed)."""
         if isinstance(self.model, AgeRegressor):
             spread = self.model.spread(out)
             return self.model.ages(out), None if spread is None else spread.float()
@@ -402,8 +405,66 @@ class AgePredictor:
         self.detector_threads = detector_threads
         self.detector_name = detector
         self._local = threading.local()  # one detector per thread: OpenCV and dlib detectors are not shared safely
+        self.runtime = "onnxruntime" if self.loaded.kind == "exported" else "torch"
+        self._forward = None  # the network's forward pass when not torch's (use_runtime)
         if detector != "auto":
             self.detector  # noqa: B018 - an unknown or missing detector fails now, not at the first photo
+
+    #: the runtimes ``use_runtime`` takes
+    RUNTIMES = ("torch", "onnxruntime")
+
+    def use_runtime(self, runtime: str, threads: int = 1) -> str:
+        """Run the network on ``runtime``: ``torch`` or ``onnxruntime`` (CPU, ``threads`` intra-op
+        threads; the network exported in memory, ``fairage.export.OnnxRuntimeForward``), or
+        ``auto``: whichever of the two runs a batch of ``batch_size`` faces faster here
+        (``time_runtimes``; torch on a GPU). Ages and spreads are the same to float32 rounding.
+        Returns the runtime chosen. An exported model runs on onnxruntime whatever is asked."""
+        if runtime not in (*self.RUNTIMES, "auto"):
+            raise ConfigError(f"unknown runtime '{str(runtime)[:40]}'; choose auto, torch or onnxruntime")
+        if self.loaded.kind == "exported":
+            return self.runtime
+        if runtime == "auto":
+            if self.device.type != "cpu":
+                runtime = "torch"
+            else:
+                try:
+                    times = self.time_runtimes(threads)
+                except ConfigError:  # no onnxruntime, or the network does not export
+                    times = {"torch": 0.0}
+                runtime = min(times, key=times.get)
+                return self.use_runtime(runtime, threads)
+        if runtime == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ConfigError(f"--runtime onnxruntime runs on the CPU; this predictor is on {self.device}")
+            from .export import OnnxRuntimeForward
+
+            self._forward = OnnxRuntimeForward(self.loaded, threads)
+        else:
+            self._forward = None
+        self.runtime = runtime
+        return runtime
+
+    def time_runtimes(self, threads: int = 1, repeats: int = 3) -> dict[str, float]:
+        """Seconds per forward pass of ``batch_size`` random faces on each runtime (best of
+        ``repeats``, after one warm-up), torch with its current threads."""
+        import time
+
+        from .export import OnnxRuntimeForward
+
+        size = self.image_size
+        x = torch.from_numpy(np.random.default_rng(0).random((self.batch_size, 3, size, size), dtype=np.float32))
+        forwards = {"torch": self.loaded.model, "onnxruntime": OnnxRuntimeForward(self.loaded, threads)}
+        times = {}
+        with torch.inference_mode():
+            for name, forward in forwards.items():
+                forward(x)
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    forward(x)
+                    best = min(best, time.perf_counter() - start)
+                times[name] = best
+        return times
 
     @property
     def image_size(self) -> int:
@@ -433,7 +494,10 @@ class AgePredictor:
             faces = faces.copy()
         batch = torch.from_numpy(faces).to(self.device, non_blocking=True)
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        years, spread = self.loaded.years_and_spread(x)
+        if self._forward is not None:
+            years, spread = self.loaded.outputs_to_years(self._forward(x))
+        else:
+            years, spread = self.loaded.years_and_spread(x)
         return years.double().cpu().numpy(), None if spread is None else spread.double().cpu().numpy()
 
     def predict_crops(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:

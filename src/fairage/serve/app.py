@@ -131,7 +131,8 @@ def default_card(loaded) -> dict:
 
 
 def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits: ServeLimits | None = None,
-               detector: str = "auto", detector_threads: int = 1) -> FastAPI:
+               detector: str = "auto", detector_threads: int = 1, runtime: str | None = None,
+               model_threads: int = 1) -> FastAPI:
     """The FastAPI app serving one model.
 
     ``predictor_or_model_path``: a ``fairage.predict.AgePredictor`` (anything with
@@ -140,9 +141,13 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     path (run folder, model folder, exported model) loaded here with ``detector`` and
     ``detector_threads`` (``AgePredictor``). ``card``: the model card dict (default:
     ``fairage.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
+    ``runtime``: ``torch``, ``onnxruntime`` (``model_threads`` intra-op threads) or ``auto`` (the
+    faster here, ``AgePredictor.use_runtime``) for the age model; None leaves the predictor's.
     """
     from ..modelcard import card_markdown
     predictor = _predictor(predictor_or_model_path, detector, detector_threads)
+    if runtime is not None and hasattr(predictor, "use_runtime"):
+        predictor.use_runtime(runtime, model_threads)
     card = card if card is not None else default_card(predictor.loaded)
     card_md = card_markdown(card)
     limits = limits or ServeLimits()
@@ -438,12 +443,18 @@ def app_from_environment() -> FastAPI:
     """App factory for ``uvicorn --factory`` with several worker processes (``fairage serve --workers N``).
 
     Reads ``FAIRAGE_SERVE_MODEL`` (model path), ``FAIRAGE_SERVE_DETECTOR``,
-    ``FAIRAGE_SERVE_DETECTOR_THREADS`` and, for each ``ServeLimits`` field it sets,
+    ``FAIRAGE_SERVE_DETECTOR_THREADS``, ``FAIRAGE_SERVE_RUNTIME``, ``FAIRAGE_SERVE_MODEL_THREADS`` and, for each ``ServeLimits`` field it sets,
     ``FAIRAGE_SERVE_<FIELD>`` (``ENVIRONMENT_SETTINGS``: ``FAIRAGE_SERVE_MAX_BATCH``, ...).
     """
+    model_threads = int(os.environ.get("FAIRAGE_SERVE_MODEL_THREADS", "1"))
+    if "FAIRAGE_SERVE_MODEL_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(model_threads)  # this worker process is the service's own
     return create_app(Path(os.environ["FAIRAGE_SERVE_MODEL"]), limits=limits_from_environment(),
                       detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"),
-                      detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")))
+                      detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")),
+                      runtime=os.environ.get("FAIRAGE_SERVE_RUNTIME"), model_threads=model_threads)
 
 
 #: the ServeLimits fields ``fairage serve --workers N`` passes to its worker processes
