@@ -287,3 +287,19 @@ def test_yunet_threads_change_nothing_but_speed():
     assert set_yunet_threads(1)  # yuface's OpenMP runtime was found
     with pytest.raises(ConfigError, match="detector threads must be an integer >= 0"):
         YuNetDetector(threads=-1)
+
+
+def test_onnxruntime_gives_the_torch_ages_and_auto_picks_a_runtime(tiny_run):
+    pytest.importorskip("onnxruntime")
+    torch_ages = AgePredictor(tiny_run, device="cpu")
+    on_ort = AgePredictor(tiny_run, device="cpu", batch_size=8)
+    assert on_ort.use_runtime("onnxruntime") == "onnxruntime" and on_ort.runtime == "onnxruntime"
+    crops = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    expected = torch_ages.predict_crops(crops)
+    assert on_ort.predict_crops(crops) == pytest.approx(expected, abs=AGE_TOLERANCE)
+    assert np.ptp(expected) > 100 * AGE_TOLERANCE  # the crops' ages differ: a mix-up would show
+    times = on_ort.time_runtimes(repeats=1)
+    assert set(times) == {"torch", "onnxruntime"} and all(t > 0 for t in times.values())
+    assert on_ort.use_runtime("auto") in ("torch", "onnxruntime")
+    with pytest.raises(ConfigError, match="unknown runtime 'tensorflow'"):
+        on_ort.use_runtime("tensorflow")
