@@ -591,13 +591,15 @@ class AgePredictor:
             result.faces = self._faces(prepared.found, ages, spreads)
         return result
 
-    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
+    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 1,
                       keep_images: bool = False
                       ) -> Iterator[tuple[str, ImageResult | None, str | None, np.ndarray | None]]:
         """Predict many image files, in order: yields ``(path, result, error, rgb)`` per file.
 
         Files are read (and faces detected) in ``workers`` threads while the model runs
-        batches of up to ``batch_size`` faces gathered across photos. ``error`` is the
+        batches of up to ``batch_size`` faces gathered across photos. One worker by default:
+        YuNet holds the GIL, so a second thread overlaps only decoding, and on 2 busy cores it
+        cost more than it gave (6.3 against 9.6 photos/s, ``benchmarks/predict_throughput.py``). ``error`` is the
         message of an unreadable file (its ``result`` is None); ``rgb`` is the decoded
         photo when ``keep_images`` (for drawing; None with ``faces_only``), else None.
         """
