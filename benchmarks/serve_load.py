@@ -1,16 +1,26 @@
 """Load on `fairage serve`: N concurrent clients POST a group photo for T seconds against 127.0.0.1.
 
-Starts `fairage serve MODEL --port 0` in its own process, then runs N client threads (each
-with its own keep-alive connection) that post the same photo back to back until T seconds
-have passed. Prints requests/s, p50/p99 latency and the error count (any answer but 200),
-next to the baseline: the same photo through `AgePredictor.predict_image` in this process,
-one call after another on one thread (no HTTP, no server).
+Runs three server configurations one after another, each in its own process, and prints them
+side by side:
+
+* ``before``: every request whole on one inference thread (decode, detect, crop, its own forward
+  pass), YuNet with OpenMP's default threads, torch with its default threads: the service as it
+  was before shared passes (the app's path for a predictor without ``prepare_image``);
+* ``alone``: `fairage serve --max-batch 1` (every request's crops in a pass of their own; one
+  YuNet thread, the age model on the faster runtime with one thread);
+* ``batched``: `fairage serve` with its defaults (crops of concurrent requests share passes).
+
+N client threads (each with its own keep-alive connection) post the same photo back to back
+until T seconds have passed. Printed: requests/s, p50/p99 latency, the error count (any answer
+but 200 with three faces) and the batched server's ratio to the others; then the baseline: the
+same photo through `AgePredictor.predict_image` in this process, one call at a time (no HTTP).
 
 Without --model it trains a tiny model first (preset M2 at the tiny scale on 112 synthetic
 32 px faces, seconds), so the figure is mostly detection, cropping and HTTP. The photo:
 three copies of matplotlib's grace_hopper.jpg side by side (1536 x 600 px, three faces).
 
-Usage: python benchmarks/serve_load.py [--model RUN] [--clients 16] [--seconds 20] [--workers 1]
+Usage: python benchmarks/serve_load.py [--model RUN] [--clients 16] [--seconds 15] [--workers 1]
+       [--only batched] [-- extra `fairage serve` options for the batched server]
 """
 
 from __future__ import annotations
@@ -56,17 +66,20 @@ def tiny_model(root: Path) -> Path:
     return root / "run"
 
 
-def start_server(model: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "fairage.cli", "serve", str(model), "--host", "127.0.0.1",
-                             "--port", "0", "--workers", str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def start_server(model: Path, workers: int, options: list[str], before: bool = False) -> tuple[subprocess.Popen, str]:
+    if before:  # this script serves the model the old way (see serve_before)
+        command = [sys.executable, __file__, "--serve-before", str(model)]
+    else:
+        command = [sys.executable, "-m", "fairage.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
+                   "--workers", str(workers), *options]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # uvicorn names its address once it listens
         if "Uvicorn running on" in line:
             url = line.split("Uvicorn running on ")[1].split()[0]
             break
     else:
         raise SystemExit(f"the server exited before listening (code {proc.wait()})")
-    if workers > 1:  # the address is printed before the workers have loaded the model
+    if workers > 1 and not before:  # the address is printed before the workers have loaded the model
         ready = 0
         for line in proc.stdout:
             ready += "Application startup complete" in line
@@ -75,6 +88,25 @@ def start_server(model: Path, workers: int) -> tuple[subprocess.Popen, str]:
     # keep draining its output so the server never blocks on a full pipe
     threading.Thread(target=lambda: proc.stdout.read(), daemon=True).start()
     return proc, url
+
+
+class WholeRequests:
+    """An AgePredictor seen through ``predict_image`` alone: the app runs each request whole on its one thread."""
+
+    def __init__(self, predictor):
+        self.loaded = predictor.loaded
+        self.predict_image = predictor.predict_image
+
+
+def serve_before(model: Path) -> None:
+    """The service as before shared passes: one inference thread, YuNet with OpenMP's default threads."""
+    import uvicorn
+
+    from fairage.predict import AgePredictor
+    from fairage.serve import create_app, serve_protocol
+
+    app = create_app(WholeRequests(AgePredictor(model, detector_threads=0)))
+    uvicorn.run(app, host="127.0.0.1", port=0, log_level="info", http=serve_protocol())
 
 
 def load(url: str, photo: bytes, clients: int, seconds: float) -> tuple[list[float], int, float]:
@@ -101,26 +133,62 @@ def load(url: str, photo: bytes, clients: int, seconds: float) -> tuple[list[flo
     return [t for lat, _ in results for t in lat], sum(e for _, e in results), elapsed
 
 
+CONFIGS = {
+    "before": "each request whole on one thread, OpenMP/torch default threads",
+    "alone": "fairage serve --max-batch 1",
+    "batched": "fairage serve (defaults: --max-batch 32 --batch-wait-ms 5)",
+}
+
+
+def run_config(name: str, model: Path, photo: bytes, args, options: list[str]) -> dict:
+    opts = {"alone": ["--max-batch", "1"], "batched": options}.get(name, [])
+    proc, url = start_server(model, args.workers, opts, before=name == "before")
+    try:
+        for _ in range(2):  # warm-up
+            httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=120)
+        cpu0 = cpu_seconds(proc.pid)
+        latencies, errors, elapsed = load(url, photo, args.clients, args.seconds)
+        cpu = cpu_seconds(proc.pid) - cpu0
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    ms = np.array(latencies) * 1000
+    return {"n": len(latencies), "rate": len(latencies) / elapsed, "p50": np.percentile(ms, 50),
+            "p99": np.percentile(ms, 99), "errors": errors, "cpu_ms": 1000 * cpu / max(1, len(latencies))}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, seconds) of a process and its children so far; NaN off Linux."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--serve-before":
+        serve_before(Path(sys.argv[2]))
+        return
+    argv, options = (sys.argv[1:], []) if "--" not in sys.argv else (
+        sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="run or model folder (default: a tiny model)")
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients, 1..{MAX_CLIENTS}")
-    parser.add_argument("--seconds", type=float, default=20.0, help=f"duration, at most {MAX_SECONDS} s")
-    parser.add_argument("--workers", type=int, default=1, help="server processes")
-    args = parser.parse_args()
+    parser.add_argument("--seconds", type=float, default=15.0, help=f"duration of each configuration, at most {MAX_SECONDS} s")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (alone and batched)")
+    parser.add_argument("--only", choices=list(CONFIGS), action="append", help="run only these configurations")
+    args = parser.parse_args(argv)
     if not 1 <= args.clients <= MAX_CLIENTS or not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
 
     photo = group_photo()
+    names = args.only or list(CONFIGS)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or tiny_model(Path(tmp))
-        proc, url = start_server(model, args.workers)
-        try:
-            httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=120)  # warm-up
-            latencies, errors, elapsed = load(url, photo, args.clients, args.seconds)
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        results = {name: run_config(name, model, photo, args, options) for name in names}
 
         from fairage.predict import AgePredictor
 
@@ -134,19 +202,24 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             return times
 
-        # on a worker thread, as the server runs inference (the detector's OpenMP threads are
-        # markedly slower from the main thread on a loaded machine); the first calls warm up
+        # on a worker thread, as the server runs inference; the first calls warm up
         with ThreadPoolExecutor(1) as thread:
-            thread.submit(serial, 2.0).result()
-            direct = thread.submit(serial, min(args.seconds, 10.0)).result()
+            thread.submit(serial, 1.0).result()
+            direct = thread.submit(serial, min(args.seconds, 5.0)).result()
 
-    ms = np.array(latencies) * 1000
-    print(f"serve: {args.clients} clients x {args.seconds:g} s, {args.workers} worker(s), 1536 x 600 JPEG with 3 faces")
-    print(f"  {len(latencies)} requests, {len(latencies) / elapsed:.1f} requests/s, "
-          f"latency p50 {np.percentile(ms, 50):.0f} ms, p99 {np.percentile(ms, 99):.0f} ms, errors {errors}")
+    print(f"serve: {args.clients} clients x {args.seconds:g} s per configuration, {args.workers} worker(s), "
+          f"1536 x 600 JPEG with 3 faces")
+    for name in names:
+        r = results[name]
+        print(f"  {name:8s} {r['n']:5d} requests, {r['rate']:5.1f} requests/s, latency p50 {r['p50']:5.0f} ms, "
+              f"p99 {r['p99']:5.0f} ms, errors {r['errors']}, server CPU {r['cpu_ms']:.0f} ms/request  ({CONFIGS[name]})")
+    if "batched" in results:
+        for other in ("before", "alone"):
+            if other in results:
+                print(f"  batched / {other}: {results['batched']['rate'] / results[other]['rate']:.2f}x requests/s")
     print(f"  baseline, AgePredictor.predict_image in-process, one call at a time: {1 / statistics.mean(direct):.1f} "
           f"photos/s, p50 {1000 * statistics.median(direct):.0f} ms")
-    if errors:
+    if any(r["errors"] for r in results.values()):
         raise SystemExit(1)
 
 

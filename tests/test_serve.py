@@ -339,6 +339,11 @@ def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
             page.wait_for_selector("body[data-result=ready]", timeout=60_000)
             ages = [float(t) for t in page.locator("#faces td.age").all_inner_texts()]
             assert ages == [round(f["age"], 1) for f in expected["faces"]]
+            # a regression head gives no spread: no spread column; the run is calibrated: each face's interval
+            assert "spread" not in expected["faces"][0] and page.locator("#faces td.spread").count() == 0
+            assert not page.is_visible("#spread-head")
+            assert page.locator("#faces td.interval").all_inner_texts() == [
+                f"{f['age_lo']:.1f} to {f['age_hi']:.1f}" for f in expected["faces"]]
             assert page.inner_text("#status").startswith(f"group.jpg: {len(TILES)} faces")
             # the card beside it: test MAE and the four biases with their intervals, one table per attribute
             ev = card["evaluation"]
@@ -367,3 +372,63 @@ def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
         finally:
             browser.close()
     assert (tmp_path / "serve_page.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def dex_model_folder(tmp_path_factory) -> Path:
+    """A model folder with a DEX head (random weights, 32 px) and a conformal calibration:
+    its faces carry a spread and an interval."""
+    import pandas as pd
+    import torch
+    from safetensors.torch import save_file
+
+    from fairage.config import dump_config, load_preset
+    from fairage.conformal import CONFORMAL, fit_calibration, write_calibration
+    from fairage.models import AgeRegressor
+
+    folder = tmp_path_factory.mktemp("dex-model")
+    cfg = load_preset("M1", "tiny", ["model.output=dex"])
+    torch.manual_seed(0)
+    model = AgeRegressor(cfg.model)
+    (folder / "config.yaml").write_text(dump_config(cfg))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(5, 80, 200)
+    cal, _ = fit_calibration(pd.DataFrame({"age": ages, "prediction": ages + rng.normal(0, 4, 200)}), alpha=0.1)
+    write_calibration(folder / CONFORMAL, cal)
+    return folder
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium); cannot test the page")
+def test_web_page_shows_each_faces_spread_and_interval(dex_model_folder, group_jpeg, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
+    live = LiveServer(create_app(AgePredictor(dex_model_folder, device="cpu")))
+    try:
+        expected = httpx.post(f"{live.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"},
+                              timeout=60).json()
+        assert len(expected["faces"]) == len(TILES) and expected["interval_level"] == pytest.approx(0.9)
+        assert all(f["spread"] > 0 and f["age_lo"] <= f["age"] <= f["age_hi"] for f in expected["faces"])
+        photo = tmp_path / "group.jpg"
+        photo.write_bytes(group_jpeg)
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"{live.url}/")
+                page.set_input_files("#file", str(photo))
+                page.wait_for_selector("body[data-result=ready]", timeout=60_000)
+                assert page.is_visible("#spread-head")
+                assert page.inner_text("#interval-head") == "90% interval (years)"
+                assert page.locator("#faces td.spread").all_inner_texts() == [
+                    f"\u00b1 {f['spread']:.1f}" for f in expected["faces"]]
+                assert page.locator("#faces td.interval").all_inner_texts() == [
+                    f"{f['age_lo']:.1f} to {f['age_hi']:.1f}" for f in expected["faces"]]
+                # the row's cells in order: face, age, spread, interval, box, score
+                first = page.locator("#faces tbody tr").first.inner_text().split("\t")
+                f0 = expected["faces"][0]
+                assert first[:4] == ["1", f"{f0['age']:.1f}", f"\u00b1 {f0['spread']:.1f}",
+                                     f"{f0['age_lo']:.1f} to {f0['age_hi']:.1f}"]
+            finally:
+                browser.close()
+    finally:
+        live.close()

@@ -1244,27 +1244,47 @@ def serve_command(
     detector: str = typer.Option("auto", "--detector", help="Face detector: auto, yunet, haar, dlib."),
     max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", min=0.001, help="Largest upload, MiB (413 above)."),
     max_pixels: int = typer.Option(40_000_000, "--max-pixels", min=1, help="Largest decoded image, pixels (413 above)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Faces of concurrent requests in one forward pass, "
+                                                           "1-4096 (1: each request alone)."),
+    batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Milliseconds a request's faces wait for "
+                                                                      "other requests' to share a pass, 0-1000."),
+    prepare_threads: int = typer.Option(2, "--prepare-threads", help="Threads that decode, detect and crop "
+                                                                      "uploads, 1-64."),
+    detector_threads: int = typer.Option(1, "--detector-threads", help="OpenMP threads per YuNet call "
+                                                                        "(0: OpenMP's default, every core)."),
+    runtime: str = typer.Option("auto", "--runtime", help="Age model runtime: auto (the faster here, timed at "
+                                                           "start), torch, onnxruntime."),
+    model_threads: int = typer.Option(1, "--model-threads", min=1, max=256, help="CPU threads of each forward "
+                                                                                 "pass (torch and onnxruntime)."),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: critical, error, warning, info, debug."),
 ) -> None:
     """HTTP service and web page: POST /predict (photo -> faces, ages), GET /model (model card), GET / (page)."""
     import os
 
+    import torch
     import uvicorn
 
     from .serve import ServeLimits, create_app, serve_protocol
+    from .serve.app import limits_to_environment
 
-    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels)
+    limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
+                         max_batch=max_batch, batch_wait_ms=batch_wait_ms, prepare_threads=prepare_threads)
+    # the service's process: its forward passes use this many threads (torch's default, every
+    # core, waits for busy cores at every layer on a shared machine)
+    torch.set_num_threads(model_threads)
     # the model and its card load here first, so a bad path is one message and exit 2, in any mode
-    application = create_app(model, limits=limits, detector=detector)
-    console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s); Ctrl-C stops",
+    application = create_app(model, limits=limits, detector=detector, detector_threads=detector_threads,
+                             runtime=runtime, model_threads=model_threads)
+    console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s), age model on "
+                  f"{getattr(application.state.predictor, 'runtime', 'its own runtime')}; Ctrl-C stops",
                   highlight=False)
     if workers == 1:
         uvicorn.run(application, host=host, port=port, log_level=log_level, http=serve_protocol())
         return
     del application
     os.environ.update(FAIRAGE_SERVE_MODEL=str(model.resolve()), FAIRAGE_SERVE_DETECTOR=detector,
-                      FAIRAGE_SERVE_MAX_UPLOAD_BYTES=str(limits.max_upload_bytes),
-                      FAIRAGE_SERVE_MAX_PIXELS=str(limits.max_pixels))
+                      FAIRAGE_SERVE_DETECTOR_THREADS=str(detector_threads), FAIRAGE_SERVE_RUNTIME=runtime,
+                      FAIRAGE_SERVE_MODEL_THREADS=str(model_threads), **limits_to_environment(limits))
     uvicorn.run("fairage.serve.app:app_from_environment", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, http=serve_protocol())
 

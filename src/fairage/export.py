@@ -121,3 +121,53 @@ def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike,
             warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated
             torch.jit.save(traced, str(tmp), _extra_files={"fairage.json": json.dumps(meta)})
     return out
+
+
+class OnnxRuntimeForward:
+    """A run or model folder's network run by ONNX Runtime on the CPU: (N, 3, S, S) float [0, 1]
+    -> the network's raw output (label units or logits, as ``AgeRegressor.forward``), so the
+    caller turns it into years and spreads exactly as for torch (``LoadedModel.outputs_to_years``).
+
+    The network is exported in memory (the exporter of ``export_model``, opset 17, dynamic batch)
+    and run with ``threads`` intra-op threads (one inter-op thread). ConfigError when onnx or
+    onnxruntime is missing or the export fails.
+    """
+
+    def __init__(self, loaded: LoadedModel, threads: int = 1):
+        import io
+
+        try:
+            import onnx  # noqa: F401 - the exporter needs it
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("--runtime onnxruntime needs onnx and onnxruntime (pip install 'fairage[export]')") from None
+        if loaded.kind == "exported":
+            raise ConfigError(f"{loaded.source} is an exported model: it runs on onnxruntime already")
+        net = loaded.model
+        device = next(net.parameters()).device
+        net = net.to("cpu").eval()
+        size = loaded.image_size
+        example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        buffer = io.BytesIO()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
+                torch.onnx.export(net, (example,), buffer, input_names=[INPUT_NAME], output_names=["out"],
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, "out": {0: "batch"}},
+                                  opset_version=17, dynamo=False, do_constant_folding=True)
+        except (torch.onnx.errors.OnnxExporterError, ValueError, RuntimeError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{loaded.source}: cannot run on onnxruntime, the export failed: {reason[:300]}") from None
+        finally:
+            loaded.model.to(device)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        self.threads = int(threads)
+        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor):
+        import numpy as np
+
+        (out,) = self.session.run(None, {INPUT_NAME: x.detach().cpu().numpy().astype(np.float32, copy=False)})
+        return torch.from_numpy(np.asarray(out, dtype=np.float32))

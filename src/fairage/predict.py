@@ -103,7 +103,10 @@ class LoadedModel:
     def years_and_spread(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``years`` and the (N,) float32 spread in years (the standard deviation of each face's
         predicted age distribution), or None when the model gives none (regression heads, exports)."""
-        out = self.model(x)
+        return self.outputs_to_years(self.model(x))
+
+    def outputs_to_years(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``years_and_spread`` of the network's raw output ``out`` (however it was computed)."""
         if isinstance(self.model, AgeRegressor):
             spread = self.model.spread(out)
             return self.model.ages(out), None if spread is None else spread.float()
@@ -316,6 +319,18 @@ class FaceResult:
 
 
 @dataclass
+class PreparedImage:
+    """A photo ready for the model (``AgePredictor.prepare_image``): its size (after EXIF
+    orientation), ``found`` = ``[(box, score)]`` per face, best first, and ``crops`` their uint8
+    (N, S, S, 3) RGB crops at the model's size."""
+
+    width: int
+    height: int
+    found: list[tuple[tuple[int, int, int, int], float]]
+    crops: np.ndarray
+
+
+@dataclass
 class ImageResult:
     """One photo: its size (after EXIF orientation) and its faces, best detector score first."""
 
@@ -370,10 +385,12 @@ class AgePredictor:
     device : torch device (default: CUDA when present, else CPU). Exported models run
         on onnxruntime's own device.
     batch_size : faces per forward pass.
+    detector_threads : OpenMP threads per YuNet call (``fairage.detect.YuNetDetector``; default 1,
+        robust on busy machines; 0: OpenMP's default).
     """
 
     def __init__(self, model: LoadedModel | str | os.PathLike, detector: str = "auto", device=None,
-                 batch_size: int = 64):
+                 batch_size: int = 64, detector_threads: int = 1):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = parse_device(device) if device is not None else default_device()
         if self.loaded.kind == "exported":
@@ -383,10 +400,71 @@ class AgePredictor:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
+        if isinstance(detector_threads, bool) or not isinstance(detector_threads, int) or detector_threads < 0:
+            raise ConfigError(f"detector_threads must be an integer >= 0 (0: OpenMP's default), got {detector_threads!r}")
+        self.detector_threads = detector_threads
         self.detector_name = detector
         self._local = threading.local()  # one detector per thread: OpenCV and dlib detectors are not shared safely
+        self.runtime = "onnxruntime" if self.loaded.kind == "exported" else "torch"
+        self._forward = None  # the network's forward pass when not torch's (use_runtime)
         if detector != "auto":
             self.detector  # noqa: B018 - an unknown or missing detector fails now, not at the first photo
+
+    #: the runtimes ``use_runtime`` takes
+    RUNTIMES = ("torch", "onnxruntime")
+
+    def use_runtime(self, runtime: str, threads: int = 1) -> str:
+        """Run the network on ``runtime``: ``torch`` or ``onnxruntime`` (CPU, ``threads`` intra-op
+        threads; the network exported in memory, ``fairage.export.OnnxRuntimeForward``), or
+        ``auto``: whichever of the two runs a batch of ``batch_size`` faces faster here
+        (``time_runtimes``; torch on a GPU). Ages and spreads are the same to float32 rounding.
+        Returns the runtime chosen. An exported model runs on onnxruntime whatever is asked."""
+        if runtime not in (*self.RUNTIMES, "auto"):
+            raise ConfigError(f"unknown runtime '{str(runtime)[:40]}'; choose auto, torch or onnxruntime")
+        if self.loaded.kind == "exported":
+            return self.runtime
+        if runtime == "auto":
+            if self.device.type != "cpu":
+                runtime = "torch"
+            else:
+                try:
+                    times = self.time_runtimes(threads)
+                except ConfigError:  # no onnxruntime, or the network does not export
+                    times = {"torch": 0.0}
+                runtime = min(times, key=times.get)
+                return self.use_runtime(runtime, threads)
+        if runtime == "onnxruntime":
+            if self.device.type != "cpu":
+                raise ConfigError(f"--runtime onnxruntime runs on the CPU; this predictor is on {self.device}")
+            from .export import OnnxRuntimeForward
+
+            self._forward = OnnxRuntimeForward(self.loaded, threads)
+        else:
+            self._forward = None
+        self.runtime = runtime
+        return runtime
+
+    def time_runtimes(self, threads: int = 1, repeats: int = 3) -> dict[str, float]:
+        """Seconds per forward pass of ``batch_size`` random faces on each runtime (best of
+        ``repeats``, after one warm-up), torch with its current threads."""
+        import time
+
+        from .export import OnnxRuntimeForward
+
+        size = self.image_size
+        x = torch.from_numpy(np.random.default_rng(0).random((self.batch_size, 3, size, size), dtype=np.float32))
+        forwards = {"torch": self.loaded.model, "onnxruntime": OnnxRuntimeForward(self.loaded, threads)}
+        times = {}
+        with torch.inference_mode():
+            for name, forward in forwards.items():
+                forward(x)
+                best = float("inf")
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    forward(x)
+                    best = min(best, time.perf_counter() - start)
+                times[name] = best
+        return times
 
     @property
     def image_size(self) -> int:
@@ -399,7 +477,7 @@ class AgePredictor:
         if detector is None:
             from .detect import make_detector
 
-            detector = self._local.detector = make_detector(self.detector_name)
+            detector = self._local.detector = make_detector(self.detector_name, threads=self.detector_threads)
         return detector
 
     # ----------------------------------------------------------------- inference
@@ -416,7 +494,10 @@ class AgePredictor:
             faces = faces.copy()
         batch = torch.from_numpy(faces).to(self.device, non_blocking=True)
         x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-        years, spread = self.loaded.years_and_spread(x)
+        if self._forward is not None:
+            years, spread = self.loaded.outputs_to_years(self._forward(x))
+        else:
+            years, spread = self.loaded.years_and_spread(x)
         return years.double().cpu().numpy(), None if spread is None else spread.double().cpu().numpy()
 
     def predict_crops(self, crops: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
@@ -479,30 +560,46 @@ class AgePredictor:
         orientation applied). ``faces_only=True``: the image is already a face crop; no
         detection, one face whose box is the whole image and score 1.
         """
+        prepared = self.prepare_image(image, faces_only=faces_only)
+        if not len(prepared.crops):
+            return self.finish_image(prepared, np.empty(0), None)
+        return self.finish_image(prepared, *self.predict_crops_spread(prepared.crops))
+
+    def prepare_image(self, image, faces_only: bool = False) -> PreparedImage:
+        """``predict_image`` up to the model: decode, detect and crop (``image`` and
+        ``faces_only`` as there). The crops' ages, from any forward pass (``predict_crops_spread``,
+        alone or batched with other photos' crops), go to ``finish_image``."""
         if faces_only and isinstance(image, (str, os.PathLike, bytes, bytearray)):
-            return self._face_result(*_read_face(image, self.image_size))
+            face, (width, height) = _read_face(image, self.image_size)
+            return PreparedImage(width, height, [((0, 0, width, height), 1.0)], face[None])
         rgb = _as_rgb(image)
         if faces_only:
-            return self._face_result(resize_face(rgb, self.image_size), (rgb.shape[1], rgb.shape[0]))
+            width, height = rgb.shape[1], rgb.shape[0]
+            return PreparedImage(width, height, [((0, 0, width, height), 1.0)],
+                                 resize_face(rgb, self.image_size)[None])
         found = self.find_faces(rgb)
-        result = ImageResult(rgb.shape[1], rgb.shape[0])
-        if found:
-            ages, spreads = self.predict_crops_spread(np.stack([crop for _, _, crop in found]))
-            result.faces = self._faces(found, ages, spreads)
+        size = self.image_size
+        crops = np.stack([crop for _, _, crop in found]) if found else np.empty((0, size, size, 3), np.uint8)
+        return PreparedImage(rgb.shape[1], rgb.shape[0], [(box, score) for box, score, _ in found], crops)
+
+    def finish_image(self, prepared: PreparedImage, ages, spreads=None) -> ImageResult:
+        """The ``ImageResult`` of a ``prepare_image`` photo from its crops' ages and spreads
+        (float (N,) years, N = len(prepared.crops); spreads None for a model that gives none),
+        with the conformal intervals when the model is calibrated."""
+        result = ImageResult(prepared.width, prepared.height)
+        if prepared.found:
+            result.faces = self._faces(prepared.found, ages, spreads)
         return result
 
-    def _face_result(self, face: np.ndarray, size: tuple[int, int]) -> ImageResult:
-        width, height = size
-        ages, spreads = self.predict_crops_spread(face[None])
-        return ImageResult(width, height, self._faces([((0, 0, width, height), 1.0)], ages, spreads))
-
-    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 2,
+    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 1,
                       keep_images: bool = False
                       ) -> Iterator[tuple[str, ImageResult | None, str | None, np.ndarray | None]]:
         """Predict many image files, in order: yields ``(path, result, error, rgb)`` per file.
 
         Files are read (and faces detected) in ``workers`` threads while the model runs
-        batches of up to ``batch_size`` faces gathered across photos. ``error`` is the
+        batches of up to ``batch_size`` faces gathered across photos. One worker by default:
+        YuNet holds the GIL, so a second thread overlaps only decoding, and on 2 busy cores it
+        cost more than it gave (6.3 against 9.6 photos/s, ``benchmarks/predict_throughput.py``). ``error`` is the
         message of an unreadable file (its ``result`` is None); ``rgb`` is the decoded
         photo when ``keep_images`` (for drawing; None with ``faces_only``), else None.
         """

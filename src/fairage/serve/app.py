@@ -12,9 +12,13 @@ Endpoints::
     GET  /model.md   the model card (Markdown)
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
 
-The model is loaded once, when the app is made. Inference runs on one dedicated thread
-(torch uses the cores inside each call), so the event loop keeps answering while it works.
-Two bounded counts, so slow clients cannot starve the others: at most ``max_uploading``
+The model is loaded once, when the app is made. Each received upload is decoded, searched for
+faces and cropped on one of ``prepare_threads`` threads; the crops then join a queue
+(``fairage.serve.batching.CropBatcher``) whose thread runs the age model on the crops of
+several requests in one forward pass: up to ``max_batch`` faces, gathered for at most
+``batch_wait_ms`` after the first (``max_batch=1``: every request's crops alone). The event loop
+keeps answering meanwhile. A predictor with only ``predict_image`` (no ``prepare_image``) runs
+each request whole on one thread. Two bounded counts, so slow clients cannot starve the others: at most ``max_uploading``
 request bodies are being received at once and at most ``max_pending`` received uploads wait
 for (or are in) inference; more get 503. A body must arrive within ``body_timeout`` seconds
 (plus one per ``min_body_rate`` bytes received), with no gap longer than ``chunk_timeout``
@@ -27,6 +31,7 @@ byte count, so an oversized upload is refused without being stored.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -35,13 +40,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from .batching import CropBatcher
 from .uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, check_image
 
 #: seconds a connection may take to send a request's headers (``serve_protocol``)
@@ -74,12 +81,45 @@ class ServeLimits:
     min_body_rate: float = 50_000.0
     #: longest wait for the next piece of a request body, seconds (408 above)
     chunk_timeout: float = 5.0
+    #: faces in one forward pass shared by concurrent requests (1: each request's faces alone)
+    max_batch: int = 32
+    #: milliseconds the first request of a batch waits for others' faces (0: only those already queued)
+    batch_wait_ms: float = 5.0
+    #: threads that decode, detect and crop uploads before the shared forward pass
+    prepare_threads: int = 2
+
+    def __post_init__(self) -> None:
+        for key, low, high in _SETTING_BOUNDS:
+            value = getattr(self, key)
+            integral = key in _INTEGER_SETTINGS
+            ok = (not isinstance(value, bool) and isinstance(value, (int, float))
+                  and (isinstance(value, int) if integral else math.isfinite(value)) and low <= value <= high)
+            if not ok:
+                kind = "an integer" if integral else "a number"
+                option = f" ({_CLI_OPTIONS[key]})" if key in _CLI_OPTIONS else ""
+                raise ConfigError(f"serve setting {key}{option} must be {kind} from {low:g} to {high:g}, "
+                                  f"got {str(value)[:40]!r}")
 
 
-def _predictor(model: Any, detector: str):
+#: (key, lowest, highest) of every ServeLimits field, checked when one is made
+_SETTING_BOUNDS = (
+    ("max_upload_bytes", 1, 2**40), ("max_pixels", 1, 2**40), ("max_pending", 1, 1_000_000),
+    ("max_uploading", 1, 1_000_000), ("body_timeout", 0.001, 86_400.0), ("min_body_rate", 1.0, 1e12),
+    ("chunk_timeout", 0.001, 86_400.0), ("max_batch", 1, 4096), ("batch_wait_ms", 0.0, 1000.0),
+    ("prepare_threads", 1, 64),
+)
+#: the `fairage serve` options that set a ServeLimits field (named in its messages)
+_CLI_OPTIONS = {"max_upload_bytes": "--max-upload-mb", "max_pixels": "--max-pixels", "max_batch": "--max-batch",
+                "batch_wait_ms": "--batch-wait-ms", "prepare_threads": "--prepare-threads"}
+_INTEGER_SETTINGS = {"max_upload_bytes", "max_pixels", "max_pending", "max_uploading", "max_batch", "prepare_threads"}
+
+
+def _predictor(model: Any, detector: str, detector_threads: int = 1):
     from ..predict import AgePredictor
 
-    return model if hasattr(model, "predict_image") else AgePredictor(model, detector=detector)
+    if hasattr(model, "predict_image"):
+        return model
+    return AgePredictor(model, detector=detector, detector_threads=detector_threads)
 
 
 def default_card(loaded) -> dict:
@@ -91,16 +131,23 @@ def default_card(loaded) -> dict:
 
 
 def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits: ServeLimits | None = None,
-               detector: str = "auto") -> FastAPI:
+               detector: str = "auto", detector_threads: int = 1, runtime: str | None = None,
+               model_threads: int = 1) -> FastAPI:
     """The FastAPI app serving one model.
 
     ``predictor_or_model_path``: a ``fairage.predict.AgePredictor`` (anything with
-    ``predict_image`` and a ``loaded`` LoadedModel), a LoadedModel, or a model path (run
-    folder, model folder, exported model) loaded here with ``detector``. ``card``: the
-    model card dict (default: ``fairage.modelcard.build_model_card`` of the model's folder).
+    ``predict_image`` and a ``loaded`` LoadedModel; with ``prepare_image``, ``finish_image`` and
+    ``predict_crops_spread`` too, its requests share forward passes), a LoadedModel, or a model
+    path (run folder, model folder, exported model) loaded here with ``detector`` and
+    ``detector_threads`` (``AgePredictor``). ``card``: the model card dict (default:
+    ``fairage.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
+    ``runtime``: ``torch``, ``onnxruntime`` (``model_threads`` intra-op threads) or ``auto`` (the
+    faster here, ``AgePredictor.use_runtime``) for the age model; None leaves the predictor's.
     """
     from ..modelcard import card_markdown
-    predictor = _predictor(predictor_or_model_path, detector)
+    predictor = _predictor(predictor_or_model_path, detector, detector_threads)
+    if runtime is not None and hasattr(predictor, "use_runtime"):
+        predictor.use_runtime(runtime, model_threads)
     card = card if card is not None else default_card(predictor.loaded)
     card_md = card_markdown(card)
     limits = limits or ServeLimits()
@@ -108,7 +155,11 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     model_name = predictor.loaded.name
     calibration = getattr(predictor.loaded, "calibration", None)
     interval_level = float(calibration.level) if calibration is not None else None
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fairage-inference")
+    batched = all(hasattr(predictor, a) for a in ("prepare_image", "finish_image", "predict_crops_spread"))
+    executor = ThreadPoolExecutor(max_workers=limits.prepare_threads if batched else 1,
+                                  thread_name_prefix="fairage-inference")
+    batcher = CropBatcher(predictor.predict_crops_spread, limits.max_batch,
+                          limits.batch_wait_ms / 1000.0) if batched else None
     pending = 0
     uploading = 0
 
@@ -116,20 +167,42 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     async def lifespan(app: FastAPI):
         yield
         executor.shutdown(wait=True, cancel_futures=True)
+        if batcher is not None:
+            batcher.close()
 
     app = FastAPI(title="fairage", version=_version(), lifespan=lifespan,
                   description="Apparent-age estimation with a measured model card (error by group, with intervals).")
     app.state.predictor = predictor
     app.state.limits = limits
+    app.state.batcher = batcher
 
     def infer(data: bytes, faces_only: bool) -> dict:
+        """A whole request on one thread (a predictor without ``prepare_image``)."""
+        check_image(data, limits.max_pixels)
+        try:
+            result = predictor.predict_image(data, faces_only=faces_only)
+        except DataError as err:  # passed the header check but the pixel data is bad
+            raise UploadError(400, f"upload: {err}") from None
+        return answer(result)
+
+    def prepare(data: bytes, faces_only: bool):
         check_image(data, limits.max_pixels)
         try:
             # the bytes, as `fairage predict` reads a file and the training cache a face crop: one
             # decoder (fairage.data.decode), EXIF turn, crops; a face's box is the upload's size
-            result = predictor.predict_image(data, faces_only=faces_only)
+            return predictor.prepare_image(data, faces_only=faces_only)
         except DataError as err:  # passed the header check but the pixel data is bad
             raise UploadError(400, f"upload: {err}") from None
+
+    async def infer_batched(data: bytes, faces_only: bool) -> dict:
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(executor, prepare, data, faces_only)
+        if len(prepared.crops) == 0:
+            return answer(predictor.finish_image(prepared, np.empty(0), None))
+        ages, spreads = await asyncio.wrap_future(batcher.submit(prepared.crops))
+        return answer(predictor.finish_image(prepared, ages, spreads))
+
+    def answer(result) -> dict:
         return {
             "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age),
                        **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)}),
@@ -168,6 +241,8 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
                                 status_code=503, headers={"Retry-After": "1"})
         pending += 1
         try:
+            if batcher is not None:
+                return JSONResponse(await infer_batched(data, faces_only))
             loop = asyncio.get_running_loop()
             return JSONResponse(await loop.run_in_executor(executor, infer, data, faces_only))
         finally:
@@ -368,10 +443,37 @@ def app_from_environment() -> FastAPI:
     """App factory for ``uvicorn --factory`` with several worker processes (``fairage serve --workers N``).
 
     Reads ``FAIRAGE_SERVE_MODEL`` (model path), ``FAIRAGE_SERVE_DETECTOR``,
-    ``FAIRAGE_SERVE_MAX_UPLOAD_BYTES`` and ``FAIRAGE_SERVE_MAX_PIXELS``.
+    ``FAIRAGE_SERVE_DETECTOR_THREADS``, ``FAIRAGE_SERVE_RUNTIME``, ``FAIRAGE_SERVE_MODEL_THREADS`` and, for each ``ServeLimits`` field it sets,
+    ``FAIRAGE_SERVE_<FIELD>`` (``ENVIRONMENT_SETTINGS``: ``FAIRAGE_SERVE_MAX_BATCH``, ...).
     """
-    limits = ServeLimits(
-        max_upload_bytes=int(os.environ.get("FAIRAGE_SERVE_MAX_UPLOAD_BYTES", MAX_UPLOAD_BYTES)),
-        max_pixels=int(os.environ.get("FAIRAGE_SERVE_MAX_PIXELS", MAX_PIXELS)))
-    return create_app(Path(os.environ["FAIRAGE_SERVE_MODEL"]), limits=limits,
-                      detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"))
+    model_threads = int(os.environ.get("FAIRAGE_SERVE_MODEL_THREADS", "1"))
+    if "FAIRAGE_SERVE_MODEL_THREADS" in os.environ:
+        import torch
+
+        torch.set_num_threads(model_threads)  # this worker process is the service's own
+    return create_app(Path(os.environ["FAIRAGE_SERVE_MODEL"]), limits=limits_from_environment(),
+                      detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"),
+                      detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")),
+                      runtime=os.environ.get("FAIRAGE_SERVE_RUNTIME"), model_threads=model_threads)
+
+
+#: the ServeLimits fields ``fairage serve --workers N`` passes to its worker processes
+ENVIRONMENT_SETTINGS = ("max_upload_bytes", "max_pixels", "max_batch", "batch_wait_ms", "prepare_threads")
+
+
+def limits_to_environment(limits: ServeLimits) -> dict[str, str]:
+    """``FAIRAGE_SERVE_<FIELD>`` variables of ``limits`` (``ENVIRONMENT_SETTINGS``)."""
+    return {f"FAIRAGE_SERVE_{key.upper()}": repr(getattr(limits, key)) for key in ENVIRONMENT_SETTINGS}
+
+
+def limits_from_environment() -> ServeLimits:
+    """The ServeLimits that ``limits_to_environment`` wrote (defaults for variables not set)."""
+    values: dict[str, Any] = {}
+    for key in ENVIRONMENT_SETTINGS:
+        text = os.environ.get(f"FAIRAGE_SERVE_{key.upper()}")
+        if text is not None:
+            try:
+                values[key] = int(text) if key in _INTEGER_SETTINGS else float(text)
+            except ValueError:
+                raise ConfigError(f"FAIRAGE_SERVE_{key.upper()}={text[:40]!r} is not a number") from None
+    return ServeLimits(**values)

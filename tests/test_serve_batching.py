@@ -1,0 +1,305 @@
+"""`fairage serve` shares forward passes between concurrent requests: answers equal the unbatched ones.
+
+The batcher is tested alone with a forward pass whose answer is known (each crop's mean pixel),
+then through the real app on uvicorn on 127.0.0.1, with events and barriers (no sleeps) to make
+the requests meet in one pass.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from conftest import GRACE_HOPPER, group_photo, invoke, jpeg_bytes
+from PIL import Image
+
+from fairage.errors import ConfigError
+from fairage.predict import AgePredictor
+from fairage.serve import CropBatcher, ServeLimits, create_app
+from fairage.serve.app import limits_from_environment, limits_to_environment
+
+#: ages agree to this many years between a shared pass and a pass of one request's crops alone:
+#: float32 convolutions sum in a different order for other batch sizes (about 1e-5 years apart)
+AGE_TOLERANCE = 1e-4
+
+
+@contextmanager
+def served(app):
+    """uvicorn serving ``app`` in a thread on a socket already listening on 127.0.0.1; yields the URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def mean_forward(calls: list[int], gate: threading.Event | None = None, entered: threading.Event | None = None):
+    """A forward pass whose ages are each crop's mean pixel value and spreads twice that; records batch sizes."""
+    def forward(crops: np.ndarray):
+        calls.append(len(crops))
+        if entered is not None:
+            entered.set()
+        if gate is not None:
+            assert gate.wait(timeout=60)
+        means = crops.reshape(len(crops), -1).mean(axis=1)
+        return means, 2 * means
+    return forward
+
+
+def crops_of(*values: int) -> np.ndarray:
+    return np.stack([np.full((4, 4, 3), v, np.uint8) for v in values])
+
+
+def test_batcher_takes_whole_requests_up_to_max_batch_and_gives_each_its_rows():
+    calls: list[int] = []
+    gate, entered = threading.Event(), threading.Event()
+    batcher = CropBatcher(mean_forward(calls, gate, entered), max_batch=6, max_wait=0.0)
+    try:
+        first = batcher.submit(crops_of(1, 2))
+        assert entered.wait(timeout=60)  # the first pass is running: the next requests queue behind it
+        b, c, d = batcher.submit(crops_of(10, 11, 12)), batcher.submit(crops_of(20, 21, 22)), batcher.submit(crops_of(30, 31))
+        gate.set()
+        results = [f.result(timeout=60) for f in (first, b, c, d)]
+    finally:
+        gate.set()
+        batcher.close()
+    # b and c fill a pass of 6 faces; d would make 8, so it starts the next pass
+    assert calls == [2, 6, 2]
+    expected = [[1, 2], [10, 11, 12], [20, 21, 22], [30, 31]]
+    for (ages, spreads), want in zip(results, expected):
+        assert ages.tolist() == want and spreads.tolist() == [2 * v for v in want]
+    assert (batcher.passes, batcher.faces) == (3, 10)
+
+
+def test_a_request_larger_than_max_batch_runs_alone():
+    calls: list[int] = []
+    batcher = CropBatcher(mean_forward(calls), max_batch=2, max_wait=0.0)
+    try:
+        ages, _ = batcher.submit(crops_of(5, 6, 7)).result(timeout=60)
+    finally:
+        batcher.close()
+    assert calls == [3] and ages.tolist() == [5, 6, 7]
+
+
+def test_a_failed_pass_fails_its_requests_and_the_batcher_serves_on():
+    fail = threading.Event()
+    fail.set()
+
+    def forward(crops):
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError("out of memory")
+        return crops.reshape(len(crops), -1).mean(axis=1), None
+
+    batcher = CropBatcher(forward, max_batch=8, max_wait=0.0)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            batcher.submit(crops_of(1)).result(timeout=60)
+        ages, spreads = batcher.submit(crops_of(9)).result(timeout=60)
+    finally:
+        batcher.close()
+    assert ages.tolist() == [9] and spreads is None
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(crops_of(1))
+
+
+class MeetingPredictor:
+    """The real predictor, whose ``prepare_image`` calls wait for each other at a barrier (so every
+    request of a burst is ready before the first pass) and whose forward passes are recorded."""
+
+    def __init__(self, predictor: AgePredictor, parties: int):
+        self.predictor, self.loaded = predictor, predictor.loaded
+        self.barrier = threading.Barrier(parties)
+        self.passes: list[int] = []
+
+    def predict_image(self, image, faces_only=False):
+        return self.predictor.predict_image(image, faces_only=faces_only)
+
+    def prepare_image(self, image, faces_only=False):
+        prepared = self.predictor.prepare_image(image, faces_only=faces_only)
+        self.barrier.wait(timeout=120)
+        return prepared
+
+    def finish_image(self, prepared, ages, spreads=None):
+        return self.predictor.finish_image(prepared, ages, spreads)
+
+    def predict_crops_spread(self, crops):
+        self.passes.append(len(crops))
+        return self.predictor.predict_crops_spread(crops)
+
+
+def burst_uploads() -> list[tuple[bytes, bool, int]]:
+    """(upload, faces_only, faces expected): group photos of 1-3 faces at other places and sizes,
+    two face crops of different sizes, and a photo without a face."""
+    face = Image.open(GRACE_HOPPER).convert("RGB")
+    small = jpeg_bytes(np.asarray(face.resize((256, 300))))
+    return [
+        (jpeg_bytes(group_photo([(0, 0)], (700, 640))), False, 1),
+        (jpeg_bytes(group_photo([(0, 0), (560, 30)], (1100, 640))), False, 2),
+        (jpeg_bytes(group_photo([(0, 0), (512, 0), (1024, 0)], (1536, 600))), False, 3),
+        (GRACE_HOPPER.read_bytes(), True, 1),
+        (small, True, 1),
+        (jpeg_bytes(np.full((300, 400, 3), 128, np.uint8)), False, 0),
+    ]
+
+
+@pytest.fixture(scope="module")
+def card(tiny_run) -> dict:
+    from fairage.modelcard import build_model_card
+
+    return build_model_card(tiny_run)
+
+
+def test_a_concurrent_burst_shares_one_pass_and_each_answer_equals_the_unbatched_one(tiny_run, card):
+    predictor = AgePredictor(tiny_run, device="cpu")
+    uploads = burst_uploads()
+    meeting = MeetingPredictor(predictor, len(uploads))
+    faces = sum(n for *_, n in uploads)
+    # a pass closes when it holds every face of the burst (max_batch), long before the wait ends
+    limits = ServeLimits(prepare_threads=len(uploads), max_batch=faces, batch_wait_ms=1000)
+    with served(create_app(meeting, limits=limits, card=card)) as url:
+        def post(item):
+            data, faces_only, _ = item
+            with httpx.Client(timeout=120) as client:
+                return client.post(f"{url}/predict", params={"faces_only": str(faces_only).lower()}, content=data,
+                                   headers={"content-type": "image/jpeg"})
+
+        with ThreadPoolExecutor(len(uploads)) as pool:
+            answers = list(pool.map(post, uploads))
+    assert [a.status_code for a in answers] == [200] * len(uploads)
+    assert meeting.passes == [faces]  # every face of the burst in one forward pass
+    ages = []
+    for answer, (data, faces_only, n) in zip(answers, uploads):
+        body = answer.json()
+        alone = predictor.predict_image(data, faces_only=faces_only)  # its crops in a pass of their own
+        assert body["image"] == {"width": alone.width, "height": alone.height}
+        assert len(body["faces"]) == len(alone.faces) == n
+        for got, want in zip(body["faces"], alone.faces):
+            assert got["box"] == list(want.box) and got["score"] == pytest.approx(want.score, abs=1e-12)
+            assert got["age"] == pytest.approx(want.age, abs=AGE_TOLERANCE)
+            assert [got["age_lo"], got["age_hi"]] == pytest.approx([want.age_lo, want.age_hi], abs=AGE_TOLERANCE)
+            ages.append(got["age"])
+    # the requests' faces differ, so a face given another request's age would have been noticed
+    assert max(ages) - min(ages) > 100 * AGE_TOLERANCE
+
+
+class HeldForward:
+    """The real predictor whose forward passes wait until the test releases them."""
+
+    def __init__(self, predictor: AgePredictor):
+        self.predictor, self.loaded = predictor, predictor.loaded
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def predict_image(self, image, faces_only=False):
+        return self.predictor.predict_image(image, faces_only=faces_only)
+
+    def prepare_image(self, image, faces_only=False):
+        return self.predictor.prepare_image(image, faces_only=faces_only)
+
+    def finish_image(self, prepared, ages, spreads=None):
+        return self.predictor.finish_image(prepared, ages, spreads)
+
+    def predict_crops_spread(self, crops):
+        self.entered.set()
+        assert self.release.wait(timeout=60)
+        return self.predictor.predict_crops_spread(crops)
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_run, card):
+    held = HeldForward(AgePredictor(tiny_run, device="cpu"))
+    photo = GRACE_HOPPER.read_bytes()
+    with served(create_app(held, limits=ServeLimits(max_pending=1), card=card)) as url:
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                first = pool.submit(httpx.post, f"{url}/predict", content=photo,
+                                    headers={"content-type": "image/jpeg"}, timeout=60)
+                assert held.entered.wait(timeout=60)  # the first request is in the model's pass
+                assert httpx.get(f"{url}/health", timeout=20).json() == {"status": "ok"}
+                busy = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
+                assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+                assert "1 uploads are waiting" in busy.json()["detail"]
+                held.release.set()
+                assert first.result().status_code == 200
+            # its place is free again
+            assert httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"},
+                              timeout=60).status_code == 200
+        finally:
+            held.release.set()
+
+
+@pytest.mark.parametrize("key, value", [
+    ("max_batch", 0), ("max_batch", 5000), ("max_batch", 2.5), ("max_batch", True),
+    ("batch_wait_ms", -1.0), ("batch_wait_ms", 1500.0), ("batch_wait_ms", float("nan")),
+    ("prepare_threads", 0), ("prepare_threads", 65),
+])
+def test_bad_batch_settings_name_their_key(key, value):
+    with pytest.raises(ConfigError, match=rf"serve setting {key} \(--{key.replace('_', '-')}\) must be"):
+        ServeLimits(**{key: value})
+
+
+def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatch):
+    limits = ServeLimits(max_batch=7, batch_wait_ms=2.5, prepare_threads=3, max_pixels=1234)
+    for name, value in limits_to_environment(limits).items():
+        monkeypatch.setenv(name, value)
+    assert limits_from_environment() == limits
+    monkeypatch.setenv("FAIRAGE_SERVE_MAX_BATCH", "many")
+    with pytest.raises(ConfigError, match="FAIRAGE_SERVE_MAX_BATCH='many' is not a number"):
+        limits_from_environment()
+
+
+@pytest.mark.parametrize("option, value, key", [
+    ("--max-batch", "0", "max_batch"), ("--batch-wait-ms", "2000", "batch_wait_ms"),
+    ("--prepare-threads", "0", "prepare_threads"), ("--detector-threads", "-1", "detector_threads"),
+])
+def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, value, key, monkeypatch):
+    import uvicorn
+
+    def never(*args, **kwargs):
+        raise AssertionError("the bad setting was not refused: the server started")
+
+    monkeypatch.setattr(uvicorn, "run", never)
+    result = invoke("serve", str(tiny_run), "--port", "0", option, value)
+    assert result.exit_code == 2, result.output
+    assert key in result.output
+
+
+def test_yunet_threads_change_nothing_but_speed():
+    from fairage.detect import YuNetDetector, detect_faces, set_yunet_threads
+
+    pytest.importorskip("yuface")
+    photo = group_photo([(0, 0), (512, 0), (1024, 0)], (1536, 600))
+    one, default = YuNetDetector(threads=1), YuNetDetector(threads=0)
+    boxes = detect_faces(one, photo)
+    assert len(boxes) == 3 and detect_faces(default, photo) == boxes
+    assert set_yunet_threads(1)  # yuface's OpenMP runtime was found
+    with pytest.raises(ConfigError, match="detector threads must be an integer >= 0"):
+        YuNetDetector(threads=-1)
+
+
+def test_onnxruntime_gives_the_torch_ages_and_auto_picks_a_runtime(tiny_run):
+    pytest.importorskip("onnxruntime")
+    torch_ages = AgePredictor(tiny_run, device="cpu")
+    on_ort = AgePredictor(tiny_run, device="cpu", batch_size=8)
+    assert on_ort.use_runtime("onnxruntime") == "onnxruntime" and on_ort.runtime == "onnxruntime"
+    crops = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    expected = torch_ages.predict_crops(crops)
+    assert on_ort.predict_crops(crops) == pytest.approx(expected, abs=AGE_TOLERANCE)
+    assert np.ptp(expected) > 100 * AGE_TOLERANCE  # the crops' ages differ: a mix-up would show
+    times = on_ort.time_runtimes(repeats=1)
+    assert set(times) == {"torch", "onnxruntime"} and all(t > 0 for t in times.values())
+    assert on_ort.use_runtime("auto") in ("torch", "onnxruntime")
+    with pytest.raises(ConfigError, match="unknown runtime 'tensorflow'"):
+        on_ort.use_runtime("tensorflow")
