@@ -162,18 +162,27 @@ class AgeModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
 
-    def _step(self, batch, prefix: str):
+    def batch_loss(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's loss (label units) and the predictions in years (B,) of one prepared batch.
+
+        ``train``: the training objective (sample weights in ``weighting.mode: loss``, the
+        methods' per-face state); else the validation loss. Shared by this module's steps and
+        the lean loop (``fairage.training.lean``), so both optimise the same objective.
+        """
         from ..weighting import weighted_loss
 
         x, age, weight, *index = batch
         out = self(x).float()
-        target = age / self.scale
-        use_weight = weight if prefix == "train" and self.stage.weighting.mode == "loss" else None
+        use_weight = weight if train and self.stage.weighting.mode == "loss" else None
         if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
-            loss = self.objective(out, age, use_weight, index[0] if index else None, train=prefix == "train")
+            loss = self.objective(out, age, use_weight, index[0] if index else None, train=train)
         else:
-            loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
-        years = self.model.years(out)
+            loss = weighted_loss(out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+        return loss, self.model.years(out)
+
+    def _step(self, batch, prefix: str):
+        age = batch[1]
+        loss, years = self.batch_loss(batch, train=prefix == "train")
         mae = (years - age).abs().mean()
         n = len(age)
         if prefix == "val":
@@ -195,14 +204,18 @@ class AgeModule(L.LightningModule):
             self._step(batch, "val")
 
     def on_train_batch_start(self, batch, batch_idx):
-        # linear warm-up over the first ``warmup_epochs``; afterwards the plateau schedule alone
-        # sets the rate, so the two never fight over it
-        if self.stage.warmup_epochs <= 0 or self.trainer is None:
+        if self.trainer is not None:
+            self.warm_up(self.trainer.optimizers[0], self.trainer.global_step, self.trainer.num_training_batches)
+
+    def warm_up(self, optimizer: torch.optim.Optimizer, step: int, batches_per_epoch: int) -> None:
+        """Before optimizer step ``step`` (0-based): the linear warm-up's rate over the first
+        ``warmup_epochs``; afterwards the plateau schedule alone sets the rate, so the two never
+        fight over it."""
+        if self.stage.warmup_epochs <= 0:
             return
-        steps = max(1, int(round(self.stage.warmup_epochs * self.trainer.num_training_batches)))
-        step = self.trainer.global_step
+        steps = max(1, int(round(self.stage.warmup_epochs * batches_per_epoch)))
         if step < steps:
-            for group in self.trainer.optimizers[0].param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] = self.stage.lr * (step + 1) / steps
 
     def on_validation_epoch_start(self):
