@@ -79,7 +79,7 @@ CASES = {
 }
 
 
-def run_case(faces, loop: str, name: str, run_dir=None):
+def run_case(faces, loop: str, name: str, run_dir=None, trainer: TrainerConfig = FP32):
     settings, needs = CASES[name]
     train_images, train_ages, val_images, val_ages = faces
     # face weights that differ per face (1 to 3), so that weighting changes the loss
@@ -88,7 +88,7 @@ def run_case(faces, loop: str, name: str, run_dir=None):
                          face_arrays=age_groups(train_ages) if needs.get("methods") else None)
     model = tiny_model()
     result = fit_stage(model, "stage1", StageConfig(batch_size=16, loop=loop, **settings), arrays, run_dir,
-                       trainer_cfg=FP32, config_yaml="name: lean-test\n")
+                       trainer_cfg=trainer, config_yaml="name: lean-test\n")
     return model, result
 
 
@@ -122,6 +122,21 @@ def test_lean_loop_gives_the_lightning_loops_weights_and_history(faces, name, tm
         assert (tmp_path / "lean" / "dro_q.csv").read_text() == (tmp_path / "lightning" / "dro_q.csv").read_text()
 
 
+def test_lean_loop_under_bf16_autocast_matches_lightnings(faces):
+    # bf16-mixed: features extracted and training steps run under bf16 autocast, validation in
+    # float32 (on a CPU without native bf16 this is emulated: slower, the same arithmetic)
+    bf16 = TrainerConfig(precision="bf16-mixed")
+    a, ra = run_case(faces, "lightning", "loss_weights_clip_warmup", trainer=bf16)
+    b, rb = run_case(faces, "lean", "loss_weights_clip_warmup", trainer=bf16)
+    _, r32 = run_case(faces, "lean", "loss_weights_clip_warmup")
+    assert rb.loop == "lean"
+    pd.testing.assert_frame_equal(rb.history, ra.history, check_exact=False, atol=1e-5, rtol=1e-5)
+    for key, value in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[key], value, atol=1e-5, rtol=0, msg=key)
+    # bf16 is in effect: the float32 run's losses differ
+    assert not np.allclose(rb.history["train_loss"], r32.history["train_loss"], atol=1e-7, rtol=0)
+
+
 class _Abort(Exception):
     """Ends a run after the files of a kill have been copied."""
 
@@ -130,6 +145,7 @@ def test_lean_stage_resumed_after_a_hard_kill_ends_as_an_uninterrupted_one(faces
     whole, r_whole = run_case(faces, "lean", "dro_label_std", tmp_path / "whole")
     # write -last.ckpt after every epoch, and take the run folder as a SIGKILL after epoch 2 leaves it
     monkeypatch.setattr(lean_module, "LAST_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(lean_module, "LAST_EVERY_WRITES", 0.0)
     real_save = lean_module.save_torch
     killed = tmp_path / "killed"
 

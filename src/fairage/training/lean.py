@@ -19,15 +19,23 @@ many times the training. This loop keeps what the stage means and drops the rest
   ``lr_schedulers``, the run's config), ``history.csv`` (``HISTORY_COLUMNS``, one row per
   epoch) and, with Group DRO, ``dro_q.csv``.
 
-Checkpoints. ``-last.ckpt`` is rewritten after an epoch once ``LAST_EVERY_SECONDS`` of
-training have passed since the previous write, after the stage's final epoch, and when the
-loop is interrupted (SIGTERM raised as ``fairage.interrupt.Terminated``, Ctrl-C): then it holds
-the last finished epoch. A hard kill (SIGKILL, power) loses at most that interval of training,
-which is less than the feature extraction a resume redoes anyway. Besides Lightning's keys the
+Writes. ``history.csv`` (and ``dro_q.csv``), then ``-last.ckpt`` are rewritten after an epoch
+once ``LAST_EVERY_SECONDS`` of training, and ``LAST_EVERY_WRITES`` times the previous write's
+duration, have passed since the previous write; after the stage's final epoch; and when the loop is
+interrupted (SIGTERM raised as ``fairage.interrupt.Terminated``, Ctrl-C): then they hold the
+last finished epoch. A hard kill (SIGKILL, power) loses at most that interval of training,
+which is less than the feature extraction a resume redoes anyway; the history is never
+behind the checkpoint, so a resume's history stays continuous. Besides Lightning's keys the
 file holds ``LEAN_KEY``: the random states (global torch RNG, CUDA's, the sampler's generator),
 the early-stopping and collapse state and the best epoch's weights, so a resumed stage repeats
 an uninterrupted one exactly. ``-best.ckpt`` is written with ``-last.ckpt`` whenever the best
 epoch changed.
+
+Threads. On a CPU the head's steps run on one intra-op thread: their matrices are small
+enough that splitting them costs more than it gains, and on a machine whose cores are
+shared, every parallel region waits for its slowest, descheduled thread (measured on 2 busy
+cores: 20 epochs of the benchmark's head took 120 s on 2 threads, 6 s on one). The feature
+extraction keeps torch's thread setting.
 
 ``lean_unsupported`` says when the loop does not apply (then ``fit_stage`` uses Lightning's):
 uncached stages, extra Lightning callbacks, several devices or nodes, a strategy, precisions
@@ -75,6 +83,8 @@ from .module import AgeModule
 LEAN_KEY = "fairage_lean"
 #: seconds of training between two writes of ``-last.ckpt`` (besides the final epoch and interrupts)
 LAST_EVERY_SECONDS = 1.0
+#: ... and at least this many times the previous write's duration, so writes stay a small share of the loop
+LAST_EVERY_WRITES = 10.0
 #: Lightning precisions the lean loop runs, with their autocast dtype of the training steps
 LEAN_PRECISIONS = {"32-true": None, "32": None, "bf16-mixed": torch.bfloat16}
 
@@ -198,7 +208,7 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     ones_val = torch.ones(n_val, device=device)
     with_index = objective is not None and objective.needs_index
     dro = objective is not None and objective.dro is not None
-    optim = module.configure_optimizers()
+    optim = module.configure_optimizers(mixed=autocast_dtype is not None)
     opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
     params = [p for group in opt.param_groups for p in group["params"]]
     frozen_prefixes = _frozen_prefixes(module)
@@ -227,6 +237,7 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
                 "rng": {"torch": torch.get_rng_state(), "order": order_generator.get_state(),
                         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
                 "early": {"best": early.best, "wait": early.wait},
+                "rows": len(rows), "dro_rows": None if dro_rows is None else len(dro_rows),
                 "collapse": None if collapse is None else {"spread_before": collapse.spread_before},
                 "loop": {k: state[k] for k in ("best_score", "best_epoch", "non_finite", "collapsed", "stopped")}}
 
@@ -249,7 +260,11 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     written = {"last_epoch": None, "best_epoch": None if ckpt_path is None else -2}
 
     def flush(snap: dict) -> None:
-        """Write ``-best.ckpt`` (when the best epoch changed) and ``-last.ckpt`` of ``snap``."""
+        """Write the history up to ``snap``, ``-best.ckpt`` (when the best epoch changed) and ``-last.ckpt``."""
+        if history_path is not None:
+            write_history(history_path, pd.DataFrame(rows[:snap["rows"]], columns=HISTORY_COLUMNS))
+        if dro_rows is not None:
+            write_text(run_dir / "dro_q.csv", pd.DataFrame(dro_rows[:snap["dro_rows"]]).to_csv(index=False))
         if best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]:
             save_torch(checkpoint(best_snapshot, resumable=False), best_file)
             written["best_epoch"] = best_snapshot["epoch"]
@@ -258,7 +273,10 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
 
     bar = _EpochBar(stage_name, stage.max_epochs, state["epoch"] + 1) if progress else None
     last_snap: dict | None = None
-    since = time.monotonic()
+    since, write_seconds = time.monotonic(), 0.0
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
     try:
         for epoch in range(state["epoch"] + 1, stage.max_epochs):
             if state["stopped"]:
@@ -298,15 +316,12 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
             row = {"epoch": epoch + 1, "stage": stage_name, "train_loss": train_loss, "val_loss": val_loss,
                    "train_mae": train_mae, "val_mae": val_mae, "lr": epoch_lr}
             rows.append(row)
-            if history_path is not None:
-                write_history(history_path, pd.DataFrame(rows, columns=HISTORY_COLUMNS))
             message = non_finite_message(stage_name, row)
             if message:
                 state["non_finite"], stop = message, True
             if dro_rows is not None:
                 q = objective.dro.q.detach().cpu().tolist()
                 dro_rows.append({"epoch": epoch + 1, "stage": stage_name, **dict(zip(dro_columns, q))})
-                write_text(run_dir / "dro_q.csv", pd.DataFrame(dro_rows).to_csv(index=False))
             stop = early.should_stop(val_loss) or stop
             # Lightning's ModelCheckpoint: the first epoch is always kept (a NaN scores inf), later
             # ones when strictly lower; never a collapsed epoch
@@ -320,9 +335,11 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
             if improved:
                 best_snapshot = last_snap
             final = stop or epoch + 1 >= stage.max_epochs
-            if final or time.monotonic() - since >= LAST_EVERY_SECONDS:
+            if final or time.monotonic() - since >= max(LAST_EVERY_SECONDS, LAST_EVERY_WRITES * write_seconds):
+                started = time.monotonic()
                 flush(last_snap)
                 since = time.monotonic()
+                write_seconds = since - started
             if bar is not None:
                 bar.advance(epoch + 1, val_loss, val_mae)
     except BaseException:
@@ -332,6 +349,7 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
                 flush(last_snap)
         raise
     finally:
+        torch.set_num_threads(threads)
         if bar is not None:
             bar.stop()
     if best_snapshot is not None:  # the best weights back into the model (the caller loads the file)

@@ -231,13 +231,19 @@ class AgeModule(L.LightningModule):
             self.log("val_pred_std", std, on_epoch=True, sync_dist=True)
             self.log("val_pred_mean", mean, on_epoch=True, sync_dist=True)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self, mixed: bool | None = None):
+        """Adam and ReduceLROnPlateau on ``val_loss``. ``mixed``: the steps run under mixed
+        precision (None: as the attached Trainer's precision says)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.objective is not None:  # BMC's noise sigma
             params += list(self.objective.parameters())
+        if mixed is None:
+            mixed = self._trainer is not None and str(self.trainer.precision).endswith("-mixed")
         # fused (CPU and CUDA kernels only): one pass over all parameters per step instead of one
-        # per operation, the same update rule
-        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        # per operation, the same update rule. Lightning refuses to clip the gradients of a fused
+        # optimizer under mixed precision (it could unscale them itself), so clipping stages there
+        # take the per-operation Adam
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) and not (mixed and self.stage.grad_clip)
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps, fused=fused)
         # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
