@@ -29,7 +29,8 @@ behind the checkpoint, so a resume's history stays continuous. Besides Lightning
 file holds ``LEAN_KEY``: the random states (global torch RNG, CUDA's, the sampler's generator),
 the early-stopping and collapse state and the best epoch's weights, so a resumed stage repeats
 an uninterrupted one exactly. ``-best.ckpt`` is written with ``-last.ckpt`` whenever the best
-epoch changed.
+epoch changed (before the final epoch only on an interruption: ``-last.ckpt`` holds the best
+epoch's weights, and a resume rewrites ``-best.ckpt`` from them).
 
 Threads. On a CPU the head's steps run on one intra-op thread: their matrices are small
 enough that splitting them costs more than it gains, and on a machine whose cores are
@@ -259,17 +260,23 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     # files' writes can leave it an epoch ahead of -last.ckpt)
     written = {"last_epoch": None, "best_epoch": None if ckpt_path is None else -2}
 
-    def flush(snap: dict) -> None:
-        """Write the history up to ``snap``, ``-best.ckpt`` (when the best epoch changed) and ``-last.ckpt``."""
+    def flush(snap: dict, with_best: bool = True) -> None:
+        """Write the history up to ``snap``, ``-best.ckpt`` (``with_best``, when the best epoch changed)
+        and ``-last.ckpt``."""
         if history_path is not None:
             write_history(history_path, pd.DataFrame(rows[:snap["rows"]], columns=HISTORY_COLUMNS))
         if dro_rows is not None:
             write_text(run_dir / "dro_q.csv", pd.DataFrame(dro_rows[:snap["dro_rows"]]).to_csv(index=False))
-        if best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]:
+        if with_best and best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]:
             save_torch(checkpoint(best_snapshot, resumable=False), best_file)
             written["best_epoch"] = best_snapshot["epoch"]
         save_torch(checkpoint(snap, resumable=True), last_file)
         written["last_epoch"] = snap["epoch"]
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
 
     bar = _EpochBar(stage_name, stage.max_epochs, state["epoch"] + 1) if progress else None
     last_snap: dict | None = None
@@ -293,8 +300,7 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
                 index = index.to(device, non_blocking=True)
                 age = age_train[index]
                 batch = (x_train[index], age, w_train[index], *([index] if with_index else []))
-                with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
-                                    enabled=autocast_dtype is not None):
+                with autocast():
                     loss, years = module.batch_loss(batch, train=True)
                     mae = (years - age).abs().mean()
                 opt.zero_grad(set_to_none=True)
@@ -337,14 +343,18 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
             final = stop or epoch + 1 >= stage.max_epochs
             if final or time.monotonic() - since >= max(LAST_EVERY_SECONDS, LAST_EVERY_WRITES * write_seconds):
                 started = time.monotonic()
-                flush(last_snap)
+                # -last.ckpt holds the best epoch's weights too: -best.ckpt can wait for the end
+                flush(last_snap, with_best=final)
                 since = time.monotonic()
                 write_seconds = since - started
             if bar is not None:
                 bar.advance(epoch + 1, val_loss, val_mae)
     except BaseException:
         # interrupted (SIGTERM as Terminated, Ctrl-C, an error): keep the last finished epoch
-        if last_snap is not None and written["last_epoch"] != last_snap["epoch"]:
+        unwritten = last_snap is not None and (
+            written["last_epoch"] != last_snap["epoch"]
+            or (best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]))
+        if unwritten:
             with contextlib.suppress(OSError, RuntimeError):  # the interruption is what the caller must see
                 flush(last_snap)
         raise
