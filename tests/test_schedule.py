@@ -58,3 +58,12 @@ def test_epochs_for_keeps_within_the_image_budget():
     assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(3_000) == 20
     assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(200_000) == 1
     assert StageConfig(max_epochs=20).epochs_for(3_000) == 20
+
+
+def test_a_cosine_stage_trains_in_the_lightning_loop():
+    from fairage.config import StageConfig, TrainerConfig
+    from fairage.training.lean import choose_loop
+
+    trainer = TrainerConfig(accelerator="cpu", precision="32-true", logger="none")
+    assert choose_loop("stage1", StageConfig(), trainer, use_cache=True) == "lean"
+    assert choose_loop("stage1", StageConfig(lr_schedule="cosine"), trainer, use_cache=True) == "lightning"

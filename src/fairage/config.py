@@ -169,6 +169,9 @@ class StageConfig(StrictModel):
     stop_on_collapse: bool = True
     #: stage I only: train the head on backbone features computed once
     cache_features: bool = True
+    #: the loop a cached stage I trains in: "auto" (the lean loop, ``fairage.training.lean``, where
+    #: it supports the setup, else Lightning's), "lean" (an error where it does not) or "lightning"
+    loop: Literal["auto", "lean", "lightning"] = "auto"
     #: stage I only: what trains on the frozen backbone: "head" (projection frozen too) or
     #: "projection+head" (the kit's stage I: dim_proj trains; cached features are then the
     #: pooled backbone output). Stage II trains every layer whatever this says.

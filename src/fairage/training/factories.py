@@ -114,22 +114,9 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
     (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly.
     """
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
-    channels_last = trainer_cfg.channels_last
-    sampler = None
-    weights = arrays.train_weights
-    if weights is not None and stage.weighting.mode == "sampler":
-        from ..weighting import make_sampler
-
-        sampler = make_sampler(np.asarray(weights, dtype=np.float64), len(arrays.train_ages), seed)
-        weights = None  # sampler mode: unweighted loss
+    sampler, weights = train_sampler(stage, arrays, seed)  # sampler mode: unweighted loss
     if use_cache:
-        device = device_for(trainer_cfg)
-        # in the training steps' precision, so that cached and uncached stage I agree
-        autocast = resolve_precision(trainer_cfg).startswith("bf16")
-        feats_train = extract_features(model, arrays.train_images, device=device, channels_last=channels_last,
-                                       autocast=autocast, trainable=stage.trainable)
-        feats_val = extract_features(model, arrays.val_images, device=device, channels_last=channels_last,
-                                     autocast=autocast, trainable=stage.trainable)
+        feats_train, feats_val = cached_features(model, stage, arrays, trainer_cfg)
         w = torch.ones(len(arrays.train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
         train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(arrays.train_ages, np.float32)), w,
                                            *([torch.arange(len(arrays.train_ages))] if with_index else []))
@@ -150,6 +137,31 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
     return train_loader, val_loader
 
 
+def cached_features(model: AgeRegressor, stage: StageConfig, arrays: StageArrays,
+                    trainer_cfg: TrainerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen part's features of the training and validation images: float32 (N, D) on the CPU.
+
+    Computed in the training steps' precision (bf16 autocast under bf16-mixed), so that cached
+    and uncached stage I agree.
+    """
+    device = device_for(trainer_cfg)
+    autocast = resolve_precision(trainer_cfg).startswith("bf16")
+    return tuple(extract_features(model, images, device=device, channels_last=trainer_cfg.channels_last,
+                                  autocast=autocast, trainable=stage.trainable)
+                 for images in (arrays.train_images, arrays.val_images))
+
+
+def train_sampler(stage: StageConfig, arrays: StageArrays, seed: int):
+    """Sampler mode (``weighting.mode: sampler``): ``(seeded weighted sampler, None)``; else
+    ``(None, the per-face loss weights or None)``."""
+    weights = arrays.train_weights
+    if weights is not None and stage.weighting.mode == "sampler":
+        from ..weighting import make_sampler
+
+        return make_sampler(np.asarray(weights, dtype=np.float64), len(arrays.train_ages), seed), None
+    return None, weights
+
+
 # =========================================================================== callbacks and IO
 
 
@@ -167,6 +179,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def write_history(path: Path, history: pd.DataFrame) -> None:
     """Write the per-epoch rows (``HISTORY_COLUMNS``) atomically."""
     write_text(path, history[HISTORY_COLUMNS].to_csv(index=False))
+
+
+def non_finite_message(stage: str, row: dict) -> str | None:
+    """The stop message when a history row's train or validation loss is NaN/inf, else None."""
+    bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
+    if not bad:
+        return None
+    return (f"{stage}: {' and '.join(bad)} became {row[bad[0]]} at epoch {row['epoch']}; stage stopped, "
+            "keeping its best checkpoint (try a lower learning rate or loss: huber)")
 
 
 class HistoryCallback(Callback):
@@ -197,11 +218,9 @@ class HistoryCallback(Callback):
         self.rows.append(row)
         if self.path is not None and trainer.is_global_zero:
             write_history(self.path, self.history)
-        bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
-        if bad:
-            self.non_finite = (
-                f"{self.stage}: {' and '.join(bad)} became {row[bad[0]]} at epoch {row['epoch']}; stage stopped, "
-                "keeping its best checkpoint (try a lower learning rate or loss: huber)")
+        message = non_finite_message(self.stage, row)
+        if message:
+            self.non_finite = message
             trainer.should_stop = True
 
     @property
@@ -284,18 +303,25 @@ class CollapseStop(Callback):
         if "val_pred_std" not in metrics:
             return
         std, mean = float(metrics["val_pred_std"]), float(metrics.get("val_pred_mean", float("nan")))
+        output = getattr(getattr(pl_module, "model", None), "output", "sigmoid")
+        if self.observe(std, mean, output, trainer.current_epoch):
+            trainer.should_stop = True
+
+    def observe(self, std: float, mean: float, output: str, epoch: int) -> bool:
+        """Judge one epoch's validation predictions (std and mean in years; ``epoch`` 0-based)
+        of a model with head ``output``; True when they collapsed (the stage should stop)."""
         # only the sigmoid output saturates at an end; a linear one starts near 0, and the distribution
         # heads (dex, coral, corn) may sit near an end early on small data and still learn
-        bounded = getattr(getattr(pl_module, "model", None), "output", "sigmoid") == "sigmoid"
+        bounded = output == "sigmoid"
         saturated = bounded and (mean <= self.SATURATION_YEARS or mean >= 100 - self.SATURATION_YEARS)
         self.collapsed_now = std < COLLAPSE_STD and (saturated or self.spread_before)
         self.spread_before = self.spread_before or std >= 2 * COLLAPSE_STD
         if self.collapsed_now:
-            self.message = (f"{self.stage} collapsed in epoch {trainer.current_epoch + 1}: its validation predictions "
+            self.message = (f"{self.stage} collapsed in epoch {epoch + 1}: its validation predictions "
                             f"are nearly constant (std {std:.2f} years, mean {mean:.1f}); the stage stopped, "
                             "keeping its best checkpoint before the collapse (try a lower learning rate, "
                             "warmup_epochs or grad_clip)")
-            trainer.should_stop = True
+        return self.collapsed_now
 
 
 class BestCheckpoint(ModelCheckpoint):

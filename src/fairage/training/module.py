@@ -162,18 +162,27 @@ class AgeModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
 
-    def _step(self, batch, prefix: str):
+    def batch_loss(self, batch, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's loss (label units) and the predictions in years (B,) of one prepared batch.
+
+        ``train``: the training objective (sample weights in ``weighting.mode: loss``, the
+        methods' per-face state); else the validation loss. Shared by this module's steps and
+        the lean loop (``fairage.training.lean``), so both optimise the same objective.
+        """
         from ..weighting import weighted_loss
 
         x, age, weight, *index = batch
         out = self(x).float()
-        target = age / self.scale
-        use_weight = weight if prefix == "train" and self.stage.weighting.mode == "loss" else None
+        use_weight = weight if train and self.stage.weighting.mode == "loss" else None
         if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
-            loss = self.objective(out, age, use_weight, index[0] if index else None, train=prefix == "train")
+            loss = self.objective(out, age, use_weight, index[0] if index else None, train=train)
         else:
-            loss = weighted_loss(out, target, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
-        years = self.model.years(out)
+            loss = weighted_loss(out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+        return loss, self.model.years(out)
+
+    def _step(self, batch, prefix: str):
+        age = batch[1]
+        loss, years = self.batch_loss(batch, train=prefix == "train")
         mae = (years - age).abs().mean()
         n = len(age)
         if prefix == "val":
@@ -194,20 +203,19 @@ class AgeModule(L.LightningModule):
         with torch.autocast(self.device.type, enabled=False):
             self._step(batch, "val")
 
-    def _warmup_steps(self) -> int:
-        if self.stage.warmup_epochs <= 0 or self.trainer is None:
-            return 0
-        return max(1, int(round(self.stage.warmup_epochs * self.trainer.num_training_batches)))
-
     def on_train_batch_start(self, batch, batch_idx):
-        # linear warm-up over the first ``warmup_epochs`` under the plateau schedule, which then sets
-        # the rate alone, so the two never fight over it (the cosine schedule has its warm-up built in)
-        if self.stage.lr_schedule != "plateau":
+        if self.trainer is not None:
+            self.warm_up(self.trainer.optimizers[0], self.trainer.global_step, self.trainer.num_training_batches)
+
+    def warm_up(self, optimizer: torch.optim.Optimizer, step: int, batches_per_epoch: int) -> None:
+        """Before optimizer step ``step`` (0-based): the linear warm-up's rate over the first
+        ``warmup_epochs``; afterwards the plateau schedule alone sets the rate, so the two never
+        fight over it. The cosine schedule has its warm-up built in."""
+        if self.stage.warmup_epochs <= 0 or self.stage.lr_schedule != "plateau":
             return
-        steps = self._warmup_steps()
-        step = self.trainer.global_step if self.trainer is not None else 0
+        steps = max(1, int(round(self.stage.warmup_epochs * batches_per_epoch)))
         if step < steps:
-            for group in self.trainer.optimizers[0].param_groups:
+            for group in optimizer.param_groups:
                 group["lr"] = self.stage.lr * (step + 1) / steps
 
     def on_validation_epoch_start(self):
@@ -223,13 +231,19 @@ class AgeModule(L.LightningModule):
             self.log("val_pred_std", std, on_epoch=True, sync_dist=True)
             self.log("val_pred_mean", mean, on_epoch=True, sync_dist=True)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self, mixed: bool | None = None):
+        """Adam and ReduceLROnPlateau on ``val_loss``. ``mixed``: the steps run under mixed
+        precision (None: as the attached Trainer's precision says)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.objective is not None:  # BMC's noise sigma
             params += list(self.objective.parameters())
+        if mixed is None:
+            mixed = self._trainer is not None and str(self.trainer.precision).endswith("-mixed")
         # fused (CPU and CUDA kernels only): one pass over all parameters per step instead of one
-        # per operation, the same update rule
-        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        # per operation, the same update rule. Lightning refuses to clip the gradients of a fused
+        # optimizer under mixed precision (it could unscale them itself), so clipping stages there
+        # take the per-operation Adam
+        fused = all(p.device.type in ("cpu", "cuda") for p in params) and not (mixed and self.stage.grad_clip)
         opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
                                weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps, fused=fused)
         if self.stage.lr_schedule == "cosine":
@@ -245,7 +259,7 @@ class AgeModule(L.LightningModule):
     def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         """Linear warm-up over ``warmup_epochs``, then cosine decay to ``min_lr`` at ``max_epochs`` (per step)."""
         # the loaders are not set up yet here (num_training_batches is inf): Lightning's own estimate
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self.trainer is not None else 1
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         per_epoch = total / self.stage.max_epochs
         warm = min(int(round(self.stage.warmup_epochs * per_epoch)), total - 1)
         if self.stage.warmup_epochs > 0:

@@ -39,6 +39,7 @@ from .factories import (
     quiet_lightning,
     resolve_accelerator,
 )
+from .lean import LoopOutcome, choose_loop, fit_lean
 from .module import AgeModule
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class StageResult:
     non_finite: str | None = None
     #: the stage stopped after its predictions collapsed (``CollapseStop``'s message)
     collapsed: str | None = None
+    #: the loop that trained it: "lean" (``fairage.training.lean``) or "lightning"
+    loop: str = "lightning"
 
 
 def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays,
@@ -85,6 +88,11 @@ def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: 
     stage from a Lightning checkpoint. ``cache_features`` overrides ``stage.cache_features``
     (None: use the config). ``config_yaml``: the run's config, stored in every checkpoint.
     ``run_dir=None``: checkpoints go to a temporary folder and no history file is written.
+
+    A cached stage I trains in the lean loop (``fairage.training.lean``: same objective,
+    schedule, stops, files and results, without Lightning's per-epoch overhead) wherever it
+    applies, unless ``stage.loop`` is "lightning"; everything else in Lightning's Trainer.
+    ``StageResult.loop`` says which.
     """
     kwargs = {"trainer_cfg": trainer_cfg or TrainerConfig(), "num_workers": num_workers, "seed": seed,
               "progress": progress, "ckpt_path": ckpt_path, "previous_history": previous_history,
@@ -105,21 +113,55 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     use_cache = stage.cache_features if cache_features is None else cache_features
     use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
-    channels_last = trainer_cfg.channels_last
 
     quiet_lightning()
     if on_gpu:
         torch.set_float32_matmul_precision("high")  # TF32 for what bf16 autocast leaves in float32
     L.seed_everything(seed, workers=True, verbose=False)
-    if channels_last:
+    if trainer_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     from ..methods import build_objective
 
     objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
+    loop = choose_loop(stage_name, stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path)
+    if loop == "lean":
+        outcome = fit_lean(model, stage_name, stage, arrays, run_dir, history_file=history_file,
+                           trainer_cfg=trainer_cfg, seed=seed, progress=progress, ckpt_path=ckpt_path,
+                           previous_history=previous_history, config_yaml=config_yaml, objective=objective)
+    else:
+        outcome = _fit_lightning(model, stage_name, stage, arrays, run_dir, history_file=history_file,
+                                 trainer_cfg=trainer_cfg, num_workers=num_workers, seed=seed, progress=progress,
+                                 ckpt_path=ckpt_path, previous_history=previous_history, callbacks=callbacks,
+                                 config_yaml=config_yaml, objective=objective, use_cache=use_cache)
+    non_finite, best_path, best_val, collapsed = (outcome.non_finite, outcome.best_path, outcome.best_val_loss,
+                                                  outcome.collapsed)
+    if non_finite and (best_val is None or not math.isfinite(best_val)):
+        raise NonFiniteLossError(non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
+    if collapsed and not best_path:
+        raise CollapsedStageError(collapsed.replace("keeping its best checkpoint before the collapse",
+                                                    "with no epoch before the collapse to keep"))
+    if non_finite:  # warned only once it is known that a best checkpoint is kept
+        log.warning(non_finite)
+    if collapsed:
+        log.warning(collapsed)
+    if best_path:
+        load_module_checkpoint(model, best_path)
+    model.to("cpu")
+    return StageResult(best_path=best_path, last_path=outcome.last_path, epochs=outcome.epochs,
+                       best_val_loss=best_val, history=outcome.history, non_finite=non_finite, collapsed=collapsed,
+                       loop=loop)
+
+
+def _fit_lightning(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays, run_dir: Path, *,
+                   history_file: bool, trainer_cfg: TrainerConfig, num_workers: int, seed: int, progress: bool,
+                   ckpt_path: str | Path | None, previous_history: pd.DataFrame | None,
+                   callbacks: Sequence[Callback], config_yaml: str | None, objective, use_cache: bool) -> LoopOutcome:
+    """The stage in Lightning's Trainer (images, or cached features where the lean loop does not apply)."""
+    channels_last = trainer_cfg.channels_last
     train_loader, val_loader = make_loaders(model, stage, arrays, use_cache=use_cache, trainer_cfg=trainer_cfg,
                                             num_workers=num_workers, seed=seed,
                                             with_index=objective is not None and objective.needs_index)
-    module = AgeModule(model, stage, frozen=frozen, inputs="features" if use_cache else "images",
+    module = AgeModule(model, stage, frozen=stage_name == "stage1", inputs="features" if use_cache else "images",
                        channels_last=channels_last, image_size=arrays.image_size, objective=objective)
     dro = objective is not None and objective.dro is not None
     cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / RunFolder.HISTORY if history_file else None,
@@ -133,26 +175,13 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
                     weights_only=True if ckpt_path else None)
-    non_finite = cbs.history.non_finite
-    best_path = cbs.best.best_model_path or None
     best_score = cbs.best.best_model_score
-    best_val = float(best_score) if best_score is not None else None
-    if non_finite and (best_val is None or not math.isfinite(best_val)):
-        raise NonFiniteLossError(non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
-    collapsed = cbs.collapse.message if cbs.collapse is not None else None
-    if collapsed and not best_path:
-        raise CollapsedStageError(collapsed.replace("keeping its best checkpoint before the collapse",
-                                                    "with no epoch before the collapse to keep"))
-    if non_finite:  # warned only once it is known that a best checkpoint is kept
-        log.warning(non_finite)
-    if collapsed:
-        log.warning(collapsed)
-    if best_path:
-        load_module_checkpoint(model, best_path)
-    model.to("cpu")
-    return StageResult(best_path=best_path, last_path=str(cbs.last.path) if cbs.last.path.is_file() else None,
-                       epochs=trainer.current_epoch, best_val_loss=best_val, history=cbs.history.history,
-                       non_finite=non_finite, collapsed=collapsed)
+    return LoopOutcome(best_path=cbs.best.best_model_path or None,
+                       best_val_loss=float(best_score) if best_score is not None else None,
+                       last_path=str(cbs.last.path) if cbs.last.path.is_file() else None,
+                       epochs=trainer.current_epoch, history=cbs.history.history,
+                       non_finite=cbs.history.non_finite,
+                       collapsed=cbs.collapse.message if cbs.collapse is not None else None)
 
 
 def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
