@@ -329,6 +329,23 @@ def test_a_pool_stops_its_workers_and_refuses_work_once_closed():
         pool.submit(b"", False)
 
 
+def test_a_smaller_detection_side_still_finds_the_group_photos_faces(tiny_run, card):
+    photo = jpeg_bytes(group_photo([(0, 0), (512, 0), (1024, 0)], (1536, 600)))
+    full = AgePredictor(tiny_run, device="cpu").predict_image(photo)  # detection at 960 x 375
+    limits = ServeLimits(prepare_processes=1, detect_side=640)
+    with served(create_app(AgePredictor(tiny_run, device="cpu"), limits=limits, card=card)) as url:
+        faces = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"},
+                           timeout=120).json()["faces"]
+    assert len(faces) == len(full.faces) == 3
+    # the same faces (the photo's three copies of one face, 512 px apart), boxes within a few pixels
+    for got in faces:
+        want = min(full.faces, key=lambda f: abs(f.box[0] - got["box"][0]))
+        assert np.abs(np.subtract(got["box"], want.box)).max() <= 16
+    assert sorted(round(f["box"][0] / 512) for f in faces) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"detect_side \(--detect-side\) applies to the prepare processes"):
+        create_app(AgePredictor(tiny_run, device="cpu"), limits=ServeLimits(detect_side=640), card=card)
+
+
 class HeldForward:
     """The real predictor whose forward passes wait until the test releases them."""
 
@@ -377,7 +394,7 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, card):
     ("max_batch", 0), ("max_batch", 5000), ("max_batch", 2.5), ("max_batch", True),
     ("batch_wait_ms", -1.0), ("batch_wait_ms", 1500.0), ("batch_wait_ms", float("nan")),
     ("prepare_threads", 0), ("prepare_threads", 65), ("prepare_processes", -1), ("prepare_processes", 65),
-    ("prepare_processes", 1.5),
+    ("prepare_processes", 1.5), ("detect_side", -1), ("detect_side", 10_000),
 ])
 def test_bad_batch_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=rf"serve setting {key} \(--{key.replace('_', '-')}\) must be"):

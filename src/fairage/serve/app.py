@@ -91,6 +91,9 @@ class ServeLimits:
     #: worker processes that decode, detect and crop instead of those threads (0: the threads;
     #: ``fairage serve`` defaults to the usable CPUs, ``fairage.serve.prepare.usable_cpus``)
     prepare_processes: int = 0
+    #: longer side (pixels) photos are downscaled to for detection in those processes (0: the
+    #: detector's own, as ``fairage predict``; smaller is faster and misses more small faces)
+    detect_side: int = 0
 
     def __post_init__(self) -> None:
         for key, low, high in _SETTING_BOUNDS:
@@ -110,14 +113,14 @@ _SETTING_BOUNDS = (
     ("max_upload_bytes", 1, 2**40), ("max_pixels", 1, 2**40), ("max_pending", 1, 1_000_000),
     ("max_uploading", 1, 1_000_000), ("body_timeout", 0.001, 86_400.0), ("min_body_rate", 1.0, 1e12),
     ("chunk_timeout", 0.001, 86_400.0), ("max_batch", 1, 4096), ("batch_wait_ms", 0.0, 1000.0),
-    ("prepare_threads", 1, 64), ("prepare_processes", 0, 64),
+    ("prepare_threads", 1, 64), ("prepare_processes", 0, 64), ("detect_side", 0, 8192),
 )
 #: the `fairage serve` options that set a ServeLimits field (named in its messages)
 _CLI_OPTIONS = {"max_upload_bytes": "--max-upload-mb", "max_pixels": "--max-pixels", "max_batch": "--max-batch",
                 "batch_wait_ms": "--batch-wait-ms", "prepare_threads": "--prepare-threads",
-                "prepare_processes": "--prepare-processes"}
+                "prepare_processes": "--prepare-processes", "detect_side": "--detect-side"}
 _INTEGER_SETTINGS = {"max_upload_bytes", "max_pixels", "max_pending", "max_uploading", "max_batch", "prepare_threads",
-                     "prepare_processes"}
+                     "prepare_processes", "detect_side"}
 
 
 def _predictor(model: Any, detector: str, detector_threads: int = 1):
@@ -132,13 +135,16 @@ def _prepare_pool(predictor, limits: ServeLimits):
     """The worker processes that prepare uploads (``fairage.serve.prepare``), or None: none asked
     for, or a predictor that does not say how it detects (``detector_name``, ``detector_threads``,
     ``image_size``: ``AgePredictor``'s), whose uploads are prepared on its own threads."""
+    if limits.detect_side and limits.prepare_processes == 0:
+        raise ConfigError("serve setting detect_side (--detect-side) applies to the prepare processes; "
+                          "set prepare_processes (--prepare-processes) to 1 or more")
     if limits.prepare_processes == 0 or not all(
             hasattr(predictor, a) for a in ("detector_name", "detector_threads", "image_size")):
         return None
     from .prepare import PreparePool, PrepareSpec
 
     spec = PrepareSpec(predictor.detector_name, int(predictor.detector_threads), int(predictor.image_size),
-                       limits.max_pixels)
+                       limits.max_pixels, limits.detect_side)
     return PreparePool(spec, limits.prepare_processes)
 
 
@@ -499,7 +505,7 @@ def app_from_environment() -> FastAPI:
 
 #: the ServeLimits fields ``fairage serve --workers N`` passes to its worker processes
 ENVIRONMENT_SETTINGS = ("max_upload_bytes", "max_pixels", "max_batch", "batch_wait_ms", "prepare_threads",
-                        "prepare_processes")
+                        "prepare_processes", "detect_side")
 
 
 def limits_to_environment(limits: ServeLimits) -> dict[str, str]:

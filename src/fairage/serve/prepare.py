@@ -33,12 +33,15 @@ CROP_MARGIN = 0.4
 class PrepareSpec:
     """What a worker needs: ``detector`` name (``fairage.detect.make_detector``), its
     ``detector_threads`` (YuNet's OpenMP threads), the model's input side ``image_size`` (pixels)
-    and the ``max_pixels`` limit of an upload (413 above, checked from the header)."""
+    and the ``max_pixels`` limit of an upload (413 above, checked from the header); ``detect_side``:
+    the longer side, pixels, a photo is downscaled to for detection (0: the detector's own
+    ``max_side``, 960 for YuNet, as ``fairage predict``)."""
 
     detector: str
     detector_threads: int
     image_size: int
     max_pixels: int
+    detect_side: int = 0
 
 
 def usable_cpus() -> int:
@@ -110,7 +113,7 @@ def prepare_upload(data: bytes, faces_only: bool) -> tuple[int, int, list, np.nd
         rgb = read_image(data)
     except DataError as err:  # passed the header check but the pixel data is bad
         raise UploadError(400, f"upload: {err}") from None
-    boxes = detect_faces(_WORKER["detector"], rgb)
+    boxes = detect_faces(_WORKER["detector"], rgb, spec.detect_side or None)
     found = [((x, y, w, h), s) for x, y, w, h, s in boxes]
     crops = (np.stack([crop_face(rgb, box, size) for box, _ in found]) if found
              else np.empty((0, size, size, 3), np.uint8))
