@@ -13,7 +13,9 @@ Endpoints::
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
 
 The model is loaded once, when the app is made. Each received upload is decoded, searched for
-faces and cropped on one of ``prepare_threads`` threads; the crops then join a queue
+faces and cropped in one of ``prepare_processes`` worker processes (``fairage.serve.prepare``;
+started with the app's lifespan, stopped at its shutdown), or with ``prepare_processes=0`` on
+one of ``prepare_threads`` threads of this process; the crops then join a queue
 (``fairage.serve.batching.CropBatcher``) whose thread runs the age model on the crops of
 several requests in one forward pass: up to ``max_batch`` faces, gathered for at most
 ``batch_wait_ms`` after the first (``max_batch=1``: every request's crops alone). The event loop
@@ -169,6 +171,10 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     ``fairage.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
     ``runtime``: ``torch``, ``onnxruntime`` (``model_threads`` intra-op threads) or ``auto`` (the
     faster here, ``AgePredictor.use_runtime``) for the age model; None leaves the predictor's.
+    With ``limits.prepare_processes`` > 0 and a predictor that names its detector
+    (``detector_name``, ``detector_threads``, ``image_size``), uploads are prepared in that many
+    worker processes (``app.state.prepare_pool``), started by the app's lifespan and stopped at
+    its shutdown (run it under uvicorn, or ``with TestClient(app)``).
     """
     from ..modelcard import card_markdown
     predictor = _predictor(predictor_or_model_path, detector, detector_threads)
