@@ -346,6 +346,28 @@ def test_a_smaller_detection_side_still_finds_the_group_photos_faces(tiny_run, c
         create_app(AgePredictor(tiny_run, device="cpu"), limits=ServeLimits(detect_side=640), card=card)
 
 
+def test_a_pool_whose_worker_died_starts_afresh():
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from fairage.serve.prepare import PreparePool, PrepareSpec
+
+    pool = PreparePool(PrepareSpec("haar", 1, 32, 1_000_000), processes=1)
+    try:
+        os.kill(pool.start()[0].result(timeout=120), signal.SIGKILL)
+        outcomes = []
+        for _ in range(2):  # the task in flight when the pool noticed fails; the next runs in a new pool
+            try:
+                outcomes.append(pool.submit(GRACE_HOPPER.read_bytes(), True).result(timeout=120)[:2])
+                break
+            except BrokenProcessPool:
+                outcomes.append("broken")
+        assert outcomes[-1] == (512, 600)
+    finally:
+        pool.close()
+
+
 class HeldForward:
     """The real predictor whose forward passes wait until the test releases them."""
 
@@ -402,7 +424,8 @@ def test_bad_batch_settings_name_their_key(key, value):
 
 
 def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatch):
-    limits = ServeLimits(max_batch=7, batch_wait_ms=2.5, prepare_threads=3, prepare_processes=5, max_pixels=1234)
+    limits = ServeLimits(max_batch=7, batch_wait_ms=2.5, prepare_threads=3, prepare_processes=5, detect_side=480,
+                         max_pixels=1234)
     for name, value in limits_to_environment(limits).items():
         monkeypatch.setenv(name, value)
     assert limits_from_environment() == limits
@@ -414,7 +437,8 @@ def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatc
 @pytest.mark.parametrize("option, value, key", [
     ("--max-batch", "0", "max_batch"), ("--batch-wait-ms", "2000", "batch_wait_ms"),
     ("--prepare-threads", "0", "prepare_threads"), ("--detector-threads", "-1", "detector_threads"),
-    ("--prepare-processes", "65", "prepare_processes"),
+    ("--prepare-processes", "65", "prepare_processes"), ("--detect-side", "9000", "detect_side"),
+    ("--detect-side", "640 --prepare-processes 0", "detect_side"),
 ])
 def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, value, key, monkeypatch):
     import uvicorn
@@ -423,7 +447,7 @@ def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, va
         raise AssertionError("the bad setting was not refused: the server started")
 
     monkeypatch.setattr(uvicorn, "run", never)
-    result = invoke("serve", str(tiny_run), "--port", "0", option, value)
+    result = invoke("serve", str(tiny_run), "--port", "0", option, *value.split())
     assert result.exit_code == 2, result.output
     assert key in result.output
 
