@@ -1,18 +1,25 @@
 """Load on `fairage serve`: N concurrent clients POST a group photo for T seconds against 127.0.0.1.
 
-Runs three server configurations one after another, each in its own process, and prints them
-side by side:
+Runs server configurations one after another, each in its own process, and prints them side by
+side:
 
 * ``before``: every request whole on one inference thread (decode, detect, crop, its own forward
   pass), YuNet with OpenMP's default threads, torch with its default threads: the service as it
   was before shared passes (the app's path for a predictor without ``prepare_image``);
-* ``alone``: `fairage serve --max-batch 1` (every request's crops in a pass of their own; one
-  YuNet thread, the age model on the faster runtime with one thread);
-* ``batched``: `fairage serve` with its defaults (crops of concurrent requests share passes).
+* ``alone``: `fairage serve --max-batch 1 --prepare-processes 0` (every request's crops in a pass
+  of their own, prepared on 2 threads of the server; one YuNet thread, the age model on the
+  faster runtime with one thread; not run unless asked with --only);
+* ``threads``: `fairage serve --prepare-processes 0` (shared passes; uploads decoded, searched
+  and cropped on 2 threads of the server process, which YuNet's hold on the GIL serialises);
+* ``batched``: `fairage serve` with its defaults (shared passes; uploads prepared in one worker
+  process per usable CPU);
+* ``side640``: `fairage serve --detect-side 640` (the defaults, detection at 640 px instead of
+  960: the photo's three faces are still found).
 
 N client threads (each with its own keep-alive connection) post the same photo back to back
 until T seconds have passed. Printed: requests/s, p50/p99 latency, the error count (any answer
-but 200 with three faces) and the batched server's ratio to the others; then the baseline: the
+but 200 with three faces), the server's CPU time per request (its worker processes included)
+and each server's ratio to ``before``; then the baseline: the
 same photo through `AgePredictor.predict_image` in this process, one call at a time (no HTTP).
 
 Without --model it trains a tiny model first (preset M2 at the tiny scale on 112 synthetic
@@ -135,13 +142,18 @@ def load(url: str, photo: bytes, clients: int, seconds: float) -> tuple[list[flo
 
 CONFIGS = {
     "before": "each request whole on one thread, OpenMP/torch default threads",
-    "alone": "fairage serve --max-batch 1",
-    "batched": "fairage serve (defaults: --max-batch 32 --batch-wait-ms 5)",
+    "alone": "fairage serve --max-batch 1 --prepare-processes 0",
+    "threads": "fairage serve --prepare-processes 0",
+    "batched": "fairage serve (defaults: --max-batch 32 --batch-wait-ms 5, a prepare process per CPU)",
+    "side640": "fairage serve --detect-side 640",
 }
+#: run when --only is not given
+DEFAULT_CONFIGS = ("before", "threads", "batched", "side640")
 
 
 def run_config(name: str, model: Path, photo: bytes, args, options: list[str]) -> dict:
-    opts = {"alone": ["--max-batch", "1"], "batched": options}.get(name, [])
+    opts = {"alone": ["--max-batch", "1", "--prepare-processes", "0"], "threads": ["--prepare-processes", "0"],
+            "batched": options, "side640": ["--detect-side", "640"]}.get(name, [])
     proc, url = start_server(model, args.workers, opts, before=name == "before")
     try:
         for _ in range(2):  # warm-up
@@ -158,14 +170,24 @@ def run_config(name: str, model: Path, photo: bytes, args, options: list[str]) -
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system, seconds) of a process and its children so far; NaN off Linux."""
+    """CPU time (user + system, seconds) so far of a process, its live descendants (the prepare
+    worker processes) and the children they waited for; NaN off Linux."""
     import os
 
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    def tree(pid: int) -> float:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # a process that has just ended
+            return 0.0
+        total = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").glob("*/children"):
+            try:
+                total += sum(tree(int(child)) for child in task.read_text().split())
+            except OSError:  # a thread that has just ended
+                continue
+        return total
+
+    return tree(pid) if Path(f"/proc/{pid}/stat").exists() else float("nan")
 
 
 def main() -> None:
@@ -185,7 +207,7 @@ def main() -> None:
         parser.error(f"--clients must be 1..{MAX_CLIENTS} and --seconds in (0, {MAX_SECONDS}]")
 
     photo = group_photo()
-    names = args.only or list(CONFIGS)
+    names = args.only or list(DEFAULT_CONFIGS)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or tiny_model(Path(tmp))
         results = {name: run_config(name, model, photo, args, options) for name in names}
@@ -213,10 +235,10 @@ def main() -> None:
         r = results[name]
         print(f"  {name:8s} {r['n']:5d} requests, {r['rate']:5.1f} requests/s, latency p50 {r['p50']:5.0f} ms, "
               f"p99 {r['p99']:5.0f} ms, errors {r['errors']}, server CPU {r['cpu_ms']:.0f} ms/request  ({CONFIGS[name]})")
-    if "batched" in results:
-        for other in ("before", "alone"):
-            if other in results:
-                print(f"  batched / {other}: {results['batched']['rate'] / results[other]['rate']:.2f}x requests/s")
+    if "before" in results:
+        for name in names:
+            if name != "before":
+                print(f"  {name} / before: {results[name]['rate'] / results['before']['rate']:.2f}x requests/s")
     print(f"  baseline, AgePredictor.predict_image in-process, one call at a time: {1 / statistics.mean(direct):.1f} "
           f"photos/s, p50 {1000 * statistics.median(direct):.0f} ms")
     if any(r["errors"] for r in results.values()):

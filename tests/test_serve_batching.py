@@ -196,6 +196,178 @@ def test_a_concurrent_burst_shares_one_pass_and_each_answer_equals_the_unbatched
     assert max(ages) - min(ages) > 100 * AGE_TOLERANCE
 
 
+class CountedPasses:
+    """The real predictor (its detector settings too, so the app prepares uploads in worker
+    processes) whose forward passes are recorded; the first waits until ``expected`` requests
+    have queued their crops, so a burst meets in at most two passes."""
+
+    def __init__(self, predictor: AgePredictor, expected: int):
+        self.predictor, self.loaded = predictor, predictor.loaded
+        self.detector_name, self.detector_threads = predictor.detector_name, predictor.detector_threads
+        self.image_size = predictor.image_size
+        self.expected, self.submitted, self.all_queued = expected, 0, threading.Event()
+        self.passes: list[int] = []
+
+    def predict_image(self, image, faces_only=False):
+        return self.predictor.predict_image(image, faces_only=faces_only)
+
+    def prepare_image(self, image, faces_only=False):
+        raise AssertionError("uploads are prepared in the worker processes, not in the server")
+
+    def finish_image(self, prepared, ages, spreads=None):
+        return self.predictor.finish_image(prepared, ages, spreads)
+
+    def predict_crops_spread(self, crops):
+        assert self.all_queued.wait(timeout=120)
+        self.passes.append(len(crops))
+        return self.predictor.predict_crops_spread(crops)
+
+    def watch(self, batcher: CropBatcher) -> None:
+        """Count the requests ``batcher`` is given."""
+        submit = batcher.submit
+
+        def counted(crops):
+            future = submit(crops)
+            self.submitted += 1
+            if self.submitted == self.expected:
+                self.all_queued.set()
+            return future
+
+        batcher.submit = counted
+
+
+def test_a_burst_prepared_in_worker_processes_equals_the_unbatched_answers(tiny_run, card):
+    import multiprocessing
+
+    predictor = AgePredictor(tiny_run, device="cpu")
+    uploads = burst_uploads()
+    faces = sum(n for *_, n in uploads)
+    counted = CountedPasses(predictor, sum(n > 0 for *_, n in uploads))  # a photo without faces queues none
+    app = create_app(counted, limits=ServeLimits(prepare_processes=2, max_batch=faces, batch_wait_ms=1000), card=card)
+    counted.watch(app.state.batcher)
+    before = set(multiprocessing.active_children())
+    with served(app) as url:
+        assert httpx.get(f"{url}/health", timeout=120).status_code == 200  # answered once the app has started
+        workers = set(multiprocessing.active_children()) - before
+        assert len(workers) == 2  # started with the app, before its first request
+
+        def post(item):
+            data, faces_only, _ = item
+            with httpx.Client(timeout=120) as client:
+                return client.post(f"{url}/predict", params={"faces_only": str(faces_only).lower()}, content=data,
+                                   headers={"content-type": "image/jpeg"})
+
+        with ThreadPoolExecutor(len(uploads)) as pool:
+            answers = list(pool.map(post, uploads))
+    assert not workers & set(multiprocessing.active_children())  # the app's shutdown stopped them
+    assert [a.status_code for a in answers] == [200] * len(uploads)
+    assert sum(counted.passes) == faces and len(counted.passes) <= 2  # at least 4 of the 5 requests shared one
+    ages = []
+    for answer, (data, faces_only, n) in zip(answers, uploads):
+        body = answer.json()
+        alone = predictor.predict_image(data, faces_only=faces_only)  # in this process, its crops alone
+        assert body["image"] == {"width": alone.width, "height": alone.height}
+        assert len(body["faces"]) == len(alone.faces) == n
+        for got, want in zip(body["faces"], alone.faces):
+            assert got["box"] == list(want.box) and got["score"] == pytest.approx(want.score, abs=1e-12)
+            assert got["age"] == pytest.approx(want.age, abs=AGE_TOLERANCE)
+            assert [got["age_lo"], got["age_hi"]] == pytest.approx([want.age_lo, want.age_hi], abs=AGE_TOLERANCE)
+            ages.append(got["age"])
+    assert max(ages) - min(ages) > 100 * AGE_TOLERANCE
+
+
+def test_bad_uploads_get_the_same_answer_from_a_worker_process_as_from_a_thread(tiny_run, card):
+    photo = GRACE_HOPPER.read_bytes()
+    bad = {
+        "truncated": photo[: len(photo) // 3],  # a sound header, then the pixel data stops
+        "empty": b"",
+        "not an image": b"plain text, no image format " * 20,
+        "too many pixels": jpeg_bytes(np.zeros((1100, 1000, 3), np.uint8)),
+    }
+    answers = {}
+    for processes in (0, 1):
+        limits = ServeLimits(prepare_processes=processes, max_pixels=1_000_000)
+        with served(create_app(AgePredictor(tiny_run, device="cpu"), limits=limits, card=card)) as url:
+            for name, data in bad.items():
+                r = httpx.post(f"{url}/predict", content=data, headers={"content-type": "image/jpeg"}, timeout=120)
+                answers[processes, name] = (r.status_code, r.json()["detail"])
+            # the worker lives on after bad uploads
+            good = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=120)
+            assert good.status_code == 200 and len(good.json()["faces"]) == 1
+    for name in bad:
+        assert answers[1, name] == answers[0, name], name
+    assert answers[1, "truncated"][0] == 400 and answers[1, "truncated"][1].startswith("upload: ")
+    assert answers[1, "not an image"][0] == 415 and answers[1, "too many pixels"][0] == 413
+    assert "1100000 pixels is over the limit of 1000000" in answers[1, "too many pixels"][1]
+
+
+def test_worker_crops_are_the_predictors_crops():
+    from fairage.predict import crop_box, crop_face
+    from fairage.serve import prepare
+
+    rgb = np.random.default_rng(5).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    for box in [(10, 20, 30, 40), (-5, 70, 50, 30), (100, 0, 40, 41), (0, 0, 120, 90)]:
+        assert prepare.crop_box(box) == crop_box(box)
+        assert np.array_equal(prepare.crop_face(rgb, box, 32), crop_face(rgb, box, 32))
+
+
+def test_a_pool_stops_its_workers_and_refuses_work_once_closed():
+    import multiprocessing
+
+    from fairage.serve.prepare import PreparePool, PrepareSpec
+
+    before = set(multiprocessing.active_children())
+    pool = PreparePool(PrepareSpec("haar", 1, 32, 1_000_000), processes=1)
+    pid = pool.start()[0].result(timeout=120)
+    width, height, found, crops = pool.submit(GRACE_HOPPER.read_bytes(), True).result(timeout=120)
+    assert (width, height, found) == (512, 600, [((0, 0, 512, 600), 1.0)]) and crops.shape == (1, 32, 32, 3)
+    started = set(multiprocessing.active_children()) - before
+    assert [p.pid for p in started] == [pid]
+    pool.close()
+    assert not started & set(multiprocessing.active_children())
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.submit(b"", False)
+
+
+def test_a_smaller_detection_side_still_finds_the_group_photos_faces(tiny_run, card):
+    photo = jpeg_bytes(group_photo([(0, 0), (512, 0), (1024, 0)], (1536, 600)))
+    full = AgePredictor(tiny_run, device="cpu").predict_image(photo)  # detection at 960 x 375
+    limits = ServeLimits(prepare_processes=1, detect_side=640)
+    with served(create_app(AgePredictor(tiny_run, device="cpu"), limits=limits, card=card)) as url:
+        faces = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"},
+                           timeout=120).json()["faces"]
+    assert len(faces) == len(full.faces) == 3
+    # the same faces (the photo's three copies of one face, 512 px apart), boxes within a few pixels
+    for got in faces:
+        want = min(full.faces, key=lambda f: abs(f.box[0] - got["box"][0]))
+        assert np.abs(np.subtract(got["box"], want.box)).max() <= 16
+    assert sorted(round(f["box"][0] / 512) for f in faces) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"detect_side \(--detect-side\) applies to the prepare processes"):
+        create_app(AgePredictor(tiny_run, device="cpu"), limits=ServeLimits(detect_side=640), card=card)
+
+
+def test_a_pool_whose_worker_died_starts_afresh():
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from fairage.serve.prepare import PreparePool, PrepareSpec
+
+    pool = PreparePool(PrepareSpec("haar", 1, 32, 1_000_000), processes=1)
+    try:
+        os.kill(pool.start()[0].result(timeout=120), signal.SIGKILL)
+        outcomes = []
+        for _ in range(2):  # the task in flight when the pool noticed fails; the next runs in a new pool
+            try:
+                outcomes.append(pool.submit(GRACE_HOPPER.read_bytes(), True).result(timeout=120)[:2])
+                break
+            except BrokenProcessPool:
+                outcomes.append("broken")
+        assert outcomes[-1] == (512, 600)
+    finally:
+        pool.close()
+
+
 class HeldForward:
     """The real predictor whose forward passes wait until the test releases them."""
 
@@ -243,7 +415,8 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, card):
 @pytest.mark.parametrize("key, value", [
     ("max_batch", 0), ("max_batch", 5000), ("max_batch", 2.5), ("max_batch", True),
     ("batch_wait_ms", -1.0), ("batch_wait_ms", 1500.0), ("batch_wait_ms", float("nan")),
-    ("prepare_threads", 0), ("prepare_threads", 65),
+    ("prepare_threads", 0), ("prepare_threads", 65), ("prepare_processes", -1), ("prepare_processes", 65),
+    ("prepare_processes", 1.5), ("detect_side", -1), ("detect_side", 10_000),
 ])
 def test_bad_batch_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=rf"serve setting {key} \(--{key.replace('_', '-')}\) must be"):
@@ -251,7 +424,8 @@ def test_bad_batch_settings_name_their_key(key, value):
 
 
 def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatch):
-    limits = ServeLimits(max_batch=7, batch_wait_ms=2.5, prepare_threads=3, max_pixels=1234)
+    limits = ServeLimits(max_batch=7, batch_wait_ms=2.5, prepare_threads=3, prepare_processes=5, detect_side=480,
+                         max_pixels=1234)
     for name, value in limits_to_environment(limits).items():
         monkeypatch.setenv(name, value)
     assert limits_from_environment() == limits
@@ -263,6 +437,8 @@ def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatc
 @pytest.mark.parametrize("option, value, key", [
     ("--max-batch", "0", "max_batch"), ("--batch-wait-ms", "2000", "batch_wait_ms"),
     ("--prepare-threads", "0", "prepare_threads"), ("--detector-threads", "-1", "detector_threads"),
+    ("--prepare-processes", "65", "prepare_processes"), ("--detect-side", "9000", "detect_side"),
+    ("--detect-side", "640 --prepare-processes 0", "detect_side"),
 ])
 def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, value, key, monkeypatch):
     import uvicorn
@@ -271,7 +447,7 @@ def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, va
         raise AssertionError("the bad setting was not refused: the server started")
 
     monkeypatch.setattr(uvicorn, "run", never)
-    result = invoke("serve", str(tiny_run), "--port", "0", option, value)
+    result = invoke("serve", str(tiny_run), "--port", "0", option, *value.split())
     assert result.exit_code == 2, result.output
     assert key in result.output
 

@@ -1249,7 +1249,13 @@ def serve_command(
     batch_wait_ms: float = typer.Option(5.0, "--batch-wait-ms", help="Milliseconds a request's faces wait for "
                                                                       "other requests' to share a pass, 0-1000."),
     prepare_threads: int = typer.Option(2, "--prepare-threads", help="Threads that decode, detect and crop "
-                                                                      "uploads, 1-64."),
+                                                                      "uploads, 1-64 (with --prepare-processes 0)."),
+    prepare_processes: int | None = typer.Option(None, "--prepare-processes", help="Worker processes that "
+                                                 "decode, detect and crop uploads, 0-64 (default: the usable "
+                                                 "CPUs; 0: the --prepare-threads of the server process)."),
+    detect_side: int = typer.Option(0, "--detect-side", help="Longer side, px, photos are downscaled to for "
+                                    "detection in the prepare processes (0: the detector's own, 960 for yunet, as "
+                                    "fairage predict; smaller is faster and misses more small faces)."),
     detector_threads: int = typer.Option(1, "--detector-threads", help="OpenMP threads per YuNet call "
                                                                         "(0: OpenMP's default, every core)."),
     runtime: str = typer.Option("auto", "--runtime", help="Age model runtime: auto (the faster here, timed at "
@@ -1266,16 +1272,22 @@ def serve_command(
 
     from .serve import ServeLimits, create_app, serve_protocol
     from .serve.app import limits_to_environment
+    from .serve.prepare import usable_cpus
 
     limits = ServeLimits(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels,
-                         max_batch=max_batch, batch_wait_ms=batch_wait_ms, prepare_threads=prepare_threads)
+                         max_batch=max_batch, batch_wait_ms=batch_wait_ms, prepare_threads=prepare_threads,
+                         prepare_processes=usable_cpus() if prepare_processes is None else prepare_processes,
+                         detect_side=detect_side)
     # the service's process: its forward passes use this many threads (torch's default, every
     # core, waits for busy cores at every layer on a shared machine)
     torch.set_num_threads(model_threads)
     # the model and its card load here first, so a bad path is one message and exit 2, in any mode
     application = create_app(model, limits=limits, detector=detector, detector_threads=detector_threads,
                              runtime=runtime, model_threads=model_threads)
-    console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s), age model on "
+    pool = application.state.prepare_pool
+    preparing = (f"{pool.processes} prepare process(es)" if pool is not None
+                 else f"{limits.prepare_threads} prepare thread(s)")
+    console.print(f"serving {model} on http://{host}:{port}/ with {workers} worker(s), {preparing}, age model on "
                   f"{getattr(application.state.predictor, 'runtime', 'its own runtime')}; Ctrl-C stops",
                   highlight=False)
     if workers == 1:

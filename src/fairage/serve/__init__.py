@@ -2,11 +2,24 @@
 
 ``create_app(model)`` returns the FastAPI app (see ``fairage.serve.app``); run it with
 uvicorn. The page is ``static/index.html``, shipped as package data.
+
+Names are imported on first use, so the service's prepare worker processes
+(``fairage.serve.prepare``) load neither the web framework nor torch.
 """
 
-from .app import ServeLimits, create_app, serve_protocol
-from .batching import CropBatcher
-from .uploads import MAX_PIXELS, MAX_UPLOAD_BYTES, UploadError, check_image
+from importlib import import_module
 
-__all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "CropBatcher", "ServeLimits", "UploadError", "check_image", "create_app",
-           "serve_protocol"]
+_NAMES = {"ServeLimits": "app", "create_app": "app", "serve_protocol": "app", "CropBatcher": "batching",
+          "PreparePool": "prepare", "MAX_PIXELS": "uploads", "MAX_UPLOAD_BYTES": "uploads",
+          "UploadError": "uploads", "check_image": "uploads"}
+
+__all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "CropBatcher", "PreparePool", "ServeLimits", "UploadError", "check_image",
+           "create_app", "serve_protocol"]
+
+
+def __getattr__(name: str):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'fairage.serve' has no attribute {name!r}")
+    value = getattr(import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -13,7 +13,9 @@ Endpoints::
     GET  /           a self-contained web page: drop a photo, see the ages, read the card
 
 The model is loaded once, when the app is made. Each received upload is decoded, searched for
-faces and cropped on one of ``prepare_threads`` threads; the crops then join a queue
+faces and cropped in one of ``prepare_processes`` worker processes (``fairage.serve.prepare``;
+started with the app's lifespan, stopped at its shutdown), or with ``prepare_processes=0`` on
+one of ``prepare_threads`` threads of this process; the crops then join a queue
 (``fairage.serve.batching.CropBatcher``) whose thread runs the age model on the crops of
 several requests in one forward pass: up to ``max_batch`` faces, gathered for at most
 ``batch_wait_ms`` after the first (``max_batch=1``: every request's crops alone). The event loop
@@ -34,6 +36,7 @@ import asyncio
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -41,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -87,6 +90,12 @@ class ServeLimits:
     batch_wait_ms: float = 5.0
     #: threads that decode, detect and crop uploads before the shared forward pass
     prepare_threads: int = 2
+    #: worker processes that decode, detect and crop instead of those threads (0: the threads;
+    #: ``fairage serve`` defaults to the usable CPUs, ``fairage.serve.prepare.usable_cpus``)
+    prepare_processes: int = 0
+    #: longer side (pixels) photos are downscaled to for detection in those processes (0: the
+    #: detector's own, as ``fairage predict``; smaller is faster and misses more small faces)
+    detect_side: int = 0
 
     def __post_init__(self) -> None:
         for key, low, high in _SETTING_BOUNDS:
@@ -106,12 +115,14 @@ _SETTING_BOUNDS = (
     ("max_upload_bytes", 1, 2**40), ("max_pixels", 1, 2**40), ("max_pending", 1, 1_000_000),
     ("max_uploading", 1, 1_000_000), ("body_timeout", 0.001, 86_400.0), ("min_body_rate", 1.0, 1e12),
     ("chunk_timeout", 0.001, 86_400.0), ("max_batch", 1, 4096), ("batch_wait_ms", 0.0, 1000.0),
-    ("prepare_threads", 1, 64),
+    ("prepare_threads", 1, 64), ("prepare_processes", 0, 64), ("detect_side", 0, 8192),
 )
 #: the `fairage serve` options that set a ServeLimits field (named in its messages)
 _CLI_OPTIONS = {"max_upload_bytes": "--max-upload-mb", "max_pixels": "--max-pixels", "max_batch": "--max-batch",
-                "batch_wait_ms": "--batch-wait-ms", "prepare_threads": "--prepare-threads"}
-_INTEGER_SETTINGS = {"max_upload_bytes", "max_pixels", "max_pending", "max_uploading", "max_batch", "prepare_threads"}
+                "batch_wait_ms": "--batch-wait-ms", "prepare_threads": "--prepare-threads",
+                "prepare_processes": "--prepare-processes", "detect_side": "--detect-side"}
+_INTEGER_SETTINGS = {"max_upload_bytes", "max_pixels", "max_pending", "max_uploading", "max_batch", "prepare_threads",
+                     "prepare_processes", "detect_side"}
 
 
 def _predictor(model: Any, detector: str, detector_threads: int = 1):
@@ -120,6 +131,23 @@ def _predictor(model: Any, detector: str, detector_threads: int = 1):
     if hasattr(model, "predict_image"):
         return model
     return AgePredictor(model, detector=detector, detector_threads=detector_threads)
+
+
+def _prepare_pool(predictor, limits: ServeLimits):
+    """The worker processes that prepare uploads (``fairage.serve.prepare``), or None: none asked
+    for, or a predictor that does not say how it detects (``detector_name``, ``detector_threads``,
+    ``image_size``: ``AgePredictor``'s), whose uploads are prepared on its own threads."""
+    if limits.detect_side and limits.prepare_processes == 0:
+        raise ConfigError("serve setting detect_side (--detect-side) applies to the prepare processes; "
+                          "set prepare_processes (--prepare-processes) to 1 or more")
+    if limits.prepare_processes == 0 or not all(
+            hasattr(predictor, a) for a in ("detector_name", "detector_threads", "image_size")):
+        return None
+    from .prepare import PreparePool, PrepareSpec
+
+    spec = PrepareSpec(predictor.detector_name, int(predictor.detector_threads), int(predictor.image_size),
+                       limits.max_pixels, limits.detect_side)
+    return PreparePool(spec, limits.prepare_processes)
 
 
 def default_card(loaded) -> dict:
@@ -143,6 +171,10 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     ``fairage.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
     ``runtime``: ``torch``, ``onnxruntime`` (``model_threads`` intra-op threads) or ``auto`` (the
     faster here, ``AgePredictor.use_runtime``) for the age model; None leaves the predictor's.
+    With ``limits.prepare_processes`` > 0 and a predictor that names its detector
+    (``detector_name``, ``detector_threads``, ``image_size``), uploads are prepared in that many
+    worker processes (``app.state.prepare_pool``), started by the app's lifespan and stopped at
+    its shutdown (run it under uvicorn, or ``with TestClient(app)``).
     """
     from ..modelcard import card_markdown
     predictor = _predictor(predictor_or_model_path, detector, detector_threads)
@@ -160,21 +192,29 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
                                   thread_name_prefix="fairage-inference")
     batcher = CropBatcher(predictor.predict_crops_spread, limits.max_batch,
                           limits.batch_wait_ms / 1000.0) if batched else None
+    pool = _prepare_pool(predictor, limits) if batched else None
     pending = 0
     uploading = 0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        yield
-        executor.shutdown(wait=True, cancel_futures=True)
-        if batcher is not None:
-            batcher.close()
+        try:
+            if pool is not None:  # the service is up once its workers are: the first requests wait for none
+                await asyncio.gather(*(asyncio.wrap_future(f) for f in pool.start()))
+            yield
+        finally:
+            if pool is not None:
+                pool.close()
+            executor.shutdown(wait=True, cancel_futures=True)
+            if batcher is not None:
+                batcher.close()
 
     app = FastAPI(title="fairage", version=_version(), lifespan=lifespan,
                   description="Apparent-age estimation with a measured model card (error by group, with intervals).")
     app.state.predictor = predictor
     app.state.limits = limits
     app.state.batcher = batcher
+    app.state.prepare_pool = pool
 
     def infer(data: bytes, faces_only: bool) -> dict:
         """A whole request on one thread (a predictor without ``prepare_image``)."""
@@ -194,9 +234,21 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
         except DataError as err:  # passed the header check but the pixel data is bad
             raise UploadError(400, f"upload: {err}") from None
 
+    async def prepare_in_process(data: bytes, faces_only: bool):
+        from ..predict import PreparedImage
+
+        try:
+            width, height, found, crops = await asyncio.wrap_future(pool.submit(data, faces_only))
+        except BrokenProcessPool:  # the next request gets a new pool
+            raise HTTPException(500, "a prepare worker process stopped while reading this upload") from None
+        return PreparedImage(width, height, found, crops)
+
     async def infer_batched(data: bytes, faces_only: bool) -> dict:
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(executor, prepare, data, faces_only)
+        if pool is not None:
+            prepared = await prepare_in_process(data, faces_only)
+        else:
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(executor, prepare, data, faces_only)
         if len(prepared.crops) == 0:
             return answer(predictor.finish_image(prepared, np.empty(0), None))
         ages, spreads = await asyncio.wrap_future(batcher.submit(prepared.crops))
@@ -458,7 +510,8 @@ def app_from_environment() -> FastAPI:
 
 
 #: the ServeLimits fields ``fairage serve --workers N`` passes to its worker processes
-ENVIRONMENT_SETTINGS = ("max_upload_bytes", "max_pixels", "max_batch", "batch_wait_ms", "prepare_threads")
+ENVIRONMENT_SETTINGS = ("max_upload_bytes", "max_pixels", "max_batch", "batch_wait_ms", "prepare_threads",
+                        "prepare_processes", "detect_side")
 
 
 def limits_to_environment(limits: ServeLimits) -> dict[str, str]:

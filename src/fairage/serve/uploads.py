@@ -24,6 +24,10 @@ class UploadError(Exception):
         super().__init__(message)
         self.status = status
 
+    def __reduce__(self):
+        # raised in a prepare worker process, it comes back to the server pickled: status and message
+        return type(self), (self.status, str(self))
+
 
 def check_image(data: bytes, max_pixels: int = MAX_PIXELS, name: str = "upload") -> tuple[int, int]:
     """Check an encoded photo from its header alone; return its (width, height) in pixels.
