@@ -52,13 +52,23 @@ from .conformal import (
     calibration_from_text,
     read_calibration,
 )
-from .data.decode import decode_face, open_image, pil_to_rgb, resize_square, to_rgb
+
+# the crop convention (CROP_MARGIN, crop_box, crop_face) lives beside the decoder, which the service's
+# torch-free prepare processes import too
+from .data.decode import (  # noqa: F401 (re-exported)
+    CROP_MARGIN,
+    crop_box,
+    crop_face,
+    decode_face,
+    open_image,
+    pil_to_rgb,
+    resize_square,
+    to_rgb,
+)
 from .data.decode import read_image as _decode_read_image
 from .errors import ConfigError, DataError
 from .models import AgeRegressor, clamp_ages
 
-#: the crop convention: the detector box enlarged by this fraction of its side on each side
-CROP_MARGIN = 0.4
 #: file name suffixes read from folders (a file named explicitly is tried whatever its suffix)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 #: metadata keys of an exported model (ONNX metadata_props / TorchScript extra file)
@@ -261,30 +271,6 @@ def read_face(source: str | os.PathLike | bytes, size: int) -> np.ndarray:
 def _read_face(source, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """``read_face`` and the file's (width, height) in its EXIF-corrected orientation."""
     return decode_face(source, size)
-
-
-def crop_box(box: Sequence[float], margin: float = CROP_MARGIN) -> tuple[int, int, int]:
-    """The square crop ``(x, y, side)`` of a detector box ``(x, y, w, h)``, original pixels.
-
-    The box's longer side grows by ``margin`` of itself on each side (side = (1 + 2 margin)
-    max(w, h)), centred on the box's centre.
-    """
-    x, y, w, h = (float(v) for v in box[:4])
-    side = (1.0 + 2.0 * margin) * max(w, h)
-    cx, cy = x + w / 2.0, y + h / 2.0
-    return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), max(1, int(round(side)))
-
-
-def crop_face(rgb: np.ndarray, box: Sequence[float], size: int, margin: float = CROP_MARGIN) -> np.ndarray:
-    """The face crop of ``box`` in ``rgb`` (see ``crop_box``; outside the photo: black), uint8 (size, size, 3)."""
-    x0, y0, side = crop_box(box, margin)
-    height, width = rgb.shape[:2]
-    crop = np.zeros((side, side, 3), dtype=np.uint8)
-    sx0, sy0 = max(0, x0), max(0, y0)
-    sx1, sy1 = min(width, x0 + side), min(height, y0 + side)
-    if sx1 > sx0 and sy1 > sy0:
-        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
-    return resize_face(crop, size)
 
 
 def _as_rgb(image) -> np.ndarray:

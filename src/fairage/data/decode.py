@@ -152,3 +152,31 @@ def decode_face(
             width,
             height,
         )
+
+
+#: a face's crop margin: the detector box's longer side grows by this fraction of itself on each side
+CROP_MARGIN = 0.4
+
+
+def crop_box(box, margin: float = CROP_MARGIN) -> tuple[int, int, int]:
+    """The square crop ``(x, y, side)`` of a detector box ``(x, y, w, h)``, original pixels.
+
+    The box's longer side grows by ``margin`` of itself on each side (side = (1 + 2 margin)
+    max(w, h)), centred on the box's centre.
+    """
+    x, y, w, h = (float(v) for v in box[:4])
+    side = (1.0 + 2.0 * margin) * max(w, h)
+    cx, cy = x + w / 2.0, y + h / 2.0
+    return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), max(1, int(round(side)))
+
+
+def crop_face(rgb: np.ndarray, box, size: int, margin: float = CROP_MARGIN) -> np.ndarray:
+    """The face crop of ``box`` in ``rgb`` (see ``crop_box``; outside the photo: black), uint8 (size, size, 3)."""
+    x0, y0, side = crop_box(box, margin)
+    height, width = rgb.shape[:2]
+    crop = np.zeros((side, side, 3), dtype=np.uint8)
+    sx0, sy0 = max(0, x0), max(0, y0)
+    sx1, sy1 = min(width, x0 + side), min(height, y0 + side)
+    if sx1 > sx0 and sy1 > sy0:
+        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+    return resize_square(crop, size)

@@ -24,9 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: a face's crop margin: the box's longer side grows by this fraction of itself on each side
-#: (``fairage.predict.CROP_MARGIN``; tests check the two crops agree)
-CROP_MARGIN = 0.4
+from ..data.decode import crop_face
 
 
 @dataclass(frozen=True)
@@ -50,28 +48,6 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):
         return max(1, os.cpu_count() or 1)
-
-
-def crop_box(box, margin: float = CROP_MARGIN) -> tuple[int, int, int]:
-    """The square crop ``(x, y, side)`` of a detector box ``(x, y, w, h)``, pixels (as ``fairage.predict.crop_box``)."""
-    x, y, w, h = (float(v) for v in box[:4])
-    side = (1.0 + 2.0 * margin) * max(w, h)
-    cx, cy = x + w / 2.0, y + h / 2.0
-    return int(round(cx - side / 2.0)), int(round(cy - side / 2.0)), max(1, int(round(side)))
-
-
-def crop_face(rgb: np.ndarray, box, size: int, margin: float = CROP_MARGIN) -> np.ndarray:
-    """uint8 (size, size, 3) crop of ``box`` in ``rgb``, black outside the photo (as ``fairage.predict.crop_face``)."""
-    from ..data.decode import resize_square
-
-    x0, y0, side = crop_box(box, margin)
-    height, width = rgb.shape[:2]
-    crop = np.zeros((side, side, 3), dtype=np.uint8)
-    sx0, sy0 = max(0, x0), max(0, y0)
-    sx1, sy1 = min(width, x0 + side), min(height, y0 + side)
-    if sx1 > sx0 and sy1 > sy0:
-        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
-    return resize_square(crop, size)
 
 
 #: this worker process's spec and detector (set by ``_start_worker``)
