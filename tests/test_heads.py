@@ -471,3 +471,28 @@ def test_dex_l1_adds_the_expected_ages_error():
     # the stage defaults: a Gaussian label distribution of 2 years and the L1 term at weight 1
     stage = StageConfig(loss="ce")
     assert (stage.dex_sigma, stage.dex_l1) == (2.0, 1.0)
+
+
+def test_ordinal_l1_adds_the_expected_ages_error():
+    ln2, ln43, ln4 = math.log(2), math.log(4 / 3), math.log(4)
+    # CORAL's expected age is the sum of the sigmoids: 4 x 1/2 = 2 (age 2), 3/4 + 1/2 + 1/4 + 1/2
+    # = 2 (age 0.4), 4 x 3/4 = 3 (age 4) -> errors 0, 1.6 and 1 years
+    coral = [4 * ln2, ln4 + ln2 + ln43 + ln2, 4 * ln43]
+    assert coral_loss_per_face(LOGITS, AGES, l1=0.5).tolist() == pytest.approx(
+        [coral[0], coral[1] + 0.5 * 1.6, coral[2] + 0.5 * 1.0], rel=1e-6
+    )
+    # CORN's is the sum of the running products: 1/2 + 1/4 + 1/8 + 1/16 = 15/16, 3/4 + 3/8 + 3/32
+    # + 3/64 = 81/64 and 3/4 + 9/16 + 27/64 + 81/256 = 525/256
+    corn = [s * 3 / 8 for s in (3 * ln2, ln4, 4 * ln43)]
+    errors = [2 - 15 / 16, 81 / 64 - 0.4, 4 - 525 / 256]
+    assert corn_loss_per_face(LOGITS, AGES, l1=2.0).tolist() == pytest.approx(
+        [c + 2.0 * e for c, e in zip(corn, errors)], rel=1e-6
+    )
+    # the stage key reaches the objective; 0 is the papers' loss
+    for kind, fn in (("coral", coral_loss_per_face), ("corn", corn_loss_per_face)):
+        assert float(StageObjective(kind, ordinal_l1=0.5)(LOGITS, AGES)) == pytest.approx(
+            float(fn(LOGITS, AGES, l1=0.5).mean()), rel=1e-6
+        )
+        assert float(StageObjective(kind, ordinal_l1=0.0)(LOGITS, AGES)) == pytest.approx(
+            float(fn(LOGITS, AGES).mean()), rel=1e-6
+        )
