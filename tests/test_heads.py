@@ -473,26 +473,49 @@ def test_dex_l1_adds_the_expected_ages_error():
     assert (stage.dex_sigma, stage.dex_l1) == (2.0, 1.0)
 
 
-def test_ordinal_l1_adds_the_expected_ages_error():
-    ln2, ln43, ln4 = math.log(2), math.log(4 / 3), math.log(4)
-    # CORAL's expected age is the sum of the sigmoids: 4 x 1/2 = 2 (age 2), 3/4 + 1/2 + 1/4 + 1/2
-    # = 2 (age 0.4), 4 x 3/4 = 3 (age 4) -> errors 0, 1.6 and 1 years
-    coral = [4 * ln2, ln4 + ln2 + ln43 + ln2, 4 * ln43]
-    assert coral_loss_per_face(LOGITS, AGES, l1=0.5).tolist() == pytest.approx(
-        [coral[0], coral[1] + 0.5 * 1.6, coral[2] + 0.5 * 1.0], rel=1e-6
-    )
-    # CORN's is the sum of the running products: 1/2 + 1/4 + 1/8 + 1/16 = 15/16, 3/4 + 3/8 + 3/32
-    # + 3/64 = 81/64 and 3/4 + 9/16 + 27/64 + 81/256 = 525/256
-    corn = [s * 3 / 8 for s in (3 * ln2, ln4, 4 * ln43)]
-    errors = [2 - 15 / 16, 81 / 64 - 0.4, 4 - 525 / 256]
-    assert corn_loss_per_face(LOGITS, AGES, l1=2.0).tolist() == pytest.approx(
-        [c + 2.0 * e for c, e in zip(corn, errors)], rel=1e-6
-    )
-    # the stage key reaches the objective; 0 is the papers' loss
-    for kind, fn in (("coral", coral_loss_per_face), ("corn", corn_loss_per_face)):
-        assert float(StageObjective(kind, ordinal_l1=0.5)(LOGITS, AGES)) == pytest.approx(
-            float(fn(LOGITS, AGES, l1=0.5).mean()), rel=1e-6
-        )
-        assert float(StageObjective(kind, ordinal_l1=0.0)(LOGITS, AGES)) == pytest.approx(
-            float(fn(LOGITS, AGES).mean()), rel=1e-6
-        )
+@pytest.mark.parametrize("output", ["coral", "corn"])
+def test_ordinal_bias_lr_moves_the_thresholds_faster_and_keeps_the_state_dict(output):
+    def model(factor):
+        torch.manual_seed(0)
+        cfg = ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)], output=output,
+                          ordinal_bias_lr=factor)
+        m = build_model(cfg)[0]
+        m.init_output_bias([10.0, 20.0, 30.0, 60.0])
+        return m
+
+    name = "head.2.coral_bias" if output == "coral" else "head.2.bias"
+    plain, fast = model(1.0), model(100.0)
+    # the same tensors under the same keys: checkpoints and weights files do not see the multiplier
+    assert sorted(fast.state_dict()) == sorted(plain.state_dict())
+    assert torch.allclose(fast.state_dict()[name], plain.state_dict()[name])
+    x, ages = torch.rand(3, 3, 32, 32), torch.tensor([15.0, 25.0, 50.0])
+    moved = {}
+    for factor, m in ((1.0, plain), (100.0, fast)):
+        m.eval()  # BatchNorm over 3 faces: the same forward for both
+        before = m.state_dict()[name].clone()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        StageObjective(output)(m(x), ages).backward()
+        opt.step()
+        moved[factor] = (m.state_dict()[name] - before).abs()
+    # Adam's first step is lr times the gradient's sign: 1e-3 per threshold, and 100 x 1e-3 with the
+    # multiplier; CORN's tasks k > 50 have no face (task k trains on the faces older than k - 1) and stay
+    used = 100 if output == "coral" else 51
+    assert moved[1.0].tolist() == pytest.approx([1e-3] * used + [0.0] * (100 - used), rel=1e-3, abs=1e-9)
+    assert moved[100.0].tolist() == pytest.approx([0.1] * used + [0.0] * (100 - used), rel=1e-3, abs=1e-7)
+    # a model with the multiplier loads a plain model's weights and computes the same logits
+    fast.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fast.eval()(x), plain.eval()(x))
+
+
+def test_corn_tasks_start_with_one_weight_vector_unless_told():
+    def last(**keys):
+        torch.manual_seed(0)
+        return build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)],
+                                       output="corn", **keys))[0].head[-1]
+
+    shared = last().weight
+    assert torch.equal(shared, shared[:1].expand(100, 4))  # every task's row is the first one
+    assert ModelConfig().ordinal_bias_lr == 100.0 and ModelConfig().corn_shared_init
+    rows = last(corn_shared_init=False).weight  # torch's init: 100 different rows
+    assert len({tuple(r.tolist()) for r in rows}) == 100

@@ -185,9 +185,6 @@ class StageConfig(StrictModel):
     #: loss ce (DEX): weight of the L1 error (years) of the softmax's expected age, added to the
     #: cross-entropy (DLDL-v2, Gao et al. 2018); 0 = the plain cross-entropy of DEX
     dex_l1: float = Field(1.0, ge=0)
-    #: losses coral / corn: weight of the L1 error (years) of the thresholds' expected age
-    #: (``sum_k P(age > k)``), added to the binary cross-entropies; 0 = the papers' loss
-    ordinal_l1: float = Field(0.0, ge=0)
     #: per-face rater spread (face table column ``age_std``): "sample" draws each epoch's
     #: targets from N(age, age_std); "weight" multiplies the loss by 1/age_std^2 (mean 1)
     label_std: Literal["off", "sample", "weight"] = "off"
@@ -246,10 +243,14 @@ class ModelConfig(StrictModel):
     #: default) or "keras" (Keras Dense's default: glorot-uniform kernel, zero bias)
     head_init: Literal["torch", "keras"] = "torch"
     #: output coral / corn: learning-rate multiplier of the ordinal thresholds (the last layer's 100
-    #: biases; ``fairage.models.scale_bias_lr``). Adam moves a parameter by at most about ``lr`` a
-    #: step, and CORAL can sharpen its age distribution only by spacing its thresholds apart; 1 = the
-    #: papers' (every parameter at the stage's rate)
-    ordinal_bias_lr: float = Field(1.0, gt=0)
+    #: biases; ``fairage.models.scale_bias_lr``). Adam moves a parameter by about ``lr`` a step, and
+    #: CORAL can narrow its age distribution only by spacing its thresholds apart: at 1 (the papers',
+    #: every parameter at the stage's rate) they stay at their start (measured, docs/training.md)
+    ordinal_bias_lr: float = Field(100.0, gt=0)
+    #: output corn: start the 100 tasks' weight vectors equal (one random row copied): the tasks start
+    #: rank-consistent like CORAL's and their gradients on the features add up instead of cancelling
+    #: (random rows: the first epochs barely learn, measured); False = torch's init of every row
+    corn_shared_init: bool = True
 
     @model_validator(mode="before")
     @classmethod

@@ -194,42 +194,23 @@ def ordinal_levels(target_years: torch.Tensor, n_classes: int = DEX_AGES) -> tor
     return (classes > ks).float()
 
 
-def ordinal_expectation(logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """(B, K-1) CORAL/CORN logits -> (B,) expected age in years of the thresholds' distribution,
-    ``sum_k P(age > k)`` (CORAL: the plain sigmoids, differentiable everywhere; CORN: their running product)."""
-    if kind == "coral":
-        return torch.sigmoid(logits.float()).sum(dim=-1)
-    return ordinal_exceed_probs(logits, kind).sum(dim=-1)
-
-
-def _with_l1(loss: torch.Tensor, logits: torch.Tensor, target_years: torch.Tensor, kind: str,
-             l1: float) -> torch.Tensor:
-    """``loss`` (B,) plus ``l1`` times the expected age's absolute error in years (none when ``l1 == 0``)."""
-    if l1 <= 0:
-        return loss
-    return loss + l1 * (ordinal_expectation(logits, kind) - target_years.reshape(-1).float()).abs()
-
-
-def coral_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, l1: float = 0.0) -> torch.Tensor:
+def coral_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor) -> torch.Tensor:
     """CORAL loss of (B, K-1) logits against ages in years -> (B,): the sum over the K-1 tasks
-    of the binary cross-entropy of "age > k" (nats; ``coral_pytorch.losses.coral_loss`` per face),
-    plus ``l1`` times ``|ordinal_expectation - age|`` in years when ``l1 > 0``."""
+    of the binary cross-entropy of "age > k" (nats; ``coral_pytorch.losses.coral_loss`` per face)."""
     from coral_pytorch.losses import coral_loss
 
     logits = logits.float()
-    loss = coral_loss(logits, ordinal_levels(target_years, logits.shape[-1] + 1), reduction=None)
-    return _with_l1(loss, logits, target_years, "coral", l1)
+    return coral_loss(logits, ordinal_levels(target_years, logits.shape[-1] + 1), reduction=None)
 
 
-def corn_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, l1: float = 0.0) -> torch.Tensor:
+def corn_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor) -> torch.Tensor:
     """CORN loss of (B, K-1) logits against ages in years -> (B,).
 
     Task k is trained only on the faces with class > k-1 (the conditional training sets of
     CORN); face i takes part in ``n_i = min(class_i + 1, K-1)`` tasks. ``coral_pytorch``'s
     ``corn_loss`` is the sum of all these binary cross-entropies divided by ``sum_i n_i``;
     face i's term here is its own sum times ``B / sum_i n_i``, so that the plain mean of the
-    (B,) terms is exactly ``corn_loss`` and weights multiply each face's share. ``l1 > 0`` adds
-    ``l1`` times ``|ordinal_expectation - age|`` in years to each face's term.
+    (B,) terms is exactly ``corn_loss`` and weights multiply each face's share.
     """
     logits = logits.float()
     classes = age_classes(target_years, logits.shape[-1] + 1).reshape(-1, 1)
@@ -238,7 +219,7 @@ def corn_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, l1: flo
     label = (classes > ks).float()
     bce = -(F.logsigmoid(logits) * label + (F.logsigmoid(logits) - logits) * (1 - label))
     per_face = (bce * in_task).sum(dim=1)
-    return _with_l1(per_face * (len(per_face) / in_task.sum().clamp(min=1)), logits, target_years, "corn", l1)
+    return per_face * (len(per_face) / in_task.sum().clamp(min=1))
 
 
 def ordinal_exceed_probs(logits: torch.Tensor, kind: str) -> torch.Tensor:
@@ -375,7 +356,6 @@ class StageObjective(nn.Module):
     label_scale : years per label unit (``fairage.models.LABEL_SCALE``).
     huber_delta, bmc_sigma, dex_sigma : in years (converted to label units here).
     dex_l1 : loss ce: weight of the expected age's L1 error (years) added to the cross-entropy.
-    ordinal_l1 : losses coral / corn: the same for the thresholds' expected age (``ordinal_expectation``).
     dro : a ``GroupDRO`` or None; needs ``face_groups``.
     face_groups : (N,) int group id of every training face (DRO), or None.
     face_ages, face_std : (N,) years of every training face, for ``label_std``.
@@ -390,7 +370,7 @@ class StageObjective(nn.Module):
     """
 
     def __init__(self, kind: str, label_scale: float = 1.0, huber_delta: float = 5.0, bmc_sigma: float = 8.0,
-                 dex_sigma: float = 0.0, dex_l1: float = 0.0, ordinal_l1: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
+                 dex_sigma: float = 0.0, dex_l1: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
                  face_ages: torch.Tensor | None = None, face_std: torch.Tensor | None = None,
                  label_std: str = "off", age_std_floor: float = 1.0, seed: int = 0):
         super().__init__()
@@ -405,7 +385,6 @@ class StageObjective(nn.Module):
         self.huber_delta = huber_delta / self.scale
         self.dex_sigma = float(dex_sigma)
         self.dex_l1 = float(dex_l1)
-        self.ordinal_l1 = float(ordinal_l1)
         self.bmc = BMCLoss(bmc_sigma / self.scale) if kind == "bmc" else None
         self.dro = dro
         self.label_std = label_std
@@ -433,9 +412,9 @@ class StageObjective(nn.Module):
         if self.kind == "ce":
             return dex_loss_per_face(out, target_years, self.dex_sigma, self.dex_l1)
         if self.kind == "coral":
-            return coral_loss_per_face(out, target_years, self.ordinal_l1)
+            return coral_loss_per_face(out, target_years)
         if self.kind == "corn":
-            return corn_loss_per_face(out, target_years, self.ordinal_l1)
+            return corn_loss_per_face(out, target_years)
         target = target_years / self.scale
         if self.kind == "bmc":
             return self.bmc(out, target) if train else regression_loss_per_face(out, target, "mse")

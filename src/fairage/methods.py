@@ -99,7 +99,7 @@ def build_objective(stage: StageConfig, label_scale: float, train_ages: np.ndarr
     as_tensor = (lambda a: None if a is None else torch.as_tensor(np.asarray(a)))
     return StageObjective(
         stage.loss, label_scale=label_scale, huber_delta=stage.huber_delta, bmc_sigma=stage.bmc_sigma,
-        dex_sigma=stage.dex_sigma, dex_l1=stage.dex_l1, ordinal_l1=stage.ordinal_l1, dro=dro, face_groups=as_tensor(arrays.groups),
+        dex_sigma=stage.dex_sigma, dex_l1=stage.dex_l1, dro=dro, face_groups=as_tensor(arrays.groups),
         face_ages=torch.as_tensor(np.asarray(train_ages, dtype=np.float32)), face_std=as_tensor(arrays.age_std),
         label_std=stage.label_std, age_std_floor=stage.age_std_floor, seed=seed)
 

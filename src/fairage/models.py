@@ -329,6 +329,8 @@ def scale_bias_lr(layer: nn.Module, name: str, factor: float) -> None:
     raw = f"parametrizations.{name}.original"
 
     def save(module, state, prefix, local_metadata):
+        if isinstance(state.get(prefix + raw), nn.Parameter):
+            return  # state_dict(keep_vars=True): asked for the parameters themselves (the ONNX tracer)
         state[prefix + name] = state.pop(prefix + raw) * factor
 
     def load(state, prefix, local_metadata, strict, missing, unexpected, errors):
@@ -386,6 +388,9 @@ class AgeRegressor(nn.Module):
                 if isinstance(module, nn.Linear):  # Keras Dense defaults: glorot-uniform kernel, zero bias
                     nn.init.xavier_uniform_(module.weight)
                     nn.init.zeros_(module.bias)
+        if cfg.output == "corn" and cfg.corn_shared_init:
+            with torch.no_grad():
+                self.head[-1].weight.copy_(self.head[-1].weight[:1].expand_as(self.head[-1].weight))
         if cfg.output in ("coral", "corn"):  # after the init: it sets the tensors themselves
             scale_bias_lr(self.head[-1], self._threshold_name(cfg.output), cfg.ordinal_bias_lr)
         if cfg.input_norm == "pretrained":
@@ -454,8 +459,14 @@ class AgeRegressor(nn.Module):
             else:  # conditional on being older than k-1
                 p = above / torch.cat([counts.sum().reshape(1), above[:-1]])
             bias = (p / (1 - p)).log()
-        with torch.no_grad():  # an assignment, not copy_: the thresholds may be parametrized (scale_bias_lr)
-            setattr(self.head[-1], self._threshold_name(self.output), bias.float().clone())
+        from torch.nn.utils import parametrize
+
+        last, name = self.head[-1], self._threshold_name(self.output)
+        with torch.no_grad():
+            if parametrize.is_parametrized(last, name):  # scale_bias_lr: assigning sets the parameter behind it
+                setattr(last, name, bias.float().clone())
+            else:
+                getattr(last, name).copy_(bias.float())
         return True
 
     @staticmethod
