@@ -1,7 +1,7 @@
 """Does each head learn a simple image-to-age task at ``--scale cpu``? Test MAE over the mean predictor's.
 
 Writes a small task in the npy layout (64 px, ages read off the image), trains one preset
-(default M1: one all-layers stage, resnet18 from random init, 8 epochs at Adam 1e-3) once
+(default M1: one all-layers stage, resnet18 from random init, up to 20 epochs at Adam 1e-3) once
 per head with ``--set model.output=<head>`` and nothing else (the loss follows the head),
 and prints each head's test MAE divided by the MAE of always predicting the training mean.
 
