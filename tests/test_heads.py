@@ -471,3 +471,51 @@ def test_dex_l1_adds_the_expected_ages_error():
     # the stage defaults: a Gaussian label distribution of 2 years and the L1 term at weight 1
     stage = StageConfig(loss="ce")
     assert (stage.dex_sigma, stage.dex_l1) == (2.0, 1.0)
+
+
+@pytest.mark.parametrize("output", ["coral", "corn"])
+def test_ordinal_bias_lr_moves_the_thresholds_faster_and_keeps_the_state_dict(output):
+    def model(factor):
+        torch.manual_seed(0)
+        cfg = ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)], output=output,
+                          ordinal_bias_lr=factor)
+        m = build_model(cfg)[0]
+        m.init_output_bias([10.0, 20.0, 30.0, 60.0])
+        return m
+
+    name = "head.2.coral_bias" if output == "coral" else "head.2.bias"
+    plain, fast = model(1.0), model(100.0)
+    # the same tensors under the same keys: checkpoints and weights files do not see the multiplier
+    assert sorted(fast.state_dict()) == sorted(plain.state_dict())
+    assert torch.allclose(fast.state_dict()[name], plain.state_dict()[name])
+    x, ages = torch.rand(3, 3, 32, 32), torch.tensor([15.0, 25.0, 50.0])
+    moved = {}
+    for factor, m in ((1.0, plain), (100.0, fast)):
+        m.eval()  # BatchNorm over 3 faces: the same forward for both
+        before = m.state_dict()[name].clone()
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        StageObjective(output)(m(x), ages).backward()
+        opt.step()
+        moved[factor] = (m.state_dict()[name] - before).abs()
+    # Adam's first step is lr times the gradient's sign: 1e-3 per threshold, and 100 x 1e-3 with the
+    # multiplier; CORN's tasks k > 50 have no face (task k trains on the faces older than k - 1) and stay
+    used = 100 if output == "coral" else 51
+    assert moved[1.0].tolist() == pytest.approx([1e-3] * used + [0.0] * (100 - used), rel=1e-3, abs=1e-9)
+    assert moved[100.0].tolist() == pytest.approx([0.1] * used + [0.0] * (100 - used), rel=1e-3, abs=1e-7)
+    # a model with the multiplier loads a plain model's weights and computes the same logits
+    fast.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fast.eval()(x), plain.eval()(x))
+
+
+def test_corn_tasks_start_with_one_weight_vector_unless_told():
+    def last(**keys):
+        torch.manual_seed(0)
+        return build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=4)],
+                                       output="corn", **keys))[0].head[-1]
+
+    shared = last().weight
+    assert torch.equal(shared, shared[:1].expand(100, 4))  # every task's row is the first one
+    assert ModelConfig().ordinal_bias_lr == 100.0 and ModelConfig().corn_shared_init
+    rows = last(corn_shared_init=False).weight  # torch's init: 100 different rows
+    assert len({tuple(r.tolist()) for r in rows}) == 100

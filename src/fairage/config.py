@@ -245,6 +245,15 @@ class ModelConfig(StrictModel):
     #: initialisation of the Dense layers fairage creates (projection, head): "torch" (nn.Linear's
     #: default) or "keras" (Keras Dense's default: glorot-uniform kernel, zero bias)
     head_init: Literal["torch", "keras"] = "torch"
+    #: output coral / corn: learning-rate multiplier of the ordinal thresholds (the last layer's 100
+    #: biases; ``fairage.models.scale_bias_lr``). Adam moves a parameter by about ``lr`` a step, and
+    #: CORAL can narrow its age distribution only by spacing its thresholds apart: at 1 (the papers',
+    #: every parameter at the stage's rate) they stay at their start (measured, docs/training.md)
+    ordinal_bias_lr: float = Field(100.0, gt=0)
+    #: output corn: start the 100 tasks' weight vectors equal (one random row copied): the tasks start
+    #: rank-consistent like CORAL's and their gradients on the features add up instead of cancelling
+    #: (random rows: the first epochs barely learn, measured); False = torch's init of every row
+    corn_shared_init: bool = True
 
     @model_validator(mode="before")
     @classmethod

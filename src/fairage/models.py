@@ -298,6 +298,49 @@ def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1, last
     return nn.Sequential(*layers)
 
 
+class _Scaled(nn.Module):
+    """A parametrization: the tensor is ``factor`` times the parameter that trains."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = float(factor)
+
+    def forward(self, raw: torch.Tensor) -> torch.Tensor:
+        return raw * self.factor
+
+    def right_inverse(self, value: torch.Tensor) -> torch.Tensor:
+        return value / self.factor
+
+
+def scale_bias_lr(layer: nn.Module, name: str, factor: float) -> None:
+    """Train ``layer.<name>`` ``factor`` times faster under Adam: it becomes ``factor`` times a parameter.
+
+    Adam's step of a parameter is about ``lr`` whatever its gradient's scale, so the tensor
+    moves ``factor`` times further a step (the optimizer and its schedule are untouched). The
+    state dict keeps the key ``<name>`` with the tensor's value (checkpoints, weights files and
+    ONNX export are the same as without it); assigning ``layer.<name> = value`` under
+    ``torch.no_grad()`` sets it. ``factor == 1`` leaves the layer alone.
+    """
+    if factor == 1:
+        return
+    from torch.nn.utils import parametrize
+
+    parametrize.register_parametrization(layer, name, _Scaled(factor))
+    raw = f"parametrizations.{name}.original"
+
+    def save(module, state, prefix, local_metadata):
+        if isinstance(state.get(prefix + raw), nn.Parameter):
+            return  # state_dict(keep_vars=True): asked for the parameters themselves (the ONNX tracer)
+        state[prefix + name] = state.pop(prefix + raw) * factor
+
+    def load(state, prefix, local_metadata, strict, missing, unexpected, errors):
+        if prefix + name in state:
+            state[prefix + raw] = state.pop(prefix + name) / factor
+
+    layer._register_state_dict_hook(save)
+    layer._register_load_state_dict_pre_hook(load)
+
+
 def clamp_ages(years: torch.Tensor) -> torch.Tensor:
     """Predicted ages clamped into ``PREDICTION_RANGE`` (0-150 years), what the model reports."""
     low, high = PREDICTION_RANGE
@@ -345,6 +388,11 @@ class AgeRegressor(nn.Module):
                 if isinstance(module, nn.Linear):  # Keras Dense defaults: glorot-uniform kernel, zero bias
                     nn.init.xavier_uniform_(module.weight)
                     nn.init.zeros_(module.bias)
+        if cfg.output == "corn" and cfg.corn_shared_init:
+            with torch.no_grad():
+                self.head[-1].weight.copy_(self.head[-1].weight[:1].expand_as(self.head[-1].weight))
+        if cfg.output in ("coral", "corn"):  # after the init: it sets the tensors themselves
+            scale_bias_lr(self.head[-1], self._threshold_name(cfg.output), cfg.ordinal_bias_lr)
         if cfg.input_norm == "pretrained":
             if not timm:
                 raise ConfigError(f"model.input_norm 'pretrained' needs a timm backbone, not '{cfg.backbone}'")
@@ -411,10 +459,20 @@ class AgeRegressor(nn.Module):
             else:  # conditional on being older than k-1
                 p = above / torch.cat([counts.sum().reshape(1), above[:-1]])
             bias = (p / (1 - p)).log()
-        last = self.head[-1]
+        from torch.nn.utils import parametrize
+
+        last, name = self.head[-1], self._threshold_name(self.output)
         with torch.no_grad():
-            (last.coral_bias if self.output == "coral" else last.bias).copy_(bias.float())
+            if parametrize.is_parametrized(last, name):  # scale_bias_lr: assigning sets the parameter behind it
+                setattr(last, name, bias.float().clone())
+            else:
+                getattr(last, name).copy_(bias.float())
         return True
+
+    @staticmethod
+    def _threshold_name(output: str) -> str:
+        """The name of the last layer's bias vector: CoralLayer's ``coral_bias``, else Linear's ``bias``."""
+        return "coral_bias" if output == "coral" else "bias"
 
     @property
     def has_spread(self) -> bool:
