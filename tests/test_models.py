@@ -135,3 +135,29 @@ def test_bad_weights_files_are_clear_errors(tmp_path):
     (tmp_path / "weights.bin").write_bytes(b"xx")
     with pytest.raises(ConfigError, match="unknown file type"):
         load_weights(model, tmp_path / "weights.bin")
+
+
+def test_flip_average_is_the_mean_over_the_mirror_image_in_eval_mode_only():
+    import torch
+
+    from fairage.config import ModelConfig
+    from fairage.models import AgeRegressor
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet18", projection_dim=None, head=[{"units": 8}], output="linear")
+    plain = AgeRegressor(cfg).eval()
+    flipped = AgeRegressor(cfg.model_copy(update={"flip_average": True})).eval()
+    flipped.load_state_dict(plain.state_dict())
+    x = torch.rand(3, 3, 32, 32)
+    mirror = torch.flip(x, dims=[3])
+    with torch.no_grad():
+        expected = (plain(x) + plain(mirror)) / 2
+        assert torch.allclose(flipped(x), expected, atol=1e-6)
+        assert torch.allclose(flipped(mirror), flipped(x), atol=1e-6)  # a face and its mirror: one age
+        assert not torch.allclose(plain(mirror), plain(x), atol=1e-3)
+    flipped.train()
+    torch.manual_seed(1)
+    a = flipped(x)
+    plain.train()
+    torch.manual_seed(1)
+    assert torch.allclose(a, plain(x), atol=1e-6)  # training steps see one pass

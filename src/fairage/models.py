@@ -403,6 +403,7 @@ class AgeRegressor(nn.Module):
             self.input_norm = InputNorm(cfg.input_norm)
         self.output = cfg.output
         self.label_scale = LABEL_SCALE[cfg.output]
+        self.flip_average = cfg.flip_average
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) RGB images in [0, 1] -> (N, feature_dim) features (backbone + projection)."""
@@ -424,7 +425,12 @@ class AgeRegressor(nn.Module):
         return torch.sigmoid(out) if self.output == "sigmoid" else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head_forward(self.features(x))
+        out = self.head_forward(self.features(x))
+        if self.flip_average and not self.training:
+            # (N, 3, S, S): the mirror image flips the width axis; the mean is of label units
+            # (logits for the distribution heads), so every path that calls the model agrees
+            out = (out + self.head_forward(self.features(torch.flip(x, dims=[3])))) / 2
+        return out
 
     def years(self, out: torch.Tensor) -> torch.Tensor:
         """Outputs -> years (N,): label units times the scale; DEX logits (N, 101) -> expected age;

@@ -50,7 +50,7 @@ PRETRAINED_STAGE2_LR = 3e-4
 #: ``--scale cpu`` itself is tuned on real faces (docs/training.md)
 DEMO_STAGE2 = ("stage2.max_epochs=8", "stage2.max_images=null", "stage2.patience=4", "stage2.lr_patience=2",
                "stage2.warmup_epochs=0", "stage2.grad_clip=null", "stage2.augment.enabled=false",
-               "stage2.lr_schedule=plateau", "stage2.loss=mse")
+               "stage2.lr_schedule=plateau", "stage2.loss=mse", "model.flip_average=false")
 
 
 def run_name(preset: str, seed_index: int, seeds: int) -> str:
