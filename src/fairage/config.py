@@ -924,8 +924,6 @@ def apply_scale(raw: dict, scale: str) -> dict:
         stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
         lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
         stage2 = raw.get("stage2")
-        if isinstance(stage2, dict) and "loss" not in stage2 and model.get("output", "sigmoid") in ("sigmoid", "linear"):
-            stage2["loss"] = "mae"
         if isinstance(stage2, dict) and not (stage2.get("augment") or {}).get("enabled"):
             stage2["augment"] = {"enabled": True, "mode": "random", "hflip": 0.5, "translate": 0.05,
                                  "brightness": 0.1, "contrast": 0.1, "blur_sigma": 0.0}
@@ -944,9 +942,19 @@ def apply_scale(raw: dict, scale: str) -> dict:
     return raw
 
 
+def _regression_loss_at_scale(raw: dict, scale: str) -> dict:
+    """``--scale cpu``: stage II of a regression head trains with L1 unless its loss is set. Applied
+    after the overrides, so ``--set model.output=dex`` alone still leaves the loss to the head."""
+    stage2 = raw.get("stage2")
+    output = (raw.get("model") or {}).get("output", "sigmoid")
+    if scale == "cpu" and isinstance(stage2, dict) and "loss" not in stage2 and output in ("sigmoid", "linear"):
+        stage2["loss"] = "mae"
+    return raw
+
+
 def load_preset(name: str, scale: str = "full", overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a shipped preset, adapted to ``scale`` and with overrides applied."""
-    raw = apply_overrides(apply_scale(preset_raw(name), scale), overrides)
+    raw = _regression_loss_at_scale(apply_overrides(apply_scale(preset_raw(name), scale), overrides), scale)
     return validate_config(raw, f"preset {name} (scale {scale})")
 
 
