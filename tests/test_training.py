@@ -184,3 +184,42 @@ def test_loss_mode_weights_reach_the_loss(faces):
     assert result.history["val_loss"].iloc[0] > 0  # validation loss is never weighted
     for name, value in head_before.items():
         assert torch.equal(model.head.state_dict()[name], value), name
+
+
+def test_random_shift_is_a_whole_pixel_affine_move_within_the_range():
+    from torchvision.transforms.v2 import functional as F
+
+    from fairage.training.module import random_shift
+
+    torch.manual_seed(3)
+    x = torch.rand(40, 3, 20, 20)
+    out = random_shift(x, 0.1)  # up to round(2.0) = 2 pixels each way
+    seen = set()
+    for img, moved in zip(x, out, strict=True):
+        matches = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)
+                   if torch.equal(F.affine(img, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0]), moved)]
+        assert len(matches) == 1, matches  # random images: exactly one offset explains the result
+        seen.add(matches[0])
+    assert len(seen) > 10  # offsets differ from image to image
+    assert {dx for dx, _ in seen} == {-2, -1, 0, 1, 2}
+
+
+def test_translate_only_augmentation_moves_only_chosen_faces():
+    from fairage.config import AugmentConfig
+    from fairage.training import AgeModule, images_to_input
+
+    rng = np.random.default_rng(6)
+    images = torch.from_numpy(rng.integers(1, 256, (6, SIZE, SIZE, 3), dtype=np.uint8))
+    ages = torch.tensor([10.0, 70.0, 10.0, 70.0, 70.0, 70.0])
+    shift_only = AugmentConfig(enabled=True, hflip=0, brightness=0, contrast=0, blur_sigma=0, translate=0.25,
+                               min_age=60)
+    module = AgeModule(tiny_model(), StageConfig(augment=shift_only), frozen=False, image_size=SIZE)
+    torch.manual_seed(0)
+    out = module.prepare_images(images, ages, augment=True)
+    plain = images_to_input(images)
+    torch.testing.assert_close(out[[0, 2]], plain[[0, 2]])
+    # a shifted face keeps its pixels, moved, with zeros where it left the frame
+    moved = [not torch.equal(out[i], plain[i]) for i in (1, 3, 4, 5)]
+    assert any(moved)
+    for i in (1, 3, 4, 5):
+        assert torch.isin(out[i].flatten(), torch.cat([plain[i].flatten(), torch.zeros(1)])).all()

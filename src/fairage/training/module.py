@@ -67,7 +67,10 @@ def memory_format(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 
 def build_augment(cfg: AugmentConfig, image_size: int):
-    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off or offline)."""
+    """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off, offline or empty).
+
+    The shift (``cfg.translate``) is not part of it: ``random_shift`` moves the whole batch at once.
+    """
     if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.augment)
         return None
     from torchvision.transforms import v2
@@ -81,9 +84,28 @@ def build_augment(cfg: AugmentConfig, image_size: int):
         kernel = max(3, int(2 * math.ceil(2 * cfg.blur_sigma) + 1))
         kernel = min(kernel, image_size - (1 - image_size % 2))  # odd and not larger than the image
         steps.append(v2.GaussianBlur(kernel, sigma=(0.1, cfg.blur_sigma)))
-    if cfg.translate > 0:
-        steps.append(v2.RandomAffine(degrees=0.0, translate=(cfg.translate, cfg.translate)))
     return v2.Compose(steps) if steps else None
+
+
+def random_shift(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Each image of ``x`` (N, C, H, W) shifted by its own whole-pixel offset, zero-filled.
+
+    The offsets are drawn as torchvision's ``RandomAffine(degrees=0, translate=(f, f))`` draws
+    them (``round(uniform(-f * side, f * side))`` per axis, from torch's global generator), and a
+    whole-pixel affine move is exactly this shift; done for the batch at once, because
+    ``RandomAffine`` on one small image at a time cost more than the forward and backward pass.
+    """
+    n, _, h, w = x.shape
+    max_dx, max_dy = fraction * w, fraction * h
+    dx = torch.empty(n).uniform_(-max_dx, max_dx).round().long()
+    dy = torch.empty(n).uniform_(-max_dy, max_dy).round().long()
+    pad = int(math.ceil(max(max_dx, max_dy)))
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = (torch.arange(h)[None, :] - dy[:, None] + pad).to(x.device)  # (N, H): source row of each row
+    cols = (torch.arange(w)[None, :] - dx[:, None] + pad).to(x.device)  # (N, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    # advanced indexing picks (N, H, W, C); back to (N, C, H, W)
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 class AgeModule(L.LightningModule):
@@ -150,14 +172,23 @@ class AgeModule(L.LightningModule):
         ``age >= augment.min_age`` when that is set).
         """
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if self.augment is not None and augment:
+        if self._augments() and augment:
             chosen = torch.ones(len(x), dtype=torch.bool, device=x.device)
             if self.stage.augment.min_age is not None:
                 chosen = age >= self.stage.augment.min_age
+            index = torch.nonzero(chosen).flatten()
             # v2 transforms draw one set of parameters per call: apply per image
-            for i in torch.nonzero(chosen).flatten().tolist():
-                x[i] = self.augment(x[i]).clamp_(0, 1)
+            if self.augment is not None:
+                for i in index.tolist():
+                    x[i] = self.augment(x[i]).clamp_(0, 1)
+            if self.stage.augment.translate > 0 and len(index):
+                x[index] = random_shift(x[index], self.stage.augment.translate)
         return memory_format(x, self.channels_last)
+
+    def _augments(self) -> bool:
+        return self.augment is not None or (self.inputs == "images" and self.stage.augment.enabled
+                                            and self.stage.augment.mode == "random"
+                                            and self.stage.augment.translate > 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
