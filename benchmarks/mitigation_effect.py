@@ -82,8 +82,8 @@ def main() -> None:
     weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], sizes={"n_train": args.pretrain_n_train},
                                 progress=False)
     overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]
-    if args.image_size != DEMO_SIZES["size"]:
-        overrides.append(f"data.image_size={args.image_size}")
+    # the model's input size follows the data's (64 px by default), not --scale cpu's 80 px for real faces
+    overrides.append(f"data.image_size={args.image_size}")
     todo = [] if args.no_train else range(args.seeds) if args.only_seed is None else [args.only_seed]
     for k in todo:
         run_suite(data_dir, out / f"seed{k}", presets=presets, scale="cpu", seeds=1,

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for preset in presets:
         for arm, precision in arms.items():
             overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}",
-                         f"trainer.precision={precision}"]
+                         f"trainer.precision={precision}", f"data.image_size={DEMO_SIZES['size']}"]
             for name, cfg in suite_configs([preset], "cpu", args.seeds, overrides):
                 run_dir = out / arm / name
                 if args.runs and name not in args.runs.split(","):

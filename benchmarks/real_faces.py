@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_event(event: SuiteEvent) -> None:
         print(event.message, file=sys.stderr, flush=True)
         name = event.message.split("] ", 1)[-1].split(":", 1)[0]
-        if ": training" in event.message:
+        if ": training" in event.message or ": resuming" in event.message:
             started[name] = time.perf_counter()
         elif ": done in" in event.message and name in started:
             times[name] = time.perf_counter() - started[name]

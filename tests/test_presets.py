@@ -110,7 +110,7 @@ def test_every_full_scale_value_says_where_it_comes_from():
 # today's cpu/tiny settings (the demo's table depends on them), per stage:
 # (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
 SMALL_SCALES = {
-    "cpu": (64, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
+    "cpu": (80, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
                  "stage2": (1e-3, 64, 20, 20, 0.1, 3, 1e-7, 1e-8, "mae", None)}),
     "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
                   "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None)}),
@@ -178,3 +178,11 @@ def test_cli_full_scale_without_weights_prints_the_warning(tmp_path):
     assert result.exit_code == 2  # the missing dataset, after the warning
     text = " ".join(result.output.split())
     assert "WARNING: scale full reproduces the report's setting" in text and "fairage import-keras" in text
+
+
+def test_the_demo_keeps_64_px_while_cpu_scale_takes_80():
+    from fairage.suite import DEMO_STAGE2
+
+    assert load_preset("M1", "cpu").data.image_size == 80
+    for name in ("M1", "M3", "M5"):
+        assert load_preset(name, "cpu", list(DEMO_STAGE2)).data.image_size == 64

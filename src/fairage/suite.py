@@ -46,11 +46,11 @@ PRETRAIN_SEED = 1
 #: all-layers learning rate of the demo's presets when they start from the pretrained backbone
 PRETRAINED_STAGE2_LR = 3e-4
 #: the demo's all-layers schedule at scale cpu: the one its synthetic faces were tuned with (8 epochs,
-#: no augmentation, no warm-up or clipping), so its table and its few minutes stay as documented;
+#: no augmentation, no warm-up or clipping, 64 px input), so its table and its few minutes stay as documented;
 #: ``--scale cpu`` itself is tuned on real faces (docs/training.md)
 DEMO_STAGE2 = ("stage2.max_epochs=8", "stage2.max_images=null", "stage2.patience=4", "stage2.lr_patience=2",
                "stage2.warmup_epochs=0", "stage2.grad_clip=null", "stage2.augment.enabled=false",
-               "stage2.lr_schedule=plateau", "stage2.loss=mse", "model.flip_average=false")
+               "stage2.lr_schedule=plateau", "stage2.loss=mse", "model.flip_average=false", "data.image_size=64")
 
 
 def run_name(preset: str, seed_index: int, seeds: int) -> str:
