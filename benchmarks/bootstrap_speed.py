@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from fairage.metrics import evaluate
+from fairage.fairness.metrics import evaluate
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 The run's model predicts its validation and test faces (the training image cache is reused);
 intervals are calibrated on the validation faces for each ``--by`` choice and scored on the
-test faces by ``fairage.metrics.evaluate`` (bootstrap intervals), so one prediction pass
+test faces by ``fairage.fairness.metrics.evaluate`` (bootstrap intervals), so one prediction pass
 compares several groupings. A run folder whose best checkpoint exists is enough (it need not
 have finished).
 Usage: python benchmarks/conformal_coverage.py RUN_DIR [--by age --by age,gender] [--alpha 0.1]
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from fairage.conformal import fit_calibration, interval_arguments
-from fairage.metrics import evaluate
-from fairage.predict import load_model, predict_faces
-from fairage.runs import RunFolder
+from fairage.fairness.conformal import fit_calibration, interval_arguments
+from fairage.fairness.metrics import evaluate
+from fairage.inference.predictor import load_model, predict_faces
+from fairage.store.run_folder import RunFolder
 
 
 def main() -> None:

@@ -23,7 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fairage.detect import DETECTORS, available_detectors, detect_faces, make_detector
+from fairage.inference.detect import (
+    DETECTORS,
+    available_detectors,
+    detect_faces,
+    make_detector,
+)
 
 #: hand-marked face boxes (x, y, w, h) of the sample photos
 PHOTOS = {"grace_hopper": (180, 121, 175, 211), "astronaut": (177, 63, 92, 112), "camera": (195, 113, 60, 80)}

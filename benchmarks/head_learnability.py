@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fairage.config import load_preset
-from fairage.runs import RunFolder
+from fairage.config.presets import load_preset
+from fairage.store.run_folder import RunFolder
 from fairage.training import train
 
 SIZE = 64

@@ -7,7 +7,7 @@ the demo's synthetic benchmark (optionally with fewer training faces), then prin
 
 1. each method's MAE and four bias scores, mean +- standard deviation over the seeds;
 2. each method's paired difference from M1 (method - M1, years) with a paired bootstrap
-   95% interval from ``fairage.metrics.compare``. Seeds are pooled per face: a face's
+   95% interval from ``fairage.fairness.metrics.compare``. Seeds are pooled per face: a face's
    error is its absolute error averaged over the K seeds, so the MAE difference is the
    mean over seeds of the per-seed MAE differences, a group's MAE is its seed-averaged MAE,
    and the bootstrap resamples faces (each with all its seeds), the unit the test split
@@ -32,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from fairage.data import load_faces
-from fairage.data.predictions import join_predictions, read_predictions
-from fairage.metrics import DEFAULT_ATTRIBUTES, compare, evaluate
-from fairage.suite import (
+from fairage.fairness.metrics import DEFAULT_ATTRIBUTES, compare, evaluate
+from fairage.store.predictions import join_predictions, read_predictions
+from fairage.workflows.suite import (
     DEMO_SIZES,
     PRETRAIN_SIZES,
     PRETRAINED_STAGE2_LR,

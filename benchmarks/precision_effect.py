@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
     from fairage import training
-    from fairage.suite import (
+    from fairage.workflows.suite import (
         DEMO_SIZES,
         PRETRAINED_STAGE2_LR,
         _synthetic_once,
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _print_preset(console, out: Path, preset: str, seeds: int) -> None:
-    from fairage.suite import run_name
+    from fairage.workflows.suite import run_name
 
     runs = {arm: [json.loads((out / arm / run_name(preset, k, seeds) / "metrics_test.json").read_text())
                   for k in range(seeds)] for arm in ("fp32", "auto")}

@@ -31,9 +31,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fairage.config import dump_config, load_preset
-from fairage.models import AgeRegressor
-from fairage.predict import AgePredictor, load_model, read_image
+from fairage.config.files import dump_config
+from fairage.config.presets import load_preset
+from fairage.inference.predictor import AgePredictor, load_model, read_image
+from fairage.models.regressor import AgeRegressor
 
 
 def model_folder(root: Path, scale: str) -> Path:

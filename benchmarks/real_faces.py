@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fairage.data.predictions import join_predictions, read_predictions
-from fairage.metrics import compare
-from fairage.runs import RunFolder
-from fairage.suite import SuiteEvent, run_suite, suite_configs
+from fairage.fairness.metrics import compare
+from fairage.store.predictions import join_predictions, read_predictions
+from fairage.store.run_folder import RunFolder
+from fairage.workflows.suite import SuiteEvent, run_suite, suite_configs
 
 DEFAULT_PRESETS = "M1,M3,M5,M5-dro,M5-bmc,M5-lds"
 ATTRIBUTES = ("age", "gender", "ethnicity")

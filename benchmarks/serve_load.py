@@ -64,7 +64,7 @@ def group_photo() -> bytes:
 
 
 def tiny_model(root: Path) -> Path:
-    from fairage.config import load_preset
+    from fairage.config.presets import load_preset
     from fairage.data import write_synthetic
     from fairage.training import train
 
@@ -109,7 +109,7 @@ def serve_before(model: Path) -> None:
     """The service as before shared passes: one inference thread, YuNet with OpenMP's default threads."""
     import uvicorn
 
-    from fairage.predict import AgePredictor
+    from fairage.inference.predictor import AgePredictor
     from fairage.serve import create_app, serve_protocol
 
     app = create_app(WholeRequests(AgePredictor(model, detector_threads=0)))
@@ -212,7 +212,7 @@ def main() -> None:
         model = args.model or tiny_model(Path(tmp))
         results = {name: run_config(name, model, photo, args, options) for name in names}
 
-        from fairage.predict import AgePredictor
+        from fairage.inference.predictor import AgePredictor
 
         predictor = AgePredictor(model)
 

@@ -83,7 +83,7 @@ def synthetic_set(n: int, size: int, batch: int) -> tuple[np.ndarray, np.ndarray
 
 def model_config(backbone: str):
     """The report's M5 head on ``backbone`` with a 512-d projection."""
-    from fairage.config import HeadBlock, ModelConfig
+    from fairage.config.schema import HeadBlock, ModelConfig
 
     return ModelConfig(backbone=backbone, projection_dim=512,
                        head=[HeadBlock(units=256, dropout=0.1), HeadBlock(units=128, dropout=0.1),
@@ -97,8 +97,8 @@ def run_stage(stage_name: str, backbone: str, data, batch: int, epochs: int, tra
     Cached stages run without the step timer (a Lightning callback would force Lightning's
     loop): their rate is NaN, their wall time is what counts.
     """
-    from fairage.config import StageConfig
-    from fairage.models import build_model
+    from fairage.config.schema import StageConfig
+    from fairage.models.regressor import build_model
     from fairage.training import StageArrays, fit_stage
 
     train_images, train_ages, val_images, val_ages = data
@@ -123,7 +123,7 @@ def run_stage(stage_name: str, backbone: str, data, batch: int, epochs: int, tra
 def arms(cuda: bool, channels_last: bool = True, names: tuple[str, ...] = ("fp32", "auto")) -> dict[str, object]:
     """The trainer configs compared: label -> TrainerConfig. ``names``: "fp32", "auto" (as it
     resolves here) and "bf16" (bf16-mixed even where the device emulates it)."""
-    from fairage.config import TrainerConfig
+    from fairage.config.schema import TrainerConfig
     from fairage.training import resolve_precision
 
     accelerator = "gpu" if cuda else "cpu"
@@ -136,7 +136,7 @@ def arms(cuda: bool, channels_last: bool = True, names: tuple[str, ...] = ("fp32
 
 
 def device_line(cuda: bool) -> str:
-    from fairage.precision import cpu_has_native_bf16
+    from fairage.training.precision import cpu_has_native_bf16
 
     if cuda:
         return torch.cuda.get_device_name(0)

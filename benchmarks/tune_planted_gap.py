@@ -8,7 +8,7 @@ Then trains M1 (``--scale tiny``) as the baseline and runs a ``--trials``-trial 
 of ``mae,ethnicity_bias`` at ``--scale tiny`` over a small space (stage II learning rate, the
 weighting scheme, the weights' pseudo-count), with M1 as its reference run, and builds the
 report of the front (``fairage report M1 --tune``), whose paired differences
-(``fairage.tune.paired_differences``: trial - M1 on the same test faces, paired bootstrap 95%
+(``fairage.workflows.tune.paired_differences``: trial - M1 on the same test faces, paired bootstrap 95%
 interval) decide the check:
 
     PASS when some Pareto trial has a test ethnicity bias below M1's with an interval that excludes 0.
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
-from fairage.report import TUNE_FRONT, build_report
+from fairage.outputs.report import TUNE_FRONT, build_report
 from fairage.training import train
-from fairage.tune import SearchSpace, read_tune_folder, run_tune
+from fairage.workflows.tune import SearchSpace, read_tune_folder, run_tune
 
 #: the tune's space: the stage II learning rate and the sample weights (the mitigation that can close the gap)
 SPACE = {

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from fairage.data import load_faces
-from fairage.data.predictions import join_predictions, read_predictions
-from fairage.metrics import compare
-from fairage.suite import DEMO_SIZES, run_demo
+from fairage.fairness.metrics import compare
+from fairage.store.predictions import join_predictions, read_predictions
+from fairage.workflows.suite import DEMO_SIZES, run_demo
 
 
 def main() -> None:

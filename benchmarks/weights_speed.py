@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fairage.config import WeightingConfig
+from fairage.config.schema import WeightingConfig
 from fairage.data.schema import VOCABULARIES
-from fairage.weighting import compute_weights, weighted_loss
+from fairage.fairness.weighting import compute_weights, weighted_loss
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
 
 
@@ -56,7 +56,7 @@ GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished run folder: preset M2 at the tiny scale on 48/16/48 synthetic 32 px faces (seconds)."""
-    from fairage.config import load_preset
+    from fairage.config.presets import load_preset
     from fairage.data import write_synthetic
     from fairage.training import train
 

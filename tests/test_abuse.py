@@ -36,7 +36,8 @@ from test_data_loaders import (
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import DataConfig, load_preset
+from fairage.config.presets import load_preset
+from fairage.config.schema import DataConfig
 from fairage.data import load_faces, load_images, write_synthetic
 from fairage.data.loaders import resolve_inside
 from fairage.errors import DataError
@@ -227,7 +228,7 @@ def test_preset_name_is_never_a_path(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "evil.yaml").write_text(yaml.safe_dump(load_preset("M5", "tiny").model_dump(mode="json")))
-    from fairage.config import _preset_dir
+    from fairage.config.presets import _preset_dir
 
     relative = os.path.relpath(elsewhere / "evil", str(_preset_dir()))
     for name in (relative, str(elsewhere / "evil")):

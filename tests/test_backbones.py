@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torchvision import models as tv_models
 
-from fairage.config import HeadBlock, ModelConfig, validate_config
+from fairage.config.schema import HeadBlock, ModelConfig, validate_config
 from fairage.errors import ConfigError
-from fairage.models import PretrainedWeightsError, build_model
+from fairage.models.backbones import PretrainedWeightsError
+from fairage.models.regressor import build_model
 
 #: timm's tiny test network; its published config normalises with mean 0.5 and std 0.5 (not ImageNet's)
 TIMM_MODEL = "test_resnet.r160_in1k"
@@ -199,8 +200,8 @@ def test_torchvision_imagenet_weights_offline_name_the_file_and_the_folder(torch
 def test_a_timm_backbone_trains_through_both_stages(tmp_path):
     from conftest import tiny_synthetic
 
-    from fairage.config import load_preset
-    from fairage.data.predictions import read_predictions
+    from fairage.config.presets import load_preset
+    from fairage.store.predictions import read_predictions
     from fairage.training import train
 
     data = tiny_synthetic(tmp_path / "data", n_train=24, n_valid=8, n_test=8)

@@ -21,7 +21,8 @@ MAKEUP = ["makeup", "no_makeup", "no_makeup", "makeup", "makeup", "no_makeup", "
 
 def run_folder(tmp_path, predictions, data_dir):
     """A finished run folder of a real config (M1 at tiny scale) with the given predictions file."""
-    from fairage.config import dump_config, load_preset
+    from fairage.config.files import dump_config
+    from fairage.config.presets import load_preset
 
     run = tmp_path / "run"
     run.mkdir()

@@ -16,7 +16,7 @@ import yaml
 from conftest import invoke, tiny_config_file
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import load_faces
 from fairage.training import resume_run, train
 

@@ -13,20 +13,20 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fairage.conformal import (
+from fairage.errors import DataError
+from fairage.fairness.conformal import (
     Calibration,
     fit_calibration,
     interval_arguments,
     read_calibration,
     write_calibration,
 )
-from fairage.data.predictions import (
+from fairage.fairness.metrics import EvaluationResult, evaluate
+from fairage.store.predictions import (
     join_predictions,
     read_predictions,
     write_predictions,
 )
-from fairage.errors import DataError
-from fairage.metrics import EvaluationResult, evaluate
 
 ALPHA = 0.1
 
@@ -208,7 +208,7 @@ def test_label_conditional_interval_by_hand():
         plain=5.0,
         values={"age": ["[0,20)", "[20,inf)"]},
     )
-    from fairage.conformal import GroupQuantile
+    from fairage.fairness.conformal import GroupQuantile
 
     cal.levels = {
         "age": {"[0,20)": GroupQuantile(50, 2.0), "[20,inf)": GroupQuantile(50, 10.0)}
@@ -329,7 +329,7 @@ def test_interval_arguments_score_mondrian_and_plain_side_by_side():
 
 
 def test_compare_reports_coverage_width_and_gap_differences():
-    from fairage.metrics import compare
+    from fairage.fairness.metrics import compare
 
     df_a = pd.DataFrame(
         {
@@ -441,8 +441,8 @@ def test_tightened_hull_covers_each_age_group_near_the_target():
 
 
 def test_training_goes_on_without_intervals_when_the_valid_split_is_tiny(tmp_path):
-    from fairage.config import load_preset
-    from fairage.runs import RunFolder
+    from fairage.config.presets import load_preset
+    from fairage.store.run_folder import RunFolder
     from fairage.training.run import calibrate
 
     cfg = load_preset("M1", "tiny")
@@ -456,8 +456,8 @@ def test_training_goes_on_without_intervals_when_the_valid_split_is_tiny(tmp_pat
 
 
 def test_training_goes_on_without_intervals_when_a_group_is_never_known(tmp_path):
-    from fairage.config import load_preset
-    from fairage.runs import RunFolder
+    from fairage.config.presets import load_preset
+    from fairage.store.run_folder import RunFolder
     from fairage.training.run import calibrate
 
     cfg = load_preset("M1", "tiny", ["eval.conformal.by=[site]"])

@@ -15,9 +15,14 @@ from conftest import GRACE_HOPPER, invoke
 from fastapi.testclient import TestClient
 
 from fairage.data.schema import age_bins
-from fairage.modelcard import build_model_card, card_markdown
-from fairage.predict import AgePredictor, load_model, predict_faces, read_image
-from fairage.runs import RunFolder
+from fairage.inference.predictor import (
+    AgePredictor,
+    load_model,
+    predict_faces,
+    read_image,
+)
+from fairage.outputs.modelcard import build_model_card, card_markdown
+from fairage.store.run_folder import RunFolder
 
 
 def test_run_folder_stores_its_calibration_and_writes_intervals(tiny_run):
@@ -154,7 +159,7 @@ def test_predict_csv_has_interval_columns_and_an_old_run_has_none(tiny_run, tmp_
 
 
 def test_annotated_copy_shows_the_interval(tiny_run, tmp_path):
-    from fairage.predict import FaceResult, ImageResult, draw_faces
+    from fairage.inference.predictor import FaceResult, ImageResult, draw_faces
 
     rgb = np.full((200, 200, 3), 128, np.uint8)
     plain, with_interval = tmp_path / "a.png", tmp_path / "b.png"
@@ -202,7 +207,11 @@ def test_model_card_reports_coverage_by_group(tiny_run):
 
 
 def test_report_plots_coverage_beside_mae(tiny_run, tmp_path):
-    from fairage.report import build_report, coverage_table, group_coverage_frame
+    from fairage.outputs.report import (
+        build_report,
+        coverage_table,
+        group_coverage_frame,
+    )
 
     metrics = json.loads((tiny_run / RunFolder.METRICS).read_text())
     frame = group_coverage_frame([tiny_run])

@@ -12,12 +12,13 @@ import pytest
 from conftest import invoke, tiny_config_file, tiny_synthetic
 from PIL import Image
 
-from fairage.config import WeightingConfig, load_preset
+from fairage.config.presets import load_preset
+from fairage.config.schema import WeightingConfig
 from fairage.data import load_faces
 from fairage.data.schema import attribute_columns
 from fairage.errors import FairageError
-from fairage.metrics import compare, epsilon_errors, evaluate
-from fairage.weighting import face_group_names
+from fairage.fairness.metrics import compare, epsilon_errors, evaluate
+from fairage.fairness.weighting import face_group_names
 
 
 def _table(rows):
@@ -96,7 +97,7 @@ def test_field_metrics_against_hand_worked_values():
 
 
 def test_field_metrics_intervals_and_json_round_trip():
-    from fairage.metrics import EvaluationResult
+    from fairage.fairness.metrics import EvaluationResult
 
     rng = np.random.default_rng(0)
     n = 200
@@ -199,7 +200,7 @@ def test_csv_dataset_with_a_six_valued_attribute_trains_and_evaluates(tmp_path):
 
 
 def test_a_collapsing_second_stage_stops_and_the_model_is_the_first_stage(tmp_path, tiny_data):
-    from fairage.runs import RunFolder
+    from fairage.store.run_folder import RunFolder
     from fairage.training import train
 
     # stage II at a learning rate of 50 saturates the sigmoid output in its first epoch

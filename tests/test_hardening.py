@@ -283,7 +283,7 @@ def test_train_refuses_a_folder_that_is_not_a_run_and_touches_nothing(
 
 
 def test_stale_temp_cleanup_removes_only_names_fairage_writes(tmp_path):
-    from fairage.runs import RunFolder
+    from fairage.store.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")
     (folder.path / "checkpoints").mkdir(parents=True)
@@ -496,7 +496,7 @@ def test_cache_predict_and_serve_decode_every_kind_of_image_alike(tiny_run, tmp_
     from fastapi.testclient import TestClient
 
     from fairage.data.cache import decode_image, load_images
-    from fairage.predict import AgePredictor, read_face
+    from fairage.inference.predictor import AgePredictor, read_face
     from fairage.serve import create_app
 
     kinds = _kinds(tmp_path)
@@ -537,7 +537,7 @@ def _bomb(levels: int) -> str:
 
 
 def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, tiny_data):
-    from fairage.config import load_yaml
+    from fairage.config.files import load_yaml
     from fairage.errors import ConfigError
 
     bomb = tmp_path / "bomb.yaml"
@@ -632,7 +632,7 @@ def test_evaluate_counts_are_bounded_in_the_options_too(tmp_path, tiny_run):
     import pandas as pd
 
     from fairage.errors import ConfigError
-    from fairage.metrics import evaluate
+    from fairage.fairness.metrics import evaluate
 
     df = pd.DataFrame(
         {"age": [10.0, 20.0], "prediction": [11.0, 19.0], "gender": ["female", "male"]}
@@ -863,7 +863,7 @@ def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(
     import pandas as pd
     from conftest import GRACE_HOPPER
 
-    from fairage.data.predictions import read_predictions, write_predictions
+    from fairage.store.predictions import read_predictions, write_predictions
 
     evil = '=HYPERLINK("x.example","y").jpg'
     photos = tmp_path / "photos"
@@ -1064,7 +1064,7 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
     import httpx
     from conftest import GRACE_HOPPER
 
-    from fairage.predict import AgePredictor
+    from fairage.inference.predictor import AgePredictor
     from fairage.serve import ServeLimits, create_app, serve_protocol
 
     limits = ServeLimits(
@@ -1120,7 +1120,7 @@ def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
     import httpx
     from conftest import GRACE_HOPPER
 
-    from fairage.predict import AgePredictor
+    from fairage.inference.predictor import AgePredictor
     from fairage.serve import ServeLimits, create_app, serve_protocol
 
     limits = ServeLimits(

@@ -15,16 +15,10 @@ import pytest
 import torch
 from coral_pytorch.losses import coral_loss, corn_loss
 
-from fairage.config import (
-    HeadBlock,
-    ModelConfig,
-    StageConfig,
-    load_preset,
-    validate_config,
-)
-from fairage.data.predictions import read_predictions
+from fairage.config.presets import load_preset
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig, validate_config
 from fairage.errors import ConfigError
-from fairage.losses import (
+from fairage.models.losses import (
     StageObjective,
     coral_loss_per_face,
     corn_loss_per_face,
@@ -33,7 +27,8 @@ from fairage.losses import (
     ordinal_levels,
     ordinal_spread,
 )
-from fairage.models import build_model
+from fairage.models.regressor import build_model
+from fairage.store.predictions import read_predictions
 from fairage.training import StageArrays, fit_stage, train
 
 LN3 = math.log(3.0)
@@ -224,8 +219,8 @@ def brightness_faces(
 
 @pytest.mark.parametrize("output", ["coral", "corn"])
 def test_ordinal_heads_train_with_weights_and_group_dro(output, tmp_path):
-    from fairage.config import DROConfig
-    from fairage.methods import face_arrays
+    from fairage.config.schema import DROConfig
+    from fairage.training.methods import face_arrays
 
     images, ages = brightness_faces(32, seed=3)
     faces = pd.DataFrame(
@@ -289,7 +284,7 @@ def test_output_dex_alone_trains_and_writes_the_spread(tmp_path):
     )
     # the same spread through the predictor (predict CSV and service)
     from fairage.data import load_faces, load_images
-    from fairage.predict import AgePredictor, prediction_rows
+    from fairage.inference.predictor import AgePredictor, prediction_rows
 
     predictor = AgePredictor(tmp_path / "run", device="cpu")
     faces = load_faces(data).query("split == 'test'").reset_index(drop=True)
@@ -378,13 +373,13 @@ def test_distribution_heads_start_at_the_training_ages_distribution(output):
 
 
 def test_spread_columns_in_the_prediction_files(tmp_path):
-    from fairage.data.predictions import write_predictions
-    from fairage.predict import (
+    from fairage.inference.predictor import (
         FaceResult,
         ImageResult,
         prediction_rows,
         write_prediction_csv,
     )
+    from fairage.store.predictions import write_predictions
 
     faces = pd.DataFrame({"image": ["a", "b"], "age": [20.0, 30.0]})
     write_predictions(tmp_path / "p.csv", faces, [21.0, 29.5], spread=[3.0, 4.5])
@@ -428,7 +423,7 @@ def test_ordinal_heads_export_to_onnx(output, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import warnings
 
-    from fairage.export import YearsModel
+    from fairage.inference.export import YearsModel
 
     model = build_model(
         ModelConfig(
@@ -460,7 +455,7 @@ def test_ordinal_heads_export_to_onnx(output, tmp_path):
 
 
 def test_dex_l1_adds_the_expected_ages_error():
-    from fairage.losses import dex_loss_per_face
+    from fairage.models.losses import dex_loss_per_face
 
     # three classes (ages 0, 1, 2) at equal logits: CE of a one-hot target = ln 3, expected age 1
     logits = torch.zeros(2, 3)

@@ -22,9 +22,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import HeadBlock, validate_config
+from fairage.config.schema import HeadBlock, validate_config
 from fairage.errors import DataError
-from fairage.models import build_model
+from fairage.models.regressor import build_model
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
 import keras_vggface2_spec as spec

@@ -16,20 +16,18 @@ import torch
 from conftest import square_faces
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import (
+from fairage.config.presets import load_preset
+from fairage.config.schema import (
     DROConfig,
     HeadBlock,
     ModelConfig,
     StageConfig,
     TrainerConfig,
     WeightingConfig,
-    load_preset,
 )
 from fairage.errors import ConfigError, DataError
-from fairage.interrupt import Terminated
-from fairage.methods import FaceArrays
-from fairage.models import build_model
-from fairage.runs import HISTORY_COLUMNS, read_checkpoint
+from fairage.models.regressor import build_model
+from fairage.store.run_folder import HISTORY_COLUMNS, read_checkpoint
 from fairage.training import (
     StageArrays,
     fit_stage,
@@ -38,7 +36,9 @@ from fairage.training import (
     train,
 )
 from fairage.training import lean as lean_module
+from fairage.training.interrupt import Terminated
 from fairage.training.lean import LEAN_KEY, choose_loop
+from fairage.training.methods import FaceArrays
 from fairage.training.module import AgeModule
 
 FP32 = TrainerConfig(precision="32-true")
@@ -185,7 +185,7 @@ def test_run_killed_by_sigterm_in_a_lean_stage_resumes_as_if_uninterrupted(tiny_
     real_warm_up = AgeModule.warm_up
 
     def warm_up_or_terminate(self, optimizer, step, batches_per_epoch):  # called before every training step
-        if step == 3 * batches_per_epoch + 1:  # inside epoch 4: SIGTERM, as fairage.interrupt raises it
+        if step == 3 * batches_per_epoch + 1:  # inside epoch 4: SIGTERM, as fairage.training.interrupt raises it
             raise Terminated()
         real_warm_up(self, optimizer, step, batches_per_epoch)
 

@@ -1,4 +1,4 @@
-"""fairage.losses: Group DRO, Balanced MSE (BMC), DEX and label uncertainty, checked against hand-worked values."""
+"""fairage.models.losses: Group DRO, Balanced MSE (BMC), DEX and label uncertainty, checked against hand-worked values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairage.losses import (
+from fairage.fairness.weighting import weighted_loss
+from fairage.models.losses import (
     BMCLoss,
     GroupDRO,
     StageObjective,
@@ -20,7 +21,6 @@ from fairage.losses import (
     draw_targets,
     inverse_variance_weights,
 )
-from fairage.weighting import weighted_loss
 
 # --------------------------------------------------------------------------- Group DRO
 

@@ -1,4 +1,4 @@
-"""The methods of fairage.losses in training: config checks, the DEX head, Group DRO's q log, label_std."""
+"""The methods of fairage.models.losses in training: config checks, the DEX head, Group DRO's q log, label_std."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ import pandas as pd
 import pytest
 import torch
 
-from fairage.config import (
+from fairage.config.presets import load_preset
+from fairage.config.schema import (
     DROConfig,
     HeadBlock,
     ModelConfig,
     StageConfig,
-    load_preset,
     validate_config,
 )
 from fairage.errors import ConfigError, DataError
-from fairage.losses import StageObjective
-from fairage.methods import build_objective, face_arrays, uses_methods
-from fairage.models import build_model
-from fairage.suite import PRESET_GROUPS, expand_presets, suite_configs
+from fairage.models.losses import StageObjective
+from fairage.models.regressor import build_model
 from fairage.training import StageArrays, fit_stage, images_to_input
+from fairage.training.methods import build_objective, face_arrays, uses_methods
+from fairage.workflows.suite import PRESET_GROUPS, expand_presets, suite_configs
 
 SIZE = 16
 

@@ -1,4 +1,4 @@
-"""fairage.metrics: hand-worked values, a loop reference of the vectorised bootstrap, coverage."""
+"""fairage.fairness.metrics: hand-worked values, a loop reference of the vectorised bootstrap, coverage."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ import pandas as pd
 import pytest
 
 from fairage.errors import DataError
-from fairage.metrics import EvaluationResult, bias_score, compare, group_mae, mae
-from fairage.metrics import evaluate as evaluate_result
+from fairage.fairness.metrics import (
+    EvaluationResult,
+    bias_score,
+    compare,
+    group_mae,
+    mae,
+)
+from fairage.fairness.metrics import evaluate as evaluate_result
 
 
 def evaluate(*args, **kwargs) -> dict:
@@ -313,7 +319,7 @@ def test_attribute_with_only_unknown_values_gives_null_bias():
 
 def test_evaluate_point_groups_agree_with_the_vectorised_form():
     """evaluate() takes point group MAEs from MetricFrame; the bootstrap's matrix form must agree."""
-    from fairage.metrics import _prepare, _statistics
+    from fairage.fairness.metrics import _prepare, _statistics
 
     rng = np.random.default_rng(7)
     n = 300

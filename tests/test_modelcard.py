@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fairage.cli import app
 from fairage.data import load_faces
-from fairage.modelcard import build_model_card, card_markdown
+from fairage.outputs.modelcard import build_model_card, card_markdown
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def model_folder(tiny_run, tmp_path) -> Path:
     """An imported model folder (config.yaml + model.safetensors + import.json), no evaluation."""
     from safetensors.torch import save_file
 
-    from fairage.predict import load_model
+    from fairage.inference.predictor import load_model
 
     folder = tmp_path / "imported"
     folder.mkdir()
@@ -166,8 +166,8 @@ def test_card_and_cli_quote_the_epoch_the_best_checkpoint_keeps(tiny_run, tmp_pa
     markdown = card_markdown(card)
     assert "4.5" in markdown and "(epoch 1)" in markdown
 
-    from fairage.cli import _train_summary
-    from fairage.metrics import EvaluationResult
+    from fairage.cli.train import _train_summary
+    from fairage.fairness.metrics import EvaluationResult
 
     metrics = EvaluationResult.from_json(json.loads((run / "metrics_test.json").read_text()), "metrics_test.json")
     monkeypatch.setenv("COLUMNS", "200")

@@ -8,9 +8,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18
 
-from fairage.config import HeadBlock, ModelConfig
+from fairage.config.schema import HeadBlock, ModelConfig
 from fairage.errors import ConfigError
-from fairage.models import build_model, load_weights
+from fairage.models.regressor import build_model, load_weights
 
 M5_HEAD = [HeadBlock(dropout=0.1, units=256), HeadBlock(dropout=0.1, units=128),
            HeadBlock(dropout=0.05, units=64), HeadBlock(dropout=0.05, units=32)]
@@ -140,8 +140,8 @@ def test_bad_weights_files_are_clear_errors(tmp_path):
 def test_flip_average_is_the_mean_over_the_mirror_image_in_eval_mode_only():
     import torch
 
-    from fairage.config import ModelConfig
-    from fairage.models import AgeRegressor
+    from fairage.config.schema import ModelConfig
+    from fairage.models.regressor import AgeRegressor
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="resnet18", projection_dim=None, head=[{"units": 8}], output="linear")

@@ -10,15 +10,10 @@ import pytest
 import torch
 from conftest import square_faces
 
-from fairage.config import (
-    HeadBlock,
-    ModelConfig,
-    StageConfig,
-    TrainerConfig,
-    load_preset,
-)
+from fairage.config.presets import load_preset
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig, TrainerConfig
 from fairage.data import write_synthetic
-from fairage.models import AgeRegressor, build_model
+from fairage.models.regressor import AgeRegressor, build_model
 from fairage.training import (
     StageArrays,
     fit_stage,

@@ -1,4 +1,4 @@
-"""fairage predict / export and the fairage.predict API on a tiny trained run and real photos.
+"""fairage predict / export and the fairage.inference.predictor API on a tiny trained run and real photos.
 
 Real photo: matplotlib's sample ``grace_hopper.jpg`` (one face, box marked by hand:
 ``GRACE_BOX``). Group pictures are composed from it; EXIF-rotated copies carry the
@@ -19,11 +19,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
-from fairage.detect import available_detectors, detect_faces, make_detector
 from fairage.errors import ConfigError, DataError
-from fairage.predict import (
+from fairage.inference.detect import available_detectors, detect_faces, make_detector
+from fairage.inference.predictor import (
     AgePredictor,
     annotated_path,
     crop_box,

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fairage.data.predictions import (
+from fairage.errors import DataError
+from fairage.store.predictions import (
     join_predictions,
     read_predictions,
     write_predictions,
 )
-from fairage.errors import DataError
-from fairage.submission import read_submission, write_submission
+from fairage.store.submission import read_submission, write_submission
 
 
 def _faces(n=5) -> pd.DataFrame:

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fairage.config import (
-    SCALES,
-    dump_config,
-    list_presets,
-    load_preset,
-    validate_config,
-)
+from fairage.config.files import dump_config
+from fairage.config.presets import SCALES, list_presets, load_preset
+from fairage.config.schema import validate_config
 from fairage.errors import ConfigError
 
 KIT_HEAD = [(128, 0.0), (32, 0.0)]
@@ -100,7 +96,7 @@ def test_every_full_scale_value_says_where_it_comes_from():
     from importlib import resources
 
     for name in EXPECTED:
-        text = (resources.files("fairage") / "presets" / f"{name}.yaml").read_text()
+        text = (resources.files("fairage.config") / "yaml" / f"{name}.yaml").read_text()
         body = text[text.index("\nmodel:"):]
         for line in body.splitlines():
             if ":" in line and not line.rstrip().endswith(":") and not line.lstrip().startswith("#"):
@@ -142,7 +138,7 @@ def test_cpu_and_tiny_scales_keep_their_torchvision_settings(name, scale):
 
 
 def test_demo_settings_unchanged():
-    from fairage.suite import REPORT_PRESETS, suite_configs
+    from fairage.workflows.suite import REPORT_PRESETS, suite_configs
 
     for name, cfg in suite_configs(REPORT_PRESETS, "cpu"):
         assert cfg.model.backbone == "resnet18" and cfg.model.input_norm == "imagenet", name
@@ -150,7 +146,7 @@ def test_demo_settings_unchanged():
 
 
 def test_full_scale_without_weights_warns_how_to_import():
-    from fairage.config import full_scale_warning
+    from fairage.config.presets import full_scale_warning
 
     message = full_scale_warning(load_preset("M3", "full"), "full")
     assert "VGGFace2" in message and "fairage import-keras" in message and "model.weights" in message

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from fairage import report
-from fairage.config import dump_config, load_preset
+from fairage.config.files import dump_config
+from fairage.config.presets import load_preset
 from fairage.errors import DataError
+from fairage.outputs import report
 
 BIAS_KEYS = ("age", "gender", "ethnicity", "expression")
 

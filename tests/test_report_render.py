@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from test_report import make_run
 
-from fairage import report
+from fairage.outputs import report
 
 CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
                               "/usr/bin/chromium") if p and Path(p).is_file()), None)

@@ -12,9 +12,9 @@ import torch
 from conftest import invoke, tiny_config_file
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import load_faces
-from fairage.runs import RunFolder
+from fairage.store.run_folder import RunFolder
 from fairage.training import load_model_from_checkpoint, resume_run, train
 
 

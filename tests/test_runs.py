@@ -10,9 +10,14 @@ import sys
 import pytest
 from conftest import invoke, tiny_config_file
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.errors import DataError
-from fairage.runs import HISTORY_COLUMNS, RunFolder, RunInUseError, absolute_paths
+from fairage.store.run_folder import (
+    HISTORY_COLUMNS,
+    RunFolder,
+    RunInUseError,
+    absolute_paths,
+)
 
 
 @pytest.fixture
@@ -84,7 +89,7 @@ def test_a_binary_history_names_the_file(tmp_path, cfg):
 def test_a_truncated_checkpoint_names_the_file(tmp_path):
     import torch
 
-    from fairage.runs import read_checkpoint
+    from fairage.store.run_folder import read_checkpoint
 
     path = tmp_path / "stage2-last.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 3}, path)

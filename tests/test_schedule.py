@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fairage.config import load_preset
-from fairage.runs import RunFolder
+from fairage.config.presets import load_preset
+from fairage.store.run_folder import RunFolder
 
 
 def test_cosine_schedule_warms_up_then_decays_to_min_lr(tmp_path, tiny_data):
@@ -52,7 +52,7 @@ def test_max_images_caps_the_epochs_and_the_cosine_schedule_follows(tmp_path, ti
 
 
 def test_epochs_for_keeps_within_the_image_budget():
-    from fairage.config import StageConfig
+    from fairage.config.schema import StageConfig
 
     assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(7_000) == 14  # 98,000 images
     assert StageConfig(max_epochs=20, max_images=100_000).epochs_for(3_000) == 20
@@ -61,7 +61,7 @@ def test_epochs_for_keeps_within_the_image_budget():
 
 
 def test_a_cosine_stage_trains_in_the_lightning_loop():
-    from fairage.config import StageConfig, TrainerConfig
+    from fairage.config.schema import StageConfig, TrainerConfig
     from fairage.training.lean import choose_loop
 
     trainer = TrainerConfig(accelerator="cpu", precision="32-true", logger="none")

@@ -24,7 +24,7 @@ import uvicorn
 from conftest import GRACE_HOPPER, group_photo, jpeg_bytes
 from PIL import Image
 
-from fairage.predict import AgePredictor
+from fairage.inference.predictor import AgePredictor
 from fairage.serve import ServeLimits, create_app
 
 #: three copies of the one-face photo side by side: three faces, one per 512 px tile
@@ -382,9 +382,10 @@ def dex_model_folder(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from fairage.config import dump_config, load_preset
-    from fairage.conformal import CONFORMAL, fit_calibration, write_calibration
-    from fairage.models import AgeRegressor
+    from fairage.config.files import dump_config
+    from fairage.config.presets import load_preset
+    from fairage.fairness.conformal import CONFORMAL, fit_calibration, write_calibration
+    from fairage.models.regressor import AgeRegressor
 
     folder = tmp_path_factory.mktemp("dex-model")
     cfg = load_preset("M1", "tiny", ["model.output=dex"])

@@ -20,7 +20,7 @@ from conftest import GRACE_HOPPER, group_photo, invoke, jpeg_bytes
 from PIL import Image
 
 from fairage.errors import ConfigError
-from fairage.predict import AgePredictor
+from fairage.inference.predictor import AgePredictor
 from fairage.serve import CropBatcher, ServeLimits, create_app
 from fairage.serve.app import limits_from_environment, limits_to_environment
 
@@ -158,7 +158,7 @@ def burst_uploads() -> list[tuple[bytes, bool, int]]:
 
 @pytest.fixture(scope="module")
 def card(tiny_run) -> dict:
-    from fairage.modelcard import build_model_card
+    from fairage.outputs.modelcard import build_model_card
 
     return build_model_card(tiny_run)
 
@@ -305,7 +305,7 @@ def test_prepare_workers_crop_like_predict_without_importing_torch():
     import subprocess
     import sys
 
-    from fairage import predict
+    from fairage.inference import predictor as predict
     from fairage.serve import prepare
 
     # one crop convention for both paths, and the worker module stays light enough to spawn quickly
@@ -457,7 +457,7 @@ def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, va
 
 
 def test_yunet_threads_change_nothing_but_speed():
-    from fairage.detect import YuNetDetector, detect_faces, set_yunet_threads
+    from fairage.inference.detect import YuNetDetector, detect_faces, set_yunet_threads
 
     pytest.importorskip("yuface")
     photo = group_photo([(0, 0), (512, 0), (1024, 0)], (1536, 600))

@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import square_faces
 
-from fairage.augment import replicate_faces
-from fairage.config import HeadBlock, ModelConfig, StageConfig
-from fairage.models import build_model
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig
+from fairage.models.regressor import build_model
 from fairage.training import AgeModule, StageArrays, extract_features, fit_stage
+from fairage.training.augment import replicate_faces
 
 SIZE = 32
 
@@ -173,7 +173,7 @@ def test_plateau_threshold_is_absolute_with_lr_min_delta():
 def test_run_trains_on_the_replicated_faces(tmp_path):
     from lightning.pytorch.callbacks import Callback
 
-    from fairage.config import load_preset
+    from fairage.config.presets import load_preset
     from fairage.data import load_faces, write_synthetic
     from fairage.training import train
 

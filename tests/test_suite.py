@@ -13,11 +13,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fairage import suite, training
+from fairage import training
 from fairage.cli import app
-from fairage.config import dump_config, load_preset
+from fairage.config.files import dump_config
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
-from fairage.models import build_model
+from fairage.models.regressor import build_model
+from fairage.workflows import suite
 
 TABLE1 = ["Model", "Learning rate", "Training strategy", "Gender bias", "Expression bias",
           "Ethnicity bias", "Age bias", "MAE"]

@@ -15,8 +15,8 @@ import torch
 from conftest import square_faces
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import HeadBlock, ModelConfig, StageConfig
-from fairage.models import build_model
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig
+from fairage.models.regressor import build_model
 from fairage.training import NonFiniteLossError, StageArrays, fit_stage, predict
 
 SIZE = 32
@@ -128,7 +128,7 @@ def test_non_finite_from_the_first_epoch_is_an_error(faces):
 
 
 def test_augmentation_only_for_chosen_ages():
-    from fairage.config import AugmentConfig
+    from fairage.config.schema import AugmentConfig
     from fairage.training import AgeModule, images_to_input
 
     rng = np.random.default_rng(5)
@@ -147,7 +147,7 @@ def test_augmentation_only_for_chosen_ages():
 
 
 def test_augmented_stage_trains_on_all_transforms(faces):
-    from fairage.config import AugmentConfig
+    from fairage.config.schema import AugmentConfig
 
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     model = tiny_model()
@@ -158,7 +158,7 @@ def test_augmented_stage_trains_on_all_transforms(faces):
 
 
 def test_same_seed_same_run(faces):
-    from fairage.config import TrainerConfig
+    from fairage.config.schema import TrainerConfig
 
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     stage = StageConfig(lr=1e-3, batch_size=8, max_epochs=1)

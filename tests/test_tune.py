@@ -16,9 +16,10 @@ import yaml
 from conftest import invoke, tiny_synthetic
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import load_config, load_preset
+from fairage.config.files import load_config
+from fairage.config.presets import load_preset
 from fairage.errors import ConfigError
-from fairage.tune import SearchSpace, Tuner, open_study, pick_trial
+from fairage.workflows.tune import SearchSpace, Tuner, open_study, pick_trial
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: every trial: one all-layers epoch of the tiny resnet18, a 20-resample bootstrap, no permutations
@@ -153,8 +154,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from lightning.pytorch.callbacks import Callback
-    from fairage.config import load_preset
-    from fairage.tune import SearchSpace, Tuner
+    from fairage.config.presets import load_preset
+    from fairage.workflows.tune import SearchSpace, Tuner
 
     class KillInTrial1(Callback):
         # SIGKILL, as a machine that dies: no handler runs, trial 1 stays RUNNING in the storage
@@ -337,7 +338,7 @@ def test_bad_tracking_uri_exits_2_naming_the_key(tmp_path, data, uri, words):
 
 
 def test_tracking_uri_sets_the_mlflow_logger_and_is_made_absolute(tmp_path, data, monkeypatch):
-    from fairage.config import normalize_tracking_uri
+    from fairage.config.schema import normalize_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert normalize_tracking_uri("sqlite:///store/m.db") == f"sqlite:///{tmp_path.resolve() / 'store' / 'm.db'}"
@@ -352,7 +353,7 @@ def test_tracking_uri_sets_the_mlflow_logger_and_is_made_absolute(tmp_path, data
                     "--tracking-uri", "http://127.0.0.1:5000", "--set", "trainer.logger=csv")
     assert result.exit_code == 2 and "trainer.logger is 'csv'" in result.output
     # a pick retrains outside the trial: the trial's tags are dropped, the study's experiment kept
-    from fairage.tune import Tuner as _Tuner
+    from fairage.workflows.tune import Tuner as _Tuner
 
     tuner = _Tuner(data, tmp_path / "t", SearchSpace(SPACE, load_preset("M1", "tiny", ["trainer.logger=mlflow"])),
                    ["mae", "age_bias"], n_trials=0, study_name="s1")

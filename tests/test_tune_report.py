@@ -13,9 +13,9 @@ import yaml
 from conftest import invoke
 from test_report import make_run
 
-from fairage import report
 from fairage.errors import DataError
-from fairage.tune import front_points, read_tune_folder
+from fairage.outputs import report
+from fairage.workflows.tune import front_points, read_tune_folder
 
 #: the hand-made runs' test faces (test_report.make_run): ages and their age groups
 AGES = [12.0, 33.0, 41.0, 75.0, 22.0]

@@ -6,15 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from fairage.config import ModelConfig
+from fairage.config.schema import ModelConfig
 from fairage.errors import ConfigError
-from fairage.models import (
-    AgeRegressor,
-    InputNorm,
-    KerasBottleneck,
-    keras_layer_map,
-    tf_same_padding,
-)
+from fairage.models.backbones import InputNorm
+from fairage.models.regressor import AgeRegressor
+from fairage.models.vggface2 import KerasBottleneck, keras_layer_map, tf_same_padding
 
 
 @pytest.fixture(scope="module")

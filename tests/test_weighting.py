@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fairage.config import WeightingConfig as W
+from fairage.config.schema import WeightingConfig as W
 from fairage.errors import ConfigError
-from fairage.weighting import (
+from fairage.fairness.weighting import (
     compute_weights,
     describe,
     dominant_groups_per_face,

@@ -13,7 +13,7 @@ Keras names nests the HDF5 groups). The importer follows those attributes, never
 and takes the owning layer from each weight name (so a backbone nested as one sub-model
 layer is read too).
 
-Mapping (``fairage.models.keras_layer_map``): every convolution and BatchNormalization of the
+Mapping (``fairage.models.vggface2.keras_layer_map``): every convolution and BatchNormalization of the
 backbone, ``dim_proj`` -> ``projection`` (Dense(512) + ReLU) and, when the file holds a trained
 age model, the Dense layers after ``dim_proj`` ending in one unit -> fairage's head. Conv
 kernels are stored (h, w, in, out) and become (out, in, h, w) (a transpose, never a spatial
@@ -45,9 +45,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ExperimentConfig, dump_config, preset_raw, validate_config
+from ..config.files import dump_config
+from ..config.presets import preset_raw
+from ..config.schema import ExperimentConfig, validate_config
 from ..errors import ConfigError, DataError
-from ..models import AgeRegressor, keras_layer_map
+from ..models.regressor import AgeRegressor
+from ..models.vggface2 import keras_layer_map
 
 #: the 8631-identity classifiers of the VGGFace2 model (the kit removes them)
 CLASSIFIERS = ("classifier", "classifier_low_dim")
@@ -174,7 +177,7 @@ def _refuse_outside_storage(path: Path, handle) -> None:
 
 def _expected_shapes() -> dict[tuple[str, str], tuple[int, ...]]:
     """(Keras layer, variable) -> the Keras shape the VGGFace2 ResNet50 needs (backbone layers)."""
-    from ..models import VGGFace2ResNet50
+    from ..models.vggface2 import VGGFace2ResNet50
 
     with torch.device("meta"):  # shapes only: nothing is allocated
         own = {k: tuple(v.shape) for k, v in VGGFace2ResNet50().state_dict().items()}

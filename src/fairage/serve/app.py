@@ -126,7 +126,7 @@ _INTEGER_SETTINGS = {"max_upload_bytes", "max_pixels", "max_pending", "max_uploa
 
 
 def _predictor(model: Any, detector: str, detector_threads: int = 1):
-    from ..predict import AgePredictor
+    from ..inference.predictor import AgePredictor
 
     if hasattr(model, "predict_image"):
         return model
@@ -152,7 +152,7 @@ def _prepare_pool(predictor, limits: ServeLimits):
 
 def default_card(loaded) -> dict:
     """The model card of a loaded model: from its run or model folder when it has one."""
-    from ..modelcard import build_model_card
+    from ..outputs.modelcard import build_model_card
 
     folder = loaded.run_dir if getattr(loaded, "run_dir", None) else loaded.source
     return build_model_card(folder)
@@ -163,12 +163,12 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
                model_threads: int = 1) -> FastAPI:
     """The FastAPI app serving one model.
 
-    ``predictor_or_model_path``: a ``fairage.predict.AgePredictor`` (anything with
+    ``predictor_or_model_path``: a ``fairage.inference.predictor.AgePredictor`` (anything with
     ``predict_image`` and a ``loaded`` LoadedModel; with ``prepare_image``, ``finish_image`` and
     ``predict_crops_spread`` too, its requests share forward passes), a LoadedModel, or a model
     path (run folder, model folder, exported model) loaded here with ``detector`` and
     ``detector_threads`` (``AgePredictor``). ``card``: the model card dict (default:
-    ``fairage.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
+    ``fairage.outputs.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
     ``runtime``: ``torch``, ``onnxruntime`` (``model_threads`` intra-op threads) or ``auto`` (the
     faster here, ``AgePredictor.use_runtime``) for the age model; None leaves the predictor's.
     With ``limits.prepare_processes`` > 0 and a predictor that names its detector
@@ -176,7 +176,7 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     worker processes (``app.state.prepare_pool``), started by the app's lifespan and stopped at
     its shutdown (run it under uvicorn, or ``with TestClient(app)``).
     """
-    from ..modelcard import card_markdown
+    from ..outputs.modelcard import card_markdown
     predictor = _predictor(predictor_or_model_path, detector, detector_threads)
     if runtime is not None and hasattr(predictor, "use_runtime"):
         predictor.use_runtime(runtime, model_threads)
@@ -235,7 +235,7 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
             raise UploadError(400, f"upload: {err}") from None
 
     async def prepare_in_process(data: bytes, faces_only: bool):
-        from ..predict import PreparedImage
+        from ..inference.predictor import PreparedImage
 
         try:
             width, height, found, crops = await asyncio.wrap_future(pool.submit(data, faces_only))

@@ -7,7 +7,7 @@ The package in pieces:
 * ``stage``: ``fit_stage``, one stage on in-memory arrays;
 * ``inference``: ``predict``, ``predict_with_spread`` and ``extract_features``;
 * ``run``: ``train``, ``resume_run``, ``export_backbone`` and ``load_model_from_checkpoint``,
-  which work on a run folder (``fairage.runs.RunFolder``).
+  which work on a run folder (``fairage.store.run_folder.RunFolder``).
 """
 
 from .factories import (

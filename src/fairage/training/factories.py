@@ -28,12 +28,12 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..atomic import save_torch, write_text
-from ..config import StageConfig, TrainerConfig
-from ..models import AgeRegressor
-from ..precision import auto_precision
-from ..runs import HISTORY_COLUMNS, read_checkpoint
+from ..config.schema import StageConfig, TrainerConfig
+from ..models.regressor import AgeRegressor
+from ..store.run_folder import HISTORY_COLUMNS, read_checkpoint
 from .inference import extract_features
 from .module import FaceArrayDataset
+from .precision import auto_precision
 
 #: key of a checkpoint that holds the run's config (YAML text), so the file describes itself
 CONFIG_KEY = "fairage_config"
@@ -53,7 +53,7 @@ class StageArrays:
     val_images: np.ndarray
     val_ages: np.ndarray
     train_weights: np.ndarray | None = None
-    #: the training faces' ``fairage.methods.FaceArrays`` (Group DRO groups, ``age_std``), needed
+    #: the training faces' ``fairage.training.methods.FaceArrays`` (Group DRO groups, ``age_std``), needed
     #: when the stage turns those methods on
     face_arrays: Any = None
 
@@ -76,7 +76,7 @@ def resolve_accelerator(trainer_cfg: TrainerConfig) -> str:
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     """Lightning precision of training steps: the configured one, or for ``auto`` bf16-mixed
-    where the device has native bf16 and 32-true elsewhere (``fairage.precision``)."""
+    where the device has native bf16 and 32-true elsewhere (``fairage.training.precision``)."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
     return auto_precision(resolve_accelerator(trainer_cfg))
@@ -156,7 +156,7 @@ def train_sampler(stage: StageConfig, arrays: StageArrays, seed: int):
     ``(None, the per-face loss weights or None)``."""
     weights = arrays.train_weights
     if weights is not None and stage.weighting.mode == "sampler":
-        from ..weighting import make_sampler
+        from ..fairness.weighting import make_sampler
 
         return make_sampler(np.asarray(weights, dtype=np.float64), len(arrays.train_ages), seed), None
     return None, weights
@@ -365,7 +365,7 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
     if config_yaml is not None:
         cbs.append(ConfigInCheckpoint(config_yaml))
     if dro_groups is not None and history_path is not None:  # Group DRO's q per epoch in dro_q.csv
-        from ..methods import DROHistoryCallback
+        from .methods import DROHistoryCallback
 
         cbs.append(DROHistoryCallback(run_dir, stage_name, list(dro_groups)))
     if progress:
@@ -422,7 +422,7 @@ def make_logger(trainer_cfg: TrainerConfig, run_dir: Path):
 def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from ..runs import RunFolder
+    from ..store.run_folder import RunFolder
 
     uri = trainer_cfg.tracking_uri
     if uri is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models import AgeRegressor
+from ..models.regressor import AgeRegressor
 from .module import images_to_input
 
 

@@ -6,7 +6,7 @@ epoch of the head is a few milliseconds of arithmetic; Lightning's per-epoch mac
 many times the training. This loop keeps what the stage means and drops the rest:
 
 * the same objective: ``AgeModule.batch_loss`` (loss, sample weights, the methods of
-  ``fairage.losses``, ``label_std``), the same Adam and ReduceLROnPlateau
+  ``fairage.models.losses``, ``label_std``), the same Adam and ReduceLROnPlateau
   (``AgeModule.configure_optimizers``), warm-up (``AgeModule.warm_up``), gradient clipping by
   global norm, bf16 autocast of the training steps under ``bf16-mixed`` and float32 validation;
 * the same batches: index loaders with the Lightning path's sampler, generator and seeding,
@@ -22,7 +22,7 @@ many times the training. This loop keeps what the stage means and drops the rest
 Writes. ``history.csv`` (and ``dro_q.csv``), then ``-last.ckpt`` are rewritten after an epoch
 once ``LAST_EVERY_SECONDS`` of training, and ``LAST_EVERY_WRITES`` times the previous write's
 duration, have passed since the previous write; after the stage's final epoch; and when the loop is
-interrupted (SIGTERM raised as ``fairage.interrupt.Terminated``, Ctrl-C): then they hold the
+interrupted (SIGTERM raised as ``fairage.training.interrupt.Terminated``, Ctrl-C): then they hold the
 last finished epoch. A hard kill (SIGKILL, power) loses at most that interval of training,
 which is less than the feature extraction a resume redoes anyway; the history is never
 behind the checkpoint, so a resume's history stays continuous. Besides Lightning's keys the
@@ -61,10 +61,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import save_torch, write_text
-from ..config import StageConfig, TrainerConfig
+from ..config.schema import StageConfig, TrainerConfig
 from ..errors import ConfigError, DataError
-from ..models import AgeRegressor
-from ..runs import HISTORY_COLUMNS, read_checkpoint
+from ..models.regressor import AgeRegressor
+from ..store.run_folder import HISTORY_COLUMNS, read_checkpoint
 from .factories import (
     CONFIG_KEY,
     CollapseStop,

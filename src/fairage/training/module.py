@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import AugmentConfig, StageConfig
-from ..models import AgeRegressor
+from ..config.schema import AugmentConfig, StageConfig
+from ..models.regressor import AgeRegressor
 
 
 class FaceArrayDataset(Dataset):
@@ -41,7 +41,7 @@ class FaceArrayDataset(Dataset):
         if len(w) != len(images):
             raise ValueError(f"{len(images)} images but {len(w)} weights")
         self.weights = torch.as_tensor(w)
-        # methods that keep per-face state (fairage.methods) need each face's position
+        # methods that keep per-face state (fairage.training.methods) need each face's position
         self.with_index = with_index
 
     def __len__(self) -> int:
@@ -56,7 +56,7 @@ class FaceArrayDataset(Dataset):
 def images_to_input(images_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 RGB in [0, 1], the model's input.
 
-    The model normalises its input itself (``fairage.models.InputNorm``).
+    The model normalises its input itself (``fairage.models.backbones.InputNorm``).
     """
     return memory_format(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), channels_last)
 
@@ -68,7 +68,7 @@ def memory_format(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 
 def build_augment(cfg: AugmentConfig, image_size: int):
     """torchvision.transforms.v2 pipeline on one float CHW image in [0, 1] (None when off or offline)."""
-    if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.augment)
+    if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.training.augment)
         return None
     from torchvision.transforms import v2
 
@@ -113,7 +113,7 @@ class AgeModule(L.LightningModule):
         for module in self.frozen_modules():
             module.requires_grad_(False)
         self.scale = model.label_scale
-        # a fairage.losses.StageObjective when the stage uses a method beyond weighting
+        # a fairage.models.losses.StageObjective when the stage uses a method beyond weighting
         self.objective = objective
         # running count, sum and sum of squares of the epoch's validation predictions (years)
         self._val_moments = torch.zeros(3, dtype=torch.float64)
@@ -169,12 +169,12 @@ class AgeModule(L.LightningModule):
         methods' per-face state); else the validation loss. Shared by this module's steps and
         the lean loop (``fairage.training.lean``), so both optimise the same objective.
         """
-        from ..weighting import weighted_loss
+        from ..fairness.weighting import weighted_loss
 
         x, age, weight, *index = batch
         out = self(x).float()
         use_weight = weight if train and self.stage.weighting.mode == "loss" else None
-        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
+        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.models.losses)
             loss = self.objective(out, age, use_weight, index[0] if index else None, train=train)
         else:
             loss = weighted_loss(out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)

@@ -1,7 +1,7 @@
 """Run level: train the configured stages into a run folder, resume it, export its backbone.
 
 ``train(cfg, data_dir, out_dir)`` loads the data, runs the configured stages into a run
-folder (``fairage.runs.RunFolder``) and evaluates on the test split;
+folder (``fairage.store.run_folder.RunFolder``) and evaluates on the test split;
 ``resume_run(out_dir)`` continues an interrupted run; ``export_backbone`` and
 ``load_model_from_checkpoint`` read the self-describing checkpoints.
 """
@@ -24,18 +24,17 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from ..atomic import atomic_path, save_torch, write_text
-from ..config import (
+from ..config.files import dump_config, load_yaml
+from ..config.schema import (
     ExperimentConfig,
     StageConfig,
     TrainerConfig,
-    dump_config,
-    load_yaml,
     validate_config,
 )
 from ..errors import ConfigError, DataError, FairageError
-from ..metrics import EvaluationResult
-from ..models import AgeRegressor, build_model
-from ..runs import (
+from ..fairness.metrics import EvaluationResult
+from ..models.regressor import AgeRegressor, build_model
+from ..store.run_folder import (
     HISTORY_COLUMNS,
     RunFolder,
     absolute_paths,
@@ -92,8 +91,8 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
     """Per-face weights of a stage (None when it uses none) and its ``weights_{stage}.png``."""
     if not stage.weighting.active:
         return None
-    from ..plots import plot_group_weights
-    from ..weighting import compute_weights, group_table
+    from ..fairness.weighting import compute_weights, group_table
+    from ..outputs.plots import plot_group_weights
 
     weights = compute_weights(train_faces, stage.weighting)
     if is_rank_zero():
@@ -107,7 +106,7 @@ def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.
               folder: RunFolder):
     """Fit the conformal calibration (``eval.conformal``) on the validation predictions (years),
     store it as ``conformal.json`` and return it with its warnings; ``(None, [])`` when disabled."""
-    from ..conformal import fit_calibration, minimum_group_size
+    from ..fairness.conformal import fit_calibration, minimum_group_size
 
     settings = cfg.eval.conformal
     if not settings.enabled:
@@ -136,9 +135,9 @@ def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: 
     """Write ``predictions_test.csv`` (with the per-face ``spread`` when the head gives one, and the
     conformal intervals of ``calibration`` when given) and (last, atomically) ``metrics_test.json``;
     return the metrics."""
-    from ..conformal import interval_arguments
-    from ..data.predictions import write_predictions
-    from ..metrics import evaluate
+    from ..fairness.conformal import interval_arguments
+    from ..fairness.metrics import evaluate
+    from ..store.predictions import write_predictions
 
     intervals = calibration.intervals(predictions, test_faces) if calibration is not None else None
     write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, spread, intervals)
@@ -228,7 +227,7 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     history = _run_stages(cfg, data, model, folder, history, resume, progress, callbacks)
     if not rank0:
         return None
-    from ..plots import plot_training_curves
+    from ..outputs.plots import plot_training_curves
 
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
@@ -257,7 +256,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
     """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
     completed = list(folder.record.completed_stages)
     config_yaml = dump_config(cfg)
-    from ..methods import face_arrays
+    from .methods import face_arrays
 
     # read before any stage trains, so a dataset without age_std fails at once
     method_arrays = {name: face_arrays(data.faces["train"], stage, name) for name, stage in cfg.stages()}
@@ -277,7 +276,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
         folder.update(stage=stage_name, status="running")
         train_faces, train_images = data.faces["train"], data.images["train"]
         if stage.augment.enabled and stage.augment.mode == "replicate":  # offline copies, weighted as faces
-            from ..augment import replicate_faces
+            from .augment import replicate_faces
 
             train_images, source = replicate_faces(train_images, train_faces["age"].to_numpy(), stage.augment.min_age,
                                                    seed=cfg.seed)
@@ -440,8 +439,8 @@ def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split
     run's ``predictions_test.csv`` and ``metrics_test.json`` are rewritten with the new
     intervals (same predictions), so an older run gains them.
     """
-    from ..conformal import CONFORMAL, fit_calibration, write_calibration
-    from ..predict import load_model, predict_faces
+    from ..fairness.conformal import CONFORMAL, fit_calibration, write_calibration
+    from ..inference.predictor import load_model, predict_faces
 
     path = Path(path)
     loaded = load_model(path)
@@ -473,12 +472,12 @@ def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split
         kept = [w for w in folder.record.warnings if not w.startswith("conformal groups")]
         folder.update(warnings=kept + messages)
         if folder.file(RunFolder.PREDICTIONS).is_file() and folder.is_finished():
-            from ..data.predictions import join_predictions, read_predictions
+            from ..store.predictions import join_predictions, read_predictions
 
             test = folder.faces("test")
             joined = join_predictions(test, read_predictions(folder.file(RunFolder.PREDICTIONS)),
                                       folder.file(RunFolder.PREDICTIONS))
-            from ..data.predictions import SPREAD_COLUMN
+            from ..store.predictions import SPREAD_COLUMN
 
             spread = joined[SPREAD_COLUMN].to_numpy() if SPREAD_COLUMN in joined.columns else None
             evaluate_test(folder.config(), test, joined["prediction"].to_numpy(), folder, spread, calibration)

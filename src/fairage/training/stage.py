@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..config import StageConfig, TrainerConfig
+from ..config.schema import StageConfig, TrainerConfig
 from ..errors import FairageError
-from ..models import AgeRegressor
-from ..runs import RunFolder, read_checkpoint
+from ..models.regressor import AgeRegressor
+from ..store.run_folder import RunFolder, read_checkpoint
 from .factories import (
     StageArrays,
     make_callbacks,
@@ -120,7 +120,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     L.seed_everything(seed, workers=True, verbose=False)
     if trainer_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    from ..methods import build_objective
+    from .methods import build_objective
 
     objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
     loop = choose_loop(stage_name, stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path)
