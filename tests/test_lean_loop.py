@@ -27,11 +27,12 @@ from fairage.config.schema import (
 )
 from fairage.errors import ConfigError, DataError
 from fairage.models.regressor import build_model
-from fairage.store.run_folder import HISTORY_COLUMNS, read_checkpoint
+from fairage.store.checkpoint import load_weights as load_module_checkpoint
+from fairage.store.checkpoint import read_checkpoint
+from fairage.store.run_folder import HISTORY_COLUMNS
 from fairage.training import (
     StageArrays,
     fit_stage,
-    load_module_checkpoint,
     resume_run,
     train,
 )

@@ -14,11 +14,11 @@ from fairage.config.presets import load_preset
 from fairage.config.schema import HeadBlock, ModelConfig, StageConfig, TrainerConfig
 from fairage.data import write_synthetic
 from fairage.models.regressor import AgeRegressor, build_model
+from fairage.store.checkpoint import load_weights as load_module_checkpoint
 from fairage.training import (
     StageArrays,
     fit_stage,
     images_to_input,
-    load_module_checkpoint,
     load_run_data,
     predict,
     resolve_precision,

@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import Callback
 
 from fairage.config.presets import load_preset
 from fairage.data import load_faces
+from fairage.store.checkpoint import model_from_checkpoint as load_model_from_checkpoint
 from fairage.store.run_folder import RunFolder
-from fairage.training import load_model_from_checkpoint, resume_run, train
+from fairage.training import resume_run, train
 
 
 class Killed(Exception):

@@ -89,7 +89,7 @@ def test_a_binary_history_names_the_file(tmp_path, cfg):
 def test_a_truncated_checkpoint_names_the_file(tmp_path):
     import torch
 
-    from fairage.store.run_folder import read_checkpoint
+    from fairage.store.checkpoint import read_checkpoint
 
     path = tmp_path / "stage2-last.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 3}, path)

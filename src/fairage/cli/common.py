@@ -276,14 +276,6 @@ def _print_comparison(run_dirs: list[Path], title: str, reference: str | None = 
             table.add_row(*row)
         console.print(table)
 
-def _is_model_folder(path: Path) -> bool:
-    """A model folder (config.yaml + model.safetensors, no run): evaluate predicts with it first."""
-    from ..models.regressor import MODEL_FOLDER_WEIGHTS
-    from ..store.run_folder import RunFolder
-
-    return (path / MODEL_FOLDER_WEIGHTS).is_file() and not RunFolder.exists(path)
-
-
 def _model_folder_predictions(folder: Path, faces, progress: bool):
     """``faces`` with a ``prediction`` column from the model in ``folder`` (a model or run folder;
     images decoded as for training) and, when it carries a calibration, ``age_lo``, ``age_hi``

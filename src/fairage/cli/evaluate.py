@@ -15,7 +15,6 @@ from .common import (
     _data_options,
     _fmt_ci,
     _fmt_value,
-    _is_model_folder,
     _joined_predictions,
     _model_folder_predictions,
     _parse_edges,
@@ -72,11 +71,12 @@ def evaluate_command(
     from ..config.schema import EvalConfig
     from ..fairness.conformal import CONFORMAL, interval_arguments, read_calibration
     from ..fairness.metrics import evaluate
+    from ..store.model_folder import is_model_folder
 
     eval_config, run_seed = EvalConfig(), 0
     df = None
     calibration = None  # the model's, when the predictions are its own
-    if run_dir is not None and predictions is None and _is_model_folder(run_dir):
+    if run_dir is not None and predictions is None and is_model_folder(run_dir):
         calibration = read_calibration(run_dir / CONFORMAL)
         if data is None:  # no predictions yet: the model predicts the split's faces first
             fail(f"{run_dir} is a model folder: give the dataset with --data DIR")

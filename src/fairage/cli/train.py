@@ -50,7 +50,8 @@ def _train_summary(run_dir: Path, metrics) -> None:
     for message in folder.warnings():
         err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
     console.print(table)
-    console.print(f"run folder: {run_dir} (predictions_test.csv, metrics_test.json, curves.png, history.csv)")
+    files = f"{RunFolder.PREDICTIONS}, {RunFolder.METRICS}, {RunFolder.CURVES}, {RunFolder.HISTORY}"
+    console.print(f"run folder: {run_dir} ({files})")
 
 
 def _interruptible(run_dir: Path, fn, *args, **kwargs):
@@ -88,6 +89,7 @@ def train_command(
     """Train a model (stage I and/or II), evaluate it on the test split, print a summary."""
     from ..config.files import load_config
     from ..config.presets import load_preset
+    from ..store.run_folder import RunFolder
     from ..training import resume_run, train
 
     progress = not quiet
@@ -95,8 +97,6 @@ def train_command(
     if resume is not None:
         if config or preset or data or out or set_ or data_overrides or tracking_uri:
             fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
-        from ..store.run_folder import RunFolder
-
         if RunFolder.exists(resume):
             _check_trainers([RunFolder.open(resume).config()])
         with _sigterm_exits(f"continue with `fairage train --resume {resume}`", RunFolder(resume).file(RunFolder.RUN)):
@@ -119,7 +119,7 @@ def train_command(
     _check_trainers([cfg])
     if preset is not None:
         _warn_full_scale(cfg, scale)
-    with _sigterm_exits(f"continue with `fairage train --resume {out}`", out / "run.json"):
+    with _sigterm_exits(f"continue with `fairage train --resume {out}`", RunFolder(out).file(RunFolder.RUN)):
         metrics = _interruptible(out, train, cfg, data, out, progress=progress)
     if metrics:  # None on non-zero DDP ranks
         _train_summary(out, metrics)

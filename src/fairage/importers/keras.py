@@ -51,6 +51,7 @@ from ..config.schema import ExperimentConfig, validate_config
 from ..errors import ConfigError, DataError
 from ..models.regressor import AgeRegressor
 from ..models.vggface2 import keras_layer_map
+from ..store import model_folder
 
 #: the 8631-identity classifiers of the VGGFace2 model (the kit removes them)
 CLASSIFIERS = ("classifier", "classifier_low_dim")
@@ -524,10 +525,10 @@ def write_model_folder(result: KerasImport, out: str | os.PathLike) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        (tmp / "config.yaml").write_text(dump_config(result.config), encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in result.state.items()}, str(tmp / "model.safetensors"),
+        (tmp / model_folder.CONFIG).write_text(dump_config(result.config), encoding="utf-8")
+        save_file({k: v.contiguous() for k, v in result.state.items()}, str(tmp / model_folder.WEIGHTS),
                   metadata={"source": result.source.name, "format": "fairage AgeRegressor state dict"})
-        (tmp / "import.json").write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
+        (tmp / model_folder.IMPORT).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

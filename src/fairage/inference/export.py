@@ -7,7 +7,7 @@ label-unit-to-years scaling are inside the graph, so a caller only decodes, crop
 ``fairage.inference.predictor``: the detector box enlarged by 40% on each side, square), resizes to S
 and divides by 255.
 
-Metadata (ONNX ``metadata_props``; TorchScript extra file ``fairage.json``):
+Metadata (written and read by ``fairage.store.exported``; ONNX ``metadata_props``, TorchScript extra file ``fairage.json``):
 ``fairage_image_size`` (S), ``fairage_input`` and ``fairage_output`` (the conventions above
 in words), ``fairage_input_norm``, ``fairage_crop_margin``, ``fairage_name`` and
 ``fairage_config`` (the model's resolved config YAML, when known) and ``fairage_conformal``
@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_path
+from ..data.decode import CROP_MARGIN
 from ..errors import ConfigError
-from ..fairness.conformal import EXPORT_KEY
-from .predictor import CROP_MARGIN, EXPORT_INPUT, EXPORT_OUTPUT, LoadedModel, load_model
+from ..store import exported
+from .predictor import LoadedModel, load_model
 
 FORMATS = ("onnx", "torchscript")
 INPUT_NAME, OUTPUT_NAME = "image", "age"
@@ -46,19 +47,9 @@ class YearsModel(nn.Module):
 
 
 def export_metadata(loaded: LoadedModel) -> dict[str, str]:
-    """The metadata written into an exported file (all values strings)."""
-    from ..config.files import dump_config
-
-    return {
-        "fairage_image_size": str(loaded.image_size),
-        "fairage_input": EXPORT_INPUT,
-        "fairage_output": EXPORT_OUTPUT,
-        "fairage_input_norm": loaded.input_norm,
-        "fairage_crop_margin": str(CROP_MARGIN),
-        "fairage_name": loaded.name,
-        "fairage_config": dump_config(loaded.config) if loaded.config is not None else "",
-        EXPORT_KEY: json.dumps(loaded.calibration.to_json()) if loaded.calibration is not None else "",
-    }
+    """The metadata written into an exported file (``fairage.store.exported``)."""
+    return exported.export_metadata(loaded.image_size, loaded.input_norm, loaded.name, loaded.config,
+                                    loaded.calibration, CROP_MARGIN)
 
 
 def onnx_opsets() -> tuple[int, int]:
@@ -107,7 +98,7 @@ def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike,
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ConfigError(f"ONNX export at opset {opset} failed: {reason[:300]}") from None
             proto = onnx.load(str(tmp))
-            proto.doc_string = f"fairage age regressor: input {EXPORT_INPUT}; output {EXPORT_OUTPUT}"
+            proto.doc_string = f"fairage age regressor: input {exported.EXPORT_INPUT}; output {exported.EXPORT_OUTPUT}"
             for key, value in meta.items():
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = key, value
@@ -119,7 +110,7 @@ def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike,
             traced = torch.jit.trace(wrapped, (example,))
         with atomic_path(out) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated
-            torch.jit.save(traced, str(tmp), _extra_files={"fairage.json": json.dumps(meta)})
+            torch.jit.save(traced, str(tmp), _extra_files={exported.TORCHSCRIPT_EXTRA: json.dumps(meta)})
     return out
 
 

@@ -44,8 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config.files import load_yaml, read_yaml
-from ..config.schema import ExperimentConfig, validate_config
+from ..config.schema import ExperimentConfig
 
 # the crop convention (CROP_MARGIN, crop_box, crop_face) lives beside the decoder, which the service's
 # torch-free prepare processes import too
@@ -63,9 +62,7 @@ from ..data.decode import read_image as _decode_read_image
 from ..errors import ConfigError, DataError
 from ..fairness.conformal import (
     CONFORMAL,
-    EXPORT_KEY,
     Calibration,
-    calibration_from_text,
     read_calibration,
 )
 from ..models.heads import clamp_ages
@@ -73,9 +70,6 @@ from ..models.regressor import AgeRegressor
 
 #: file name suffixes read from folders (a file named explicitly is tried whatever its suffix)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-#: metadata keys of an exported model (ONNX metadata_props / TorchScript extra file)
-EXPORT_INPUT = "RGB float32 NCHW in [0, 1], shape (N, 3, S, S); the model normalises it itself"
-EXPORT_OUTPUT = "apparent age in years, float32, shape (N,)"
 
 
 # =========================================================================== model loading
@@ -125,62 +119,32 @@ class LoadedModel:
         return clamp_ages(out.float().reshape(-1)), None
 
 
-def read_run_checkpoint(run_dir: Path) -> tuple[ExperimentConfig, dict[str, torch.Tensor]]:
-    """A run folder's config and the model weights of its last completed stage's best checkpoint.
-
-    Read through ``fairage.store.run_folder.RunFolder`` (``torch.load(weights_only=True)``); DataError
-    naming the file when the folder, its run.json or the checkpoint is unusable.
-    """
-    from ..store.run_folder import RunFolder, read_checkpoint
-
-    folder = RunFolder.open(run_dir)
-    state = read_checkpoint(folder.best_checkpoint()).get("state_dict")
-    if not isinstance(state, dict):
-        raise DataError(f"{folder.best_checkpoint()} holds no 'state_dict': not a fairage training checkpoint")
-    return folder.config(), {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-
-
-def _model_from_state(cfg: ExperimentConfig, state: dict[str, torch.Tensor], source: Path) -> AgeRegressor:
-    model = AgeRegressor(cfg.model)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f"{source}: weights do not match the config's model (missing "
-                          f"{', '.join(result.missing_keys[:5]) or 'none'}; unexpected "
-                          f"{', '.join(result.unexpected_keys[:5]) or 'none'})")
-    return model.eval().float()
-
-
 def load_model(path: str | os.PathLike) -> LoadedModel:
     """Load a run folder, a model folder or an exported ``.onnx`` file (see the module doc).
 
-    ConfigError naming the path when it is none of these or its files do not fit.
+    DataError naming the path when it is none of these or its files do not fit (``store.model_folder.model_kind``,
+    ``store.checkpoint``); ConfigError for a file other than ``.onnx``.
     """
+    from ..store.checkpoint import model_from_checkpoint
+    from ..store.model_folder import load_model_folder, model_kind
+    from ..store.run_folder import RunFolder
+
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".onnx":
+    kind = model_kind(path)
+    if kind == "exported":
+        if path.suffix.lower() != ".onnx":
+            raise ConfigError(f"{path}: not a fairage model: expected a run folder (config.yaml + checkpoints/), a "
+                              "model folder (config.yaml + model.safetensors) or an exported .onnx file")
         return _load_onnx(path)
-    if path.is_dir() and (path / "config.yaml").is_file():
-        from ..store.run_folder import RunFolder
-
-        if RunFolder.exists(path):
-            cfg, state = read_run_checkpoint(path)
-            model = _model_from_state(cfg, state, path)
-            return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                               path, "run", path, RunFolder.open(path).calibration())
-        if (path / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            cfg = validate_config(read_yaml(path / "config.yaml"), str(path / "config.yaml"))
-            try:
-                state = load_file(str(path / "model.safetensors"))
-            except Exception as err:  # noqa: BLE001 - safetensors raises several types for a damaged file
-                raise ConfigError(f"{path / 'model.safetensors'}: cannot read ({type(err).__name__}: {err})") from None
-            model = _model_from_state(cfg, state, path / "model.safetensors")
-            return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                               path, "folder", calibration=read_calibration(path / CONFORMAL))
-    if not path.exists():
-        raise ConfigError(f"{path}: model not found")
-    raise ConfigError(f"{path}: not a fairage model: expected a run folder (config.yaml + checkpoints/), a model "
-                      "folder (config.yaml + model.safetensors) or an exported .onnx file")
+    if kind == "run":
+        folder = RunFolder.open(path)
+        cfg = folder.config()
+        model = model_from_checkpoint(folder.best_checkpoint(), cfg)[0].float()
+        return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
+                           path, "run", path, folder.calibration())
+    model, cfg = load_model_folder(path)
+    return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
+                       path, "folder", calibration=read_calibration(path / CONFORMAL))
 
 
 class OnnxAgeModel(torch.nn.Module):
@@ -207,36 +171,16 @@ class OnnxAgeModel(torch.nn.Module):
 
 
 def _load_onnx(path: Path) -> LoadedModel:
-    from ..config.schema import MAX_IMAGE_SIZE
+    from ..store.exported import read_export_metadata
 
     module = OnnxAgeModel(path)
-    meta = module.metadata
-    if "fairage_image_size" not in meta:
-        raise ConfigError(f"{path}: no fairage metadata (fairage_image_size); export it with `fairage export`")
-    # the metadata decides how much is allocated per face: checked as strictly as a config
-    text = str(meta["fairage_image_size"]).strip()
-    size = int(text) if text.isdigit() and len(text) <= 6 else None
-    if size is None or not 8 <= size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"{path}: its metadata fairage_image_size {text[:40]!r} is not an image side of 8 to "
-                          f"{MAX_IMAGE_SIZE} px")
+    info = read_export_metadata(module.metadata, path)
+    size = info.image_size
     dims = list(module.session.get_inputs()[0].shape)
     if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in zip(dims[1:], (3, size, size))):
         raise ConfigError(f"{path}: its input has shape {dims}, but its metadata says (N, 3, {size}, {size})")
-    norm = meta.get("fairage_input_norm", "")
-    if norm not in ("", "imagenet", "vggface2", "caffe"):
-        raise ConfigError(f"{path}: its metadata fairage_input_norm {norm[:40]!r} is not imagenet, vggface2 or caffe")
-    cfg = None
-    if meta.get("fairage_config"):
-        import yaml
-
-        try:
-            raw = load_yaml(meta["fairage_config"], f"{path} (metadata fairage_config)")
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: its metadata fairage_config is not valid YAML ({err})") from None
-        cfg = validate_config(raw, f"{path} (metadata fairage_config)")
-    calibration = calibration_from_text(meta.get(EXPORT_KEY), f"{path} (metadata {EXPORT_KEY})")
-    return LoadedModel(module, cfg, size, norm, str(meta.get("fairage_name", path.stem))[:200], path, "exported",
-                       calibration=calibration)
+    return LoadedModel(module, info.config, size, info.input_norm, info.name, path, "exported",
+                       calibration=info.calibration)
 
 
 # =========================================================================== images

@@ -309,11 +309,10 @@ def build_model(cfg: ModelConfig) -> tuple[AgeRegressor, dict]:
     }
 
 
-#: the weights file inside a model folder (``fairage import-keras``)
-MODEL_FOLDER_WEIGHTS = "model.safetensors"
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from ..store.checkpoint import MODEL_PREFIX, strip_model_prefix
+    from ..store.model_folder import WEIGHTS as MODEL_FOLDER_WEIGHTS
+
     if path.is_dir():  # a model folder: config.yaml + model.safetensors
         if not (path / MODEL_FOLDER_WEIGHTS).is_file():
             raise ConfigError(f"model.weights {path} is a folder without {MODEL_FOLDER_WEIGHTS}: not a fairage "
@@ -346,8 +345,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"model.weights {path} is not a state dict (a mapping of names to tensors)")
     # a fairage Lightning checkpoint prefixes the model's keys with "model."
-    if state and all(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items()}
+    if state and all(k.startswith(MODEL_PREFIX) for k in state):
+        state = strip_model_prefix(state)
     return state
 
 

@@ -30,8 +30,6 @@ if TYPE_CHECKING:
     from ..store.run_folder import RunFolder
 
 #: the files of an imported model folder (``fairage import-keras``) the card reads
-MODEL_FOLDER_CONFIG = "config.yaml"
-MODEL_FOLDER_IMPORT = "import.json"
 #: a group MAE resting on fewer test faces than this gets a warning
 MIN_GROUP_FACES = 30
 #: the four bias scores, in the order the seed report's Table 1 lists them
@@ -50,49 +48,15 @@ OUT_OF_SCOPE: tuple[str, ...] = (
 )
 
 
-def model_kind(path: str | Path) -> str:
-    """``"run"`` (a training run folder), ``"folder"`` (an imported model folder) or ``"exported"`` (a file).
-
-    Raises DataError when ``path`` is none of these.
-    """
-    from ..models.regressor import MODEL_FOLDER_WEIGHTS
-    from ..store.run_folder import RunFolder
-
-    path = Path(path)
-    if path.is_file():
-        return "exported"
-    if not path.is_dir():
-        raise DataError(f"model not found: {path}")
-    if not (path / MODEL_FOLDER_CONFIG).is_file():
-        raise DataError(f"{path} holds no {MODEL_FOLDER_CONFIG}: not a fairage run or model folder")
-    if RunFolder.exists(path):
-        return "run"
-    if (path / MODEL_FOLDER_WEIGHTS).is_file():
-        return "folder"
-    raise DataError(f"{path} has a {MODEL_FOLDER_CONFIG} but neither {RunFolder.RUN} (a run folder) nor "
-                    f"{MODEL_FOLDER_WEIGHTS} (a model folder)")
-
-
 def read_model_folder(path: Path):
     """An imported model folder's validated config and its ``import.json`` object (``{}`` when absent).
 
     A model folder (``fairage import-keras``) is not a run folder: it has no record, history or
     evaluation. DataError/ConfigError naming the file when one is unreadable.
     """
-    from ..config.files import read_yaml
-    from ..config.schema import validate_config
+    from ..store.model_folder import read_config, read_import_info
 
-    config_path, import_path = path / MODEL_FOLDER_CONFIG, path / MODEL_FOLDER_IMPORT
-    cfg = validate_config(read_yaml(config_path), str(config_path))
-    if not import_path.is_file():
-        return cfg, {}
-    try:
-        info = json.loads(import_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise DataError(f"{import_path} is not readable JSON: {err}") from None
-    if not isinstance(info, dict):
-        raise DataError(f"{import_path} does not hold a JSON object")
-    return cfg, info
+    return read_config(path), read_import_info(path)
 
 
 def _ci(value) -> list[float] | None:
@@ -286,6 +250,8 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
     from ..store.run_folder import RunFolder
 
     path = Path(model)
+    from ..store.model_folder import model_kind
+
     kind = model_kind(path)
     if kind == "exported":
         return _exported_card(path)

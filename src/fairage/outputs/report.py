@@ -23,9 +23,10 @@ from matplotlib.ticker import MaxNLocator
 from ..atomic import atomic_path, write_text
 from ..config.files import dump_config
 from ..config.schema import ExperimentConfig
-from ..csvcells import safe_table, unquote
+from ..csvcells import safe_table
 from ..errors import ConfigError, DataError
 from ..fairness.metrics import EvaluationResult
+from ..store.predictions import read_predictions
 from ..store.run_folder import RunFolder
 from .plots import save_figure
 
@@ -731,13 +732,7 @@ def _summary_from_predictions(records: list[FinishedRun]) -> tuple[dict[str, pd.
     for r in records:
         p = r.folder.file(RunFolder.PREDICTIONS)
         if p.is_file():
-            try:
-                df = pd.read_csv(p)
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-                raise DataError(f"{p} is not a readable CSV: {err}") from None
-            df = df.assign(split="test")
-            for column in df.columns[df.dtypes == object]:
-                df[column] = df[column].map(unquote)
+            df = read_predictions(p).assign(split="test")
             return summarize_faces(df), f"test split, from {p}"
     return None
 

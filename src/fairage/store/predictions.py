@@ -79,8 +79,9 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
         table = pd.read_csv(path, dtype={"image": str})  # pandas parses floats round-trip exactly
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable CSV ({err})") from None
-    if "image" in table.columns:  # ids a spreadsheet would run were written quoted (fairage.csvcells)
-        table["image"] = table["image"].map(unquote)
+    for column in table.columns:  # text a spreadsheet would run was written quoted (fairage.csvcells)
+        if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
+            table[column] = table[column].map(unquote)
     if (list(table.columns[:2]) == ["image", "age"]
             and set(table.columns) <= {"image", "age", SPREAD_COLUMN, *INTERVAL_COLUMNS}):
         table = _from_face_predictions(table)

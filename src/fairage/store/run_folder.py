@@ -19,7 +19,6 @@ Every write is atomic and, under DDP, done by rank 0 alone.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import json
 import os
@@ -36,6 +35,7 @@ from ..atomic import write_text
 from ..config.files import dump_config, read_yaml
 from ..config.schema import ExperimentConfig, validate_config
 from ..errors import ConfigError, DataError, FairageError
+from ..fairness.conformal import CONFORMAL as CONFORMAL_FILE
 
 if TYPE_CHECKING:
     from ..fairness.metrics import EvaluationResult
@@ -121,36 +121,6 @@ def same_config(a: ExperimentConfig, b: ExperimentConfig) -> bool:
     return yaml.safe_load(dump_config(absolute_paths(a))) == yaml.safe_load(dump_config(absolute_paths(b)))
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint file loaded with ``weights_only=True``; DataError naming it when corrupt or truncated."""
-    import pickle
-    import zipfile
-
-    import torch
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as err:
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise
-        from ..models.regressor import load_error_reason
-
-        text = str(err)
-        if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
-            # a complete file whose pickle names more than tensors: not damage, and never to be unpickled
-            raise DataError(f"{path}: {load_error_reason(err)}; it is not a checkpoint fairage training wrote "
-                            "(delete it to retrain from the previous checkpoint, or start a new run)") from None
-        reason = text.splitlines()[0] if text else type(err).__name__
-        raise DataError(f"{path} is corrupt or truncated ({reason}); delete it to retrain from the "
-                        "previous checkpoint, or start a new run") from None
-    if not isinstance(ckpt, dict):
-        raise DataError(f"{path} is not a fairage checkpoint (no mapping at the top level)")
-    return ckpt
-
-
 class RunFolder:
     """A training run folder (see the module docstring). Open one with ``create`` or ``open``."""
 
@@ -161,7 +131,9 @@ class RunFolder:
     METRICS = "metrics_test.json"
     CHECKPOINTS = "checkpoints"
     CURVES = "curves.png"
-    CONFORMAL = "conformal.json"
+    CONFORMAL = CONFORMAL_FILE
+    DRO_Q = "dro_q.csv"
+    LOGS = "logs"
     LOCK = ".lock"
 
     def __init__(self, path: str | Path, record: RunRecord | None = None):
@@ -265,6 +237,10 @@ class RunFolder:
         if kind not in ("best", "last"):
             raise ValueError(f"kind must be 'best' or 'last', got {kind!r}")
         return self.checkpoints_dir / f"{stage}-{kind}.ckpt"
+
+    def weights_plot(self, stage: str) -> Path:
+        """Path of ``weights_{stage}.png``, the stage's group sizes and weights."""
+        return self.path / f"weights_{stage}.png"
 
     def best_checkpoint(self) -> Path:
         """The best checkpoint of the last completed stage; DataError when there is none."""

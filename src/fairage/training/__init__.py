@@ -6,8 +6,7 @@ The package in pieces:
 * ``factories``: ``StageArrays`` and the loader, callback and Trainer factories;
 * ``stage``: ``fit_stage``, one stage on in-memory arrays;
 * ``inference``: ``predict``, ``predict_with_spread`` and ``extract_features``;
-* ``run``: ``train``, ``resume_run``, ``export_backbone`` and ``load_model_from_checkpoint``,
-  which work on a run folder (``fairage.store.run_folder.RunFolder``).
+* ``run``: ``train``, ``resume_run`` and ``export_backbone``, which work on a run folder (``fairage.store.run_folder.RunFolder``).
 """
 
 from .factories import (
@@ -36,7 +35,6 @@ from .run import (
                         calibrate_folder,
                         collapse_warning,
                         export_backbone,
-                        load_model_from_checkpoint,
                         load_run_data,
                         resume_run,
                         train,
@@ -46,7 +44,6 @@ from .stage import (
                         NonFiniteLossError,
                         StageResult,
                         fit_stage,
-                        load_module_checkpoint,
 )
 
 __all__ = [
@@ -69,8 +66,6 @@ __all__ = [
                         "extract_features",
                         "fit_stage",
                         "images_to_input",
-                        "load_model_from_checkpoint",
-                        "load_module_checkpoint",
                         "load_run_data",
                         "make_callbacks",
                         "make_loaders",

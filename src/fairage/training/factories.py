@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..atomic import save_torch, write_text
 from ..config.schema import StageConfig, TrainerConfig
 from ..models.regressor import AgeRegressor
-from ..store.run_folder import HISTORY_COLUMNS, read_checkpoint
+from ..store.checkpoint import CONFIG_KEY, read_checkpoint
+from ..store.run_folder import HISTORY_COLUMNS, RunFolder
 from .inference import extract_features
 from .module import FaceArrayDataset
 from .precision import auto_precision
 
 #: key of a checkpoint that holds the run's config (YAML text), so the file describes itself
-CONFIG_KEY = "fairage_config"
 
 
 @dataclass
@@ -251,7 +251,7 @@ class LastCheckpoint(Checkpoint):
 
 class ConfigInCheckpoint(Callback):
     """Stores the run's config (YAML text) in every checkpoint under ``CONFIG_KEY``,
-    so ``load_model_from_checkpoint`` can rebuild the model from the file alone."""
+    so ``store.checkpoint.model_from_checkpoint`` can rebuild the model from the file alone."""
 
     def __init__(self, config_yaml: str):
         self.config_yaml = config_yaml
@@ -355,10 +355,12 @@ def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, histor
     """History (and NaN stop), early stopping, best and last checkpoints in ``run_dir/checkpoints``."""
     history = HistoryCallback(history_path, stage_name, previous_history)
     collapse = CollapseStop(stage_name) if stage.stop_on_collapse else None
-    best = BestCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
+    folder = RunFolder(run_dir)
+    best = BestCheckpoint(dirpath=folder.checkpoints_dir, filename=folder.checkpoint(stage_name, "best").stem,
+                          monitor="val_loss",
                           mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
                           enable_version_counter=False, collapse=collapse)
-    last = LastCheckpoint(run_dir / "checkpoints" / f"{stage_name}-last.ckpt")
+    last = LastCheckpoint(folder.checkpoint(stage_name, "last"))
     cbs: list[Callback] = [history, *([collapse] if collapse else []),
                            EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
                            best, last, *extra]
@@ -416,7 +418,7 @@ def make_logger(trainer_cfg: TrainerConfig, run_dir: Path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     cls = TensorBoardLogger if trainer_cfg.logger == "tensorboard" else CSVLogger
-    return cls(save_dir=str(run_dir), name="logs")
+    return cls(save_dir=str(run_dir), name=RunFolder.LOGS)
 
 
 def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
@@ -426,8 +428,9 @@ def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
 
     uri = trainer_cfg.tracking_uri
     if uri is None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        uri = sqlite_tracking_uri(run_dir / "logs")
+        logs = RunFolder(run_dir).file(RunFolder.LOGS)
+        logs.mkdir(parents=True, exist_ok=True)
+        uri = sqlite_tracking_uri(logs)
     # MLflow puts a new experiment's artifacts under ./mlruns of the working directory unless told;
     # beside a SQLite store they stay with it (a server chooses its own)
     artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") \

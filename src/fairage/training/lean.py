@@ -64,9 +64,9 @@ from ..atomic import save_torch, write_text
 from ..config.schema import StageConfig, TrainerConfig
 from ..errors import ConfigError, DataError
 from ..models.regressor import AgeRegressor
-from ..store.run_folder import HISTORY_COLUMNS, read_checkpoint
+from ..store.checkpoint import CONFIG_KEY, read_checkpoint
+from ..store.run_folder import HISTORY_COLUMNS, RunFolder
 from .factories import (
-    CONFIG_KEY,
     CollapseStop,
     StageArrays,
     cached_features,
@@ -216,9 +216,9 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     params = [p for group in opt.param_groups for p in group["params"]]
     frozen_prefixes = _frozen_prefixes(module)
 
-    ckpt_dir = run_dir / "checkpoints"
-    best_file, last_file = ckpt_dir / f"{stage_name}-best.ckpt", ckpt_dir / f"{stage_name}-last.ckpt"
-    history_path = run_dir / "history.csv" if history_file else None
+    folder = RunFolder(run_dir)
+    best_file, last_file = folder.checkpoint(stage_name, "best"), folder.checkpoint(stage_name, "last")
+    history_path = folder.file(RunFolder.HISTORY) if history_file else None
     rows: list[dict] = [] if previous_history is None else previous_history.to_dict("records")
     early = _EarlyStop(stage.patience)
     collapse = CollapseStop(stage_name) if stage.stop_on_collapse else None
@@ -268,7 +268,7 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
         if history_path is not None:
             write_history(history_path, pd.DataFrame(rows[:snap["rows"]], columns=HISTORY_COLUMNS))
         if dro_rows is not None:
-            write_text(run_dir / "dro_q.csv", pd.DataFrame(dro_rows[:snap["dro_rows"]]).to_csv(index=False))
+            write_text(folder.file(RunFolder.DRO_Q), pd.DataFrame(dro_rows[:snap["dro_rows"]]).to_csv(index=False))
         if with_best and best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]:
             save_torch(checkpoint(best_snapshot, resumable=False), best_file)
             written["best_epoch"] = best_snapshot["epoch"]
@@ -426,7 +426,7 @@ def _restore(ckpt: dict, module: AgeModule, opt, sched, order_generator: torch.G
 
 def _dro_rows(run_dir: Path, stage_name: str, start_epoch: int) -> list[dict]:
     """``dro_q.csv``'s rows to keep: other stages', and this stage's up to ``start_epoch`` (0-based start)."""
-    path = run_dir / "dro_q.csv"
+    path = RunFolder(run_dir).file(RunFolder.DRO_Q)
     if not path.is_file():
         return []
     previous = pd.read_csv(path)

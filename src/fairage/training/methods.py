@@ -23,8 +23,7 @@ from ..atomic import write_text
 from ..config.schema import StageConfig
 from ..errors import ConfigError, DataError
 from ..models.losses import GroupDRO, StageObjective
-
-DRO_Q_FILE = "dro_q.csv"
+from ..store.run_folder import RunFolder
 
 
 @dataclass
@@ -111,7 +110,7 @@ class DROHistoryCallback(Callback):
     """
 
     def __init__(self, run_dir: Path, stage: str, group_names: list[str]):
-        self.path = Path(run_dir) / DRO_Q_FILE
+        self.path = RunFolder(run_dir).file(RunFolder.DRO_Q)
         self.stage = stage
         self.columns = [f"q[{name}]" for name in group_names]
         self.rows: list[dict] | None = None

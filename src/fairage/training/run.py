@@ -2,8 +2,8 @@
 
 ``train(cfg, data_dir, out_dir)`` loads the data, runs the configured stages into a run
 folder (``fairage.store.run_folder.RunFolder``) and evaluates on the test split;
-``resume_run(out_dir)`` continues an interrupted run; ``export_backbone`` and
-``load_model_from_checkpoint`` read the self-describing checkpoints.
+``resume_run(out_dir)`` continues an interrupted run; ``export_backbone`` writes a run's backbone.
+Checkpoints are read through ``fairage.store.checkpoint`` (one reader, one checkpoint -> model path).
 """
 
 from __future__ import annotations
@@ -20,38 +20,40 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from ..atomic import atomic_path, save_torch, write_text
-from ..config.files import dump_config, load_yaml
+from ..config.files import dump_config
 from ..config.schema import (
     ExperimentConfig,
     StageConfig,
     TrainerConfig,
-    validate_config,
 )
 from ..errors import ConfigError, DataError, FairageError
 from ..fairness.metrics import EvaluationResult
 from ..models.regressor import AgeRegressor, build_model
+from ..store.checkpoint import (
+    MODEL_PREFIX,
+    load_weights,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from ..store.run_folder import (
     HISTORY_COLUMNS,
     RunFolder,
     absolute_paths,
     config_faces,
     is_rank_zero,
-    read_checkpoint,
 )
 from .factories import (
     COLLAPSE_STD,
-    CONFIG_KEY,
     StageArrays,
     device_for,
     resolve_accelerator,
     resolve_precision,
 )
 from .inference import predict, predict_with_spread
-from .stage import CollapsedStageError, fit_stage, load_module_checkpoint
+from .stage import CollapsedStageError, fit_stage
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
 
     weights = compute_weights(train_faces, stage.weighting)
     if is_rank_zero():
-        plot_group_weights(group_table(train_faces, stage.weighting), run_dir / f"weights_{stage_name}.png",
+        plot_group_weights(group_table(train_faces, stage.weighting), RunFolder(run_dir).weights_plot(stage_name),
                            title=f"{stage_name}: group sizes and weights ({stage.weighting.scheme}, "
                                  f"{stage.weighting.formula}, mode {stage.weighting.mode})")
     return weights
@@ -263,7 +265,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
     for stage_name, stage in cfg.stages():
         if stage_name in completed:
             # the next stage starts from this stage's best
-            load_module_checkpoint(model, folder.checkpoint(stage_name, "best"))
+            load_weights(model, folder.checkpoint(stage_name, "best"))
             continue
         last = folder.checkpoint(stage_name, "last")
         ckpt_path = last if resume and last.is_file() else None
@@ -299,7 +301,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
             # nothing of this stage is worth keeping: the model stays the previous stage's best
             message = f"{err}; the model is {completed[-1]}'s best"
             log.warning(message)
-            load_module_checkpoint(model, folder.checkpoint(completed[-1], "best"))
+            load_weights(model, folder.checkpoint(completed[-1], "best"))
             folder.update(collapsed_stages={**collapsed, stage_name: message})
             history = folder.history()
             break
@@ -330,8 +332,8 @@ def _resumable_epoch(path: Path, model: AgeRegressor) -> int:
     if not isinstance(state, dict) or not isinstance(ckpt.get("optimizer_states"), list):
         raise DataError(f"{path} holds no model weights or optimizer state: not a checkpoint fairage training "
                         "wrote; delete it to restart this stage from its beginning")
-    own = {f"model.{k}": v for k, v in model.state_dict().items()}
-    theirs = {k: v for k, v in state.items() if k.startswith("model.")}
+    own = {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
+    theirs = {k: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     missing = sorted(set(own) - set(theirs))
     unexpected = sorted(set(theirs) - set(own))
     wrong = sorted(k for k in set(own) & set(theirs)
@@ -359,29 +361,6 @@ def resume_run(out_dir: str | Path, progress: bool = True,
     return train(folder.config(), folder.data_dir, folder.path, resume=True, progress=progress, callbacks=callbacks)
 
 
-def load_model_from_checkpoint(path: str | Path) -> tuple[AgeRegressor, ExperimentConfig]:
-    """The model of a fairage training checkpoint (eval mode, CPU) and the config saved inside it.
-
-    Needs nothing but the file: training stores the run's config in every checkpoint.
-    Read with ``weights_only=True``; DataError naming the file when it is corrupt or
-    holds no config.
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    text = ckpt.get(CONFIG_KEY)
-    if not isinstance(text, str):
-        raise DataError(f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
-                        "fairage training, or by an older version: use its run folder instead")
-    try:
-        raw = load_yaml(text, f"{path} ({CONFIG_KEY})")
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: the config saved inside is not valid YAML: {err}") from None
-    cfg = validate_config(raw, f"{path} ({CONFIG_KEY})")
-    model = AgeRegressor(cfg.model)
-    load_module_checkpoint(model, path)
-    return model.eval(), cfg
-
-
 def export_backbone(source: str | Path, out_path: str | Path) -> Path:
     """Write the backbone of a finished run, or of one checkpoint file, to ``out_path``.
 
@@ -407,13 +386,9 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
         ckpt = folder.checkpoint(cfg.stages()[-1][0], "best")
         if not ckpt.is_file():
             raise DataError(f"{ckpt} not found: the run's best checkpoint of {cfg.stages()[-1][0]} is missing")
-        if CONFIG_KEY in read_checkpoint(ckpt):
-            model, cfg = load_model_from_checkpoint(ckpt)
-        else:  # written before checkpoints held their config
-            model = AgeRegressor(cfg.model)
-            load_module_checkpoint(model, ckpt)
+        model, cfg = model_from_checkpoint(ckpt, cfg)  # config.yaml for a file older than the saved config
     else:
-        model, cfg = load_model_from_checkpoint(source)
+        model, cfg = model_from_checkpoint(source)
     state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
     with atomic_path(out_path) as tmp:
         if out_path.suffix == ".safetensors":

@@ -30,7 +30,8 @@ from lightning.pytorch.callbacks import Callback
 from ..config.schema import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models.regressor import AgeRegressor
-from ..store.run_folder import RunFolder, read_checkpoint
+from ..store.checkpoint import load_weights
+from ..store.run_folder import RunFolder
 from .factories import (
     StageArrays,
     make_callbacks,
@@ -145,7 +146,7 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     if collapsed:
         log.warning(collapsed)
     if best_path:
-        load_module_checkpoint(model, best_path)
+        load_weights(model, best_path)
     model.to("cpu")
     return StageResult(best_path=best_path, last_path=outcome.last_path, epochs=outcome.epochs,
                        best_val_loss=best_val, history=outcome.history, non_finite=non_finite, collapsed=collapsed,
@@ -182,24 +183,3 @@ def _fit_lightning(model: AgeRegressor, stage_name: str, stage: StageConfig, arr
                        epochs=trainer.current_epoch, history=cbs.history.history,
                        non_finite=cbs.history.non_finite,
                        collapsed=cbs.collapse.message if cbs.collapse is not None else None)
-
-
-def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
-    """Load an ``AgeModule`` checkpoint's model weights into ``model`` (weights_only=True)."""
-    state = read_checkpoint(path).get("state_dict")
-    if not isinstance(state, dict):
-        from ..errors import DataError
-
-        raise DataError(f"{path} holds no 'state_dict': not a fairage training checkpoint")
-    try:
-        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    except RuntimeError as err:  # missing/unexpected keys or other shapes: config.yaml names another model
-        from ..errors import DataError
-
-        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({_first_line(err)}); "
-                        "was config.yaml edited? Restore it, or start a new run") from None
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit] + "..."

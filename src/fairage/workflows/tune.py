@@ -389,14 +389,15 @@ def validation_scores(run_dir: str | Path) -> EvaluationResult:
     """Point scores (no bootstrap) of a finished run's best checkpoint on its validation split."""
     from ..data import load_images
     from ..fairness.metrics import evaluate
+    from ..store.checkpoint import model_from_checkpoint
     from ..store.run_folder import RunFolder
-    from ..training import load_model_from_checkpoint, predict
+    from ..training import predict
 
     folder = RunFolder.open(run_dir)
     cfg = folder.config()
     faces = folder.faces("valid")
     images = load_images(faces, cfg.data.image_size, cache_dir=cfg.data.cache_dir, workers=1, progress=False)
-    model, _ = load_model_from_checkpoint(folder.best_checkpoint())
+    model, _ = model_from_checkpoint(folder.best_checkpoint())
     from ..training.factories import device_for
 
     df = faces.copy()
