@@ -56,23 +56,12 @@ def main() -> None:
             "half_widths": {g: q.quantile for g, q in cal.groups.items()},
             "coverage": {name: c.to_json() for name, c in result.coverage.items()},
         }
-        print(
-            f"by {text or 'nothing (plain)'}: test MAE {result.mae:.2f} years, {len(test)} test faces"
-        )
+        print(f"by {text or 'nothing (plain)'}: test MAE {result.mae:.2f} years, {len(test)} test faces")
         for name, cov in result.coverage.items():
-            print(
-                f"  {name:9s} coverage {100 * cov.total.coverage:5.1f}%  width {cov.total.width:5.1f} years"
-            )
+            print(f"  {name:9s} coverage {100 * cov.total.coverage:5.1f}%  width {cov.total.width:5.1f} years")
             for attr in attributes:
-                cells = [
-                    f"{g} {100 * s.coverage:.1f}% (w {s.width:.1f}, n {s.n})"
-                    for g, s in cov.groups[attr].items()
-                ]
-                print(
-                    f"    {attr}: "
-                    + "; ".join(cells)
-                    + f"; gap {100 * (cov.gap[attr] or 0):.1f} pts"
-                )
+                cells = [f"{g} {100 * s.coverage:.1f}% (w {s.width:.1f}, n {s.n})" for g, s in cov.groups[attr].items()]
+                print(f"    {attr}: " + "; ".join(cells) + f"; gap {100 * (cov.gap[attr] or 0):.1f} pts")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

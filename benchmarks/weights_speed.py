@@ -27,11 +27,13 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    faces = pd.DataFrame({
-        "age": rng.uniform(1, 95, args.n),
-        "ethnicity": rng.choice(list(VOCABULARIES["ethnicity"]), args.n),
-        "expression": rng.choice(list(VOCABULARIES["expression"]), args.n),
-    })
+    faces = pd.DataFrame(
+        {
+            "age": rng.uniform(1, 95, args.n),
+            "ethnicity": rng.choice(list(VOCABULARIES["ethnicity"]), args.n),
+            "expression": rng.choice(list(VOCABULARIES["expression"]), args.n),
+        }
+    )
     for scheme in ("age", "age_ethnicity", "age_ethnicity_expression"):
         for lds in (False, True):
             cfg = WeightingConfig(scheme=scheme, lds=lds)

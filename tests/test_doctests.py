@@ -7,9 +7,16 @@ import importlib
 
 import pytest
 
-MODULES = ["fairage.fairness.conformal", "fairage.data.schema", "fairage.fairness.metrics", "fairage.outputs.reference",
-           "fairage.outputs.report", "fairage.workflows.suite",
-           "fairage.training.run", "fairage.fairness.weighting"]
+MODULES = [
+    "fairage.fairness.conformal",
+    "fairage.data.schema",
+    "fairage.fairness.metrics",
+    "fairage.outputs.reference",
+    "fairage.outputs.report",
+    "fairage.workflows.suite",
+    "fairage.training.run",
+    "fairage.fairness.weighting",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -18,12 +18,16 @@ from fairage.store.submission import read_submission, write_submission
 
 
 def _faces(n=5) -> pd.DataFrame:
-    return pd.DataFrame({
-        "image": [f"{i:03d}" for i in range(n)],  # leading zeros must survive as strings
-        "age": np.arange(n, dtype=float) * 10 + 5,
-        "gender": ["male", "female"] * (n // 2) + ["male"] * (n % 2),
-        "ethnicity": ["asian"] * n, "expression": ["happy"] * n, "split": ["test"] * n,
-    })
+    return pd.DataFrame(
+        {
+            "image": [f"{i:03d}" for i in range(n)],  # leading zeros must survive as strings
+            "age": np.arange(n, dtype=float) * 10 + 5,
+            "gender": ["male", "female"] * (n // 2) + ["male"] * (n % 2),
+            "ethnicity": ["asian"] * n,
+            "expression": ["happy"] * n,
+            "split": ["test"] * n,
+        }
+    )
 
 
 def test_write_read_round_trip(tmp_path):

@@ -39,8 +39,13 @@ def tiny_model(seed: int = 0, **kw):
 def test_loss_decreases_and_model_learns_the_age(faces, tmp_path):
     train_images, train_ages, val_images, val_ages = faces
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)])
-    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
-                       StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp_path)
+    result = fit_stage(
+        model,
+        "stage2",
+        StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+        run_dir=tmp_path,
+    )
     h = result.history
     assert list(h["epoch"]) == [1, 2, 3] and set(h["stage"]) == {"stage2"}
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
@@ -67,10 +72,15 @@ def test_stage1_leaves_backbone_and_batchnorm_statistics_untouched(faces):
     train_images, train_ages, val_images, val_ages = faces
     model = tiny_model()
     before_features = copy.deepcopy(model.backbone.state_dict()) | {
-        f"projection.{k}": v.clone() for k, v in model.projection.state_dict().items()}
+        f"projection.{k}": v.clone() for k, v in model.projection.state_dict().items()
+    }
     head_before = copy.deepcopy(model.head.state_dict())
-    fit_stage(model, "stage1", StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
-              StageArrays(train_images, train_ages, val_images, val_ages))
+    fit_stage(
+        model,
+        "stage1",
+        StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+    )
     after = model.backbone.state_dict() | {f"projection.{k}": v for k, v in model.projection.state_dict().items()}
     assert any("running_mean" in k for k in after)
     for name, value in before_features.items():
@@ -84,8 +94,7 @@ def test_cached_and_uncached_stage1_agree(faces):
     stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=2)
     arrays = StageArrays(train_images, train_ages, val_images, val_ages)
     r_cached = fit_stage(cached, "stage1", stage, arrays, cache_features=True)
-    r_plain = fit_stage(uncached, "stage1", stage, arrays,
-                        cache_features=False)
+    r_plain = fit_stage(uncached, "stage1", stage, arrays, cache_features=False)
     for name, value in uncached.head.state_dict().items():
         torch.testing.assert_close(cached.head.state_dict()[name], value, atol=1e-4, rtol=0)
     np.testing.assert_allclose(r_cached.history["val_loss"], r_plain.history["val_loss"], atol=1e-4, rtol=0)
@@ -107,9 +116,14 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_best(faces, tmp_path):
     # few faces: non-finite arithmetic is slow on CPUs
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
-    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
-                       StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp_path,
-                       callbacks=[ExplodeLearningRate()])
+    result = fit_stage(
+        model,
+        "stage2",
+        StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+        run_dir=tmp_path,
+        callbacks=[ExplodeLearningRate()],
+    )
     h = result.history
     assert list(h["epoch"]) == [1, 2]  # stopped right after the first non-finite epoch
     assert np.isfinite(h["val_loss"].iloc[0]) and not np.isfinite(h["train_loss"].iloc[1])
@@ -123,8 +137,12 @@ def test_non_finite_from_the_first_epoch_is_an_error(faces):
     train_images, train_ages, val_images, val_ages = (a[:16] for a in faces)
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
     with pytest.raises(NonFiniteLossError, match="no finite validation loss"):
-        fit_stage(model, "stage2", StageConfig(lr=1e10, batch_size=8, max_epochs=3),
-                  StageArrays(train_images, train_ages, val_images, val_ages))
+        fit_stage(
+            model,
+            "stage2",
+            StageConfig(lr=1e10, batch_size=8, max_epochs=3),
+            StageArrays(train_images, train_ages, val_images, val_ages),
+        )
 
 
 def test_augmentation_only_for_chosen_ages():
@@ -134,8 +152,7 @@ def test_augmentation_only_for_chosen_ages():
     rng = np.random.default_rng(5)
     images = torch.from_numpy(rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
     ages = torch.tensor([10.0, 70.0, 60.0])
-    flip_only = AugmentConfig(enabled=True, hflip=1.0, brightness=0, contrast=0, blur_sigma=0, translate=0,
-                              min_age=60)
+    flip_only = AugmentConfig(enabled=True, hflip=1.0, brightness=0, contrast=0, blur_sigma=0, translate=0, min_age=60)
     module = AgeModule(tiny_model(), StageConfig(augment=flip_only), frozen=False, image_size=SIZE)
     plain = images_to_input(images)
     out = module.prepare_images(images, ages, augment=True)
@@ -165,8 +182,14 @@ def test_same_seed_same_run(faces):
     runs = []
     for _ in range(2):
         model = tiny_model(seed=7)
-        result = fit_stage(model, "stage2", stage, StageArrays(train_images, train_ages, val_images, val_ages), seed=11,
-                           trainer_cfg=TrainerConfig(deterministic=True))
+        result = fit_stage(
+            model,
+            "stage2",
+            stage,
+            StageArrays(train_images, train_ages, val_images, val_ages),
+            seed=11,
+            trainer_cfg=TrainerConfig(deterministic=True),
+        )
         runs.append((result.history, predict(model, val_images)))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
@@ -178,8 +201,9 @@ def test_loss_mode_weights_reach_the_loss(faces):
     head_before = copy.deepcopy(model.head.state_dict())
     stage = StageConfig(lr=1e-2, batch_size=8, max_epochs=1)  # weighting.mode defaults to "loss"
     # every face weighted 0: zero loss, zero gradients, Adam leaves the head exactly as it was
-    result = fit_stage(model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages,
-                                                  train_weights=np.zeros(32)))
+    result = fit_stage(
+        model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages, train_weights=np.zeros(32))
+    )
     assert result.history["train_loss"].iloc[0] == 0.0
     assert result.history["val_loss"].iloc[0] > 0  # validation loss is never weighted
     for name, value in head_before.items():

@@ -86,7 +86,6 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-
 def _extra_categories_option(value: str):
     """CLI form of ``extra_categories``: error, keep, unknown, or a mapping 'indian=asian,others=unknown'."""
     from ..data.loaders import parse_extra_categories
@@ -94,12 +93,16 @@ def _extra_categories_option(value: str):
     return parse_extra_categories(value)
 
 
-_EXTRA_CATEGORIES_HELP = ("Attribute values outside the usual vocabulary: keep (default: a group of their own), "
-                          "error, unknown, or a mapping that merges or renames values like "
-                          "indian=asian,others=unknown (config data.extra_categories).")
+_EXTRA_CATEGORIES_HELP = (
+    "Attribute values outside the usual vocabulary: keep (default: a group of their own), "
+    "error, unknown, or a mapping that merges or renames values like "
+    "indian=asian,others=unknown (config data.extra_categories)."
+)
 _SKIP_BAD_HELP = "Drop missing/corrupt images (listed in a warning) instead of failing (config data.skip_bad)."
-_ABSOLUTE_HELP = ("csv layout: accept absolute image paths (by default every image path must lie inside the "
-                  "dataset folder; config data.allow_absolute_paths).")
+_ABSOLUTE_HELP = (
+    "csv layout: accept absolute image paths (by default every image path must lie inside the "
+    "dataset folder; config data.allow_absolute_paths)."
+)
 
 
 def _data_overrides(skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool) -> list[str]:
@@ -156,9 +159,11 @@ def _check_trainers(configs) -> None:
         check_trainer(cfg.trainer)
 
 
-_TRACKING_HELP = ("Log each stage's epoch metrics to this MLflow tracking server or store "
-                  "(http://HOST:5000, sqlite:///mlflow.db, ...): sets trainer.logger=mlflow and "
-                  "trainer.tracking_uri. Default with trainer.logger=mlflow: a store in the run (or tune) folder.")
+_TRACKING_HELP = (
+    "Log each stage's epoch metrics to this MLflow tracking server or store "
+    "(http://HOST:5000, sqlite:///mlflow.db, ...): sets trainer.logger=mlflow and "
+    "trainer.tracking_uri. Default with trainer.logger=mlflow: a store in the run (or tune) folder."
+)
 
 
 def _tracking_overrides(uri: str | None) -> list[str]:
@@ -201,8 +206,9 @@ def _predictions_file(folder) -> Path:
     return predictions
 
 
-def _run_split_faces(folder, data: Path | None, split: str, skip_bad: bool, extra_categories: str | None,
-                     allow_absolute_paths: bool):
+def _run_split_faces(
+    folder, data: Path | None, split: str, skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool
+):
     """A run's faces of ``split``: loaded as the run loaded them, unless other data or data options are given."""
     base = folder.config().data.loader_options()
     options = _data_options(base, skip_bad, extra_categories, allow_absolute_paths)
@@ -251,6 +257,7 @@ def _fmt_number(x) -> str:
 def _fmt_value(x) -> str:
     return "n/a" if x is None else f"{x:.2f}"
 
+
 def _warn_full_scale(cfg, scale: str) -> None:
     """Loud warning when a full-scale preset runs without the VGGFace2 weights."""
     from ..config.presets import full_scale_warning
@@ -258,6 +265,7 @@ def _warn_full_scale(cfg, scale: str) -> None:
     message = full_scale_warning(cfg, scale)
     if message:
         err_console.print(f"[bold yellow]WARNING:[/bold yellow] {message}", highlight=False, soft_wrap=True)
+
 
 def _print_comparison(run_dirs: list[Path], title: str, reference: str | None = None) -> None:
     from ..outputs.report import comparison_table, rich_table
@@ -275,6 +283,7 @@ def _print_comparison(run_dirs: list[Path], title: str, reference: str | None = 
         for row in published.itertuples(index=False):
             table.add_row(*row)
         console.print(table)
+
 
 def _model_folder_predictions(folder: Path, faces, progress: bool):
     """``faces`` with a ``prediction`` column from the model in ``folder`` (a model or run folder;

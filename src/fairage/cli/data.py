@@ -34,8 +34,9 @@ def synth_command(
     """Write the synthetic face benchmark (procedural faces with age, gender, ethnicity, expression)."""
     from ..data import load_faces, write_synthetic
 
-    root = write_synthetic(out, n_train=n_train, n_valid=n_valid, n_test=n_test, size=size, seed=seed,
-                           workers=workers, progress=not quiet)
+    root = write_synthetic(
+        out, n_train=n_train, n_valid=n_valid, n_test=n_test, size=size, seed=seed, workers=workers, progress=not quiet
+    )
     faces = load_faces(root)
     console.print(f"wrote {len(faces)} synthetic faces ({size} px, seed {seed}) to {root}")
 
@@ -44,13 +45,21 @@ def synth_command(
 def data_info_command(
     root: Path = typer.Argument(..., help="Dataset folder (or a CSV file for the csv layout)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
-    layout: str | None = typer.Option(None, "--layout", help="Force a layout: appa, npy, utkface, csv (default: detect)."),
-    target: str = typer.Option("apparent", "--target", help="appa only: apparent (apparent_age_avg) or real (real_age)."),
-    full_images: bool = typer.Option(False, "--full-images", help="appa only: the full photos instead of the face crops."),
+    layout: str | None = typer.Option(
+        None, "--layout", help="Force a layout: appa, npy, utkface, csv (default: detect)."
+    ),
+    target: str = typer.Option(
+        "apparent", "--target", help="appa only: apparent (apparent_age_avg) or real (real_age)."
+    ),
+    full_images: bool = typer.Option(
+        False, "--full-images", help="appa only: the full photos instead of the face crops."
+    ),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     extra_categories: str = typer.Option("keep", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the stratified split (utkface, csv without a split column)."),
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Seed of the stratified split (utkface, csv without a split column)."
+    ),
 ) -> None:
     """Show a dataset: layout, faces per split, counts per attribute value, age histogram."""
     import json
@@ -62,9 +71,16 @@ def data_info_command(
     from ..errors import DataError
 
     with _without_skipped_log():  # listed below, one line per image
-        faces = load_faces(root, layout=layout, target=target, full_images=full_images,
-                           extra_categories=_extra_categories_option(extra_categories), seed=seed, skip_bad=skip_bad,
-                           allow_absolute_paths=allow_absolute_paths)
+        faces = load_faces(
+            root,
+            layout=layout,
+            target=target,
+            full_images=full_images,
+            extra_categories=_extra_categories_option(extra_categories),
+            seed=seed,
+            skip_bad=skip_bad,
+            allow_absolute_paths=allow_absolute_paths,
+        )
     if not skip_bad:
         # decode every image (at reduced scale: quick) so a corrupt file is reported now
         bad = find_bad_images(faces)
@@ -83,8 +99,12 @@ def data_info_command(
         print(json.dumps(info, indent=2))
         return
     splits = list(info["splits"])
-    console.print(f"[bold]{root}[/bold]: layout [bold]{info['layout']}[/bold], {len(faces)} faces "
-                  + ", ".join(f"{s} {info['splits'][s]['n']}" for s in splits), highlight=False, soft_wrap=True)
+    console.print(
+        f"[bold]{root}[/bold]: layout [bold]{info['layout']}[/bold], {len(faces)} faces "
+        + ", ".join(f"{s} {info['splits'][s]['n']}" for s in splits),
+        highlight=False,
+        soft_wrap=True,
+    )
     table = Table(title="faces per split and attribute value")
     table.add_column("attribute")
     table.add_column("value")
@@ -93,10 +113,17 @@ def data_info_command(
     for attribute in info["attributes"]:
         values = sorted({v for s in splits for v in info["splits"][s][attribute]})
         for k, v in enumerate(values):
-            table.add_row(attribute if k == 0 else "", v, *[str(info["splits"][s][attribute].get(v, 0)) for s in splits],
-                          end_section=k == len(values) - 1)
-    table.add_row("age", "min / mean / max", *[
-        f"{info['age'][s]['min']:.1f} / {info['age'][s]['mean']:.1f} / {info['age'][s]['max']:.1f}" for s in splits])
+            table.add_row(
+                attribute if k == 0 else "",
+                v,
+                *[str(info["splits"][s][attribute].get(v, 0)) for s in splits],
+                end_section=k == len(values) - 1,
+            )
+    table.add_row(
+        "age",
+        "min / mean / max",
+        *[f"{info['age'][s]['min']:.1f} / {info['age'][s]['mean']:.1f} / {info['age'][s]['max']:.1f}" for s in splits],
+    )
     console.print(table)
     edges, counts = info["age_histogram"]["edges"], info["age_histogram"]["counts"]
     hist = Table(title="age histogram (years, all splits)")
@@ -108,4 +135,3 @@ def data_info_command(
         label = f"{lo}-{lo + 10}" if lo < edges[-1] else f"{lo}+"
         hist.add_row(label, str(int(c)), "█" * int(round(40 * c / top)))
     console.print(hist)
-

@@ -22,7 +22,9 @@ def export_command(
 
     loaded = load_model(model)
     path = export_model(loaded, out, format_, opset=opset)
-    console.print(f"wrote {path} ({format_}): input 'image' float32 (N, 3, {loaded.image_size}, "
-                  f"{loaded.image_size}) RGB in [0, 1], output 'age' (N,) years", highlight=False, soft_wrap=True)
-
-
+    console.print(
+        f"wrote {path} ({format_}): input 'image' float32 (N, 3, {loaded.image_size}, "
+        f"{loaded.image_size}) RGB in [0, 1], output 'age' (N,) years",
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -45,7 +45,9 @@ def _train_summary(run_dir: Path, metrics) -> None:
             table.add_row(f"{attr} bias", f"{value:.3f}", ci(metrics.bias_ci.get(attr)))
     for stage, best in folder.best_epochs().items():
         val_mae = "n/a" if best["val_mae"] is None else f"{best['val_mae']:.3f}"
-        table.add_row(f"{stage}: epochs / best val MAE", f"{best['epochs_run']} / {val_mae} (epoch {best['epoch']})", "")
+        table.add_row(
+            f"{stage}: epochs / best val MAE", f"{best['epochs_run']} / {val_mae} (epoch {best['epoch']})", ""
+        )
     table.add_row("pretrained weights", "yes" if folder.record.weights_loaded else "no (random init)", "")
     for message in folder.warnings():
         err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
@@ -69,7 +71,9 @@ def _interruptible(run_dir: Path, fn, *args, **kwargs):
 @app.command("train")
 def train_command(
     config: Path | None = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
-    preset: str | None = typer.Option(None, "--preset", help="A shipped preset instead of --config (see `fairage presets`)."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="A shipped preset instead of --config (see `fairage presets`)."
+    ),
     scale: str = typer.Option("full", "--scale", help="Preset scale: full, cpu (resnet18, 64 px) or tiny."),
     data: Path | None = typer.Option(None, "--data", help="Dataset folder (any layout fairage reads)."),
     out: Path | None = typer.Option(None, "--out", help="Run folder to create, e.g. runs/NAME."),
@@ -109,8 +113,12 @@ def train_command(
     if data is None or out is None:
         fail("--data DIR and --out runs/NAME are required (or --resume runs/NAME)")
     overrides = _tracking_overrides(tracking_uri) + list(set_ or []) + data_overrides
-    for key, value in (("accelerator", accelerator), ("devices", devices), ("strategy", strategy),
-                       ("num_nodes", num_nodes)):
+    for key, value in (
+        ("accelerator", accelerator),
+        ("devices", devices),
+        ("strategy", strategy),
+        ("num_nodes", num_nodes),
+    ):
         if value is not None:
             overrides.append(f"trainer.{key}={value}")
     if deterministic:
@@ -136,6 +144,7 @@ def export_backbone_command(
     path = export_backbone(run, out)
     console.print(f"wrote {path}: use it with --set model.weights={path}", highlight=False)
 
+
 @app.command("presets")
 def presets_command() -> None:
     """List the shipped presets (M1..M5 and variants) with a one-line description."""
@@ -149,5 +158,3 @@ def presets_command() -> None:
     for name, description in list_presets().items():
         table.add_row(name, description)
     console.print(table)
-
-

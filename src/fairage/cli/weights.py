@@ -22,10 +22,16 @@ from .common import (
 def weights_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder; weights are computed on its train split."),
     scheme: str | None = typer.Option(
-        None, "--scheme", help="none, age, age_ethnicity (10 groups; the default), age_ethnicity_expression (48), "
-                               "custom. With --formula lds the default is none (LDS alone)."),
-    formula: str = typer.Option("inverse", "--formula",
-                                help="inverse (N/(K n_j)), sqrt_inverse, effective_number, or lds (= --lds with inverse)."),
+        None,
+        "--scheme",
+        help="none, age, age_ethnicity (10 groups; the default), age_ethnicity_expression (48), "
+        "custom. With --formula lds the default is none (LDS alone).",
+    ),
+    formula: str = typer.Option(
+        "inverse",
+        "--formula",
+        help="inverse (N/(K n_j)), sqrt_inverse, effective_number, or lds (= --lds with inverse).",
+    ),
     lds: bool = typer.Option(False, "--lds", help="Multiply by label-distribution-smoothing weights of the age."),
     attributes: str | None = typer.Option(None, "--attributes", help="custom scheme: comma list, e.g. age,gender."),
     age_edges: str | None = typer.Option(None, "--age-edges", help="custom scheme: inner age edges, e.g. 20,40,60."),
@@ -53,9 +59,15 @@ def weights_command(
     from ..fairness.weighting import describe, summarize_weights, weighting_from_options
 
     cfg = weighting_from_options(
-        scheme, formula, lds, attributes=[a.strip() for a in (attributes or "").split(",") if a.strip()],
+        scheme,
+        formula,
+        lds,
+        attributes=[a.strip() for a in (attributes or "").split(",") if a.strip()],
         age_edges=_parse_edges(age_edges) if age_edges else None,
-        pseudo_count=pseudo_count, beta=beta, max_weight=max_weight)
+        pseudo_count=pseudo_count,
+        beta=beta,
+        max_weight=max_weight,
+    )
     faces = load_faces(data, layout=layout, **_data_options({}, skip_bad, extra_categories, allow_absolute_paths))
     train = faces[faces["split"] == "train"].reset_index(drop=True)
     if len(train) == 0:
@@ -75,9 +87,13 @@ def weights_command(
     out.add_column("weight / face", justify="right")
     out.add_column("share of weight", justify="right")
     for r in table.itertuples():
-        out.add_row(r.name, str(r.n), "-" if r.n == 0 else f"{r.weight:.3f}", f"{100 * r.share:.1f}%",
-                    style="red" if r.name in heavy else None)
+        out.add_row(
+            r.name,
+            str(r.n),
+            "-" if r.n == 0 else f"{r.weight:.3f}",
+            f"{100 * r.share:.1f}%",
+            style="red" if r.name in heavy else None,
+        )
     console.print(out)
     for w in summary.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
-

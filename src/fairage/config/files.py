@@ -18,6 +18,7 @@ MAX_YAML_ALIASES = 1_000
 #: ... in at most this many characters
 MAX_YAML_CHARS = 5_000_000
 
+
 def load_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load(text)`` with bounds: ConfigError naming ``source`` for an alias bomb or huge text.
 
@@ -58,8 +59,10 @@ def _check_yaml_size(root, source: str) -> None:
             children = _yaml_children(node)
             sizes[key] = 1 + sum(sizes[id(c)] for c in children)
             if sizes[key] > MAX_YAML_VALUES:
-                raise ConfigError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases of "
-                                  "aliases: a YAML bomb?); a config is a few hundred")
+                raise ConfigError(
+                    f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values (aliases of "
+                    "aliases: a YAML bomb?); a config is a few hundred"
+                )
             continue
         if key in seen:  # an alias: costs its target's size, counted again
             aliases += 1
@@ -136,8 +139,10 @@ def read_yaml(path: str | Path) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of settings (model:, data:, stage1:, ...), "
-                          f"not a {type(raw).__name__}")
+        raise ConfigError(
+            f"config file {path} must hold a mapping of settings (model:, data:, stage1:, ...), "
+            f"not a {type(raw).__name__}"
+        )
     return raw
 
 
@@ -145,7 +150,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     """Read, override and validate a YAML config file."""
     return validate_config(apply_overrides(read_yaml(path), overrides), str(path))
 
+
 def dump_config(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (round-trips through validate_config)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-

@@ -23,7 +23,9 @@ def list_presets() -> dict[str, str]:
     for entry in sorted(_preset_dir().iterdir(), key=lambda p: (p.stem.split("-")[0], p.stem)):
         if entry.name.endswith(".yaml"):
             raw = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
-            out[entry.name[: -len(".yaml")]] = str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+            out[entry.name[: -len(".yaml")]] = (
+                str(raw.get("description", "")).strip().splitlines()[0] if raw.get("description") else ""
+            )
     return out
 
 
@@ -52,10 +54,12 @@ def full_scale_warning(cfg: ExperimentConfig, scale: str) -> str | None:
     """
     if scale != "full" or cfg.model.weights is not None or cfg.model.backbone != "vggface2_resnet50":
         return None
-    return ("scale full reproduces the report's setting, which starts from the VGGFace2 ResNet50 weights "
-            "(the course kit's weights.h5); model.weights is not set, so this run starts from random "
-            "initialisation and its numbers are not comparable with the report's. Import the weights with "
-            "`fairage import-keras weights.h5 --out models/vggface2` and add --set model.weights=models/vggface2")
+    return (
+        "scale full reproduces the report's setting, which starts from the VGGFace2 ResNet50 weights "
+        "(the course kit's weights.h5); model.weights is not set, so this run starts from random "
+        "initialisation and its numbers are not comparable with the report's. Import the weights with "
+        "`fairage import-keras weights.h5 --out models/vggface2` and add --set model.weights=models/vggface2"
+    )
 
 
 def apply_scale(raw: dict, scale: str) -> dict:
@@ -103,14 +107,29 @@ def apply_scale(raw: dict, scale: str) -> dict:
         # for M1 on UTKFace (docs/training.md), for one more forward pass per face
         model["flip_average"] = True
         data["image_size"] = 64
-        stage_set = {"max_epochs": 20, "max_images": 100_000, "patience": 20, "lr_patience": 3, "batch_size": 64,
-                     "warmup_epochs": 1.0, "grad_clip": 1.0, "lr_schedule": "cosine"}
+        stage_set = {
+            "max_epochs": 20,
+            "max_images": 100_000,
+            "patience": 20,
+            "lr_patience": 3,
+            "batch_size": 64,
+            "warmup_epochs": 1.0,
+            "grad_clip": 1.0,
+            "lr_schedule": "cosine",
+        }
         stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
         lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
         stage2 = raw.get("stage2")
         if isinstance(stage2, dict) and not (stage2.get("augment") or {}).get("enabled"):
-            stage2["augment"] = {"enabled": True, "mode": "random", "hflip": 0.5, "translate": 0.05,
-                                 "brightness": 0.1, "contrast": 0.1, "blur_sigma": 0.0}
+            stage2["augment"] = {
+                "enabled": True,
+                "mode": "random",
+                "hflip": 0.5,
+                "translate": 0.05,
+                "brightness": 0.1,
+                "contrast": 0.1,
+                "blur_sigma": 0.0,
+            }
     else:  # tiny
         data["image_size"] = 32
         stage_set = {"max_epochs": 2, "patience": 2, "lr_patience": 1, "batch_size": 16}
@@ -140,5 +159,3 @@ def load_preset(name: str, scale: str = "full", overrides: list[str] | None = No
     """Load a shipped preset, adapted to ``scale`` and with overrides applied."""
     raw = _regression_loss_at_scale(apply_overrides(apply_scale(preset_raw(name), scale), overrides), scale)
     return validate_config(raw, f"preset {name} (scale {scale})")
-
-

@@ -124,8 +124,9 @@ class DROConfig(StrictModel):
 
     def grouping(self) -> WeightingConfig:
         """The groups as a ``WeightingConfig`` (for ``fairage.fairness.weighting.face_group_names``)."""
-        return WeightingConfig(scheme=self.scheme, attributes=self.attributes, age_edges=self.age_edges,
-                               merges=self.merges)
+        return WeightingConfig(
+            scheme=self.scheme, attributes=self.attributes, age_edges=self.age_edges, merges=self.merges
+        )
 
 
 class StageConfig(StrictModel):
@@ -212,7 +213,7 @@ TIMM_PREFIX = "timm/"
 
 def timm_name(backbone: str) -> str | None:
     """The timm model name of ``timm/<name>``, else None."""
-    return backbone[len(TIMM_PREFIX):] if backbone.startswith(TIMM_PREFIX) else None
+    return backbone[len(TIMM_PREFIX) :] if backbone.startswith(TIMM_PREFIX) else None
 
 
 class ModelConfig(StrictModel):
@@ -227,9 +228,7 @@ class ModelConfig(StrictModel):
     weights: Literal["pretrained", "imagenet"] | Path | None = None
     #: optional linear projection after pooling (VGGFace2's dim_proj); None = none
     projection_dim: int | None = Field(512, ge=1, le=MAX_UNITS)
-    head: list[HeadBlock] = Field(
-        default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)]
-    )
+    head: list[HeadBlock] = Field(default_factory=lambda: [HeadBlock(units=128), HeadBlock(units=32)])
     #: "sigmoid": output in [0, 100] years (labels /100 internally); "linear": raw years;
     #: "dex": 101 age classes 0..100, softmax, prediction = expected value (trains with loss ce);
     #: "coral" / "corn": 100 ordinal thresholds "age > k" (coral-pytorch), prediction = thresholds passed
@@ -259,8 +258,11 @@ class ModelConfig(StrictModel):
     @classmethod
     def _timm_input_norm(cls, data: Any) -> Any:
         # a timm model's input convention is in its pretrained config (mean/std differ between models)
-        if isinstance(data, dict) and str(data.get("backbone", "")).startswith(TIMM_PREFIX) \
-                and "input_norm" not in data:
+        if (
+            isinstance(data, dict)
+            and str(data.get("backbone", "")).startswith(TIMM_PREFIX)
+            and "input_norm" not in data
+        ):
             data = {**data, "input_norm": "pretrained"}
         return data
 
@@ -285,21 +287,29 @@ class ModelConfig(StrictModel):
     def _weights_fit_backbone(self) -> ModelConfig:
         timm = timm_name(self.backbone) is not None
         if self.weights == "pretrained" and not timm:
-            raise ValueError(f"model.weights 'pretrained' needs a timm backbone (timm/<name>), not '{self.backbone}'; "
-                             f"for {', '.join(TORCHVISION_BACKBONES)} use model.weights: imagenet")
+            raise ValueError(
+                f"model.weights 'pretrained' needs a timm backbone (timm/<name>), not '{self.backbone}'; "
+                f"for {', '.join(TORCHVISION_BACKBONES)} use model.weights: imagenet"
+            )
         if self.weights == "imagenet" and self.backbone not in TORCHVISION_BACKBONES:
-            raise ValueError(f"model.weights 'imagenet' needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)}), "
-                             f"not '{self.backbone}'" + ("; for timm models use model.weights: pretrained" if timm else ""))
+            raise ValueError(
+                f"model.weights 'imagenet' needs a torchvision backbone ({', '.join(TORCHVISION_BACKBONES)}), "
+                f"not '{self.backbone}'" + ("; for timm models use model.weights: pretrained" if timm else "")
+            )
         if self.input_norm == "pretrained" and not timm:
-            raise ValueError(f"model.input_norm 'pretrained' reads a timm model's pretrained config; backbone "
-                             f"'{self.backbone}' has none (use imagenet, vggface2 or caffe)")
+            raise ValueError(
+                f"model.input_norm 'pretrained' reads a timm model's pretrained config; backbone "
+                f"'{self.backbone}' has none (use imagenet, vggface2 or caffe)"
+            )
         return self
 
     @model_validator(mode="after")
     def _vggface2_has_dim_proj(self) -> ModelConfig:
         if self.backbone == "vggface2_resnet50" and self.projection_dim is None:
-            raise ValueError("backbone vggface2_resnet50 includes its dim_proj layer: projection_dim must be set "
-                             "(512 for the VGGFace2 weights)")
+            raise ValueError(
+                "backbone vggface2_resnet50 includes its dim_proj layer: projection_dim must be set "
+                "(512 for the VGGFace2 weights)"
+            )
         return self
 
 
@@ -307,8 +317,12 @@ class ModelConfig(StrictModel):
 HEAD_LOSS: dict[str, str] = {"sigmoid": "mse", "linear": "mse", "dex": "ce", "coral": "coral", "corn": "corn"}
 #: the losses each head trains with (the regression losses fit the two regression heads)
 HEAD_LOSSES: dict[str, tuple[str, ...]] = {
-    "sigmoid": ("mse", "mae", "huber", "bmc"), "linear": ("mse", "mae", "huber", "bmc"),
-    "dex": ("ce",), "coral": ("coral",), "corn": ("corn",)}
+    "sigmoid": ("mse", "mae", "huber", "bmc"),
+    "linear": ("mse", "mae", "huber", "bmc"),
+    "dex": ("ce",),
+    "coral": ("coral",),
+    "corn": ("corn",),
+}
 
 
 def loss_conflict(stage_name: str, loss: str, output: str) -> str | None:
@@ -316,9 +330,11 @@ def loss_conflict(stage_name: str, loss: str, output: str) -> str | None:
     if loss in HEAD_LOSSES[output]:
         return None
     fits = [head for head, losses in HEAD_LOSSES.items() if loss in losses]
-    return (f"{stage_name}.loss '{loss}' does not fit model.output '{output}': the {output} head trains with loss "
-            f"{' or '.join(HEAD_LOSSES[output])}, and loss {loss} needs output {' or '.join(fits)} "
-            f"(leave {stage_name}.loss unset and it follows the head)")
+    return (
+        f"{stage_name}.loss '{loss}' does not fit model.output '{output}': the {output} head trains with loss "
+        f"{' or '.join(HEAD_LOSSES[output])}, and loss {loss} needs output {' or '.join(fits)} "
+        f"(leave {stage_name}.loss unset and it follows the head)"
+    )
 
 
 class DataConfig(StrictModel):
@@ -350,9 +366,14 @@ class DataConfig(StrictModel):
 
     def loader_options(self) -> dict[str, Any]:
         """Keyword arguments of ``fairage.data.load_faces`` that this section sets."""
-        return {"layout": self.layout, "target": self.target, "full_images": self.full_images,
-                "extra_categories": self.extra_categories, "skip_bad": self.skip_bad,
-                "allow_absolute_paths": self.allow_absolute_paths}
+        return {
+            "layout": self.layout,
+            "target": self.target,
+            "full_images": self.full_images,
+            "extra_categories": self.extra_categories,
+            "skip_bad": self.skip_bad,
+            "allow_absolute_paths": self.allow_absolute_paths,
+        }
 
 
 #: MLflow tracking URI schemes ``trainer.tracking_uri`` takes (MLflow's own stores and servers)
@@ -378,23 +399,26 @@ def normalize_tracking_uri(uri: str) -> str:
     match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):", text)
     scheme = match.group(1).lower() if match else None
     if scheme is None or len(scheme) == 1:  # "C:\..." is a path, not a scheme
-        raise ValueError(f"tracking URI {clip(text)!r} is not a URL; give e.g. http://HOST:5000 or "
-                         "sqlite:////abs/path/mlflow.db")
+        raise ValueError(
+            f"tracking URI {clip(text)!r} is not a URL; give e.g. http://HOST:5000 or sqlite:////abs/path/mlflow.db"
+        )
     base = scheme.split("+")[0]  # postgresql+psycopg2, mysql+pymysql
     if base not in TRACKING_SCHEMES:
-        raise ValueError(f"tracking URI {clip(text)!r}: unknown scheme '{scheme}'; use one of "
-                         f"{', '.join(TRACKING_SCHEMES)}")
+        raise ValueError(
+            f"tracking URI {clip(text)!r}: unknown scheme '{scheme}'; use one of {', '.join(TRACKING_SCHEMES)}"
+        )
     if base in ("http", "https") and not urlsplit(text).hostname:
         raise ValueError(f"tracking URI {clip(text)!r}: no host (e.g. http://127.0.0.1:5000)")
     if base == "sqlite":
-        path = text[len("sqlite:///"):] if text.startswith("sqlite:///") else None
+        path = text[len("sqlite:///") :] if text.startswith("sqlite:///") else None
         if not path:
-            raise ValueError(f"tracking URI {clip(text)!r}: a SQLite URI is sqlite:///relative.db or "
-                             "sqlite:////absolute/path.db")
+            raise ValueError(
+                f"tracking URI {clip(text)!r}: a SQLite URI is sqlite:///relative.db or sqlite:////absolute/path.db"
+            )
         if not path.startswith("/"):
             text = f"sqlite:///{Path(path).resolve()}"
     elif base == "file":
-        path = text[len("file://"):] if text.startswith("file://") else text[len("file:"):]
+        path = text[len("file://") :] if text.startswith("file://") else text[len("file:") :]
         if not path:
             raise ValueError(f"tracking URI {clip(text)!r}: no folder")
         if not path.startswith("/"):
@@ -434,8 +458,9 @@ class TrainerConfig(StrictModel):
     def _tag_text(cls, value):
         # "--set trainer.tracking_tags.trial=3" arrives as the YAML integer 3
         if isinstance(value, dict):
-            return {k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v
-                    for k, v in value.items()}
+            return {
+                k: str(v) if isinstance(v, int | float) and not isinstance(v, bool) else v for k, v in value.items()
+            }
         return value
 
     @model_validator(mode="after")
@@ -443,8 +468,9 @@ class TrainerConfig(StrictModel):
         given = [k for k in ("tracking_uri", "experiment_name") if getattr(self, k) is not None]
         given += ["tracking_tags"] if self.tracking_tags else []
         if given and self.logger != "mlflow":
-            raise ValueError(f"{', '.join(given)} only apply to trainer.logger: mlflow "
-                             f"(trainer.logger is '{self.logger}')")
+            raise ValueError(
+                f"{', '.join(given)} only apply to trainer.logger: mlflow (trainer.logger is '{self.logger}')"
+            )
         return self
 
     @field_validator("precision", mode="before")
@@ -517,12 +543,21 @@ class EvalConfig(StrictModel):
 
         ``columns``: the scored table's columns; intersections naming a column it lacks are left out.
         """
-        intersections = [list(p) for p in self.intersections
-                         if columns is None or all(a == "age" or a in columns for a in p)]
-        return {"n_boot": self.n_boot, "level": self.level, "n_perm": self.n_perm, "seed": seed,
-                "attributes": None if self.attributes is None else list(self.attributes),
-                "intersections": intersections, "min_group": self.min_group, "cs_k": list(self.cs_k),
-                "age_bin_edges": list(self.age_edges)}
+        intersections = [
+            list(p) for p in self.intersections if columns is None or all(a == "age" or a in columns for a in p)
+        ]
+        return {
+            "n_boot": self.n_boot,
+            "level": self.level,
+            "n_perm": self.n_perm,
+            "seed": seed,
+            "attributes": None if self.attributes is None else list(self.attributes),
+            "intersections": intersections,
+            "min_group": self.min_group,
+            "cs_k": list(self.cs_k),
+            "age_bin_edges": list(self.age_edges),
+        }
+
     #: conformal age intervals with per-group coverage
     conformal: ConformalConfig = Field(default_factory=ConformalConfig)
 
@@ -595,6 +630,7 @@ def clip(text: str, limit: int = MAX_QUOTED) -> str:
     """``text`` cut to ``limit`` characters (with how much was left out), for messages."""
     text = str(text)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
 
 def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     """Field names valid at the parent of ``loc`` within ``model`` (best effort)."""
@@ -689,5 +725,3 @@ def validate_config(raw: dict, source: str = "<dict>") -> ExperimentConfig:
 
 
 # --------------------------------------------------------------------------- overrides
-
-

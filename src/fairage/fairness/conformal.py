@@ -111,18 +111,11 @@ class Calibration:
 
     def fallbacks(self) -> dict[str, str]:
         """Groups (all levels) that use another group's quantile: ``{group: group used}``."""
-        return {
-            g: s.fallback
-            for lv in self.levels.values()
-            for g, s in lv.items()
-            if s.fallback is not None
-        }
+        return {g: s.fallback for lv in self.levels.values() for g, s in lv.items() if s.fallback is not None}
 
     # ------------------------------------------------------------------ applying
 
-    def intervals(
-        self, predictions, faces: pd.DataFrame | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+    def intervals(self, predictions, faces: pd.DataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``(age_lo, age_hi)``, float64 arrays of shape (N,) in years, of predictions (N,) years.
 
         ``faces`` (N rows, optional) gives the non-age attributes of ``by`` when they are
@@ -135,15 +128,11 @@ class Calibration:
             raise ValueError(f"{pred.shape[0]} predictions for {len(faces)} faces")
         lo_range, hi_range = AGE_RANGE
         if not self.by:
-            return np.clip(pred - self.plain, lo_range, hi_range), np.clip(
-                pred + self.plain, lo_range, hi_range
-            )
+            return np.clip(pred - self.plain, lo_range, hi_range), np.clip(pred + self.plain, lo_range, hi_range)
         q_by_bin = self._face_quantiles(pred.shape[0], faces)  # {age bin or None: (N,)}
         if None in q_by_bin:
             q = q_by_bin[None]
-            return np.clip(pred - q, lo_range, hi_range), np.clip(
-                pred + q, lo_range, hi_range
-            )
+            return np.clip(pred - q, lo_range, hi_range), np.clip(pred + q, lo_range, hi_range)
         labels = age_bin_labels(tuple(self.age_edges))
         lo, hi = _hull(pred, [q_by_bin[label] for label in labels], self.age_edges)
         return np.clip(lo, lo_range, hi_range), np.clip(hi, lo_range, hi_range)
@@ -156,9 +145,7 @@ class Calibration:
             np.clip(pred + self.plain, *AGE_RANGE),
         )
 
-    def _face_quantiles(
-        self, n: int, faces: pd.DataFrame | None
-    ) -> dict[str | None, np.ndarray]:
+    def _face_quantiles(self, n: int, faces: pd.DataFrame | None) -> dict[str | None, np.ndarray]:
         """Per age bin (None when ``age`` is not in ``by``) the quantile of every face, (N,)."""
         groups = self.groups
         options = []  # per attribute of by: (N,) chosen value index or -1 (unknown)
@@ -178,15 +165,9 @@ class Calibration:
         for age_label in age_bins:
             q = np.zeros(n)
             # every combination of the non-age values; a face takes the max over those it could be
-            others = [
-                list(range(len(self.values[a]))) if a != "age" else [None]
-                for a in self.by
-            ]
+            others = [list(range(len(self.values[a]))) if a != "age" else [None] for a in self.by]
             for combo in itertools.product(*others):
-                name = "|".join(
-                    age_label if a == "age" else self.values[a][k]
-                    for a, k in zip(self.by, combo)
-                )
+                name = "|".join(age_label if a == "age" else self.values[a][k] for a, k in zip(self.by, combo))
                 value = groups[name].quantile
                 fits = np.ones(n, dtype=bool)
                 for codes, k in zip(options, combo):
@@ -242,28 +223,21 @@ class Calibration:
         """Read ``to_json``'s object; DataError naming ``source`` and the problem when it is not one."""
         try:
             if int(raw["version"]) > VERSION:
-                raise ValueError(
-                    f"version {raw['version']} is newer than this fairage reads ({VERSION})"
-                )
+                raise ValueError(f"version {raw['version']} is newer than this fairage reads ({VERSION})")
             cal = cls(
                 alpha=float(raw["alpha"]),
                 by=[str(a) for a in raw["by"]],
                 age_edges=[float(e) for e in raw["age_edges"]],
                 n=int(raw["n"]),
                 plain=float(raw["plain"]),
-                values={
-                    str(a): [str(v) for v in vs]
-                    for a, vs in raw.get("values", {}).items()
-                },
+                values={str(a): [str(v) for v in vs] for a, vs in raw.get("values", {}).items()},
                 levels={
                     str(p): {
                         str(g): GroupQuantile(
                             int(s["n"]),
                             float(s["quantile"]),
                             s.get("fallback"),
-                            None
-                            if s.get("split_quantile") is None
-                            else float(s["split_quantile"]),
+                            None if s.get("split_quantile") is None else float(s["split_quantile"]),
                         )
                         for g, s in lv.items()
                     }
@@ -278,9 +252,7 @@ class Calibration:
             missing = [a for a in cal.by if a != "age" and a not in cal.values]
             if missing or ("age" in cal.by and "age" not in cal.values):
                 raise ValueError(f"no values for {missing or ['age']}")
-            qs = [cal.plain] + [
-                s.quantile for lv in cal.levels.values() for s in lv.values()
-            ]
+            qs = [cal.plain] + [s.quantile for lv in cal.levels.values() for s in lv.values()]
             if not all(math.isfinite(q) and q >= 0 for q in qs):
                 raise ValueError("a quantile is negative or not finite")
             others = [cal.values[a] for a in cal.by]
@@ -289,9 +261,7 @@ class Calibration:
                     raise ValueError(f"no quantile for group {'|'.join(combo)!r}")
             return cal
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise DataError(
-                f"{source} is not a fairage conformal calibration ({type(err).__name__}: {err})"
-            ) from None
+            raise DataError(f"{source} is not a fairage conformal calibration ({type(err).__name__}: {err})") from None
 
 
 # =========================================================================== fitting
@@ -313,9 +283,7 @@ def minimum_group_size(alpha: float) -> int:
     return n
 
 
-def _crepes_quantiles(
-    residuals: np.ndarray, names: np.ndarray, alpha: float
-) -> dict[str, float]:
+def _crepes_quantiles(residuals: np.ndarray, names: np.ndarray, alpha: float) -> dict[str, float]:
     """crepes' Mondrian quantile (years) of every group present in ``names``; inf where too small."""
     with warnings.catch_warnings():
         # crepes calls warnings.simplefilter("always", UserWarning) when imported: keep that change local
@@ -325,18 +293,12 @@ def _crepes_quantiles(
     regressor.fit(residuals, bins=names)
     present = np.unique(names)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", UserWarning
-        )  # too-small bins: handled by the fallback
-        bounds = regressor.predict_int(
-            np.zeros(present.size), bins=present, confidence=1.0 - alpha
-        )
+        warnings.simplefilter("ignore", UserWarning)  # too-small bins: handled by the fallback
+        bounds = regressor.predict_int(np.zeros(present.size), bins=present, confidence=1.0 - alpha)
     return {str(g): float(hi) for g, hi in zip(present, bounds[:, 1])}
 
 
-def _labels(
-    df: pd.DataFrame, attribute: str, age_edges: Sequence[float]
-) -> tuple[np.ndarray, list[str]]:
+def _labels(df: pd.DataFrame, attribute: str, age_edges: Sequence[float]) -> tuple[np.ndarray, list[str]]:
     from .metrics import attribute_groups
 
     labels, order, _ = attribute_groups(df, attribute, age_edges)
@@ -377,12 +339,8 @@ def fit_calibration(
         raise DataError(f"conformal groups listed twice: {by}")
     for column in ("age", "prediction", *[a for a in by if a != "age"]):
         if column not in df.columns:
-            raise DataError(
-                f"calibration: column {column!r} is missing (have: {', '.join(map(str, df.columns))})"
-            )
-    residuals = np.abs(
-        df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float)
-    )
+            raise DataError(f"calibration: column {column!r} is missing (have: {', '.join(map(str, df.columns))})")
+    residuals = np.abs(df["prediction"].to_numpy(dtype=float) - df["age"].to_numpy(dtype=float))
     if not np.isfinite(residuals).all():
         raise DataError("calibration: ages and predictions must be finite numbers")
     smallest = max(int(min_group), minimum_group_size(alpha))
@@ -397,9 +355,7 @@ def fit_calibration(
     for attr in by:
         labels[attr], values[attr] = _labels(df, attr, edges)
         if not values[attr]:
-            raise DataError(
-                f"calibration: no face has a known {attr!r} (all unknown), so it cannot group by it"
-            )
+            raise DataError(f"calibration: no face has a known {attr!r} (all unknown), so it cannot group by it")
     cal = Calibration(
         alpha=float(alpha),
         by=by,
@@ -411,9 +367,7 @@ def fit_calibration(
         min_group=int(min_group),
     )
     messages = []
-    parent_of = {
-        ALL: GroupQuantile(len(residuals), plain)
-    }  # quantiles of the previous level
+    parent_of = {ALL: GroupQuantile(len(residuals), plain)}  # quantiles of the previous level
     for depth in range(1, len(by) + 1):
         attrs = by[:depth]
         known = np.ones(len(residuals), dtype=bool)
@@ -423,14 +377,8 @@ def fit_calibration(
             ["|".join(str(labels[a][i]) for a in attrs) for i in np.flatnonzero(known)],
             dtype=object,
         )
-        own = (
-            _crepes_quantiles(residuals[known], names.astype(str), alpha)
-            if known.any()
-            else {}
-        )
-        counts = (
-            pd.Series(names).value_counts() if known.any() else pd.Series(dtype=int)
-        )
+        own = _crepes_quantiles(residuals[known], names.astype(str), alpha) if known.any() else {}
+        counts = pd.Series(names).value_counts() if known.any() else pd.Series(dtype=int)
         level = {}
         small = []
         for combo in itertools.product(*[values[a] for a in attrs]):
@@ -441,9 +389,7 @@ def fit_calibration(
                 level[name] = GroupQuantile(n, own[name], split_quantile=own[name])
             else:
                 source = parent_of[parent]
-                level[name] = GroupQuantile(
-                    n, source.quantile, source.fallback or parent
-                )
+                level[name] = GroupQuantile(n, source.quantile, source.fallback or parent)
                 small.append(f"{name} (n={n})")
         if small:
             messages.append(
@@ -466,9 +412,7 @@ def fit_calibration(
     return cal, messages
 
 
-def _hull(
-    pred: np.ndarray, q_per_bin: Sequence, edges: Sequence[float]
-) -> tuple[np.ndarray, np.ndarray]:
+def _hull(pred: np.ndarray, q_per_bin: Sequence, edges: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The label-conditional interval: for each age bin k (``edges`` inner edges), the ages of the
     bin within ``q_per_bin[k]`` (scalar or (N,)) of ``pred`` (N,); returns the hull (unclipped)."""
     bounds = [0.0, *[float(e) for e in edges], math.inf]
@@ -513,9 +457,7 @@ def _tighten(cal: Calibration, pred: np.ndarray, age: np.ndarray, labels: dict) 
         guaranteed = np.ceil((sizes + 1) * (1.0 - cal.alpha) - 1e-9).astype(int)
         need = np.minimum(counts(q), guaranteed)
         # the hull's coverage changes where a piece meets a face's age or a bin edge
-        distances = np.abs(
-            np.concatenate([y - p, *[e - p for e in cal.age_edges], [0.0]])
-        )
+        distances = np.abs(np.concatenate([y - p, *[e - p for e in cal.age_edges], [0.0]]))
         # a bin's own piece keeps covering at least 1 - 2 alpha of its faces, so that its width is
         # never handed over entirely to the neighbours' pieces bridging across it
         floors = np.zeros(len(bins))

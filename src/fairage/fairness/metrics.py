@@ -105,12 +105,14 @@ def _check_table(df: pd.DataFrame, attributes: Sequence[str]) -> None:
         values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=float)
         bad = np.flatnonzero(~np.isfinite(values))
         if bad.size:
-            raise DataError(f"column {column!r} has {bad.size} missing or non-numeric value(s), "
-                            f"first at row {int(bad[0])}")
+            raise DataError(
+                f"column {column!r} has {bad.size} missing or non-numeric value(s), first at row {int(bad[0])}"
+            )
 
 
-def attribute_groups(df: pd.DataFrame, attribute: str,
-                     age_edges: Sequence[float] = AGE_EDGES) -> tuple[np.ndarray, list[str], list[str]]:
+def attribute_groups(
+    df: pd.DataFrame, attribute: str, age_edges: Sequence[float] = AGE_EDGES
+) -> tuple[np.ndarray, list[str], list[str]]:
     """Group of every face for ``attribute``, the groups in output order, and the expected groups.
 
     Returns ``(labels, order, vocabulary)``: ``labels`` an object array of shape (N,)
@@ -122,8 +124,10 @@ def attribute_groups(df: pd.DataFrame, attribute: str,
     """
     if INTERSECTION_SEP in attribute:
         parts = [attribute_groups(df, a, age_edges) for a in attribute.split(INTERSECTION_SEP)]
-        labels = np.array([None if any(v is None for v in cell) else CELL_SEP.join(cell)
-                           for cell in zip(*(p[0] for p in parts))], dtype=object)
+        labels = np.array(
+            [None if any(v is None for v in cell) else CELL_SEP.join(cell) for cell in zip(*(p[0] for p in parts))],
+            dtype=object,
+        )
         order = [CELL_SEP.join(cell) for cell in itertools.product(*(p[1] for p in parts))]
         return labels, order, []
     if attribute == "age":
@@ -162,11 +166,13 @@ def group_mae(df: pd.DataFrame, attribute: str, age_edges: Sequence[float] = AGE
         )
         for group, row in frame.by_group.iterrows():
             rows[str(group)] = (int(row["n"]), float(row["mae"]))
-    return pd.DataFrame({
-        "group": list(rows),
-        "n": [n for n, _ in rows.values()],
-        "mae": [m for _, m in rows.values()],
-    })
+    return pd.DataFrame(
+        {
+            "group": list(rows),
+            "n": [n for n, _ in rows.values()],
+            "mae": [m for _, m in rows.values()],
+        }
+    )
 
 
 def bias_score(group_maes) -> float | None:
@@ -210,9 +216,9 @@ def resample_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
 @dataclass
 class _Grouping:
     attribute: str
-    order: list[str]          # non-empty groups (in the full sample), output order
-    skipped: list[str]        # vocabulary groups with no faces
-    onehot: np.ndarray        # (N, K) float, zero rows for faces left out
+    order: list[str]  # non-empty groups (in the full sample), output order
+    skipped: list[str]  # vocabulary groups with no faces
+    onehot: np.ndarray  # (N, K) float, zero rows for faces left out
 
 
 def _grouping(df: pd.DataFrame, attribute: str, age_edges: Sequence[float]) -> _Grouping:
@@ -239,8 +245,9 @@ def _pairwise_bias(group_mae_matrix: np.ndarray) -> np.ndarray:
         return np.where(n_valid > 0, total / np.maximum(n_valid, 1), np.nan)
 
 
-def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Grouping],
-                extra: np.ndarray | None = None) -> dict:
+def _statistics(
+    errors: np.ndarray, counts: np.ndarray, groupings: list[_Grouping], extra: np.ndarray | None = None
+) -> dict:
     """MAE, group MAEs and biases for every row of ``counts`` (B, N) in one matrix product.
 
     ``errors`` (N,) absolute errors in years; ``extra`` (N, E) further per-face columns whose
@@ -253,16 +260,17 @@ def _statistics(errors: np.ndarray, counts: np.ndarray, groupings: list[_Groupin
     for g in groupings:
         blocks += [g.onehot * errors[:, None], g.onehot]
     design = np.concatenate(blocks, axis=1)  # (N, 1 + 2 E + 2 * sum K)
-    sums = counts.astype(float) @ design     # (B, 1 + 2 E + 2 * sum K)
+    sums = counts.astype(float) @ design  # (B, 1 + 2 E + 2 * sum K)
     e = extra.shape[1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        out: dict = {"mae": sums[:, 0] / counts.sum(axis=1),
-                     "extra": np.where(sums[:, 1 + e:1 + 2 * e] > 0, sums[:, 1:1 + e] / sums[:, 1 + e:1 + 2 * e],
-                                       np.nan)}
+        out: dict = {
+            "mae": sums[:, 0] / counts.sum(axis=1),
+            "extra": np.where(sums[:, 1 + e : 1 + 2 * e] > 0, sums[:, 1 : 1 + e] / sums[:, 1 + e : 1 + 2 * e], np.nan),
+        }
     col = 1 + 2 * e
     for g in groupings:
         k = len(g.order)
-        err_sum, size = sums[:, col:col + k], sums[:, col + k:col + 2 * k]
+        err_sum, size = sums[:, col : col + k], sums[:, col + k : col + 2 * k]
         col += 2 * k
         with np.errstate(invalid="ignore", divide="ignore"):
             gm = np.where(size > 0, err_sum / np.where(size > 0, size, 1), np.nan)
@@ -285,8 +293,9 @@ def _worst_and_std(group_mae_matrix: np.ndarray, keep: np.ndarray) -> tuple[np.n
     return worst, np.where(n > 0, np.sqrt(var), np.nan)
 
 
-def permutation_pvalues(errors: np.ndarray, groupings: list[_Grouping], n_perm: int,
-                        seed: int) -> dict[str, float | None]:
+def permutation_pvalues(
+    errors: np.ndarray, groupings: list[_Grouping], n_perm: int, seed: int
+) -> dict[str, float | None]:
     """Permutation p-value of each attribute's bias score (module docstring); None below two groups.
 
     ``errors`` (N,) absolute errors in years. The observed and the permuted biases are
@@ -332,8 +341,12 @@ def _check_edges(age_edges: Sequence[float]) -> list[float]:
     return edges
 
 
-def _prepare(df: pd.DataFrame, attributes: Sequence[str] | None, age_edges: Sequence[float],
-             intersections: Sequence[Sequence[str]] = ()):
+def _prepare(
+    df: pd.DataFrame,
+    attributes: Sequence[str] | None,
+    age_edges: Sequence[float],
+    intersections: Sequence[Sequence[str]] = (),
+):
     attributes = list(DEFAULT_ATTRIBUTES if attributes is None else attributes)
     attributes += [intersection_name(parts) for parts in intersections]
     if len(set(attributes)) != len(attributes):
@@ -410,13 +423,19 @@ class GroupCoverage:
     width_ci: list[float] | None = None
 
     def to_json(self) -> dict:
-        return {"n": self.n, "coverage": self.coverage, "coverage_ci": self.coverage_ci, "width": self.width,
-                "width_ci": self.width_ci}
+        return {
+            "n": self.n,
+            "coverage": self.coverage,
+            "coverage_ci": self.coverage_ci,
+            "width": self.width,
+            "width_ci": self.width_ci,
+        }
 
     @classmethod
     def from_json(cls, raw: dict) -> GroupCoverage:
-        return cls(int(raw["n"]), float(raw["coverage"]), float(raw["width"]), raw.get("coverage_ci"),
-                   raw.get("width_ci"))
+        return cls(
+            int(raw["n"]), float(raw["coverage"]), float(raw["width"]), raw.get("coverage_ci"), raw.get("width_ci")
+        )
 
 
 @dataclass
@@ -437,17 +456,24 @@ class CoverageScore:
         return min(groups.items(), key=lambda kv: kv[1].coverage) if groups else None
 
     def to_json(self) -> dict:
-        return {**self.total.to_json(),
-                "groups": {a: {g: s.to_json() for g, s in gs.items()} for a, gs in self.groups.items()},
-                "gap": dict(self.gap), "gap_ci": dict(self.gap_ci), "gap_p": dict(self.gap_p)}
+        return {
+            **self.total.to_json(),
+            "groups": {a: {g: s.to_json() for g, s in gs.items()} for a, gs in self.groups.items()},
+            "gap": dict(self.gap),
+            "gap_ci": dict(self.gap_ci),
+            "gap_p": dict(self.gap_p),
+        }
 
     @classmethod
     def from_json(cls, raw: dict) -> CoverageScore:
         gap = {a: (None if v is None else float(v)) for a, v in raw["gap"].items()}
-        return cls(GroupCoverage.from_json(raw),
-                   {a: {g: GroupCoverage.from_json(v) for g, v in gs.items()} for a, gs in raw["groups"].items()},
-                   gap, {a: (raw.get("gap_ci") or {}).get(a) for a in gap},
-                   {a: (None if (raw.get("gap_p") or {}).get(a) is None else float(raw["gap_p"][a])) for a in gap})
+        return cls(
+            GroupCoverage.from_json(raw),
+            {a: {g: GroupCoverage.from_json(v) for g, v in gs.items()} for a, gs in raw["groups"].items()},
+            gap,
+            {a: (raw.get("gap_ci") or {}).get(a) for a in gap},
+            {a: (None if (raw.get("gap_p") or {}).get(a) is None else float(raw["gap_p"][a])) for a in gap},
+        )
 
 
 @dataclass
@@ -507,21 +533,29 @@ class EvaluationResult:
         "gap_ci": {attr}, "gap_p": {attr}}}`` and ``"coverage_target"``.
         """
         out = {
-            "n": self.n, "mae": self.mae, "mae_ci": self.mae_ci, "bias": dict(self.bias),
+            "n": self.n,
+            "mae": self.mae,
+            "mae_ci": self.mae_ci,
+            "bias": dict(self.bias),
             "bias_ci": dict(self.bias_ci),
             "groups": {a: {g: {"n": s.n, "mae": s.mae} for g, s in gs.items()} for a, gs in self.groups.items()},
             "skipped_groups": {a: list(v) for a, v in self.skipped_groups.items()},
             "groups_ci": {a: {g: s.ci for g, s in gs.items()} for a, gs in self.groups.items()},
-            "level": self.level, "n_boot": self.n_boot,
-            "bias_p": {a: self.bias_p.get(a) for a in self.bias}, "n_perm": self.n_perm,
-            "intersections": list(self.intersections), "min_group": self.min_group,
+            "level": self.level,
+            "n_boot": self.n_boot,
+            "bias_p": {a: self.bias_p.get(a) for a in self.bias},
+            "n_perm": self.n_perm,
+            "intersections": list(self.intersections),
+            "min_group": self.min_group,
             "small_groups": {a: list(v) for a, v in self.small_groups.items()},
             "worst_group": {a: (w.to_json() if w else None) for a, w in self.worst_group.items()},
             "group_mae_std": {a: (v.to_json() if v else None) for a, v in self.group_mae_std.items()},
             "cs": {k: v.to_json() for k, v in self.cs.items()},
             "epsilon_error": self.epsilon_error.to_json() if self.epsilon_error else None,
-            "age_bins": {"edges": list(self.age_bin_edges),
-                         "groups": {g: {"n": v.n, "mae": v.mae, "ci": v.ci} for g, v in self.age_bins.items()}},
+            "age_bins": {
+                "edges": list(self.age_bin_edges),
+                "groups": {g: {"n": v.n, "mae": v.mae, "ci": v.ci} for g, v in self.age_bins.items()},
+            },
         }
         if self.coverage:
             out["coverage"] = {name: c.to_json() for name, c in self.coverage.items()}
@@ -537,26 +571,38 @@ class EvaluationResult:
             groups_ci = raw.get("groups_ci") or {}
             bins = raw.get("age_bins") or {}
             return cls(
-                n=int(raw["n"]), mae=float(raw["mae"]), mae_ci=raw.get("mae_ci"),
+                n=int(raw["n"]),
+                mae=float(raw["mae"]),
+                mae_ci=raw.get("mae_ci"),
                 bias={a: (None if v is None else float(v)) for a, v in raw["bias"].items()},
                 bias_ci={a: raw.get("bias_ci", {}).get(a) for a in raw["bias"]},
-                groups={a: {g: GroupScore(int(v["n"]), float(v["mae"]), (groups_ci.get(a) or {}).get(g))
-                            for g, v in gs.items()} for a, gs in raw.get("groups", {}).items()},
+                groups={
+                    a: {
+                        g: GroupScore(int(v["n"]), float(v["mae"]), (groups_ci.get(a) or {}).get(g))
+                        for g, v in gs.items()
+                    }
+                    for a, gs in raw.get("groups", {}).items()
+                },
                 skipped_groups={a: list(v) for a, v in raw.get("skipped_groups", {}).items()},
-                level=float(raw.get("level", 0.95)), n_boot=int(raw.get("n_boot", 0)),
+                level=float(raw.get("level", 0.95)),
+                n_boot=int(raw.get("n_boot", 0)),
                 bias_p={a: (None if v is None else float(v)) for a, v in (raw.get("bias_p") or {}).items()},
                 n_perm=int(raw.get("n_perm", 0)),
                 intersections=[str(a) for a in raw.get("intersections", [])],
                 min_group=int(raw.get("min_group", MIN_GROUP)),
                 small_groups={a: list(v) for a, v in (raw.get("small_groups") or {}).items()},
-                worst_group={a: (None if w is None else WorstGroup(str(w["group"]), float(w["mae"]), w.get("ci")))
-                             for a, w in (raw.get("worst_group") or {}).items()},
+                worst_group={
+                    a: (None if w is None else WorstGroup(str(w["group"]), float(w["mae"]), w.get("ci")))
+                    for a, w in (raw.get("worst_group") or {}).items()
+                },
                 group_mae_std={a: Statistic.from_json(v) for a, v in (raw.get("group_mae_std") or {}).items()},
                 cs={str(k): Statistic.from_json(v) for k, v in (raw.get("cs") or {}).items()},
                 epsilon_error=Statistic.from_json(raw.get("epsilon_error")),
                 age_bin_edges=[float(e) for e in bins.get("edges", [])],
-                age_bins={g: GroupScore(int(v["n"]), float(v["mae"]), v.get("ci"))
-                          for g, v in (bins.get("groups") or {}).items()},
+                age_bins={
+                    g: GroupScore(int(v["n"]), float(v["mae"]), v.get("ci"))
+                    for g, v in (bins.get("groups") or {}).items()
+                },
                 coverage={str(k): CoverageScore.from_json(v) for k, v in (raw.get("coverage") or {}).items()},
                 coverage_target=None if raw.get("coverage_target") is None else float(raw["coverage_target"]),
             )
@@ -599,14 +645,25 @@ def _interval_indicators(df: pd.DataFrame, lo, hi, name: str) -> tuple[np.ndarra
         raise DataError(f"intervals {name!r}: {lo.shape[0]} bounds for {len(df)} faces")
     bad = np.flatnonzero(~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi))
     if bad.size:
-        raise DataError(f"intervals {name!r}: row {int(bad[0])} is not a finite interval with age_lo <= age_hi "
-                        f"({bad.size} such rows)")
+        raise DataError(
+            f"intervals {name!r}: row {int(bad[0])} is not a finite interval with age_lo <= age_hi "
+            f"({bad.size} such rows)"
+        )
     age = df["age"].to_numpy(dtype=float)
     return ((age >= lo) & (age <= hi)).astype(float), hi - lo
 
 
-def interval_coverage(df: pd.DataFrame, lo, hi, groupings: list[_Grouping], counts: np.ndarray | None,
-                      level: float, n_perm: int, seed: int, name: str = "intervals") -> CoverageScore:
+def interval_coverage(
+    df: pd.DataFrame,
+    lo,
+    hi,
+    groupings: list[_Grouping],
+    counts: np.ndarray | None,
+    level: float,
+    n_perm: int,
+    seed: int,
+    name: str = "intervals",
+) -> CoverageScore:
     """Coverage and width of one interval set (module docstring), bootstrapped over ``counts``."""
     covered, width = _interval_indicators(df, lo, hi, name)
     ones = np.ones((1, len(df)))
@@ -620,16 +677,23 @@ def interval_coverage(df: pd.DataFrame, lo, hi, groupings: list[_Grouping], coun
         values = boot[key] if k is None else boot[key[0]][key[1]][:, k]
         return _interval(values, level)
 
-    total = GroupCoverage(len(df), float(point_c["mae"][0]), float(point_w["mae"][0]),
-                          ci(boot_c, "mae"), ci(boot_w, "mae"))
+    total = GroupCoverage(
+        len(df), float(point_c["mae"][0]), float(point_w["mae"][0]), ci(boot_c, "mae"), ci(boot_w, "mae")
+    )
     pvalues = permutation_pvalues(covered, groupings, n_perm, seed)
     groups, gap, gap_ci, gap_p = {}, {}, {}, {}
     for g in groupings:
         a = g.attribute
-        groups[a] = {grp: GroupCoverage(int(g.onehot[:, k].sum()), float(point_c[a]["group_mae"][0, k]),
-                                        float(point_w[a]["group_mae"][0, k]), ci(boot_c, (a, "group_mae"), k),
-                                        ci(boot_w, (a, "group_mae"), k))
-                     for k, grp in enumerate(g.order)}
+        groups[a] = {
+            grp: GroupCoverage(
+                int(g.onehot[:, k].sum()),
+                float(point_c[a]["group_mae"][0, k]),
+                float(point_w[a]["group_mae"][0, k]),
+                ci(boot_c, (a, "group_mae"), k),
+                ci(boot_w, (a, "group_mae"), k),
+            )
+            for k, grp in enumerate(g.order)
+        }
         value = point_c[a]["bias"][0]
         gap[a] = None if not np.isfinite(value) else float(value)
         gap_ci[a] = _interval(boot_c[a]["bias"], level) if boot_c is not None and gap[a] is not None else None
@@ -637,12 +701,21 @@ def interval_coverage(df: pd.DataFrame, lo, hi, groupings: list[_Grouping], coun
     return CoverageScore(total, groups, gap, gap_ci, gap_p)
 
 
-def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
-             age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-             seed: int = 0, n_perm: int = 0, intersections: Sequence[Sequence[str]] = (),
-             min_group: int = MIN_GROUP, cs_k: Sequence[float] = (5,),
-             age_bin_edges: Sequence[float] = CHILD_AGE_EDGES, intervals: dict | None = None,
-             target: float | None = None) -> EvaluationResult:
+def evaluate(
+    df: pd.DataFrame,
+    attributes: Sequence[str] | None = None,
+    age_edges: Sequence[float] = AGE_EDGES,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    n_perm: int = 0,
+    intersections: Sequence[Sequence[str]] = (),
+    min_group: int = MIN_GROUP,
+    cs_k: Sequence[float] = (5,),
+    age_bin_edges: Sequence[float] = CHILD_AGE_EDGES,
+    intervals: dict | None = None,
+    target: float | None = None,
+) -> EvaluationResult:
     """MAE, bias scores, group MAEs and the field's metrics of one prediction set, with bootstrap intervals.
 
     ``df`` has ``age`` and ``prediction`` (years) and the attribute columns (and ``age_std``,
@@ -668,18 +741,31 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
     bins = _grouping(df, "age", _check_edges(age_bin_edges))
     bins.attribute = "__age_bins__"  # its own key among the bootstrap's statistics, beside "age"
     cs_keys = _cs_keys(cs_k)
-    eps = (epsilon_errors(df["prediction"], df["age"], pd.to_numeric(df["age_std"], errors="coerce"))
-           if "age_std" in df.columns else np.full(len(df), np.nan))
+    eps = (
+        epsilon_errors(df["prediction"], df["age"], pd.to_numeric(df["age_std"], errors="coerce"))
+        if "age_std" in df.columns
+        else np.full(len(df), np.nan)
+    )
     extra = np.column_stack([*(errors <= float(k) for k in cs_keys), eps]).astype(float)
     point_extra = _statistics(errors, np.ones((1, len(errors))), [], extra)["extra"][0]
     counts = resample_counts(len(errors), n_boot, seed) if n_boot > 0 else None
     boot = _statistics(errors, counts, [*groupings, bins], extra) if n_boot > 0 else None
     total, tables, biases = _point_estimates(df, groupings, age_edges)
-    result = EvaluationResult(n=len(errors), mae=total, mae_ci=_interval(boot["mae"], level) if boot else None,
-                              bias={}, bias_ci={}, groups={}, skipped_groups={}, level=float(level),
-                              n_boot=int(n_boot), n_perm=int(n_perm),
-                              intersections=[a for a in attributes if INTERSECTION_SEP in a],
-                              min_group=int(min_group), age_bin_edges=[float(e) for e in age_bin_edges])
+    result = EvaluationResult(
+        n=len(errors),
+        mae=total,
+        mae_ci=_interval(boot["mae"], level) if boot else None,
+        bias={},
+        bias_ci={},
+        groups={},
+        skipped_groups={},
+        level=float(level),
+        n_boot=int(n_boot),
+        n_perm=int(n_perm),
+        intersections=[a for a in attributes if INTERSECTION_SEP in a],
+        min_group=int(min_group),
+        age_bin_edges=[float(e) for e in age_bin_edges],
+    )
     pvalues = permutation_pvalues(errors, groupings, n_perm, seed)
 
     def ci(values):
@@ -694,9 +780,13 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
         result.bias[g.attribute] = bias
         result.bias_ci[g.attribute] = ci(boot[g.attribute]["bias"]) if boot and bias is not None else None
         result.groups[g.attribute] = {
-            name: GroupScore(int(table.at[name, "n"]), float(table.at[name, "mae"]),
-                             ci(boot[g.attribute]["group_mae"][:, k]) if boot else None)
-            for k, name in enumerate(g.order)}
+            name: GroupScore(
+                int(table.at[name, "n"]),
+                float(table.at[name, "mae"]),
+                ci(boot[g.attribute]["group_mae"][:, k]) if boot else None,
+            )
+            for k, name in enumerate(g.order)
+        }
         result.skipped_groups[g.attribute] = g.skipped
         result.bias_p[g.attribute] = pvalues[g.attribute] if bias is not None else None
         sizes = np.array([result.groups[g.attribute][name].n for name in g.order])
@@ -707,15 +797,20 @@ def evaluate(df: pd.DataFrame, attributes: Sequence[str] | None = None,
         if not keep.any():
             result.worst_group[g.attribute] = result.group_mae_std[g.attribute] = None
             continue
-        boot_worst, boot_spread = (_worst_and_std(boot[g.attribute]["group_mae"], keep) if boot else (None, None))
+        boot_worst, boot_spread = _worst_and_std(boot[g.attribute]["group_mae"], keep) if boot else (None, None)
         kept = [name for name, k in zip(g.order, keep) if k]
         worst_name = max(kept, key=lambda name: result.groups[g.attribute][name].mae)
         result.worst_group[g.attribute] = WorstGroup(worst_name, float(worst[0]), ci(boot_worst) if boot else None)
         result.group_mae_std[g.attribute] = Statistic(float(spread[0]), ci(boot_spread) if boot else None)
     bin_table = group_mae(df, "age", age_bin_edges).set_index("group")
-    result.age_bins = {name: GroupScore(int(bin_table.at[name, "n"]), float(bin_table.at[name, "mae"]),
-                                        ci(boot[bins.attribute]["group_mae"][:, k]) if boot else None)
-                       for k, name in enumerate(bins.order)}
+    result.age_bins = {
+        name: GroupScore(
+            int(bin_table.at[name, "n"]),
+            float(bin_table.at[name, "mae"]),
+            ci(boot[bins.attribute]["group_mae"][:, k]) if boot else None,
+        )
+        for k, name in enumerate(bins.order)
+    }
     if intervals is None and {"age_lo", "age_hi"} <= set(df.columns):
         intervals = {"conformal": (df["age_lo"].to_numpy(dtype=float), df["age_hi"].to_numpy(dtype=float))}
     for name, (lo, hi) in (intervals or {}).items():
@@ -741,7 +836,7 @@ class Difference:
 
     @property
     def verdict(self) -> str:
-        """"B lower", "B higher", "no clear difference", or "n/a" without an interval."""
+        """ "B lower", "B higher", "no clear difference", or "n/a" without an interval."""
         if self.ci is None:
             return "n/a"
         if not self.excludes_zero:
@@ -782,7 +877,9 @@ class ComparisonResult:
         """``(metric, A, B, B - A)`` for each CS@k, then ``"{attr} worst-group MAE"`` per attribute."""
         return [(f"CS@{k}", self.cs_a[k], self.cs_b[k], d) for k, d in self.cs_diff.items()] + [
             (f"{attr} worst-group MAE", self.worst_a[attr], self.worst_b[attr], d)
-            for attr, d in self.worst_diff.items()]
+            for attr, d in self.worst_diff.items()
+        ]
+
     #: when both sets carry intervals (age_lo, age_hi): "coverage" (fraction), "width" (years) and
     #: "{attr} coverage gap" (fraction) -> (A, B, B - A); {} otherwise
     intervals: dict[str, tuple[float | None, float | None, Difference | None]] = field(default_factory=dict)
@@ -790,9 +887,11 @@ class ComparisonResult:
     def rows(self) -> list[tuple[str, float | None, float | None, Difference | None]]:
         """``(metric, A, B, B - A)`` for the MAE, then ``"{attr} bias"`` per attribute in order,
         then the interval measures (``coverage``, ``width``, ``{attr} coverage gap``) when present."""
-        return [("MAE", self.mae_a, self.mae_b, self.mae_diff)] + [
-            (f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()] + [
-            (name, a, b, d) for name, (a, b, d) in self.intervals.items()]
+        return (
+            [("MAE", self.mae_a, self.mae_b, self.mae_diff)]
+            + [(f"{attr} bias", self.bias_a[attr], self.bias_b[attr], d) for attr, d in self.bias_diff.items()]
+            + [(name, a, b, d) for name, (a, b, d) in self.intervals.items()]
+        )
 
     def to_json(self) -> dict:
         """The JSON-ready object of ``fairage compare --json``::
@@ -803,28 +902,42 @@ class ComparisonResult:
 
         with ``D = {"estimate", "ci": [lo, hi]|None, "excludes_zero"}``.
         """
-        out = {"n": self.n, "level": self.level, "n_boot": self.n_boot,
-               "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
-               "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
-               "diff": {"mae": self.mae_diff.to_json(),
-                        "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()},
-                        "cs": {k: d.to_json() for k, d in self.cs_diff.items()},
-                        "worst_group_mae": {a: (d.to_json() if d is not None else None)
-                                            for a, d in self.worst_diff.items()}},
-               "cs": {"a": dict(self.cs_a), "b": dict(self.cs_b)},
-               "worst_group_mae": {"a": dict(self.worst_a), "b": dict(self.worst_b)}}
+        out = {
+            "n": self.n,
+            "level": self.level,
+            "n_boot": self.n_boot,
+            "a": {"mae": self.mae_a, "bias": dict(self.bias_a)},
+            "b": {"mae": self.mae_b, "bias": dict(self.bias_b)},
+            "diff": {
+                "mae": self.mae_diff.to_json(),
+                "bias": {a: (d.to_json() if d is not None else None) for a, d in self.bias_diff.items()},
+                "cs": {k: d.to_json() for k, d in self.cs_diff.items()},
+                "worst_group_mae": {a: (d.to_json() if d is not None else None) for a, d in self.worst_diff.items()},
+            },
+            "cs": {"a": dict(self.cs_a), "b": dict(self.cs_b)},
+            "worst_group_mae": {"a": dict(self.worst_a), "b": dict(self.worst_b)},
+        }
         if self.intervals:  # {"a": {"intervals": {measure: A}}, ..., "diff": {"intervals": {measure: D|None}}}
             for side, k in (("a", 0), ("b", 1)):
                 out[side]["intervals"] = {m: v[k] for m, v in self.intervals.items()}
-            out["diff"]["intervals"] = {m: (v[2].to_json() if v[2] is not None else None)
-                                        for m, v in self.intervals.items()}
+            out["diff"]["intervals"] = {
+                m: (v[2].to_json() if v[2] is not None else None) for m, v in self.intervals.items()
+            }
         return out
 
 
-def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | None = None,
-            age_edges: Sequence[float] = AGE_EDGES, n_boot: int = 1000, level: float = 0.95,
-            seed: int = 0, intersections: Sequence[Sequence[str]] = (), min_group: int = MIN_GROUP,
-            cs_k: Sequence[float] = (5,)) -> ComparisonResult:
+def compare(
+    df_a: pd.DataFrame,
+    df_b: pd.DataFrame,
+    attributes: Sequence[str] | None = None,
+    age_edges: Sequence[float] = AGE_EDGES,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    intersections: Sequence[Sequence[str]] = (),
+    min_group: int = MIN_GROUP,
+    cs_k: Sequence[float] = (5,),
+) -> ComparisonResult:
     """Paired comparison of two prediction sets on the same faces (B minus A).
 
     Both tables have ``image``, ``age``, ``prediction`` and the attribute columns and hold
@@ -847,15 +960,18 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
     only_a = sorted(set(ids_a) - set(ids_b))
     only_b = sorted(set(ids_b) - set(ids_a))
     if only_a or only_b:
-        raise DataError(f"the two prediction sets cover different faces: {len(only_a)} only in A "
-                        f"({', '.join(only_a[:5])}), {len(only_b)} only in B ({', '.join(only_b[:5])})")
+        raise DataError(
+            f"the two prediction sets cover different faces: {len(only_a)} only in A "
+            f"({', '.join(only_a[:5])}), {len(only_b)} only in B ({', '.join(only_b[:5])})"
+        )
     b_pred = pd.Series(df_b["prediction"].to_numpy(), index=ids_b.to_numpy()).loc[ids_a.to_numpy()]
     df_b_aligned = df_a.copy()
     df_b_aligned["prediction"] = b_pred.to_numpy()
 
     attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges, intersections)
-    _, _, errors_b = _prepare(df_b_aligned, attributes[:len(attributes) - len(intersections)], age_edges,
-                              intersections)
+    _, _, errors_b = _prepare(
+        df_b_aligned, attributes[: len(attributes) - len(intersections)], age_edges, intersections
+    )
     mae_a, tables_a, bias_a = _point_estimates(df_a, groupings, age_edges)
     mae_b, tables_b, bias_b = _point_estimates(df_b_aligned, groupings, age_edges)
     cs_keys = _cs_keys(cs_k)
@@ -873,23 +989,36 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
             return None
         return Difference(float(b_point - a_point), _interval(b_boot - a_boot, level) if a_boot is not None else None)
 
-    bias_diff = {g.attribute: diff(bias_a[g.attribute], bias_b[g.attribute],
-                                   boot_a[g.attribute]["bias"] if boot_a else None,
-                                   boot_b[g.attribute]["bias"] if boot_b else None) for g in groupings}
+    bias_diff = {
+        g.attribute: diff(
+            bias_a[g.attribute],
+            bias_b[g.attribute],
+            boot_a[g.attribute]["bias"] if boot_a else None,
+            boot_b[g.attribute]["bias"] if boot_b else None,
+        )
+        for g in groupings
+    }
     cs_a = {k: float(extra_a[:, j].mean()) for j, k in enumerate(cs_keys)}
     cs_b = {k: float(extra_b[:, j].mean()) for j, k in enumerate(cs_keys)}
-    cs_diff = {k: diff(cs_a[k], cs_b[k], boot_a["extra"][:, j] if boot_a else None,
-                       boot_b["extra"][:, j] if boot_b else None) for j, k in enumerate(cs_keys)}
+    cs_diff = {
+        k: diff(cs_a[k], cs_b[k], boot_a["extra"][:, j] if boot_a else None, boot_b["extra"][:, j] if boot_b else None)
+        for j, k in enumerate(cs_keys)
+    }
     worst_a, worst_b, worst_diff = {}, {}, {}
     for g in groupings:
         keep = tables_a[g.attribute].loc[g.order, "n"].to_numpy() >= min_group
-        points = [_worst_and_std(t[g.attribute].loc[g.order, "mae"].to_numpy(dtype=float)[None], keep)[0][0]
-                  for t in (tables_a, tables_b)]
+        points = [
+            _worst_and_std(t[g.attribute].loc[g.order, "mae"].to_numpy(dtype=float)[None], keep)[0][0]
+            for t in (tables_a, tables_b)
+        ]
         wa, wb = (None if not np.isfinite(p) else float(p) for p in points)
         worst_a[g.attribute], worst_b[g.attribute] = wa, wb
-        worst_diff[g.attribute] = diff(wa, wb, _worst_and_std(boot_a[g.attribute]["group_mae"], keep)[0]
-                                       if boot_a else None,
-                                       _worst_and_std(boot_b[g.attribute]["group_mae"], keep)[0] if boot_b else None)
+        worst_diff[g.attribute] = diff(
+            wa,
+            wb,
+            _worst_and_std(boot_a[g.attribute]["group_mae"], keep)[0] if boot_a else None,
+            _worst_and_std(boot_b[g.attribute]["group_mae"], keep)[0] if boot_b else None,
+        )
     intervals = {}
     columns = {"age_lo", "age_hi"}
     if columns <= set(df_a.columns) and columns <= set(df_b.columns):
@@ -897,23 +1026,48 @@ def compare(df_a: pd.DataFrame, df_b: pd.DataFrame, attributes: Sequence[str] | 
         for df in (df_a, df_b.set_index(ids_b.to_numpy()).loc[ids_a.to_numpy()].reset_index(drop=True)):
             covered, width = _interval_indicators(df_a, df["age_lo"], df["age_hi"], "compare")
             ones = np.ones((1, len(df_a)))
-            per_set.append([(_statistics(v, ones, groupings),
-                             _statistics(v, counts, groupings) if n_boot > 0 else None) for v in (covered, width)])
+            per_set.append(
+                [
+                    (_statistics(v, ones, groupings), _statistics(v, counts, groupings) if n_boot > 0 else None)
+                    for v in (covered, width)
+                ]
+            )
         (ca, wa), (cb, wb) = per_set
         for name, (pa, ba), (pb, bb) in (("coverage", ca, cb), ("width", wa, wb)):
-            intervals[name] = (float(pa["mae"][0]), float(pb["mae"][0]),
-                               diff(float(pa["mae"][0]), float(pb["mae"][0]), ba["mae"] if ba else None,
-                                    bb["mae"] if bb else None))
+            intervals[name] = (
+                float(pa["mae"][0]),
+                float(pb["mae"][0]),
+                diff(float(pa["mae"][0]), float(pb["mae"][0]), ba["mae"] if ba else None, bb["mae"] if bb else None),
+            )
         for g in groupings:
             a_gap, b_gap = ca[0][g.attribute]["bias"][0], cb[0][g.attribute]["bias"][0]
             a_gap = None if not np.isfinite(a_gap) else float(a_gap)
             b_gap = None if not np.isfinite(b_gap) else float(b_gap)
             intervals[f"{g.attribute} coverage gap"] = (
-                a_gap, b_gap, diff(a_gap, b_gap, ca[1][g.attribute]["bias"] if ca[1] else None,
-                                   cb[1][g.attribute]["bias"] if cb[1] else None))
-    return ComparisonResult(intervals=intervals,
-        n=len(errors_a), level=float(level), n_boot=int(n_boot), mae_a=mae_a, mae_b=mae_b,
+                a_gap,
+                b_gap,
+                diff(
+                    a_gap,
+                    b_gap,
+                    ca[1][g.attribute]["bias"] if ca[1] else None,
+                    cb[1][g.attribute]["bias"] if cb[1] else None,
+                ),
+            )
+    return ComparisonResult(
+        intervals=intervals,
+        n=len(errors_a),
+        level=float(level),
+        n_boot=int(n_boot),
+        mae_a=mae_a,
+        mae_b=mae_b,
         mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
         bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
-        bias_b={g.attribute: bias_b[g.attribute] for g in groupings}, bias_diff=bias_diff,
-        cs_a=cs_a, cs_b=cs_b, cs_diff=cs_diff, worst_a=worst_a, worst_b=worst_b, worst_diff=worst_diff)
+        bias_b={g.attribute: bias_b[g.attribute] for g in groupings},
+        bias_diff=bias_diff,
+        cs_a=cs_a,
+        cs_b=cs_b,
+        cs_diff=cs_diff,
+        worst_a=worst_a,
+        worst_b=worst_b,
+        worst_diff=worst_diff,
+    )

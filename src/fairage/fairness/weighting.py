@@ -70,7 +70,9 @@ def _merge_map(merges: dict[str, list[str]], possible: list[str]) -> dict[str, s
     return mapping
 
 
-def _raw_parts(faces: pd.DataFrame, attributes: list[str], edges: list[float]) -> tuple[list[np.ndarray], list[list[str]]]:
+def _raw_parts(
+    faces: pd.DataFrame, attributes: list[str], edges: list[float]
+) -> tuple[list[np.ndarray], list[list[str]]]:
     """Per-attribute label arrays and the ordered list of possible values of each."""
     parts, values = [], []
     for attr in attributes:
@@ -208,8 +210,14 @@ def group_table(faces: pd.DataFrame, cfg: WeightingConfig, by: WeightingConfig |
     rows = []
     for name in ordered + [g for g in agg.index if g not in ordered]:
         if name in agg.index:
-            rows.append({"name": name, "n": int(agg.at[name, "size"]), "weight": float(agg.at[name, "mean"]),
-                         "share": float(agg.at[name, "sum"]) / total})
+            rows.append(
+                {
+                    "name": name,
+                    "n": int(agg.at[name, "size"]),
+                    "weight": float(agg.at[name, "mean"]),
+                    "share": float(agg.at[name, "sum"]) / total,
+                }
+            )
         else:
             rows.append({"name": name, "n": 0, "weight": float("nan"), "share": 0.0})
     return pd.DataFrame(rows, columns=["name", "n", "weight", "share"])
@@ -247,9 +255,14 @@ def describe(cfg: WeightingConfig) -> str:
     return f"{text} (sampler)" if cfg.mode == "sampler" else text
 
 
-def weighting_from_options(scheme: str | None = None, formula: str = "inverse", lds: bool = False,
-                           attributes: list[str] | None = None, age_edges: list[float] | None = None,
-                           **settings) -> WeightingConfig:
+def weighting_from_options(
+    scheme: str | None = None,
+    formula: str = "inverse",
+    lds: bool = False,
+    attributes: list[str] | None = None,
+    age_edges: list[float] | None = None,
+    **settings,
+) -> WeightingConfig:
     """The WeightingConfig of ``fairage weights``'s options; ConfigError naming the bad option.
 
     ``formula="lds"`` is shorthand for ``lds=True`` with the inverse group formula; without
@@ -262,8 +275,12 @@ def weighting_from_options(scheme: str | None = None, formula: str = "inverse", 
 
     if scheme is None:
         scheme = "none" if formula == "lds" else "age_ethnicity"
-    raw: dict = {"scheme": scheme, "lds": lds or formula == "lds",
-                 "formula": "inverse" if formula == "lds" else formula, **settings}
+    raw: dict = {
+        "scheme": scheme,
+        "lds": lds or formula == "lds",
+        "formula": "inverse" if formula == "lds" else formula,
+        **settings,
+    }
     if attributes:
         raw["attributes"] = list(attributes)
     if age_edges:
@@ -292,11 +309,19 @@ class WeightsSummary:
         return [f"group '{g}': one face carries more than 1% of all weight" for g in self.heavy]
 
     def to_json(self) -> dict:
-        groups = [{"name": r.name, "n": int(r.n), "weight": None if r.n == 0 else float(r.weight),
-                   "share": float(r.share)} for r in self.table.itertuples()]
+        groups = [
+            {"name": r.name, "n": int(r.n), "weight": None if r.n == 0 else float(r.weight), "share": float(r.share)}
+            for r in self.table.itertuples()
+        ]
         formula = "lds" if self.cfg.lds and self.cfg.scheme == "none" else self.cfg.formula
-        return {"scheme": self.cfg.scheme, "formula": formula, "lds": self.cfg.lds, "n": self.n,
-                "groups": groups, "warnings": self.warnings}
+        return {
+            "scheme": self.cfg.scheme,
+            "formula": formula,
+            "lds": self.cfg.lds,
+            "n": self.n,
+            "groups": groups,
+            "warnings": self.warnings,
+        }
 
 
 def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig) -> WeightsSummary:

@@ -81,8 +81,12 @@ class HaarDetector:
 
         gray = cv2.equalizeHist(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY))
         boxes, _, weights = self._cascade.detectMultiScale3(
-            gray, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
-            minSize=(self.min_size, self.min_size), outputRejectLevels=True)
+            gray,
+            scaleFactor=self.scale_factor,
+            minNeighbors=self.min_neighbors,
+            minSize=(self.min_size, self.min_size),
+            outputRejectLevels=True,
+        )
         if len(boxes) == 0:
             return []
         return _clip_boxes(np.asarray(boxes), np.asarray(weights).reshape(-1), rgb.shape[1], rgb.shape[0])
@@ -218,8 +222,7 @@ def detect_faces(detector: FaceDetector, rgb: np.ndarray, max_side: int | None =
     scale = min(1.0, max_side / max(height, width))
     if scale >= 1.0:
         return detector.detect(rgb)
-    small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                       interpolation=cv2.INTER_AREA)
+    small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
     found = detector.detect(small)
     boxes = [(x / scale, y / scale, w / scale, h / scale) for x, y, w, h, _ in found]
     return _clip_boxes(boxes, [b[4] for b in found], width, height)

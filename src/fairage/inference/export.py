@@ -48,8 +48,9 @@ class YearsModel(nn.Module):
 
 def export_metadata(loaded: LoadedModel) -> dict[str, str]:
     """The metadata written into an exported file (``fairage.store.exported``)."""
-    return exported.export_metadata(loaded.image_size, loaded.input_norm, loaded.name, loaded.config,
-                                    loaded.calibration, CROP_MARGIN)
+    return exported.export_metadata(
+        loaded.image_size, loaded.input_norm, loaded.name, loaded.config, loaded.calibration, CROP_MARGIN
+    )
 
 
 def onnx_opsets() -> tuple[int, int]:
@@ -61,8 +62,9 @@ def onnx_opsets() -> tuple[int, int]:
     return max(9, ONNX_MIN_OPSET), ONNX_MAX_OPSET
 
 
-def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx",
-                 opset: int = 17) -> Path:
+def export_model(
+    model: LoadedModel | str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", opset: int = 17
+) -> Path:
     """Write ``model`` (a ``LoadedModel`` or a path for ``load_model``) to ``out`` atomically.
 
     ``fmt``: ``onnx`` (legacy TorchScript-based exporter, opset ``opset``, dynamic batch;
@@ -90,10 +92,17 @@ def export_model(model: LoadedModel | str | os.PathLike, out: str | os.PathLike,
         with atomic_path(out) as tmp, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
             try:
-                torch.onnx.export(wrapped, (example,), str(tmp), input_names=[INPUT_NAME],
-                                  output_names=[OUTPUT_NAME],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                                  opset_version=opset, dynamo=False, do_constant_folding=True)
+                torch.onnx.export(
+                    wrapped,
+                    (example,),
+                    str(tmp),
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
             except (torch.onnx.errors.OnnxExporterError, ValueError) as err:
                 reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                 raise ConfigError(f"ONNX export at opset {opset} failed: {reason[:300]}") from None
@@ -131,7 +140,9 @@ class OnnxRuntimeForward:
             import onnx  # noqa: F401 - the exporter needs it
             import onnxruntime as ort
         except ImportError:
-            raise ConfigError("--runtime onnxruntime needs onnx and onnxruntime (pip install 'fairage[export]')") from None
+            raise ConfigError(
+                "--runtime onnxruntime needs onnx and onnxruntime (pip install 'fairage[export]')"
+            ) from None
         if loaded.kind == "exported":
             raise ConfigError(f"{loaded.source} is an exported model: it runs on onnxruntime already")
         net = loaded.model
@@ -143,12 +154,22 @@ class OnnxRuntimeForward:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the legacy exporter's deprecation notices
-                torch.onnx.export(net, (example,), buffer, input_names=[INPUT_NAME], output_names=["out"],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, "out": {0: "batch"}},
-                                  opset_version=17, dynamo=False, do_constant_folding=True)
+                torch.onnx.export(
+                    net,
+                    (example,),
+                    buffer,
+                    input_names=[INPUT_NAME],
+                    output_names=["out"],
+                    dynamic_axes={INPUT_NAME: {0: "batch"}, "out": {0: "batch"}},
+                    opset_version=17,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
         except (torch.onnx.errors.OnnxExporterError, ValueError, RuntimeError) as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ConfigError(f"{loaded.source}: cannot run on onnxruntime, the export failed: {reason[:300]}") from None
+            raise ConfigError(
+                f"{loaded.source}: cannot run on onnxruntime, the export failed: {reason[:300]}"
+            ) from None
         finally:
             loaded.model.to(device)
         options = ort.SessionOptions()

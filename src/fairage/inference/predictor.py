@@ -133,18 +133,37 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     kind = model_kind(path)
     if kind == "exported":
         if path.suffix.lower() != ".onnx":
-            raise ConfigError(f"{path}: not a fairage model: expected a run folder (config.yaml + checkpoints/), a "
-                              "model folder (config.yaml + model.safetensors) or an exported .onnx file")
+            raise ConfigError(
+                f"{path}: not a fairage model: expected a run folder (config.yaml + checkpoints/), a "
+                "model folder (config.yaml + model.safetensors) or an exported .onnx file"
+            )
         return _load_onnx(path)
     if kind == "run":
         folder = RunFolder.open(path)
         cfg = folder.config()
         model = model_from_checkpoint(folder.best_checkpoint(), cfg)[0].float()
-        return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                           path, "run", path, folder.calibration())
+        return LoadedModel(
+            model,
+            cfg,
+            cfg.data.image_size,
+            cfg.model.input_norm,
+            cfg.name or path.name,
+            path,
+            "run",
+            path,
+            folder.calibration(),
+        )
     model, cfg = load_model_folder(path)
-    return LoadedModel(model, cfg, cfg.data.image_size, cfg.model.input_norm, cfg.name or path.name,
-                       path, "folder", calibration=read_calibration(path / CONFORMAL))
+    return LoadedModel(
+        model,
+        cfg,
+        cfg.data.image_size,
+        cfg.model.input_norm,
+        cfg.name or path.name,
+        path,
+        "folder",
+        calibration=read_calibration(path / CONFORMAL),
+    )
 
 
 class OnnxAgeModel(torch.nn.Module):
@@ -155,8 +174,9 @@ class OnnxAgeModel(torch.nn.Module):
         try:
             import onnxruntime as ort
         except ImportError:
-            raise ConfigError(f"{path}: running an .onnx model needs onnxruntime "
-                              "(pip install 'fairage[export]')") from None
+            raise ConfigError(
+                f"{path}: running an .onnx model needs onnxruntime (pip install 'fairage[export]')"
+            ) from None
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
@@ -179,8 +199,9 @@ def _load_onnx(path: Path) -> LoadedModel:
     dims = list(module.session.get_inputs()[0].shape)
     if len(dims) != 4 or any(isinstance(d, int) and d != want for d, want in zip(dims[1:], (3, size, size))):
         raise ConfigError(f"{path}: its input has shape {dims}, but its metadata says (N, 3, {size}, {size})")
-    return LoadedModel(module, info.config, size, info.input_norm, info.name, path, "exported",
-                       calibration=info.calibration)
+    return LoadedModel(
+        module, info.config, size, info.input_norm, info.name, path, "exported", calibration=info.calibration
+    )
 
 
 # =========================================================================== images
@@ -289,7 +310,9 @@ def parse_device(text: str | torch.device) -> torch.device:
         try:
             device = torch.device(str(text).strip())
         except (RuntimeError, ValueError):
-            raise ConfigError(f"--device {str(text)[:60]!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+            raise ConfigError(
+                f"--device {str(text)[:60]!r} is not a torch device; use cpu, cuda, cuda:N or mps"
+            ) from None
     if device.type == "cpu":
         return device
     if device.type == "cuda":
@@ -321,8 +344,14 @@ class AgePredictor:
         robust on busy machines; 0: OpenMP's default).
     """
 
-    def __init__(self, model: LoadedModel | str | os.PathLike, detector: str = "auto", device=None,
-                 batch_size: int = 64, detector_threads: int = 1):
+    def __init__(
+        self,
+        model: LoadedModel | str | os.PathLike,
+        detector: str = "auto",
+        device=None,
+        batch_size: int = 64,
+        detector_threads: int = 1,
+    ):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         self.device = parse_device(device) if device is not None else default_device()
         if self.loaded.kind == "exported":
@@ -333,7 +362,9 @@ class AgePredictor:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         if isinstance(detector_threads, bool) or not isinstance(detector_threads, int) or detector_threads < 0:
-            raise ConfigError(f"detector_threads must be an integer >= 0 (0: OpenMP's default), got {detector_threads!r}")
+            raise ConfigError(
+                f"detector_threads must be an integer >= 0 (0: OpenMP's default), got {detector_threads!r}"
+            )
         self.detector_threads = detector_threads
         self.detector_name = detector
         self._local = threading.local()  # one detector per thread: OpenCV and dlib detectors are not shared safely
@@ -446,10 +477,10 @@ class AgePredictor:
         if isinstance(crops, np.ndarray) and crops.ndim == 4:
             if crops.shape[1:] != (size, size, 3) or crops.dtype != np.uint8:
                 raise DataError(f"face array must be uint8 (N, {size}, {size}, 3), got {crops.dtype} {crops.shape}")
-            batches = (crops[a:a + self.batch_size] for a in range(0, len(crops), self.batch_size))
+            batches = (crops[a : a + self.batch_size] for a in range(0, len(crops), self.batch_size))
         else:
             faces = [resize_face(_as_rgb(c), size) for c in crops]
-            batches = (np.stack(faces[a:a + self.batch_size]) for a in range(0, len(faces), self.batch_size))
+            batches = (np.stack(faces[a : a + self.batch_size]) for a in range(0, len(faces), self.batch_size))
         out = [self.predict_batch_spread(b) for b in batches]
         ages = np.concatenate([a for a, _ in out]) if out else np.empty(0)
         if not self.loaded.has_spread:
@@ -473,17 +504,26 @@ class AgePredictor:
         with intervals when calibrated."""
         ages = np.asarray(ages, dtype=float)
         bounds = self.intervals(ages) if len(ages) else None
-        return [FaceResult(box, float(score), float(age), spread=_float(spreads, i),
-                           age_lo=None if bounds is None else float(bounds[0][i]),
-                           age_hi=None if bounds is None else float(bounds[1][i]))
-                for i, ((box, score, *_), age) in enumerate(zip(found, ages))]
+        return [
+            FaceResult(
+                box,
+                float(score),
+                float(age),
+                spread=_float(spreads, i),
+                age_lo=None if bounds is None else float(bounds[0][i]),
+                age_hi=None if bounds is None else float(bounds[1][i]),
+            )
+            for i, ((box, score, *_), age) in enumerate(zip(found, ages))
+        ]
 
     def find_faces(self, rgb: np.ndarray) -> list[tuple[tuple[int, int, int, int], float, np.ndarray]]:
         """Detected faces of a photo: ``(box, score, crop)`` per face, crop at the model's size."""
         from .detect import detect_faces
 
-        return [((x, y, w, h), s, crop_face(rgb, (x, y, w, h), self.image_size))
-                for x, y, w, h, s in detect_faces(self.detector, rgb)]
+        return [
+            ((x, y, w, h), s, crop_face(rgb, (x, y, w, h), self.image_size))
+            for x, y, w, h, s in detect_faces(self.detector, rgb)
+        ]
 
     def predict_image(self, image, faces_only: bool = False) -> ImageResult:
         """Every face of one photo with its box and age.
@@ -507,8 +547,7 @@ class AgePredictor:
         rgb = _as_rgb(image)
         if faces_only:
             width, height = rgb.shape[1], rgb.shape[0]
-            return PreparedImage(width, height, [((0, 0, width, height), 1.0)],
-                                 resize_face(rgb, self.image_size)[None])
+            return PreparedImage(width, height, [((0, 0, width, height), 1.0)], resize_face(rgb, self.image_size)[None])
         found = self.find_faces(rgb)
         size = self.image_size
         crops = np.stack([crop for _, _, crop in found]) if found else np.empty((0, size, size, 3), np.uint8)
@@ -523,9 +562,9 @@ class AgePredictor:
             result.faces = self._faces(prepared.found, ages, spreads)
         return result
 
-    def predict_files(self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 1,
-                      keep_images: bool = False
-                      ) -> Iterator[tuple[str, ImageResult | None, str | None, np.ndarray | None]]:
+    def predict_files(
+        self, paths: Iterable[str | os.PathLike], faces_only: bool = False, workers: int = 1, keep_images: bool = False
+    ) -> Iterator[tuple[str, ImageResult | None, str | None, np.ndarray | None]]:
         """Predict many image files, in order: yields ``(path, result, error, rgb)`` per file.
 
         Files are read (and faces detected) in ``workers`` threads while the model runs
@@ -561,8 +600,11 @@ class AgePredictor:
                 if error is not None:
                     yield path, None, error, None
                     continue
-                faces = self._faces(found, ages[start:start + len(found)],
-                                    None if spreads is None else spreads[start:start + len(found)])
+                faces = self._faces(
+                    found,
+                    ages[start : start + len(found)],
+                    None if spreads is None else spreads[start : start + len(found)],
+                )
                 start += len(found)
                 yield path, ImageResult(size[0], size[1], faces), None, rgb
 
@@ -588,8 +630,9 @@ def _float(values: np.ndarray | None, i: int) -> float | None:
     return None if values is None else float(values[i])
 
 
-def predict_faces(model: LoadedModel | str | os.PathLike, faces, device=None, batch_size: int = 64,
-                  progress: bool = False) -> np.ndarray:
+def predict_faces(
+    model: LoadedModel | str | os.PathLike, faces, device=None, batch_size: int = 64, progress: bool = False
+) -> np.ndarray:
     """Ages (float64 (N,), years) of a face table's images (``fairage.data`` face table, any layout).
 
     The images are decoded exactly as for training (``fairage.data.load_images`` at the
@@ -633,8 +676,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str]]:
         if label in labels and qualified is not None:
             label = qualified
         if label in labels:
-            raise DataError(f"{path} and {labels[label]} would both be labelled {label!r} in the output; "
-                            "rename one or give them in separate runs")
+            raise DataError(
+                f"{path} and {labels[label]} would both be labelled {label!r} in the output; "
+                "rename one or give them in separate runs"
+            )
         seen.add(key)
         labels[label] = path
         out.append((str(path), label))
@@ -685,12 +730,22 @@ def prediction_rows(label: str, result: ImageResult, faces_only: bool) -> list[d
         return [{"image": label, **_face_values(result.faces[0])}]
     if not result.faces:
         return [{"image": label}]
-    return [{"image": label, "face": i, "x": f.box[0], "y": f.box[1], "w": f.box[2], "h": f.box[3],
-             "score": round(f.score, 6), **_face_values(f)} for i, f in enumerate(result.faces)]
+    return [
+        {
+            "image": label,
+            "face": i,
+            "x": f.box[0],
+            "y": f.box[1],
+            "w": f.box[2],
+            "h": f.box[3],
+            "score": round(f.score, 6),
+            **_face_values(f),
+        }
+        for i, f in enumerate(result.faces)
+    ]
 
 
-def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool,
-                         intervals: bool = False) -> None:
+def write_prediction_csv(path: str | os.PathLike, rows: list[dict], faces_only: bool, intervals: bool = False) -> None:
     """Atomically write prediction rows (``prediction_rows``) as CSV (with ``spread`` when a row has
     one; ``intervals``: with ``age_lo,age_hi`` columns)."""
     import pandas as pd
@@ -731,8 +786,11 @@ def draw_faces(rgb: np.ndarray, result: ImageResult, out: str | os.PathLike) -> 
     out = Path(out)
     suffix = out.suffix.lower()
     with atomic_path(out) as tmp:
-        im.save(tmp, format=None if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else "PNG",
-                **({"quality": 90} if suffix in (".jpg", ".jpeg") else {}))
+        im.save(
+            tmp,
+            format=None if suffix in (".jpg", ".jpeg", ".png", ".webp", ".bmp") else "PNG",
+            **({"quality": 90} if suffix in (".jpg", ".jpeg") else {}),
+        )
 
 
 def annotated_paths(annotate_dir: str | os.PathLike, files: Sequence[tuple[str, str]]) -> dict[str, Path]:

@@ -41,8 +41,9 @@ class InputNorm(nn.Module):
 
     KINDS = ("imagenet", "vggface2", "caffe", "pretrained")
 
-    def __init__(self, kind: str = "imagenet", mean: tuple[float, ...] | None = None,
-                 std: tuple[float, ...] | None = None):
+    def __init__(
+        self, kind: str = "imagenet", mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None
+    ):
         super().__init__()
         if kind not in self.KINDS:
             raise ConfigError(f"model.input_norm '{kind}' is not one of {', '.join(self.KINDS)}")
@@ -83,6 +84,7 @@ _BACKBONES = {
     "vggface2_resnet50": lambda weights=None: VGGFace2ResNet50(),
 }
 
+
 #: Keras BatchNormalization defaults (epsilon 1e-3, momentum 0.99 = torch momentum 0.01)
 class PretrainedWeightsError(ConfigError):
     """Published weights asked for by name (``model.weights: pretrained`` / ``imagenet``) are neither
@@ -118,10 +120,12 @@ def _timm_fetch_advice(name: str, err: Exception) -> str:
         filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
         from huggingface_hub import constants
 
-        return (f"{head} Download https://huggingface.co/{hub_id}/resolve/main/{filename} (the file {filename} "
-                f"of the Hugging Face repository {hub_id}) on a machine with network access and pass it as "
-                f"model.weights=/path/to/{filename}, or copy that machine's Hugging Face cache after "
-                f"`hf download {hub_id} {filename}` into {constants.HF_HUB_CACHE} here")
+        return (
+            f"{head} Download https://huggingface.co/{hub_id}/resolve/main/{filename} (the file {filename} "
+            f"of the Hugging Face repository {hub_id}) on a machine with network access and pass it as "
+            f"model.weights=/path/to/{filename}, or copy that machine's Hugging Face cache after "
+            f"`hf download {hub_id} {filename}` into {constants.HF_HUB_CACHE} here"
+        )
     url = getattr(cfg, "url", None) if cfg is not None else None
     if url:
         target = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
@@ -137,7 +141,9 @@ def torchvision_imagenet_state(backbone: str) -> tuple[dict[str, torch.Tensor], 
     PretrainedWeightsError naming the file, its URL and that folder when it cannot be had.
     """
     if backbone not in TORCHVISION_BACKBONES:
-        raise ConfigError(f"model.weights imagenet: backbone '{backbone}' is not one of {', '.join(TORCHVISION_BACKBONES)}")
+        raise ConfigError(
+            f"model.weights imagenet: backbone '{backbone}' is not one of {', '.join(TORCHVISION_BACKBONES)}"
+        )
     weights = tv_models.get_model_weights(backbone).DEFAULT
     target = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     try:
@@ -150,5 +156,3 @@ def torchvision_imagenet_state(backbone: str) -> tuple[dict[str, torch.Tensor], 
             f"put it at {target} (TORCH_HOME sets the folder), or pass it as model.weights=/path/to/{target.name}"
         ) from None
     return state, target
-
-

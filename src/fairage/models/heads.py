@@ -22,8 +22,14 @@ LABEL_SCALE: dict[str, float] = {"sigmoid": 100.0, "linear": 1.0, "dex": 1.0, "c
 #: the heads whose output is a distribution over the ages (``AgeRegressor.spread`` is defined)
 DISTRIBUTION_HEADS = ("dex", "coral", "corn")
 #: width of each head's last layer
-HEAD_OUTPUTS: dict[str, int] = {"sigmoid": 1, "linear": 1, "dex": DEX_AGES, "coral": ORDINAL_TASKS,
-                                "corn": ORDINAL_TASKS}
+HEAD_OUTPUTS: dict[str, int] = {
+    "sigmoid": 1,
+    "linear": 1,
+    "dex": DEX_AGES,
+    "coral": ORDINAL_TASKS,
+    "corn": ORDINAL_TASKS,
+}
+
 
 def build_head(in_features: int, blocks: list[HeadBlock], outputs: int = 1, last: str = "linear") -> nn.Sequential:
     """MLP head: per block Dropout(p) -> Linear(units) -> ReLU, then Linear(outputs).
@@ -96,5 +102,3 @@ def clamp_ages(years: torch.Tensor) -> torch.Tensor:
     """Predicted ages clamped into ``PREDICTION_RANGE`` (0-150 years), what the model reports."""
     low, high = PREDICTION_RANGE
     return years.clamp(low, high)
-
-

@@ -47,8 +47,9 @@ def _world_size() -> int:
 # --------------------------------------------------------------------------- regression
 
 
-def regression_loss_per_face(pred: torch.Tensor, target: torch.Tensor, kind: str = "mse",
-                             huber_delta: float = 1.0) -> torch.Tensor:
+def regression_loss_per_face(
+    pred: torch.Tensor, target: torch.Tensor, kind: str = "mse", huber_delta: float = 1.0
+) -> torch.Tensor:
     """Element-wise mse / mae / huber of (B,) tensors in the same units -> (B,).
 
     ``huber_delta`` is in those units too.
@@ -67,8 +68,13 @@ def regression_loss_per_face(pred: torch.Tensor, target: torch.Tensor, kind: str
 # --------------------------------------------------------------------------- Balanced MSE
 
 
-def bmc_loss_per_face(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor | float,
-                      contrast: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+def bmc_loss_per_face(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    noise_var: torch.Tensor | float,
+    contrast: torch.Tensor | None = None,
+    offset: int = 0,
+) -> torch.Tensor:
     """Balanced MSE, batch Monte-Carlo form, one term per face: (B,) pred and target -> (B,).
 
     ``logits[i, j] = -(pred_i - target_j)^2 / (2 noise_var)``; face i's term is the
@@ -151,11 +157,12 @@ def dex_target_distribution(target_years: torch.Tensor, sigma: float = 0.0, n_cl
     if sigma <= 0:
         index = t.round().clamp(0, n_classes - 1).long().squeeze(1)
         return F.one_hot(index, n_classes).to(t.dtype)
-    return torch.softmax(-(ages - t).pow(2) / (2 * sigma ** 2), dim=1)
+    return torch.softmax(-(ages - t).pow(2) / (2 * sigma**2), dim=1)
 
 
-def dex_loss_per_face(logits: torch.Tensor, target_years: torch.Tensor, sigma: float = 0.0,
-                      l1: float = 0.0) -> torch.Tensor:
+def dex_loss_per_face(
+    logits: torch.Tensor, target_years: torch.Tensor, sigma: float = 0.0, l1: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy of (B, 101) logits against ``dex_target_distribution`` -> (B,) (nats), plus
     ``l1`` times ``|expected age - age|`` in years when ``l1 > 0`` (DLDL-v2, Gao et al. 2018: the
     expectation's error reaches every logit, ``d E / d logit_k = p_k (k - E)``, so the ordering of
@@ -313,7 +320,7 @@ class GroupDRO(nn.Module):
         if world > 1:
             totals = torch.cat([total_sums, total_counts])
             dist.all_reduce(totals)
-            total_sums, total_counts = totals[: self.n_groups], totals[self.n_groups:]
+            total_sums, total_counts = totals[: self.n_groups], totals[self.n_groups :]
         total_counts = total_counts.clamp(min=1)
         if update:
             with torch.no_grad():
@@ -333,7 +340,7 @@ def draw_targets(ages: torch.Tensor, std: torch.Tensor, seed: int, epoch: int) -
     ``ages``, ``std``: (N,) years. The draw depends only on ``(seed, epoch)``, so a
     resumed run draws the same targets as an uninterrupted one.
     """
-    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2 ** 63))
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63))
     z = torch.randn(ages.shape, generator=generator, dtype=torch.float32)
     return (ages.float().cpu() + std.float().cpu() * z).clamp(min=0.0)
 
@@ -369,10 +376,22 @@ class StageObjective(nn.Module):
     batch; with ``label_std`` the recorded ages are the targets).
     """
 
-    def __init__(self, kind: str, label_scale: float = 1.0, huber_delta: float = 5.0, bmc_sigma: float = 8.0,
-                 dex_sigma: float = 0.0, dex_l1: float = 0.0, dro: GroupDRO | None = None, face_groups: torch.Tensor | None = None,
-                 face_ages: torch.Tensor | None = None, face_std: torch.Tensor | None = None,
-                 label_std: str = "off", age_std_floor: float = 1.0, seed: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        label_scale: float = 1.0,
+        huber_delta: float = 5.0,
+        bmc_sigma: float = 8.0,
+        dex_sigma: float = 0.0,
+        dex_l1: float = 0.0,
+        dro: GroupDRO | None = None,
+        face_groups: torch.Tensor | None = None,
+        face_ages: torch.Tensor | None = None,
+        face_std: torch.Tensor | None = None,
+        label_std: str = "off",
+        age_std_floor: float = 1.0,
+        seed: int = 0,
+    ):
         super().__init__()
         if dro is not None and face_groups is None:
             raise ValueError("Group DRO needs the group id of every training face")
@@ -393,8 +412,11 @@ class StageObjective(nn.Module):
         self.register_buffer("face_ages", None if face_ages is None else face_ages.float(), persistent=False)
         std = None if face_std is None else face_std.float().clamp(min=age_std_floor)
         self.register_buffer("face_std", std, persistent=False)
-        self.register_buffer("face_weight", inverse_variance_weights(std, age_std_floor)
-                             if label_std == "weight" else None, persistent=False)
+        self.register_buffer(
+            "face_weight",
+            inverse_variance_weights(std, age_std_floor) if label_std == "weight" else None,
+            persistent=False,
+        )
         self.register_buffer("epoch_targets", None, persistent=False)
 
     @property
@@ -420,8 +442,14 @@ class StageObjective(nn.Module):
             return self.bmc(out, target) if train else regression_loss_per_face(out, target, "mse")
         return regression_loss_per_face(out, target, self.kind, self.huber_delta)
 
-    def forward(self, out: torch.Tensor, age: torch.Tensor, weight: torch.Tensor | None = None,
-                index: torch.Tensor | None = None, train: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        out: torch.Tensor,
+        age: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        train: bool = True,
+    ) -> torch.Tensor:
         if not train:
             return self.per_face(out, age, train=False).mean()
         if self.needs_index and index is None:

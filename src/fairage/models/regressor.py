@@ -81,6 +81,7 @@ from .vggface2 import VGGFace2ResNet50
 
 log = logging.getLogger(__name__)
 
+
 class AgeRegressor(nn.Module):
     """Backbone -> projection -> head -> (sigmoid); output (N,) in label units ((N, 101) logits for DEX).
 
@@ -115,8 +116,9 @@ class AgeRegressor(nn.Module):
         # the VGGFace2 model's dim_proj is Dense(512, relu); a projection without a
         # nonlinearity would merge with the head's first layer into one linear map
         self.projection_act: nn.Module = nn.ReLU() if cfg.backbone == "vggface2_resnet50" else nn.Identity()
-        self.head = build_head(self.feature_dim, cfg.head, HEAD_OUTPUTS[cfg.output],
-                               last="coral" if cfg.output == "coral" else "linear")
+        self.head = build_head(
+            self.feature_dim, cfg.head, HEAD_OUTPUTS[cfg.output], last="coral" if cfg.output == "coral" else "linear"
+        )
         if cfg.head_init == "keras":
             for module in [self.projection, *self.head]:
                 if isinstance(module, nn.Linear):  # Keras Dense defaults: glorot-uniform kernel, zero bias
@@ -131,8 +133,9 @@ class AgeRegressor(nn.Module):
             if not timm:
                 raise ConfigError(f"model.input_norm 'pretrained' needs a timm backbone, not '{cfg.backbone}'")
             pretrained = backbone.pretrained_cfg
-            self.input_norm = InputNorm.from_mean_std(pretrained.get("mean", IMAGENET_MEAN),
-                                                      pretrained.get("std", IMAGENET_STD))
+            self.input_norm = InputNorm.from_mean_std(
+                pretrained.get("mean", IMAGENET_MEAN), pretrained.get("std", IMAGENET_STD)
+            )
         else:
             self.input_norm = InputNorm(cfg.input_norm)
         self.output = cfg.output
@@ -294,12 +297,18 @@ def build_model(cfg: ModelConfig) -> tuple[AgeRegressor, dict]:
             source = str(path)
         result = model.backbone.load_state_dict(state, strict=False)
         if result.missing_keys:
-            raise ConfigError(f"model.weights {cfg.weights}: {source} lacks {len(result.missing_keys)} tensors of "
-                              f"{cfg.backbone} (e.g. {result.missing_keys[0]}); delete the cached file so that it is "
-                              "fetched again")
+            raise ConfigError(
+                f"model.weights {cfg.weights}: {source} lacks {len(result.missing_keys)} tensors of "
+                f"{cfg.backbone} (e.g. {result.missing_keys[0]}); delete the cached file so that it is "
+                "fetched again"
+            )
         missing = [k for k in model.state_dict() if not k.startswith("backbone.")]
-        return model, {"weights_loaded": True, "weights": source, "missing_keys": missing,
-                       "unexpected_keys": list(result.unexpected_keys)}
+        return model, {
+            "weights_loaded": True,
+            "weights": source,
+            "missing_keys": missing,
+            "unexpected_keys": list(result.unexpected_keys),
+        }
     missing, unexpected = load_weights(model, cfg.weights)
     return model, {
         "weights_loaded": True,
@@ -315,8 +324,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     if path.is_dir():  # a model folder: config.yaml + model.safetensors
         if not (path / MODEL_FOLDER_WEIGHTS).is_file():
-            raise ConfigError(f"model.weights {path} is a folder without {MODEL_FOLDER_WEIGHTS}: not a fairage "
-                              "model folder (fairage import-keras writes one)")
+            raise ConfigError(
+                f"model.weights {path} is a folder without {MODEL_FOLDER_WEIGHTS}: not a fairage "
+                "model folder (fairage import-keras writes one)"
+            )
         path = path / MODEL_FOLDER_WEIGHTS
     if not path.is_file():
         raise ConfigError(
@@ -360,13 +371,28 @@ def load_error_reason(err: Exception) -> str:
     text = str(err)
     if "weights_only" not in text and "Weights only load failed" not in text:
         return text
-    advice = ("weights_only", "weights only", "trusted source", "re-running", "documentation", "safe_globals",
-              "pytorch 2.6", "please check", "you have two options", "do those steps")
-    kept = [sentence.strip() for line in text.splitlines() for sentence in re.split(r"(?<=\.)\s+", line)
-            if sentence.strip() and not any(a in sentence.lower() for a in advice)]
+    advice = (
+        "weights_only",
+        "weights only",
+        "trusted source",
+        "re-running",
+        "documentation",
+        "safe_globals",
+        "pytorch 2.6",
+        "please check",
+        "you have two options",
+        "do those steps",
+    )
+    kept = [
+        sentence.strip()
+        for line in text.splitlines()
+        for sentence in re.split(r"(?<=\.)\s+", line)
+        if sentence.strip() and not any(a in sentence.lower() for a in advice)
+    ]
     reason = " ".join(kept).strip()
-    return ("the file holds pickled Python objects, not only tensors, and fairage never unpickles them"
-            + (f" ({reason.rstrip('.')})" if reason else ""))
+    return "the file holds pickled Python objects, not only tensors, and fairage never unpickles them" + (
+        f" ({reason.rstrip('.')})" if reason else ""
+    )
 
 
 def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list[str]]:
@@ -390,11 +416,14 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
         state = _matching_head_only(path, state, own)
     shape_errors = [
         f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
-        for k, v in state.items() if k in own and own[k].shape != v.shape
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
     ]
     if shape_errors:
-        raise ConfigError(f"model.weights {path}: tensor shapes do not match the model: {', '.join(shape_errors[:5])}"
-                          + (f" and {len(shape_errors) - 5} more" if len(shape_errors) > 5 else ""))
+        raise ConfigError(
+            f"model.weights {path}: tensor shapes do not match the model: {', '.join(shape_errors[:5])}"
+            + (f" and {len(shape_errors) - 5} more" if len(shape_errors) > 5 else "")
+        )
     result = target.load_state_dict(state, strict=False)
     if whole:
         missing = list(result.missing_keys)
@@ -411,10 +440,16 @@ def load_weights(model: AgeRegressor, path: str | Path) -> tuple[list[str], list
     # a backbone-only file is expected to leave the projection and head at random init
     surprising = missing if whole else [k for k in missing if k.startswith("backbone.")]
     if surprising:
-        log.warning("model.weights %s: %d missing keys (left at random init): %s", path, len(surprising),
-                    ", ".join(surprising[:10]))
+        log.warning(
+            "model.weights %s: %d missing keys (left at random init): %s",
+            path,
+            len(surprising),
+            ", ".join(surprising[:10]),
+        )
     if unexpected:
-        log.warning("model.weights %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10]))
+        log.warning(
+            "model.weights %s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10])
+        )
     return missing, unexpected
 
 
@@ -427,8 +462,10 @@ def _matching_head_only(path: Path, state: dict[str, torch.Tensor], own: dict[st
     head = {k: v for k, v in state.items() if k.startswith("head.")}
     own_head = {k: v for k, v in own.items() if k.startswith("head.")}
     if head and (set(head) != set(own_head) or any(own_head[k].shape != v.shape for k, v in head.items())):
-        log.warning("model.weights %s: its head (%s) does not fit this model's head; the head starts at random init",
-                    path, ", ".join(f"{k} {tuple(v.shape)}" for k, v in head.items() if k.endswith("weight")))
+        log.warning(
+            "model.weights %s: its head (%s) does not fit this model's head; the head starts at random init",
+            path,
+            ", ".join(f"{k} {tuple(v.shape)}" for k, v in head.items() if k.endswith("weight")),
+        )
         return {k: v for k, v in state.items() if not k.startswith("head.")}
     return state
-

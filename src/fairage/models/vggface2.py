@@ -100,8 +100,10 @@ class VGGFace2ResNet50(nn.Module):
         for stage, blocks, width, out_channels, stride in self.STAGES:
             for block in range(1, blocks + 1):
                 first = block == 1
-                self.add_module(f"conv{stage}_{block}", KerasBottleneck(
-                    in_channels, width, out_channels, stride if first else 1, project=first))
+                self.add_module(
+                    f"conv{stage}_{block}",
+                    KerasBottleneck(in_channels, width, out_channels, stride if first else 1, project=first),
+                )
                 in_channels = out_channels
         self.avgpool = nn.AdaptiveAvgPool2d(1)
 
@@ -139,5 +141,3 @@ def keras_layer_map() -> dict[str, str]:
                 names[keras + "/bn"] = f"backbone.conv{stage}_{block}.{part}_bn"
     names["dim_proj"] = "projection"
     return names
-
-

@@ -36,14 +36,20 @@ MIN_GROUP_FACES = 30
 BIAS_ORDER: tuple[str, ...] = ("gender", "expression", "ethnicity", "age")
 
 INTENDED_USE: tuple[str, ...] = (
-    ("Estimating the apparent age of a face (the age it looks to human raters, in years) in photos "
-     "like the training data, for research, teaching and demonstrations."),
-    ("Measuring and comparing how an age estimator's error differs across age, gender, ethnicity and "
-     "expression groups, and how training strategies change those differences."),
+    (
+        "Estimating the apparent age of a face (the age it looks to human raters, in years) in photos "
+        "like the training data, for research, teaching and demonstrations."
+    ),
+    (
+        "Measuring and comparing how an age estimator's error differs across age, gender, ethnicity and "
+        "expression groups, and how training strategies change those differences."
+    ),
 )
 OUT_OF_SCOPE: tuple[str, ...] = (
-    ("Decisions about a person: age verification, access control, hiring, insurance, policing or any "
-     "other use where an error harms the person shown."),
+    (
+        "Decisions about a person: age verification, access control, hiring, insurance, policing or any "
+        "other use where an error harms the person shown."
+    ),
     "Inferring a person's real (chronological) age, identity, gender or ethnicity.",
 )
 
@@ -66,8 +72,11 @@ def _ci(value) -> list[float] | None:
 def _evaluation(metrics: EvaluationResult, source: str) -> dict:
     """The card's evaluation section from a run's test metrics (``fairage.fairness.metrics.evaluate``)."""
     singles = [a for a in metrics.bias if a not in metrics.intersections]
-    order = ([a for a in BIAS_ORDER if a in singles] + [a for a in singles if a not in BIAS_ORDER]
-             + [a for a in metrics.intersections if a in metrics.bias])
+    order = (
+        [a for a in BIAS_ORDER if a in singles]
+        + [a for a in singles if a not in BIAS_ORDER]
+        + [a for a in metrics.intersections if a in metrics.bias]
+    )
     return {
         "split": "test",
         "source": source,
@@ -76,23 +85,47 @@ def _evaluation(metrics: EvaluationResult, source: str) -> dict:
         "n_boot": int(metrics.n_boot),
         "n_perm": int(metrics.n_perm),
         "mae": {"value": float(metrics.mae), "ci": _ci(metrics.mae_ci)},
-        "bias": {a: {"value": None if metrics.bias[a] is None else float(metrics.bias[a]),
-                     "ci": _ci(metrics.bias_ci.get(a)), "p": metrics.bias_p.get(a)} for a in order},
-        "groups": {a: [{"group": g, "n": int(score.n), "mae": float(score.mae), "ci": _ci(score.ci)}
-                       for g, score in metrics.groups[a].items()]
-                   for a in order if a in metrics.groups},
+        "bias": {
+            a: {
+                "value": None if metrics.bias[a] is None else float(metrics.bias[a]),
+                "ci": _ci(metrics.bias_ci.get(a)),
+                "p": metrics.bias_p.get(a),
+            }
+            for a in order
+        },
+        "groups": {
+            a: [
+                {"group": g, "n": int(score.n), "mae": float(score.mae), "ci": _ci(score.ci)}
+                for g, score in metrics.groups[a].items()
+            ]
+            for a in order
+            if a in metrics.groups
+        },
         "skipped_groups": {a: list(v) for a, v in metrics.skipped_groups.items() if v},
         "min_group": int(metrics.min_group),
         "small_groups": {a: list(metrics.small_groups.get(a, [])) for a in order},
-        "age_bins": [{"group": g, "n": int(score.n), "mae": None if score.n == 0 else float(score.mae),
-                      "ci": _ci(score.ci)} for g, score in metrics.age_bins.items()],
+        "age_bins": [
+            {"group": g, "n": int(score.n), "mae": None if score.n == 0 else float(score.mae), "ci": _ci(score.ci)}
+            for g, score in metrics.age_bins.items()
+        ],
         "cs": {k: {"value": float(v.value), "ci": _ci(v.ci)} for k, v in metrics.cs.items()},
-        "epsilon_error": (None if metrics.epsilon_error is None else
-                          {"value": float(metrics.epsilon_error.value), "ci": _ci(metrics.epsilon_error.ci)}),
-        "worst_group": {a: (None if (w := metrics.worst_group.get(a)) is None else
-                            {"group": w.group, "mae": float(w.mae), "ci": _ci(w.ci)}) for a in order},
-        "group_mae_std": {a: (None if (v := metrics.group_mae_std.get(a)) is None else
-                              {"value": float(v.value), "ci": _ci(v.ci)}) for a in order},
+        "epsilon_error": (
+            None
+            if metrics.epsilon_error is None
+            else {"value": float(metrics.epsilon_error.value), "ci": _ci(metrics.epsilon_error.ci)}
+        ),
+        "worst_group": {
+            a: (
+                None
+                if (w := metrics.worst_group.get(a)) is None
+                else {"group": w.group, "mae": float(w.mae), "ci": _ci(w.ci)}
+            )
+            for a in order
+        },
+        "group_mae_std": {
+            a: (None if (v := metrics.group_mae_std.get(a)) is None else {"value": float(v.value), "ci": _ci(v.ci)})
+            for a in order
+        },
         "intervals": _intervals(metrics, order),
     }
 
@@ -105,24 +138,44 @@ def _intervals(metrics: EvaluationResult, order: list[str]) -> dict | None:
         return None
 
     def group(name, score):
-        return {"group": name, "n": int(score.n), "coverage": score.coverage, "ci": _ci(score.coverage_ci),
-                "width": score.width, "width_ci": _ci(score.width_ci)}
+        return {
+            "group": name,
+            "n": int(score.n),
+            "coverage": score.coverage,
+            "ci": _ci(score.coverage_ci),
+            "width": score.width,
+            "width_ci": _ci(score.width_ci),
+        }
 
-    return {"target": metrics.coverage_target, "calibration": None,
-            "sets": {name: {"coverage": c.total.coverage, "ci": _ci(c.total.coverage_ci), "width": c.total.width,
-                            "width_ci": _ci(c.total.width_ci),
-                            "gap": {a: {"value": c.gap.get(a), "ci": _ci(c.gap_ci.get(a)), "p": c.gap_p.get(a)}
-                                    for a in order if a in c.gap},
-                            "groups": {a: [group(g, v) for g, v in c.groups[a].items()] for a in order if a in c.groups}}
-                     for name, c in metrics.coverage.items()}}
+    return {
+        "target": metrics.coverage_target,
+        "calibration": None,
+        "sets": {
+            name: {
+                "coverage": c.total.coverage,
+                "ci": _ci(c.total.coverage_ci),
+                "width": c.total.width,
+                "width_ci": _ci(c.total.width_ci),
+                "gap": {
+                    a: {"value": c.gap.get(a), "ci": _ci(c.gap_ci.get(a)), "p": c.gap_p.get(a)}
+                    for a in order
+                    if a in c.gap
+                },
+                "groups": {a: [group(g, v) for g, v in c.groups[a].items()] for a in order if a in c.groups},
+            }
+            for name, c in metrics.coverage.items()
+        },
+    }
 
 
 def _summary_dict(tables: dict[str, pd.DataFrame]) -> dict:
     """``report.summarize_faces`` tables as JSON: attribute -> {"columns": [...], "rows": [{"value", col: n}]}."""
     out = {}
     for attr, t in tables.items():
-        out[attr] = {"columns": [str(c) for c in t.columns],
-                     "rows": [{"value": str(idx), **{str(c): int(t.at[idx, c]) for c in t.columns}} for idx in t.index]}
+        out[attr] = {
+            "columns": [str(c) for c in t.columns],
+            "rows": [{"value": str(idx), **{str(c): int(t.at[idx, c]) for c in t.columns}} for idx in t.index],
+        }
     return out
 
 
@@ -138,8 +191,13 @@ def _dataset(cfg: ExperimentConfig, run: RunFolder | None, data_dir: Path | None
     from .report import summarize_faces
 
     warnings: list[str] = []
-    section: dict[str, Any] = {"dir": str(data_dir) if data_dir else None, "synthetic": False,
-                               "synthetic_info": None, "summary": None, "summary_source": None}
+    section: dict[str, Any] = {
+        "dir": str(data_dir) if data_dir else None,
+        "synthetic": False,
+        "synthetic_info": None,
+        "summary": None,
+        "summary_source": None,
+    }
     if data_dir is not None:
         marker = synthetic_marker(data_dir)
         # folders written before the marker existed: the demo names them synthetic-v<version>-...
@@ -152,8 +210,9 @@ def _dataset(cfg: ExperimentConfig, run: RunFolder | None, data_dir: Path | None
             except DataError as err:
                 warnings.append(f"the dataset summary could not be read from {data_dir}: {err}")
         else:
-            warnings.append(f"the training data folder {data_dir} is not available; the summary covers the "
-                            "test split only")
+            warnings.append(
+                f"the training data folder {data_dir} is not available; the summary covers the test split only"
+            )
     predictions = run.file(RunFolder.PREDICTIONS) if run is not None else None
     if section["summary"] is None and predictions is not None and predictions.is_file():
         df = read_predictions(predictions)
@@ -168,16 +227,30 @@ def _training(cfg: ExperimentConfig, run: RunFolder) -> dict:
     best_epochs = run.best_epochs()
     stages = []
     for name, stage in cfg.stages():
-        row: dict[str, Any] = {"name": name, "trains": "head only (backbone frozen)" if name == "stage1" else "all layers",
-                               "lr": stage.lr, "batch_size": stage.batch_size, "max_epochs": stage.max_epochs,
-                               "patience": stage.patience, "loss": stage.loss, "weighting": describe(stage.weighting),
-                               "epochs_run": None, "best_val_mae": None, "best_epoch": None}
+        row: dict[str, Any] = {
+            "name": name,
+            "trains": "head only (backbone frozen)" if name == "stage1" else "all layers",
+            "lr": stage.lr,
+            "batch_size": stage.batch_size,
+            "max_epochs": stage.max_epochs,
+            "patience": stage.patience,
+            "loss": stage.loss,
+            "weighting": describe(stage.weighting),
+            "epochs_run": None,
+            "best_val_mae": None,
+            "best_epoch": None,
+        }
         if name in best_epochs:
             best = best_epochs[name]
             row.update(epochs_run=best["epochs_run"], best_val_mae=best["val_mae"], best_epoch=best["epoch"])
         stages.append(row)
-    return {"strategy": cfg.strategy, "seed": cfg.seed, "stages": stages,
-            "status": run.record.status, "device": run.record.device or None}
+    return {
+        "strategy": cfg.strategy,
+        "seed": cfg.seed,
+        "stages": stages,
+        "status": run.record.status,
+        "device": run.record.device or None,
+    }
 
 
 def _warnings(evaluation: dict | None, run: RunFolder | None, synthetic: bool) -> list[str]:
@@ -185,8 +258,10 @@ def _warnings(evaluation: dict | None, run: RunFolder | None, synthetic: bool) -
 
     out = run.warnings() if run is not None else []
     if synthetic:
-        out.append("trained and evaluated on fairage's synthetic (drawn) faces: the figures say nothing about "
-                   "real photos, and ages predicted for real faces are not meaningful")
+        out.append(
+            "trained and evaluated on fairage's synthetic (drawn) faces: the figures say nothing about "
+            "real photos, and ages predicted for real faces are not meaningful"
+        )
     if run is not None and run.record.weights_loaded is False:
         out.append("trained from random initialisation (no pretrained weights were loaded)")
     if run is not None and run.record.status != "finished":
@@ -197,19 +272,27 @@ def _warnings(evaluation: dict | None, run: RunFolder | None, synthetic: bool) -
     for attr, rows in evaluation["groups"].items():
         small = [f"{r['group']} ({r['n']})" for r in rows if r["n"] < MIN_GROUP_FACES]
         if small:
-            out.append(f"{attr}: group MAEs resting on fewer than {MIN_GROUP_FACES} test faces are uncertain: "
-                       + ", ".join(small))
+            out.append(
+                f"{attr}: group MAEs resting on fewer than {MIN_GROUP_FACES} test faces are uncertain: "
+                + ", ".join(small)
+            )
     for attr, groups in evaluation["skipped_groups"].items():
         out.append(f"{attr}: no test faces in {', '.join(groups)}: not measured")
     intervals = evaluation.get("intervals")
     conformal = (intervals or {}).get("sets", {}).get("conformal")
     if conformal and intervals["target"] is not None:
         target = intervals["target"]
-        low = [f"{attr} {r['group']} ({100 * r['coverage']:.1f}%)" for attr, rows in conformal["groups"].items()
-               for r in rows if r["ci"] is not None and r["ci"][1] < target]
+        low = [
+            f"{attr} {r['group']} ({100 * r['coverage']:.1f}%)"
+            for attr, rows in conformal["groups"].items()
+            for r in rows
+            if r["ci"] is not None and r["ci"][1] < target
+        ]
         if low:
-            out.append(f"age intervals cover fewer than {100 * target:g}% of the test faces (the whole bootstrap "
-                       "interval below) in: " + ", ".join(low))
+            out.append(
+                f"age intervals cover fewer than {100 * target:g}% of the test faces (the whole bootstrap "
+                "interval below) in: " + ", ".join(low)
+            )
     return out
 
 
@@ -219,22 +302,35 @@ def _limitations(evaluation: dict | None, synthetic: bool) -> list[str]:
     if evaluation is not None and evaluation["groups"]:
         measured = "; ".join(f"{a}: {', '.join(r['group'] for r in rows)}" for a, rows in evaluation["groups"].items())
     else:
-        measured = "; ".join([f"age: {', '.join(age_bin_labels())}"]
-                             + [f"{a}: {', '.join(v for v in vals if v != 'unknown')}" for a, vals in VOCABULARIES.items()])
+        measured = "; ".join(
+            [f"age: {', '.join(age_bin_labels())}"]
+            + [f"{a}: {', '.join(v for v in vals if v != 'unknown')}" for a, vals in VOCABULARIES.items()]
+        )
     out = [
-        ("Predicts apparent age (what raters judged a face to look), not real age; the two differ by several "
-         "years for many people."),
-        (f"Groups measured: {measured}. These are the dataset's annotation categories, assigned by annotators; "
-         "people outside them (e.g. other ethnicities, non-binary gender) and other attributes (skin tone scale, "
-         "make-up, glasses, image quality) are not measured."),
-        ("Errors are measured on the test split of the training dataset; on photos from elsewhere (other "
-         "cameras, lighting, poses, crops or face detectors) they can be larger and differ by group in other ways."),
-        ("A bias score is the mean absolute difference between group MAEs; its bootstrap interval covers "
-         "test-set sampling only, not a change of population."),
+        (
+            "Predicts apparent age (what raters judged a face to look), not real age; the two differ by several "
+            "years for many people."
+        ),
+        (
+            f"Groups measured: {measured}. These are the dataset's annotation categories, assigned by annotators; "
+            "people outside them (e.g. other ethnicities, non-binary gender) and other attributes (skin tone scale, "
+            "make-up, glasses, image quality) are not measured."
+        ),
+        (
+            "Errors are measured on the test split of the training dataset; on photos from elsewhere (other "
+            "cameras, lighting, poses, crops or face detectors) they can be larger and differ by group in other ways."
+        ),
+        (
+            "A bias score is the mean absolute difference between group MAEs; its bootstrap interval covers "
+            "test-set sampling only, not a change of population."
+        ),
     ]
     if synthetic:
-        out.insert(0, "The training and test faces are synthetic: procedurally drawn cartoon heads, not photos. "
-                      "The model has never seen a real face.")
+        out.insert(
+            0,
+            "The training and test faces are synthetic: procedurally drawn cartoon heads, not photos. "
+            "The model has never seen a real face.",
+        )
     return out
 
 
@@ -266,14 +362,23 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
     calibration = run.calibration() if run is not None else read_calibration(path / CONFORMAL)
     if evaluation is not None and evaluation["intervals"] is not None and calibration is not None:
         evaluation["intervals"]["calibration"] = {
-            "by": list(calibration.by), "alpha": calibration.alpha, "n": calibration.n, "split": calibration.split,
-            "tightened": calibration.tightened, "fallbacks": calibration.fallbacks()}
+            "by": list(calibration.by),
+            "alpha": calibration.alpha,
+            "n": calibration.n,
+            "split": calibration.split,
+            "tightened": calibration.tightened,
+            "fallbacks": calibration.fallbacks(),
+        }
     if evaluation is not None:
-        note = (f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
-                f"({evaluation['n_boot']} resamples)")
+        note = (
+            f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
+            f"({evaluation['n_boot']} resamples)"
+        )
     elif kind == "folder":
-        note = ("imported model: no evaluation was recorded with it; evaluate it on a labelled test split "
-                "before relying on its accuracy or bias")
+        note = (
+            "imported model: no evaluation was recorded with it; evaluate it on a labelled test split "
+            "before relying on its accuracy or bias"
+        )
     else:
         note = f"the run has no {RunFolder.METRICS} yet (unfinished): no evaluation"
     data = Path(data_dir) if data_dir is not None else (run.data_dir if run is not None else None)
@@ -310,13 +415,19 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
 def _exported_card(path: Path) -> dict:
     """A model file carries no training record: the card says what it is and that nothing was measured."""
     return {
-        "name": path.stem, "description": "", "kind": "exported", "source": str(path),
-        "model": {"file": path.name}, "training": None, "configuration": None,
+        "name": path.stem,
+        "description": "",
+        "kind": "exported",
+        "source": str(path),
+        "model": {"file": path.name},
+        "training": None,
+        "configuration": None,
         "data": {"dir": None, "synthetic": False, "synthetic_info": None, "summary": None, "summary_source": None},
         "evaluation": None,
         "evaluation_note": "an exported model file carries no evaluation; make the card from its run folder",
         "warnings": ["no test evaluation: accuracy and bias of this model are unknown"],
-        "intended_use": list(INTENDED_USE), "out_of_scope": list(OUT_OF_SCOPE),
+        "intended_use": list(INTENDED_USE),
+        "out_of_scope": list(OUT_OF_SCOPE),
         "limitations": _limitations(None, False),
     }
 
@@ -335,8 +446,9 @@ def card_markdown(card: dict) -> str:
     import yaml
 
     template = resources.files("fairage.outputs").joinpath("templates/model_card.md.j2").read_text(encoding="utf-8")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True
+    )
     env.filters["num"] = _fmt
     env.filters["ci"] = _fmt_ci
     env.filters["pct"] = lambda v: "n/a" if v is None else f"{100 * v:.1f}%"

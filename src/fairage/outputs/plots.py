@@ -73,8 +73,14 @@ def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None
     return save_figure(fig, path)
 
 
-def plot_pareto(points: pd.DataFrame, path: str | Path, x_label: str, y_label: str,
-                references: pd.DataFrame | None = None, title: str | None = None) -> Path:
+def plot_pareto(
+    points: pd.DataFrame,
+    path: str | Path,
+    x_label: str,
+    y_label: str,
+    references: pd.DataFrame | None = None,
+    title: str | None = None,
+) -> Path:
     """Two objectives of a tune's trials (years), each with its interval; the Pareto trials highlighted.
 
     ``points``: one row per trial with columns ``number``, ``x``, ``x_low``, ``x_high``, ``y``,
@@ -90,17 +96,46 @@ def plot_pareto(points: pd.DataFrame, path: str | Path, x_label: str, y_label: s
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     rest, front = points[~points["front"]], points[points["front"]].sort_values("x")
     if len(rest):
-        ax.errorbar(rest["x"], rest["y"], xerr=err(rest, "x"), yerr=err(rest, "y"), fmt="o", color="0.65",
-                    ecolor="0.85", ms=4, label="other trials")
+        ax.errorbar(
+            rest["x"],
+            rest["y"],
+            xerr=err(rest, "x"),
+            yerr=err(rest, "y"),
+            fmt="o",
+            color="0.65",
+            ecolor="0.85",
+            ms=4,
+            label="other trials",
+        )
     if len(front):
-        ax.errorbar(front["x"], front["y"], xerr=err(front, "x"), yerr=err(front, "y"), fmt="o-",
-                    color="tab:red", ecolor="tab:red", alpha=0.9, ms=5, lw=1, elinewidth=0.8,
-                    label="Pareto trials (validation)")
+        ax.errorbar(
+            front["x"],
+            front["y"],
+            xerr=err(front, "x"),
+            yerr=err(front, "y"),
+            fmt="o-",
+            color="tab:red",
+            ecolor="tab:red",
+            alpha=0.9,
+            ms=5,
+            lw=1,
+            elinewidth=0.8,
+            label="Pareto trials (validation)",
+        )
         for r in front.itertuples():
             ax.annotate(str(r.number), (r.x, r.y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if references is not None and len(references):
-        ax.errorbar(references["x"], references["y"], xerr=err(references, "x"), yerr=err(references, "y"),
-                    fmt="x", color="black", ecolor="0.3", ms=7, label="reference runs")
+        ax.errorbar(
+            references["x"],
+            references["y"],
+            xerr=err(references, "x"),
+            yerr=err(references, "y"),
+            fmt="x",
+            color="black",
+            ecolor="0.3",
+            ms=7,
+            label="reference runs",
+        )
         for r in references.itertuples():
             ax.annotate(str(r.name), (r.x, r.y), textcoords="offset points", xytext=(5, -10), fontsize=8)
     ax.set_xlabel(x_label)

@@ -42,11 +42,20 @@ def reference_table(name: str = "seed") -> pd.DataFrame:
     """
     if name not in REFERENCES:
         raise ConfigError(f"unknown reference {name!r}; available: {', '.join(REFERENCES)}")
-    rows = [{"Model": model, "Gender bias": gender, "Expression bias": expression, "Ethnicity bias": ethnicity,
-             "Age bias": age, "MAE": mae}
-            for model, mae, age, gender, ethnicity, expression in REFERENCES[name]]
-    return pd.DataFrame(rows).astype({c: float for c in ("Gender bias", "Expression bias", "Ethnicity bias",
-                                                          "Age bias", "MAE")})
+    rows = [
+        {
+            "Model": model,
+            "Gender bias": gender,
+            "Expression bias": expression,
+            "Ethnicity bias": ethnicity,
+            "Age bias": age,
+            "MAE": mae,
+        }
+        for model, mae, age, gender, ethnicity, expression in REFERENCES[name]
+    ]
+    return pd.DataFrame(rows).astype(
+        {c: float for c in ("Gender bias", "Expression bias", "Ethnicity bias", "Age bias", "MAE")}
+    )
 
 
 def reference_display(name: str = "seed") -> pd.DataFrame:

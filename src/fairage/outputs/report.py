@@ -47,13 +47,15 @@ BIAS_COLUMNS: dict[str, str] = {
 }
 #: the seed report's Table 1 columns, in its order
 TABLE1_COLUMNS: tuple[str, ...] = (
-    "Model", "Learning rate", "Training strategy", *BIAS_COLUMNS.values(), "MAE",
+    "Model",
+    "Learning rate",
+    "Training strategy",
+    *BIAS_COLUMNS.values(),
+    "MAE",
 )
 #: the measured columns (bias scores and MAE), each with a "<col> CI low/high" pair
 METRIC_COLUMNS: tuple[str, ...] = (*BIAS_COLUMNS.values(), "MAE")
-INTERVAL_COLUMNS: tuple[str, ...] = tuple(
-    f"{c} CI {end}" for c in METRIC_COLUMNS for end in ("low", "high")
-)
+INTERVAL_COLUMNS: tuple[str, ...] = tuple(f"{c} CI {end}" for c in METRIC_COLUMNS for end in ("low", "high"))
 COMPARISON_COLUMNS: tuple[str, ...] = (*TABLE1_COLUMNS, *INTERVAL_COLUMNS, "Runs")
 
 
@@ -85,8 +87,9 @@ def load_run(run_dir: str | Path) -> FinishedRun:
     folder = RunFolder.open(run_dir, record_required=False)
     metrics = folder.metrics()
     if metrics is None:
-        raise DataError(f"{folder.file(RunFolder.METRICS)} not found: the run is not finished "
-                        "(metrics_test.json is written last)")
+        raise DataError(
+            f"{folder.file(RunFolder.METRICS)} not found: the run is not finished (metrics_test.json is written last)"
+        )
     cfg = folder.config()
     history = folder.history() if folder.file(RunFolder.HISTORY).is_file() else None
     return FinishedRun(folder=folder, label=cfg.name, config=cfg, metrics=metrics, history=history)
@@ -205,8 +208,11 @@ def field_metrics_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFram
     for r in records:
         m = r.metrics
         collapsed = r.folder.record.collapsed_stages if r.folder.record is not None else {}
-        row: dict[str, object] = {"Model": r.label, "Seed": r.config.seed,
-                                  "Status": "ok" if not collapsed else "collapsed: " + ", ".join(collapsed)}
+        row: dict[str, object] = {
+            "Model": r.label,
+            "Seed": r.config.seed,
+            "Status": "ok" if not collapsed else "collapsed: " + ", ".join(collapsed),
+        }
         for group, score in m.age_bins.items():
             row[f"MAE {group}"] = score.mae if score.n else float("nan")
         for k, stat in m.cs.items():
@@ -375,10 +381,12 @@ def plot_all_training_curves(runs: Sequence[FinishedRun | str | Path], path: str
                 continue
             h = h.reset_index(drop=True)
             x = np.arange(1, len(h) + 1)
-            ax.plot(x, h["train_mae"], color="tab:blue", alpha=0.9 if i == 0 else 0.4,
-                    label="train" if i == 0 else None)
-            ax.plot(x, h["val_mae"], color="tab:orange", alpha=0.9 if i == 0 else 0.4,
-                    label="valid" if i == 0 else None)
+            ax.plot(
+                x, h["train_mae"], color="tab:blue", alpha=0.9 if i == 0 else 0.4, label="train" if i == 0 else None
+            )
+            ax.plot(
+                x, h["val_mae"], color="tab:orange", alpha=0.9 if i == 0 else 0.4, label="valid" if i == 0 else None
+            )
             stages = list(h["stage"])
             if i == 0 and "stage1" in stages and "stage2" in stages:
                 ax.axvline(stages.index("stage2") + 0.5, color="gray", linestyle="--", linewidth=1)
@@ -412,9 +420,11 @@ def group_mae_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=["Model", "attribute", "group", "n", "mae", "mae_std"])
     df = pd.DataFrame(rows)
-    out = (df.groupby(["Model", "attribute", "group"], sort=False)
-             .agg(n=("n", "first"), mae=("mae", "mean"), mae_std=("mae", "std"))
-             .reset_index())
+    out = (
+        df.groupby(["Model", "attribute", "group"], sort=False)
+        .agg(n=("n", "first"), mae=("mae", "mean"), mae_std=("mae", "std"))
+        .reset_index()
+    )
     return out
 
 
@@ -484,14 +494,26 @@ def group_coverage_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFra
         for name, cov in r.metrics.coverage.items():
             for attr, groups in cov.groups.items():
                 for g, score in groups.items():
-                    rows.append({"Model": r.label, "intervals": name, "attribute": attr, "group": str(g),
-                                 "n": score.n, "coverage": score.coverage, "width": score.width})
+                    rows.append(
+                        {
+                            "Model": r.label,
+                            "intervals": name,
+                            "attribute": attr,
+                            "group": str(g),
+                            "n": score.n,
+                            "coverage": score.coverage,
+                            "width": score.width,
+                        }
+                    )
     columns = ["Model", "intervals", "attribute", "group", "n", "coverage", "coverage_std", "width"]
     if not rows:
         return pd.DataFrame(columns=columns)
-    out = (pd.DataFrame(rows).groupby(["Model", "intervals", "attribute", "group"], sort=False)
-           .agg(n=("n", "first"), coverage=("coverage", "mean"), coverage_std=("coverage", "std"),
-                width=("width", "mean")).reset_index())
+    out = (
+        pd.DataFrame(rows)
+        .groupby(["Model", "intervals", "attribute", "group"], sort=False)
+        .agg(n=("n", "first"), coverage=("coverage", "mean"), coverage_std=("coverage", "std"), width=("width", "mean"))
+        .reset_index()
+    )
     return out[columns]
 
 
@@ -503,8 +525,11 @@ def coverage_table(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame | N
     for r in load_runs(runs):
         if not r.metrics.coverage:
             continue
-        row = {"Model": r.label, "Seed": r.config.seed,
-               "Target": math.nan if r.metrics.coverage_target is None else 100 * r.metrics.coverage_target}
+        row = {
+            "Model": r.label,
+            "Seed": r.config.seed,
+            "Target": math.nan if r.metrics.coverage_target is None else 100 * r.metrics.coverage_target,
+        }
         for name, cov in r.metrics.coverage.items():
             row[f"{name} coverage %"] = 100 * cov.total.coverage
             row[f"{name} width"] = cov.total.width
@@ -549,8 +574,16 @@ def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Pa
                     errs = None if all(math.isnan(e) for e in errs) else np.nan_to_num(errs)
                     ax.bar(pos, vals, width=width, yerr=errs, capsize=2, color=colors(k % 10), label=model)
                 else:
-                    ax.scatter(pos, vals, marker="_", s=220, color="black", linewidths=2,
-                               label="plain intervals" if k == 0 else None, zorder=3)
+                    ax.scatter(
+                        pos,
+                        vals,
+                        marker="_",
+                        s=220,
+                        color="black",
+                        linewidths=2,
+                        label="plain intervals" if k == 0 else None,
+                        zorder=3,
+                    )
         for target in targets:
             ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1)
         ax.set_xticks(np.arange(len(groups)))
@@ -561,7 +594,9 @@ def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Pa
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncols=min(len(labels), 8), fontsize=9)
-    fig.suptitle("age-interval coverage per group (dashed: target; a coverage gap is the mean pairwise gap between bars)")
+    fig.suptitle(
+        "age-interval coverage per group (dashed: target; a coverage gap is the mean pairwise gap between bars)"
+    )
     fig.tight_layout(rect=(0, 0.06 if axes.shape[0] == 1 else 0.04, 1, 1))
     return save_figure(fig, path)
 
@@ -587,8 +622,7 @@ def plot_bias_vs_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path)
             yerr = [[max(0.0, y - row[f"{col} CI low"])], [max(0.0, row[f"{col} CI high"] - y)]]
             xerr = None if any(math.isnan(e[0]) for e in xerr) else xerr
             yerr = None if any(math.isnan(e[0]) for e in yerr) else yerr
-            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colors(k % 10),
-                        capsize=2, label=model)
+            ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="o", color=colors(k % 10), capsize=2, label=model)
             ax.annotate(model, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("MAE (years)")
         ax.set_ylabel(f"{col} (years)")
@@ -627,7 +661,10 @@ def tune_front_frame(tune, baseline: FinishedRun | None = None) -> tuple[pd.Data
             row[f"val {name}"] = r[f"val_{name}"]
         for name in tune.objectives:
             row[f"test {name}"] = r[f"test_{name}"]
-            row[f"test {name} CI low"], row[f"test {name} CI high"] = r[f"test_{name}_ci_low"], r[f"test_{name}_ci_high"]
+            row[f"test {name} CI low"], row[f"test {name} CI high"] = (
+                r[f"test_{name}_ci_low"],
+                r[f"test_{name}_ci_high"],
+            )
         if baseline is not None:
             diffs: dict = {}
             run_dir = tune.run_dir(r.get("run_dir"))
@@ -642,7 +679,7 @@ def tune_front_frame(tune, baseline: FinishedRun | None = None) -> tuple[pd.Data
                 d = diffs.get(name)
                 col = f"{name} - {baseline.label}"
                 row[col] = d.estimate if d is not None else math.nan
-                row[f"{col} CI low"], row[f"{col} CI high"] = (d.ci if d is not None and d.ci else (math.nan,) * 2)
+                row[f"{col} CI low"], row[f"{col} CI high"] = d.ci if d is not None and d.ci else (math.nan,) * 2
                 row[f"{col} excludes 0"] = "n/a" if d is None or d.ci is None else ("yes" if d.excludes_zero else "no")
         rows.append(row)
     return pd.DataFrame(rows), note
@@ -661,7 +698,9 @@ def tune_front_display(frame: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
         for _, row in frame.iterrows():
             v = row[col]
             lo, hi = row.get(f"{col} CI low", math.nan), row.get(f"{col} CI high", math.nan)
-            text = _cell(v, digits) if math.isnan(lo) else f"{_cell(v, digits)} [{_cell(lo, digits)}, {_cell(hi, digits)}]"
+            text = (
+                _cell(v, digits) if math.isnan(lo) else f"{_cell(v, digits)} [{_cell(lo, digits)}, {_cell(hi, digits)}]"
+            )
             if row.get(f"{col} excludes 0") == "yes":
                 text += " *"
             cells.append(text)
@@ -687,9 +726,14 @@ def plot_tune_front(tune, references: Sequence[FinishedRun], path: str | Path) -
         point = objective_point(r.run_dir, objectives)
         if point is not None:
             refs.append({"name": r.label, **point})
-    return plot_pareto(points, path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
-                       pd.DataFrame(refs) if refs else None,
-                       title=f"Pareto front ({tune.path.name}): trials on the test split (bootstrap intervals)")
+    return plot_pareto(
+        points,
+        path,
+        f"{objectives[0]} (years, test)",
+        f"{objectives[1]} (years, test)",
+        pd.DataFrame(refs) if refs else None,
+        title=f"Pareto front ({tune.path.name}): trials on the test split (bootstrap intervals)",
+    )
 
 
 # --------------------------------------------------------------------------- dataset summary
@@ -710,15 +754,19 @@ def summarize_faces(faces: pd.DataFrame) -> dict[str, pd.DataFrame]:
     out: dict[str, pd.DataFrame] = {}
     columns: dict[str, tuple[pd.Series, list[str] | None]] = {}
     if "age" in faces.columns:
-        columns["age"] = (pd.Series(age_bins(faces["age"].to_numpy(dtype=float), AGE_EDGES), index=faces.index),
-                          age_bin_labels(AGE_EDGES))
+        columns["age"] = (
+            pd.Series(age_bins(faces["age"].to_numpy(dtype=float), AGE_EDGES), index=faces.index),
+            age_bin_labels(AGE_EDGES),
+        )
     for attr in ("gender", "ethnicity", "expression"):
         if attr in faces.columns:
             columns[attr] = (faces[attr].astype(str), None)
     for attr, (values, order) in columns.items():
         t = pd.crosstab(values.astype(str), split)
-        t = t.reindex(columns=[s for s in ("train", "valid", "test", "all") if s in t.columns]
-                      + [s for s in t.columns if s not in ("train", "valid", "test", "all")])
+        t = t.reindex(
+            columns=[s for s in ("train", "valid", "test", "all") if s in t.columns]
+            + [s for s in t.columns if s not in ("train", "valid", "test", "all")]
+        )
         if order is not None:
             t = t.reindex([o for o in order if o in t.index] + [i for i in t.index if i not in order], fill_value=0)
         t["total"] = t.sum(axis=1)
@@ -757,8 +805,14 @@ pre { background: #f7f7f7; padding: .8em; overflow-x: auto; font-size: .85em; }
 _TEXT_COLUMNS = {"Model", "Training strategy", "group", "attribute"}
 
 
-def _table_context(df: pd.DataFrame, caption: str | None = None, index: bool = False, digits: int = 3,
-                   table_id: str | None = None, text_columns: set[str] | frozenset[str] = frozenset()) -> dict:
+def _table_context(
+    df: pd.DataFrame,
+    caption: str | None = None,
+    index: bool = False,
+    digits: int = 3,
+    table_id: str | None = None,
+    text_columns: set[str] | frozenset[str] = frozenset(),
+) -> dict:
     """A DataFrame as the template's table: column names with their CSS class, formatted cells."""
     text_cols = _TEXT_COLUMNS | set(text_columns) | ({df.index.name} if index else set())
     names = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
@@ -766,22 +820,36 @@ def _table_context(df: pd.DataFrame, caption: str | None = None, index: bool = F
     for idx, row in df.iterrows():
         cells = ([(df.index.name, idx)] if index else []) + [(str(c), row[c]) for c in df.columns]
         rows.append([(_cell(v, digits), "text" if c in text_cols else "num") for c, v in cells])
-    return {"id": table_id, "caption": caption, "rows": rows,
-            "columns": [(c, "text" if c in text_cols else "num") for c in names]}
+    return {
+        "id": table_id,
+        "caption": caption,
+        "rows": rows,
+        "columns": [(c, "text" if c in text_cols else "num") for c in names],
+    }
 
 
 def _template():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("fairage.outputs", "templates"), autoescape=select_autoescape(["j2", "html"]),
-                      undefined=StrictUndefined, keep_trailing_newline=True)
+    env = Environment(
+        loader=PackageLoader("fairage.outputs", "templates"),
+        autoescape=select_autoescape(["j2", "html"]),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+    )
     return env.get_template("report.html.j2")
 
 
-def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records: list[FinishedRun],
-                summary: dict[str, pd.DataFrame] | None, summary_source: str | None,
-                title: str = "fairage comparison report", reference: str | None = None,
-                tune: dict | None = None) -> str:
+def render_html(
+    table: pd.DataFrame,
+    images: Sequence[tuple[str, Path]],
+    records: list[FinishedRun],
+    summary: dict[str, pd.DataFrame] | None,
+    summary_source: str | None,
+    title: str = "fairage comparison report",
+    reference: str | None = None,
+    tune: dict | None = None,
+) -> str:
     """The report page as one string (Jinja2 template ``templates/report.html.j2``).
 
     Inline CSS, PNGs as base64 data URIs, no scripts. ``reference``: the name of a
@@ -806,11 +874,21 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
         record = r.folder.record
         start = None
         if record is not None:
-            start = (f"pretrained weights {record.weights or ''}" if record.weights_loaded
-                     else "random initialisation (no pretrained weights)")
-        models.append({"label": r.label, "description": r.config.description.strip(), "run_dir": str(r.run_dir),
-                       "start": start, "warnings": r.folder.warnings() if record is not None else [],
-                       "config_yaml": dump_config(r.config)})
+            start = (
+                f"pretrained weights {record.weights or ''}"
+                if record.weights_loaded
+                else "random initialisation (no pretrained weights)"
+            )
+        models.append(
+            {
+                "label": r.label,
+                "description": r.config.description.strip(),
+                "run_dir": str(r.run_dir),
+                "start": start,
+                "warnings": r.folder.warnings() if record is not None else [],
+                "config_yaml": dump_config(r.config),
+            }
+        )
     field_table = field_metrics_table(records)
     field_context = None
     if field_table is not None:
@@ -831,30 +909,45 @@ def render_html(table: pd.DataFrame, images: Sequence[tuple[str, Path]], records
     if reference is not None:
         from .reference import PUBLISHED_NOTE, reference_display
 
-        reference_context = {"note": PUBLISHED_NOTE,
-                             "table": _table_context(reference_display(reference), caption=PUBLISHED_NOTE,
-                                                     table_id="reference")}
+        reference_context = {
+            "note": PUBLISHED_NOTE,
+            "table": _table_context(reference_display(reference), caption=PUBLISHED_NOTE, table_id="reference"),
+        }
     tune_context = None
     if tune is not None:
         image = tune.get("image")
-        tune_context = {"source": str(tune["source"]), "baseline": tune.get("baseline"), "note": tune.get("note"),
-                        "table": _table_context(tune_front_display(tune["frame"]), table_id="tune-front"),
-                        "image": base64.b64encode(Path(image).read_bytes()).decode("ascii") if image else None}
+        tune_context = {
+            "source": str(tune["source"]),
+            "baseline": tune.get("baseline"),
+            "note": tune.get("note"),
+            "table": _table_context(tune_front_display(tune["frame"]), table_id="tune-front"),
+            "image": base64.b64encode(Path(image).read_bytes()).decode("ascii") if image else None,
+        }
     return _template().render(
-        title=title, css=_CSS, level_pct=int(round(level * 100)), tune=tune_context,
-        comparison=_table_context(display_table(table), table_id="comparison"), pvalues=pvalues_context,
+        title=title,
+        css=_CSS,
+        level_pct=int(round(level * 100)),
+        tune=tune_context,
+        comparison=_table_context(display_table(table), table_id="comparison"),
+        pvalues=pvalues_context,
         field=field_context,
         coverage=coverage_context,
         reference=reference_context,
         images=[(caption, base64.b64encode(Path(png).read_bytes()).decode("ascii")) for caption, png in images],
-        groups=groups, summary=[_table_context(t, caption=f"faces per {attr}", index=True)
-                                for attr, t in (summary or {}).items()],
-        summary_source=summary_source, models=models)
+        groups=groups,
+        summary=[_table_context(t, caption=f"faces per {attr}", index=True) for attr, t in (summary or {}).items()],
+        summary_source=summary_source,
+        models=models,
+    )
 
 
-def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Path,
-                 dataset_summary: pd.DataFrame | dict | None = None, reference: str | None = None,
-                 tune: str | Path | None = None) -> Path:
+def build_report(
+    run_dirs: Sequence[FinishedRun | str | Path],
+    out_dir: str | Path,
+    dataset_summary: pd.DataFrame | dict | None = None,
+    reference: str | None = None,
+    tune: str | Path | None = None,
+) -> Path:
     """Write the comparison of finished runs into ``out_dir``; return ``report.html``'s path.
 
     Writes ``comparison.csv`` (``comparison_table``), ``comparison.md`` (the display
@@ -914,8 +1007,13 @@ def build_report(run_dirs: Sequence[FinishedRun | str | Path], out_dir: str | Pa
         frame, note = tune_front_frame(tune_folder, baseline)
         with atomic_path(out_dir / TUNE_FRONT) as tmp:
             safe_table(frame).to_csv(tmp, index=False)
-        tune_section = {"source": tune_folder.path, "baseline": baseline.label if baseline else None, "note": note,
-                        "frame": frame, "image": plot_tune_front(tune_folder, references, out_dir / "front.png")}
+        tune_section = {
+            "source": tune_folder.path,
+            "baseline": baseline.label if baseline else None,
+            "note": note,
+            "frame": frame,
+            "image": plot_tune_front(tune_folder, references, out_dir / "front.png"),
+        }
     page = render_html(table, images, records, summary, source, reference=reference, tune=tune_section)
     report = out_dir / "report.html"
     write_text(report, page)

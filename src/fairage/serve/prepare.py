@@ -91,8 +91,9 @@ def prepare_upload(data: bytes, faces_only: bool) -> tuple[int, int, list, np.nd
         raise UploadError(400, f"upload: {err}") from None
     boxes = detect_faces(_WORKER["detector"], rgb, spec.detect_side or None)
     found = [((x, y, w, h), s) for x, y, w, h, s in boxes]
-    crops = (np.stack([crop_face(rgb, box, size) for box, _ in found]) if found
-             else np.empty((0, size, size, 3), np.uint8))
+    crops = (
+        np.stack([crop_face(rgb, box, size) for box, _ in found]) if found else np.empty((0, size, size, 3), np.uint8)
+    )
     return rgb.shape[1], rgb.shape[0], found, crops
 
 
@@ -117,8 +118,12 @@ class PreparePool:
         if self._executor is None or getattr(self._executor, "_broken", False):
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_start_worker, initargs=(self.spec,))
+            self._executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.spec,),
+            )
         return self._executor
 
     def start(self) -> list[Future]:

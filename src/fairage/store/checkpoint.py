@@ -47,11 +47,15 @@ def read_checkpoint(path: str | Path) -> dict:
         text = str(err)
         if isinstance(err, pickle.UnpicklingError) or "Weights only load failed" in text:
             # a complete file whose pickle names more than tensors: not damage, and never to be unpickled
-            raise DataError(f"{path}: {load_error_reason(err)}; it is not a checkpoint fairage training wrote "
-                            "(delete it to retrain from the previous checkpoint, or start a new run)") from None
+            raise DataError(
+                f"{path}: {load_error_reason(err)}; it is not a checkpoint fairage training wrote "
+                "(delete it to retrain from the previous checkpoint, or start a new run)"
+            ) from None
         reason = text.splitlines()[0] if text else type(err).__name__
-        raise DataError(f"{path} is corrupt or truncated ({reason}); delete it to retrain from the "
-                        "previous checkpoint, or start a new run") from None
+        raise DataError(
+            f"{path} is corrupt or truncated ({reason}); delete it to retrain from the "
+            "previous checkpoint, or start a new run"
+        ) from None
     if not isinstance(ckpt, dict):
         raise DataError(f"{path} is not a fairage checkpoint (no mapping at the top level)")
     return ckpt
@@ -59,7 +63,7 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def strip_model_prefix(state: dict) -> dict:
     """The entries of a Lightning state dict that belong to the network, without their ``model.`` prefix."""
-    return {k[len(MODEL_PREFIX):]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
+    return {k[len(MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
 
 
 def model_state(ckpt: dict, path: str | Path) -> dict[str, torch.Tensor]:
@@ -79,8 +83,10 @@ def load_weights(model: AgeRegressor, path: str | Path, ckpt: dict | None = None
     try:
         model.load_state_dict(state)
     except RuntimeError as err:  # missing/unexpected keys or other shapes: config.yaml names another model
-        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({_first_line(err)}); "
-                        "was config.yaml edited? Restore it, or start a new run") from None
+        raise DataError(
+            f"{path}: its weights do not fit the model of the run's config.yaml ({_first_line(err)}); "
+            "was config.yaml edited? Restore it, or start a new run"
+        ) from None
 
 
 def saved_config(ckpt: dict, path: str | Path) -> ExperimentConfig | None:
@@ -100,8 +106,10 @@ def saved_config(ckpt: dict, path: str | Path) -> ExperimentConfig | None:
     return validate_config(raw, f"{path} ({CONFIG_KEY})")
 
 
-def model_from_checkpoint(path: str | Path, config: ExperimentConfig | None = None,
-                          ) -> tuple[AgeRegressor, ExperimentConfig]:
+def model_from_checkpoint(
+    path: str | Path,
+    config: ExperimentConfig | None = None,
+) -> tuple[AgeRegressor, ExperimentConfig]:
     """The model of a fairage training checkpoint (eval mode, CPU) and its config; the file is read once.
 
     The config is the one saved inside the file; ``config`` (the run folder's config.yaml) stands in
@@ -114,8 +122,10 @@ def model_from_checkpoint(path: str | Path, config: ExperimentConfig | None = No
     ckpt = read_checkpoint(path)
     cfg = saved_config(ckpt, path) or config
     if cfg is None:
-        raise DataError(f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
-                        "fairage training, or by an older version: use its run folder instead")
+        raise DataError(
+            f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
+            "fairage training, or by an older version: use its run folder instead"
+        )
     model = AgeRegressor(cfg.model)
     load_weights(model, path, ckpt)
     return model.eval(), cfg

@@ -26,8 +26,14 @@ EXPORT_OUTPUT = "apparent age in years, float32, shape (N,)"
 INPUT_NORMS = ("imagenet", "vggface2", "caffe")
 
 
-def export_metadata(image_size: int, input_norm: str, name: str, config: ExperimentConfig | None,
-                    calibration: Calibration | None, crop_margin: float) -> dict[str, str]:
+def export_metadata(
+    image_size: int,
+    input_norm: str,
+    name: str,
+    config: ExperimentConfig | None,
+    calibration: Calibration | None,
+    crop_margin: float,
+) -> dict[str, str]:
     """The metadata written into an exported file (all values strings)."""
     from ..config.files import dump_config
 
@@ -65,8 +71,9 @@ def read_export_metadata(meta: dict, path: Path) -> ExportedInfo:
     text = str(meta["fairage_image_size"]).strip()
     size = int(text) if text.isdigit() and len(text) <= 6 else None
     if size is None or not 8 <= size <= MAX_IMAGE_SIZE:
-        raise ConfigError(f"{path}: its metadata fairage_image_size {text[:40]!r} is not an image side of 8 to "
-                          f"{MAX_IMAGE_SIZE} px")
+        raise ConfigError(
+            f"{path}: its metadata fairage_image_size {text[:40]!r} is not an image side of 8 to {MAX_IMAGE_SIZE} px"
+        )
     norm = meta.get("fairage_input_norm", "")
     if norm not in ("", *INPUT_NORMS):
         raise ConfigError(f"{path}: its metadata fairage_input_norm {norm[:40]!r} is not imagenet, vggface2 or caffe")

@@ -37,14 +37,15 @@ def model_kind(path: str | Path) -> str:
     if not path.is_dir():
         raise DataError(f"{path}: model not found")
     if not (path / CONFIG).is_file():
-        raise DataError(f"{path} holds no {CONFIG}: not a fairage model: expected a run folder (config.yaml + "
-                        "checkpoints/), a model folder (config.yaml + model.safetensors) or an exported model file")
+        raise DataError(
+            f"{path} holds no {CONFIG}: not a fairage model: expected a run folder (config.yaml + "
+            "checkpoints/), a model folder (config.yaml + model.safetensors) or an exported model file"
+        )
     if RunFolder.exists(path):
         return "run"
     if (path / WEIGHTS).is_file():
         return "folder"
-    raise DataError(f"{path} has a {CONFIG} but neither {RunFolder.RUN} (a run folder) nor "
-                    f"{WEIGHTS} (a model folder)")
+    raise DataError(f"{path} has a {CONFIG} but neither {RunFolder.RUN} (a run folder) nor {WEIGHTS} (a model folder)")
 
 
 def is_model_folder(path: str | Path) -> bool:
@@ -95,7 +96,9 @@ def load_model_folder(path: str | Path) -> tuple[AgeRegressor, ExperimentConfig]
     model = AgeRegressor(cfg.model)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise DataError(f"{weights}: weights do not match the config's model (missing "
-                        f"{', '.join(result.missing_keys[:5]) or 'none'}; unexpected "
-                        f"{', '.join(result.unexpected_keys[:5]) or 'none'})")
+        raise DataError(
+            f"{weights}: weights do not match the config's model (missing "
+            f"{', '.join(result.missing_keys[:5]) or 'none'}; unexpected "
+            f"{', '.join(result.unexpected_keys[:5]) or 'none'})"
+        )
     return model.eval().float(), cfg

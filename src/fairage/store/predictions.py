@@ -33,8 +33,7 @@ SPREAD_COLUMN = "spread"
 INTERVAL_COLUMNS: tuple[str, str] = ("age_lo", "age_hi")
 
 
-def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions, spread=None,
-                      intervals=None) -> None:
+def write_predictions(path: str | os.PathLike, faces: pd.DataFrame, predictions, spread=None, intervals=None) -> None:
     """Atomically write the predictions of one split's ``faces`` (dataset order) to ``path``.
 
     ``predictions`` is array-like of shape (len(faces),), years; ``spread`` (same shape,
@@ -82,13 +81,19 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
     for column in table.columns:  # text a spreadsheet would run was written quoted (fairage.csvcells)
         if table[column].dtype == object or pd.api.types.is_string_dtype(table[column]):
             table[column] = table[column].map(unquote)
-    if (list(table.columns[:2]) == ["image", "age"]
-            and set(table.columns) <= {"image", "age", SPREAD_COLUMN, *INTERVAL_COLUMNS}):
+    if list(table.columns[:2]) == ["image", "age"] and set(table.columns) <= {
+        "image",
+        "age",
+        SPREAD_COLUMN,
+        *INTERVAL_COLUMNS,
+    }:
         table = _from_face_predictions(table)
     missing = [c for c in ("image", "prediction") if c not in table.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} "
-                        f"(expected header image,prediction; found {', '.join(map(str, table.columns))})")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)} "
+            f"(expected header image,prediction; found {', '.join(map(str, table.columns))})"
+        )
     if table["image"].isna().any():
         row = int(np.flatnonzero(table["image"].isna().to_numpy())[0])
         raise DataError(f"{path}: row {row + 2} has an empty image id")
@@ -96,18 +101,23 @@ def read_predictions(path: str | os.PathLike, clip: bool = False) -> pd.DataFram
     bad = np.flatnonzero(~np.isfinite(values))
     if bad.size:
         row = int(bad[0])
-        raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): prediction "
-                        f"{_show(table['prediction'].iloc[row])} is missing or not a finite number"
-                        + (f" ({bad.size} bad rows in all)" if bad.size > 1 else ""))
+        raise DataError(
+            f"{path}: row {row + 2} (image {table['image'].iloc[row]}): prediction "
+            f"{_show(table['prediction'].iloc[row])} is missing or not a finite number"
+            + (f" ({bad.size} bad rows in all)" if bad.size > 1 else "")
+        )
     low, high = PREDICTION_RANGE
     out = np.flatnonzero((values < low) | (values > high))
     if out.size and clip:
         values = np.clip(values, low, high)
     elif out.size:
         row = int(out[0])
-        raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): prediction {values[row]:g} years "
-                        f"is outside {low:g} to {high:g}" + (f" ({out.size} such rows)" if out.size > 1 else "")
-                        + "; --clip clips predictions into that range")
+        raise DataError(
+            f"{path}: row {row + 2} (image {table['image'].iloc[row]}): prediction {values[row]:g} years "
+            f"is outside {low:g} to {high:g}"
+            + (f" ({out.size} such rows)" if out.size > 1 else "")
+            + "; --clip clips predictions into that range"
+        )
     table["image"] = table["image"].astype(str)
     table["prediction"] = values
     if any(c in table.columns for c in INTERVAL_COLUMNS):
@@ -119,16 +129,20 @@ def _check_intervals(path: Path, table: pd.DataFrame) -> None:
     """``age_lo`` and ``age_hi`` both present, finite and ordered; DataError naming the first bad row."""
     missing = [c for c in INTERVAL_COLUMNS if c not in table.columns]
     if missing:
-        raise DataError(f"{path}: has {', '.join(c for c in INTERVAL_COLUMNS if c not in missing)} "
-                        f"but not {missing[0]} (an interval needs both)")
+        raise DataError(
+            f"{path}: has {', '.join(c for c in INTERVAL_COLUMNS if c not in missing)} "
+            f"but not {missing[0]} (an interval needs both)"
+        )
     lo = pd.to_numeric(table["age_lo"], errors="coerce").to_numpy(dtype=float)
     hi = pd.to_numeric(table["age_hi"], errors="coerce").to_numpy(dtype=float)
     bad = np.flatnonzero(~np.isfinite(lo) | ~np.isfinite(hi) | (lo > hi))
     if bad.size:
         row = int(bad[0])
-        raise DataError(f"{path}: row {row + 2} (image {table['image'].iloc[row]}): interval "
-                        f"[{_show(table['age_lo'].iloc[row])}, {_show(table['age_hi'].iloc[row])}] is not two finite "
-                        "numbers with age_lo <= age_hi" + (f" ({bad.size} bad rows in all)" if bad.size > 1 else ""))
+        raise DataError(
+            f"{path}: row {row + 2} (image {table['image'].iloc[row]}): interval "
+            f"[{_show(table['age_lo'].iloc[row])}, {_show(table['age_hi'].iloc[row])}] is not two finite "
+            "numbers with age_lo <= age_hi" + (f" ({bad.size} bad rows in all)" if bad.size > 1 else "")
+        )
     table["age_lo"], table["age_hi"] = lo, hi
 
 
@@ -137,6 +151,8 @@ def _show(value) -> str:
     if isinstance(value, np.generic):
         value = value.item()
     return repr(value)
+
+
 def _from_face_predictions(table: pd.DataFrame) -> pd.DataFrame:
     """A ``fairage predict --faces`` file (``image,age[,spread]``: ages predicted from face crops) as predictions.
 
@@ -156,7 +172,9 @@ def _few(ids, limit: int = 5) -> str:
     return text + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
 
 
-def join_predictions(faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.PathLike = "predictions") -> pd.DataFrame:
+def join_predictions(
+    faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.PathLike = "predictions"
+) -> pd.DataFrame:
     """``faces`` (one split, dataset order) with a ``prediction`` column from ``preds``
     (and ``age_lo``, ``age_hi`` when ``preds`` has them).
 

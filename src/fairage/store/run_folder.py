@@ -154,8 +154,7 @@ class RunFolder:
         On non-zero DDP ranks nothing is written.
         """
         folder = cls(path)
-        record = RunRecord(data_dir=str(Path(data_dir).resolve()), stage=cfg.stages()[0][0], seed=cfg.seed,
-                           **fields)
+        record = RunRecord(data_dir=str(Path(data_dir).resolve()), stage=cfg.stages()[0][0], seed=cfg.seed, **fields)
         folder.record = record
         if is_rank_zero():
             folder.path.mkdir(parents=True, exist_ok=True)
@@ -198,8 +197,10 @@ class RunFolder:
         names = sorted(p.name for p in path.iterdir() if p.name != cls.LOCK)
         if names:
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-            raise ConfigError(f"--out {path} is a folder that is not a fairage run (it holds {shown}); fairage "
-                              "would overwrite files there: choose a new or empty folder for the run")
+            raise ConfigError(
+                f"--out {path} is a folder that is not a fairage run (it holds {shown}); fairage "
+                "would overwrite files there: choose a new or empty folder for the run"
+            )
 
     @classmethod
     def exists(cls, path: str | Path) -> bool:
@@ -317,13 +318,17 @@ class RunFolder:
         bad = history.index[epochs.isna() | (epochs % 1 != 0) | (epochs < 0)]
         if len(bad):
             row = int(bad[0])
-            raise DataError(f"{path}: row {row + 2}: epoch {str(history.at[bad[0], 'epoch'])[:40]!r} is not an "
-                            "epoch number; the run folder is damaged (restore history.csv or start a new run)")
+            raise DataError(
+                f"{path}: row {row + 2}: epoch {str(history.at[bad[0], 'epoch'])[:40]!r} is not an "
+                "epoch number; the run folder is damaged (restore history.csv or start a new run)"
+            )
         stages = history["stage"].astype(str)
         bad = history.index[~stages.isin(STAGES)]
         if len(bad):
-            raise DataError(f"{path}: row {int(bad[0]) + 2}: stage {stages[bad[0]][:40]!r} is not one of "
-                            f"{', '.join(STAGES)}; the run folder is damaged")
+            raise DataError(
+                f"{path}: row {int(bad[0]) + 2}: stage {stages[bad[0]][:40]!r} is not one of "
+                f"{', '.join(STAGES)}; the run folder is damaged"
+            )
         history["epoch"] = epochs.astype(int)
         history["stage"] = stages
         return history
@@ -341,9 +346,11 @@ class RunFolder:
             losses = pd.to_numeric(rows["val_loss"], errors="coerce")
             best = losses.idxmin() if losses.notna().any() else rows.index[-1]
             val_mae = pd.to_numeric(rows["val_mae"], errors="coerce")[best]
-            out[str(stage)] = {"epoch": int(rows.at[best, "epoch"]),
-                               "val_mae": None if pd.isna(val_mae) else float(val_mae),
-                               "epochs_run": len(rows)}
+            out[str(stage)] = {
+                "epoch": int(rows.at[best, "epoch"]),
+                "val_mae": None if pd.isna(val_mae) else float(val_mae),
+                "epochs_run": len(rows),
+            }
         return out
 
     def write_history(self, history: pd.DataFrame) -> None:
@@ -451,6 +458,8 @@ def _temp_pattern(names: str) -> re.Pattern:
 
 
 #: the files a run writes in its folder, and in its checkpoints folder
-_RUN_TEMP = _temp_pattern(r"config\.yaml|run\.json|history\.csv|predictions_test\.csv|metrics_test\.json|"
-                          r"curves\.png|weights_stage[12]\.png|dro_q\.csv")
+_RUN_TEMP = _temp_pattern(
+    r"config\.yaml|run\.json|history\.csv|predictions_test\.csv|metrics_test\.json|"
+    r"curves\.png|weights_stage[12]\.png|dro_q\.csv"
+)
 _CHECKPOINT_TEMP = _temp_pattern(r"stage[12]-(best|last)(-v\d+)?\.ckpt")

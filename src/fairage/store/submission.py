@@ -24,8 +24,9 @@ from .predictions import PREDICTION_RANGE, join_predictions
 SUBMISSION_MEMBER = "predictions.csv"
 
 
-def write_submission(out: str | os.PathLike, test_faces: pd.DataFrame, preds: pd.DataFrame,
-                     source: str | os.PathLike = "predictions") -> np.ndarray:
+def write_submission(
+    out: str | os.PathLike, test_faces: pd.DataFrame, preds: pd.DataFrame, source: str | os.PathLike = "predictions"
+) -> np.ndarray:
     """Atomically write the submission zip ``out`` for ``test_faces`` (test split, dataset order).
 
     ``preds`` is a predictions table (``image``, ``prediction``). Returns the written ages,
@@ -41,8 +42,10 @@ def write_submission(out: str | os.PathLike, test_faces: pd.DataFrame, preds: pd
     bad = np.flatnonzero(~np.isfinite(ages) | (ages < low) | (ages > high))
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"{source}: prediction {ages[i]:g} for test face {test_faces['image'].iloc[i]!r} is not an age "
-                        f"between {low:g} and {high:g} years ({bad.size} such faces)")
+        raise DataError(
+            f"{source}: prediction {ages[i]:g} for test face {test_faces['image'].iloc[i]!r} is not an age "
+            f"between {low:g} and {high:g} years ({bad.size} such faces)"
+        )
     text = "".join(f"{a:.6f}\n" for a in ages)
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(SUBMISSION_MEMBER, text)

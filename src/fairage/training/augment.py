@@ -33,12 +33,14 @@ def _darker(image: np.ndarray) -> np.ndarray:
 def _shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
     h, w = image.shape[:2]
     matrix = np.float32([[1, 0, dx], [0, 1, dy]])
-    return cv2.warpAffine(image, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
-                          borderValue=(0, 0, 0))
+    return cv2.warpAffine(
+        image, matrix, (w, h), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0)
+    )
 
 
-def replicate_faces(images: np.ndarray, ages: np.ndarray, min_age: float | None = 60.0,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def replicate_faces(
+    images: np.ndarray, ages: np.ndarray, min_age: float | None = 60.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Append 4 transformed copies of each face aged ``min_age`` or more (None: every face).
 
     Parameters

@@ -68,19 +68,23 @@ def face_arrays(train_faces: pd.DataFrame, stage: StageConfig, stage_name: str =
         if "age_std" not in train_faces.columns:
             raise ConfigError(
                 f"{stage_name}.label_std '{stage.label_std}' needs each face's rater spread (face table column "
-                "age_std, APPA-REAL's apparent_age_std), which this dataset does not record; set label_std: off")
+                "age_std, APPA-REAL's apparent_age_std), which this dataset does not record; set label_std: off"
+            )
         std = pd.to_numeric(train_faces["age_std"], errors="coerce").to_numpy(dtype=float)
         bad = np.flatnonzero(~np.isfinite(std) | (std < 0))
         if bad.size:
             first = train_faces.iloc[int(bad[0])]
-            raise DataError(f"{stage_name}.label_std: {bad.size} training face(s) have no valid age_std, first "
-                            f"{first.get('image', int(bad[0]))!r} (value {first['age_std']!r})")
+            raise DataError(
+                f"{stage_name}.label_std: {bad.size} training face(s) have no valid age_std, first "
+                f"{first.get('image', int(bad[0]))!r} (value {first['age_std']!r})"
+            )
         arrays.age_std = std.astype(np.float32)
     return arrays
 
 
-def build_objective(stage: StageConfig, label_scale: float, train_ages: np.ndarray,
-                    arrays: FaceArrays | None, seed: int) -> StageObjective | None:
+def build_objective(
+    stage: StageConfig, label_scale: float, train_ages: np.ndarray, arrays: FaceArrays | None, seed: int
+) -> StageObjective | None:
     """The stage's ``StageObjective``; None when ``uses_methods(stage)`` is false.
 
     ``label_scale``: years per label unit of the model; ``train_ages`` (N,) years.
@@ -95,12 +99,22 @@ def build_objective(stage: StageConfig, label_scale: float, train_ages: np.ndarr
         dro = GroupDRO(arrays.group_sizes, eta=stage.dro.eta, size_adjustment=stage.dro.size_adjustment)
     if stage.label_std != "off" and arrays.age_std is None:
         raise ConfigError(f"label_std '{stage.label_std}' needs the age_std of every training face")
-    as_tensor = (lambda a: None if a is None else torch.as_tensor(np.asarray(a)))
+    as_tensor = lambda a: None if a is None else torch.as_tensor(np.asarray(a))
     return StageObjective(
-        stage.loss, label_scale=label_scale, huber_delta=stage.huber_delta, bmc_sigma=stage.bmc_sigma,
-        dex_sigma=stage.dex_sigma, dex_l1=stage.dex_l1, dro=dro, face_groups=as_tensor(arrays.groups),
-        face_ages=torch.as_tensor(np.asarray(train_ages, dtype=np.float32)), face_std=as_tensor(arrays.age_std),
-        label_std=stage.label_std, age_std_floor=stage.age_std_floor, seed=seed)
+        stage.loss,
+        label_scale=label_scale,
+        huber_delta=stage.huber_delta,
+        bmc_sigma=stage.bmc_sigma,
+        dex_sigma=stage.dex_sigma,
+        dex_l1=stage.dex_l1,
+        dro=dro,
+        face_groups=as_tensor(arrays.groups),
+        face_ages=torch.as_tensor(np.asarray(train_ages, dtype=np.float32)),
+        face_std=as_tensor(arrays.age_std),
+        label_std=stage.label_std,
+        age_std_floor=stage.age_std_floor,
+        seed=seed,
+    )
 
 
 class DROHistoryCallback(Callback):

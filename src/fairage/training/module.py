@@ -29,8 +29,9 @@ class FaceArrayDataset(Dataset):
     batch tensor is writable and pinnable.
     """
 
-    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None,
-                 with_index: bool = False):
+    def __init__(
+        self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None, with_index: bool = False
+    ):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
         if len(ages) != len(images):
@@ -96,8 +97,16 @@ class AgeModule(L.LightningModule):
     Batches are ``(x, age_years, weight)``.
     """
 
-    def __init__(self, model: AgeRegressor, stage: StageConfig, frozen: bool, inputs: str = "images",
-                 channels_last: bool = False, image_size: int | None = None, objective: nn.Module | None = None):
+    def __init__(
+        self,
+        model: AgeRegressor,
+        stage: StageConfig,
+        frozen: bool,
+        inputs: str = "images",
+        channels_last: bool = False,
+        image_size: int | None = None,
+        objective: nn.Module | None = None,
+    ):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
@@ -177,7 +186,9 @@ class AgeModule(L.LightningModule):
         if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.models.losses)
             loss = self.objective(out, age, use_weight, index[0] if index else None, train=train)
         else:
-            loss = weighted_loss(out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+            loss = weighted_loss(
+                out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale
+            )
         return loss, self.model.years(out)
 
     def _step(self, batch, prefix: str):
@@ -188,10 +199,8 @@ class AgeModule(L.LightningModule):
         if prefix == "val":
             y = years.detach().double().cpu()
             self._val_moments += torch.stack([torch.tensor(float(n), dtype=torch.float64), y.sum(), (y * y).sum()])
-        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
-                 prog_bar=True)
-        self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
-                 prog_bar=True)
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
+        self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -244,16 +253,28 @@ class AgeModule(L.LightningModule):
         # optimizer under mixed precision (it could unscale them itself), so clipping stages there
         # take the per-operation Adam
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and not (mixed and self.stage.grad_clip)
-        opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
-                               weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps, fused=fused)
+        opt = torch.optim.Adam(
+            params,
+            lr=self.stage.lr,
+            amsgrad=self.stage.amsgrad,
+            weight_decay=self.stage.weight_decay,
+            eps=self.stage.adam_eps,
+            fused=fused,
+        )
         if self.stage.lr_schedule == "cosine":
             return {"optimizer": opt, "lr_scheduler": {"scheduler": self._cosine(opt), "interval": "step"}}
         # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
-        threshold = {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta,
-                                                                 "threshold_mode": "abs"}
+        threshold = (
+            {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta, "threshold_mode": "abs"}
+        )
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr,
-            **threshold)
+            opt,
+            mode="min",
+            factor=self.stage.lr_factor,
+            patience=self.stage.lr_patience,
+            min_lr=self.stage.min_lr,
+            **threshold,
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
 
     def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

@@ -38,6 +38,7 @@ def expand_presets(names: Sequence[str]) -> list[str]:
         out.extend(PRESET_GROUPS.get(name, (name,)))
     return out
 
+
 #: synthetic benchmark size for ``fairage demo`` (faces per split, image side in px)
 DEMO_SIZES: dict[str, int] = {"n_train": 1200, "n_valid": 300, "n_test": 1000, "size": 64}
 DEMO_SEED = 0
@@ -49,9 +50,18 @@ PRETRAINED_STAGE2_LR = 3e-4
 #: the demo's all-layers schedule at scale cpu: the one its synthetic faces were tuned with (8 epochs,
 #: no augmentation, no warm-up or clipping), so its table and its few minutes stay as documented;
 #: ``--scale cpu`` itself is tuned on real faces (docs/training.md)
-DEMO_STAGE2 = ("stage2.max_epochs=8", "stage2.max_images=null", "stage2.patience=4", "stage2.lr_patience=2",
-               "stage2.warmup_epochs=0", "stage2.grad_clip=null", "stage2.augment.enabled=false",
-               "stage2.lr_schedule=plateau", "stage2.loss=mse", "model.flip_average=false")
+DEMO_STAGE2 = (
+    "stage2.max_epochs=8",
+    "stage2.max_images=null",
+    "stage2.patience=4",
+    "stage2.lr_patience=2",
+    "stage2.warmup_epochs=0",
+    "stage2.grad_clip=null",
+    "stage2.augment.enabled=false",
+    "stage2.lr_schedule=plateau",
+    "stage2.loss=mse",
+    "model.flip_average=false",
+)
 
 
 def run_name(preset: str, seed_index: int, seeds: int) -> str:
@@ -63,8 +73,9 @@ def run_name(preset: str, seed_index: int, seeds: int) -> str:
     return preset if seeds == 1 else f"{preset}-seed{seed_index}"
 
 
-def suite_configs(presets: Sequence[str] = REPORT_PRESETS, scale: str = "cpu", seeds: int = 1,
-                  overrides: Sequence[str] | None = None) -> list[tuple[str, ExperimentConfig]]:
+def suite_configs(
+    presets: Sequence[str] = REPORT_PRESETS, scale: str = "cpu", seeds: int = 1, overrides: Sequence[str] | None = None
+) -> list[tuple[str, ExperimentConfig]]:
     """Resolve every (preset, seed) of a suite: list of (run folder name, config).
 
     With ``seeds`` K > 1, run k (0..K-1) uses seed = the preset's seed + k (after
@@ -138,9 +149,16 @@ def _ignore(event: SuiteEvent) -> None:
     """The listener of a caller that shows nothing."""
 
 
-def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] = REPORT_PRESETS,
-              scale: str = "cpu", seeds: int = 1, overrides: Sequence[str] | None = None,
-              progress: bool = True, on_event: SuiteListener | None = None) -> Path:
+def run_suite(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    presets: Sequence[str] = REPORT_PRESETS,
+    scale: str = "cpu",
+    seeds: int = 1,
+    overrides: Sequence[str] | None = None,
+    progress: bool = True,
+    on_event: SuiteListener | None = None,
+) -> Path:
     """Train and compare presets; return the path of ``out_dir/report.html``.
 
     Each (preset, seed) trains into ``out_dir/<preset>`` (``<preset>-seed<k>`` with
@@ -177,8 +195,9 @@ def run_suite(data_dir: str | Path, out_dir: str | Path, presets: Sequence[str] 
     return build_report(run_dirs, out_dir, dataset_summary=faces)
 
 
-def _train_or_reuse(run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: str, scale: str,
-                    notify: SuiteListener, progress: bool) -> None:
+def _train_or_reuse(
+    run_dir: Path, cfg: ExperimentConfig, data_dir: Path, tag: str, scale: str, notify: SuiteListener, progress: bool
+) -> None:
     """Leave a finished run of ``cfg`` on ``data_dir`` in ``run_dir``: reuse it, resume it, or train it.
 
     A folder holding a run of another config or data is kept under ``<name>.replaced-<k>``.
@@ -214,8 +233,9 @@ def _notify_warnings(run_dir: Path, tag: str, notify: SuiteListener) -> None:
             notify(SuiteEvent(f"{tag}: {message}", warning=True, failed=message in collapsed))
 
 
-def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int,
-                    notify: SuiteListener) -> Path:
+def _synthetic_once(
+    out_dir: Path, n_train: int, n_valid: int, n_test: int, size: int, seed: int, notify: SuiteListener
+) -> Path:
     """Write the synthetic benchmark into a folder named by its parameters, unless already complete."""
     from ..data import write_synthetic
     from ..data.synthetic import SYNTH_VERSION
@@ -223,8 +243,12 @@ def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size
     data_dir = out_dir / f"synthetic-v{SYNTH_VERSION}-{size}px-{n_train}-{n_valid}-{n_test}-seed{seed}"
     marker = data_dir / ".complete"
     if not marker.is_file():
-        notify(SuiteEvent(f"writing the synthetic benchmark ({n_train}/{n_valid}/{n_test} faces, {size} px, "
-                          f"seed {seed}) to {data_dir}"))
+        notify(
+            SuiteEvent(
+                f"writing the synthetic benchmark ({n_train}/{n_valid}/{n_test} faces, {size} px, "
+                f"seed {seed}) to {data_dir}"
+            )
+        )
         write_synthetic(data_dir, n_train=n_train, n_valid=n_valid, n_test=n_test, size=size, seed=seed)
         marker.write_text("written by fairage demo\n", encoding="utf-8")
     else:
@@ -232,9 +256,15 @@ def _synthetic_once(out_dir: Path, n_train: int, n_valid: int, n_test: int, size
     return data_dir
 
 
-def pretrain_backbone(out_dir: str | Path, scale: str = "cpu", size: int = DEMO_SIZES["size"],
-                      sizes: dict[str, int] | None = None, seed: int = PRETRAIN_SEED,
-                      progress: bool = True, on_event: SuiteListener | None = None) -> Path:
+def pretrain_backbone(
+    out_dir: str | Path,
+    scale: str = "cpu",
+    size: int = DEMO_SIZES["size"],
+    sizes: dict[str, int] | None = None,
+    seed: int = PRETRAIN_SEED,
+    progress: bool = True,
+    on_event: SuiteListener | None = None,
+) -> Path:
     """Train the demo's stand-in for a pretrained backbone; return its weights file.
 
     The report starts every model from a VGGFace2 ResNet50; nothing can be downloaded
@@ -261,11 +291,20 @@ def pretrain_backbone(out_dir: str | Path, scale: str = "cpu", size: int = DEMO_
     return training.export_backbone(run_dir, weights)
 
 
-def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_PRESETS,
-             scale: str = "cpu", n_train: int = DEMO_SIZES["n_train"], n_valid: int = DEMO_SIZES["n_valid"],
-             n_test: int = DEMO_SIZES["n_test"], size: int = DEMO_SIZES["size"], seed: int = DEMO_SEED,
-             pretrain: bool = True, pretrain_sizes: dict[str, int] | None = None,
-             progress: bool = True, on_event: SuiteListener | None = None) -> Path:
+def run_demo(
+    out_dir: str | Path = "runs/demo",
+    presets: Sequence[str] = REPORT_PRESETS,
+    scale: str = "cpu",
+    n_train: int = DEMO_SIZES["n_train"],
+    n_valid: int = DEMO_SIZES["n_valid"],
+    n_test: int = DEMO_SIZES["n_test"],
+    size: int = DEMO_SIZES["size"],
+    seed: int = DEMO_SEED,
+    pretrain: bool = True,
+    pretrain_sizes: dict[str, int] | None = None,
+    progress: bool = True,
+    on_event: SuiteListener | None = None,
+) -> Path:
     """Synthetic benchmark + suite at ``cpu`` scale on M1..M5; return report.html (its table: ``comparison.csv``).
 
     The data goes to ``out_dir/synthetic-v<version>-<size>px-<n_train>-<n_valid>-<n_test>-seed<seed>``
@@ -284,7 +323,15 @@ def run_demo(out_dir: str | Path = "runs/demo", presets: Sequence[str] = REPORT_
         weights = pretrain_backbone(out_dir, scale, size, pretrain_sizes, progress=progress, on_event=on_event)
         # fine-tuning a trained backbone wants a smaller step than cpu scale's 1e-3 from random init
         overrides += [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}"]
-    report = run_suite(data_dir, out_dir, presets=presets, scale=scale, seeds=1, overrides=overrides,
-                       progress=progress, on_event=on_event)
+    report = run_suite(
+        data_dir,
+        out_dir,
+        presets=presets,
+        scale=scale,
+        seeds=1,
+        overrides=overrides,
+        progress=progress,
+        on_event=on_event,
+    )
     notify(SuiteEvent(f"demo wall time {time.perf_counter() - started:.0f} s"))
     return report

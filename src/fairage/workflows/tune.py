@@ -97,7 +97,7 @@ def objective_value(result: EvaluationResult, name: str) -> tuple[float | None, 
     if name.endswith("_bias"):
         attr = name[: -len("_bias")]
         return result.bias.get(attr), result.bias_ci.get(attr)
-    attr = name[len("worst_"): -len("_mae")]
+    attr = name[len("worst_") : -len("_mae")]
     scores = [g for g in result.groups.get(attr, {}).values() if g.n > 0]
     if not scores:
         return None, None
@@ -158,8 +158,10 @@ def _leaf_annotation(key: str, source: str) -> Any:
         if part not in fields:
             valid = ", ".join(sorted(fields))
             where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(f"search space {source}: unknown key '{key}' ('{part}' is not a setting of "
-                              f"{where}; valid there: {valid})")
+            raise ConfigError(
+                f"search space {source}: unknown key '{key}' ('{part}' is not a setting of "
+                f"{where}; valid there: {valid})"
+            )
         annotation = fields[part].annotation
         model = _model_of(annotation)
         if typing.get_origin(annotation) is list and model is not None:
@@ -167,17 +169,22 @@ def _leaf_annotation(key: str, source: str) -> Any:
             if i + 1 < len(parts) and parts[i + 1].isdigit():
                 i += 1
             if i + 1 == len(parts):
-                raise ConfigError(f"search space {source}: key '{key}' is a list of blocks, not one setting; "
-                                  f"name a setting of its blocks, e.g. {key}.{next(iter(model.model_fields))}")
+                raise ConfigError(
+                    f"search space {source}: key '{key}' is a list of blocks, not one setting; "
+                    f"name a setting of its blocks, e.g. {key}.{next(iter(model.model_fields))}"
+                )
             current = model
         elif model is not None and i + 1 < len(parts):
             current = model
         elif i + 1 < len(parts):
-            raise ConfigError(f"search space {source}: unknown key '{key}' ('{'.'.join(parts[:i + 1])}' "
-                              "is a setting, not a section)")
+            raise ConfigError(
+                f"search space {source}: unknown key '{key}' ('{'.'.join(parts[: i + 1])}' is a setting, not a section)"
+            )
         elif model is not None:
-            raise ConfigError(f"search space {source}: key '{key}' is a section, not a setting; name one of "
-                              f"its settings: {', '.join(sorted(model.model_fields))}")
+            raise ConfigError(
+                f"search space {source}: key '{key}' is a section, not a setting; name one of "
+                f"its settings: {', '.join(sorted(model.model_fields))}"
+            )
         i += 1
     return annotation
 
@@ -203,7 +210,7 @@ def set_key(raw: dict, key: str, value: Any) -> None:
     for i, part in enumerate(parts[:-1]):
         node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
         if isinstance(node, list) and not parts[i + 1].isdigit():
-            rest = ".".join(parts[i + 1:])
+            rest = ".".join(parts[i + 1 :])
             for block in node:
                 set_key(block, rest, value)
             return
@@ -240,8 +247,9 @@ class SearchSpace:
                 try:
                     validate_config(raw, f"{source} key '{dim.key}' = {value!r}")
                 except ConfigError as err:
-                    raise ConfigError(f"search space {source}: key '{dim.key}': the value {value!r} is not "
-                                      f"valid:\n{err}") from None
+                    raise ConfigError(
+                        f"search space {source}: key '{dim.key}': the value {value!r} is not valid:\n{err}"
+                    ) from None
 
     @classmethod
     def from_file(cls, path: str | Path, base: ExperimentConfig) -> SearchSpace:
@@ -259,8 +267,10 @@ class SearchSpace:
         annotation = _leaf_annotation(key, self.source)
         parts = key.split(".")
         if parts[0] in ("stage1", "stage2") and getattr(self.base, parts[0]) is None:
-            raise ConfigError(f"search space {self.source}: key '{key}': the base config has no {parts[0]} "
-                              f"(stages: {', '.join(n for n, _ in self.base.stages())})")
+            raise ConfigError(
+                f"search space {self.source}: key '{key}': the base config has no {parts[0]} "
+                f"(stages: {', '.join(n for n, _ in self.base.stages())})"
+            )
         args = set(typing.get_args(annotation)) - {type(None)} or {annotation}
         integer = args <= {int}
         numeric = args <= {int, float}
@@ -271,15 +281,20 @@ class SearchSpace:
                 raise ConfigError(f"search space {self.source}: key '{key}': choices must be plain values")
             return Dimension(key, choices=tuple(value))
         if not isinstance(value, dict):
-            raise ConfigError(f"search space {self.source}: key '{key}': give a list of choices or a range "
-                              f"{{low, high}}, not {value!r}")
+            raise ConfigError(
+                f"search space {self.source}: key '{key}': give a list of choices or a range "
+                f"{{low, high}}, not {value!r}"
+            )
         unknown = sorted(set(value) - set(_RANGE_KEYS))
         if unknown:
-            raise ConfigError(f"search space {self.source}: key '{key}': unknown range key '{unknown[0]}' "
-                              f"(a range has {', '.join(_RANGE_KEYS)})")
+            raise ConfigError(
+                f"search space {self.source}: key '{key}': unknown range key '{unknown[0]}' "
+                f"(a range has {', '.join(_RANGE_KEYS)})"
+            )
         if not numeric:
-            raise ConfigError(f"search space {self.source}: key '{key}' is not a number setting; "
-                              "give its choices as a list")
+            raise ConfigError(
+                f"search space {self.source}: key '{key}' is not a number setting; give its choices as a list"
+            )
         if "low" not in value or "high" not in value:
             raise ConfigError(f"search space {self.source}: key '{key}': a range needs low and high")
         low, high, step, log = value["low"], value["high"], value.get("step"), value.get("log", False)
@@ -297,8 +312,10 @@ class SearchSpace:
         if step is not None and step <= 0:
             raise ConfigError(f"search space {self.source}: key '{key}': step must be > 0, got {step}")
         if integer and not all(float(v).is_integer() for v in (low, high, step or 1)):
-            raise ConfigError(f"search space {self.source}: key '{key}' is an integer setting: low, high and "
-                              "step must be whole numbers")
+            raise ConfigError(
+                f"search space {self.source}: key '{key}' is an integer setting: low, high and "
+                "step must be whole numbers"
+            )
         return Dimension(key, low=low, high=high, log=log, step=step, integer=integer)
 
     def spec(self) -> dict:
@@ -328,7 +345,7 @@ def make_storage(url: str):
     if url.startswith("journal://"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        path = Path(url[len("journal://"):])
+        path = Path(url[len("journal://") :])
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {}
@@ -355,8 +372,13 @@ def _sampler(name: str, seed: int, n_trials: int):
     raise ConfigError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}")
 
 
-def open_study(storage: str, study_name: str, objectives: Sequence[str] | None = None,
-               space: SearchSpace | None = None, sampler=None):
+def open_study(
+    storage: str,
+    study_name: str,
+    objectives: Sequence[str] | None = None,
+    space: SearchSpace | None = None,
+    sampler=None,
+):
     """Create or load the study; ConfigError when an existing one has other objectives or another space."""
     import optuna
 
@@ -367,18 +389,27 @@ def open_study(storage: str, study_name: str, objectives: Sequence[str] | None =
             return optuna.load_study(study_name=study_name, storage=store)
         except KeyError:
             raise ConfigError(f"no study '{study_name}' in {storage}") from None
-    study = optuna.create_study(study_name=study_name, storage=store, directions=["minimize"] * len(objectives),
-                                sampler=sampler, load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=store,
+        directions=["minimize"] * len(objectives),
+        sampler=sampler,
+        load_if_exists=True,
+    )
     attrs = study.user_attrs
     if "objectives" not in attrs:
         study.set_user_attr("objectives", list(objectives))
         study.set_user_attr("space", space.spec() if space else {})
     elif list(attrs["objectives"]) != list(objectives):
-        raise ConfigError(f"study '{study_name}' in {storage} optimises {','.join(attrs['objectives'])}, not "
-                          f"{','.join(objectives)}; give the same --objectives or another --study")
+        raise ConfigError(
+            f"study '{study_name}' in {storage} optimises {','.join(attrs['objectives'])}, not "
+            f"{','.join(objectives)}; give the same --objectives or another --study"
+        )
     elif space is not None and attrs.get("space") != json.loads(json.dumps(space.spec())):
-        raise ConfigError(f"study '{study_name}' in {storage} was started with another search space: "
-                          f"{attrs.get('space')}; give the same space or another --study")
+        raise ConfigError(
+            f"study '{study_name}' in {storage} was started with another search space: "
+            f"{attrs.get('space')}; give the same space or another --study"
+        )
     return study
 
 
@@ -428,11 +459,21 @@ class TuneEvent:
 class Tuner:
     """Runs trials of one study into ``out_dir`` (see the module docstring)."""
 
-    def __init__(self, data_dir: str | Path, out_dir: str | Path, space: SearchSpace, objectives: Sequence[str],
-                 n_trials: int, storage: str | None = None, study_name: str = "fairage-tune",
-                 sampler: str = "nsga2", seed: int | None = None,
-                 on_event: Callable[[TuneEvent], None] | None = None, callbacks: Sequence = (),
-                 references: Sequence[str | Path] = ()):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        out_dir: str | Path,
+        space: SearchSpace,
+        objectives: Sequence[str],
+        n_trials: int,
+        storage: str | None = None,
+        study_name: str = "fairage-tune",
+        sampler: str = "nsga2",
+        seed: int | None = None,
+        on_event: Callable[[TuneEvent], None] | None = None,
+        callbacks: Sequence = (),
+        references: Sequence[str | Path] = (),
+    ):
         if n_trials < 0:
             raise ConfigError(f"--trials must be >= 0, got {n_trials}")
         self.data_dir = Path(data_dir).resolve()
@@ -466,7 +507,12 @@ class Tuner:
 
         out = []
         for t in self.study.get_trials(deepcopy=False):
-            if t.state == TrialState.COMPLETE or t.state == TrialState.RUNNING or t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"):
+            if (
+                t.state == TrialState.COMPLETE
+                or t.state == TrialState.RUNNING
+                or t.state == TrialState.FAIL
+                and not t.user_attrs.get("interrupted")
+            ):
                 out.append(t.number)
         return sorted(out)
 
@@ -489,8 +535,13 @@ class Tuner:
         found = []
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("host") == self.host and not _pid_alive(t.user_attrs.get("pid")):
-                self._retry(t.number, t._trial_id, t.params, t.user_attrs.get("run_dir"),
-                            f"its process {t.user_attrs.get('pid')} ended")
+                self._retry(
+                    t.number,
+                    t._trial_id,
+                    t.params,
+                    t.user_attrs.get("run_dir"),
+                    f"its process {t.user_attrs.get('pid')} ended",
+                )
                 found.append(t.number)
         return found
 
@@ -508,8 +559,9 @@ class Tuner:
         config_faces(self.space.base, self.data_dir)  # a bad dataset fails before the study is opened
         self.open()
         for number in self.recover_interrupted():
-            self.on_event(TuneEvent(f"trial {number} was interrupted: queued again, its run folder resumes",
-                                    warning=True))
+            self.on_event(
+                TuneEvent(f"trial {number} was interrupted: queued again, its run folder resumes", warning=True)
+            )
         while len(self._counted()) < self.n_trials:
             trial = self.study.ask()
             # another worker may have asked at the same moment: the first n_trials numbers run
@@ -529,8 +581,9 @@ class Tuner:
 
         start = time.time()
         # absolute: trials.csv and front.csv then name the folder whatever directory reads them
-        run_dir = Path(trial.user_attrs.get("run_dir")
-                       or (self.out / TRIALS_DIR / f"trial-{trial.number:04d}").absolute())
+        run_dir = Path(
+            trial.user_attrs.get("run_dir") or (self.out / TRIALS_DIR / f"trial-{trial.number:04d}").absolute()
+        )
         trial.set_user_attr("run_dir", str(run_dir))
         trial.set_user_attr("host", self.host)
         trial.set_user_attr("pid", os.getpid())
@@ -538,15 +591,17 @@ class Tuner:
             params = self.space.suggest(trial)
             self.on_event(TuneEvent(f"trial {trial.number}: {_params_text(params)}"))
             cfg = self.tracked(self.space.config(params, name=run_dir.name), run_dir)
-            train(cfg, self.data_dir, run_dir, resume=RunFolder.exists(run_dir), progress=False,
-                  callbacks=self.callbacks)
+            train(
+                cfg, self.data_dir, run_dir, resume=RunFolder.exists(run_dir), progress=False, callbacks=self.callbacks
+            )
             scores = validation_scores(run_dir)
             values = []
             for name in self.objectives:
                 value, _ = objective_value(scores, name)
                 if value is None:
-                    raise DataError(f"objective {name} is undefined on the validation split "
-                                    "(fewer than two groups with faces)")
+                    raise DataError(
+                        f"objective {name} is undefined on the validation split (fewer than two groups with faces)"
+                    )
                 trial.set_user_attr(f"val_{name}", float(value))
                 values.append(float(value))
         except Exception as err:  # noqa: BLE001 - a failing trial is recorded with its message; the study goes on
@@ -561,8 +616,12 @@ class Tuner:
             raise
         trial.set_user_attr("duration_s", round(time.time() - start, 1))
         self.study.tell(trial, values)
-        self.on_event(TuneEvent(f"trial {trial.number} finished in {time.time() - start:.0f} s: "
-                                + ", ".join(f"val {n} {v:.3f}" for n, v in zip(self.objectives, values))))
+        self.on_event(
+            TuneEvent(
+                f"trial {trial.number} finished in {time.time() - start:.0f} s: "
+                + ", ".join(f"val {n} {v:.3f}" for n, v in zip(self.objectives, values))
+            )
+        )
 
     def tracked(self, cfg: ExperimentConfig, run_dir: Path) -> ExperimentConfig:
         """A trial's config with its MLflow settings (``trainer.logger: mlflow`` only; else unchanged).
@@ -581,8 +640,11 @@ class Tuner:
         trainer["tracking_uri"] = trainer["tracking_uri"] or sqlite_tracking_uri(self.out)
         trainer["experiment_name"] = trainer["experiment_name"] or self.study_name
         number = run_dir.name.removeprefix("trial-")
-        trainer["tracking_tags"] = {**trainer["tracking_tags"], "fairage.study": self.study_name,
-                                    "fairage.trial": str(int(number)) if number.isdigit() else run_dir.name}
+        trainer["tracking_tags"] = {
+            **trainer["tracking_tags"],
+            "fairage.study": self.study_name,
+            "fairage.trial": str(int(number)) if number.isdigit() else run_dir.name,
+        }
         return validate_config(raw, f"trial {run_dir.name}")
 
     # ------------------------------------------------------------------ tables
@@ -615,8 +677,16 @@ def trials_table(study, objectives: Sequence[str], keys: Sequence[str]) -> pd.Da
         row["retry_of"] = t.user_attrs.get("retry_of")
         row["duration_s"] = t.user_attrs.get("duration_s")
         rows.append(row)
-    columns = ["number", "state", *keys, *[f"val_{n}" for n in objectives], "run_dir", "error", "retry_of",
-               "duration_s"]
+    columns = [
+        "number",
+        "state",
+        *keys,
+        *[f"val_{n}" for n in objectives],
+        "run_dir",
+        "error",
+        "retry_of",
+        "duration_s",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -644,8 +714,12 @@ def front_table(study, objectives: Sequence[str]) -> pd.DataFrame:
             row[f"test_{name}_ci_high"] = ci[1] if ci else None
         row["run_dir"] = run_dir
         rows.append(row)
-    columns = ["number", *[f"val_{n}" for n in objectives],
-               *[c for n in objectives for c in (f"test_{n}", f"test_{n}_ci_low", f"test_{n}_ci_high")], "run_dir"]
+    columns = [
+        "number",
+        *[f"val_{n}" for n in objectives],
+        *[c for n in objectives for c in (f"test_{n}", f"test_{n}_ci_low", f"test_{n}_ci_high")],
+        "run_dir",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -688,9 +762,14 @@ def plot_front(study, objectives: Sequence[str], path: Path, references: Sequenc
         if point is None:
             raise DataError(f"reference {ref} is not a finished run folder with {', '.join(objectives)}")
         refs.append({"name": RunFolder.open(ref, record_required=False).config().name, **point})
-    return plot_pareto(pd.DataFrame(rows), path, f"{objectives[0]} (years, test)", f"{objectives[1]} (years, test)",
-                       pd.DataFrame(refs) if refs else None,
-                       title=f"study '{study.study_name}': trials on the test split (bootstrap intervals)")
+    return plot_pareto(
+        pd.DataFrame(rows),
+        path,
+        f"{objectives[0]} (years, test)",
+        f"{objectives[1]} (years, test)",
+        pd.DataFrame(refs) if refs else None,
+        title=f"study '{study.study_name}': trials on the test split (bootstrap intervals)",
+    )
 
 
 # =========================================================================== reading a tune folder
@@ -739,15 +818,18 @@ def _numeric_columns(table: pd.DataFrame, columns: Sequence[str], path: Path, in
     """Columns as floats in place (empty cells NaN); DataError naming the file, line and column of a bad cell."""
     for column in columns:
         values = pd.to_numeric(table[column], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy() & table[column].notna().to_numpy()
-                             | (~np.isfinite(values.to_numpy(dtype=float)) & values.notna().to_numpy()))
+        bad = np.flatnonzero(
+            values.isna().to_numpy() & table[column].notna().to_numpy()
+            | (~np.isfinite(values.to_numpy(dtype=float)) & values.notna().to_numpy())
+        )
         if column in integer:
-            bad = np.union1d(bad, np.flatnonzero(values.isna().to_numpy()
-                                                 | (values.fillna(0) % 1 != 0).to_numpy()))
+            bad = np.union1d(bad, np.flatnonzero(values.isna().to_numpy() | (values.fillna(0) % 1 != 0).to_numpy()))
         if bad.size:
             row = int(bad[0])
-            raise DataError(f"{path}: line {row + 2}, column {column}: {table[column].iloc[row]!r} is not "
-                            + ("a trial number" if column in integer else "a finite number"))
+            raise DataError(
+                f"{path}: line {row + 2}, column {column}: {table[column].iloc[row]!r} is not "
+                + ("a trial number" if column in integer else "a finite number")
+            )
         table[column] = values.astype(int) if column in integer else values.astype(float)
 
 
@@ -763,15 +845,18 @@ def read_tune_folder(path: str | Path) -> TuneFolder:
     if not front_path.is_file():
         raise DataError(f"{path} is not a tune folder: no {FRONT} (written by fairage tune --out {path})")
     front = _read_table(front_path)
-    objectives = [c[len("val_"):] for c in front.columns if str(c).startswith("val_")]
+    objectives = [c[len("val_") :] for c in front.columns if str(c).startswith("val_")]
     if "number" not in front.columns or not objectives:
-        raise DataError(f"{front_path}: expected the columns number, val_<objective>..., test_<objective>...; "
-                        f"found {', '.join(map(str, front.columns))}")
+        raise DataError(
+            f"{front_path}: expected the columns number, val_<objective>..., test_<objective>...; "
+            f"found {', '.join(map(str, front.columns))}"
+        )
     unknown = [o for o in objectives if o not in objective_names()]
     if unknown:
         raise DataError(f"{front_path}: column val_{unknown[0]} names no objective fairage tune has")
-    numeric = [f"val_{o}" for o in objectives] + [f"test_{o}{end}" for o in objectives
-                                                  for end in ("", "_ci_low", "_ci_high")]
+    numeric = [f"val_{o}" for o in objectives] + [
+        f"test_{o}{end}" for o in objectives for end in ("", "_ci_low", "_ci_high")
+    ]
     missing = [c for c in numeric if c not in front.columns]
     if missing:
         raise DataError(f"{front_path}: missing column {missing[0]}")
@@ -782,8 +867,9 @@ def read_tune_folder(path: str | Path) -> TuneFolder:
         trials = _read_table(trials_path)
         missing = [c for c in ("number", "state", *[f"val_{o}" for o in objectives]) if c not in trials.columns]
         if missing:
-            raise DataError(f"{trials_path}: missing column {missing[0]} (objectives of {FRONT}: "
-                            f"{', '.join(objectives)})")
+            raise DataError(
+                f"{trials_path}: missing column {missing[0]} (objectives of {FRONT}: {', '.join(objectives)})"
+            )
         _numeric_columns(trials, ["number", *[f"val_{o}" for o in objectives]], trials_path, integer=["number"])
     return TuneFolder(path, objectives, front, trials)
 
@@ -799,9 +885,17 @@ def front_points(tune: TuneFolder, objectives: Sequence[str]) -> pd.DataFrame:
     x, y = objectives[:2]
     for r in tune.front.to_dict("records"):
         if not (math.isnan(r[f"test_{x}"]) or math.isnan(r[f"test_{y}"])):
-            rows.append({"number": int(r["number"]), "front": True,
-                         **{f"{axis}{end}": r[f"test_{name}{ci}"] for axis, name in (("x", x), ("y", y))
-                            for end, ci in (("", ""), ("_low", "_ci_low"), ("_high", "_ci_high"))}})
+            rows.append(
+                {
+                    "number": int(r["number"]),
+                    "front": True,
+                    **{
+                        f"{axis}{end}": r[f"test_{name}{ci}"]
+                        for axis, name in (("x", x), ("y", y))
+                        for end, ci in (("", ""), ("_low", "_ci_low"), ("_high", "_ci_high"))
+                    },
+                }
+            )
     on_front = set(tune.front["number"])
     if tune.trials is not None and "run_dir" in tune.trials.columns:
         for r in tune.trials.to_dict("records"):
@@ -815,8 +909,7 @@ def front_points(tune: TuneFolder, objectives: Sequence[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def paired_differences(baseline: str | Path, run_dir: str | Path,
-                       objectives: Sequence[str]) -> dict[str, Any]:
+def paired_differences(baseline: str | Path, run_dir: str | Path, objectives: Sequence[str]) -> dict[str, Any]:
     """Each objective of ``run_dir`` minus ``baseline`` on the same test faces, a paired bootstrap.
 
     ``fairage.fairness.metrics.compare`` of both runs' ``predictions_test.csv`` (A = the baseline, B = the
@@ -841,9 +934,17 @@ def paired_differences(baseline: str | Path, run_dir: str | Path,
         tables.append(table)
     folder = RunFolder.open(baseline, record_required=False)
     settings = folder.evaluation_settings(columns=tables[0].columns)
-    result = compare(tables[0], tables[1], attributes=settings["attributes"], n_boot=settings["n_boot"],
-                     level=settings["level"], seed=settings["seed"], intersections=settings["intersections"],
-                     min_group=settings["min_group"], cs_k=settings["cs_k"])
+    result = compare(
+        tables[0],
+        tables[1],
+        attributes=settings["attributes"],
+        n_boot=settings["n_boot"],
+        level=settings["level"],
+        seed=settings["seed"],
+        intersections=settings["intersections"],
+        min_group=settings["min_group"],
+        cs_k=settings["cs_k"],
+    )
     out: dict[str, Any] = {}
     for name in objectives:
         if name == "mae":
@@ -900,8 +1001,9 @@ def pick_trial(study, rule: str, out_dir: str | Path) -> Pick:
     limit = best + number if relative else number
     candidates = [t for t in done if t.values[k] <= limit + 1e-12]
     if not candidates:
-        raise ConfigError(f"--pick '{rule}': no finished trial has validation {name} <= {limit:.4g} "
-                          f"(the lowest is {best:.4g})")
+        raise ConfigError(
+            f"--pick '{rule}': no finished trial has validation {name} <= {limit:.4g} (the lowest is {best:.4g})"
+        )
     others = [i for i in range(len(objectives)) if i != k] + [k]
     chosen = min(candidates, key=lambda t: (*[t.values[i] for i in others], t.number))
     run_dir = Path(chosen.user_attrs["run_dir"])
@@ -913,10 +1015,14 @@ def pick_trial(study, rule: str, out_dir: str | Path) -> Pick:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"tracking_tags": tags})})
     values = dict(zip(objectives, chosen.values))
     text = ", ".join(f"validation {n} {v:.3f}" for n, v in values.items())
-    cfg = cfg.model_copy(update={"name": f"tuned-{run_dir.name}",
-                                 "description": f"chosen by fairage tune --pick '{rule}' from study "
-                                                f"'{study.study_name}': trial {chosen.number} ({text} years); "
-                                                f"trained run: {run_dir.resolve()}"})
+    cfg = cfg.model_copy(
+        update={
+            "name": f"tuned-{run_dir.name}",
+            "description": f"chosen by fairage tune --pick '{rule}' from study "
+            f"'{study.study_name}': trial {chosen.number} ({text} years); "
+            f"trained run: {run_dir.resolve()}",
+        }
+    )
     path = Path(out_dir) / PICKED
     write_text(path, dump_config(cfg))
     return Pick(chosen.number, run_dir, values, path, rule)
@@ -933,17 +1039,39 @@ def load_base(config: str | Path | None, preset: str, scale: str, overrides: Seq
     return load_config(config, list(overrides)) if config else load_preset(preset, scale, list(overrides))
 
 
-def run_tune(data_dir: str | Path, out_dir: str | Path, base: ExperimentConfig, space: SearchSpace | None = None,
-             objectives: Sequence[str] = DEFAULT_OBJECTIVES, n_trials: int = 20, storage: str | None = None,
-             study_name: str = "fairage-tune", sampler: str = "nsga2", scale: str = "cpu", seed: int | None = None,
-             on_event: Callable[[TuneEvent], None] | None = None, references: Sequence[str | Path] = ()) -> Tuner:
+def run_tune(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    base: ExperimentConfig,
+    space: SearchSpace | None = None,
+    objectives: Sequence[str] = DEFAULT_OBJECTIVES,
+    n_trials: int = 20,
+    storage: str | None = None,
+    study_name: str = "fairage-tune",
+    sampler: str = "nsga2",
+    scale: str = "cpu",
+    seed: int | None = None,
+    on_event: Callable[[TuneEvent], None] | None = None,
+    references: Sequence[str | Path] = (),
+) -> Tuner:
     """Run (or continue) a study until it holds ``n_trials`` trials; returns the Tuner (``.study``).
 
     ``space`` defaults to the shipped space of ``scale``. Writes ``trials.csv``, ``front.csv`` and
     ``front.png`` (with ``references``, finished run folders such as M1..M5, as reference points).
     """
     space = space or SearchSpace.default(scale, base)
-    tuner = Tuner(data_dir, out_dir, space, parse_objectives(objectives), n_trials, storage, study_name, sampler,
-                  seed, on_event, references=references)
+    tuner = Tuner(
+        data_dir,
+        out_dir,
+        space,
+        parse_objectives(objectives),
+        n_trials,
+        storage,
+        study_name,
+        sampler,
+        seed,
+        on_event,
+        references=references,
+    )
     tuner.run()
     return tuner
