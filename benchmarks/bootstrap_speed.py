@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from fairage.metrics import evaluate
+from fairage.fairness.metrics import evaluate
 
 
 def main() -> None:
@@ -30,19 +30,24 @@ def main() -> None:
     rng = np.random.default_rng(0)
     n = args.n
     ages = rng.uniform(1, 90, n)
-    df = pd.DataFrame({
-        "age": ages, "prediction": ages + rng.normal(0, 6, n),
-        "gender": rng.choice(["male", "female", "unknown"], n, p=[0.48, 0.48, 0.04]),
-        "ethnicity": rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.1, 0.05, 0.85]),
-        "expression": rng.choice(["neutral", "slightlyhappy", "happy", "other"], n),
-    })
+    df = pd.DataFrame(
+        {
+            "age": ages,
+            "prediction": ages + rng.normal(0, 6, n),
+            "gender": rng.choice(["male", "female", "unknown"], n, p=[0.48, 0.48, 0.04]),
+            "ethnicity": rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.1, 0.05, 0.85]),
+            "expression": rng.choice(["neutral", "slightlyhappy", "happy", "other"], n),
+        }
+    )
     times = []
     for r in range(args.repeats):
         start = time.perf_counter()
         evaluate(df, n_boot=args.n_boot, seed=r)
         times.append(time.perf_counter() - start)
-    print(f"evaluate: {args.n_boot} resamples of {n} faces (MAE + 4 biases + group intervals), one core: "
-          f"best {min(times):.3f} s, median {float(np.median(times)):.3f} s over {args.repeats} runs")
+    print(
+        f"evaluate: {args.n_boot} resamples of {n} faces (MAE + 4 biases + group intervals), one core: "
+        f"best {min(times):.3f} s, median {float(np.median(times)):.3f} s over {args.repeats} runs"
+    )
 
 
 if __name__ == "__main__":

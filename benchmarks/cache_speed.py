@@ -24,8 +24,9 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_synthetic(Path(tmp) / "data", n_train=args.n, n_valid=0, n_test=0,
-                               size=args.source_size, seed=0, workers=2)
+        root = write_synthetic(
+            Path(tmp) / "data", n_train=args.n, n_valid=0, n_test=0, size=args.source_size, seed=0, workers=2
+        )
         faces = load_faces(root)
         for workers in (1, 2):
             cache_dir = Path(tmp) / f"cache{workers}"
@@ -36,8 +37,10 @@ def main() -> None:
             images = load_images(faces, args.size, cache_dir=cache_dir, workers=workers, progress=False)
             float(images[:, ::8, ::8].mean())  # touch the pages
             warm = time.perf_counter() - start
-            print(f"{args.source_size} px JPEG -> {args.size} px, workers={workers}: "
-                  f"cold {args.n / cold:.0f} faces/s, warm hit {args.n / warm:.0f} faces/s")
+            print(
+                f"{args.source_size} px JPEG -> {args.size} px, workers={workers}: "
+                f"cold {args.n / cold:.0f} faces/s, warm hit {args.n / warm:.0f} faces/s"
+            )
 
 
 if __name__ == "__main__":

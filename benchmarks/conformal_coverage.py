@@ -2,7 +2,7 @@
 
 The run's model predicts its validation and test faces (the training image cache is reused);
 intervals are calibrated on the validation faces for each ``--by`` choice and scored on the
-test faces by ``fairage.metrics.evaluate`` (bootstrap intervals), so one prediction pass
+test faces by ``fairage.fairness.metrics.evaluate`` (bootstrap intervals), so one prediction pass
 compares several groupings. A run folder whose best checkpoint exists is enough (it need not
 have finished).
 Usage: python benchmarks/conformal_coverage.py RUN_DIR [--by age --by age,gender] [--alpha 0.1]
@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from fairage.conformal import fit_calibration, interval_arguments
-from fairage.metrics import evaluate
-from fairage.predict import load_model, predict_faces
-from fairage.runs import RunFolder
+from fairage.fairness.conformal import fit_calibration, interval_arguments
+from fairage.fairness.metrics import evaluate
+from fairage.inference.predictor import load_model, predict_faces
+from fairage.store.run_folder import RunFolder
 
 
 def main() -> None:
@@ -56,23 +56,12 @@ def main() -> None:
             "half_widths": {g: q.quantile for g, q in cal.groups.items()},
             "coverage": {name: c.to_json() for name, c in result.coverage.items()},
         }
-        print(
-            f"by {text or 'nothing (plain)'}: test MAE {result.mae:.2f} years, {len(test)} test faces"
-        )
+        print(f"by {text or 'nothing (plain)'}: test MAE {result.mae:.2f} years, {len(test)} test faces")
         for name, cov in result.coverage.items():
-            print(
-                f"  {name:9s} coverage {100 * cov.total.coverage:5.1f}%  width {cov.total.width:5.1f} years"
-            )
+            print(f"  {name:9s} coverage {100 * cov.total.coverage:5.1f}%  width {cov.total.width:5.1f} years")
             for attr in attributes:
-                cells = [
-                    f"{g} {100 * s.coverage:.1f}% (w {s.width:.1f}, n {s.n})"
-                    for g, s in cov.groups[attr].items()
-                ]
-                print(
-                    f"    {attr}: "
-                    + "; ".join(cells)
-                    + f"; gap {100 * (cov.gap[attr] or 0):.1f} pts"
-                )
+                cells = [f"{g} {100 * s.coverage:.1f}% (w {s.width:.1f}, n {s.n})" for g, s in cov.groups[attr].items()]
+                print(f"    {attr}: " + "; ".join(cells) + f"; gap {100 * (cov.gap[attr] or 0):.1f} pts")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(out, f, indent=1)

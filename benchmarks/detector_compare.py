@@ -23,7 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fairage.detect import DETECTORS, available_detectors, detect_faces, make_detector
+from fairage.inference.detect import (
+    DETECTORS,
+    available_detectors,
+    detect_faces,
+    make_detector,
+)
 
 #: hand-marked face boxes (x, y, w, h) of the sample photos
 PHOTOS = {"grace_hopper": (180, 121, 175, 211), "astronaut": (177, 63, 92, 112), "camera": (195, 113, 60, 80)}
@@ -90,7 +95,7 @@ def compositions(photos, n: int = 3, seed: int = 0):
         faces, x = [], 10
         items = [(name, s) for name in photos for s in rng.uniform(0.35, 0.9, size=2)]
         order = rng.permutation(len(items))
-        rows = [[items[i] for i in order[: len(order) // 2]], [items[i] for i in order[len(order) // 2:]]]
+        rows = [[items[i] for i in order[: len(order) // 2]], [items[i] for i in order[len(order) // 2 :]]]
         for r, row in enumerate(rows):
             x = 10
             for name, s in row:
@@ -118,7 +123,7 @@ def lfw_sheets(cell: int = 150, face: int = 80):
                 p = (patches[start + sheet * 20 + i] * 255).astype(np.uint8)
                 big = np.asarray(Image.fromarray(p).resize((face, face), Image.Resampling.BICUBIC))
                 y, x = (i // 5) * cell + (cell - face) // 2, (i % 5) * cell + (cell - face) // 2
-                canvas[y:y + face, x:x + face] = big
+                canvas[y : y + face, x : x + face] = big
                 boxes.append((x, y, face, face))
             yield f"lfw {kind} {sheet}", np.repeat(canvas[..., None], 3, axis=2), boxes if kind == "faces" else []
 
@@ -167,8 +172,10 @@ def main() -> None:
         "lfw non-faces": [s for s in lfw_sheets() if "non-faces" in s[0]],
     }
     names = [n for n in DETECTORS if n in available_detectors()]
-    print(f"detectors installed: {', '.join(names)} (not installed: "
-          f"{', '.join(n for n in DETECTORS if n not in names) or 'none'})")
+    print(
+        f"detectors installed: {', '.join(names)} (not installed: "
+        f"{', '.join(n for n in DETECTORS if n not in names) or 'none'})"
+    )
     detectors = [make_detector(n) for n in names]
     try:
         detectors.append(MtcnnForComparison())
@@ -192,9 +199,11 @@ def main() -> None:
                 parts.append(f"{set_name} {hit}/{found}")
             parts.append(f"{set_name} false {false}")
         # CPU time (all threads) is steadier than wall time on a shared machine: both are shown
-        print(f"{name}: " + ", ".join(parts) + f"; {1000 * total_cpu / max(total_images, 1):.0f} ms CPU, "
-              f"{1000 * total_time / max(total_images, 1):.0f} ms wall per photo "
-              f"({total_images} photos, mean {np.mean([r.shape[0] * r.shape[1] for s in sets.values() for _, r, _ in s]) / 1e6:.2f} MP)")
+        print(
+            f"{name}: " + ", ".join(parts) + f"; {1000 * total_cpu / max(total_images, 1):.0f} ms CPU, "
+            f"{1000 * total_time / max(total_images, 1):.0f} ms wall per photo "
+            f"({total_images} photos, mean {np.mean([r.shape[0] * r.shape[1] for s in sets.values() for _, r, _ in s]) / 1e6:.2f} MP)"
+        )
 
 
 if __name__ == "__main__":

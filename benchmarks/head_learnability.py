@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fairage.config import load_preset
-from fairage.runs import RunFolder
+from fairage.config.presets import load_preset
+from fairage.store.run_folder import RunFolder
 from fairage.training import train
 
 SIZE = 64
@@ -40,17 +40,11 @@ PINNED_HEAD = {"sigmoid": ["stage2.loss=mse"], "linear": ["stage2.loss=mse"]}
 def write_task(out: Path, task: str, n_train: int, seed: int = 0) -> Path:
     """The task's npy-layout folder (train n_train, valid n_train / 3, test n_train / 2 faces)."""
     out.mkdir(parents=True, exist_ok=True)
-    for k, (split, n) in enumerate(
-        (("train", n_train), ("valid", n_train // 3), ("test", n_train // 2))
-    ):
+    for k, (split, n) in enumerate((("train", n_train), ("valid", n_train // 3), ("test", n_train // 2))):
         rng = np.random.default_rng(seed + k)
         if task == "brightness":
             ages = rng.uniform(1, 90, n).astype(np.float32)
-            level = (
-                30
-                + 2.2 * ages[:, None, None, None]
-                + rng.normal(0, 6, (n, SIZE, SIZE, 1))
-            )
+            level = 30 + 2.2 * ages[:, None, None, None] + rng.normal(0, 6, (n, SIZE, SIZE, 1))
             images = np.repeat(np.clip(level, 0, 255), 3, axis=3).astype(np.uint8)
         elif task == "spots":
             ages = rng.uniform(5, 80, n).astype(np.float32)
@@ -58,7 +52,7 @@ def write_task(out: Path, task: str, n_train: int, seed: int = 0) -> Path:
             for i, age in enumerate(ages):
                 side = int(6 + age / 80 * 26)
                 top, left = rng.integers(0, SIZE - side + 1, 2)
-                images[i, top:top + side, left:left + side] += rng.uniform(30, 70)
+                images[i, top : top + side, left : left + side] += rng.uniform(30, 70)
             images = np.repeat(np.clip(images, 0, 255), 3, axis=3).astype(np.uint8)
         else:
             ages = rng.uniform(5, 80, n).astype(np.float32)
@@ -82,9 +76,7 @@ def write_task(out: Path, task: str, n_train: int, seed: int = 0) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--task", choices=("brightness", "squares", "spots"), default="brightness"
-    )
+    parser.add_argument("--task", choices=("brightness", "squares", "spots"), default="brightness")
     parser.add_argument("--heads", default="sigmoid,dex,coral,corn")
     parser.add_argument("--preset", default="M1")
     parser.add_argument("--n-train", type=int, default=600)
@@ -98,9 +90,7 @@ def main() -> None:
     parser.add_argument("--unpinned", action="store_true", help="drop PINNED: the current --scale cpu recipe")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-heads"))
     args = parser.parse_args()
-    data = write_task(
-        args.out / f"data-{args.task}-{args.n_train}", args.task, args.n_train
-    )
+    data = write_task(args.out / f"data-{args.task}-{args.n_train}", args.task, args.n_train)
     train_ages, test_ages = (
         np.load(data / "labels_train.npy"),
         np.load(data / "labels_test.npy"),

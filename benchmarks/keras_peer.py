@@ -67,8 +67,9 @@ def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -
         return name.replace("/", "_") if keras_version.startswith("3") else name
 
     def conv_bn(x, filters, kernel, name, strides=1, relu=True):
-        x = layers.Conv2D(filters, kernel, strides=strides, padding="same" if kernel > 1 else "valid",
-                          use_bias=False, name=safe(name))(x)
+        x = layers.Conv2D(
+            filters, kernel, strides=strides, padding="same" if kernel > 1 else "valid", use_bias=False, name=safe(name)
+        )(x)
         x = layers.BatchNormalization(axis=3, name=safe(name + "/bn"))(x)
         return layers.Activation("relu")(x) if relu else x
 
@@ -85,10 +86,12 @@ def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -
     x = conv_bn(inputs, 64, 7, "conv1/7x7_s2", strides=2)
     x = layers.MaxPooling2D((3, 3), strides=(2, 2))(x)
     for stage, (widths, blocks) in enumerate(
-            [((64, 64, 256), 3), ((128, 128, 512), 4), ((256, 256, 1024), 6), ((512, 512, 2048), 3)], start=2):
+        [((64, 64, 256), 3), ((128, 128, 512), 4), ((256, 256, 1024), 6), ((512, 512, 2048), 3)], start=2
+    ):
         for block in range(1, blocks + 1):
-            x = bottleneck(x, widths, stage, block, strides=(1 if stage == 2 else 2) if block == 1 else 1,
-                           project=block == 1)
+            x = bottleneck(
+                x, widths, stage, block, strides=(1 if stage == 2 else 2) if block == 1 else 1, project=block == 1
+            )
     pool = x.shape[1]  # 7 at 224 px: the authors' AveragePooling2D((7, 7))
     x = layers.Flatten()(layers.AveragePooling2D((pool, pool), name="avg_pool")(x))
     x = layers.Dense(512, activation="relu", name="dim_proj")(x)
@@ -120,13 +123,23 @@ def keras_child(size: int, batch: int, n: int, jit: bool, threads: int | None) -
             self.last = now
 
     timer = StepTimer()
-    model.fit(images, labels, batch_size=batch, epochs=1, shuffle=True, verbose=0, callbacks=[timer],
-              validation_data=(images[:n_val], labels[:n_val]))
+    model.fit(
+        images,
+        labels,
+        batch_size=batch,
+        epochs=1,
+        shuffle=True,
+        verbose=0,
+        callbacks=[timer],
+        validation_data=(images[:n_val], labels[:n_val]),
+    )
     steps = n // batch  # full batches only in the count: drop a ragged last one from the timing
     if n % batch:
         timer.images -= batch - n % batch
-    print(f"TensorFlow {tf.__version__}, Keras {keras_version}, jit_compile={jit}, "
-          f"{tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads, {steps} steps")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras_version}, jit_compile={jit}, "
+        f"{tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()} threads, {steps} steps"
+    )
     print(f"{RESULT_PREFIX}{timer.images / timer.seconds:.3f}")
 
 
@@ -139,12 +152,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--n-images", type=int, default=256, help="training images per run (one epoch)")
-    ap.add_argument("--backbone", default="vggface2_resnet50", choices=["vggface2_resnet50", "resnet50"],
-                    help="fairage's network (the Keras side always builds the kit's)")
+    ap.add_argument(
+        "--backbone",
+        default="vggface2_resnet50",
+        choices=["vggface2_resnet50", "resnet50"],
+        help="fairage's network (the Keras side always builds the kit's)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="interleaved repetitions; medians are compared")
     ap.add_argument("--jit", action="store_true", help="Keras with XLA (jit_compile=True); the kit did not use it")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads of both sides (default: each library's choice, all cores)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of both sides (default: each library's choice, all cores)",
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -168,10 +189,22 @@ def main(argv: list[str] | None = None) -> None:
         synthetic_set,
     )
 
-    print(f"device: {device_line(False)}; {args.backbone} at {args.size} px, batch {args.batch}, "
-          f"{args.n_images} training images, all layers, {args.rounds} round(s)", flush=True)
-    cmd = [str(args.tf_python), str(Path(__file__).resolve()), "--child", "--size", str(args.size),
-           "--batch", str(args.batch), "--n-images", str(args.n_images)] + (["--jit"] if args.jit else [])
+    print(
+        f"device: {device_line(False)}; {args.backbone} at {args.size} px, batch {args.batch}, "
+        f"{args.n_images} training images, all layers, {args.rounds} round(s)",
+        flush=True,
+    )
+    cmd = [
+        str(args.tf_python),
+        str(Path(__file__).resolve()),
+        "--child",
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--n-images",
+        str(args.n_images),
+    ] + (["--jit"] if args.jit else [])
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -183,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         found = [line for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
         if done.returncode != 0 or not found:
             sys.exit(f"the Keras run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        rates.setdefault("keras", []).append(float(found[0][len(RESULT_PREFIX):]))
+        rates.setdefault("keras", []).append(float(found[0][len(RESULT_PREFIX) :]))
         keras_about = done.stdout.splitlines()[0]
         print(f"round {round_}: Keras model.fit {rates['keras'][-1]:.2f} images/s", flush=True)
         for label, trainer_cfg in arms(False).items():
@@ -202,10 +235,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Keras model.fit (kit model, all layers; {keras_about}): {med['keras']:.2f} images/s{spread('keras')}")
     over_keras = med[auto_label] / med["keras"]
     over_fp32 = med[auto_label] / med["fp32"]
-    print(f"fairage stage II {auto_label} / Keras: {over_keras:.2f}x "
-          f"(goal >= {GOAL_OVER_KERAS}x: {'met' if over_keras >= GOAL_OVER_KERAS else 'NOT met'})")
-    print(f"fairage stage II {auto_label} / fairage fp32: {over_fp32:.2f}x "
-          f"(goal >= {GOAL_BF16_OVER_FP32}x: {'met' if over_fp32 >= GOAL_BF16_OVER_FP32 else 'NOT met'})")
+    print(
+        f"fairage stage II {auto_label} / Keras: {over_keras:.2f}x "
+        f"(goal >= {GOAL_OVER_KERAS}x: {'met' if over_keras >= GOAL_OVER_KERAS else 'NOT met'})"
+    )
+    print(
+        f"fairage stage II {auto_label} / fairage fp32: {over_fp32:.2f}x "
+        f"(goal >= {GOAL_BF16_OVER_FP32}x: {'met' if over_fp32 >= GOAL_BF16_OVER_FP32 else 'NOT met'})"
+    )
     print(f"fairage stage II fp32 / Keras: {med['fp32'] / med['keras']:.2f}x")
 
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     from rich.console import Console
 
     from fairage import training
-    from fairage.suite import (
+    from fairage.workflows.suite import (
         DEMO_SIZES,
         PRETRAINED_STAGE2_LR,
         _synthetic_once,
@@ -67,17 +67,29 @@ def main(argv: list[str] | None = None) -> None:
 
     out = args.out
     started = time.perf_counter()
-    data_dir = _synthetic_once(out, DEMO_SIZES["n_train"], DEMO_SIZES["n_valid"], DEMO_SIZES["n_test"],
-                               DEMO_SIZES["size"], 0, lambda event: console.print(event.message))
+    data_dir = _synthetic_once(
+        out,
+        DEMO_SIZES["n_train"],
+        DEMO_SIZES["n_valid"],
+        DEMO_SIZES["n_test"],
+        DEMO_SIZES["size"],
+        0,
+        lambda event: console.print(event.message),
+    )
     weights = pretrain_backbone(out, "cpu", DEMO_SIZES["size"], progress=False)
     console.print(f"data and stand-in backbone ready in {time.perf_counter() - started:.0f} s")
-    arms = {arm: precision for arm, precision in {"fp32": "32-true", "auto": "auto"}.items()
-            if arm in args.arms.split(",")}
+    arms = {
+        arm: precision for arm, precision in {"fp32": "32-true", "auto": "auto"}.items() if arm in args.arms.split(",")
+    }
     seconds = {arm: 0.0 for arm in arms}
     for preset in presets:
         for arm, precision in arms.items():
-            overrides = [f"model.weights={weights.resolve()}", f"stage2.lr={PRETRAINED_STAGE2_LR}",
-                         f"trainer.precision={precision}", f"data.image_size={DEMO_SIZES['size']}"]
+            overrides = [
+                f"model.weights={weights.resolve()}",
+                f"stage2.lr={PRETRAINED_STAGE2_LR}",
+                f"trainer.precision={precision}",
+                f"data.image_size={DEMO_SIZES['size']}",
+            ]
             for name, cfg in suite_configs([preset], "cpu", args.seeds, overrides):
                 run_dir = out / arm / name
                 if args.runs and name not in args.runs.split(","):
@@ -90,29 +102,39 @@ def main(argv: list[str] | None = None) -> None:
                 seconds[arm] += time.perf_counter() - t
                 used = json.loads((run_dir / "run.json").read_text())["precision"]
                 # CPU time: on a shared machine the wall time mostly measures the other processes
-                console.print(f"{arm}/{name} ({used}): {time.perf_counter() - t:.0f} s wall, "
-                              f"{time.process_time() - cpu:.0f} s CPU")
+                console.print(
+                    f"{arm}/{name} ({used}): {time.perf_counter() - t:.0f} s wall, "
+                    f"{time.process_time() - cpu:.0f} s CPU"
+                )
         if len(arms) == 2:
             _print_preset(console, out, preset, args.seeds)
     console.print("training wall time: " + ", ".join(f"{arm} {s:.0f} s" for arm, s in seconds.items()))
 
 
 def _print_preset(console, out: Path, preset: str, seeds: int) -> None:
-    from fairage.suite import run_name
+    from fairage.workflows.suite import run_name
 
-    runs = {arm: [json.loads((out / arm / run_name(preset, k, seeds) / "metrics_test.json").read_text())
-                  for k in range(seeds)] for arm in ("fp32", "auto")}
+    runs = {
+        arm: [
+            json.loads((out / arm / run_name(preset, k, seeds) / "metrics_test.json").read_text()) for k in range(seeds)
+        ]
+        for arm in ("fp32", "auto")
+    }
     console.print(f"{preset}: metric  fp32 mean ± std | auto mean ± std | auto - fp32 | fp32 mean 95% interval")
     for name in METRICS:
         vals = {arm: np.array([_metric(m, name)[0] for m in ms]) for arm, ms in runs.items()}
         cis = [_metric(m, name)[1] for m in runs["fp32"]]
-        lo, hi = (float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))) if all(cis) else (None, None)
+        lo, hi = (
+            (float(np.mean([c[0] for c in cis])), float(np.mean([c[1] for c in cis]))) if all(cis) else (None, None)
+        )
         a, f = vals["auto"].mean(), vals["fp32"].mean()
         inside = "within" if lo is not None and lo <= a <= hi else "OUTSIDE"
         interval = f"[{lo:.2f}, {hi:.2f}] {inside}" if lo is not None else "(no interval)"
-        console.print(f"  {name:<10} {f:6.2f} ± {vals['fp32'].std(ddof=1) if seeds > 1 else 0:.2f} | "
-                      f"{a:6.2f} ± {vals['auto'].std(ddof=1) if seeds > 1 else 0:.2f} | {a - f:+.2f} | {interval}",
-                      highlight=False)
+        console.print(
+            f"  {name:<10} {f:6.2f} ± {vals['fp32'].std(ddof=1) if seeds > 1 else 0:.2f} | "
+            f"{a:6.2f} ± {vals['auto'].std(ddof=1) if seeds > 1 else 0:.2f} | {a - f:+.2f} | {interval}",
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":

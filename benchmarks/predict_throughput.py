@@ -31,9 +31,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fairage.config import dump_config, load_preset
-from fairage.models import AgeRegressor
-from fairage.predict import AgePredictor, load_model, read_image
+from fairage.config.files import dump_config
+from fairage.config.presets import load_preset
+from fairage.inference.predictor import AgePredictor, load_model, read_image
+from fairage.models.regressor import AgeRegressor
 
 
 def model_folder(root: Path, scale: str) -> Path:
@@ -52,7 +53,7 @@ def model_folder(root: Path, scale: str) -> Path:
 def plain_loop(model, crops: np.ndarray, batch_size: int, device) -> np.ndarray:
     out = []
     for a in range(0, len(crops), batch_size):
-        x = torch.from_numpy(crops[a:a + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255.0)
+        x = torch.from_numpy(crops[a : a + batch_size]).to(device).permute(0, 3, 1, 2).float().div(255.0)
         out.append(model.years(model(x)).cpu())
     return torch.cat(out).numpy()
 
@@ -68,15 +69,16 @@ def photos(root: Path, n: int) -> list[Path]:
         for k in range(1 + i % 3):
             scale = rng.uniform(0.4, 0.85)
             small = np.asarray(Image.fromarray(grace).resize((round(512 * scale), round(600 * scale))))
-            canvas[20:20 + small.shape[0], 20 + 460 * k:20 + 460 * k + small.shape[1]] = small
+            canvas[20 : 20 + small.shape[0], 20 + 460 * k : 20 + 460 * k + small.shape[1]] = small
         paths.append(root / f"photo{i:03d}.jpg")
         Image.fromarray(canvas).save(paths[-1], quality=90)
     return paths
 
 
 @torch.inference_mode()
-def plain_photos(model, paths: list[Path], size: int, batch_size: int, device, max_side: int = 960,
-                 margin: float = 0.4) -> list[np.ndarray]:
+def plain_photos(
+    model, paths: list[Path], size: int, batch_size: int, device, max_side: int = 960, margin: float = 0.4
+) -> list[np.ndarray]:
     """The same detector and model without fairage: OpenCV decode, yuface on a copy downscaled to
     ``max_side``, square crops enlarged by ``margin`` (black outside), OpenCV bilinear resize, then
     one batched forward over every photo's crops. Returns each photo's ages (years)."""
@@ -97,7 +99,7 @@ def plain_photos(model, paths: list[Path], size: int, batch_size: int, device, m
             x0, y0 = round(x + bw / 2 - side / 2), round(y + bh / 2 - side / 2)
             crop = np.zeros((side, side, 3), np.uint8)
             sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x0 + side), min(h, y0 + side)
-            crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+            crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
             crops.append(cv2.resize(crop, (size, size), interpolation=cv2.INTER_LINEAR))
         counts.append(len(rows))
     ages = plain_loop(model, np.stack(crops), batch_size, device) if crops else np.empty(0)
@@ -159,6 +161,7 @@ def main() -> None:
             import ctypes
 
             import yuface
+
             gomp = sorted(Path(yuface.__file__).parent.parent.glob("yuface.libs/libgomp*.so*"))
             ctypes.CDLL(str(gomp[0])).omp_set_num_threads(1)
             return best_of(plain_run, args.repeats)
@@ -168,15 +171,21 @@ def main() -> None:
         n_faces = sum(len(r.faces) for _, r, _, _ in results if r is not None)
         plain_faces = sum(len(a) for a in plain_photos(loaded.model, files, size, args.batch_size, predictor.device))
 
-    print(f"model: M1 scale {args.scale} ({loaded.config.model.backbone}, {size} px), device {predictor.device}, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} torch threads; {args.crops} crops; "
-          f"{args.photos} photos with {n_faces} faces, detector {predictor.detector.name}")
+    print(
+        f"model: M1 scale {args.scale} ({loaded.config.model.backbone}, {size} px), device {predictor.device}, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} torch threads; {args.crops} crops; "
+        f"{args.photos} photos with {n_faces} faces, detector {predictor.detector.name}"
+    )
     print(f"fairage on crops: {args.crops / ours:.1f} faces/s")
     print(f"plain torch on crops: {args.crops / plain:.1f} faces/s")
     print(f"fairage on photos (AgePredictor.predict_files): {args.photos / photo_time:.2f} photos/s, {n_faces} faces")
-    print(f"fairage on photos, YuNet with OpenMP's default threads (as before): {args.photos / old_photo_time:.2f} photos/s")
-    print(f"plain OpenCV + yuface + torch on photos: {args.photos / plain_photo_time:.2f} photos/s, {plain_faces} faces; "
-          f"with 1 OpenMP thread: {args.photos / plain_one_time:.2f} photos/s")
+    print(
+        f"fairage on photos, YuNet with OpenMP's default threads (as before): {args.photos / old_photo_time:.2f} photos/s"
+    )
+    print(
+        f"plain OpenCV + yuface + torch on photos: {args.photos / plain_photo_time:.2f} photos/s, {plain_faces} faces; "
+        f"with 1 OpenMP thread: {args.photos / plain_one_time:.2f} photos/s"
+    )
     print(f"fairage / plain torch on crops: {plain / ours:.2f}x (goal >= 0.9x)")
     best_plain = min(plain_photo_time, plain_one_time)
     print(f"fairage / plain pipeline on photos (its faster variant): {best_plain / photo_time:.2f}x (goal >= 0.9x)")

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fairage.data.predictions import join_predictions, read_predictions
-from fairage.metrics import compare
-from fairage.runs import RunFolder
-from fairage.suite import SuiteEvent, run_suite, suite_configs
+from fairage.fairness.metrics import compare
+from fairage.store.predictions import join_predictions, read_predictions
+from fairage.store.run_folder import RunFolder
+from fairage.workflows.suite import SuiteEvent, run_suite, suite_configs
 
 DEFAULT_PRESETS = "M1,M3,M5,M5-dro,M5-bmc,M5-lds"
 ATTRIBUTES = ("age", "gender", "ethnicity")
@@ -38,8 +38,9 @@ def _stacked(run_dirs: list[Path]) -> pd.DataFrame:
     for k, run_dir in enumerate(run_dirs):
         folder = RunFolder.open(run_dir)
         faces = folder.faces("test")
-        df = join_predictions(faces, read_predictions(folder.file(RunFolder.PREDICTIONS)),
-                              folder.file(RunFolder.PREDICTIONS))
+        df = join_predictions(
+            faces, read_predictions(folder.file(RunFolder.PREDICTIONS)), folder.file(RunFolder.PREDICTIONS)
+        )
         df["image"] = df["image"].astype(str) + f"#seed{k}"
         parts.append(df)
     return pd.concat(parts, ignore_index=True)
@@ -92,8 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
 
     t0 = time.perf_counter()
-    run_suite(args.data, args.out, presets=presets, scale=args.scale, seeds=args.seeds,
-              overrides=args.overrides, progress=False, on_event=on_event)
+    run_suite(
+        args.data,
+        args.out,
+        presets=presets,
+        scale=args.scale,
+        seeds=args.seeds,
+        overrides=args.overrides,
+        progress=False,
+        on_event=on_event,
+    )
     runs: dict[str, list[Path]] = {}
     for name, cfg in plan:
         if (args.out / name / RunFolder.METRICS).is_file():
@@ -102,13 +111,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for preset, dirs in runs.items():
         metrics = [RunFolder.open(d).metrics() for d in dirs]
-        row = {"preset": preset, "runs": len(dirs),
-               "MAE": _fmt([m.mae for m in metrics]),
-               "CS@5": _fmt([m.cs["5"].value for m in metrics if "5" in m.cs], 3)}
+        row = {
+            "preset": preset,
+            "runs": len(dirs),
+            "MAE": _fmt([m.mae for m in metrics]),
+            "CS@5": _fmt([m.cs["5"].value for m in metrics if "5" in m.cs], 3),
+        }
         for attr in ATTRIBUTES:
             row[f"{attr} bias"] = _fmt([m.bias.get(attr) for m in metrics])
-        row["ethnicity worst MAE"] = _fmt([m.worst_group["ethnicity"].mae for m in metrics
-                                           if m.worst_group.get("ethnicity")])
+        row["ethnicity worst MAE"] = _fmt(
+            [m.worst_group["ethnicity"].mae for m in metrics if m.worst_group.get("ethnicity")]
+        )
         if preset != "M1" and len(dirs) == len(runs["M1"]):
             result = compare(base, _stacked(dirs), attributes=list(ATTRIBUTES), n_boot=args.n_boot, seed=0)
             row["MAE - M1"] = _diff(result.mae_diff)
@@ -120,10 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
     table = pd.DataFrame(rows).fillna("")
     n_test = len(RunFolder.open(runs["M1"][0]).faces("test"))
-    header = (f"{args.data}: {n_test} test faces, scale {args.scale}, {args.seeds} seed(s); "
-              f"{platform.machine()} {platform.processor() or ''}, wall {time.perf_counter() - t0:.0f} s "
-              "(s/run: runs trained in this call). Differences: B - M1 with paired 95% intervals "
-              "(* = excludes 0).")
+    header = (
+        f"{args.data}: {n_test} test faces, scale {args.scale}, {args.seeds} seed(s); "
+        f"{platform.machine()} {platform.processor() or ''}, wall {time.perf_counter() - t0:.0f} s "
+        "(s/run: runs trained in this call). Differences: B - M1 with paired 95% intervals "
+        "(* = excludes 0)."
+    )
     print(header)
     print(table.to_markdown(index=False) if _has_tabulate() else table.to_string(index=False))
     if failed:

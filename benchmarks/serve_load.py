@@ -64,7 +64,7 @@ def group_photo() -> bytes:
 
 
 def tiny_model(root: Path) -> Path:
-    from fairage.config import load_preset
+    from fairage.config.presets import load_preset
     from fairage.data import write_synthetic
     from fairage.training import train
 
@@ -77,8 +77,20 @@ def start_server(model: Path, workers: int, options: list[str], before: bool = F
     if before:  # this script serves the model the old way (see serve_before)
         command = [sys.executable, __file__, "--serve-before", str(model)]
     else:
-        command = [sys.executable, "-m", "fairage.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
-                   "--workers", str(workers), *options]
+        command = [
+            sys.executable,
+            "-m",
+            "fairage.cli",
+            "serve",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--workers",
+            str(workers),
+            *options,
+        ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # uvicorn names its address once it listens
         if "Uvicorn running on" in line:
@@ -109,7 +121,7 @@ def serve_before(model: Path) -> None:
     """The service as before shared passes: one inference thread, YuNet with OpenMP's default threads."""
     import uvicorn
 
-    from fairage.predict import AgePredictor
+    from fairage.inference.predictor import AgePredictor
     from fairage.serve import create_app, serve_protocol
 
     app = create_app(WholeRequests(AgePredictor(model, detector_threads=0)))
@@ -152,8 +164,12 @@ DEFAULT_CONFIGS = ("before", "threads", "batched", "side640")
 
 
 def run_config(name: str, model: Path, photo: bytes, args, options: list[str]) -> dict:
-    opts = {"alone": ["--max-batch", "1", "--prepare-processes", "0"], "threads": ["--prepare-processes", "0"],
-            "batched": options, "side640": ["--detect-side", "640"]}.get(name, [])
+    opts = {
+        "alone": ["--max-batch", "1", "--prepare-processes", "0"],
+        "threads": ["--prepare-processes", "0"],
+        "batched": options,
+        "side640": ["--detect-side", "640"],
+    }.get(name, [])
     proc, url = start_server(model, args.workers, opts, before=name == "before")
     try:
         for _ in range(2):  # warm-up
@@ -165,8 +181,14 @@ def run_config(name: str, model: Path, photo: bytes, args, options: list[str]) -
         proc.terminate()
         proc.wait(timeout=30)
     ms = np.array(latencies) * 1000
-    return {"n": len(latencies), "rate": len(latencies) / elapsed, "p50": np.percentile(ms, 50),
-            "p99": np.percentile(ms, 99), "errors": errors, "cpu_ms": 1000 * cpu / max(1, len(latencies))}
+    return {
+        "n": len(latencies),
+        "rate": len(latencies) / elapsed,
+        "p50": np.percentile(ms, 50),
+        "p99": np.percentile(ms, 99),
+        "errors": errors,
+        "cpu_ms": 1000 * cpu / max(1, len(latencies)),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -194,12 +216,17 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--serve-before":
         serve_before(Path(sys.argv[2]))
         return
-    argv, options = (sys.argv[1:], []) if "--" not in sys.argv else (
-        sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:])
+    argv, options = (
+        (sys.argv[1:], [])
+        if "--" not in sys.argv
+        else (sys.argv[1 : sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1 :])
+    )
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help="run or model folder (default: a tiny model)")
     parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients, 1..{MAX_CLIENTS}")
-    parser.add_argument("--seconds", type=float, default=15.0, help=f"duration of each configuration, at most {MAX_SECONDS} s")
+    parser.add_argument(
+        "--seconds", type=float, default=15.0, help=f"duration of each configuration, at most {MAX_SECONDS} s"
+    )
     parser.add_argument("--workers", type=int, default=1, help="server processes (alone and batched)")
     parser.add_argument("--only", choices=list(CONFIGS), action="append", help="run only these configurations")
     args = parser.parse_args(argv)
@@ -212,7 +239,7 @@ def main() -> None:
         model = args.model or tiny_model(Path(tmp))
         results = {name: run_config(name, model, photo, args, options) for name in names}
 
-        from fairage.predict import AgePredictor
+        from fairage.inference.predictor import AgePredictor
 
         predictor = AgePredictor(model)
 
@@ -229,18 +256,24 @@ def main() -> None:
             thread.submit(serial, 1.0).result()
             direct = thread.submit(serial, min(args.seconds, 5.0)).result()
 
-    print(f"serve: {args.clients} clients x {args.seconds:g} s per configuration, {args.workers} worker(s), "
-          f"1536 x 600 JPEG with 3 faces")
+    print(
+        f"serve: {args.clients} clients x {args.seconds:g} s per configuration, {args.workers} worker(s), "
+        f"1536 x 600 JPEG with 3 faces"
+    )
     for name in names:
         r = results[name]
-        print(f"  {name:8s} {r['n']:5d} requests, {r['rate']:5.1f} requests/s, latency p50 {r['p50']:5.0f} ms, "
-              f"p99 {r['p99']:5.0f} ms, errors {r['errors']}, server CPU {r['cpu_ms']:.0f} ms/request  ({CONFIGS[name]})")
+        print(
+            f"  {name:8s} {r['n']:5d} requests, {r['rate']:5.1f} requests/s, latency p50 {r['p50']:5.0f} ms, "
+            f"p99 {r['p99']:5.0f} ms, errors {r['errors']}, server CPU {r['cpu_ms']:.0f} ms/request  ({CONFIGS[name]})"
+        )
     if "before" in results:
         for name in names:
             if name != "before":
                 print(f"  {name} / before: {results[name]['rate'] / results['before']['rate']:.2f}x requests/s")
-    print(f"  baseline, AgePredictor.predict_image in-process, one call at a time: {1 / statistics.mean(direct):.1f} "
-          f"photos/s, p50 {1000 * statistics.median(direct):.0f} ms")
+    print(
+        f"  baseline, AgePredictor.predict_image in-process, one call at a time: {1 / statistics.mean(direct):.1f} "
+        f"photos/s, p50 {1000 * statistics.median(direct):.0f} ms"
+    )
     if any(r["errors"] for r in results.values()):
         raise SystemExit(1)
 

@@ -83,35 +83,60 @@ def synthetic_set(n: int, size: int, batch: int) -> tuple[np.ndarray, np.ndarray
 
 def model_config(backbone: str):
     """The report's M5 head on ``backbone`` with a 512-d projection."""
-    from fairage.config import HeadBlock, ModelConfig
+    from fairage.config.schema import HeadBlock, ModelConfig
 
-    return ModelConfig(backbone=backbone, projection_dim=512,
-                       head=[HeadBlock(units=256, dropout=0.1), HeadBlock(units=128, dropout=0.1),
-                             HeadBlock(units=64, dropout=0.05), HeadBlock(units=32, dropout=0.05)])
+    return ModelConfig(
+        backbone=backbone,
+        projection_dim=512,
+        head=[
+            HeadBlock(units=256, dropout=0.1),
+            HeadBlock(units=128, dropout=0.1),
+            HeadBlock(units=64, dropout=0.05),
+            HeadBlock(units=32, dropout=0.05),
+        ],
+    )
 
 
-def run_stage(stage_name: str, backbone: str, data, batch: int, epochs: int, trainer_cfg, cache: bool = False,
-              workers: int = 0, loop: str = "auto") -> tuple[float, float]:
+def run_stage(
+    stage_name: str,
+    backbone: str,
+    data,
+    batch: int,
+    epochs: int,
+    trainer_cfg,
+    cache: bool = False,
+    workers: int = 0,
+    loop: str = "auto",
+) -> tuple[float, float]:
     """Train one stage with ``fit_stage``; return (steady-state training images/s, wall seconds of the stage).
 
     Cached stages run without the step timer (a Lightning callback would force Lightning's
     loop): their rate is NaN, their wall time is what counts.
     """
-    from fairage.config import StageConfig
-    from fairage.models import build_model
+    from fairage.config.schema import StageConfig
+    from fairage.models.regressor import build_model
     from fairage.training import StageArrays, fit_stage
 
     train_images, train_ages, val_images, val_ages = data
     torch.manual_seed(0)
     model, _ = build_model(model_config(backbone))
-    stage = StageConfig(lr=1e-4, batch_size=batch, max_epochs=epochs, patience=epochs + 1, cache_features=cache,
-                        loop=loop)
+    stage = StageConfig(
+        lr=1e-4, batch_size=batch, max_epochs=epochs, patience=epochs + 1, cache_features=cache, loop=loop
+    )
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        result = fit_stage(model, stage_name, stage, StageArrays(train_images, train_ages, val_images, val_ages),
-                           run_dir=tmp, trainer_cfg=trainer_cfg, num_workers=workers, progress=False,
-                           callbacks=[] if cache else [timer])
+        result = fit_stage(
+            model,
+            stage_name,
+            stage,
+            StageArrays(train_images, train_ages, val_images, val_ages),
+            run_dir=tmp,
+            trainer_cfg=trainer_cfg,
+            num_workers=workers,
+            progress=False,
+            callbacks=[] if cache else [timer],
+        )
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
@@ -123,7 +148,7 @@ def run_stage(stage_name: str, backbone: str, data, batch: int, epochs: int, tra
 def arms(cuda: bool, channels_last: bool = True, names: tuple[str, ...] = ("fp32", "auto")) -> dict[str, object]:
     """The trainer configs compared: label -> TrainerConfig. ``names``: "fp32", "auto" (as it
     resolves here) and "bf16" (bf16-mixed even where the device emulates it)."""
-    from fairage.config import TrainerConfig
+    from fairage.config.schema import TrainerConfig
     from fairage.training import resolve_precision
 
     accelerator = "gpu" if cuda else "cpu"
@@ -136,18 +161,24 @@ def arms(cuda: bool, channels_last: bool = True, names: tuple[str, ...] = ("fp32
 
 
 def device_line(cuda: bool) -> str:
-    from fairage.precision import cpu_has_native_bf16
+    from fairage.training.precision import cpu_has_native_bf16
 
     if cuda:
         return torch.cuda.get_device_name(0)
-    return (f"CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
-            f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'})")
+    return (
+        f"CPU ({torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, "
+        f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'})"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default=None, choices=["resnet18", "resnet34", "resnet50", "vggface2_resnet50"],
-                    help="default: resnet18 on CPU, resnet50 on CUDA")
+    ap.add_argument(
+        "--backbone",
+        default=None,
+        choices=["resnet18", "resnet34", "resnet50", "vggface2_resnet50"],
+        help="default: resnet18 on CPU, resnet50 on CUDA",
+    )
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default: 64 on CPU, 224 on CUDA)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -156,10 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cached-epochs", type=int, default=20, help="epochs of the cached stage I")
     ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: 0 on CPU, 6 on CUDA)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--arms", default="fp32,auto",
-                    help="precisions compared, comma-separated: fp32, auto, bf16 (bf16-mixed even where emulated)")
-    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false",
-                    help="NCHW instead of channels_last images and weights")
+    ap.add_argument(
+        "--arms",
+        default="fp32,auto",
+        help="precisions compared, comma-separated: fp32, auto, bf16 (bf16-mixed even where emulated)",
+    )
+    ap.add_argument(
+        "--no-channels-last",
+        dest="channels_last",
+        action="store_false",
+        help="NCHW instead of channels_last images and weights",
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -172,13 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     args.size = args.size or (224 if cuda else 64)
     workers = args.workers if args.workers is not None else (6 if cuda else 0)
     data = synthetic_set(n, args.size, args.batch)
-    print(f"device: {device_line(cuda)}; {args.backbone} at {args.size} px, batch {args.batch}; "
-          f"{n} training + {len(data[2])} validation images; workers {workers} "
-          f"(pinned memory: {'yes' if cuda else 'no'}); channels_last {'on' if args.channels_last else 'off'}",
-          flush=True)
+    print(
+        f"device: {device_line(cuda)}; {args.backbone} at {args.size} px, batch {args.batch}; "
+        f"{n} training + {len(data[2])} validation images; workers {workers} "
+        f"(pinned memory: {'yes' if cuda else 'no'}); channels_last {'on' if args.channels_last else 'off'}",
+        flush=True,
+    )
     if cuda:  # cuDNN autotuning and lazy initialisation, not reported
-        run_stage("stage2", args.backbone, data, args.batch, 1, arms(cuda, args.channels_last)["fp32"],
-                  workers=workers)
+        run_stage("stage2", args.backbone, data, args.batch, 1, arms(cuda, args.channels_last)["fp32"], workers=workers)
         torch.cuda.reset_peak_memory_stats()
 
     def report(name: str, value: float) -> None:  # printed as measured: a loaded machine may cut the run short
@@ -193,29 +232,40 @@ def main(argv: list[str] | None = None) -> None:
         print("auto = 32-true: the same precision as fp32 on this device, measured once", flush=True)
         del configs["auto = 32-true"]
     for label, trainer_cfg in configs.items():
-        rate, t_uncached = run_stage("stage1", args.backbone, data, args.batch, args.epochs, trainer_cfg,
-                                     workers=workers)
+        rate, t_uncached = run_stage(
+            "stage1", args.backbone, data, args.batch, args.epochs, trainer_cfg, workers=workers
+        )
         report(f"stage I uncached (head, backbone frozen, {label})", rate)
         projected = t_uncached / args.epochs * epochs  # wall time per epoch, set-up included
         steady = n * epochs / rate  # the steady-state rate alone
         for loop, name in (("lightning", "Lightning loop, before"), ("auto", "lean loop")):
-            _, t_cached = run_stage("stage1", args.backbone, data, args.batch, epochs, trainer_cfg, cache=True,
-                                    workers=workers, loop=loop)
-            report(f"stage I cached, {name} ({epochs} epochs incl. extraction, {t_cached:.2f} s, {label})",
-                          n * epochs / t_cached)
-            report(f"  -> speed-up over {epochs} uncached epochs ({projected:.1f} s projected), {label}",
-                          projected / t_cached)
-            report(f"  -> speed-up over {epochs} uncached epochs at the steady rate ({steady:.1f} s), {label}",
-                          steady / t_cached)
+            _, t_cached = run_stage(
+                "stage1", args.backbone, data, args.batch, epochs, trainer_cfg, cache=True, workers=workers, loop=loop
+            )
+            report(
+                f"stage I cached, {name} ({epochs} epochs incl. extraction, {t_cached:.2f} s, {label})",
+                n * epochs / t_cached,
+            )
+            report(
+                f"  -> speed-up over {epochs} uncached epochs ({projected:.1f} s projected), {label}",
+                projected / t_cached,
+            )
+            report(
+                f"  -> speed-up over {epochs} uncached epochs at the steady rate ({steady:.1f} s), {label}",
+                steady / t_cached,
+            )
             if loop == "auto":
                 lean_speedups[label] = projected / t_cached
-        stage2[label], _ = run_stage("stage2", args.backbone, data, args.batch, args.epochs, trainer_cfg,
-                                     workers=workers)
+        stage2[label], _ = run_stage(
+            "stage2", args.backbone, data, args.batch, args.epochs, trainer_cfg, workers=workers
+        )
         report(f"stage II (all layers, {label})", stage2[label])
     for label, speedup in lean_speedups.items():
         verdict = "met" if speedup >= GOAL_LEAN_OVER_UNCACHED else "NOT met"
-        print(f"lean cached stage I over {epochs} uncached epochs, {label}: {speedup:.1f}x "
-              f"(goal >= {GOAL_LEAN_OVER_UNCACHED:g}x: {verdict})")
+        print(
+            f"lean cached stage I over {epochs} uncached epochs, {label}: {speedup:.1f}x "
+            f"(goal >= {GOAL_LEAN_OVER_UNCACHED:g}x: {verdict})"
+        )
     for label, rate in stage2.items():
         if label != "fp32" and "fp32" in stage2:
             ratio = rate / stage2["fp32"]

@@ -8,7 +8,7 @@ Then trains M1 (``--scale tiny``) as the baseline and runs a ``--trials``-trial 
 of ``mae,ethnicity_bias`` at ``--scale tiny`` over a small space (stage II learning rate, the
 weighting scheme, the weights' pseudo-count), with M1 as its reference run, and builds the
 report of the front (``fairage report M1 --tune``), whose paired differences
-(``fairage.tune.paired_differences``: trial - M1 on the same test faces, paired bootstrap 95%
+(``fairage.workflows.tune.paired_differences``: trial - M1 on the same test faces, paired bootstrap 95%
 interval) decide the check:
 
     PASS when some Pareto trial has a test ethnicity bias below M1's with an interval that excludes 0.
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
-from fairage.report import TUNE_FRONT, build_report
+from fairage.outputs.report import TUNE_FRONT, build_report
 from fairage.training import train
-from fairage.tune import SearchSpace, read_tune_folder, run_tune
+from fairage.workflows.tune import SearchSpace, read_tune_folder, run_tune
 
 #: the tune's space: the stage II learning rate and the sample weights (the mitigation that can close the gap)
 SPACE = {
@@ -102,8 +102,17 @@ def main() -> None:
     t_m1 = time.perf_counter() - start
 
     start, cpu = time.perf_counter(), time.process_time()
-    run_tune(data, out / "tune", base, SearchSpace(SPACE, base, "benchmark space"), OBJECTIVES, args.trials,
-             study_name="planted-gap", scale="tiny", references=[m1])
+    run_tune(
+        data,
+        out / "tune",
+        base,
+        SearchSpace(SPACE, base, "benchmark space"),
+        OBJECTIVES,
+        args.trials,
+        study_name="planted-gap",
+        scale="tiny",
+        references=[m1],
+    )
     t_tune, cpu_tune = time.perf_counter() - start, time.process_time() - cpu
     build_report([m1], out / "report", tune=out / "tune")
 
@@ -112,29 +121,39 @@ def main() -> None:
     done = trials[trials["state"] == "COMPLETE"]
     front = pd.read_csv(out / "report" / TUNE_FRONT)
     m1_metrics = json.loads((m1 / "metrics_test.json").read_text())
-    print(f"planted: {args.group} ages +{args.shift:g} years in every split; {args.n_train}/{args.n_valid}/"
-          f"{args.n_test} faces of 32 px (data {t_data:.0f} s)")
-    print(f"M1 (tiny, {t_m1:.0f} s): test MAE {m1_metrics['mae']:.2f} {_ci(m1_metrics['mae_ci'])}, "
-          f"ethnicity bias {m1_metrics['bias']['ethnicity']:.2f} {_ci(m1_metrics['bias_ci']['ethnicity'])} years")
-    print(f"tune: {len(trials)} trials ({len(done)} finished) in {t_tune:.0f} s this start "
-          f"({cpu_tune / max(1, len(done)):.1f} CPU s per trial, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}); wall per trial {done['duration_s'].mean():.1f} s mean, "
-          f"{done['duration_s'].max():.1f} s max (budget {BUDGET_S:.0f} s: "
-          f"{'met' if done['duration_s'].mean() <= BUDGET_S else 'NOT met'})")
+    print(
+        f"planted: {args.group} ages +{args.shift:g} years in every split; {args.n_train}/{args.n_valid}/"
+        f"{args.n_test} faces of 32 px (data {t_data:.0f} s)"
+    )
+    print(
+        f"M1 (tiny, {t_m1:.0f} s): test MAE {m1_metrics['mae']:.2f} {_ci(m1_metrics['mae_ci'])}, "
+        f"ethnicity bias {m1_metrics['bias']['ethnicity']:.2f} {_ci(m1_metrics['bias_ci']['ethnicity'])} years"
+    )
+    print(
+        f"tune: {len(trials)} trials ({len(done)} finished) in {t_tune:.0f} s this start "
+        f"({cpu_tune / max(1, len(done)):.1f} CPU s per trial, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}); wall per trial {done['duration_s'].mean():.1f} s mean, "
+        f"{done['duration_s'].max():.1f} s max (budget {BUDGET_S:.0f} s: "
+        f"{'met' if done['duration_s'].mean() <= BUDGET_S else 'NOT met'})"
+    )
     d_col = "ethnicity_bias - M1"
     print("Pareto trials (test split; trial - M1 paired, * = interval excludes 0):")
     for r in front.to_dict("records"):
         params = trials.set_index("number").loc[r["Trial"], list(SPACE)]
-        print(f"  trial {r['Trial']:>2}: MAE {r['test mae']:.2f}, ethnicity bias {r['test ethnicity_bias']:.2f} "
-              f"{_ci([r['test ethnicity_bias CI low'], r['test ethnicity_bias CI high']])}; "
-              f"bias - M1 {r[d_col]:+.2f} {_ci([r[f'{d_col} CI low'], r[f'{d_col} CI high']])}"
-              f"{' *' if r[f'{d_col} excludes 0'] == 'yes' else ''}, MAE - M1 {r['mae - M1']:+.2f} "
-              f"{_ci([r['mae - M1 CI low'], r['mae - M1 CI high']])}{' *' if r['mae - M1 excludes 0'] == 'yes' else ''}"
-              f"  ({', '.join(f'{k}={_fmt(v)}' for k, v in params.items())})")
+        print(
+            f"  trial {r['Trial']:>2}: MAE {r['test mae']:.2f}, ethnicity bias {r['test ethnicity_bias']:.2f} "
+            f"{_ci([r['test ethnicity_bias CI low'], r['test ethnicity_bias CI high']])}; "
+            f"bias - M1 {r[d_col]:+.2f} {_ci([r[f'{d_col} CI low'], r[f'{d_col} CI high']])}"
+            f"{' *' if r[f'{d_col} excludes 0'] == 'yes' else ''}, MAE - M1 {r['mae - M1']:+.2f} "
+            f"{_ci([r['mae - M1 CI low'], r['mae - M1 CI high']])}{' *' if r['mae - M1 excludes 0'] == 'yes' else ''}"
+            f"  ({', '.join(f'{k}={_fmt(v)}' for k, v in params.items())})"
+        )
     lower = front[(front[d_col] < 0) & (front[f"{d_col} excludes 0"] == "yes")]
     verdict = "PASS" if len(lower) else "FAIL"
-    print(f"{verdict}: {len(lower)} Pareto trial(s) with an ethnicity bias below M1's, paired interval excluding 0"
-          f" (baseline: M1 {m1_metrics['bias']['ethnicity']:.2f} years); report: {out / 'report' / 'report.html'}")
+    print(
+        f"{verdict}: {len(lower)} Pareto trial(s) with an ethnicity bias below M1's, paired interval excluding 0"
+        f" (baseline: M1 {m1_metrics['bias']['ethnicity']:.2f} years); report: {out / 'report' / 'report.html'}"
+    )
 
 
 def _ci(ci) -> str:

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from fairage.data import load_faces
-from fairage.data.predictions import join_predictions, read_predictions
-from fairage.metrics import compare
-from fairage.suite import DEMO_SIZES, run_demo
+from fairage.fairness.metrics import compare
+from fairage.store.predictions import join_predictions, read_predictions
+from fairage.workflows.suite import DEMO_SIZES, run_demo
 
 
 def main() -> None:
@@ -38,8 +38,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     [data_dir] = sorted(out.glob(f"synthetic-*-{args.n_train}-*-seed0"))
     test = load_faces(data_dir).query("split == 'test'").reset_index(drop=True)
-    print(f"{args.n_train} training faces ({test['ethnicity'].value_counts().to_dict()} in test), "
-          f"wall {wall:.0f} s")
+    print(f"{args.n_train} training faces ({test['ethnicity'].value_counts().to_dict()} in test), wall {wall:.0f} s")
     base = join_predictions(test, read_predictions(out / presets[0] / "predictions_test.csv"), presets[0])
     for preset in presets[1:]:
         other = join_predictions(test, read_predictions(out / preset / "predictions_test.csv"), preset)

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fairage.config import WeightingConfig
+from fairage.config.schema import WeightingConfig
 from fairage.data.schema import VOCABULARIES
-from fairage.weighting import compute_weights, weighted_loss
+from fairage.fairness.weighting import compute_weights, weighted_loss
 
 
 def main() -> None:
@@ -27,11 +27,13 @@ def main() -> None:
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
-    faces = pd.DataFrame({
-        "age": rng.uniform(1, 95, args.n),
-        "ethnicity": rng.choice(list(VOCABULARIES["ethnicity"]), args.n),
-        "expression": rng.choice(list(VOCABULARIES["expression"]), args.n),
-    })
+    faces = pd.DataFrame(
+        {
+            "age": rng.uniform(1, 95, args.n),
+            "ethnicity": rng.choice(list(VOCABULARIES["ethnicity"]), args.n),
+            "expression": rng.choice(list(VOCABULARIES["expression"]), args.n),
+        }
+    )
     for scheme in ("age", "age_ethnicity", "age_ethnicity_expression"):
         for lds in (False, True):
             cfg = WeightingConfig(scheme=scheme, lds=lds)

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
 
 
@@ -34,8 +34,9 @@ def tiny_synthetic(path: Path, n_train: int = 64, n_valid: int = 32, n_test: int
     return write_synthetic(path, n_train=n_train, n_valid=n_valid, n_test=n_test, size=32, seed=seed, workers=1)
 
 
-def tiny_config_file(folder: Path, preset: str = "M5", overrides: list[str] | None = None,
-                     name: str = "cfg.yaml") -> Path:
+def tiny_config_file(
+    folder: Path, preset: str = "M5", overrides: list[str] | None = None, name: str = "cfg.yaml"
+) -> Path:
     """A config file of ``preset`` at tiny scale (20 bootstrap resamples) with ``overrides`` applied."""
     cfg = load_preset(preset, "tiny", ["eval.n_boot=20", *(overrides or [])])
     path = Path(folder) / name
@@ -56,7 +57,7 @@ GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
     """A finished run folder: preset M2 at the tiny scale on 48/16/48 synthetic 32 px faces (seconds)."""
-    from fairage.config import load_preset
+    from fairage.config.presets import load_preset
     from fairage.data import write_synthetic
     from fairage.training import train
 
@@ -71,7 +72,7 @@ def group_photo(offsets: list[tuple[int, int]], size: tuple[int, int]) -> np.nda
     face = np.asarray(Image.open(GRACE_HOPPER).convert("RGB"))
     canvas = np.full((size[1], size[0], 3), 128, dtype=np.uint8)
     for x, y in offsets:
-        canvas[y:y + face.shape[0], x:x + face.shape[1]] = face
+        canvas[y : y + face.shape[0], x : x + face.shape[1]] = face
     return canvas
 
 

@@ -36,7 +36,8 @@ from test_data_loaders import (
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import DataConfig, load_preset
+from fairage.config.presets import load_preset
+from fairage.config.schema import DataConfig
 from fairage.data import load_faces, load_images, write_synthetic
 from fairage.data.loaders import resolve_inside
 from fairage.errors import DataError
@@ -77,12 +78,14 @@ class FileSpy:
             if isinstance(path, (str, os.PathLike)):
                 self.paths.append(os.path.abspath(os.fspath(path)))
             return fn(path, *args, **kwargs)
+
         return spy
 
     def touched(self, folder: Path) -> list[str]:
         folder = os.path.realpath(folder)
-        return [p for p in self.paths
-                if os.path.realpath(p).startswith(folder + os.sep) or p.startswith(folder + os.sep)]
+        return [
+            p for p in self.paths if os.path.realpath(p).startswith(folder + os.sep) or p.startswith(folder + os.sep)
+        ]
 
 
 @pytest.fixture
@@ -165,8 +168,9 @@ def test_symlinks_leading_out_are_refused_whether_or_not_the_target_exists(tmp_p
         (root / "a" / "2.png").unlink()
         (root / "a" / "2.png").symlink_to(outside / target)
         roots.append(root)
-    _refused_unopened_and_alike(monkeypatch, roots, outside,
-                                "row 3: image 'a/2.png' is not a path inside the dataset folder")
+    _refused_unopened_and_alike(
+        monkeypatch, roots, outside, "row 3: image 'a/2.png' is not a path inside the dataset folder"
+    )
 
     # utkface: a face file that is a symlink leading out
     roots = []
@@ -174,8 +178,7 @@ def test_symlinks_leading_out_are_refused_whether_or_not_the_target_exists(tmp_p
         root = write_utk(tmp_path / f"utk-{target}", ["26_0_0_20170116.jpg", "30_1_1_20170116.jpg"])
         (root / "40_1_2_20170116.jpg").symlink_to(outside / target)
         roots.append(root)
-    _refused_unopened_and_alike(monkeypatch, roots, outside,
-                                "40_1_2_20170116.jpg: resolves outside the dataset folder")
+    _refused_unopened_and_alike(monkeypatch, roots, outside, "40_1_2_20170116.jpg: resolves outside the dataset folder")
 
     # npy layout: the image array is a symlink leading out
     real = tmp_path / "outside-npy"
@@ -227,7 +230,7 @@ def test_preset_name_is_never_a_path(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "evil.yaml").write_text(yaml.safe_dump(load_preset("M5", "tiny").model_dump(mode="json")))
-    from fairage.config import _preset_dir
+    from fairage.config.presets import _preset_dir
 
     relative = os.path.relpath(elsewhere / "evil", str(_preset_dir()))
     for name in (relative, str(elsewhere / "evil")):
@@ -245,8 +248,9 @@ def test_preset_name_is_never_a_path(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> Path:
-    return write_synthetic(tmp_path_factory.mktemp("abuse") / "data", n_train=32, n_valid=16, n_test=16,
-                           size=32, seed=0, workers=1)
+    return write_synthetic(
+        tmp_path_factory.mktemp("abuse") / "data", n_train=32, n_valid=16, n_test=16, size=32, seed=0, workers=1
+    )
 
 
 #: a quick single-stage run: tiny scale, stage II only, 2 epochs, 20 bootstrap resamples
@@ -305,8 +309,20 @@ def test_sigterm_before_the_run_folder_exists(synthetic, tmp_path, monkeypatch):
 def test_sigterm_during_suite_exits_143(synthetic, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         _sigterm_after_first_epoch(m)
-        res = invoke("suite", "--data", synthetic, "--out", tmp_path / "suite", "--presets", "M1", "--scale", "tiny",
-                     "--quiet", "--set", "eval.n_boot=20")
+        res = invoke(
+            "suite",
+            "--data",
+            synthetic,
+            "--out",
+            tmp_path / "suite",
+            "--presets",
+            "M1",
+            "--scale",
+            "tiny",
+            "--quiet",
+            "--set",
+            "eval.n_boot=20",
+        )
     assert res.exit_code == 143, res.output
     assert "run the same `fairage suite` command again" in one_line(res.stderr)
     assert not (tmp_path / "suite" / "report.html").exists()
@@ -320,8 +336,7 @@ def test_truncated_or_foreign_cache_file_is_rebuilt(tmp_path):
     faces = load_faces(root)
     first = np.array(load_images(faces, 16, workers=1, progress=False))
     (cached,) = (root / ".fairage_cache").glob("*.npy")
-    for damage in (lambda b: b[: len(b) // 2], lambda b: b[:20], lambda b: b"\x00" * len(b),
-                   lambda b: b[:-1]):
+    for damage in (lambda b: b[: len(b) // 2], lambda b: b[:20], lambda b: b"\x00" * len(b), lambda b: b[:-1]):
         cached.write_bytes(damage(cached.read_bytes()) if cached.stat().st_size else b"")
         again = load_images(faces, 16, workers=1, progress=False)
         np.testing.assert_array_equal(again, first)
@@ -345,23 +360,40 @@ def test_unwritable_cache_names_data_cache_dir(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- 10. Lightning settings
 
 
-@pytest.mark.parametrize("args, key", [
-    (("--set", "trainer.precision=bogus"), "trainer.precision 'bogus'"),
-    (("--accelerator", "tpuu"), "trainer.accelerator 'tpuu' is not known (did you mean 'tpu'?)"),
-    (("--strategy", "foo"), "trainer.strategy 'foo' is not known"),
-    (("--devices", "abc"), "trainer.devices 'abc'"),
-    (("--devices", "0"), "trainer.devices 0"),
-    pytest.param(("--accelerator", "gpu"), "no CUDA GPU is available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (("--set", "trainer.precision=bogus"), "trainer.precision 'bogus'"),
+        (("--accelerator", "tpuu"), "trainer.accelerator 'tpuu' is not known (did you mean 'tpu'?)"),
+        (("--strategy", "foo"), "trainer.strategy 'foo' is not known"),
+        (("--devices", "abc"), "trainer.devices 'abc'"),
+        (("--devices", "0"), "trainer.devices 0"),
+        pytest.param(
+            ("--accelerator", "gpu"),
+            "no CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
+    ],
+)
 def test_lightning_typos_exit_2_before_a_run_folder_exists(tmp_path, args, key):
     data = write_appa(tmp_path / "appa")
     res = invoke("train", *QUICK, "--data", data, "--out", tmp_path / "run", *args)
     assert res.exit_code == 2, res.output
     assert key in one_line(res.stderr) and "Traceback" not in res.output
     assert not (tmp_path / "run").exists()
-    res = invoke("suite", "--data", data, "--out", tmp_path / "suite", "--presets", "M1", "--scale", "tiny",
-                 "--set", args[1] if args[0] == "--set" else f"trainer.{args[0][2:]}={args[1]}")
+    res = invoke(
+        "suite",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "suite",
+        "--presets",
+        "M1",
+        "--scale",
+        "tiny",
+        "--set",
+        args[1] if args[0] == "--set" else f"trainer.{args[0][2:]}={args[1]}",
+    )
     assert res.exit_code == 2 and key in one_line(res.stderr)
     assert not (tmp_path / "suite").exists()
 
@@ -415,11 +447,24 @@ def test_utkface_with_race_codes_3_and_4_trains_with_the_mapping(tmp_path, caplo
         assert {"--extra-categories", "--skip-bad", "--allow-absolute-paths"} <= options, command
     assert {"extra_categories", "skip_bad", "allow_absolute_paths"} <= set(DataConfig.model_fields)
 
-    res = invoke("train", *QUICK, "--data", root, "--out", tmp_path / "r1", "--extra-categories", "indian=asian,others=unknown")
+    res = invoke(
+        "train", *QUICK, "--data", root, "--out", tmp_path / "r1", "--extra-categories", "indian=asian,others=unknown"
+    )
     assert res.exit_code == 2 and "--skip-bad (config data.skip_bad: true)" in one_line(res.stderr)
     run = tmp_path / "r2"
-    res = invoke("train", *QUICK, "--data", root, "--out", run, "--extra-categories", "indian=asian,others=unknown",
-                 "--skip-bad", "--set", "stage2.max_epochs=1")
+    res = invoke(
+        "train",
+        *QUICK,
+        "--data",
+        root,
+        "--out",
+        run,
+        "--extra-categories",
+        "indian=asian,others=unknown",
+        "--skip-bad",
+        "--set",
+        "stage2.max_epochs=1",
+    )
     assert res.exit_code == 0, res.output
     assert shown_warnings(res, caplog, "skipped 1 bad image(s)") == 1
     resolved = yaml.safe_load((run / "config.yaml").read_text())["data"]
@@ -436,8 +481,19 @@ def test_utkface_with_race_codes_3_and_4_trains_with_the_mapping(tmp_path, caplo
     assert {g: v["n"] for g, v in result["groups"]["ethnicity"].items()} == expected
     assert expected["asian"] == (test["image"].str.split("_").str[2] == "3").sum() > 0
     # a dataset folder named directly takes the same options
-    res = invoke("evaluate", "--data", root, "--predictions", run / "predictions_test.csv", "--json", "--n-boot", 0,
-                 "--skip-bad", "--extra-categories", "indian=asian,others=unknown")
+    res = invoke(
+        "evaluate",
+        "--data",
+        root,
+        "--predictions",
+        run / "predictions_test.csv",
+        "--json",
+        "--n-boot",
+        0,
+        "--skip-bad",
+        "--extra-categories",
+        "indian=asian,others=unknown",
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["mae"] == pytest.approx(result["mae"])
 
@@ -458,8 +514,16 @@ def test_extra_categories_syntax_errors(tmp_path, value):
 # --------------------------------------------------------------------------- 14. config files
 
 
-@pytest.mark.parametrize("content", [b"- a\n- b\n", b"42\n", b"just text\n", b"\xff\xfe\x00binary\x00\x01",
-                                     "stage2: {lr: 1e-3}  # caf\xe9\n".encode("latin-1")])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"- a\n- b\n",
+        b"42\n",
+        b"just text\n",
+        b"\xff\xfe\x00binary\x00\x01",
+        "stage2: {lr: 1e-3}  # caf\xe9\n".encode("latin-1"),
+    ],
+)
 @pytest.mark.parametrize("with_set", [False, True])
 def test_config_that_is_not_a_mapping_or_not_text(tmp_path, content, with_set):
     data = write_appa(tmp_path / "appa")
@@ -488,9 +552,11 @@ def test_predictions_outside_0_150_years_are_refused_or_clipped(tmp_path, bad):
     preds = _predictions(tmp_path, test, [bad, 30.0])
     good = tmp_path / "good.csv"
     pd.DataFrame({"image": test["image"], "prediction": [20.0, 30.0]}).to_csv(good, index=False)
-    for args in (("evaluate", "--data", root, "--predictions", preds),
-                 ("compare", good, preds, "--data", root),
-                 ("submit", preds, "--data", root, "--out", tmp_path / "sub.zip")):
+    for args in (
+        ("evaluate", "--data", root, "--predictions", preds),
+        ("compare", good, preds, "--data", root),
+        ("submit", preds, "--data", root, "--out", tmp_path / "sub.zip"),
+    ):
         res = invoke(*args)
         assert res.exit_code == 2, res.output
         assert f"row 2 (image 000000.jpg): prediction {bad:g} years is outside 0 to 150" in one_line(res.stderr)
@@ -499,7 +565,9 @@ def test_predictions_outside_0_150_years_are_refused_or_clipped(tmp_path, bad):
     with zipfile.ZipFile(tmp_path / "sub.zip") as archive:
         ages = np.loadtxt(io.StringIO(archive.read("predictions.csv").decode()))
     np.testing.assert_allclose(ages, [0.0 if bad < 0 else 150.0, 30.0])
-    res = json.loads(invoke("evaluate", "--data", root, "--predictions", preds, "--clip", "--json", "--n-boot", 0).stdout)
+    res = json.loads(
+        invoke("evaluate", "--data", root, "--predictions", preds, "--clip", "--json", "--n-boot", 0).stdout
+    )
     expected = (abs((0.0 if bad < 0 else 150.0) - 19.0) + abs(30.0 - 33.5)) / 2  # APPA_GT test ages 19, 33.5
     assert res["mae"] == pytest.approx(expected)
 
@@ -569,8 +637,18 @@ def test_out_errors_name_the_out_path_not_a_temp_file(tmp_path):
 
 
 def test_nan_loss_gives_one_message(synthetic, tmp_path, caplog):
-    res = invoke("train", *QUICK, "--data", synthetic, "--out", tmp_path / "run", "--set", "stage2.lr=1e30",
-                 "--set", "model.output=linear")
+    res = invoke(
+        "train",
+        *QUICK,
+        "--data",
+        synthetic,
+        "--out",
+        tmp_path / "run",
+        "--set",
+        "stage2.lr=1e30",
+        "--set",
+        "model.output=linear",
+    )
     assert res.exit_code == 2, res.output
     assert shown_warnings(res, caplog, "no finite validation loss to keep") == 1
     assert shown_warnings(res, caplog, "keeping its best checkpoint") == 0
@@ -586,13 +664,25 @@ def test_held_pickled_npy_arrays_are_refused(tmp_path):
     assert "meta_data_train.npy: cannot read without unpickling" in info_error(root)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda gt: gt.assign(apparent_age_avg=["abc", 30, 20]), "gt_avg_train.csv: row 2: apparent_age_avg 'abc' is not an age"),
-    (lambda gt: gt.assign(apparent_age_avg=[20, -3, 20]), "gt_avg_train.csv: row 3: apparent_age_avg '-3' is not an age"),
-    (lambda gt: gt.drop(columns="real_age"), "gt_avg_train.csv: missing required column(s) real_age"),
-    (lambda gt: gt.assign(file_name=["000000.jpg", None, "000002.jpg"]), "gt_avg_train.csv: row 3: empty file_name"),
-    (lambda gt: gt.assign(file_name=["000000.jpg", "nope.jpg", "000002.jpg"]), "nope.jpg_face.jpg: file not found"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda gt: gt.assign(apparent_age_avg=["abc", 30, 20]),
+            "gt_avg_train.csv: row 2: apparent_age_avg 'abc' is not an age",
+        ),
+        (
+            lambda gt: gt.assign(apparent_age_avg=[20, -3, 20]),
+            "gt_avg_train.csv: row 3: apparent_age_avg '-3' is not an age",
+        ),
+        (lambda gt: gt.drop(columns="real_age"), "gt_avg_train.csv: missing required column(s) real_age"),
+        (
+            lambda gt: gt.assign(file_name=["000000.jpg", None, "000002.jpg"]),
+            "gt_avg_train.csv: row 3: empty file_name",
+        ),
+        (lambda gt: gt.assign(file_name=["000000.jpg", "nope.jpg", "000002.jpg"]), "nope.jpg_face.jpg: file not found"),
+    ],
+)
 def test_held_bad_tables_are_refused_naming_the_row(tmp_path, edit, message):
     root = write_appa(tmp_path / "appa")
     edit(pd.read_csv(root / "gt_avg_train.csv")).to_csv(root / "gt_avg_train.csv", index=False)
@@ -616,12 +706,15 @@ def test_held_bad_prediction_files(tmp_path):
         assert message in one_line(res.stderr), name
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--set", "stage2.lrr=1"), "unknown key 'stage2.lrr' (did you mean 'lr'?)"),
-    (("--set", "stage2.lr"), "must look like key.sub=value"),
-    (("--set", "stage2.lr=-1"), "stage2.lr"),
-    (("--scale", "huge"), "unknown scale 'huge'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--set", "stage2.lrr=1"), "unknown key 'stage2.lrr' (did you mean 'lr'?)"),
+        (("--set", "stage2.lr"), "must look like key.sub=value"),
+        (("--set", "stage2.lr=-1"), "stage2.lr"),
+        (("--scale", "huge"), "unknown scale 'huge'"),
+    ],
+)
 def test_held_config_mistakes(tmp_path, args, message):
     res = invoke("train", "--preset", "M1", "--data", write_appa(tmp_path / "appa"), "--out", tmp_path / "run", *args)
     assert res.exit_code == 2, res.output
@@ -629,13 +722,16 @@ def test_held_config_mistakes(tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (("train", "--resume", "{tmp}/nowhere"), "run folder not found"),
-    (("export-backbone", "{tmp}", "--out", "{tmp}/b.pth"), "is not a fairage run folder"),
-    (("report", "{tmp}/nowhere", "--out", "{tmp}/rep"), "run folder not found"),
-    (("evaluate", "{tmp}"), "is not a fairage run folder (no run.json)"),
-    (("data", "info", "{tmp}/nowhere"), "dataset folder not found"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("train", "--resume", "{tmp}/nowhere"), "run folder not found"),
+        (("export-backbone", "{tmp}", "--out", "{tmp}/b.pth"), "is not a fairage run folder"),
+        (("report", "{tmp}/nowhere", "--out", "{tmp}/rep"), "run folder not found"),
+        (("evaluate", "{tmp}"), "is not a fairage run folder (no run.json)"),
+        (("data", "info", "{tmp}/nowhere"), "dataset folder not found"),
+    ],
+)
 def test_held_missing_folders(tmp_path, args, message):
     res = invoke(*[a.format(tmp=tmp_path) for a in args])
     assert res.exit_code == 2, res.output

@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 from torchvision import models as tv_models
 
-from fairage.config import HeadBlock, ModelConfig, validate_config
+from fairage.config.schema import HeadBlock, ModelConfig, validate_config
 from fairage.errors import ConfigError
-from fairage.models import PretrainedWeightsError, build_model
+from fairage.models.backbones import PretrainedWeightsError
+from fairage.models.regressor import build_model
 
 #: timm's tiny test network; its published config normalises with mean 0.5 and std 0.5 (not ImageNet's)
 TIMM_MODEL = "test_resnet.r160_in1k"
@@ -37,9 +38,7 @@ def timm_reference(seed: int = 0) -> torch.nn.Module:
     """The timm model with a 10-class classifier, as published checkpoints have one, seeded weights."""
     torch.manual_seed(seed)
     model = timm.create_model(TIMM_MODEL, pretrained=False, num_classes=10).eval()
-    with (
-        torch.no_grad()
-    ):  # BatchNorm statistics away from their init, so that they must be loaded too
+    with torch.no_grad():  # BatchNorm statistics away from their init, so that they must be loaded too
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.1, 0.1)
@@ -61,9 +60,7 @@ def test_timm_backbone_from_a_local_file_gives_timms_features(tmp_path, suffix):
     save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
     model, info = build_model(tiny(f"timm/{TIMM_MODEL}", path))
     model.eval()
-    assert (
-        model.input_norm.kind == "pretrained" and model.backbone_dim == ref.num_features
-    )
+    assert model.input_norm.kind == "pretrained" and model.backbone_dim == ref.num_features
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         pooled = model.pooled(x)
@@ -80,9 +77,7 @@ def test_timm_input_norm_comes_from_the_pretrained_config():
     cfg = tiny(f"timm/{TIMM_MODEL}")
     assert cfg.input_norm == "pretrained"
     model = build_model(cfg)[0]
-    assert model.input_norm(
-        torch.full((1, 3, 2, 2), 0.75)
-    ).flatten().tolist() == pytest.approx([0.5] * 12)
+    assert model.input_norm(torch.full((1, 3, 2, 2), 0.75)).flatten().tolist() == pytest.approx([0.5] * 12)
     # an explicit convention is kept
     assert tiny(f"timm/{TIMM_MODEL}", input_norm="imagenet").input_norm == "imagenet"
 
@@ -93,15 +88,9 @@ def test_timm_config_errors_name_the_key():
         match="'test_resnt' is not a timm model .did you mean 'timm/test_resnet'",
     ):
         validate_config({"model": {"backbone": "timm/test_resnt"}, "stage2": {}})
-    with pytest.raises(
-        ConfigError, match="model.weights 'pretrained' needs a timm backbone"
-    ):
-        validate_config(
-            {"model": {"backbone": "resnet18", "weights": "pretrained"}, "stage2": {}}
-        )
-    with pytest.raises(
-        ConfigError, match="model.weights 'imagenet' needs a torchvision backbone"
-    ):
+    with pytest.raises(ConfigError, match="model.weights 'pretrained' needs a timm backbone"):
+        validate_config({"model": {"backbone": "resnet18", "weights": "pretrained"}, "stage2": {}})
+    with pytest.raises(ConfigError, match="model.weights 'imagenet' needs a torchvision backbone"):
         validate_config(
             {
                 "model": {"backbone": f"timm/{TIMM_MODEL}", "weights": "imagenet"},
@@ -127,10 +116,7 @@ def test_timm_pretrained_offline_without_a_cached_copy_names_the_file(offline_hu
     with pytest.raises(PretrainedWeightsError) as err:
         build_model(tiny(f"timm/{TIMM_MODEL}", "pretrained"))
     text = str(err.value)
-    assert (
-        f"https://huggingface.co/timm/{TIMM_MODEL}/resolve/main/model.safetensors"
-        in text
-    )
+    assert f"https://huggingface.co/timm/{TIMM_MODEL}/resolve/main/model.safetensors" in text
     assert str(offline_hub) in text and "model.weights=" in text
     assert len(text.splitlines()) == 1
 
@@ -150,9 +136,7 @@ def test_timm_pretrained_resolves_through_timms_cache(offline_hub):
     model, info = build_model(tiny(f"timm/{TIMM_MODEL}", "pretrained"))
     x = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        assert torch.allclose(
-            model.eval().pooled(x), reference_features(ref, x), atol=1e-5
-        )
+        assert torch.allclose(model.eval().pooled(x), reference_features(ref, x), atol=1e-5)
     assert info["weights_loaded"] and info["weights"] == f"timm pretrained {TIMM_MODEL}"
 
 
@@ -190,17 +174,14 @@ def test_torchvision_imagenet_weights_offline_name_the_file_and_the_folder(torch
         build_model(tiny("resnet34", "imagenet"))
     url = tv_models.ResNet34_Weights.DEFAULT.url
     text = str(err.value)
-    assert (
-        url in text
-        and str(torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]) in text
-    )
+    assert url in text and str(torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]) in text
 
 
 def test_a_timm_backbone_trains_through_both_stages(tmp_path):
     from conftest import tiny_synthetic
 
-    from fairage.config import load_preset
-    from fairage.data.predictions import read_predictions
+    from fairage.config.presets import load_preset
+    from fairage.store.predictions import read_predictions
     from fairage.training import train
 
     data = tiny_synthetic(tmp_path / "data", n_train=24, n_valid=8, n_test=8)

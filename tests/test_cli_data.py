@@ -55,11 +55,14 @@ def test_info_tables_and_counts(tmp_path):
     assert "age histogram" in res.output
     info = json.loads(invoke("data", "info", root, "--json").stdout)
     # counted by hand from APPA_CATS
-    assert info["splits"]["train"] == {"n": 3, "gender": {"female": 1, "male": 2},
-                                       "ethnicity": {"afroamerican": 1, "asian": 1, "caucasian": 1},
-                                       "expression": {"happy": 1, "neutral": 1, "slightlyhappy": 1},
-                                       "makeup": {"makeup": 1, "nomakeup": 2},
-                                       "time": {"modernphoto": 2, "oldphoto": 1}}
+    assert info["splits"]["train"] == {
+        "n": 3,
+        "gender": {"female": 1, "male": 2},
+        "ethnicity": {"afroamerican": 1, "asian": 1, "caucasian": 1},
+        "expression": {"happy": 1, "neutral": 1, "slightlyhappy": 1},
+        "makeup": {"makeup": 1, "nomakeup": 2},
+        "time": {"modernphoto": 2, "oldphoto": 1},
+    }
     assert info["age"]["train"] == {"min": 8.25, "max": 61.0, "mean": pytest.approx((25.5 + 61 + 8.25) / 3)}
     real = json.loads(invoke("data", "info", root, "--json", "--target", "real").stdout)
     assert real["age"]["train"]["max"] == 65
@@ -93,11 +96,14 @@ def _truncate(root):
     (root / "test" / "000000.jpg_face.jpg").write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.parametrize("breaker, message", [
-    (_corrupt, r"train/000002\.jpg_face\.jpg: cannot decode image"),
-    (_truncate, r"test/000000\.jpg_face\.jpg: cannot decode image.*truncated"),
-    (lambda r: (r / "valid" / "000000.jpg_face.jpg").unlink(), r"valid/000000\.jpg_face\.jpg: file not found"),
-])
+@pytest.mark.parametrize(
+    "breaker, message",
+    [
+        (_corrupt, r"train/000002\.jpg_face\.jpg: cannot decode image"),
+        (_truncate, r"test/000000\.jpg_face\.jpg: cannot decode image.*truncated"),
+        (lambda r: (r / "valid" / "000000.jpg_face.jpg").unlink(), r"valid/000000\.jpg_face\.jpg: file not found"),
+    ],
+)
 def test_bad_images_exit_2_or_are_skipped(tmp_path, breaker, message):
     root = write_appa(tmp_path / "appa")
     breaker(root)
@@ -122,14 +128,19 @@ def _edit_csv(path, **columns):
     df.to_csv(path, index=False)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda r: _edit_csv(r / "faces.csv", age=None), r"faces\.csv: missing required column\(s\) age"),
-    (lambda r: _edit_csv(r / "faces.csv", age=[12, np.nan, 80, 33]), r"faces\.csv: row 3: age"),
-    (lambda r: _edit_csv(r / "faces.csv", age=[12, 45, 80, 121]), r"faces\.csv: row 5: age '121'"),
-    (lambda r: _edit_csv(r / "faces.csv", gender=["female", "male", "robot", "male"]),
-     r"faces\.csv: row 4: gender value 'robot'"),
-    (lambda r: (r / "faces.csv").unlink(), r"no known dataset layout"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda r: _edit_csv(r / "faces.csv", age=None), r"faces\.csv: missing required column\(s\) age"),
+        (lambda r: _edit_csv(r / "faces.csv", age=[12, np.nan, 80, 33]), r"faces\.csv: row 3: age"),
+        (lambda r: _edit_csv(r / "faces.csv", age=[12, 45, 80, 121]), r"faces\.csv: row 5: age '121'"),
+        (
+            lambda r: _edit_csv(r / "faces.csv", gender=["female", "male", "robot", "male"]),
+            r"faces\.csv: row 4: gender value 'robot'",
+        ),
+        (lambda r: (r / "faces.csv").unlink(), r"no known dataset layout"),
+    ],
+)
 def test_bad_csv_exit_2(tmp_path, edit, message):
     root = write_csv_dataset(tmp_path / "csv", CSV_ROWS)
     edit(root)
@@ -152,7 +163,8 @@ def test_npy_mismatch_and_missing_folder_exit_2(tmp_path):
 def test_unusable_output_path_exits_2_naming_it(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
-    res = CliRunner().invoke(app, ["synth", str(blocker / "out"), "--n-train", "2", "--n-valid", "2",
-                                   "--n-test", "2", "--size", "32"])
+    res = CliRunner().invoke(
+        app, ["synth", str(blocker / "out"), "--n-train", "2", "--n-valid", "2", "--n-test", "2", "--size", "32"]
+    )
     assert res.exit_code == 2
     assert "a_file" in res.output and "Not a directory" in res.output and "Traceback" not in res.output

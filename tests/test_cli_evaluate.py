@@ -21,7 +21,8 @@ MAKEUP = ["makeup", "no_makeup", "no_makeup", "makeup", "makeup", "no_makeup", "
 
 def run_folder(tmp_path, predictions, data_dir):
     """A finished run folder of a real config (M1 at tiny scale) with the given predictions file."""
-    from fairage.config import dump_config, load_preset
+    from fairage.config.files import dump_config
+    from fairage.config.presets import load_preset
 
     run = tmp_path / "run"
     run.mkdir()
@@ -71,27 +72,42 @@ def test_evaluate_json_has_exact_keys_and_hand_worked_values(appa, preds):
     assert result["intersections"] == ["age*ethnicity", "gender*ethnicity"]
     # age groups 1, 2, 3, 4: pairs 1 2 3 1 2 1 -> 10 / 6
     assert result["bias"]["age"] == pytest.approx(10 / 6)
-    assert result["bias"]["gender"] == pytest.approx(0.0)       # male 1,2,3,4 ; female 1,2,3,4
-    assert result["bias"]["ethnicity"] == pytest.approx(2.0)    # asian 1.5 ; caucasian 3.5
+    assert result["bias"]["gender"] == pytest.approx(0.0)  # male 1,2,3,4 ; female 1,2,3,4
+    assert result["bias"]["ethnicity"] == pytest.approx(2.0)  # asian 1.5 ; caucasian 3.5
     assert result["bias"]["expression"] is None and result["bias_ci"]["expression"] is None
     assert result["skipped_groups"]["expression"] == ["slightlyhappy", "happy", "other"]
     assert result["skipped_groups"]["ethnicity"] == ["afroamerican"]
-    assert result["groups"]["age"] == {g: {"n": 2, "mae": float(m)}
-                                       for g, m in zip(["[0,20)", "[20,40)", "[40,60)", "[60,inf)"], [1, 2, 3, 4])}
+    assert result["groups"]["age"] == {
+        g: {"n": 2, "mae": float(m)} for g, m in zip(["[0,20)", "[20,40)", "[40,60)", "[60,inf)"], [1, 2, 3, 4])
+    }
     lo, hi = result["mae_ci"]
     assert 1 <= lo <= 2.5 <= hi <= 4
     # equal gender MAEs: every relabelling gives a bias >= 0, so p = 1; no expression bias, no test
     assert result["n_perm"] == 1000
     assert result["bias_p"]["gender"] == 1.0 and result["bias_p"]["expression"] is None
     assert 0 < result["bias_p"]["age"] <= 1
-    no_test = json.loads(invoke("evaluate", "--data", appa, "--predictions", preds, "--json", "--n-boot", 0,
-                                "--n-perm", 0).stdout)
+    no_test = json.loads(
+        invoke("evaluate", "--data", appa, "--predictions", preds, "--json", "--n-boot", 0, "--n-perm", 0).stdout
+    )
     assert no_test["n_perm"] == 0 and set(no_test["bias_p"].values()) == {None}
 
 
 def test_evaluate_human_output_and_custom_attribute(appa, preds):
-    res = invoke("evaluate", "--data", appa, "--predictions", preds, "--n-boot", 50,
-                 "--attribute", "age", "--attribute", "makeup", "--age-edges", "40")
+    res = invoke(
+        "evaluate",
+        "--data",
+        appa,
+        "--predictions",
+        preds,
+        "--n-boot",
+        50,
+        "--attribute",
+        "age",
+        "--attribute",
+        "makeup",
+        "--age-edges",
+        "40",
+    )
     assert res.exit_code == 0, res.output
     assert "MAE 2.50" in res.output
     assert "[0,40)" in res.output and "[40,inf)" in res.output

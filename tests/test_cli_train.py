@@ -16,7 +16,7 @@ import yaml
 from conftest import invoke, tiny_config_file
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import load_faces
 from fairage.training import resume_run, train
 
@@ -32,13 +32,29 @@ def sequence(run_dir: Path) -> list[tuple[int, str]]:
 
 def test_train_command_writes_the_run_folder(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    result = invoke(*["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
-                                      "--out", str(run_dir), "--quiet", "--set", "stage2.weighting.mode=sampler",
-                                      "--deterministic"])
+    result = invoke(
+        *[
+            "train",
+            "--config",
+            str(tiny_config_file(tmp_path)),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--set",
+            "stage2.weighting.mode=sampler",
+            "--deterministic",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert RUN_FILES | {"weights_stage2.png"} <= {p.name for p in run_dir.iterdir()}
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
-        "stage1-best.ckpt", "stage1-last.ckpt", "stage2-best.ckpt", "stage2-last.ckpt"}
+        "stage1-best.ckpt",
+        "stage1-last.ckpt",
+        "stage2-best.ckpt",
+        "stage2-last.ckpt",
+    }
     assert sequence(run_dir) == FULL_SEQUENCE
     run = json.loads((run_dir / "run.json").read_text())
     assert run["status"] == "finished" and run["weights_loaded"] is False
@@ -58,22 +74,56 @@ def test_train_command_writes_the_run_folder(tiny_data, tmp_path):
     for ckpt in (run_dir / "checkpoints").iterdir():
         assert "state_dict" in torch.load(ckpt, map_location="cpu", weights_only=True)
     # a finished run is not overwritten
-    again = invoke(*["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
-                                     "--out", str(run_dir), "--quiet"])
+    again = invoke(
+        *[
+            "train",
+            "--config",
+            str(tiny_config_file(tmp_path)),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run_dir),
+            "--quiet",
+        ]
+    )
     assert again.exit_code == 2 and "already holds a finished run" in again.output
 
 
 def test_config_typo_exits_2_naming_the_key(tiny_data, tmp_path):
-    result = invoke(*["train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
-                                      "--out", str(tmp_path / "run"), "--set", "stage2.lrr=1"])
+    result = invoke(
+        *[
+            "train",
+            "--config",
+            str(tiny_config_file(tmp_path)),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "stage2.lrr=1",
+        ]
+    )
     assert result.exit_code == 2
     assert "stage2.lrr" in result.output and "did you mean 'lr'" in result.output
     assert not (tmp_path / "run").exists()
 
 
 def test_missing_weights_file_exits_2(tiny_data, tmp_path):
-    result = invoke(*["train", "--preset", "M5", "--scale", "tiny", "--data", str(tiny_data),
-                                      "--out", str(tmp_path / "run"), "--set", f"model.weights={tmp_path}/vgg.pth"])
+    result = invoke(
+        *[
+            "train",
+            "--preset",
+            "M5",
+            "--scale",
+            "tiny",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            f"model.weights={tmp_path}/vgg.pth",
+        ]
+    )
     assert result.exit_code == 2
     assert "model.weights file not found" in result.output and "vgg.pth" in result.output
 
@@ -84,16 +134,34 @@ def test_single_stage_run_from_a_torchvision_weights_file(tiny_data, tmp_path):
     torch.manual_seed(0)
     torch.save(resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
     run_dir = tmp_path / "run"
-    result = invoke(*[
-        "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data), "--out", str(run_dir),
-        "--quiet", "--set", "stage1=null", "--set", "stage2.max_epochs=1", "--set", "stage2.weighting.scheme=none",
-        "--set", f"model.weights={tmp_path / 'resnet18.pth'}"])
+    result = invoke(
+        *[
+            "train",
+            "--config",
+            str(tiny_config_file(tmp_path)),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--set",
+            "stage1=null",
+            "--set",
+            "stage2.max_epochs=1",
+            "--set",
+            "stage2.weighting.scheme=none",
+            "--set",
+            f"model.weights={tmp_path / 'resnet18.pth'}",
+        ]
+    )
     assert result.exit_code == 0, result.output
     assert sequence(run_dir) == [(1, "stage2")]  # the report's single-stage "strategy 1"
     run = json.loads((run_dir / "run.json").read_text())
     assert run["weights_loaded"] is True and run["weights"] == str(tmp_path / "resnet18.pth")
     assert sorted(run["unexpected_keys"]) == ["fc.bias", "fc.weight"]
-    assert "projection.weight" in run["missing_keys"] and not any(k.startswith("backbone.") for k in run["missing_keys"])
+    assert "projection.weight" in run["missing_keys"] and not any(
+        k.startswith("backbone.") for k in run["missing_keys"]
+    )
     assert not (run_dir / "weights_stage2.png").exists()  # no weighting, no plot
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {"stage2-best.ckpt", "stage2-last.ckpt"}
 
@@ -151,9 +219,30 @@ def test_two_process_cpu_ddp(tiny_data, tmp_path):
     run_dir = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [str(fairage), "train", "--config", str(tiny_config_file(tmp_path)), "--data", str(tiny_data),
-         "--out", str(run_dir), "--devices", "2", "--strategy", "ddp", "--accelerator", "cpu", "--quiet"],
-        check=False, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        [
+            str(fairage),
+            "train",
+            "--config",
+            str(tiny_config_file(tmp_path)),
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run_dir),
+            "--devices",
+            "2",
+            "--strategy",
+            "ddp",
+            "--accelerator",
+            "cpu",
+            "--quiet",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "GLOBAL_RANK: 1" in proc.stdout + proc.stderr  # two processes really ran
     assert sequence(run_dir) == FULL_SEQUENCE
@@ -167,9 +256,24 @@ def test_a_collapsed_model_is_reported(tiny_data, tmp_path):
     # Adam at lr 1.0 saturates the sigmoid output on the first steps: one age for every face.
     # The stage stops after that epoch; with no epoch before it there is no model: one line, exit 1
     run_dir = tmp_path / "run"
-    result = invoke(*["train", "--preset", "M1", "--scale", "tiny", "--data", str(tiny_data),
-                                      "--out", str(run_dir), "--quiet", "--set", "stage2.lr=1.0",
-                                      "--set", "eval.n_boot=20"])
+    result = invoke(
+        *[
+            "train",
+            "--preset",
+            "M1",
+            "--scale",
+            "tiny",
+            "--data",
+            str(tiny_data),
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--set",
+            "stage2.lr=1.0",
+            "--set",
+            "eval.n_boot=20",
+        ]
+    )
     assert result.exit_code == 1, result.output
     assert "stage2 collapsed in epoch 1" in result.output and "Traceback" not in result.output
     record = json.loads((run_dir / "run.json").read_text())

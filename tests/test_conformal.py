@@ -13,27 +13,25 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from fairage.conformal import (
+from fairage.errors import DataError
+from fairage.fairness.conformal import (
     Calibration,
     fit_calibration,
     interval_arguments,
     read_calibration,
     write_calibration,
 )
-from fairage.data.predictions import (
+from fairage.fairness.metrics import EvaluationResult, evaluate
+from fairage.store.predictions import (
     join_predictions,
     read_predictions,
     write_predictions,
 )
-from fairage.errors import DataError
-from fairage.metrics import EvaluationResult, evaluate
 
 ALPHA = 0.1
 
 
-def binomial_limit(
-    n_test: int, n_cal: int, p: float = 1 - ALPHA, z: float = 4.0
-) -> float:
+def binomial_limit(n_test: int, n_cal: int, p: float = 1 - ALPHA, z: float = 4.0) -> float:
     """z standard deviations of a coverage measured on n_test faces with a quantile from n_cal faces.
 
     The coverage a calibration gives varies too (Beta with variance about p(1-p)/n_cal), so
@@ -63,9 +61,7 @@ def _aged_faces(n: int, seed: int) -> pd.DataFrame:
 
 
 def _coverage(df: pd.DataFrame, lo, hi) -> pd.Series:
-    return pd.Series(
-        (df["age"].to_numpy() >= lo) & (df["age"].to_numpy() <= hi), index=df.index
-    )
+    return pd.Series((df["age"].to_numpy() >= lo) & (df["age"].to_numpy() <= hi), index=df.index)
 
 
 def test_mondrian_by_age_covers_every_age_group_and_plain_does_not():
@@ -78,35 +74,25 @@ def test_mondrian_by_age_covers_every_age_group_and_plain_does_not():
     covered = _coverage(test_df, *mondrian.intervals(test_df["prediction"]))
     assert abs(covered.mean() - 0.9) < binomial_limit(len(test_df), len(cal_df))
     for group, cov in covered.groupby(bins, observed=True):
-        limit = binomial_limit(
-            int((bins == group).sum()), int((cal_bins == group).sum())
-        )
+        limit = binomial_limit(int((bins == group).sum()), int((cal_bins == group).sum()))
         assert abs(cov.mean() - 0.9) < limit, (group, cov.mean())
 
     # plain: one quantile q with sum_b w_b P(|N(0, sd_b)| <= q) = 0.9 (solved here, not by the code);
     # the oldest faces (sd 4) then get 2 Phi(q / 4) - 1, far below 0.9
     sds, weights = np.array([1.0, 1.5, 2.0, 4.0]), np.full(4, 0.25)
-    q = brentq(
-        lambda q: float(np.sum(weights * (2 * norm.cdf(q / sds) - 1))) - 0.9, 0.01, 50
-    )
+    q = brentq(lambda q: float(np.sum(weights * (2 * norm.cdf(q / sds) - 1))) - 0.9, 0.01, 50)
     expected_old = 2 * norm.cdf(q / 4.0) - 1
     assert expected_old < 0.8
     plain_covered = _coverage(test_df, *plain.intervals(test_df["prediction"]))
     old = test_df["age"] >= 60
     n_old = int(old.sum())
     # tolerance: the binomial part on the test faces plus the quantile's own spread on 4000 faces
-    assert abs(plain_covered[old].mean() - expected_old) < binomial_limit(
-        n_old, len(cal_df) // 4, expected_old
-    )
+    assert abs(plain_covered[old].mean() - expected_old) < binomial_limit(n_old, len(cal_df) // 4, expected_old)
     assert abs(plain_covered.mean() - 0.9) < binomial_limit(len(test_df), len(cal_df))
     # Mondrian intervals are narrower where the model is accurate and wider where it is not
     lo, hi = mondrian.intervals(test_df["prediction"])
     young = test_df["age"] < 20
-    assert (
-        np.mean(hi - lo, where=young.to_numpy())
-        < 2 * q
-        < np.mean(hi - lo, where=old.to_numpy())
-    )
+    assert np.mean(hi - lo, where=young.to_numpy()) < 2 * q < np.mean(hi - lo, where=old.to_numpy())
 
 
 def test_mondrian_by_a_column_fixes_a_planted_hard_group():
@@ -125,9 +111,7 @@ def test_mondrian_by_a_column_fixes_a_planted_hard_group():
 
     cal_df, test_df = faces(3000), faces(20000)
     q = brentq(
-        lambda q: (
-            0.8 * (2 * norm.cdf(q / 2) - 1) + 0.2 * (2 * norm.cdf(q / 6) - 1) - 0.9
-        ),
+        lambda q: 0.8 * (2 * norm.cdf(q / 2) - 1) + 0.2 * (2 * norm.cdf(q / 6) - 1) - 0.9,
         0.01,
         50,
     )
@@ -138,9 +122,7 @@ def test_mondrian_by_a_column_fixes_a_planted_hard_group():
     plain_cov = _coverage(test_df, *plain.intervals(test_df["prediction"]))
     mond_cov = _coverage(test_df, *mondrian.intervals(test_df["prediction"], test_df))
     n_hard, n_cal_hard = int(hard.sum()), int((cal_df["site"] == "hard").sum())
-    assert abs(plain_cov[hard].mean() - expected_hard) < binomial_limit(
-        n_hard, n_cal_hard, expected_hard
-    )
+    assert abs(plain_cov[hard].mean() - expected_hard) < binomial_limit(n_hard, n_cal_hard, expected_hard)
     assert plain_cov[hard].mean() < 0.8
     for mask, n_cal in ((hard, n_cal_hard), (~hard, len(cal_df) - n_cal_hard)):
         assert abs(mond_cov[mask].mean() - 0.9) < binomial_limit(int(mask.sum()), n_cal)
@@ -163,28 +145,18 @@ def test_tiny_groups_fall_back_to_their_parent_with_a_warning():
     df = pd.DataFrame({"age": age, "prediction": pred, "gender": gender})
     with pytest.warns(UserWarning, match=r"\[60,inf\)\|female \(n=3\)") as record:
         cal, notes = fit_calibration(df, ALPHA, by=["age", "gender"])
-    assert any(
-        "[0,20) (n=0)" in str(w.message) for w in record
-    )  # no faces: the plain quantile
+    assert any("[0,20) (n=0)" in str(w.message) for w in record)  # no faces: the plain quantile
     assert len(notes) == 2
     residuals = np.abs(pred - age)
     old = age >= 60
     assert cal.plain == pytest.approx(_order_statistic(residuals, ALPHA))
-    assert cal.levels["age"]["[60,inf)"].quantile == pytest.approx(
-        _order_statistic(residuals[old], ALPHA)
-    )
-    assert (
-        cal.groups["[60,inf)|female"].quantile == cal.levels["age"]["[60,inf)"].quantile
-    )
+    assert cal.levels["age"]["[60,inf)"].quantile == pytest.approx(_order_statistic(residuals[old], ALPHA))
+    assert cal.groups["[60,inf)|female"].quantile == cal.levels["age"]["[60,inf)"].quantile
     assert cal.groups["[60,inf)|female"].fallback == "[60,inf)"
     assert cal.groups["[60,inf)|male"].fallback is None
     split = cal.groups["[60,inf)|male"].split_quantile
-    assert split == pytest.approx(
-        _order_statistic(residuals[old & (gender == "male")], ALPHA)
-    )
-    assert (
-        cal.groups["[60,inf)|male"].quantile <= split
-    )  # the hull's tightening only lowers it
+    assert split == pytest.approx(_order_statistic(residuals[old & (gender == "male")], ALPHA))
+    assert cal.groups["[60,inf)|male"].quantile <= split  # the hull's tightening only lowers it
     # a group empty at both levels ends at the plain quantile
     assert cal.groups["[0,20)|female"].quantile == cal.plain
     assert cal.groups["[0,20)|female"].fallback == "all"
@@ -208,11 +180,9 @@ def test_label_conditional_interval_by_hand():
         plain=5.0,
         values={"age": ["[0,20)", "[20,inf)"]},
     )
-    from fairage.conformal import GroupQuantile
+    from fairage.fairness.conformal import GroupQuantile
 
-    cal.levels = {
-        "age": {"[0,20)": GroupQuantile(50, 2.0), "[20,inf)": GroupQuantile(50, 10.0)}
-    }
+    cal.levels = {"age": {"[0,20)": GroupQuantile(50, 2.0), "[20,inf)": GroupQuantile(50, 10.0)}}
     lo, hi = cal.intervals([19.0, 5.0, 40.0, 1.0])
     np.testing.assert_allclose(lo, [17.0, 3.0, 30.0, 0.0])  # 1 - 2 clipped at age 0
     np.testing.assert_allclose(hi, [29.0, 7.0, 50.0, 3.0])
@@ -222,9 +192,7 @@ def test_calibration_file_round_trip_and_damage(tmp_path):
     cal, _ = fit_calibration(_aged_faces(500, seed=4), ALPHA, by=["age", "gender"])
     path = write_calibration(tmp_path / "conformal.json", cal)
     back = read_calibration(path)
-    np.testing.assert_array_equal(
-        back.intervals([10.0, 70.0])[1], cal.intervals([10.0, 70.0])[1]
-    )
+    np.testing.assert_array_equal(back.intervals([10.0, 70.0])[1], cal.intervals([10.0, 70.0])[1])
     assert back.to_json() == cal.to_json()
     raw = json.loads(path.read_text())
     assert raw["level"] == pytest.approx(0.9) and raw["by"] == ["age", "gender"]
@@ -246,14 +214,10 @@ def test_calibration_file_round_trip_and_damage(tmp_path):
 
 
 def test_predictions_file_carries_intervals(tmp_path):
-    faces = pd.DataFrame(
-        {"image": ["a", "b"], "age": [10.0, 50.0], "gender": ["male", "female"]}
-    )
+    faces = pd.DataFrame({"image": ["a", "b"], "age": [10.0, 50.0], "gender": ["male", "female"]})
     path = tmp_path / "p.csv"
     write_predictions(path, faces, [12.0, 44.0], intervals=([9.5, 40.0], [14.5, 48.0]))
-    assert (
-        path.read_text().splitlines()[0] == "image,prediction,age_lo,age_hi,age,gender"
-    )
+    assert path.read_text().splitlines()[0] == "image,prediction,age_lo,age_hi,age,gender"
     table = read_predictions(path)
     joined = join_predictions(faces, table, path)
     assert joined["age_lo"].tolist() == [9.5, 40.0] and joined["age_hi"].tolist() == [
@@ -261,9 +225,7 @@ def test_predictions_file_carries_intervals(tmp_path):
         48.0,
     ]
     path.write_text("image,prediction,age_lo,age_hi\na,12,9.5,14.5\nb,44,48,40\n")
-    with pytest.raises(
-        DataError, match=r"p.csv: row 3 \(image b\): interval \[48.*, 40.*\]"
-    ):
+    with pytest.raises(DataError, match=r"p.csv: row 3 \(image b\): interval \[48.*, 40.*\]"):
         read_predictions(path)
     path.write_text("image,prediction,age_lo\na,12,9.5\n")
     with pytest.raises(DataError, match="not age_hi"):
@@ -294,30 +256,20 @@ def test_coverage_metrics_by_hand():
     assert 0 < cov.gap_p["gender"] <= 1
     assert cov.worst("gender")[0] == "female"
     raw = json.loads(json.dumps(result.to_json()))
-    assert (
-        raw["coverage"]["conformal"]["groups"]["gender"]["male"]["n"] == 3
-        and raw["coverage_target"] == 0.9
-    )
+    assert raw["coverage"]["conformal"]["groups"]["gender"]["male"]["n"] == 3 and raw["coverage_target"] == 0.9
     back = EvaluationResult.from_json(raw)
     assert back.coverage["conformal"].gap == cov.gap and back.coverage_target == 0.9
     # a metrics file written before intervals existed still reads, without coverage
     del raw["coverage"], raw["coverage_target"]
     old = EvaluationResult.from_json(raw)
     assert old.coverage == {} and old.coverage_target is None
-    assert (
-        "coverage"
-        not in evaluate(
-            df.drop(columns=["age_lo", "age_hi"]), attributes=["gender"], n_boot=0
-        ).to_json()
-    )
+    assert "coverage" not in evaluate(df.drop(columns=["age_lo", "age_hi"]), attributes=["gender"], n_boot=0).to_json()
 
 
 def test_interval_arguments_score_mondrian_and_plain_side_by_side():
     cal_df, test_df = _aged_faces(2000, seed=6), _aged_faces(4000, seed=7)
     cal, _ = fit_calibration(cal_df, ALPHA, by=["age"])
-    result = evaluate(
-        test_df, attributes=["age"], n_boot=0, **interval_arguments(cal, test_df)
-    )
+    result = evaluate(test_df, attributes=["age"], n_boot=0, **interval_arguments(cal, test_df))
     assert set(result.coverage) == {
         "conformal",
         "plain",
@@ -329,7 +281,7 @@ def test_interval_arguments_score_mondrian_and_plain_side_by_side():
 
 
 def test_compare_reports_coverage_width_and_gap_differences():
-    from fairage.metrics import compare
+    from fairage.fairness.metrics import compare
 
     df_a = pd.DataFrame(
         {
@@ -365,12 +317,7 @@ def test_compare_reports_coverage_width_and_gap_differences():
         "width",
         "gender coverage gap",
     ]
-    assert (
-        compare(
-            df_a, df_b.drop(columns=["age_lo"]), attributes=["gender"], n_boot=0
-        ).intervals
-        == {}
-    )
+    assert compare(df_a, df_b.drop(columns=["age_lo"]), attributes=["gender"], n_boot=0).intervals == {}
 
 
 def test_coverage_per_intersection():
@@ -389,9 +336,7 @@ def test_coverage_per_intersection():
     assert list(groups) == ["[0,20) & male", "[0,20) & female", "[20,40) & male"]
     assert [g.coverage for g in groups.values()] == [1.0, 0.0, 1.0]
     assert [g.n for g in groups.values()] == [1, 1, 2]
-    assert result.coverage["conformal"].gap["age*gender"] == pytest.approx(
-        2 / 3
-    )  # pairs: 1, 0, 1
+    assert result.coverage["conformal"].gap["age*gender"] == pytest.approx(2 / 3)  # pairs: 1, 0, 1
 
 
 def _gappy_faces(n: int, seed: int) -> pd.DataFrame:
@@ -400,9 +345,7 @@ def _gappy_faces(n: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     age = rng.uniform(0, 80, n)
     sd = np.select([age < 20, age < 40, age < 60], [1.0, 8.0, 1.0], 8.0)
-    return pd.DataFrame(
-        {"age": age, "prediction": np.clip(age + rng.normal(0, 1, n) * sd, 0, 150)}
-    )
+    return pd.DataFrame({"age": age, "prediction": np.clip(age + rng.normal(0, 1, n) * sd, 0, 150)})
 
 
 def test_tightened_hull_covers_each_age_group_near_the_target():
@@ -412,20 +355,9 @@ def test_tightened_hull_covers_each_age_group_near_the_target():
     loose, _ = fit_calibration(cal_df, ALPHA, by=["age"], tighten=False)
     tight, _ = fit_calibration(cal_df, ALPHA, by=["age"])
     assert tight.tightened and not loose.tightened
-    loose_cov = (
-        _coverage(test_df, *loose.intervals(test_df["prediction"]))
-        .groupby(bins, observed=True)
-        .mean()
-    )
-    tight_cov = (
-        _coverage(test_df, *tight.intervals(test_df["prediction"]))
-        .groupby(bins, observed=True)
-        .mean()
-    )
-    limits = {
-        g: binomial_limit(int((bins == g).sum()), int((cal_bins == g).sum()))
-        for g in loose_cov.index
-    }
+    loose_cov = _coverage(test_df, *loose.intervals(test_df["prediction"])).groupby(bins, observed=True).mean()
+    tight_cov = _coverage(test_df, *tight.intervals(test_df["prediction"])).groupby(bins, observed=True).mean()
+    limits = {g: binomial_limit(int((bins == g).sum()), int((cal_bins == g).sum())) for g in loose_cov.index}
     # without tightening, the hull over-covers the accurate [40,60) bin well beyond sampling noise
     g40 = loose_cov.index[2]
     assert loose_cov[g40] - 0.9 > limits[g40]
@@ -435,14 +367,12 @@ def test_tightened_hull_covers_each_age_group_near_the_target():
     for (name, group), interval in zip(tight.groups.items(), cal_bins.cat.categories):
         assert group.quantile <= group.split_quantile == loose.groups[name].quantile
         # never below the group's own 80% quantile
-        assert group.quantile >= _order_statistic(
-            residuals[(cal_bins == interval).to_numpy()], 2 * ALPHA
-        )
+        assert group.quantile >= _order_statistic(residuals[(cal_bins == interval).to_numpy()], 2 * ALPHA)
 
 
 def test_training_goes_on_without_intervals_when_the_valid_split_is_tiny(tmp_path):
-    from fairage.config import load_preset
-    from fairage.runs import RunFolder
+    from fairage.config.presets import load_preset
+    from fairage.store.run_folder import RunFolder
     from fairage.training.run import calibrate
 
     cfg = load_preset("M1", "tiny")
@@ -456,8 +386,8 @@ def test_training_goes_on_without_intervals_when_the_valid_split_is_tiny(tmp_pat
 
 
 def test_training_goes_on_without_intervals_when_a_group_is_never_known(tmp_path):
-    from fairage.config import load_preset
-    from fairage.runs import RunFolder
+    from fairage.config.presets import load_preset
+    from fairage.store.run_folder import RunFolder
     from fairage.training.run import calibrate
 
     cfg = load_preset("M1", "tiny", ["eval.conformal.by=[site]"])

@@ -85,8 +85,9 @@ def test_resize_matches_pillow(tmp_path):
     rng = np.random.default_rng(0)
     pixels = (rng.random((32, 32, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "x.png")
-    faces = pd.DataFrame({"image": ["x.png"], "age": [30.0], "split": ["test"],
-                          "path": [str(tmp_path / "x.png")], "frame": [-1]})
+    faces = pd.DataFrame(
+        {"image": ["x.png"], "age": [30.0], "split": ["test"], "path": [str(tmp_path / "x.png")], "frame": [-1]}
+    )
     got = load_images(faces, 16, cache_dir=tmp_path / "c", workers=1, progress=False)
     want = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(got[0], want)

@@ -39,12 +39,16 @@ APPA_GT = {
 }
 APPA_CATS = {
     # file, gender, race, makeup, time, happiness (capitals and spaces as users have them)
-    "train": [("000000.jpg", "male", "caucasian", "nomakeup", "modernphoto", "neutral"),
-              ("000001.jpg", "Female", " asian", "makeup", "modernphoto", "happy"),
-              ("000002.jpg", "male", "afroamerican", "nomakeup", "oldphoto", "slightlyhappy")],
+    "train": [
+        ("000000.jpg", "male", "caucasian", "nomakeup", "modernphoto", "neutral"),
+        ("000001.jpg", "Female", " asian", "makeup", "modernphoto", "happy"),
+        ("000002.jpg", "male", "afroamerican", "nomakeup", "oldphoto", "slightlyhappy"),
+    ],
     "valid": [("000000.jpg", "female", "caucasian", "makeup", "modernphoto", "other")],
-    "test": [("000000.jpg", "male", "caucasian", "nomakeup", "modernphoto", "happy"),
-             ("000001.jpg", "female", "asian", "nomakeup", "modernphoto", "neutral")],
+    "test": [
+        ("000000.jpg", "male", "caucasian", "nomakeup", "modernphoto", "happy"),
+        ("000001.jpg", "female", "asian", "nomakeup", "modernphoto", "neutral"),
+    ],
 }
 
 
@@ -53,11 +57,13 @@ def write_appa(root: Path, cats: dict | None = None) -> Path:
     cats = APPA_CATS if cats is None else cats
     root.mkdir(parents=True, exist_ok=True)
     for split, rows in APPA_GT.items():
-        pd.DataFrame(rows, columns=["file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age"]) \
-            .to_csv(root / f"gt_avg_{split}.csv", index=False)
+        pd.DataFrame(
+            rows, columns=["file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age"]
+        ).to_csv(root / f"gt_avg_{split}.csv", index=False)
         if split in cats:
-            pd.DataFrame(cats[split], columns=["file", "gender", "race", "makeup", "time", "happiness"]) \
-                .to_csv(root / f"allcategories_{split}.csv", index=False)
+            pd.DataFrame(cats[split], columns=["file", "gender", "race", "makeup", "time", "happiness"]).to_csv(
+                root / f"allcategories_{split}.csv", index=False
+            )
         for k, row in enumerate(rows):
             write_image(root / split / f"{row[0]}_face.jpg", (10 * k, 100, 200), 16)
             write_image(root / split / row[0], (10 * k, 100, 200), 24)
@@ -93,7 +99,14 @@ def test_appa_release_layout(tmp_path):
     faces = load_faces(root)
     assert list(faces.columns[: len(FACE_COLUMNS)]) == list(FACE_COLUMNS)
     assert faces["split"].tolist() == ["train"] * 3 + ["valid"] + ["test"] * 2
-    assert faces["image"].tolist() == ["000000.jpg", "000001.jpg", "000002.jpg", "000000.jpg", "000000.jpg", "000001.jpg"]
+    assert faces["image"].tolist() == [
+        "000000.jpg",
+        "000001.jpg",
+        "000002.jpg",
+        "000000.jpg",
+        "000000.jpg",
+        "000001.jpg",
+    ]
     assert faces["age"].tolist() == [25.5, 61.0, 8.25, 40.0, 19.0, 33.5]  # apparent_age_avg
     assert faces["real_age"].tolist() == [24, 65, 8, 38, 20, 30]
     assert faces["age_std"].tolist() == [3.1, 5.0, 1.0, 4.0, 2.0, 3.5]
@@ -171,7 +184,11 @@ def test_corrupt_and_truncated_images(tmp_path):
     kept = load_faces(root, skip_bad=True)
     assert len(kept) == 4
     assert sorted(s.split(":")[0] for s in kept.attrs["skipped"]) == sorted(
-        [str((root / "train" / "000000.jpg_face.jpg").resolve()), str((root / "test" / "000001.jpg_face.jpg").resolve())])
+        [
+            str((root / "train" / "000000.jpg_face.jpg").resolve()),
+            str((root / "test" / "000001.jpg_face.jpg").resolve()),
+        ]
+    )
     assert load_images(kept, 16, workers=1, progress=False).shape == (4, 16, 16, 3)
 
 
@@ -215,7 +232,9 @@ def test_npy_length_mismatch_and_bad_values(tmp_path):
     root = tmp_path / "npy"
     write_npy(root)
     np.save(root / "labels_test.npy", np.array([10.0, 20.0, 30.0]))
-    with pytest.raises(DataError, match=r"different lengths: data_test\.npy 2, labels_test\.npy 3, meta_data_test\.npy 2"):
+    with pytest.raises(
+        DataError, match=r"different lengths: data_test\.npy 2, labels_test\.npy 3, meta_data_test\.npy 2"
+    ):
         load_faces(root)
     np.save(root / "labels_test.npy", np.array([10.0, np.nan]))
     with pytest.raises(DataError, match=r"labels_test\.npy: row 1: age"):
@@ -246,7 +265,12 @@ def test_utkface_layout(tmp_path):
     root = write_utk(tmp_path / "utk", names)
     assert detect_layout(root) == "utkface"
     faces = load_faces(root).set_index("image")
-    assert faces.loc[names[0], ["age", "gender", "ethnicity", "expression"]].tolist() == [26, "male", "caucasian", UNKNOWN]
+    assert faces.loc[names[0], ["age", "gender", "ethnicity", "expression"]].tolist() == [
+        26,
+        "male",
+        "caucasian",
+        UNKNOWN,
+    ]
     assert faces.loc[names[1], ["age", "gender", "ethnicity"]].tolist() == [3, "female", "afroamerican"]
     assert faces.loc[names[2], ["age", "gender", "ethnicity"]].tolist() == [70, "female", "asian"]
 
@@ -327,13 +351,19 @@ def test_csv_without_split_column_gets_stratified_split(tmp_path):
     assert load_faces(root, seed=3)["image"].tolist() == faces["image"].tolist()
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda df: df.drop(columns="age"), r"faces\.csv: missing required column\(s\) age"),
-    (lambda df: df.assign(age=[12, None, 80, 33]), r"faces\.csv: row 3: age"),
-    (lambda df: df.assign(age=[12, 45, 130, 33]), r"faces\.csv: row 4: age '130' is not an age"),
-    (lambda df: df.assign(ethnicity=["asian", "martian", "asian", "asian"]), r"faces\.csv: row 3: ethnicity value 'martian'"),
-    (lambda df: df.assign(split=["train", "training", "test", "test"]), r"faces\.csv: row 3: split 'training'"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda df: df.drop(columns="age"), r"faces\.csv: missing required column\(s\) age"),
+        (lambda df: df.assign(age=[12, None, 80, 33]), r"faces\.csv: row 3: age"),
+        (lambda df: df.assign(age=[12, 45, 130, 33]), r"faces\.csv: row 4: age '130' is not an age"),
+        (
+            lambda df: df.assign(ethnicity=["asian", "martian", "asian", "asian"]),
+            r"faces\.csv: row 3: ethnicity value 'martian'",
+        ),
+        (lambda df: df.assign(split=["train", "training", "test", "test"]), r"faces\.csv: row 3: split 'training'"),
+    ],
+)
 def test_csv_bad_input(tmp_path, edit, message):
     root = write_csv_dataset(tmp_path / "csv", CSV_ROWS)
     edit(pd.read_csv(root / "faces.csv")).to_csv(root / "faces.csv", index=False)

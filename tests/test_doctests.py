@@ -7,8 +7,16 @@ import importlib
 
 import pytest
 
-MODULES = ["fairage.conformal", "fairage.data.schema", "fairage.metrics", "fairage.reference", "fairage.report", "fairage.suite",
-           "fairage.training.run", "fairage.weighting"]
+MODULES = [
+    "fairage.fairness.conformal",
+    "fairage.data.schema",
+    "fairage.fairness.metrics",
+    "fairage.outputs.reference",
+    "fairage.outputs.report",
+    "fairage.workflows.suite",
+    "fairage.training.run",
+    "fairage.fairness.weighting",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

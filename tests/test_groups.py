@@ -12,12 +12,13 @@ import pytest
 from conftest import invoke, tiny_config_file, tiny_synthetic
 from PIL import Image
 
-from fairage.config import WeightingConfig, load_preset
+from fairage.config.presets import load_preset
+from fairage.config.schema import WeightingConfig
 from fairage.data import load_faces
 from fairage.data.schema import attribute_columns
 from fairage.errors import FairageError
-from fairage.metrics import compare, epsilon_errors, evaluate
-from fairage.weighting import face_group_names
+from fairage.fairness.metrics import compare, epsilon_errors, evaluate
+from fairage.fairness.weighting import face_group_names
 
 
 def _table(rows):
@@ -61,12 +62,21 @@ def intersection_table() -> pd.DataFrame:
 
 def test_intersection_cells_bias_and_small_cell_flag():
     df = intersection_table()
-    result = evaluate(df, attributes=["age", "ethnicity"], intersections=[["age", "ethnicity"]],
-                      n_boot=0, min_group=2, age_edges=(20, 40, 60))
+    result = evaluate(
+        df,
+        attributes=["age", "ethnicity"],
+        intersections=[["age", "ethnicity"]],
+        n_boot=0,
+        min_group=2,
+        age_edges=(20, 40, 60),
+    )
     cells = result.groups["age*ethnicity"]
     assert {g: (s.n, s.mae) for g, s in cells.items()} == {
-        "[0,20) & asian": (3, 1.0), "[0,20) & caucasian": (3, 3.0),
-        "[60,inf) & asian": (2, 5.0), "[60,inf) & caucasian": (1, 9.0)}
+        "[0,20) & asian": (3, 1.0),
+        "[0,20) & caucasian": (3, 3.0),
+        "[60,inf) & asian": (2, 5.0),
+        "[60,inf) & caucasian": (1, 9.0),
+    }
     # the four cell MAEs 1, 3, 5, 9: pairs 2 4 8 2 6 4 -> 26 / 6
     assert result.bias["age*ethnicity"] == pytest.approx(26 / 6)
     assert result.small_groups["age*ethnicity"] == ["[60,inf) & caucasian"]
@@ -81,8 +91,7 @@ def test_field_metrics_against_hand_worked_values():
     preds = np.array([12.0, 20.0, 37.0, 45.0])  # errors 2, 0, 7, 5
     std = np.array([2.0, 1.0, 7.0, np.nan])
     df = pd.DataFrame({"age": ages, "prediction": preds, "age_std": std, "gender": ["male", "female"] * 2})
-    result = evaluate(df, attributes=["gender"], n_boot=0, min_group=1, cs_k=(5, 1),
-                      age_bin_edges=(13, 35))
+    result = evaluate(df, attributes=["gender"], n_boot=0, min_group=1, cs_k=(5, 1), age_bin_edges=(13, 35))
     assert result.cs["5"].value == pytest.approx(3 / 4)  # |e| <= 5: 2, 0, 5
     assert result.cs["1"].value == pytest.approx(1 / 4)
     # (2/2)^2 / 2 = 0.5 -> 1 - e^-0.5; 0 -> 0; (7/7)^2 / 2 -> 1 - e^-0.5; the face without std is left out
@@ -96,15 +105,21 @@ def test_field_metrics_against_hand_worked_values():
 
 
 def test_field_metrics_intervals_and_json_round_trip():
-    from fairage.metrics import EvaluationResult
+    from fairage.fairness.metrics import EvaluationResult
 
     rng = np.random.default_rng(0)
     n = 200
-    df = pd.DataFrame({"age": rng.uniform(1, 80, n), "gender": rng.choice(["male", "female"], n),
-                       "ethnicity": rng.choice(["a", "b", "c", "d", "e"], n)})
+    df = pd.DataFrame(
+        {
+            "age": rng.uniform(1, 80, n),
+            "gender": rng.choice(["male", "female"], n),
+            "ethnicity": rng.choice(["a", "b", "c", "d", "e"], n),
+        }
+    )
     df["prediction"] = df["age"] + rng.normal(0, 5, n)
-    result = evaluate(df, attributes=["age", "gender", "ethnicity"], intersections=[["gender", "ethnicity"]],
-                      n_boot=200, seed=1)
+    result = evaluate(
+        df, attributes=["age", "gender", "ethnicity"], intersections=[["gender", "ethnicity"]], n_boot=200, seed=1
+    )
     lo, hi = result.cs["5"].ci
     assert lo <= result.cs["5"].value <= hi
     lo, hi = result.worst_group["ethnicity"].ci
@@ -152,7 +167,9 @@ def test_utkface_with_all_five_race_codes_loads_and_scores_every_value(tmp_path)
     res = invoke("data", "info", root, "--json")
     assert res.exit_code == 0, res.output
     info = json.loads(res.stdout)
-    assert sum(sum(info["splits"][s]["ethnicity"].get(e, 0) for s in info["splits"]) for e in ("indian", "others")) == 16
+    assert (
+        sum(sum(info["splits"][s]["ethnicity"].get(e, 0) for s in info["splits"]) for e in ("indian", "others")) == 16
+    )
 
 
 def test_age_ethnicity_scheme_with_five_ethnicities_merges_every_old_group():
@@ -166,9 +183,20 @@ def test_age_ethnicity_scheme_with_five_ethnicities_merges_every_old_group():
 
 
 def test_attribute_columns_finds_further_categorical_columns():
-    faces = pd.DataFrame({"image": ["a"], "age": [3.0], "gender": ["male"], "ethnicity": ["x"],
-                          "expression": ["unknown"], "split": ["train"], "path": ["/p"], "frame": [-1],
-                          "age_std": [1.0], "skin_tone": ["III"]})
+    faces = pd.DataFrame(
+        {
+            "image": ["a"],
+            "age": [3.0],
+            "gender": ["male"],
+            "ethnicity": ["x"],
+            "expression": ["unknown"],
+            "split": ["train"],
+            "path": ["/p"],
+            "frame": [-1],
+            "age_std": [1.0],
+            "skin_tone": ["III"],
+        }
+    )
     assert attribute_columns(faces) == ["gender", "ethnicity", "expression", "skin_tone"]
 
 
@@ -180,12 +208,20 @@ def test_csv_dataset_with_a_six_valued_attribute_trains_and_evaluates(tmp_path):
         age = float(rng.uniform(5, 80))
         name = f"img/{k}.png"
         _write_image(root / name, int(age * 3))
-        rows.append({"image": name, "age": age, "gender": ["male", "female"][k % 2],
-                     "ethnicity": ["w", "x", "y", "z"][k % 4], "skin_tone": f"type{k % 6 + 1}",
-                     "split": ["train", "train", "valid", "test"][k % 4] if k < 56 else "test"})
+        rows.append(
+            {
+                "image": name,
+                "age": age,
+                "gender": ["male", "female"][k % 2],
+                "ethnicity": ["w", "x", "y", "z"][k % 4],
+                "skin_tone": f"type{k % 6 + 1}",
+                "split": ["train", "train", "valid", "test"][k % 4] if k < 56 else "test",
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "faces.csv", index=False)
-    cfg = tiny_config_file(tmp_path, "M2", ["eval.attributes=[age,gender,ethnicity,skin_tone]",
-                                            "eval.n_perm=0", "eval.min_group=2"])
+    cfg = tiny_config_file(
+        tmp_path, "M2", ["eval.attributes=[age,gender,ethnicity,skin_tone]", "eval.n_perm=0", "eval.min_group=2"]
+    )
     res = invoke("train", "--config", cfg, "--data", root, "--out", tmp_path / "run", "--quiet")
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "run" / "metrics_test.json").read_text())
@@ -199,7 +235,7 @@ def test_csv_dataset_with_a_six_valued_attribute_trains_and_evaluates(tmp_path):
 
 
 def test_a_collapsing_second_stage_stops_and_the_model_is_the_first_stage(tmp_path, tiny_data):
-    from fairage.runs import RunFolder
+    from fairage.store.run_folder import RunFolder
     from fairage.training import train
 
     # stage II at a learning rate of 50 saturates the sigmoid output in its first epoch
@@ -226,8 +262,24 @@ def test_a_collapsing_single_stage_fails_with_one_line(tmp_path, tiny_data):
 
 def test_suite_marks_a_collapsed_run_and_exits_1(tmp_path):
     data = tiny_synthetic(tmp_path / "data", n_train=48, n_valid=16, n_test=32)
-    res = invoke("suite", "--data", data, "--out", tmp_path / "suite", "--presets", "M2,M3", "--scale", "tiny",
-                 "--set", "stage2.lr=50", "--set", "eval.n_boot=0", "--set", "eval.n_perm=0", "--quiet")
+    res = invoke(
+        "suite",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "suite",
+        "--presets",
+        "M2,M3",
+        "--scale",
+        "tiny",
+        "--set",
+        "stage2.lr=50",
+        "--set",
+        "eval.n_boot=0",
+        "--set",
+        "eval.n_perm=0",
+        "--quiet",
+    )
     assert res.exit_code == 1, res.output
     assert "collapsed" in res.output and "1 run(s) failed or collapsed" in res.output
     html = (tmp_path / "suite" / "report.html").read_text()

@@ -82,9 +82,7 @@ def _reads_move_atime(folder: Path) -> bool:
     return os.stat(probe).st_atime != before
 
 
-def test_import_keras_refuses_external_storage_and_never_imports_the_outside_bytes(
-    zero_keras, tmp_path
-):
+def test_import_keras_refuses_external_storage_and_never_imports_the_outside_bytes(zero_keras, tmp_path):
     import os
 
     from safetensors.numpy import load_file
@@ -95,9 +93,7 @@ def test_import_keras_refuses_external_storage_and_never_imports_the_outside_byt
     with h5py.File(inside, "a") as f:
         f[STEM][STEM_KERNEL][...] = secret
     assert invoke("import-keras", inside, "--out", tmp_path / "control").exit_code == 0
-    stem = load_file(str(tmp_path / "control" / "model.safetensors"))[
-        "backbone.conv1.weight"
-    ]
+    stem = load_file(str(tmp_path / "control" / "model.safetensors"))["backbone.conv1.weight"]
     np.testing.assert_array_equal(stem, secret.transpose(3, 2, 0, 1))
     # stored outside the file (external storage): refused, and the outside file is never read
     outside = tmp_path / "outside" / "secret.bin"
@@ -125,9 +121,7 @@ def test_import_keras_refuses_external_storage_and_never_imports_the_outside_byt
     assert _import_refused(h5, tmp_path / "model", "has external storage") == text
 
 
-def test_import_keras_refuses_external_links_without_opening_the_other_file(
-    zero_keras, tmp_path
-):
+def test_import_keras_refuses_external_links_without_opening_the_other_file(zero_keras, tmp_path):
     other = tmp_path / "other.h5"
     with h5py.File(other, "w") as f:
         f.create_dataset("kernel", data=np.ones((7, 7, 3, 64), np.float32))
@@ -140,9 +134,7 @@ def test_import_keras_refuses_external_links_without_opening_the_other_file(
     text = _import_refused(h5, tmp_path / "model", "is an external link to")
     assert str(other) in text
     if tracks:
-        assert __import__("os").stat(other).st_atime == before, (
-            "the linked file was read"
-        )
+        assert __import__("os").stat(other).st_atime == before, "the linked file was read"
     # a link target that cannot be opened gives the same message: the link was never followed
     other.write_text("not hdf5")
     assert _import_refused(h5, tmp_path / "model", "is an external link to") == text
@@ -163,9 +155,7 @@ def test_import_keras_refuses_virtual_datasets(zero_keras, tmp_path):
     text = _import_refused(h5, tmp_path / "model", "is a virtual dataset mapped from")
     assert str(other) in text
     if tracks:
-        assert __import__("os").stat(other).st_atime == before, (
-            "the source file was read"
-        )
+        assert __import__("os").stat(other).st_atime == before, "the source file was read"
 
 
 def test_import_keras_refuses_soft_links(zero_keras, tmp_path):
@@ -175,9 +165,7 @@ def test_import_keras_refuses_soft_links(zero_keras, tmp_path):
     _import_refused(h5, tmp_path / "model", "'/alias' is a soft link to /dim_proj")
 
 
-def test_import_keras_checks_declared_shapes_before_reading(
-    zero_keras, tmp_path, monkeypatch
-):
+def test_import_keras_checks_declared_shapes_before_reading(zero_keras, tmp_path, monkeypatch):
     # a 10 GB conv kernel declared in a small file (chunked, never written): refused from its header
     h5 = _copy(zero_keras, tmp_path / "huge.h5")
     with h5py.File(h5, "a") as f:
@@ -191,16 +179,10 @@ def test_import_keras_checks_declared_shapes_before_reading(
         )
         # and a (10^6, 10^6) Dense kernel in a layer of no fixed shape
         dense = f.create_group("dense_huge")
-        dense.attrs["weight_names"] = np.array(
-            [b"dense_huge/kernel:0", b"dense_huge/bias:0"]
-        )
-        dense.create_dataset(
-            "dense_huge/kernel:0", shape=(10**6, 10**6), dtype="<f4", chunks=(1, 1024)
-        )
+        dense.attrs["weight_names"] = np.array([b"dense_huge/kernel:0", b"dense_huge/bias:0"])
+        dense.create_dataset("dense_huge/kernel:0", shape=(10**6, 10**6), dtype="<f4", chunks=(1, 1024))
         dense.create_dataset("dense_huge/bias:0", data=np.zeros(10**6, np.float32))
-        f.attrs["layer_names"] = np.array(
-            list(f.attrs["layer_names"]) + [b"dense_huge"]
-        )
+        f.attrs["layer_names"] = np.array(list(f.attrs["layer_names"]) + [b"dense_huge"])
     assert h5.stat().st_size < 200e6
     reads = []
     original = h5py.Dataset.__getitem__
@@ -212,16 +194,12 @@ def test_import_keras_checks_declared_shapes_before_reading(
     text = _import_refused(h5, tmp_path / "model", f"layer '{STEM}': shape mismatch")
     assert "(7, 7, 3, 12800000)" in text and "needs (7, 7, 3, 64)" in text
     assert f"/{STEM_KERNEL}" not in reads
-    with h5py.File(
-        h5, "a"
-    ) as f:  # the stem fixed: the Dense kernel is refused from its header
+    with h5py.File(h5, "a") as f:  # the stem fixed: the Dense kernel is refused from its header
         del f[STEM][STEM_KERNEL]
         f[STEM].create_dataset(STEM_KERNEL, data=np.zeros((7, 7, 3, 64), np.float32))
     reads.clear()
     text = _import_refused(h5, tmp_path / "model", "declares shape (1000000, 1000000)")
-    assert "dense_huge/kernel:0" in text and not any(
-        "dense_huge/kernel" in r for r in reads
-    )
+    assert "dense_huge/kernel:0" in text and not any("dense_huge/kernel" in r for r in reads)
 
 
 def test_import_keras_refuses_bytes_weights_and_odd_model_configs(zero_keras, tmp_path):
@@ -258,9 +236,7 @@ def test_import_keras_refuses_bytes_weights_and_odd_model_configs(zero_keras, tm
 # --------------------------------------------------------------------------- train --out: the user's folder
 
 
-def test_train_refuses_a_folder_that_is_not_a_run_and_touches_nothing(
-    tmp_path, tiny_data
-):
+def test_train_refuses_a_folder_that_is_not_a_run_and_touches_nothing(tmp_path, tiny_data):
     out = tmp_path / "mine"
     out.mkdir()
     files = {
@@ -270,20 +246,15 @@ def test_train_refuses_a_folder_that_is_not_a_run_and_touches_nothing(
     }
     for name, text in files.items():
         (out / name).write_text(text)
-    result = invoke(
-        "train", "--preset", "M1", "--scale", "tiny", "--data", tiny_data, "--out", out
-    )
+    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", tiny_data, "--out", out)
     assert result.exit_code == 2, result.output
     text = one_line(result.output)
-    assert (
-        f"--out {out} is a folder that is not a fairage run" in text
-        and "config.yaml" in text
-    )
+    assert f"--out {out} is a folder that is not a fairage run" in text and "config.yaml" in text
     assert {p.name: p.read_text() for p in out.iterdir()} == files
 
 
 def test_stale_temp_cleanup_removes_only_names_fairage_writes(tmp_path):
-    from fairage.runs import RunFolder
+    from fairage.store.run_folder import RunFolder
 
     folder = RunFolder(tmp_path / "run")
     (folder.path / "checkpoints").mkdir(parents=True)
@@ -309,9 +280,7 @@ def test_stale_temp_cleanup_removes_only_names_fairage_writes(tmp_path):
 # --------------------------------------------------------------------------- predict --annotate
 
 
-def test_annotate_never_writes_over_an_input_and_names_stay_unique(
-    tiny_run, tmp_path, monkeypatch
-):
+def test_annotate_never_writes_over_an_input_and_names_stay_unique(tiny_run, tmp_path, monkeypatch):
     from conftest import GRACE_HOPPER
 
     photos = tmp_path / "work" / "a"
@@ -371,9 +340,7 @@ def test_annotate_never_writes_over_an_input_and_names_stay_unique(
         "--detector",
         "haar",
     )
-    assert result.exit_code == 2 and "is one of the input images" in one_line(
-        result.output
-    )
+    assert result.exit_code == 2 and "is one of the input images" in one_line(result.output)
     assert (photos / "x.jpg").read_bytes() == original
 
 
@@ -383,15 +350,9 @@ def test_annotate_never_writes_over_an_input_and_names_stay_unique(
 def test_synth_refuses_a_dataset_or_another_synthetic_set(tmp_path):
     real = tmp_path / "real"
     (real / "train").mkdir(parents=True)
-    (real / "gt_avg_train.csv").write_text(
-        "file_name,apparent_age_avg\n000000.jpg,31.5\n"
-    )
+    (real / "gt_avg_train.csv").write_text("file_name,apparent_age_avg\n000000.jpg,31.5\n")
     (real / "train" / "000000.jpg_face.jpg").write_bytes(b"my photo")
-    before = {
-        p.relative_to(real).as_posix(): p.read_bytes()
-        for p in real.rglob("*")
-        if p.is_file()
-    }
+    before = {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()}
     small = (
         "--n-train",
         2,
@@ -408,11 +369,7 @@ def test_synth_refuses_a_dataset_or_another_synthetic_set(tmp_path):
     result = invoke("synth", real, *small)
     assert result.exit_code == 2, result.output
     assert "holds no synthetic set" in one_line(result.output)
-    assert {
-        p.relative_to(real).as_posix(): p.read_bytes()
-        for p in real.rglob("*")
-        if p.is_file()
-    } == before
+    assert {p.relative_to(real).as_posix(): p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
     # a synthetic set: the same command again is fine (byte-identical), other parameters are refused
     synth = tmp_path / "synth"
     assert invoke("synth", synth, *small).exit_code == 0
@@ -420,9 +377,7 @@ def test_synth_refuses_a_dataset_or_another_synthetic_set(tmp_path):
     assert invoke("synth", synth, *small).exit_code == 0
     assert (synth / "gt_avg_train.csv").read_bytes() == table
     result = invoke("synth", synth, *small, "--seed", 5)
-    assert result.exit_code == 2 and "holds another synthetic set (version" in one_line(
-        result.output
-    )
+    assert result.exit_code == 2 and "holds another synthetic set (version" in one_line(result.output)
     assert "seed 0" in one_line(result.output) and "seed 5" in one_line(result.output)
     assert (synth / "gt_avg_train.csv").read_bytes() == table
 
@@ -458,9 +413,7 @@ def _kinds(folder: Path, size: int = 32) -> dict[str, tuple[Path, np.ndarray]]:
     la = np.dstack(
         [
             grey8,
-            np.where(np.arange(size) < half, 255, 0)
-            .astype(np.uint8)[None]
-            .repeat(size, 0),
+            np.where(np.arange(size) < half, 255, 0).astype(np.uint8)[None].repeat(size, 0),
         ]
     )
     Image.fromarray(la, "LA").save(folder / "la.png")
@@ -469,15 +422,11 @@ def _kinds(folder: Path, size: int = 32) -> dict[str, tuple[Path, np.ndarray]]:
     out["LA"] = (folder / "la.png", expected)
     # palette with a transparent index
     palette_rgb = [(200, 10, 10), (10, 200, 10), (0, 0, 0)]
-    index = (
-        (np.arange(size)[None] // 11).repeat(size, 0).astype(np.uint8)
-    )  # 0, 1, 2 by column
+    index = (np.arange(size)[None] // 11).repeat(size, 0).astype(np.uint8)  # 0, 1, 2 by column
     p = Image.fromarray(index, "P")
     p.putpalette([c for rgb in palette_rgb for c in rgb])
     p.save(folder / "palette.png", transparency=2)
-    expected = np.array([palette_rgb[0], palette_rgb[1], (255, 255, 255)], np.uint8)[
-        index
-    ]
+    expected = np.array([palette_rgb[0], palette_rgb[1], (255, 255, 255)], np.uint8)[index]
     out["palette"] = (folder / "palette.png", expected)
     # CMYK (TIFF, lossless): C, M, Y, K = 0, 255, 255, 0 is red, all zero is white
     cmyk = np.zeros((size, size, 4), np.uint8)
@@ -496,23 +445,17 @@ def test_cache_predict_and_serve_decode_every_kind_of_image_alike(tiny_run, tmp_
     from fastapi.testclient import TestClient
 
     from fairage.data.cache import decode_image, load_images
-    from fairage.predict import AgePredictor, read_face
+    from fairage.inference.predictor import AgePredictor, read_face
     from fairage.serve import create_app
 
     kinds = _kinds(tmp_path)
     predictor = AgePredictor(tiny_run, device="cpu")
     assert predictor.image_size == 32
-    faces = __import__("pandas").DataFrame(
-        {"path": [str(p) for p, _ in kinds.values()], "frame": -1, "split": "test"}
-    )
-    cached = load_images(
-        faces, 32, cache_dir=tmp_path / "cache", workers=1, progress=False
-    )
+    faces = __import__("pandas").DataFrame({"path": [str(p) for p, _ in kinds.values()], "frame": -1, "split": "test"})
+    cached = load_images(faces, 32, cache_dir=tmp_path / "cache", workers=1, progress=False)
     client = TestClient(create_app(predictor))
     for i, (kind, (path, expected)) in enumerate(kinds.items()):
-        np.testing.assert_array_equal(
-            decode_image(str(path), 32), expected, err_msg=kind
-        )
+        np.testing.assert_array_equal(decode_image(str(path), 32), expected, err_msg=kind)
         np.testing.assert_array_equal(cached[i], expected, err_msg=kind)
         np.testing.assert_array_equal(read_face(path, 32), expected, err_msg=kind)
         age = float(predictor.predict_crops(expected[None])[0])
@@ -537,14 +480,12 @@ def _bomb(levels: int) -> str:
 
 
 def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, tiny_data):
-    from fairage.config import load_yaml
+    from fairage.config.files import load_yaml
     from fairage.errors import ConfigError
 
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text(_bomb(6))  # 9^7 = 4.8 million strings once expanded
-    result = invoke(
-        "train", "--config", bomb, "--data", tiny_data, "--out", tmp_path / "run"
-    )
+    result = invoke("train", "--config", bomb, "--data", tiny_data, "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     assert "expands to more than 100000 values" in one_line(result.output)
     assert len(result.output) < 1000 and not (tmp_path / "run").exists()
@@ -562,9 +503,7 @@ def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, tiny_data):
 def test_validation_messages_cut_long_values(tmp_path, tiny_data):
     cfg = tmp_path / "long.yaml"
     cfg.write_text("stage2: {lr: 0.001}\ndata:\n  image_size: " + "9" * 50_000 + "x\n")
-    result = invoke(
-        "train", "--config", cfg, "--data", tiny_data, "--out", tmp_path / "run"
-    )
+    result = invoke("train", "--config", cfg, "--data", tiny_data, "--out", tmp_path / "run")
     assert result.exit_code == 2, result.output
     text = one_line(result.output)
     assert "data.image_size" in text and "more characters)" in text and len(text) < 1000
@@ -597,9 +536,7 @@ def test_validation_messages_cut_long_values(tmp_path, tiny_data):
         ),
     ],
 )
-def test_unbounded_settings_are_refused_before_the_run_folder_exists(
-    tmp_path, tiny_data, override, message
-):
+def test_unbounded_settings_are_refused_before_the_run_folder_exists(tmp_path, tiny_data, override, message):
     out = tmp_path / "run"
     result = invoke(
         "train",
@@ -632,23 +569,17 @@ def test_evaluate_counts_are_bounded_in_the_options_too(tmp_path, tiny_run):
     import pandas as pd
 
     from fairage.errors import ConfigError
-    from fairage.metrics import evaluate
+    from fairage.fairness.metrics import evaluate
 
-    df = pd.DataFrame(
-        {"age": [10.0, 20.0], "prediction": [11.0, 19.0], "gender": ["female", "male"]}
-    )
-    with pytest.raises(
-        ConfigError, match="n_boot 1000000000: bootstrap resamples must be 0 to 10000"
-    ):
+    df = pd.DataFrame({"age": [10.0, 20.0], "prediction": [11.0, 19.0], "gender": ["female", "male"]})
+    with pytest.raises(ConfigError, match="n_boot 1000000000: bootstrap resamples must be 0 to 10000"):
         evaluate(df, attributes=["gender"], n_boot=10**9)
 
 
 # --------------------------------------------------------------------------- devices, opsets, exported metadata
 
 
-def test_predict_device_and_export_opset_mistakes_exit_2(
-    tiny_run, tmp_path, monkeypatch
-):
+def test_predict_device_and_export_opset_mistakes_exit_2(tiny_run, tmp_path, monkeypatch):
     import torch
     from conftest import GRACE_HOPPER
 
@@ -662,10 +593,7 @@ def test_predict_device_and_export_opset_mistakes_exit_2(
         "--device",
         "quantum",
     )
-    assert (
-        result.exit_code == 2
-        and "--device 'quantum' is not a torch device" in one_line(result.output)
-    )
+    assert result.exit_code == 2 and "--device 'quantum' is not a torch device" in one_line(result.output)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     result = invoke(
@@ -678,16 +606,10 @@ def test_predict_device_and_export_opset_mistakes_exit_2(
         "--device",
         "cuda",
     )
-    assert (
-        result.exit_code == 2
-        and "--device cuda: no CUDA GPU is available" in one_line(result.output)
-    )
+    assert result.exit_code == 2 and "--device cuda: no CUDA GPU is available" in one_line(result.output)
     assert not (tmp_path / "p.csv").exists()
     result = invoke("export", tiny_run, "--out", tmp_path / "m.onnx", "--opset", 1000)
-    assert (
-        result.exit_code == 2
-        and "--opset 1000: this torch exports ONNX opsets" in one_line(result.output)
-    )
+    assert result.exit_code == 2 and "--opset 1000: this torch exports ONNX opsets" in one_line(result.output)
     assert not (tmp_path / "m.onnx").exists()
 
 
@@ -712,14 +634,10 @@ def test_exported_metadata_out_of_bounds_is_refused(tiny_run, tmp_path):
                 entry.value = value
         bad = tmp_path / f"bad-{key}-{value}.onnx"
         onnx.save(proto, str(bad))
-        result = invoke(
-            "predict", bad, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces"
-        )
+        result = invoke("predict", bad, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces")
         assert result.exit_code == 2, result.output
         assert message in one_line(result.output)
-    result = invoke(
-        "predict", good, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces"
-    )
+    result = invoke("predict", good, GRACE_HOPPER, "--out", tmp_path / "p.csv", "--faces")
     assert result.exit_code == 0, result.output
 
 
@@ -736,9 +654,7 @@ def _interrupted(tiny_run: Path, dest: Path) -> Path:
         (dest / name).unlink(missing_ok=True)
     record = json.loads((dest / "run.json").read_text())
     last = record["completed_stages"][-1]
-    record.update(
-        status="running", stage=last, completed_stages=record["completed_stages"][:-1]
-    )
+    record.update(status="running", stage=last, completed_stages=record["completed_stages"][:-1])
     (dest / "run.json").write_text(json.dumps(record))
     assert (dest / "checkpoints" / f"{last}-last.ckpt").is_file()
     return dest
@@ -754,10 +670,7 @@ def test_resume_of_damaged_run_folders_is_one_message(tiny_run, tmp_path):
     torch.save({"state_dict": {}}, last)
     result = invoke("train", "--resume", run, "--quiet")
     assert result.exit_code == 2, result.output
-    assert (
-        f"{last} holds no epoch number" in one_line(result.output)
-        and "Traceback" not in result.output
-    )
+    assert f"{last} holds no epoch number" in one_line(result.output) and "Traceback" not in result.output
     # history.csv with an epoch that is not a number
     run = _interrupted(tiny_run, tmp_path / "bad-history")
     lines = (run / "history.csv").read_text().splitlines()
@@ -765,21 +678,15 @@ def test_resume_of_damaged_run_folders_is_one_message(tiny_run, tmp_path):
     (run / "history.csv").write_text("\n".join(lines) + "\n")
     result = invoke("train", "--resume", run, "--quiet")
     assert result.exit_code == 2, result.output
-    assert "history.csv: row 2: epoch 'one' is not an epoch number" in one_line(
-        result.output
-    )
+    assert "history.csv: row 2: epoch 'one' is not an epoch number" in one_line(result.output)
     # config.yaml edited to another backbone
     run = _interrupted(tiny_run, tmp_path / "edited")
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    cfg["model"]["backbone"] = (
-        "resnet34" if cfg["model"]["backbone"] != "resnet34" else "resnet18"
-    )
+    cfg["model"]["backbone"] = "resnet34" if cfg["model"]["backbone"] != "resnet34" else "resnet18"
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     result = invoke("train", "--resume", run, "--quiet")
     assert result.exit_code == 2, result.output
-    assert "its weights do not fit the model of the run's config.yaml" in one_line(
-        result.output
-    )
+    assert "its weights do not fit the model of the run's config.yaml" in one_line(result.output)
     assert "was config.yaml edited?" in one_line(result.output)
 
 
@@ -828,10 +735,7 @@ def test_messages_never_suggest_unpickling(tmp_path, tiny_run):
     (root / "data_valid.npy").write_text("just some text\n")
     result = invoke("data", "info", root)
     text = one_line(result.output)
-    assert (
-        result.exit_code == 2
-        and "data_valid.npy: not a .npy file (no NumPy header)" in text
-    )
+    assert result.exit_code == 2 and "data_valid.npy: not a .npy file (no NumPy header)" in text
     assert "pickle" not in text.lower()
 
     class Payload:
@@ -844,26 +748,20 @@ def test_messages_never_suggest_unpickling(tmp_path, tiny_run):
     text = one_line(result.output)
     assert result.exit_code == 2, result.output
     assert "holds pickled Python objects" in text and "fairage never unpickles" in text
-    assert (
-        "corrupt" not in text
-        and "weights_only" not in text
-        and "will likely succeed" not in text
-    )
+    assert "corrupt" not in text and "weights_only" not in text and "will likely succeed" not in text
     assert not (tmp_path / "payload-ran").exists()
 
 
 # --------------------------------------------------------------------------- spreadsheet formulas in CSVs
 
 
-def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(
-    tmp_path, tiny_run
-):
+def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(tmp_path, tiny_run):
     import csv
 
     import pandas as pd
     from conftest import GRACE_HOPPER
 
-    from fairage.data.predictions import read_predictions, write_predictions
+    from fairage.store.predictions import read_predictions, write_predictions
 
     evil = '=HYPERLINK("x.example","y").jpg'
     photos = tmp_path / "photos"
@@ -875,14 +773,10 @@ def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(
     assert result.exit_code == 0, result.output
     with open(out, newline="") as f:
         cells = [row[0] for row in csv.reader(f)][1:]
-    assert sorted(cells) == sorted(
-        ["'" + evil, "'+1.jpg", "'@me.jpg", "'-x.jpg", "''q.jpg", "plain.jpg"]
-    )
+    assert sorted(cells) == sorted(["'" + evil, "'+1.jpg", "'@me.jpg", "'-x.jpg", "''q.jpg", "plain.jpg"])
     # fairage reads its own file back to the names it was given
     back = read_predictions(out)
-    assert sorted(back["image"]) == sorted(
-        [evil, "+1.jpg", "@me.jpg", "-x.jpg", "'q.jpg", "plain.jpg"]
-    )
+    assert sorted(back["image"]) == sorted([evil, "+1.jpg", "@me.jpg", "-x.jpg", "'q.jpg", "plain.jpg"])
     # the run's predictions file too, with numbers (negative ones included) untouched
     faces = pd.DataFrame({"image": [evil, "ok"], "gender": ["=1+1", "male"]})
     write_predictions(tmp_path / "pred.csv", faces, [-0.0, 42.5])
@@ -899,9 +793,7 @@ def test_csv_cells_that_spreadsheets_run_as_formulas_are_quoted_and_read_back(
 # --------------------------------------------------------------------------- read-only datasets
 
 
-def test_evaluate_on_a_read_only_dataset_caches_in_the_user_cache(
-    tmp_path, tiny_run, monkeypatch
-):
+def test_evaluate_on_a_read_only_dataset_caches_in_the_user_cache(tmp_path, tiny_run, monkeypatch):
     import errno
     import os
     import tempfile
@@ -913,46 +805,31 @@ def test_evaluate_on_a_read_only_dataset_caches_in_the_user_cache(
     monkeypatch.setenv("FAIRAGE_CACHE_DIR", str(user))
     real_mkstemp = tempfile.mkstemp
 
-    def read_only(
-        *args, dir=None, **kwargs
-    ):  # root ignores chmod: refuse writes under the dataset instead
+    def read_only(*args, dir=None, **kwargs):  # root ignores chmod: refuse writes under the dataset instead
         if dir is not None and str(dir).startswith(str(data)):
-            raise OSError(
-                errno.EROFS, "Read-only file system", os.path.join(dir, ".x.tmp")
-            )
+            raise OSError(errno.EROFS, "Read-only file system", os.path.join(dir, ".x.tmp"))
         return real_mkstemp(*args, dir=dir, **kwargs)
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    result = invoke(
-        "evaluate", tiny_run, "--data", data, "--json", "--n-boot", 0, "--n-perm", 0
-    )
+    result = invoke("evaluate", tiny_run, "--data", data, "--json", "--n-boot", 0, "--n-perm", 0)
     assert result.exit_code == 0, result.output
-    assert not (data / ".fairage_cache").exists() or not any(
-        (data / ".fairage_cache").iterdir()
-    )
+    assert not (data / ".fairage_cache").exists() or not any((data / ".fairage_cache").iterdir())
     assert len(list(user.glob("readonly-*/*.npy"))) == 1
     # with the user cache unwritable too, the message names both and what evaluate can set
     monkeypatch.setenv("FAIRAGE_CACHE_DIR", str(data / "also-read-only"))
     for p in user.glob("readonly-*/*.npy"):
         p.unlink()
-    result = invoke(
-        "evaluate", tiny_run, "--data", data, "--json", "--n-boot", 0, "--n-perm", 0
-    )
+    result = invoke("evaluate", tiny_run, "--data", data, "--json", "--n-boot", 0, "--n-perm", 0)
     assert result.exit_code == 2, result.output
     text = one_line(result.output)
-    assert (
-        "cannot write the decoded-image cache (Read-only file system); nor the user cache"
-        in text
-    )
+    assert "cannot write the decoded-image cache (Read-only file system); nor the user cache" in text
     assert "set FAIRAGE_CACHE_DIR (any command)" in text
 
 
 # --------------------------------------------------------------------------- full disk while checkpointing
 
 
-def test_full_disk_while_checkpointing_is_one_line_exit_1_and_resume_works(
-    tmp_path, monkeypatch
-):
+def test_full_disk_while_checkpointing_is_one_line_exit_1_and_resume_works(tmp_path, monkeypatch):
     import builtins
     import errno
 
@@ -1009,11 +886,7 @@ def test_full_disk_while_checkpointing_is_one_line_exit_1_and_resume_works(
     assert result.exit_code == 1, result.output
     text = one_line(result.output)
     assert "no space left on device; free some space and run the command again" in text
-    assert (
-        ".ckpt" in text
-        and "Traceback" not in result.output
-        and "unexpected pos" not in text
-    )
+    assert ".ckpt" in text and "Traceback" not in result.output and "unexpected pos" not in text
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written
     monkeypatch.delattr(fairage.atomic, "open")  # space freed
     result = invoke("train", "--resume", out, "--quiet")
@@ -1064,12 +937,10 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
     import httpx
     from conftest import GRACE_HOPPER
 
-    from fairage.predict import AgePredictor
+    from fairage.inference.predictor import AgePredictor
     from fairage.serve import ServeLimits, create_app, serve_protocol
 
-    limits = ServeLimits(
-        max_pending=2, max_uploading=16, body_timeout=2.0, chunk_timeout=0.5
-    )
+    limits = ServeLimits(max_pending=2, max_uploading=16, body_timeout=2.0, chunk_timeout=0.5)
     app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
     with _served(app, serve_protocol(0.5), backlog=128) as (address, url):
         slow = []
@@ -1082,9 +953,7 @@ def test_slow_clients_are_cut_off_and_do_not_block_normal_uploads(tiny_run):
                     b"Content-Length: 100000\r\n\r\n\xff"
                 )
                 slow.append(sock)
-            trickle = socket.create_connection(
-                address, timeout=20
-            )  # headers that never end
+            trickle = socket.create_connection(address, timeout=20)  # headers that never end
             trickle.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\n")
             # a normal client is served meanwhile: the slow bodies hold no place in the inference queue
             normal = httpx.post(
@@ -1120,12 +989,10 @@ def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
     import httpx
     from conftest import GRACE_HOPPER
 
-    from fairage.predict import AgePredictor
+    from fairage.inference.predictor import AgePredictor
     from fairage.serve import ServeLimits, create_app, serve_protocol
 
-    limits = ServeLimits(
-        max_pending=8, max_uploading=1, body_timeout=3.0, chunk_timeout=3.0
-    )
+    limits = ServeLimits(max_pending=8, max_uploading=1, body_timeout=3.0, chunk_timeout=3.0)
     app = create_app(AgePredictor(tiny_run, device="cpu"), limits=limits)
     with _served(app, serve_protocol(), backlog=16) as (address, url):
         sock = socket.create_connection(address, timeout=20)
@@ -1141,10 +1008,7 @@ def test_uploads_being_received_are_bounded_apart_from_the_queue(tiny_run):
                 headers={"content-type": "image/jpeg"},
                 timeout=60,
             )
-            assert (
-                busy.status_code == 503
-                and "1 uploads are being received" in busy.json()["detail"]
-            )
+            assert busy.status_code == 503 and "1 uploads are being received" in busy.json()["detail"]
             assert _read_until_closed(sock).startswith(b"HTTP/1.1 408")
             # its place is free again
             done = httpx.post(

@@ -22,9 +22,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import HeadBlock, validate_config
+from fairage.config.schema import HeadBlock, validate_config
 from fairage.errors import DataError
-from fairage.models import build_model
+from fairage.models.regressor import build_model
 
 sys.path.insert(0, str(Path(__file__).parent / "tools"))
 import keras_vggface2_spec as spec
@@ -46,8 +46,12 @@ def keras_files(tmp_path_factory):
     for seed in REFERENCE["image_seeds"]:
         pngs.append(root / f"face_{seed}.png")
         Image.fromarray(spec.face_image(seed)).save(pngs[-1])
-    return {"full model": root / "full_model.h5", "weights only": root / "weights_only.h5",
-            "nested": root / "nested.h5", "pngs": pngs}
+    return {
+        "full model": root / "full_model.h5",
+        "weights only": root / "weights_only.h5",
+        "nested": root / "nested.h5",
+        "pngs": pngs,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +104,11 @@ def test_model_folder_contents(keras_files, tmp_path):
     assert runner.invoke(app, ["import-keras", str(keras_files["full model"]), "--out", str(out)]).exit_code == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "import.json", "model.safetensors"]
     cfg = validate_config(yaml.safe_load((out / "config.yaml").read_text()), "config.yaml")
-    assert (cfg.model.backbone, cfg.model.input_norm, cfg.model.projection_dim) == ("vggface2_resnet50", "vggface2", 512)
+    assert (cfg.model.backbone, cfg.model.input_norm, cfg.model.projection_dim) == (
+        "vggface2_resnet50",
+        "vggface2",
+        512,
+    )
     assert [b.units for b in cfg.model.head] == [128, 32] and cfg.model.output == "sigmoid"
     assert cfg.data.image_size == 224
     assert cfg.stage1.trainable == "projection+head"
@@ -139,7 +147,9 @@ def test_model_folder_as_weights_keeps_backbone_and_drops_a_different_head(keras
     from safetensors.torch import load_file
 
     state = load_file(str(out / "model.safetensors"))
-    assert torch.equal(model.state_dict()["backbone.conv5_3.increase.weight"], state["backbone.conv5_3.increase.weight"])
+    assert torch.equal(
+        model.state_dict()["backbone.conv5_3.increase.weight"], state["backbone.conv5_3.increase.weight"]
+    )
     assert torch.equal(model.state_dict()["projection.bias"], state["projection.bias"])
 
 
@@ -190,11 +200,18 @@ def _extra_conv(layers):
     return layers + [("extra_conv", "Conv2D", [("kernel", np.zeros((3, 3, 8, 8), np.float32))])]
 
 
-@pytest.mark.parametrize("case, change, needle", [
-    ("missing", lambda ls: _drop(ls, "conv4_2_3x3/bn"), "layer 'conv4_2_3x3/bn' of the VGGFace2 ResNet50 is missing"),
-    ("shape", lambda ls: _reshape(ls, "conv3_1_1x1_reduce"), "layer 'conv3_1_1x1_reduce': shape mismatch"),
-    ("unknown", _extra_conv, "layer 'extra_conv' (kernel) is not part of the VGGFace2 ResNet50"),
-])
+@pytest.mark.parametrize(
+    "case, change, needle",
+    [
+        (
+            "missing",
+            lambda ls: _drop(ls, "conv4_2_3x3/bn"),
+            "layer 'conv4_2_3x3/bn' of the VGGFace2 ResNet50 is missing",
+        ),
+        ("shape", lambda ls: _reshape(ls, "conv3_1_1x1_reduce"), "layer 'conv3_1_1x1_reduce': shape mismatch"),
+        ("unknown", _extra_conv, "layer 'extra_conv' (kernel) is not part of the VGGFace2 ResNet50"),
+    ],
+)
 def test_bad_layers_exit_2_naming_the_layer_and_write_nothing(zero_files, tmp_path, case, change, needle):
     path = _bad(zero_files, case, change)
     out = tmp_path / "model"
@@ -210,15 +227,22 @@ def test_not_hdf5_other_architecture_and_truncated_files_exit_2(zero_files, tmp_
     cases["text.h5"] = root / "text.h5"
     cases["text.h5"].write_text("not an hdf5 file")
     other = root / "keras_applications_resnet50.h5"
-    spec.write_weights_only(other, [("conv1_conv", "Conv2D", [("kernel", np.zeros((7, 7, 3, 64), np.float32)),
-                                                               ("bias", np.zeros(64, np.float32))])])
+    spec.write_weights_only(
+        other,
+        [
+            (
+                "conv1_conv",
+                "Conv2D",
+                [("kernel", np.zeros((7, 7, 3, 64), np.float32)), ("bias", np.zeros(64, np.float32))],
+            )
+        ],
+    )
     cases["other"] = other
     full = _rewrite(root / "full.h5", layers)
     truncated = root / "truncated.h5"
     truncated.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 3])
     cases["truncated"] = truncated
-    messages = {"text.h5": "is not an HDF5 file", "other": "is not the VGGFace2 ResNet50",
-                "truncated": str(truncated)}
+    messages = {"text.h5": "is not an HDF5 file", "other": "is not the VGGFace2 ResNet50", "truncated": str(truncated)}
     for case, path in cases.items():
         out = tmp_path / case
         result = runner.invoke(app, ["import-keras", str(path), "--out", str(out)])

@@ -16,29 +16,30 @@ import torch
 from conftest import square_faces
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import (
+from fairage.config.presets import load_preset
+from fairage.config.schema import (
     DROConfig,
     HeadBlock,
     ModelConfig,
     StageConfig,
     TrainerConfig,
     WeightingConfig,
-    load_preset,
 )
 from fairage.errors import ConfigError, DataError
-from fairage.interrupt import Terminated
-from fairage.methods import FaceArrays
-from fairage.models import build_model
-from fairage.runs import HISTORY_COLUMNS, read_checkpoint
+from fairage.models.regressor import build_model
+from fairage.store.checkpoint import load_weights as load_module_checkpoint
+from fairage.store.checkpoint import read_checkpoint
+from fairage.store.run_folder import HISTORY_COLUMNS
 from fairage.training import (
     StageArrays,
     fit_stage,
-    load_module_checkpoint,
     resume_run,
     train,
 )
 from fairage.training import lean as lean_module
+from fairage.training.interrupt import Terminated
 from fairage.training.lean import LEAN_KEY, choose_loop
+from fairage.training.methods import FaceArrays
 from fairage.training.module import AgeModule
 
 FP32 = TrainerConfig(precision="32-true")
@@ -60,21 +61,36 @@ def tiny_model(**kw):
 def age_groups(ages: np.ndarray) -> FaceArrays:
     """Two Group DRO groups, under and over 40 years, and a rater spread of 1 + age / 20 years."""
     groups = (np.asarray(ages) >= 40).astype(np.int64)
-    return FaceArrays(groups=groups, group_names=["<40", "40+"],
-                      group_sizes=np.bincount(groups, minlength=2).astype(np.float64),
-                      age_std=(1 + np.asarray(ages) / 20).astype(np.float32))
+    return FaceArrays(
+        groups=groups,
+        group_names=["<40", "40+"],
+        group_sizes=np.bincount(groups, minlength=2).astype(np.float64),
+        age_std=(1 + np.asarray(ages) / 20).astype(np.float32),
+    )
 
 
 # each case turns on one group of features; "plateau" is tuned so that the learning rate drops
 # and early stopping ends the stage before max_epochs (both asserted below)
 CASES = {
     "plateau": ({"lr": 3e-2, "lr_patience": 1, "patience": 3, "max_epochs": 14}, {}),
-    "loss_weights_clip_warmup": ({"lr": 1e-2, "grad_clip": 0.05, "warmup_epochs": 1.5, "max_epochs": 4,
-                                  "weighting": WeightingConfig(scheme="age", mode="loss")}, {"weights": True}),
-    "sampler": ({"lr": 1e-2, "max_epochs": 4, "weighting": WeightingConfig(scheme="age", mode="sampler")},
-                {"weights": True}),
-    "dro_label_std": ({"lr": 1e-2, "max_epochs": 4, "dro": DROConfig(enabled=True, eta=0.5),
-                       "label_std": "sample"}, {"methods": True}),
+    "loss_weights_clip_warmup": (
+        {
+            "lr": 1e-2,
+            "grad_clip": 0.05,
+            "warmup_epochs": 1.5,
+            "max_epochs": 4,
+            "weighting": WeightingConfig(scheme="age", mode="loss"),
+        },
+        {"weights": True},
+    ),
+    "sampler": (
+        {"lr": 1e-2, "max_epochs": 4, "weighting": WeightingConfig(scheme="age", mode="sampler")},
+        {"weights": True},
+    ),
+    "dro_label_std": (
+        {"lr": 1e-2, "max_epochs": 4, "dro": DROConfig(enabled=True, eta=0.5), "label_std": "sample"},
+        {"methods": True},
+    ),
     "bmc_projection": ({"lr": 1e-2, "max_epochs": 3, "loss": "bmc", "trainable": "projection+head"}, {}),
 }
 
@@ -84,11 +100,24 @@ def run_case(faces, loop: str, name: str, run_dir=None, trainer: TrainerConfig =
     train_images, train_ages, val_images, val_ages = faces
     # face weights that differ per face (1 to 3), so that weighting changes the loss
     weights = 1 + 2 * (train_ages - train_ages.min()) / np.ptp(train_ages) if needs.get("weights") else None
-    arrays = StageArrays(train_images, train_ages, val_images, val_ages, train_weights=weights,
-                         face_arrays=age_groups(train_ages) if needs.get("methods") else None)
+    arrays = StageArrays(
+        train_images,
+        train_ages,
+        val_images,
+        val_ages,
+        train_weights=weights,
+        face_arrays=age_groups(train_ages) if needs.get("methods") else None,
+    )
     model = tiny_model()
-    result = fit_stage(model, "stage1", StageConfig(batch_size=16, loop=loop, **settings), arrays, run_dir,
-                       trainer_cfg=trainer, config_yaml="name: lean-test\n")
+    result = fit_stage(
+        model,
+        "stage1",
+        StageConfig(batch_size=16, loop=loop, **settings),
+        arrays,
+        run_dir,
+        trainer_cfg=trainer,
+        config_yaml="name: lean-test\n",
+    )
     return model, result
 
 
@@ -111,8 +140,9 @@ def test_lean_loop_gives_the_lightning_loops_weights_and_history(faces, name, tm
     for key, value in b.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
     on_disk = pd.read_csv(tmp_path / "lean" / "history.csv")
-    pd.testing.assert_frame_equal(on_disk, pd.read_csv(tmp_path / "lightning" / "history.csv"), check_exact=False,
-                                  atol=1e-5, rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        on_disk, pd.read_csv(tmp_path / "lightning" / "history.csv"), check_exact=False, atol=1e-5, rtol=1e-5
+    )
     # the comparison is between models that trained: the head moved from its initial weights
     assert not torch.equal(b.head[1].weight, tiny_model().head[1].weight)
     if name == "plateau":  # the schedule and the stop were exercised
@@ -168,8 +198,17 @@ def test_lean_stage_resumed_after_a_hard_kill_ends_as_an_uninterrupted_one(faces
     train_images, train_ages, val_images, val_ages = faces
     arrays = StageArrays(train_images, train_ages, val_images, val_ages, face_arrays=age_groups(train_ages))
     resumed = tiny_model()
-    r_resumed = fit_stage(resumed, "stage1", StageConfig(batch_size=16, **settings), arrays, killed,
-                          trainer_cfg=FP32, ckpt_path=last, previous_history=history, config_yaml="name: lean-test\n")
+    r_resumed = fit_stage(
+        resumed,
+        "stage1",
+        StageConfig(batch_size=16, **settings),
+        arrays,
+        killed,
+        trainer_cfg=FP32,
+        ckpt_path=last,
+        previous_history=history,
+        config_yaml="name: lean-test\n",
+    )
     assert r_resumed.loop == "lean" and r_resumed.epochs == r_whole.epochs == 4
     pd.testing.assert_frame_equal(r_resumed.history, r_whole.history)
     for key, value in whole.state_dict().items():
@@ -179,13 +218,22 @@ def test_lean_stage_resumed_after_a_hard_kill_ends_as_an_uninterrupted_one(faces
 
 def test_run_killed_by_sigterm_in_a_lean_stage_resumes_as_if_uninterrupted(tiny_data, tmp_path, monkeypatch):
     # M2: one cached head-only stage; 6 epochs that neither stop early nor reduce the rate
-    cfg = load_preset("M2", "tiny", ["eval.n_boot=0", "eval.conformal.enabled=false", "stage1.max_epochs=6",
-                                     "stage1.patience=10", "stage1.lr_patience=10"])
+    cfg = load_preset(
+        "M2",
+        "tiny",
+        [
+            "eval.n_boot=0",
+            "eval.conformal.enabled=false",
+            "stage1.max_epochs=6",
+            "stage1.patience=10",
+            "stage1.lr_patience=10",
+        ],
+    )
     train(cfg, tiny_data, tmp_path / "whole", progress=False)
     real_warm_up = AgeModule.warm_up
 
     def warm_up_or_terminate(self, optimizer, step, batches_per_epoch):  # called before every training step
-        if step == 3 * batches_per_epoch + 1:  # inside epoch 4: SIGTERM, as fairage.interrupt raises it
+        if step == 3 * batches_per_epoch + 1:  # inside epoch 4: SIGTERM, as fairage.training.interrupt raises it
             raise Terminated()
         real_warm_up(self, optimizer, step, batches_per_epoch)
 
@@ -210,8 +258,12 @@ def test_the_loop_is_chosen_explicitly(faces, tmp_path):
     assert choose_loop("stage1", stage, FP32, use_cache=True) == "lean"
     assert choose_loop("stage1", stage, FP32, use_cache=False) == "lightning"  # images: Lightning
     assert choose_loop("stage1", stage.model_copy(update={"loop": "lightning"}), FP32, use_cache=True) == "lightning"
-    for trainer in (TrainerConfig(precision="16-mixed"), TrainerConfig(precision="32-true", logger="csv"),
-                    TrainerConfig(precision="32-true", devices=2), TrainerConfig(precision="32-true", deterministic=True)):
+    for trainer in (
+        TrainerConfig(precision="16-mixed"),
+        TrainerConfig(precision="32-true", logger="csv"),
+        TrainerConfig(precision="32-true", devices=2),
+        TrainerConfig(precision="32-true", deterministic=True),
+    ):
         assert choose_loop("stage1", stage, trainer, use_cache=True) == "lightning"
     assert choose_loop("stage1", stage, FP32, use_cache=True, callbacks=[Noop()]) == "lightning"
     with pytest.raises(ConfigError, match="stage1.loop 'lean' cannot train this stage: extra Lightning callbacks"):
@@ -224,5 +276,6 @@ def test_the_loop_is_chosen_explicitly(faces, tmp_path):
     assert choose_loop("stage1", stage, FP32, use_cache=True, ckpt_path=lightning.last_path) == "lightning"
     assert choose_loop("stage1", stage, FP32, use_cache=True, ckpt_path=lean.last_path) == "lean"
     with pytest.raises(DataError, match="written by the lean loop"):
-        choose_loop("stage1", stage.model_copy(update={"loop": "lightning"}), FP32, use_cache=True,
-                    ckpt_path=lean.last_path)
+        choose_loop(
+            "stage1", stage.model_copy(update={"loop": "lightning"}), FP32, use_cache=True, ckpt_path=lean.last_path
+        )

@@ -1,4 +1,4 @@
-"""fairage.losses: Group DRO, Balanced MSE (BMC), DEX and label uncertainty, checked against hand-worked values."""
+"""fairage.models.losses: Group DRO, Balanced MSE (BMC), DEX and label uncertainty, checked against hand-worked values."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairage.losses import (
+from fairage.fairness.weighting import weighted_loss
+from fairage.models.losses import (
     BMCLoss,
     GroupDRO,
     StageObjective,
@@ -20,7 +21,6 @@ from fairage.losses import (
     draw_targets,
     inverse_variance_weights,
 )
-from fairage.weighting import weighted_loss
 
 # --------------------------------------------------------------------------- Group DRO
 
@@ -43,17 +43,18 @@ def test_group_dro_q_update_on_two_groups_by_hand():
     assert dro.q.tolist() == pytest.approx([a / (a + b), b / (a + b)], rel=1e-6)
 
 
-def _dro_in_process_group(rank: int, world: int, store: str, losses: torch.Tensor, groups: torch.Tensor,
-                          out: str) -> None:
+def _dro_in_process_group(
+    rank: int, world: int, store: str, losses: torch.Tensor, groups: torch.Tensor, out: str
+) -> None:
     """One process of a gloo group: Group DRO on its half of the batch; saves q and d loss / d losses."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         half = len(losses) // world
-        mine = losses[rank * half:(rank + 1) * half].clone().requires_grad_(True)
+        mine = losses[rank * half : (rank + 1) * half].clone().requires_grad_(True)
         dro = GroupDRO([3, 3, 2], eta=0.5)
-        dro(mine, groups[rank * half:(rank + 1) * half]).backward()
+        dro(mine, groups[rank * half : (rank + 1) * half]).backward()
         torch.save({"q": dro.q.clone(), "grad": mine.grad.clone()}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -117,8 +118,9 @@ def test_bmc_on_a_three_face_batch():
     assert float(bmc_loss(torch.tensor(pred), torch.tensor(target), var)) == pytest.approx(want.mean(), rel=1e-5)
 
 
-def _bmc_in_process_group(rank: int, world: int, store: str, pred: torch.Tensor, target: torch.Tensor,
-                          shares: list[int], out: str) -> None:
+def _bmc_in_process_group(
+    rank: int, world: int, store: str, pred: torch.Tensor, target: torch.Tensor, shares: list[int], out: str
+) -> None:
     """One process of a gloo group: BMC on its share of the batch; saves the terms and d sum / d sigma."""
     import torch.distributed as dist
 
@@ -126,7 +128,7 @@ def _bmc_in_process_group(rank: int, world: int, store: str, pred: torch.Tensor,
     try:
         start = sum(shares[:rank])
         loss_fn = BMCLoss(init_sigma=0.5)
-        terms = loss_fn(pred[start:start + shares[rank]], target[start:start + shares[rank]])
+        terms = loss_fn(pred[start : start + shares[rank]], target[start : start + shares[rank]])
         terms.sum().backward()
         torch.save({"terms": terms.detach(), "sigma_grad": loss_fn.noise_sigma.grad.clone()}, f"{out}/rank{rank}.pt")
     finally:
@@ -148,16 +150,18 @@ def test_bmc_in_two_processes_contrasts_with_the_whole_batch(tmp_path, monkeypat
     np.testing.assert_allclose(got, numpy_bmc(pred.numpy(), target.numpy(), 0.25), rtol=1e-5)
     one_process = BMCLoss(init_sigma=0.5)
     one_process(pred, target).sum().backward()
-    assert float(sum(rank["sigma_grad"] for rank in ranks)) == pytest.approx(float(one_process.noise_sigma.grad),
-                                                                            rel=1e-5)
+    assert float(sum(rank["sigma_grad"] for rank in ranks)) == pytest.approx(
+        float(one_process.noise_sigma.grad), rel=1e-5
+    )
 
 
 def test_bmc_noise_sigma_is_learnable():
     loss_fn = BMCLoss(init_sigma=0.5)
     pred = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)
     terms = loss_fn(pred, torch.tensor([0.2, 0.4, 1.0]))
-    assert terms.tolist() == pytest.approx(numpy_bmc(np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.4, 1.0]), 0.25)
-                                           .tolist(), rel=1e-5)
+    assert terms.tolist() == pytest.approx(
+        numpy_bmc(np.array([0.1, 0.5, 0.9]), np.array([0.2, 0.4, 1.0]), 0.25).tolist(), rel=1e-5
+    )
     terms.mean().backward()
     assert loss_fn.noise_sigma.grad is not None and float(loss_fn.noise_sigma.grad) != 0.0
     assert pred.grad is not None
@@ -168,9 +172,9 @@ def test_bmc_noise_sigma_is_learnable():
 
 def test_dex_expectation():
     logits = torch.full((3, 101), -1e4)
-    logits[0, 20] = logits[0, 30] = 0.0           # half 20, half 30 -> 25
-    logits[1] = 0.0                                # uniform over 0..100 -> 50
-    logits[2, 7] = 0.0                             # all on 7
+    logits[0, 20] = logits[0, 30] = 0.0  # half 20, half 30 -> 25
+    logits[1] = 0.0  # uniform over 0..100 -> 50
+    logits[2, 7] = 0.0  # all on 7
     assert dex_expectation(logits).tolist() == pytest.approx([25.0, 50.0, 7.0], abs=1e-4)
     # softmax(log p) = p: probabilities 0.2 at 10 and 0.8 at 60 -> 2 + 48
     p = torch.full((1, 101), 1e-12)
@@ -223,7 +227,8 @@ def test_objective_plain_mse_equals_the_weighted_loss():
     assert float(objective(out, age, w)) == pytest.approx(float(weighted_loss(out, age / 100, w, "mse")), rel=1e-6)
     huber = StageObjective("huber", label_scale=100.0, huber_delta=5.0)
     assert float(huber(out, age, None)) == pytest.approx(
-        float(weighted_loss(out, age / 100, None, "huber", 0.05)), rel=1e-6)
+        float(weighted_loss(out, age / 100, None, "huber", 0.05)), rel=1e-6
+    )
 
 
 def test_objective_std_weights_and_dro_by_hand():

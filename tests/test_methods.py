@@ -1,4 +1,4 @@
-"""The methods of fairage.losses in training: config checks, the DEX head, Group DRO's q log, label_std."""
+"""The methods of fairage.models.losses in training: config checks, the DEX head, Group DRO's q log, label_std."""
 
 from __future__ import annotations
 
@@ -7,20 +7,20 @@ import pandas as pd
 import pytest
 import torch
 
-from fairage.config import (
+from fairage.config.presets import load_preset
+from fairage.config.schema import (
     DROConfig,
     HeadBlock,
     ModelConfig,
     StageConfig,
-    load_preset,
     validate_config,
 )
 from fairage.errors import ConfigError, DataError
-from fairage.losses import StageObjective
-from fairage.methods import build_objective, face_arrays, uses_methods
-from fairage.models import build_model
-from fairage.suite import PRESET_GROUPS, expand_presets, suite_configs
+from fairage.models.losses import StageObjective
+from fairage.models.regressor import build_model
 from fairage.training import StageArrays, fit_stage, images_to_input
+from fairage.training.methods import build_objective, face_arrays, uses_methods
+from fairage.workflows.suite import PRESET_GROUPS, expand_presets, suite_configs
 
 SIZE = 16
 
@@ -46,8 +46,9 @@ def head_val_mae(output: str, loss: str, data, steps: int = 300) -> float:
 
 
 def _train_head(output, loss, train_images, train_ages, val_images, val_ages, steps):
-    model = build_model(ModelConfig(backbone="resnet18", projection_dim=None, head=[HeadBlock(units=64)],
-                                    output=output))[0].eval()
+    model = build_model(
+        ModelConfig(backbone="resnet18", projection_dim=None, head=[HeadBlock(units=64)], output=output)
+    )[0].eval()
     with torch.no_grad():
         train_x = model.features(images_to_input(torch.from_numpy(train_images)))
         val_x = model.features(images_to_input(torch.from_numpy(val_images)))
@@ -117,13 +118,23 @@ def test_methods_group_and_presets():
 
 
 def faces_table(n: int = 8) -> pd.DataFrame:
-    return pd.DataFrame({
-        "image": [f"f{i}.jpg" for i in range(n)],
-        "age": [10.0, 30.0, 30.0, 50.0, 70.0, 25.0, 45.0, 65.0][:n],
-        "ethnicity": ["caucasian", "asian", "caucasian", "afroamerican", "asian", "caucasian", "caucasian",
-                      "caucasian"][:n],
-        "age_std": [1.0, 2.0, 3.0, 0.5, 4.0, 2.0, 1.5, 2.5][:n],
-    })
+    return pd.DataFrame(
+        {
+            "image": [f"f{i}.jpg" for i in range(n)],
+            "age": [10.0, 30.0, 30.0, 50.0, 70.0, 25.0, 45.0, 65.0][:n],
+            "ethnicity": [
+                "caucasian",
+                "asian",
+                "caucasian",
+                "afroamerican",
+                "asian",
+                "caucasian",
+                "caucasian",
+                "caucasian",
+            ][:n],
+            "age_std": [1.0, 2.0, 3.0, 0.5, 4.0, 2.0, 1.5, 2.5][:n],
+        }
+    )
 
 
 def test_face_arrays_groups_and_std():
@@ -132,8 +143,14 @@ def test_face_arrays_groups_and_std():
     arrays = face_arrays(faces, stage)
     # non-empty groups in scheme order: [0,20)|caucasian, [20,40)|asian, [20,40)|caucasian,
     # [40,60)|afroamerican, [40,60)|caucasian, [60,inf) (asian 70 and caucasian 65 merged)
-    assert arrays.group_names == ["[0,20)|caucasian", "[20,40)|asian", "[20,40)|caucasian", "[40,60)|afroamerican",
-                                  "[40,60)|caucasian", "[60,inf)"]
+    assert arrays.group_names == [
+        "[0,20)|caucasian",
+        "[20,40)|asian",
+        "[20,40)|caucasian",
+        "[40,60)|afroamerican",
+        "[40,60)|caucasian",
+        "[60,inf)",
+    ]
     assert arrays.groups.tolist() == [0, 1, 2, 3, 5, 2, 4, 5]
     assert arrays.group_sizes.tolist() == [1, 1, 2, 1, 1, 2]
     assert arrays.age_std.tolist() == faces["age_std"].tolist()
@@ -151,16 +168,28 @@ def test_label_std_without_age_std_is_a_clear_error():
 
 def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path):
     images, ages = brightness_faces(48, seed=2)
-    faces = pd.DataFrame({"image": [f"f{i}" for i in range(48)], "age": ages,
-                          "ethnicity": np.where(np.arange(48) % 4 == 0, "asian", "caucasian"),
-                          "age_std": np.full(48, 2.0)})
-    stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=2, loss="bmc", label_std="sample",
-                        dro=DROConfig(enabled=True, scheme="custom", attributes=["ethnicity"], eta=5.0))
+    faces = pd.DataFrame(
+        {
+            "image": [f"f{i}" for i in range(48)],
+            "age": ages,
+            "ethnicity": np.where(np.arange(48) % 4 == 0, "asian", "caucasian"),
+            "age_std": np.full(48, 2.0),
+        }
+    )
+    stage = StageConfig(
+        lr=1e-3,
+        batch_size=16,
+        max_epochs=2,
+        loss="bmc",
+        label_std="sample",
+        dro=DROConfig(enabled=True, scheme="custom", attributes=["ethnicity"], eta=5.0),
+    )
     arrays = face_arrays(faces, stage)
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
-    result = fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
-                       run_dir=tmp_path)
+    result = fit_stage(
+        model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays), run_dir=tmp_path
+    )
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
     q = pd.read_csv(tmp_path / "dro_q.csv")
     assert list(q.columns) == ["epoch", "stage", "q[asian]", "q[caucasian]"]

@@ -1,4 +1,4 @@
-"""fairage.metrics: hand-worked values, a loop reference of the vectorised bootstrap, coverage."""
+"""fairage.fairness.metrics: hand-worked values, a loop reference of the vectorised bootstrap, coverage."""
 
 from __future__ import annotations
 
@@ -11,8 +11,14 @@ import pandas as pd
 import pytest
 
 from fairage.errors import DataError
-from fairage.metrics import EvaluationResult, bias_score, compare, group_mae, mae
-from fairage.metrics import evaluate as evaluate_result
+from fairage.fairness.metrics import (
+    EvaluationResult,
+    bias_score,
+    compare,
+    group_mae,
+    mae,
+)
+from fairage.fairness.metrics import evaluate as evaluate_result
 
 
 def evaluate(*args, **kwargs) -> dict:
@@ -44,11 +50,14 @@ def test_bias_score_hand_worked():
 def _hand_df() -> pd.DataFrame:
     # age groups (ground truth): [0,20): 10, 15 ; [20,40): 20, 30 ; [40,60): none ; [60,inf): 70
     ages = [10, 15, 20, 30, 70]
-    preds = [14, 11, 25, 25, 60]   # abs errors 4 4 5 5 10
-    return _table(ages, preds,
-                  gender=["male", "female", "male", "unknown", "female"],
-                  ethnicity=["asian", "asian", "asian", "asian", "unknown"],
-                  expression=["happy", "neutral", "other", "slightlyhappy", "happy"])
+    preds = [14, 11, 25, 25, 60]  # abs errors 4 4 5 5 10
+    return _table(
+        ages,
+        preds,
+        gender=["male", "female", "male", "unknown", "female"],
+        ethnicity=["asian", "asian", "asian", "asian", "unknown"],
+        expression=["happy", "neutral", "other", "slightlyhappy", "happy"],
+    )
 
 
 def test_group_mae_uses_ground_truth_age_bins_and_keeps_empty_groups():
@@ -73,8 +82,10 @@ def test_evaluate_hand_worked_object():
     assert result["mae"] == pytest.approx(28 / 5)
     assert result["bias"]["age"] == pytest.approx(4.0)
     # gender: unknown face (error 5) left out: male 4, 5 -> 4.5 ; female 4, 10 -> 7
-    assert result["groups"]["gender"] == {"male": {"n": 2, "mae": pytest.approx(4.5)},
-                                          "female": {"n": 2, "mae": pytest.approx(7.0)}}
+    assert result["groups"]["gender"] == {
+        "male": {"n": 2, "mae": pytest.approx(4.5)},
+        "female": {"n": 2, "mae": pytest.approx(7.0)},
+    }
     assert result["bias"]["gender"] == pytest.approx(2.5)
     # ethnicity: only asian has faces -> null bias and null interval, others skipped
     assert result["bias"]["ethnicity"] is None
@@ -97,9 +108,12 @@ def test_evaluate_no_bootstrap_gives_null_intervals():
 
 
 def test_custom_attribute_custom_edges_and_extra_categories():
-    df = _table([5, 25, 35, 50], [6, 27, 38, 54],  # errors 1 2 3 4
-                makeup=["yes", "no", "unknown", "yes"],
-                ethnicity=["indian", "asian", "asian", "caucasian"])
+    df = _table(
+        [5, 25, 35, 50],
+        [6, 27, 38, 54],  # errors 1 2 3 4
+        makeup=["yes", "no", "unknown", "yes"],
+        ethnicity=["indian", "asian", "asian", "caucasian"],
+    )
     result = evaluate(df, attributes=["age", "makeup", "ethnicity"], age_edges=(30,), n_boot=20)
     assert list(result["groups"]["age"]) == ["[0,30)", "[30,inf)"]
     assert result["bias"]["age"] == pytest.approx(abs(1.5 - 3.5))
@@ -144,11 +158,14 @@ def _reference_stats(errors, labels_by_attr, index):
 
 
 def _random_df(rng, n):
-    return _table(rng.uniform(1, 80, n), rng.uniform(1, 80, n),
-                  gender=rng.choice(["male", "female", "unknown"], n, p=[0.45, 0.45, 0.1]),
-                  # a rare group so it is sometimes empty in a resample
-                  ethnicity=rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.45, 0.05, 0.5]),
-                  expression=rng.choice(["neutral", "slightlyhappy", "happy", "other"], n))
+    return _table(
+        rng.uniform(1, 80, n),
+        rng.uniform(1, 80, n),
+        gender=rng.choice(["male", "female", "unknown"], n, p=[0.45, 0.45, 0.1]),
+        # a rare group so it is sometimes empty in a resample
+        ethnicity=rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.45, 0.05, 0.5]),
+        expression=rng.choice(["neutral", "slightlyhappy", "happy", "other"], n),
+    )
 
 
 def _percentile_ci(values, level):
@@ -163,8 +180,9 @@ def test_vectorised_bootstrap_matches_loop_reference():
     result = evaluate(df, n_boot=n_boot, level=level, seed=seed)
 
     errors = list(np.abs(df["prediction"] - df["age"]))
-    labels = {"age": ["[0,20)" if a < 20 else "[20,40)" if a < 40 else "[40,60)" if a < 60 else "[60,inf)"
-                      for a in df["age"]]}
+    labels = {
+        "age": ["[0,20)" if a < 20 else "[20,40)" if a < 40 else "[40,60)" if a < 60 else "[60,inf)" for a in df["age"]]
+    }
     for attr in ("gender", "ethnicity", "expression"):
         labels[attr] = [None if v == "unknown" else v for v in df[attr]]
     point = _reference_stats(errors, labels, range(n))
@@ -214,16 +232,22 @@ def test_permutation_pvalues_are_calibrated_and_find_a_real_gap():
     n, trials = 120, 200
     small = []
     for t in range(trials):  # errors independent of the groups: p should be uniform
-        df = _table(np.full(n, 30.0), 30.0 + rng.normal(0, 5, n),
-                    ethnicity=rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.2, 0.1, 0.7]))
+        df = _table(
+            np.full(n, 30.0),
+            30.0 + rng.normal(0, 5, n),
+            ethnicity=rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.2, 0.1, 0.7]),
+        )
         p = evaluate_result(df, attributes=["ethnicity"], n_boot=0, n_perm=99, seed=t).bias_p["ethnicity"]
         assert 0.01 <= p <= 1.0
         small.append(p <= 0.05)
     # Binomial(200, 0.05): 10 expected, 3..19 covers it with probability > 0.99
     assert 3 <= sum(small) <= 19
     # afroamerican faces misjudged by 8 more years: no permutation reaches the observed bias
-    df = _table(np.full(n, 30.0), 30.0 + rng.normal(0, 2, n),
-                ethnicity=np.repeat(["asian", "afroamerican", "caucasian"], [30, 30, 60]))
+    df = _table(
+        np.full(n, 30.0),
+        30.0 + rng.normal(0, 2, n),
+        ethnicity=np.repeat(["asian", "afroamerican", "caucasian"], [30, 30, 60]),
+    )
     df.loc[df["ethnicity"] == "afroamerican", "prediction"] += 8.0
     result = evaluate_result(df, attributes=["ethnicity", "age"], n_boot=0, n_perm=199)
     assert result.bias_p["ethnicity"] == pytest.approx(1 / 200)
@@ -246,9 +270,12 @@ def test_paired_compare_matches_loop_reference():
     df_b["prediction"] = df_a["age"] + rng.normal(0, 3, n)
     result = compare(df_a, df_b.iloc[::-1], attributes=["age", "ethnicity"], n_boot=n_boot, seed=seed)
 
-    labels = {"age": ["[0,20)" if a < 20 else "[20,40)" if a < 40 else "[40,60)" if a < 60 else "[60,inf)"
-                      for a in df_a["age"]],
-              "ethnicity": list(df_a["ethnicity"])}
+    labels = {
+        "age": [
+            "[0,20)" if a < 20 else "[20,40)" if a < 40 else "[40,60)" if a < 60 else "[60,inf)" for a in df_a["age"]
+        ],
+        "ethnicity": list(df_a["ethnicity"]),
+    }
     err_a = list(np.abs(df_a["prediction"] - df_a["age"]))
     err_b = list(np.abs(df_b["prediction"] - df_b["age"]))
     pa, pb = _reference_stats(err_a, labels, range(n)), _reference_stats(err_b, labels, range(n))
@@ -256,8 +283,7 @@ def test_paired_compare_matches_loop_reference():
     assert (result.mae_a, result.mae_b) == (pytest.approx(pa["mae"]), pytest.approx(pb["mae"]))
     index = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
     for key in ("mae", "age", "ethnicity"):
-        diffs = [_reference_stats(err_b, labels, row)[key] - _reference_stats(err_a, labels, row)[key]
-                 for row in index]
+        diffs = [_reference_stats(err_b, labels, row)[key] - _reference_stats(err_a, labels, row)[key] for row in index]
         got = result.mae_diff if key == "mae" else result.bias_diff[key]
         assert got.ci == pytest.approx(_percentile_ci(diffs, 0.95))
         assert got.excludes_zero == (got.ci[0] > 0 or got.ci[1] < 0)
@@ -313,16 +339,19 @@ def test_attribute_with_only_unknown_values_gives_null_bias():
 
 def test_evaluate_point_groups_agree_with_the_vectorised_form():
     """evaluate() takes point group MAEs from MetricFrame; the bootstrap's matrix form must agree."""
-    from fairage.metrics import _prepare, _statistics
+    from fairage.fairness.metrics import _prepare, _statistics
 
     rng = np.random.default_rng(7)
     n = 300
-    df = pd.DataFrame({
-        "age": rng.uniform(1, 90, n), "prediction": rng.uniform(1, 90, n),
-        "gender": rng.choice(["male", "female", "unknown"], n),
-        "ethnicity": rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.2, 0.1, 0.7]),
-        "expression": rng.choice(["neutral", "happy", "other"], n),
-    })
+    df = pd.DataFrame(
+        {
+            "age": rng.uniform(1, 90, n),
+            "prediction": rng.uniform(1, 90, n),
+            "gender": rng.choice(["male", "female", "unknown"], n),
+            "ethnicity": rng.choice(["asian", "afroamerican", "caucasian"], n, p=[0.2, 0.1, 0.7]),
+            "expression": rng.choice(["neutral", "happy", "other"], n),
+        }
+    )
     out = evaluate(df, n_boot=0)
     _attributes, groupings, errors = _prepare(df, None, (20, 40, 60))
     point = _statistics(errors, np.ones((1, n)), groupings)

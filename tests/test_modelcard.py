@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from fairage.cli import app
 from fairage.data import load_faces
-from fairage.modelcard import build_model_card, card_markdown
+from fairage.outputs.modelcard import build_model_card, card_markdown
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def model_folder(tiny_run, tmp_path) -> Path:
     """An imported model folder (config.yaml + model.safetensors + import.json), no evaluation."""
     from safetensors.torch import save_file
 
-    from fairage.predict import load_model
+    from fairage.inference.predictor import load_model
 
     folder = tmp_path / "imported"
     folder.mkdir()
@@ -85,8 +85,16 @@ def test_markdown_holds_the_figures(card):
     assert ev["n_perm"] == 200 and "| measure | value | interval | permutation p |" in md
     for g in ev["groups"]["age"]:
         assert f"| {g['group']} | {g['n']} | {g['mae']:.2f} |" in md
-    for heading in ("## Evaluation", "### MAE by group", "## Training data", "## Training", "## Warnings",
-                    "## Intended use", "## Limitations", "## Configuration"):
+    for heading in (
+        "## Evaluation",
+        "### MAE by group",
+        "## Training data",
+        "## Training",
+        "## Warnings",
+        "## Intended use",
+        "## Limitations",
+        "## Configuration",
+    ):
         assert heading in md
     assert "Synthetic data." in md
     config = yaml.safe_load(md.split("```yaml\n")[1].split("```")[0])
@@ -126,7 +134,8 @@ def test_cli_writes_markdown_and_json(tiny_run, tmp_path):
     assert result.exit_code == 0, result.output
     card = json.loads((tmp_path / "card.json").read_text())
     assert card["evaluation"]["mae"]["value"] == pytest.approx(
-        json.loads((tiny_run / "metrics_test.json").read_text())["mae"])
+        json.loads((tiny_run / "metrics_test.json").read_text())["mae"]
+    )
 
 
 def test_cli_bad_model_exits_2(tmp_path):
@@ -147,15 +156,17 @@ def test_card_and_cli_quote_the_epoch_the_best_checkpoint_keeps(tiny_run, tmp_pa
     even when another epoch had a lower val_mae."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    history = pd.DataFrame({
-        "epoch": [0, 1, 2, 3],
-        "stage": ["stage1"] * 4,
-        "train_loss": [9.0, 8.0, 7.0, 6.5],
-        "val_loss": [30.0, 20.0, 25.0, 20.0],
-        "train_mae": [5.0, 4.0, 3.0, 3.0],
-        "val_mae": [6.0, 4.5, 4.25, 4.0],
-        "lr": [1e-3] * 4,
-    })
+    history = pd.DataFrame(
+        {
+            "epoch": [0, 1, 2, 3],
+            "stage": ["stage1"] * 4,
+            "train_loss": [9.0, 8.0, 7.0, 6.5],
+            "val_loss": [30.0, 20.0, 25.0, 20.0],
+            "train_mae": [5.0, 4.0, 3.0, 3.0],
+            "val_mae": [6.0, 4.5, 4.25, 4.0],
+            "lr": [1e-3] * 4,
+        }
+    )
     history.to_csv(run / "history.csv", index=False)
     card = build_model_card(run)
     stages = {s["name"]: s for s in card["training"]["stages"]}
@@ -166,8 +177,8 @@ def test_card_and_cli_quote_the_epoch_the_best_checkpoint_keeps(tiny_run, tmp_pa
     markdown = card_markdown(card)
     assert "4.5" in markdown and "(epoch 1)" in markdown
 
-    from fairage.cli import _train_summary
-    from fairage.metrics import EvaluationResult
+    from fairage.cli.train import _train_summary
+    from fairage.fairness.metrics import EvaluationResult
 
     metrics = EvaluationResult.from_json(json.loads((run / "metrics_test.json").read_text()), "metrics_test.json")
     monkeypatch.setenv("COLUMNS", "200")

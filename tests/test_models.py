@@ -8,12 +8,16 @@ from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18
 
-from fairage.config import HeadBlock, ModelConfig
+from fairage.config.schema import HeadBlock, ModelConfig
 from fairage.errors import ConfigError
-from fairage.models import build_model, load_weights
+from fairage.models.regressor import build_model, load_weights
 
-M5_HEAD = [HeadBlock(dropout=0.1, units=256), HeadBlock(dropout=0.1, units=128),
-           HeadBlock(dropout=0.05, units=64), HeadBlock(dropout=0.05, units=32)]
+M5_HEAD = [
+    HeadBlock(dropout=0.1, units=256),
+    HeadBlock(dropout=0.1, units=128),
+    HeadBlock(dropout=0.05, units=64),
+    HeadBlock(dropout=0.05, units=32),
+]
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -88,7 +92,8 @@ def test_torchvision_backbone_state_dict_loads(tmp_path):
     assert sorted(info["unexpected_keys"]) == ["fc.bias", "fc.weight"]
     # the projection and head are not in a backbone file: reported missing
     assert sorted(info["missing_keys"]) == sorted(
-        ["projection.weight", "projection.bias", "head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"])
+        ["projection.weight", "projection.bias", "head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
+    )
 
 
 def test_whole_model_safetensors_roundtrip_and_mismatch_report(tmp_path):
@@ -140,8 +145,8 @@ def test_bad_weights_files_are_clear_errors(tmp_path):
 def test_flip_average_is_the_mean_over_the_mirror_image_in_eval_mode_only():
     import torch
 
-    from fairage.config import ModelConfig
-    from fairage.models import AgeRegressor
+    from fairage.config.schema import ModelConfig
+    from fairage.models.regressor import AgeRegressor
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="resnet18", projection_dim=None, head=[{"units": 8}], output="linear")

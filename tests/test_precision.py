@@ -10,20 +10,15 @@ import pytest
 import torch
 from conftest import square_faces
 
-from fairage.config import (
-    HeadBlock,
-    ModelConfig,
-    StageConfig,
-    TrainerConfig,
-    load_preset,
-)
+from fairage.config.presets import load_preset
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig, TrainerConfig
 from fairage.data import write_synthetic
-from fairage.models import AgeRegressor, build_model
+from fairage.models.regressor import AgeRegressor, build_model
+from fairage.store.checkpoint import load_weights as load_module_checkpoint
 from fairage.training import (
     StageArrays,
     fit_stage,
     images_to_input,
-    load_module_checkpoint,
     load_run_data,
     predict,
     resolve_precision,
@@ -36,8 +31,10 @@ def _cpu_capability(monkeypatch, avx512_bf16: bool, amx: bool) -> None:
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [
-    (True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (True, True, "bf16-mixed"), (False, False, "32-true")])
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [(True, False, "bf16-mixed"), (False, True, "bf16-mixed"), (True, True, "bf16-mixed"), (False, False, "32-true")],
+)
 def test_auto_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, avx512_bf16, amx, expected):
     _cpu_capability(monkeypatch, avx512_bf16, amx)
     assert resolve_precision(TrainerConfig(accelerator="cpu")) == expected
@@ -59,8 +56,9 @@ def test_auto_on_cuda_follows_the_gpu(monkeypatch, bf16, expected):
     assert resolve_precision(TrainerConfig(accelerator="auto")) == expected
 
 
-def _fp32_and_bf16_years(model: AgeRegressor, images: np.ndarray,
-                         channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _fp32_and_bf16_years(
+    model: AgeRegressor, images: np.ndarray, channels_last: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """The model's ages by a plain float32 forward, and by the same forward under bf16 autocast;
     ``channels_last``: with the weights in the layout a run trained them in."""
     model.eval()
@@ -79,9 +77,13 @@ def test_predictions_after_bf16_training_are_float32():
     val_images, val_ages = square_faces(32, seed=1)
     torch.manual_seed(0)
     model, _ = build_model(ModelConfig(backbone="resnet18", projection_dim=16, head=[HeadBlock(units=32)]))
-    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=1),
-                       StageArrays(train_images, train_ages, val_images, val_ages),
-                       trainer_cfg=TrainerConfig(accelerator="cpu", precision="bf16-mixed"))
+    result = fit_stage(
+        model,
+        "stage2",
+        StageConfig(lr=1e-3, batch_size=16, max_epochs=1),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+        trainer_cfg=TrainerConfig(accelerator="cpu", precision="bf16-mixed"),
+    )
     assert all(p.dtype == torch.float32 for p in model.parameters())
     years = predict(model, val_images)
     fp32, bf16 = _fp32_and_bf16_years(model, val_images)
@@ -96,8 +98,16 @@ def test_predictions_after_bf16_training_are_float32():
 
 def test_a_bf16_run_records_its_precision_and_predicts_the_test_split_in_float32(tmp_path):
     data_dir = write_synthetic(tmp_path / "data", n_train=48, n_valid=16, n_test=24, size=32, seed=0, workers=1)
-    cfg = load_preset("M1", "tiny", ["eval.n_boot=0", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed",
-                                     f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_preset(
+        "M1",
+        "tiny",
+        [
+            "eval.n_boot=0",
+            "trainer.accelerator=cpu",
+            "trainer.precision=bf16-mixed",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     run_dir = tmp_path / "run"
     train(cfg, data_dir, run_dir, progress=False)
     assert json.loads((run_dir / "run.json").read_text())["precision"] == "bf16-mixed"

@@ -1,4 +1,4 @@
-"""fairage predict / export and the fairage.predict API on a tiny trained run and real photos.
+"""fairage predict / export and the fairage.inference.predictor API on a tiny trained run and real photos.
 
 Real photo: matplotlib's sample ``grace_hopper.jpg`` (one face, box marked by hand:
 ``GRACE_BOX``). Group pictures are composed from it; EXIF-rotated copies carry the
@@ -19,11 +19,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fairage.cli import app
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
-from fairage.detect import available_detectors, detect_faces, make_detector
 from fairage.errors import ConfigError, DataError
-from fairage.predict import (
+from fairage.inference.detect import available_detectors, detect_faces, make_detector
+from fairage.inference.predictor import (
     AgePredictor,
     annotated_path,
     crop_box,
@@ -182,8 +182,9 @@ def test_unknown_detector_is_a_config_error():
 def test_faces_mode_on_the_test_split_equals_the_runs_predictions(run):
     run_dir, data = run
     out = run_dir.parent / "faces.csv"
-    result = CliRunner().invoke(app, ["predict", str(run_dir), str(data / "test" / "*_face.jpg"), "--faces",
-                                      "--out", str(out), "--quiet"])
+    result = CliRunner().invoke(
+        app, ["predict", str(run_dir), str(data / "test" / "*_face.jpg"), "--faces", "--out", str(out), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert "16 face crops, 0 unreadable" in result.output
     table = pd.read_csv(out)
@@ -191,14 +192,17 @@ def test_faces_mode_on_the_test_split_equals_the_runs_predictions(run):
     assert list(table.columns) == ["image", "age", "age_lo", "age_hi"]
     table["id"] = [Path(p).name.removesuffix("_face.jpg") for p in table["image"]]
     reference = pd.read_csv(run_dir / "predictions_test.csv", dtype={"image": str})
-    joined = reference.merge(table.rename(columns={"image": "path", "age": "predicted"}), left_on="image", right_on="id")
+    joined = reference.merge(
+        table.rename(columns={"image": "path", "age": "predicted"}), left_on="image", right_on="id"
+    )
     assert len(joined) == len(reference) == 16
     np.testing.assert_allclose(joined["predicted"], joined["prediction"], atol=1e-4)
     # the file plugs into evaluate: APPA-REAL crop names <id>_face.jpg are matched to the faces
     import json
 
-    scores = CliRunner().invoke(app, ["evaluate", "--data", str(data), "--predictions", str(out), "--json",
-                                      "--n-boot", "0"])
+    scores = CliRunner().invoke(
+        app, ["evaluate", "--data", str(data), "--predictions", str(out), "--json", "--n-boot", "0"]
+    )
     assert scores.exit_code == 0, scores.output
     expected_mae = np.abs(joined["predicted"] - joined["age"]).mean()
     assert json.loads(scores.stdout)["mae"] == pytest.approx(expected_mae, abs=1e-6)
@@ -213,7 +217,9 @@ def test_predict_crops_matches_a_plain_torch_loop(predictor, run):
     # crops of another size are resized as the training cache resizes (Pillow bilinear)
     big = [np.asarray(Image.fromarray(c).resize((64, 64), Image.Resampling.NEAREST)) for c in crops[:3]]
     resized = np.stack([np.asarray(Image.fromarray(b).resize((32, 32), Image.Resampling.BILINEAR)) for b in big])
-    np.testing.assert_allclose(predictor.predict_crops(big), plain_torch_ages(predictor.loaded.model, resized), atol=1e-4)
+    np.testing.assert_allclose(
+        predictor.predict_crops(big), plain_torch_ages(predictor.loaded.model, resized), atol=1e-4
+    )
 
 
 def test_predict_image_on_a_real_photo(predictor):
@@ -227,7 +233,7 @@ def test_predict_image_on_a_real_photo(predictor):
     side = round(1.8 * max(w, h))
     rgb = read_image(GRACE)
     assert 0 <= x0 and 0 <= y0 and x0 + side <= 512 and y0 + side <= 600  # inside: no padding
-    crop = np.asarray(Image.fromarray(rgb[y0:y0 + side, x0:x0 + side]).resize((32, 32), Image.Resampling.BILINEAR))
+    crop = np.asarray(Image.fromarray(rgb[y0 : y0 + side, x0 : x0 + side]).resize((32, 32), Image.Resampling.BILINEAR))
     assert face.age == pytest.approx(plain_torch_ages(predictor.loaded.model, crop[None])[0], abs=1e-4)
     # numpy array, PIL image and bytes give the same answer
     for image in (rgb, Image.open(GRACE), GRACE.read_bytes()):
@@ -247,9 +253,12 @@ def test_group_picture_and_exif_rotated_copy(predictor, tmp_path):
     canvas[0:600, 0:512] = rgb
     small = np.asarray(Image.fromarray(rgb).resize((307, 360), Image.Resampling.LANCZOS))  # x0.6
     canvas[50:410, 600:907] = small
-    canvas[0:600, 900:1412 - 12] = rgb[:, ::-1][:, :500]  # mirrored, its right edge cut off
-    truth = [GRACE_BOX, (600 + 0.6 * GRACE_BOX[0], 50 + 0.6 * GRACE_BOX[1], 0.6 * GRACE_BOX[2], 0.6 * GRACE_BOX[3]),
-             (900 + 512 - GRACE_BOX[0] - GRACE_BOX[2], GRACE_BOX[1], GRACE_BOX[2], GRACE_BOX[3])]
+    canvas[0:600, 900 : 1412 - 12] = rgb[:, ::-1][:, :500]  # mirrored, its right edge cut off
+    truth = [
+        GRACE_BOX,
+        (600 + 0.6 * GRACE_BOX[0], 50 + 0.6 * GRACE_BOX[1], 0.6 * GRACE_BOX[2], 0.6 * GRACE_BOX[3]),
+        (900 + 512 - GRACE_BOX[0] - GRACE_BOX[2], GRACE_BOX[1], GRACE_BOX[2], GRACE_BOX[3]),
+    ]
     Image.fromarray(canvas).save(tmp_path / "group.png")
     result = predictor.predict_image(tmp_path / "group.png")
     assert len(result.faces) == 3
@@ -272,8 +281,21 @@ def test_predict_cli_detect_mode_annotations_and_bad_files(run, tmp_path):
     Image.new("RGB", (120, 80), (30, 120, 200)).save(photos / "sky.png")  # no face
     (photos / "broken.jpg").write_text("not an image")
     out, drawn = tmp_path / "p.csv", tmp_path / "drawn"
-    result = CliRunner().invoke(app, ["predict", str(run_dir), str(photos), "--out", str(out), "--quiet",
-                                      "--detector", "haar", "--annotate", str(drawn)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            str(run_dir),
+            str(photos),
+            "--out",
+            str(out),
+            "--quiet",
+            "--detector",
+            "haar",
+            "--annotate",
+            str(drawn),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "2 photos, 1 faces, 1 photos without a face, 1 unreadable files" in result.output
     assert "broken.jpg" in result.output
@@ -307,12 +329,15 @@ def test_model_folder_loads_like_the_run(run, predictor, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.yaml").write_text((run[0] / "config.yaml").read_text())
-    save_file({k: v.contiguous() for k, v in predictor.loaded.model.state_dict().items()}, str(folder / "model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in predictor.loaded.model.state_dict().items()}, str(folder / "model.safetensors")
+    )
     loaded = load_model(folder)
     assert loaded.kind == "folder" and loaded.image_size == 32 and loaded.run_dir is None
     crops = np.random.default_rng(1).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
-    np.testing.assert_allclose(AgePredictor(loaded, device="cpu").predict_crops(crops), predictor.predict_crops(crops),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        AgePredictor(loaded, device="cpu").predict_crops(crops), predictor.predict_crops(crops), atol=1e-6
+    )
     # evaluate on a model folder predicts the split first; the same scores as the run's own predictions
     import json
 
@@ -337,8 +362,22 @@ def test_evaluate_a_run_on_another_split_and_dataset(run, predictor, tmp_path):
     run_dir, data = run
     other = write_synthetic(tmp_path / "other", n_train=4, n_valid=4, n_test=20, size=48, seed=7, workers=1)
     for dataset, split, n in ((other, "test", 20), (data, "valid", 16)):
-        res = CliRunner().invoke(app, ["evaluate", str(run_dir), "--data", str(dataset), "--split", split, "--json",
-                                       "--n-boot", "0", "--n-perm", "0"])
+        res = CliRunner().invoke(
+            app,
+            [
+                "evaluate",
+                str(run_dir),
+                "--data",
+                str(dataset),
+                "--split",
+                split,
+                "--json",
+                "--n-boot",
+                "0",
+                "--n-perm",
+                "0",
+            ],
+        )
         assert res.exit_code == 0, res.output
         scores = json.loads(res.stdout)
         # by hand: the predictor on the split's faces decoded as for training
@@ -363,7 +402,9 @@ def test_export_onnx_and_torchscript_agree_with_torch(run, predictor, tmp_path):
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     meta = session.get_modelmeta().custom_metadata_map
-    assert meta["fairage_image_size"] == "32" and "[0, 1]" in meta["fairage_input"] and "years" in meta["fairage_output"]
+    assert (
+        meta["fairage_image_size"] == "32" and "[0, 1]" in meta["fairage_input"] and "years" in meta["fairage_output"]
+    )
     crops = np.random.default_rng(2).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
     expected = plain_torch_ages(predictor.loaded.model, crops)
     x = (crops.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)
@@ -374,8 +415,9 @@ def test_export_onnx_and_torchscript_agree_with_torch(run, predictor, tmp_path):
     exported = AgePredictor(onnx_path, detector="haar")
     assert exported.loaded.kind == "exported" and exported.image_size == 32
     np.testing.assert_allclose(exported.predict_crops(crops), expected, atol=0.01)
-    assert exported.predict_image(GRACE).faces[0].age == pytest.approx(predictor.predict_image(GRACE).faces[0].age,
-                                                                       abs=0.01)
+    assert exported.predict_image(GRACE).faces[0].age == pytest.approx(
+        predictor.predict_image(GRACE).faces[0].age, abs=0.01
+    )
     result = CliRunner().invoke(app, ["export", str(run[0]), "--format", "torchscript", "--out", str(ts_path)])
     assert result.exit_code == 0, result.output
     extra = {"fairage.json": ""}

@@ -8,22 +8,26 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fairage.data.predictions import (
+from fairage.errors import DataError
+from fairage.store.predictions import (
     join_predictions,
     read_predictions,
     write_predictions,
 )
-from fairage.errors import DataError
-from fairage.submission import read_submission, write_submission
+from fairage.store.submission import read_submission, write_submission
 
 
 def _faces(n=5) -> pd.DataFrame:
-    return pd.DataFrame({
-        "image": [f"{i:03d}" for i in range(n)],  # leading zeros must survive as strings
-        "age": np.arange(n, dtype=float) * 10 + 5,
-        "gender": ["male", "female"] * (n // 2) + ["male"] * (n % 2),
-        "ethnicity": ["asian"] * n, "expression": ["happy"] * n, "split": ["test"] * n,
-    })
+    return pd.DataFrame(
+        {
+            "image": [f"{i:03d}" for i in range(n)],  # leading zeros must survive as strings
+            "age": np.arange(n, dtype=float) * 10 + 5,
+            "gender": ["male", "female"] * (n // 2) + ["male"] * (n % 2),
+            "ethnicity": ["asian"] * n,
+            "expression": ["happy"] * n,
+            "split": ["test"] * n,
+        }
+    )
 
 
 def test_write_read_round_trip(tmp_path):

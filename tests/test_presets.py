@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from fairage.config import (
-    SCALES,
-    dump_config,
-    list_presets,
-    load_preset,
-    validate_config,
-)
+from fairage.config.files import dump_config
+from fairage.config.presets import SCALES, list_presets, load_preset
+from fairage.config.schema import validate_config
 from fairage.errors import ConfigError
 
 KIT_HEAD = [(128, 0.0), (32, 0.0)]
@@ -37,8 +33,7 @@ EXPECTED = {
     "M5-corn": (DEEP_HEAD, ("none", False, "loss"), ("age_ethnicity", False, "loss")),
 }
 #: presets whose stages train with another loss than MSE: (stage1 loss, stage2 loss)
-LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce"), "M5-coral": ("coral", "coral"),
-          "M5-corn": ("corn", "corn")}
+LOSSES = {"M5-bmc": ("mse", "bmc"), "M5-dex": ("ce", "ce"), "M5-coral": ("coral", "coral"), "M5-corn": ("corn", "corn")}
 #: presets with another head than the kit's sigmoid
 OUTPUTS = {"M5-dex": "dex", "M5-coral": "coral", "M5-corn": "corn"}
 
@@ -66,8 +61,18 @@ AUTHORS_STAGE2 = (1e-5, 16, 50, 20, 0.1, 6, 1e-6, 1e-7, "mse", 1e-4)
 
 
 def _schedule(st):
-    return (st.lr, st.batch_size, st.max_epochs, st.patience, st.lr_factor, st.lr_patience, st.min_lr, st.adam_eps,
-            st.loss, st.lr_min_delta)
+    return (
+        st.lr,
+        st.batch_size,
+        st.max_epochs,
+        st.patience,
+        st.lr_factor,
+        st.lr_patience,
+        st.min_lr,
+        st.adam_eps,
+        st.loss,
+        st.lr_min_delta,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -76,7 +81,12 @@ def test_full_scale_is_the_kit_and_report_setting(name):
     cfg = load_preset(name, "full")
     m = cfg.model
     assert (m.backbone, m.projection_dim, m.input_norm, m.head_init, m.output) == (
-        "vggface2_resnet50", 512, "vggface2", "keras", OUTPUTS.get(name, "sigmoid"))
+        "vggface2_resnet50",
+        512,
+        "vggface2",
+        "keras",
+        OUTPUTS.get(name, "sigmoid"),
+    )
     assert m.weights is None  # the user's own weights.h5, imported
     assert cfg.data.image_size == 224
     assert [(b.units, b.dropout) for b in m.head] == head
@@ -100,8 +110,8 @@ def test_every_full_scale_value_says_where_it_comes_from():
     from importlib import resources
 
     for name in EXPECTED:
-        text = (resources.files("fairage") / "presets" / f"{name}.yaml").read_text()
-        body = text[text.index("\nmodel:"):]
+        text = (resources.files("fairage.config") / "yaml" / f"{name}.yaml").read_text()
+        body = text[text.index("\nmodel:") :]
         for line in body.splitlines():
             if ":" in line and not line.rstrip().endswith(":") and not line.lstrip().startswith("#"):
                 assert "#" in line, f"{name}: {line.strip()!r} has no comment saying where it comes from"
@@ -110,10 +120,20 @@ def test_every_full_scale_value_says_where_it_comes_from():
 # today's cpu/tiny settings (the demo's table depends on them), per stage:
 # (lr, batch, max_epochs, patience, lr_factor, lr_patience, min_lr, adam_eps, loss, lr_min_delta)
 SMALL_SCALES = {
-    "cpu": (80, {"stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
-                 "stage2": (1e-3, 64, 20, 20, 0.1, 3, 1e-7, 1e-8, "mae", None)}),
-    "tiny": (32, {"stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
-                  "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None)}),
+    "cpu": (
+        80,
+        {
+            "stage1": (1e-3, 64, 40, 6, 0.1, 3, 1e-7, 1e-8, "mse", None),
+            "stage2": (1e-3, 64, 20, 20, 0.1, 3, 1e-7, 1e-8, "mae", None),
+        },
+    ),
+    "tiny": (
+        32,
+        {
+            "stage1": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
+            "stage2": (1e-3, 16, 2, 2, 0.1, 1, 1e-7, 1e-8, "mse", None),
+        },
+    ),
 }
 
 
@@ -142,7 +162,7 @@ def test_cpu_and_tiny_scales_keep_their_torchvision_settings(name, scale):
 
 
 def test_demo_settings_unchanged():
-    from fairage.suite import REPORT_PRESETS, suite_configs
+    from fairage.workflows.suite import REPORT_PRESETS, suite_configs
 
     for name, cfg in suite_configs(REPORT_PRESETS, "cpu"):
         assert cfg.model.backbone == "resnet18" and cfg.model.input_norm == "imagenet", name
@@ -150,7 +170,7 @@ def test_demo_settings_unchanged():
 
 
 def test_full_scale_without_weights_warns_how_to_import():
-    from fairage.config import full_scale_warning
+    from fairage.config.presets import full_scale_warning
 
     message = full_scale_warning(load_preset("M3", "full"), "full")
     assert "VGGFace2" in message and "fairage import-keras" in message and "model.weights" in message
@@ -173,15 +193,27 @@ def test_cli_full_scale_without_weights_prints_the_warning(tmp_path):
 
     from fairage.cli import app
 
-    result = CliRunner().invoke(app, ["train", "--preset", "M2", "--scale", "full", "--data", str(tmp_path / "none"),
-                                      "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--preset",
+            "M2",
+            "--scale",
+            "full",
+            "--data",
+            str(tmp_path / "none"),
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2  # the missing dataset, after the warning
     text = " ".join(result.output.split())
     assert "WARNING: scale full reproduces the report's setting" in text and "fairage import-keras" in text
 
 
 def test_the_demo_keeps_64_px_while_cpu_scale_takes_80():
-    from fairage.suite import DEMO_STAGE2
+    from fairage.workflows.suite import DEMO_STAGE2
 
     assert load_preset("M1", "cpu").data.image_size == 80
     for name in ("M1", "M3", "M5"):

@@ -10,15 +10,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from fairage import report
-from fairage.config import dump_config, load_preset
+from fairage.config.files import dump_config
+from fairage.config.presets import load_preset
 from fairage.errors import DataError
+from fairage.outputs import report
 
 BIAS_KEYS = ("age", "gender", "ethnicity", "expression")
 
 
-def make_run(root: Path, folder: str, preset: str, mae: float, bias: dict, seed: int = 0,
-             n_epochs: tuple[int, int] = (3, 2)) -> Path:
+def make_run(
+    root: Path, folder: str, preset: str, mae: float, bias: dict, seed: int = 0, n_epochs: tuple[int, int] = (3, 2)
+) -> Path:
     """Write a finished run folder by hand: config.yaml, history.csv, predictions, metrics.
 
     Intervals are mae +- 1 and bias +- 0.5; group MAEs are mae + offsets.
@@ -32,29 +34,54 @@ def make_run(root: Path, folder: str, preset: str, mae: float, bias: dict, seed:
         if getattr(cfg, stage) is None:
             continue
         for e in range(1, n + 1):
-            rows.append({"epoch": e, "stage": stage, "train_loss": 1.0 / e, "val_loss": 1.2 / e,
-                         "train_mae": 20.0 / e, "val_mae": 22.0 / e, "lr": 1e-3})
+            rows.append(
+                {
+                    "epoch": e,
+                    "stage": stage,
+                    "train_loss": 1.0 / e,
+                    "val_loss": 1.2 / e,
+                    "train_mae": 20.0 / e,
+                    "val_mae": 22.0 / e,
+                    "lr": 1e-3,
+                }
+            )
     pd.DataFrame(rows).to_csv(run / "history.csv", index=False)
-    preds = pd.DataFrame({
-        "image": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
-        "prediction": [10.0, 30.0, 50.0, 70.0, 25.0],
-        "age": [12.0, 33.0, 41.0, 75.0, 22.0],
-        "gender": ["male", "female", "male", "female", "female"],
-        "ethnicity": ["asian", "caucasian", "caucasian", "afroamerican", "caucasian"],
-        "expression": ["neutral", "happy", "other", "neutral", "slightlyhappy"],
-    })
+    preds = pd.DataFrame(
+        {
+            "image": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+            "prediction": [10.0, 30.0, 50.0, 70.0, 25.0],
+            "age": [12.0, 33.0, 41.0, 75.0, 22.0],
+            "gender": ["male", "female", "male", "female", "female"],
+            "ethnicity": ["asian", "caucasian", "caucasian", "afroamerican", "caucasian"],
+            "expression": ["neutral", "happy", "other", "neutral", "slightlyhappy"],
+        }
+    )
     preds.to_csv(run / "predictions_test.csv", index=False)
     metrics = {
-        "n": 5, "mae": mae, "mae_ci": [mae - 1.0, mae + 1.0],
-        "bias": dict(bias), "bias_ci": {k: [v - 0.5, v + 0.5] for k, v in bias.items()},
+        "n": 5,
+        "mae": mae,
+        "mae_ci": [mae - 1.0, mae + 1.0],
+        "bias": dict(bias),
+        "bias_ci": {k: [v - 0.5, v + 0.5] for k, v in bias.items()},
         "groups": {
-            "age": {"[0,20)": {"n": 1, "mae": mae + 1}, "[20,40)": {"n": 2, "mae": mae},
-                    "[40,60)": {"n": 1, "mae": mae - 1}, "[60,inf)": {"n": 1, "mae": mae + 3}},
+            "age": {
+                "[0,20)": {"n": 1, "mae": mae + 1},
+                "[20,40)": {"n": 2, "mae": mae},
+                "[40,60)": {"n": 1, "mae": mae - 1},
+                "[60,inf)": {"n": 1, "mae": mae + 3},
+            },
             "gender": {"male": {"n": 2, "mae": mae}, "female": {"n": 3, "mae": mae + 0.5}},
-            "ethnicity": {"asian": {"n": 1, "mae": mae + 2}, "afroamerican": {"n": 1, "mae": mae},
-                          "caucasian": {"n": 3, "mae": mae - 0.5}},
-            "expression": {"neutral": {"n": 2, "mae": mae}, "slightlyhappy": {"n": 1, "mae": mae},
-                           "happy": {"n": 1, "mae": mae + 1}, "other": {"n": 1, "mae": mae}},
+            "ethnicity": {
+                "asian": {"n": 1, "mae": mae + 2},
+                "afroamerican": {"n": 1, "mae": mae},
+                "caucasian": {"n": 3, "mae": mae - 0.5},
+            },
+            "expression": {
+                "neutral": {"n": 2, "mae": mae},
+                "slightlyhappy": {"n": 1, "mae": mae},
+                "happy": {"n": 1, "mae": mae + 1},
+                "other": {"n": 1, "mae": mae},
+            },
         },
         "skipped_groups": {},
     }
@@ -65,14 +92,24 @@ def make_run(root: Path, folder: str, preset: str, mae: float, bias: dict, seed:
 @pytest.fixture()
 def two_runs(tmp_path):
     a = make_run(tmp_path / "runs", "M1", "M1", 9.5, {"age": 5.0, "gender": 0.25, "ethnicity": 2.5, "expression": 1.5})
-    b = make_run(tmp_path / "runs", "M5", "M5", 8.0, {"age": 3.0, "gender": 0.125, "ethnicity": 0.5, "expression": 0.75})
+    b = make_run(
+        tmp_path / "runs", "M5", "M5", 8.0, {"age": 3.0, "gender": 0.125, "ethnicity": 0.5, "expression": 0.75}
+    )
     return [a, b]
 
 
 def test_comparison_table_columns_and_values(two_runs):
     table = report.comparison_table(two_runs)
-    assert list(table.columns[:8]) == ["Model", "Learning rate", "Training strategy", "Gender bias",
-                                       "Expression bias", "Ethnicity bias", "Age bias", "MAE"]
+    assert list(table.columns[:8]) == [
+        "Model",
+        "Learning rate",
+        "Training strategy",
+        "Gender bias",
+        "Expression bias",
+        "Ethnicity bias",
+        "Age bias",
+        "MAE",
+    ]
     for col in ("Gender bias", "Expression bias", "Ethnicity bias", "Age bias", "MAE"):
         assert f"{col} CI low" in table.columns and f"{col} CI high" in table.columns
     assert list(table["Model"]) == ["M1", "M5"]
@@ -89,8 +126,12 @@ def test_comparison_table_columns_and_values(two_runs):
 
 def test_several_seeds_give_mean_and_std(tmp_path):
     runs = [
-        make_run(tmp_path, "M2-seed0", "M2", 6.0, {"age": 2.0, "gender": 0.0, "ethnicity": 1.0, "expression": 1.0}, seed=0),
-        make_run(tmp_path, "M2-seed1", "M2", 8.0, {"age": 4.0, "gender": 1.0, "ethnicity": 1.0, "expression": 3.0}, seed=1),
+        make_run(
+            tmp_path, "M2-seed0", "M2", 6.0, {"age": 2.0, "gender": 0.0, "ethnicity": 1.0, "expression": 1.0}, seed=0
+        ),
+        make_run(
+            tmp_path, "M2-seed1", "M2", 8.0, {"age": 4.0, "gender": 1.0, "ethnicity": 1.0, "expression": 3.0}, seed=1
+        ),
     ]
     table = report.comparison_table(runs)
     assert len(table) == 1
@@ -116,8 +157,7 @@ def test_same_name_different_configs_are_not_merged(tmp_path):
 
 def test_markdown_table():
     table = pd.DataFrame({"Model": ["M1"], "MAE": [9.59], "Training strategy": ["a|b"]})
-    assert report.to_markdown(table) == (
-        "| Model | MAE | Training strategy |\n|---|---|---|\n| M1 | 9.590 | a\\|b |\n")
+    assert report.to_markdown(table) == ("| Model | MAE | Training strategy |\n|---|---|---|\n| M1 | 9.590 | a\\|b |\n")
 
 
 def test_format_lr():
@@ -157,11 +197,15 @@ def test_build_report_writes_everything(two_runs, tmp_path):
 
 
 def test_dataset_summary_from_face_table(two_runs, tmp_path):
-    faces = pd.DataFrame({
-        "age": [5.0, 25.0, 65.0, 20.0], "gender": ["male", "male", "female", "male"],
-        "ethnicity": ["asian"] * 4, "expression": ["happy"] * 4,
-        "split": ["train", "train", "valid", "test"],
-    })
+    faces = pd.DataFrame(
+        {
+            "age": [5.0, 25.0, 65.0, 20.0],
+            "gender": ["male", "male", "female", "male"],
+            "ethnicity": ["asian"] * 4,
+            "expression": ["happy"] * 4,
+            "split": ["train", "train", "valid", "test"],
+        }
+    )
     summary = report.summarize_faces(faces)
     assert summary["gender"].loc["male"].to_dict() == {"train": 2, "valid": 0, "test": 1, "total": 3}
     # age 20 is in [20,40): bins are closed on the left
@@ -186,13 +230,27 @@ def test_corrupt_metrics_is_a_clear_error(two_runs):
 
 def test_report_shows_the_start_and_the_runs_warnings(two_runs, tmp_path):
     m1, m5 = two_runs
-    (m1 / "run.json").write_text(json.dumps({"status": "finished", "data_dir": "/d", "weights_loaded": False,
-                                             "warnings": ["the model collapsed: <constant>"]}))
-    (m5 / "run.json").write_text(json.dumps({"status": "finished", "data_dir": "/d", "weights_loaded": True,
-                                             "weights": "/w/backbone.safetensors"}))
+    (m1 / "run.json").write_text(
+        json.dumps(
+            {
+                "status": "finished",
+                "data_dir": "/d",
+                "weights_loaded": False,
+                "warnings": ["the model collapsed: <constant>"],
+            }
+        )
+    )
+    (m5 / "run.json").write_text(
+        json.dumps(
+            {"status": "finished", "data_dir": "/d", "weights_loaded": True, "weights": "/w/backbone.safetensors"}
+        )
+    )
     page = report.build_report(two_runs, tmp_path / "r").read_text(encoding="utf-8")
     m1_part, m5_part = page.split("<h3>M1</h3>")[1].split("<h3>M5</h3>")
-    assert "random initialisation" in m1_part and 'class="warning">warning: the model collapsed: &lt;constant&gt;' in m1_part
+    assert (
+        "random initialisation" in m1_part
+        and 'class="warning">warning: the model collapsed: &lt;constant&gt;' in m1_part
+    )
     assert "pretrained weights /w/backbone.safetensors" in m5_part and "warning" not in m5_part
 
 
@@ -206,15 +264,36 @@ def test_permutation_pvalues_get_their_own_table(two_runs, tmp_path):
         metrics["n_perm"] = 1000
         (run / "metrics_test.json").write_text(json.dumps(metrics))
     table = report.pvalue_table(two_runs)
-    assert list(table.columns) == ["Model", "Seed", "Gender bias", "Expression bias", "Ethnicity bias", "Age bias",
-                                   "Permutations"]
+    assert list(table.columns) == [
+        "Model",
+        "Seed",
+        "Gender bias",
+        "Expression bias",
+        "Ethnicity bias",
+        "Age bias",
+        "Permutations",
+    ]
     assert list(table["Model"]) == ["M1", "M5"] and list(table["Age bias"]) == [0.000999, 0.25]
     assert table["Expression bias"].isna().all()
     page = report.build_report(two_runs, tmp_path / "with-p").read_text(encoding="utf-8")
     section = re.search(r'<table id="pvalues">(.*?)</table>', page, re.DOTALL).group(1)
     cells = re.findall(r"<td[^>]*>([^<]*)</td>", section)
-    assert cells == ["M1", "0", "0.523", "n/a", "0.0123", "0.000999", "1000",
-                     "M5", "0", "0.523", "n/a", "0.0123", "0.25", "1000"]
+    assert cells == [
+        "M1",
+        "0",
+        "0.523",
+        "n/a",
+        "0.0123",
+        "0.000999",
+        "1000",
+        "M5",
+        "0",
+        "0.523",
+        "n/a",
+        "0.0123",
+        "0.25",
+        "1000",
+    ]
 
 
 def test_training_strategy_names_the_methods_beyond_weighting():

@@ -16,13 +16,20 @@ import pytest
 from PIL import Image
 from test_report import make_run
 
-from fairage import report
+from fairage.outputs import report
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                              "/usr/bin/chromium") if p and Path(p).is_file()), None)
+CHROMIUM = next(
+    (
+        p
+        for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+        if p and Path(p).is_file()
+    ),
+    None,
+)
 
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium binary (apt-get install chromium); cannot render report.html")
+    CHROMIUM is None, reason="no chromium binary (apt-get install chromium); cannot render report.html"
+)
 
 # appended to a copy of the report: after the load event, record each image's
 # decode state and natural width in the DOM so --dump-dom shows it
@@ -46,10 +53,21 @@ def test_report_renders_in_chromium(tmp_path):
     page = report.build_report(runs, tmp_path / "out")
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text(encoding="utf-8").replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000",
-           "--dump-dom", probe.as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
     dom = done.stdout
     assert done.returncode == 0, done.stderr[-2000:]
@@ -61,6 +79,8 @@ def test_report_renders_in_chromium(tmp_path):
     assert ">M1<" in table.group(1) and ">M3<" in table.group(1)
     # every image decoded at the pixel width of the PNG written next to the report
     probe_text = re.search(r'<p id="probe">([^<]*)</p>', dom).group(1)
-    widths = [Image.open(io.BytesIO((tmp_path / "out" / name).read_bytes())).size[0]
-              for name in ("training_curves.png", "group_mae.png", "bias_vs_mae.png")]
+    widths = [
+        Image.open(io.BytesIO((tmp_path / "out" / name).read_bytes())).size[0]
+        for name in ("training_curves.png", "group_mae.png", "bias_vs_mae.png")
+    ]
     assert probe_text == ",".join(f"true:{w}" for w in widths)

@@ -12,10 +12,11 @@ import torch
 from conftest import invoke, tiny_config_file
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.data import load_faces
-from fairage.runs import RunFolder
-from fairage.training import load_model_from_checkpoint, resume_run, train
+from fairage.store.checkpoint import model_from_checkpoint as load_model_from_checkpoint
+from fairage.store.run_folder import RunFolder
+from fairage.training import resume_run, train
 
 
 class Killed(Exception):
@@ -47,8 +48,18 @@ def test_resume_after_non_improving_epochs_redoes_only_the_interrupted_epoch(tin
     # Adam at lr 1.0 saturates the sigmoid in the first epoch: the validation loss stops improving,
     # so a "last" checkpoint written only on improvement would sit at epoch 1 (the collapse stop,
     # which would end the stage there, is off)
-    cfg = load_preset("M1", "tiny", ["eval.n_boot=0", "stage2.lr=1.0", "stage2.max_epochs=6",
-                                     "stage2.patience=10", "stage2.lr_patience=10", "stage2.stop_on_collapse=false"])
+    cfg = load_preset(
+        "M1",
+        "tiny",
+        [
+            "eval.n_boot=0",
+            "stage2.lr=1.0",
+            "stage2.max_epochs=6",
+            "stage2.patience=10",
+            "stage2.lr_patience=10",
+            "stage2.stop_on_collapse=false",
+        ],
+    )
     run = tmp_path / "run"
     with pytest.raises(Killed):
         train(cfg, tiny_data, run, progress=False, callbacks=[KillAtEpochStart(4)])  # in epoch 5
@@ -72,14 +83,23 @@ def real_target_run(tiny_data, tmp_path_factory):
     """A finished tiny M5 run trained on the real age (data.target: real), through the CLI."""
     root = tmp_path_factory.mktemp("real-target")
     run = root / "run"
-    res = invoke("train", "--config", tiny_config_file(root, "M5", ["data.target=real"]), "--data", tiny_data,
-                 "--out", run, "--quiet")
+    res = invoke(
+        "train",
+        "--config",
+        tiny_config_file(root, "M5", ["data.target=real"]),
+        "--data",
+        tiny_data,
+        "--out",
+        run,
+        "--quiet",
+    )
     assert res.exit_code == 0, res.output
     return run
 
 
-def test_evaluate_of_a_run_equals_its_metrics_for_the_real_age_target(real_target_run, tiny_data, tmp_path,
-                                                                   monkeypatch):
+def test_evaluate_of_a_run_equals_its_metrics_for_the_real_age_target(
+    real_target_run, tiny_data, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)  # not where the run was trained
     res = invoke("evaluate", real_target_run, "--json")
     assert res.exit_code == 0, res.output
@@ -106,7 +126,7 @@ def test_a_checkpoint_alone_rebuilds_the_model(real_target_run, tmp_path):
     from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "b.safetensors"))
-    assert set(saved) == {k[len("model.backbone."):] for k in state if k.startswith("model.backbone.")}
+    assert set(saved) == {k[len("model.backbone.") :] for k in state if k.startswith("model.backbone.")}
 
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[:1000])
@@ -139,6 +159,6 @@ def test_report_shows_the_published_table_marked_as_such(real_target_run, tmp_pa
     assert "report M5" in res.output and "8.01" in res.output and "kit stage II" in res.output
     page = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
     assert 'id="reference"' in page and "not measured by fairage" in page
-    assert "<td class=\"num\">0.322</td>" in page  # report M5's ethnicity bias, as published
+    assert '<td class="num">0.322</td>' in page  # report M5's ethnicity bias, as published
     res = invoke("report", real_target_run, "--out", tmp_path / "r2", "--reference", "nope")
     assert res.exit_code == 2 and "nope" in res.output

@@ -10,9 +10,14 @@ import sys
 import pytest
 from conftest import invoke, tiny_config_file
 
-from fairage.config import load_preset
+from fairage.config.presets import load_preset
 from fairage.errors import DataError
-from fairage.runs import HISTORY_COLUMNS, RunFolder, RunInUseError, absolute_paths
+from fairage.store.run_folder import (
+    HISTORY_COLUMNS,
+    RunFolder,
+    RunInUseError,
+    absolute_paths,
+)
 
 
 @pytest.fixture
@@ -25,8 +30,11 @@ def test_create_open_update_and_warnings(tmp_path, cfg):
     data.mkdir()
     folder = RunFolder.create(tmp_path / "run", cfg, data, weights_loaded=False, precision="32-true")
     assert folder.record.stage == "stage1" and folder.record.status == "running"
-    folder.update(completed_stages=["stage1"], stopped_stages={"stage1": "stage1: val_loss became nan"},
-                  warnings=["the model collapsed"])
+    folder.update(
+        completed_stages=["stage1"],
+        stopped_stages={"stage1": "stage1: val_loss became nan"},
+        warnings=["the model collapsed"],
+    )
     again = RunFolder.open(tmp_path / "run")
     assert again.record == folder.record
     assert again.data_dir == data.resolve()
@@ -61,12 +69,15 @@ def test_config_yaml_stores_absolute_paths(tmp_path, cfg, monkeypatch):
     assert folder.matches(relative.model_copy(update={"model": fixed.model, "data": fixed.data}), tmp_path)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"{not json", "run.json is not valid JSON"),
-    (b"\xff\xfe\x00binary", "run.json is not valid JSON"),
-    (b"[1, 2]", "run.json does not hold a JSON object"),
-    (b'{"status": "exploded", "data_dir": "/d"}', "run.json: 'status'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{not json", "run.json is not valid JSON"),
+        (b"\xff\xfe\x00binary", "run.json is not valid JSON"),
+        (b"[1, 2]", "run.json does not hold a JSON object"),
+        (b'{"status": "exploded", "data_dir": "/d"}', "run.json: 'status'"),
+    ],
+)
 def test_a_corrupt_run_json_names_the_file(tmp_path, cfg, content, message):
     RunFolder.create(tmp_path / "run", cfg, tmp_path)
     (tmp_path / "run" / "run.json").write_bytes(content)
@@ -84,7 +95,7 @@ def test_a_binary_history_names_the_file(tmp_path, cfg):
 def test_a_truncated_checkpoint_names_the_file(tmp_path):
     import torch
 
-    from fairage.runs import read_checkpoint
+    from fairage.store.checkpoint import read_checkpoint
 
     path = tmp_path / "stage2-last.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 3}, path)
@@ -98,14 +109,18 @@ def test_the_lock_is_exclusive_and_dies_with_its_process(tmp_path, cfg):
     with folder.lock():
         assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
         # flock locks belong to an open file description: a second open in this process conflicts too
-        with (pytest.raises(RunInUseError, match=f"run folder {tmp_path / 'run'} is in use by PID {os.getpid()}"),
-              RunFolder(tmp_path / "run").lock()):
+        with (
+            pytest.raises(RunInUseError, match=f"run folder {tmp_path / 'run'} is in use by PID {os.getpid()}"),
+            RunFolder(tmp_path / "run").lock(),
+        ):
             pass
     with folder.lock():  # released on exit
         pass
     # a lock file left by a process that died (here: one that exited without unlocking) does not block
-    code = (f"import fcntl, os; fd = os.open({str(tmp_path / 'run' / '.lock')!r}, os.O_RDWR); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'999999\\n', 0); os._exit(0)")
+    code = (
+        f"import fcntl, os; fd = os.open({str(tmp_path / 'run' / '.lock')!r}, os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'999999\\n', 0); os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert (tmp_path / "run" / ".lock").read_text().strip() == "999999"
     with folder.lock():

@@ -24,7 +24,7 @@ import uvicorn
 from conftest import GRACE_HOPPER, group_photo, jpeg_bytes
 from PIL import Image
 
-from fairage.predict import AgePredictor
+from fairage.inference.predictor import AgePredictor
 from fairage.serve import ServeLimits, create_app
 
 #: three copies of the one-face photo side by side: three faces, one per 512 px tile
@@ -76,11 +76,14 @@ def group_jpeg() -> bytes:
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height grey pixels, with almost no data: a decompression bomb's shape."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
@@ -115,15 +118,18 @@ def test_predict_finds_each_pasted_face(server, predictor, group_jpeg):
     # over HTTP exactly what the library gives for the same bytes
     direct = predictor.predict_image(group_jpeg)
     assert sorted((tuple(f["box"]), round(f["age"], 4)) for f in body["faces"]) == sorted(
-        (tuple(f.box), round(f.age, 4)) for f in direct.faces)
+        (tuple(f.box), round(f.age, 4)) for f in direct.faces
+    )
 
 
 def test_predict_raw_body_equals_multipart(server, group_jpeg):
     multipart = httpx.post(f"{server.url}/predict", files={"file": ("g.jpg", group_jpeg)}, timeout=60).json()
-    raw = httpx.post(f"{server.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"},
-                     timeout=60).json()
-    octet = httpx.post(f"{server.url}/predict", content=group_jpeg,
-                       headers={"content-type": "application/octet-stream"}, timeout=60).json()
+    raw = httpx.post(
+        f"{server.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"}, timeout=60
+    ).json()
+    octet = httpx.post(
+        f"{server.url}/predict", content=group_jpeg, headers={"content-type": "application/octet-stream"}, timeout=60
+    ).json()
     assert raw == multipart == octet
 
 
@@ -132,16 +138,24 @@ def test_exif_orientation_is_applied(server):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: "rotate 90 degrees clockwise to view"
     sideways = photo.transpose(Image.Transpose.ROTATE_90)
-    r = httpx.post(f"{server.url}/predict", content=encoded(sideways, "JPEG", exif=exif.tobytes(), quality=95),
-                   headers={"content-type": "image/jpeg"}, timeout=60)
+    r = httpx.post(
+        f"{server.url}/predict",
+        content=encoded(sideways, "JPEG", exif=exif.tobytes(), quality=95),
+        headers={"content-type": "image/jpeg"},
+        timeout=60,
+    )
     assert r.status_code == 200
     assert r.json()["image"] == {"width": 512, "height": 600}  # upright again
     assert len(r.json()["faces"]) == 1
 
 
 def test_faces_only_treats_the_upload_as_one_crop(server):
-    r = httpx.post(f"{server.url}/predict?faces_only=true", content=GRACE_HOPPER.read_bytes(),
-                   headers={"content-type": "image/jpeg"}, timeout=60)
+    r = httpx.post(
+        f"{server.url}/predict?faces_only=true",
+        content=GRACE_HOPPER.read_bytes(),
+        headers={"content-type": "image/jpeg"},
+        timeout=60,
+    )
     assert r.status_code == 200
     assert [f["box"] for f in r.json()["faces"]] == [[0, 0, 512, 600]]
 
@@ -158,17 +172,20 @@ def test_sixteen_concurrent_requests_are_all_served(server, group_jpeg):
     assert len(responses[0].json()["faces"]) == len(TILES)
 
 
-@pytest.mark.parametrize("name, content, content_type, status", [
-    ("empty body", b"", "image/jpeg", 400),
-    ("text declared as text", b"hello, world", "text/plain", 415),
-    ("json", b'{"image": "x"}', "application/json", 415),
-    ("text declared as an image", b"hello, world" * 100, "image/png", 415),
-    ("random bytes", bytes(range(256)) * 40, "application/octet-stream", 415),
-    ("truncated jpeg", GRACE_HOPPER.read_bytes()[:20_000], "image/jpeg", 400),
-    ("decompression bomb: 50000 x 50000 header", png_header_only(50_000, 50_000), "image/png", 413),
-    ("just over 40 megapixels", png_header_only(8000, 5001), "image/png", 413),
-    ("png header with no pixel data", png_header_only(64, 64)[:-12], "image/png", 400),
-])
+@pytest.mark.parametrize(
+    "name, content, content_type, status",
+    [
+        ("empty body", b"", "image/jpeg", 400),
+        ("text declared as text", b"hello, world", "text/plain", 415),
+        ("json", b'{"image": "x"}', "application/json", 415),
+        ("text declared as an image", b"hello, world" * 100, "image/png", 415),
+        ("random bytes", bytes(range(256)) * 40, "application/octet-stream", 415),
+        ("truncated jpeg", GRACE_HOPPER.read_bytes()[:20_000], "image/jpeg", 400),
+        ("decompression bomb: 50000 x 50000 header", png_header_only(50_000, 50_000), "image/png", 413),
+        ("just over 40 megapixels", png_header_only(8000, 5001), "image/png", 413),
+        ("png header with no pixel data", png_header_only(64, 64)[:-12], "image/png", 400),
+    ],
+)
 def test_bad_raw_uploads_get_a_clear_4xx(server, name, content, content_type, status):
     r = httpx.post(f"{server.url}/predict", content=content, headers={"content-type": content_type}, timeout=60)
     assert r.status_code == status, (name, r.text)
@@ -183,8 +200,11 @@ def test_bad_multipart_uploads_get_a_clear_4xx(server):
     assert text_field.status_code == 400
     not_image = httpx.post(url, files={"file": ("notes.txt", b"just some text", "text/plain")})
     assert not_image.status_code == 415
-    broken = httpx.post(url, content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
-                        headers={"content-type": "multipart/form-data; boundary=xyz"})
+    broken = httpx.post(
+        url,
+        content=b'--xyz\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc',
+        headers={"content-type": "multipart/form-data; boundary=xyz"},
+    )
     assert broken.status_code == 400
     form = httpx.post(url, data={"a": "b"})  # application/x-www-form-urlencoded
     assert form.status_code == 415
@@ -209,26 +229,40 @@ def test_oversized_uploads_get_413(server):
 
 def test_configured_limits(small_limits_server):
     url = f"{small_limits_server.url}/predict"
-    over_bytes = httpx.post(url, content=GRACE_HOPPER.read_bytes() + b"\0" * 200_000,
-                            headers={"content-type": "image/jpeg"})
+    over_bytes = httpx.post(
+        url, content=GRACE_HOPPER.read_bytes() + b"\0" * 200_000, headers={"content-type": "image/jpeg"}
+    )
     assert over_bytes.status_code == 413
-    over_pixels = httpx.post(url, content=encoded(Image.new("L", (1001, 1000)), "PNG"),
-                             headers={"content-type": "image/png"})
+    over_pixels = httpx.post(
+        url, content=encoded(Image.new("L", (1001, 1000)), "PNG"), headers={"content-type": "image/png"}
+    )
     assert over_pixels.status_code == 413 and "1001 x 1000" in over_pixels.json()["detail"]
-    at_limit = httpx.post(url, content=encoded(Image.new("L", (1000, 1000)), "PNG"),
-                          headers={"content-type": "image/png"}, timeout=60)
+    at_limit = httpx.post(
+        url, content=encoded(Image.new("L", (1000, 1000)), "PNG"), headers={"content-type": "image/png"}, timeout=60
+    )
     assert at_limit.status_code == 200 and at_limit.json()["faces"] == []
 
 
-@pytest.mark.parametrize("mode, fmt, size", [
-    ("1", "PNG", (1, 1)), ("L", "PNG", (40, 30)), ("LA", "PNG", (40, 30)), ("RGBA", "PNG", (40, 30)),
-    ("P", "GIF", (40, 30)), ("I;16", "PNG", (40, 30)), ("CMYK", "JPEG", (40, 30)), ("RGB", "WEBP", (40, 30)),
-    ("RGB", "BMP", (3000, 2)), ("RGB", "TIFF", (2, 3000)),
-])
+@pytest.mark.parametrize(
+    "mode, fmt, size",
+    [
+        ("1", "PNG", (1, 1)),
+        ("L", "PNG", (40, 30)),
+        ("LA", "PNG", (40, 30)),
+        ("RGBA", "PNG", (40, 30)),
+        ("P", "GIF", (40, 30)),
+        ("I;16", "PNG", (40, 30)),
+        ("CMYK", "JPEG", (40, 30)),
+        ("RGB", "WEBP", (40, 30)),
+        ("RGB", "BMP", (3000, 2)),
+        ("RGB", "TIFF", (2, 3000)),
+    ],
+)
 def test_odd_but_valid_images_are_answered(server, mode, fmt, size):
     image = Image.new(mode, size)
-    r = httpx.post(f"{server.url}/predict", content=encoded(image, fmt), headers={"content-type": "image/*"},
-                   timeout=60)
+    r = httpx.post(
+        f"{server.url}/predict", content=encoded(image, fmt), headers={"content-type": "image/*"}, timeout=60
+    )
     assert r.status_code == 200, r.text
     assert r.json()["image"] == {"width": size[0], "height": size[1]}
 
@@ -253,18 +287,31 @@ def test_inference_runs_off_the_event_loop_and_the_queue_is_bounded(predictor):
     live = LiveServer(create_app(blocking, limits=ServeLimits(max_pending=1)))
     try:
         with ThreadPoolExecutor(1) as pool:
-            first = pool.submit(httpx.post, f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(),
-                                headers={"content-type": "image/jpeg"}, timeout=60)
+            first = pool.submit(
+                httpx.post,
+                f"{live.url}/predict",
+                content=GRACE_HOPPER.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            )
             assert blocking.entered.wait(timeout=60)
             # the model is busy: the server still answers, and refuses a second upload instead of queueing it
             assert httpx.get(f"{live.url}/health").json() == {"status": "ok"}
-            busy = httpx.post(f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(),
-                              headers={"content-type": "image/jpeg"})
+            busy = httpx.post(
+                f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(), headers={"content-type": "image/jpeg"}
+            )
             assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
             blocking.release.set()
             assert first.result().status_code == 200
-        assert httpx.post(f"{live.url}/predict", content=GRACE_HOPPER.read_bytes(),
-                          headers={"content-type": "image/jpeg"}, timeout=60).status_code == 200
+        assert (
+            httpx.post(
+                f"{live.url}/predict",
+                content=GRACE_HOPPER.read_bytes(),
+                headers={"content-type": "image/jpeg"},
+                timeout=60,
+            ).status_code
+            == 200
+        )
     finally:
         blocking.release.set()
         live.close()
@@ -277,8 +324,14 @@ def test_server_still_answers_after_every_bad_upload(server):
 def test_model_card_endpoints(server, tiny_run):
     card = httpx.get(f"{server.url}/model").json()
     assert card["name"] == "M2" and card["kind"] == "run"
-    assert set(card["evaluation"]["bias"]) == {"age", "gender", "ethnicity", "expression", "age*ethnicity",
-                                               "gender*ethnicity"}
+    assert set(card["evaluation"]["bias"]) == {
+        "age",
+        "gender",
+        "ethnicity",
+        "expression",
+        "age*ethnicity",
+        "gender*ethnicity",
+    }
     assert card["data"]["synthetic"] is True
     md = httpx.get(f"{server.url}/model.md")
     assert md.headers["content-type"].startswith("text/markdown")
@@ -290,8 +343,12 @@ def test_model_card_endpoints(server, tiny_run):
 
 def test_cli_serve_runs_the_real_command(tiny_run, group_jpeg):
     """`fairage serve RUN --port 0` in its own process: it prints where it listens, then answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "fairage.cli", "serve", str(tiny_run), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fairage.cli", "serve", str(tiny_run), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         url = None
         for line in proc.stdout:  # uvicorn logs its address once the socket listens
@@ -324,8 +381,9 @@ CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") i
 def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
     """Upload a photo through the page; read the ages, the boxes on the canvas and the card back from it."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
-    expected = httpx.post(f"{server.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"},
-                          timeout=60).json()
+    expected = httpx.post(
+        f"{server.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"}, timeout=60
+    ).json()
     card = httpx.get(f"{server.url}/model").json()
     photo = tmp_path / "group.jpg"
     photo.write_bytes(group_jpeg)
@@ -343,30 +401,40 @@ def test_web_page_in_headless_chromium(server, group_jpeg, tmp_path):
             assert "spread" not in expected["faces"][0] and page.locator("#faces td.spread").count() == 0
             assert not page.is_visible("#spread-head")
             assert page.locator("#faces td.interval").all_inner_texts() == [
-                f"{f['age_lo']:.1f} to {f['age_hi']:.1f}" for f in expected["faces"]]
+                f"{f['age_lo']:.1f} to {f['age_hi']:.1f}" for f in expected["faces"]
+            ]
             assert page.inner_text("#status").startswith(f"group.jpg: {len(TILES)} faces")
             # the card beside it: test MAE and the four biases with their intervals, one table per attribute
             ev = card["evaluation"]
             scores = page.locator("#card-scores tbody tr").all_inner_texts()
-            assert scores[0].split("\t")[:3] == ["MAE", f"{ev['mae']['value']:.2f}",
-                                                 f"[{ev['mae']['ci'][0]:.2f}, {ev['mae']['ci'][1]:.2f}]"]
+            assert scores[0].split("\t")[:3] == [
+                "MAE",
+                f"{ev['mae']['value']:.2f}",
+                f"[{ev['mae']['ci'][0]:.2f}, {ev['mae']['ci'][1]:.2f}]",
+            ]
             assert [s.split("\t")[0] for s in scores[1:]] == [f"{a} bias" for a in ev["bias"]]
             # each bias's permutation p in the fourth column
-            assert [float(s.split("\t")[3]) for s in scores[1:]] == [pytest.approx(b["p"], rel=5e-3)
-                                                                      for b in ev["bias"].values()]
+            assert [float(s.split("\t")[3]) for s in scores[1:]] == [
+                pytest.approx(b["p"], rel=5e-3) for b in ev["bias"].values()
+            ]
             for attr, groups in ev["groups"].items():
                 # an intersection's table id has its "*" made a "-" (card-groups-age-ethnicity)
                 rows = page.locator(f"#card-groups-{re.sub(r'[^A-Za-z0-9_-]', '-', attr)} tbody tr").all_inner_texts()
-                assert [r.split("\t")[:3] for r in rows] == [[g["group"], str(g["n"]), f"{g['mae']:.2f}"]
-                                                             for g in groups]
+                assert [r.split("\t")[:3] for r in rows] == [
+                    [g["group"], str(g["n"]), f"{g['mae']:.2f}"] for g in groups
+                ]
             assert page.is_visible("#synthetic")
             # each box is drawn where the server put it: the middle of its top edge is the box colour
-            canvas = page.evaluate("() => [document.querySelector('#photo').width, document.querySelector('#photo').height]")
+            canvas = page.evaluate(
+                "() => [document.querySelector('#photo').width, document.querySelector('#photo').height]"
+            )
             assert canvas == [1536, 600]
             for face in expected["faces"]:
                 x, y, w, _h = face["box"]
-                edge = page.evaluate(f"() => Array.from(document.querySelector('#photo').getContext('2d')"
-                                     f".getImageData({x + w // 2}, {y}, 1, 1).data)")
+                edge = page.evaluate(
+                    f"() => Array.from(document.querySelector('#photo').getContext('2d')"
+                    f".getImageData({x + w // 2}, {y}, 1, 1).data)"
+                )
                 assert edge[0] > 200 and edge[1] > 160 and edge[2] < 90, edge  # yellow
             page.screenshot(path=str(tmp_path / "serve_page.png"), full_page=True)
         finally:
@@ -382,9 +450,10 @@ def dex_model_folder(tmp_path_factory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from fairage.config import dump_config, load_preset
-    from fairage.conformal import CONFORMAL, fit_calibration, write_calibration
-    from fairage.models import AgeRegressor
+    from fairage.config.files import dump_config
+    from fairage.config.presets import load_preset
+    from fairage.fairness.conformal import CONFORMAL, fit_calibration, write_calibration
+    from fairage.models.regressor import AgeRegressor
 
     folder = tmp_path_factory.mktemp("dex-model")
     cfg = load_preset("M1", "tiny", ["model.output=dex"])
@@ -404,8 +473,9 @@ def test_web_page_shows_each_faces_spread_and_interval(dex_model_folder, group_j
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install playwright)")
     live = LiveServer(create_app(AgePredictor(dex_model_folder, device="cpu")))
     try:
-        expected = httpx.post(f"{live.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"},
-                              timeout=60).json()
+        expected = httpx.post(
+            f"{live.url}/predict", content=group_jpeg, headers={"content-type": "image/jpeg"}, timeout=60
+        ).json()
         assert len(expected["faces"]) == len(TILES) and expected["interval_level"] == pytest.approx(0.9)
         assert all(f["spread"] > 0 and f["age_lo"] <= f["age"] <= f["age_hi"] for f in expected["faces"])
         photo = tmp_path / "group.jpg"
@@ -420,14 +490,20 @@ def test_web_page_shows_each_faces_spread_and_interval(dex_model_folder, group_j
                 assert page.is_visible("#spread-head")
                 assert page.inner_text("#interval-head") == "90% interval (years)"
                 assert page.locator("#faces td.spread").all_inner_texts() == [
-                    f"\u00b1 {f['spread']:.1f}" for f in expected["faces"]]
+                    f"\u00b1 {f['spread']:.1f}" for f in expected["faces"]
+                ]
                 assert page.locator("#faces td.interval").all_inner_texts() == [
-                    f"{f['age_lo']:.1f} to {f['age_hi']:.1f}" for f in expected["faces"]]
+                    f"{f['age_lo']:.1f} to {f['age_hi']:.1f}" for f in expected["faces"]
+                ]
                 # the row's cells in order: face, age, spread, interval, box, score
                 first = page.locator("#faces tbody tr").first.inner_text().split("\t")
                 f0 = expected["faces"][0]
-                assert first[:4] == ["1", f"{f0['age']:.1f}", f"\u00b1 {f0['spread']:.1f}",
-                                     f"{f0['age_lo']:.1f} to {f0['age_hi']:.1f}"]
+                assert first[:4] == [
+                    "1",
+                    f"{f0['age']:.1f}",
+                    f"\u00b1 {f0['spread']:.1f}",
+                    f"{f0['age_lo']:.1f} to {f0['age_hi']:.1f}",
+                ]
             finally:
                 browser.close()
     finally:

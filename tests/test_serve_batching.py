@@ -20,7 +20,7 @@ from conftest import GRACE_HOPPER, group_photo, invoke, jpeg_bytes
 from PIL import Image
 
 from fairage.errors import ConfigError
-from fairage.predict import AgePredictor
+from fairage.inference.predictor import AgePredictor
 from fairage.serve import CropBatcher, ServeLimits, create_app
 from fairage.serve.app import limits_from_environment, limits_to_environment
 
@@ -48,6 +48,7 @@ def served(app):
 
 def mean_forward(calls: list[int], gate: threading.Event | None = None, entered: threading.Event | None = None):
     """A forward pass whose ages are each crop's mean pixel value and spreads twice that; records batch sizes."""
+
     def forward(crops: np.ndarray):
         calls.append(len(crops))
         if entered is not None:
@@ -56,6 +57,7 @@ def mean_forward(calls: list[int], gate: threading.Event | None = None, entered:
             assert gate.wait(timeout=60)
         means = crops.reshape(len(crops), -1).mean(axis=1)
         return means, 2 * means
+
     return forward
 
 
@@ -70,7 +72,11 @@ def test_batcher_takes_whole_requests_up_to_max_batch_and_gives_each_its_rows():
     try:
         first = batcher.submit(crops_of(1, 2))
         assert entered.wait(timeout=60)  # the first pass is running: the next requests queue behind it
-        b, c, d = batcher.submit(crops_of(10, 11, 12)), batcher.submit(crops_of(20, 21, 22)), batcher.submit(crops_of(30, 31))
+        b, c, d = (
+            batcher.submit(crops_of(10, 11, 12)),
+            batcher.submit(crops_of(20, 21, 22)),
+            batcher.submit(crops_of(30, 31)),
+        )
         gate.set()
         results = [f.result(timeout=60) for f in (first, b, c, d)]
     finally:
@@ -158,7 +164,7 @@ def burst_uploads() -> list[tuple[bytes, bool, int]]:
 
 @pytest.fixture(scope="module")
 def card(tiny_run) -> dict:
-    from fairage.modelcard import build_model_card
+    from fairage.outputs.modelcard import build_model_card
 
     return build_model_card(tiny_run)
 
@@ -171,11 +177,16 @@ def test_a_concurrent_burst_shares_one_pass_and_each_answer_equals_the_unbatched
     # a pass closes when it holds every face of the burst (max_batch), long before the wait ends
     limits = ServeLimits(prepare_threads=len(uploads), max_batch=faces, batch_wait_ms=1000)
     with served(create_app(meeting, limits=limits, card=card)) as url:
+
         def post(item):
             data, faces_only, _ = item
             with httpx.Client(timeout=120) as client:
-                return client.post(f"{url}/predict", params={"faces_only": str(faces_only).lower()}, content=data,
-                                   headers={"content-type": "image/jpeg"})
+                return client.post(
+                    f"{url}/predict",
+                    params={"faces_only": str(faces_only).lower()},
+                    content=data,
+                    headers={"content-type": "image/jpeg"},
+                )
 
         with ThreadPoolExecutor(len(uploads)) as pool:
             answers = list(pool.map(post, uploads))
@@ -254,8 +265,12 @@ def test_a_burst_prepared_in_worker_processes_equals_the_unbatched_answers(tiny_
         def post(item):
             data, faces_only, _ = item
             with httpx.Client(timeout=120) as client:
-                return client.post(f"{url}/predict", params={"faces_only": str(faces_only).lower()}, content=data,
-                                   headers={"content-type": "image/jpeg"})
+                return client.post(
+                    f"{url}/predict",
+                    params={"faces_only": str(faces_only).lower()},
+                    content=data,
+                    headers={"content-type": "image/jpeg"},
+                )
 
         with ThreadPoolExecutor(len(uploads)) as pool:
             answers = list(pool.map(post, uploads))
@@ -305,7 +320,7 @@ def test_prepare_workers_crop_like_predict_without_importing_torch():
     import subprocess
     import sys
 
-    from fairage import predict
+    from fairage.inference import predictor as predict
     from fairage.serve import prepare
 
     # one crop convention for both paths, and the worker module stays light enough to spawn quickly
@@ -338,8 +353,9 @@ def test_a_smaller_detection_side_still_finds_the_group_photos_faces(tiny_run, c
     full = AgePredictor(tiny_run, device="cpu").predict_image(photo)  # detection at 960 x 375
     limits = ServeLimits(prepare_processes=1, detect_side=640)
     with served(create_app(AgePredictor(tiny_run, device="cpu"), limits=limits, card=card)) as url:
-        faces = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"},
-                           timeout=120).json()["faces"]
+        faces = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=120).json()[
+            "faces"
+        ]
     assert len(faces) == len(full.faces) == 3
     # the same faces (the photo's three copies of one face, 512 px apart), boxes within a few pixels
     for got in faces:
@@ -400,8 +416,9 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, card):
     with served(create_app(held, limits=ServeLimits(max_pending=1), card=card)) as url:
         try:
             with ThreadPoolExecutor(1) as pool:
-                first = pool.submit(httpx.post, f"{url}/predict", content=photo,
-                                    headers={"content-type": "image/jpeg"}, timeout=60)
+                first = pool.submit(
+                    httpx.post, f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60
+                )
                 assert held.entered.wait(timeout=60)  # the first request is in the model's pass
                 assert httpx.get(f"{url}/health", timeout=20).json() == {"status": "ok"}
                 busy = httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60)
@@ -410,26 +427,44 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_run, card):
                 held.release.set()
                 assert first.result().status_code == 200
             # its place is free again
-            assert httpx.post(f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"},
-                              timeout=60).status_code == 200
+            assert (
+                httpx.post(
+                    f"{url}/predict", content=photo, headers={"content-type": "image/jpeg"}, timeout=60
+                ).status_code
+                == 200
+            )
         finally:
             held.release.set()
 
 
-@pytest.mark.parametrize("key, value", [
-    ("max_batch", 0), ("max_batch", 5000), ("max_batch", 2.5), ("max_batch", True),
-    ("batch_wait_ms", -1.0), ("batch_wait_ms", 1500.0), ("batch_wait_ms", float("nan")),
-    ("prepare_threads", 0), ("prepare_threads", 65), ("prepare_processes", -1), ("prepare_processes", 65),
-    ("prepare_processes", 1.5), ("detect_side", -1), ("detect_side", 10_000),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("max_batch", 0),
+        ("max_batch", 5000),
+        ("max_batch", 2.5),
+        ("max_batch", True),
+        ("batch_wait_ms", -1.0),
+        ("batch_wait_ms", 1500.0),
+        ("batch_wait_ms", float("nan")),
+        ("prepare_threads", 0),
+        ("prepare_threads", 65),
+        ("prepare_processes", -1),
+        ("prepare_processes", 65),
+        ("prepare_processes", 1.5),
+        ("detect_side", -1),
+        ("detect_side", 10_000),
+    ],
+)
 def test_bad_batch_settings_name_their_key(key, value):
     with pytest.raises(ConfigError, match=rf"serve setting {key} \(--{key.replace('_', '-')}\) must be"):
         ServeLimits(**{key: value})
 
 
 def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatch):
-    limits = ServeLimits(max_batch=7, batch_wait_ms=2.5, prepare_threads=3, prepare_processes=5, detect_side=480,
-                         max_pixels=1234)
+    limits = ServeLimits(
+        max_batch=7, batch_wait_ms=2.5, prepare_threads=3, prepare_processes=5, detect_side=480, max_pixels=1234
+    )
     for name, value in limits_to_environment(limits).items():
         monkeypatch.setenv(name, value)
     assert limits_from_environment() == limits
@@ -438,12 +473,18 @@ def test_settings_travel_to_worker_processes_and_bad_ones_are_refused(monkeypatc
         limits_from_environment()
 
 
-@pytest.mark.parametrize("option, value, key", [
-    ("--max-batch", "0", "max_batch"), ("--batch-wait-ms", "2000", "batch_wait_ms"),
-    ("--prepare-threads", "0", "prepare_threads"), ("--detector-threads", "-1", "detector_threads"),
-    ("--prepare-processes", "65", "prepare_processes"), ("--detect-side", "9000", "detect_side"),
-    ("--detect-side", "640 --prepare-processes 0", "detect_side"),
-])
+@pytest.mark.parametrize(
+    "option, value, key",
+    [
+        ("--max-batch", "0", "max_batch"),
+        ("--batch-wait-ms", "2000", "batch_wait_ms"),
+        ("--prepare-threads", "0", "prepare_threads"),
+        ("--detector-threads", "-1", "detector_threads"),
+        ("--prepare-processes", "65", "prepare_processes"),
+        ("--detect-side", "9000", "detect_side"),
+        ("--detect-side", "640 --prepare-processes 0", "detect_side"),
+    ],
+)
 def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, value, key, monkeypatch):
     import uvicorn
 
@@ -457,7 +498,7 @@ def test_cli_serve_bad_batch_settings_exit_2_naming_the_key(tiny_run, option, va
 
 
 def test_yunet_threads_change_nothing_but_speed():
-    from fairage.detect import YuNetDetector, detect_faces, set_yunet_threads
+    from fairage.inference.detect import YuNetDetector, detect_faces, set_yunet_threads
 
     pytest.importorskip("yuface")
     photo = group_photo([(0, 0), (512, 0), (1024, 0)], (1536, 600))

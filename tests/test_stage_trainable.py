@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import square_faces
 
-from fairage.augment import replicate_faces
-from fairage.config import HeadBlock, ModelConfig, StageConfig
-from fairage.models import build_model
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig
+from fairage.models.regressor import build_model
 from fairage.training import AgeModule, StageArrays, extract_features, fit_stage
+from fairage.training.augment import replicate_faces
 
 SIZE = 32
 
@@ -85,8 +85,9 @@ def test_adam_eps_reaches_the_optimizer():
 
 def test_keras_head_init_is_glorot_uniform_with_zero_bias():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone="resnet18", projection_dim=512, head=[HeadBlock(units=128)],
-                                    head_init="keras"))[0]
+    model = build_model(
+        ModelConfig(backbone="resnet18", projection_dim=512, head=[HeadBlock(units=128)], head_init="keras")
+    )[0]
     linear = model.head[0].requires_grad_(False)
     bound = math.sqrt(6 / (512 + 128))  # glorot-uniform limit
     assert float(linear.weight.abs().max()) <= bound
@@ -127,7 +128,7 @@ def test_replicate_blur_is_5x5_gaussian_sigma_1():
     face = np.zeros((1, 15, 15, 3), np.uint8)
     face[0, 7, 7] = 255
     blurred = replicate_faces(face, np.array([70.0]))[0][3].astype(float)
-    g = np.exp(-np.arange(-2, 3) ** 2 / 2.0)
+    g = np.exp(-(np.arange(-2, 3) ** 2) / 2.0)
     g /= g.sum()
     expected = 255 * np.outer(g, g)  # separable kernel, 5x5 support
     assert np.abs(blurred[5:10, 5:10, 0] - expected).max() <= 1
@@ -155,8 +156,9 @@ def test_replicate_shift_is_within_25_of_224_of_the_side(side, max_shift):
         dx, dy = _shift_of(shifted)
         assert abs(dx) <= max_shift and abs(dy) <= max_shift
         expected = np.zeros_like(images[i])
-        expected[max(dy, 0):side + min(dy, 0), max(dx, 0):side + min(dx, 0)] = \
-            images[i][max(-dy, 0):side - max(dy, 0), max(-dx, 0):side - max(dx, 0)]
+        expected[max(dy, 0) : side + min(dy, 0), max(dx, 0) : side + min(dx, 0)] = images[i][
+            max(-dy, 0) : side - max(dy, 0), max(-dx, 0) : side - max(dx, 0)
+        ]
         assert np.array_equal(shifted, expected), i
         shifts.append((dx, dy))
     assert len(set(shifts)) > 1  # drawn, not one fixed shift
@@ -173,7 +175,7 @@ def test_plateau_threshold_is_absolute_with_lr_min_delta():
 def test_run_trains_on_the_replicated_faces(tmp_path):
     from lightning.pytorch.callbacks import Callback
 
-    from fairage.config import load_preset
+    from fairage.config.presets import load_preset
     from fairage.data import load_faces, write_synthetic
     from fairage.training import train
 
@@ -188,8 +190,17 @@ def test_run_trains_on_the_replicated_faces(tmp_path):
         def on_train_start(self, trainer, pl_module):
             self.sizes.append(len(trainer.train_dataloader.dataset))
 
-    cfg = load_preset("M2", "tiny", ["stage1.max_epochs=1", "eval.n_boot=10", "stage1.augment.enabled=true",
-                                     "stage1.augment.mode=replicate", "stage1.augment.min_age=60"])
+    cfg = load_preset(
+        "M2",
+        "tiny",
+        [
+            "stage1.max_epochs=1",
+            "eval.n_boot=10",
+            "stage1.augment.enabled=true",
+            "stage1.augment.mode=replicate",
+            "stage1.augment.min_age=60",
+        ],
+    )
     seen = TrainingSetSize()
     train(cfg, data, tmp_path / "run", progress=False, callbacks=[seen])
     assert seen.sizes == [40 + 4 * old]

@@ -13,14 +13,24 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from fairage import suite, training
+from fairage import training
 from fairage.cli import app
-from fairage.config import dump_config, load_preset
+from fairage.config.files import dump_config
+from fairage.config.presets import load_preset
 from fairage.data import write_synthetic
-from fairage.models import build_model
+from fairage.models.regressor import build_model
+from fairage.workflows import suite
 
-TABLE1 = ["Model", "Learning rate", "Training strategy", "Gender bias", "Expression bias",
-          "Ethnicity bias", "Age bias", "MAE"]
+TABLE1 = [
+    "Model",
+    "Learning rate",
+    "Training strategy",
+    "Gender bias",
+    "Expression bias",
+    "Ethnicity bias",
+    "Age bias",
+    "MAE",
+]
 MEASURED = ["Gender bias", "Expression bias", "Ethnicity bias", "Age bias", "MAE"]
 
 
@@ -102,8 +112,9 @@ def test_a_stage_stopped_on_nan_shows_in_the_suite_console(finished_suite, monke
         raise AssertionError("train() called for a finished run")
 
     monkeypatch.setattr(training, "train", fail)
-    res = CliRunner().invoke(app, ["suite", "--data", str(data), "--out", str(copy), "--presets", "M1,M2",
-                                   "--scale", "tiny", "--quiet"])
+    res = CliRunner().invoke(
+        app, ["suite", "--data", str(data), "--out", str(copy), "--presets", "M1,M2", "--scale", "tiny", "--quiet"]
+    )
     assert res.exit_code == 0, res.output
     assert f"warning: [1/2] M1: {stop}" in " ".join(res.output.split())
     assert "M2: stage" not in res.output
@@ -116,8 +127,11 @@ def test_cli_suite_reuses_and_prints_the_table(finished_suite, monkeypatch):
         raise AssertionError("train() called for a finished run")
 
     monkeypatch.setattr(training, "train", fail)
-    res = CliRunner().invoke(app, ["suite", "--data", str(data), "--out", str(out), "--presets", "M1,M2",
-                                   "--scale", "tiny", "--quiet"], env={"COLUMNS": "250"})
+    res = CliRunner().invoke(
+        app,
+        ["suite", "--data", str(data), "--out", str(out), "--presets", "M1,M2", "--scale", "tiny", "--quiet"],
+        env={"COLUMNS": "250"},
+    )
     assert res.exit_code == 0, res.output
     assert "Ethnicity bias" in res.output and "M2" in res.output
     assert "report.html" in res.output
@@ -156,14 +170,28 @@ def test_bad_suite_arguments_are_clear(tmp_path):
         suite.suite_configs(["M1", "M9"], "tiny")
     with pytest.raises(ConfigError, match="listed twice"):
         suite.suite_configs(["M1", "M1"], "tiny")
-    res = CliRunner().invoke(app, ["suite", "--data", str(tmp_path), "--presets", "M1", "--set", "stage2.lrr=1",
-                                   "--scale", "tiny", "--out", str(tmp_path / "o")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "suite",
+            "--data",
+            str(tmp_path),
+            "--presets",
+            "M1",
+            "--set",
+            "stage2.lrr=1",
+            "--scale",
+            "tiny",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert res.exit_code == 2 and "lrr" in res.output
 
 
 def _backbone_from_checkpoint(path):
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return {k[len("model.backbone."):]: v for k, v in state.items() if k.startswith("model.backbone.")}
+    return {k[len("model.backbone.") :]: v for k, v in state.items() if k.startswith("model.backbone.")}
 
 
 def test_export_backbone_writes_the_best_checkpoints_backbone(finished_suite, tmp_path):
@@ -201,8 +229,16 @@ def test_export_backbone_refuses_unfinished_runs(finished_suite, tmp_path):
 
 def test_demo_starts_from_the_pretrained_backbone(tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    kw = {"presets": ["M2"], "scale": "tiny", "n_train": 60, "n_valid": 40, "n_test": 40, "size": 32,
-          "pretrain_sizes": {"n_train": 60, "n_valid": 40, "n_test": 20}, "progress": False}
+    kw = {
+        "presets": ["M2"],
+        "scale": "tiny",
+        "n_train": 60,
+        "n_valid": 40,
+        "n_test": 40,
+        "size": 32,
+        "pretrain_sizes": {"n_train": 60, "n_valid": 40, "n_test": 20},
+        "progress": False,
+    }
     report = suite.run_demo(out, **kw)
     weights = out / "pretrained-backbone.safetensors"
     info = json.loads((out / "M2" / "run.json").read_text())
@@ -210,7 +246,9 @@ def test_demo_starts_from_the_pretrained_backbone(tmp_path, monkeypatch):
     # the pretraining data is another draw (other seed), not the demo's faces
     [pre_dir] = [p for p in out.glob("synthetic-*seed1")]
     [demo_dir] = [p for p in out.glob("synthetic-*seed0")]
-    assert (pre_dir / "train" / "000000.jpg_face.jpg").read_bytes() != (demo_dir / "train" / "000000.jpg_face.jpg").read_bytes()
+    assert (pre_dir / "train" / "000000.jpg_face.jpg").read_bytes() != (
+        demo_dir / "train" / "000000.jpg_face.jpg"
+    ).read_bytes()
     # M2 freezes the backbone: its best checkpoint still holds the pretrained tensors exactly
     pretrained = load_file(str(weights))
     trained = _backbone_from_checkpoint(out / "M2" / "checkpoints" / "stage1-best.ckpt")

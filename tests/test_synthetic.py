@@ -32,8 +32,13 @@ def test_the_folder_is_marked_synthetic(tmp_path):
     from fairage.data.synthetic import SYNTH_VERSION, synthetic_marker
 
     root = write_synthetic(tmp_path / "s", n_train=2, n_valid=1, n_test=1, size=16, seed=3, workers=1)
-    assert synthetic_marker(root) == {"generator": "fairage.data.synthetic", "version": SYNTH_VERSION, "seed": 3,
-                                      "size": 16, "faces": {"train": 2, "valid": 1, "test": 1}}
+    assert synthetic_marker(root) == {
+        "generator": "fairage.data.synthetic",
+        "version": SYNTH_VERSION,
+        "seed": 3,
+        "size": 16,
+        "faces": {"train": 2, "valid": 1, "test": 1},
+    }
     (tmp_path / "photos").mkdir()
     assert synthetic_marker(tmp_path / "photos") is None
 
@@ -54,7 +59,13 @@ def test_written_layout_reads_back(tmp_path):
     gt = pd.read_csv(root / "gt_avg_test.csv")
     assert list(gt.columns) == ["file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age"]
     assert list(pd.read_csv(root / "allcategories_test.csv").columns) == [
-        "file", "gender", "race", "makeup", "time", "happiness"]
+        "file",
+        "gender",
+        "race",
+        "makeup",
+        "time",
+        "happiness",
+    ]
     assert gt["file_name"].tolist() == ["000000.jpg", "000001.jpg", "000002.jpg", "000003.jpg"]
     assert (root / "test" / "000003.jpg").is_file() and (root / "test" / "000003.jpg_face.jpg").is_file()
     from PIL import Image
@@ -87,7 +98,7 @@ def _face_detail(img: np.ndarray) -> float:
     """Mean absolute Laplacian over the central face area (eyes to mouth): lines and texture."""
     g = img.astype(float).mean(axis=2)
     s = g.shape[0]
-    c = g[int(0.3 * s):int(0.75 * s), int(0.3 * s):int(0.7 * s)]
+    c = g[int(0.3 * s) : int(0.75 * s), int(0.3 * s) : int(0.7 * s)]
     lap = 4 * c[1:-1, 1:-1] - c[:-2, 1:-1] - c[2:, 1:-1] - c[1:-1, :-2] - c[1:-1, 2:]
     return float(np.abs(lap).mean())
 

@@ -15,8 +15,8 @@ import torch
 from conftest import square_faces
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import HeadBlock, ModelConfig, StageConfig
-from fairage.models import build_model
+from fairage.config.schema import HeadBlock, ModelConfig, StageConfig
+from fairage.models.regressor import build_model
 from fairage.training import NonFiniteLossError, StageArrays, fit_stage, predict
 
 SIZE = 32
@@ -39,8 +39,13 @@ def tiny_model(seed: int = 0, **kw):
 def test_loss_decreases_and_model_learns_the_age(faces, tmp_path):
     train_images, train_ages, val_images, val_ages = faces
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)])
-    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
-                       StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp_path)
+    result = fit_stage(
+        model,
+        "stage2",
+        StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+        run_dir=tmp_path,
+    )
     h = result.history
     assert list(h["epoch"]) == [1, 2, 3] and set(h["stage"]) == {"stage2"}
     assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
@@ -67,10 +72,15 @@ def test_stage1_leaves_backbone_and_batchnorm_statistics_untouched(faces):
     train_images, train_ages, val_images, val_ages = faces
     model = tiny_model()
     before_features = copy.deepcopy(model.backbone.state_dict()) | {
-        f"projection.{k}": v.clone() for k, v in model.projection.state_dict().items()}
+        f"projection.{k}": v.clone() for k, v in model.projection.state_dict().items()
+    }
     head_before = copy.deepcopy(model.head.state_dict())
-    fit_stage(model, "stage1", StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
-              StageArrays(train_images, train_ages, val_images, val_ages))
+    fit_stage(
+        model,
+        "stage1",
+        StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+    )
     after = model.backbone.state_dict() | {f"projection.{k}": v for k, v in model.projection.state_dict().items()}
     assert any("running_mean" in k for k in after)
     for name, value in before_features.items():
@@ -84,8 +94,7 @@ def test_cached_and_uncached_stage1_agree(faces):
     stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=2)
     arrays = StageArrays(train_images, train_ages, val_images, val_ages)
     r_cached = fit_stage(cached, "stage1", stage, arrays, cache_features=True)
-    r_plain = fit_stage(uncached, "stage1", stage, arrays,
-                        cache_features=False)
+    r_plain = fit_stage(uncached, "stage1", stage, arrays, cache_features=False)
     for name, value in uncached.head.state_dict().items():
         torch.testing.assert_close(cached.head.state_dict()[name], value, atol=1e-4, rtol=0)
     np.testing.assert_allclose(r_cached.history["val_loss"], r_plain.history["val_loss"], atol=1e-4, rtol=0)
@@ -107,9 +116,14 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_best(faces, tmp_path):
     # few faces: non-finite arithmetic is slow on CPUs
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
-    result = fit_stage(model, "stage2", StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
-                       StageArrays(train_images, train_ages, val_images, val_ages), run_dir=tmp_path,
-                       callbacks=[ExplodeLearningRate()])
+    result = fit_stage(
+        model,
+        "stage2",
+        StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
+        StageArrays(train_images, train_ages, val_images, val_ages),
+        run_dir=tmp_path,
+        callbacks=[ExplodeLearningRate()],
+    )
     h = result.history
     assert list(h["epoch"]) == [1, 2]  # stopped right after the first non-finite epoch
     assert np.isfinite(h["val_loss"].iloc[0]) and not np.isfinite(h["train_loss"].iloc[1])
@@ -123,19 +137,22 @@ def test_non_finite_from_the_first_epoch_is_an_error(faces):
     train_images, train_ages, val_images, val_ages = (a[:16] for a in faces)
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
     with pytest.raises(NonFiniteLossError, match="no finite validation loss"):
-        fit_stage(model, "stage2", StageConfig(lr=1e10, batch_size=8, max_epochs=3),
-                  StageArrays(train_images, train_ages, val_images, val_ages))
+        fit_stage(
+            model,
+            "stage2",
+            StageConfig(lr=1e10, batch_size=8, max_epochs=3),
+            StageArrays(train_images, train_ages, val_images, val_ages),
+        )
 
 
 def test_augmentation_only_for_chosen_ages():
-    from fairage.config import AugmentConfig
+    from fairage.config.schema import AugmentConfig
     from fairage.training import AgeModule, images_to_input
 
     rng = np.random.default_rng(5)
     images = torch.from_numpy(rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))
     ages = torch.tensor([10.0, 70.0, 60.0])
-    flip_only = AugmentConfig(enabled=True, hflip=1.0, brightness=0, contrast=0, blur_sigma=0, translate=0,
-                              min_age=60)
+    flip_only = AugmentConfig(enabled=True, hflip=1.0, brightness=0, contrast=0, blur_sigma=0, translate=0, min_age=60)
     module = AgeModule(tiny_model(), StageConfig(augment=flip_only), frozen=False, image_size=SIZE)
     plain = images_to_input(images)
     out = module.prepare_images(images, ages, augment=True)
@@ -147,7 +164,7 @@ def test_augmentation_only_for_chosen_ages():
 
 
 def test_augmented_stage_trains_on_all_transforms(faces):
-    from fairage.config import AugmentConfig
+    from fairage.config.schema import AugmentConfig
 
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     model = tiny_model()
@@ -158,15 +175,21 @@ def test_augmented_stage_trains_on_all_transforms(faces):
 
 
 def test_same_seed_same_run(faces):
-    from fairage.config import TrainerConfig
+    from fairage.config.schema import TrainerConfig
 
     train_images, train_ages, val_images, val_ages = (a[:32] for a in faces)
     stage = StageConfig(lr=1e-3, batch_size=8, max_epochs=1)
     runs = []
     for _ in range(2):
         model = tiny_model(seed=7)
-        result = fit_stage(model, "stage2", stage, StageArrays(train_images, train_ages, val_images, val_ages), seed=11,
-                           trainer_cfg=TrainerConfig(deterministic=True))
+        result = fit_stage(
+            model,
+            "stage2",
+            stage,
+            StageArrays(train_images, train_ages, val_images, val_ages),
+            seed=11,
+            trainer_cfg=TrainerConfig(deterministic=True),
+        )
         runs.append((result.history, predict(model, val_images)))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
     np.testing.assert_array_equal(runs[0][1], runs[1][1])
@@ -178,8 +201,9 @@ def test_loss_mode_weights_reach_the_loss(faces):
     head_before = copy.deepcopy(model.head.state_dict())
     stage = StageConfig(lr=1e-2, batch_size=8, max_epochs=1)  # weighting.mode defaults to "loss"
     # every face weighted 0: zero loss, zero gradients, Adam leaves the head exactly as it was
-    result = fit_stage(model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages,
-                                                  train_weights=np.zeros(32)))
+    result = fit_stage(
+        model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages, train_weights=np.zeros(32))
+    )
     assert result.history["train_loss"].iloc[0] == 0.0
     assert result.history["val_loss"].iloc[0] > 0  # validation loss is never weighted
     for name, value in head_before.items():
@@ -196,8 +220,12 @@ def test_random_shift_is_a_whole_pixel_affine_move_within_the_range():
     out = random_shift(x, 0.1)  # up to round(2.0) = 2 pixels each way
     seen = set()
     for img, moved in zip(x, out, strict=True):
-        matches = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)
-                   if torch.equal(F.affine(img, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0]), moved)]
+        matches = [
+            (dx, dy)
+            for dx in range(-2, 3)
+            for dy in range(-2, 3)
+            if torch.equal(F.affine(img, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0]), moved)
+        ]
         assert len(matches) == 1, matches  # random images: exactly one offset explains the result
         seen.add(matches[0])
     assert len(seen) > 10  # offsets differ from image to image
@@ -211,8 +239,9 @@ def test_translate_only_augmentation_moves_only_chosen_faces():
     rng = np.random.default_rng(6)
     images = torch.from_numpy(rng.integers(1, 256, (6, SIZE, SIZE, 3), dtype=np.uint8))
     ages = torch.tensor([10.0, 70.0, 10.0, 70.0, 70.0, 70.0])
-    shift_only = AugmentConfig(enabled=True, hflip=0, brightness=0, contrast=0, blur_sigma=0, translate=0.25,
-                               min_age=60)
+    shift_only = AugmentConfig(
+        enabled=True, hflip=0, brightness=0, contrast=0, blur_sigma=0, translate=0.25, min_age=60
+    )
     module = AgeModule(tiny_model(), StageConfig(augment=shift_only), frozen=False, image_size=SIZE)
     torch.manual_seed(0)
     out = module.prepare_images(images, ages, augment=True)

@@ -16,21 +16,23 @@ import yaml
 from conftest import invoke, tiny_synthetic
 from lightning.pytorch.callbacks import Callback
 
-from fairage.config import load_config, load_preset
+from fairage.config.files import load_config
+from fairage.config.presets import load_preset
 from fairage.errors import ConfigError
-from fairage.tune import SearchSpace, Tuner, open_study, pick_trial
+from fairage.workflows.tune import SearchSpace, Tuner, open_study, pick_trial
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 #: every trial: one all-layers epoch of the tiny resnet18, a 20-resample bootstrap, no permutations
 BASE_SET = ["eval.n_boot=20", "eval.n_perm=0", "stage2.max_epochs=1"]
-SPACE = {"stage2.lr": {"low": 1e-4, "high": 1e-2, "log": True},
-         "stage2.weighting.scheme": ["none", "age", "age_ethnicity"],
-         "model.head.dropout": {"low": 0.0, "high": 0.3}}
+SPACE = {
+    "stage2.lr": {"low": 1e-4, "high": 1e-2, "log": True},
+    "stage2.weighting.scheme": ["none", "age", "age_ethnicity"],
+    "model.head.dropout": {"low": 0.0, "high": 0.3},
+}
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 
 
 class FailTrial(Callback):
@@ -54,8 +56,15 @@ def study_dir(tmp_path_factory, data, tiny_run) -> Path:
     """A finished 5-trial study (NSGA-II, seeded), trial 2 failing on purpose; a reference run in its plot."""
     out = tmp_path_factory.mktemp("tune") / "out"
     base = load_preset("M1", "tiny", BASE_SET)
-    tuner = Tuner(data, out, SearchSpace(SPACE, base), ["mae", "age_bias"], n_trials=5,
-                  callbacks=[FailTrial("trial-0002")], references=[tiny_run])
+    tuner = Tuner(
+        data,
+        out,
+        SearchSpace(SPACE, base),
+        ["mae", "age_bias"],
+        n_trials=5,
+        callbacks=[FailTrial("trial-0002")],
+        references=[tiny_run],
+    )
     tuner.run()
     return out
 
@@ -119,15 +128,18 @@ def test_pick_chooses_on_validation_and_writes_a_config(study_dir):
     assert result.exit_code == 2 and "gender_bias" in result.output
 
 
-@pytest.mark.parametrize("space, key, words", [
-    ({"stage2.lrr": [1e-3]}, "stage2.lrr", "unknown key"),
-    ({"stage2.lr": {"low": 1e-2, "high": 1e-3}}, "stage2.lr", "empty range"),
-    ({"stage2.lr": {"low": "small", "high": 1e-3}}, "stage2.lr", "must be a number"),
-    ({"stage2.weighting.scheme": {"low": 0, "high": 1}}, "stage2.weighting.scheme", "not a number setting"),
-    ({"stage2.weighting.scheme": ["none", "agee"]}, "stage2.weighting.scheme", "'agee' is not valid"),
-    ({"stage2.lr": []}, "stage2.lr", "empty list"),
-    ({"stage1.lr": [1e-3]}, "stage1.lr", "has no stage1"),
-])
+@pytest.mark.parametrize(
+    "space, key, words",
+    [
+        ({"stage2.lrr": [1e-3]}, "stage2.lrr", "unknown key"),
+        ({"stage2.lr": {"low": 1e-2, "high": 1e-3}}, "stage2.lr", "empty range"),
+        ({"stage2.lr": {"low": "small", "high": 1e-3}}, "stage2.lr", "must be a number"),
+        ({"stage2.weighting.scheme": {"low": 0, "high": 1}}, "stage2.weighting.scheme", "not a number setting"),
+        ({"stage2.weighting.scheme": ["none", "agee"]}, "stage2.weighting.scheme", "'agee' is not valid"),
+        ({"stage2.lr": []}, "stage2.lr", "empty list"),
+        ({"stage1.lr": [1e-3]}, "stage1.lr", "has no stage1"),
+    ],
+)
 def test_bad_space_exits_2_naming_the_key(tmp_path, data, space, key, words):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump(space))
@@ -153,8 +165,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     from lightning.pytorch.callbacks import Callback
-    from fairage.config import load_preset
-    from fairage.tune import SearchSpace, Tuner
+    from fairage.config.presets import load_preset
+    from fairage.workflows.tune import SearchSpace, Tuner
 
     class KillInTrial1(Callback):
         # SIGKILL, as a machine that dies: no handler runs, trial 1 stays RUNNING in the storage
@@ -173,8 +185,14 @@ def test_resume_after_kill_keeps_finished_trials(tmp_path, data):
     out = tmp_path / "out"
     script = tmp_path / "kill.py"
     script.write_text(KILL_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(data), str(out), repr(SPACE)], env=_env(),
-                          capture_output=True, text=True, timeout=300, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(data), str(out), repr(SPACE)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     storage = f"sqlite:///{out / 'study.db'}"
     before = open_study(storage, "fairage-tune").get_trials()
@@ -204,12 +222,37 @@ def test_two_workers_share_one_study(tmp_path, data):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     storage = f"journal://{tmp_path / 'shared' / 'tune.log'}"
-    args = ["-m", "fairage.cli", "tune", "--data", str(data), "--space", str(space), "--out", str(out),
-            "--trials", "4", "--storage", storage, "--study", "shared", "--scale", "tiny",
-            # a trial whose tiny run saturates would be recorded as failed: this test counts finished ones
-            *[a for s in [*BASE_SET, "stage2.stop_on_collapse=false"] for a in ("--set", s)]]
-    workers = [subprocess.Popen([sys.executable, *args, "--seed", str(k)], env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for k in (1, 2)]
+    args = [
+        "-m",
+        "fairage.cli",
+        "tune",
+        "--data",
+        str(data),
+        "--space",
+        str(space),
+        "--out",
+        str(out),
+        "--trials",
+        "4",
+        "--storage",
+        storage,
+        "--study",
+        "shared",
+        "--scale",
+        "tiny",
+        # a trial whose tiny run saturates would be recorded as failed: this test counts finished ones
+        *[a for s in [*BASE_SET, "stage2.stop_on_collapse=false"] for a in ("--set", s)],
+    ]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, *args, "--seed", str(k)],
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in (1, 2)
+    ]
     outputs = [w.communicate(timeout=400)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     study = open_study(storage, "shared")
@@ -229,8 +272,12 @@ def test_trainer_logger_writes_in_the_run_folder(tmp_path, data, logger):
     from fairage.training import train
 
     run = tmp_path / "run"
-    train(load_preset("M1", "tiny", [*BASE_SET, "stage2.max_epochs=2", f"trainer.logger={logger}"]), data, run,
-          progress=False)
+    train(
+        load_preset("M1", "tiny", [*BASE_SET, "stage2.max_epochs=2", f"trainer.logger={logger}"]),
+        data,
+        run,
+        progress=False,
+    )
     history = pd.read_csv(run / "history.csv")
     if logger == "tensorboard":
         from tensorboard.backend.event_processing.event_accumulator import (
@@ -261,8 +308,9 @@ def test_mlflow_logger_groups_the_trials_under_their_study(tmp_path, data):
     experiment named after the study, each stage's epoch metrics as its history.csv holds them."""
     mlflow = pytest.importorskip("mlflow")
     out = tmp_path / "out"
-    base = load_preset("M1", "tiny", [*BASE_SET, "stage2.max_epochs=2", "stage2.stop_on_collapse=false",
-                                      "trainer.logger=mlflow"])
+    base = load_preset(
+        "M1", "tiny", [*BASE_SET, "stage2.max_epochs=2", "stage2.stop_on_collapse=false", "trainer.logger=mlflow"]
+    )
     Tuner(data, out, SearchSpace(SPACE, base), ["mae", "age_bias"], n_trials=2, study_name="gap-study").run()
     assert (out / "mlflow.db").is_file()
     client = mlflow.tracking.MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
@@ -290,8 +338,12 @@ def test_mlflow_logger_default_store_is_in_the_run_folder(tmp_path, data, monkey
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
-    train(load_preset("M2", "tiny", [*BASE_SET, "stage1.max_epochs=1", "stage2.max_epochs=2",
-                                     "trainer.logger=mlflow"]), data, run, progress=False)
+    train(
+        load_preset("M2", "tiny", [*BASE_SET, "stage1.max_epochs=1", "stage2.max_epochs=2", "trainer.logger=mlflow"]),
+        data,
+        run,
+        progress=False,
+    )
     client = mlflow.tracking.MlflowClient(f"sqlite:///{run / 'logs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("fairage")
     runs = sorted(client.search_runs([experiment.experiment_id]), key=lambda r: r.info.start_time)
@@ -310,24 +362,39 @@ def test_mlflow_missing_is_one_message_before_any_folder(tmp_path, data, monkeyp
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else find_spec(name, *a))
     out = tmp_path / "run"
-    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", out,
-                    "--set", "trainer.logger=mlflow")
+    result = invoke(
+        "train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", out, "--set", "trainer.logger=mlflow"
+    )
     assert result.exit_code == 2, result.output
     assert "trainer.logger 'mlflow'" in result.output and "pip install 'fairage[mlflow]'" in result.output
     assert not out.exists()
-    result = invoke("tune", "--data", data, "--out", tmp_path / "tune", "--scale", "tiny", "--trials", "1",
-                    "--tracking-uri", "http://127.0.0.1:5000")
+    result = invoke(
+        "tune",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "tune",
+        "--scale",
+        "tiny",
+        "--trials",
+        "1",
+        "--tracking-uri",
+        "http://127.0.0.1:5000",
+    )
     assert result.exit_code == 2 and "pip install 'fairage[mlflow]'" in result.output
     assert not (tmp_path / "tune").exists()
 
 
-@pytest.mark.parametrize("uri, words", [
-    ("ftp://host/x", "unknown scheme 'ftp'"),
-    ("http://", "no host"),
-    ("mlruns", "is not a URL"),
-    ("sqlite://", "a SQLite URI is"),
-    ("http://host:5000/a b", "spaces"),
-])
+@pytest.mark.parametrize(
+    "uri, words",
+    [
+        ("ftp://host/x", "unknown scheme 'ftp'"),
+        ("http://", "no host"),
+        ("mlruns", "is not a URL"),
+        ("sqlite://", "a SQLite URI is"),
+        ("http://host:5000/a b", "spaces"),
+    ],
+)
 def test_bad_tracking_uri_exits_2_naming_the_key(tmp_path, data, uri, words):
     out = tmp_path / "run"
     result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", out, "--tracking-uri", uri)
@@ -337,7 +404,7 @@ def test_bad_tracking_uri_exits_2_naming_the_key(tmp_path, data, uri, words):
 
 
 def test_tracking_uri_sets_the_mlflow_logger_and_is_made_absolute(tmp_path, data, monkeypatch):
-    from fairage.config import normalize_tracking_uri
+    from fairage.config.schema import normalize_tracking_uri
 
     monkeypatch.chdir(tmp_path)
     assert normalize_tracking_uri("sqlite:///store/m.db") == f"sqlite:///{tmp_path.resolve() / 'store' / 'm.db'}"
@@ -348,14 +415,33 @@ def test_tracking_uri_sets_the_mlflow_logger_and_is_made_absolute(tmp_path, data
     # a tracking setting without the mlflow logger is refused, naming the keys
     with pytest.raises(ConfigError, match="tracking_uri only apply to trainer.logger: mlflow"):
         load_preset("M1", "tiny", ["trainer.tracking_uri=http://127.0.0.1:5000"])
-    result = invoke("train", "--preset", "M1", "--scale", "tiny", "--data", data, "--out", tmp_path / "r",
-                    "--tracking-uri", "http://127.0.0.1:5000", "--set", "trainer.logger=csv")
+    result = invoke(
+        "train",
+        "--preset",
+        "M1",
+        "--scale",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "r",
+        "--tracking-uri",
+        "http://127.0.0.1:5000",
+        "--set",
+        "trainer.logger=csv",
+    )
     assert result.exit_code == 2 and "trainer.logger is 'csv'" in result.output
     # a pick retrains outside the trial: the trial's tags are dropped, the study's experiment kept
-    from fairage.tune import Tuner as _Tuner
+    from fairage.workflows.tune import Tuner as _Tuner
 
-    tuner = _Tuner(data, tmp_path / "t", SearchSpace(SPACE, load_preset("M1", "tiny", ["trainer.logger=mlflow"])),
-                   ["mae", "age_bias"], n_trials=0, study_name="s1")
+    tuner = _Tuner(
+        data,
+        tmp_path / "t",
+        SearchSpace(SPACE, load_preset("M1", "tiny", ["trainer.logger=mlflow"])),
+        ["mae", "age_bias"],
+        n_trials=0,
+        study_name="s1",
+    )
     cfg = tuner.tracked(load_preset("M1", "tiny", ["trainer.logger=mlflow"]), tmp_path / "t" / "trials" / "trial-0012")
     assert cfg.trainer.tracking_tags == {"fairage.study": "s1", "fairage.trial": "12"}
     assert cfg.trainer.experiment_name == "s1"

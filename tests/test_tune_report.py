@@ -13,9 +13,9 @@ import yaml
 from conftest import invoke
 from test_report import make_run
 
-from fairage import report
 from fairage.errors import DataError
-from fairage.tune import front_points, read_tune_folder
+from fairage.outputs import report
+from fairage.workflows.tune import front_points, read_tune_folder
 
 #: the hand-made runs' test faces (test_report.make_run): ages and their age groups
 AGES = [12.0, 33.0, 41.0, 75.0, 22.0]
@@ -44,21 +44,34 @@ def tune_dir(tmp_path) -> Path:
     (out / "trials").mkdir(parents=True)
     t3 = _trial_run(out / "trials", "trial-0003")
     t5 = make_run(out / "trials", "trial-0005", "M1", 7.5, BIAS)
-    pd.DataFrame({
-        "number": [3, 5, 6, 7], "state": ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"],
-        "stage2.lr": [1e-3, 2e-3, 3e-3, 4e-3],
-        "val_mae": [4.5, 7.0, None, 3.0], "val_age_bias": [1.25, 4.0, None, 2.5],
-        # trial 3's folder as another machine named it: found under OUT/trials by its name
-        "run_dir": ["/elsewhere/tune/trials/trial-0003", str(t5), None, "/elsewhere/trial-0007"],
-        "error": [None, None, "RuntimeError: planted", None], "retry_of": [None] * 4,
-        "duration_s": [10.0, 11.0, 2.0, 12.0],
-    }).to_csv(out / "trials.csv", index=False)
-    pd.DataFrame({
-        "number": [3, 7], "val_mae": [4.5, 3.0], "val_age_bias": [1.25, 2.5],
-        "test_mae": [5.125, 3.5], "test_mae_ci_low": [4.5, 3.0], "test_mae_ci_high": [5.75, 4.0],
-        "test_age_bias": [2.0, 2.75], "test_age_bias_ci_low": [1.0, 2.25], "test_age_bias_ci_high": [3.0, 3.25],
-        "run_dir": ["/elsewhere/tune/trials/trial-0003", "/elsewhere/trial-0007"],
-    }).to_csv(out / "front.csv", index=False)
+    pd.DataFrame(
+        {
+            "number": [3, 5, 6, 7],
+            "state": ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"],
+            "stage2.lr": [1e-3, 2e-3, 3e-3, 4e-3],
+            "val_mae": [4.5, 7.0, None, 3.0],
+            "val_age_bias": [1.25, 4.0, None, 2.5],
+            # trial 3's folder as another machine named it: found under OUT/trials by its name
+            "run_dir": ["/elsewhere/tune/trials/trial-0003", str(t5), None, "/elsewhere/trial-0007"],
+            "error": [None, None, "RuntimeError: planted", None],
+            "retry_of": [None] * 4,
+            "duration_s": [10.0, 11.0, 2.0, 12.0],
+        }
+    ).to_csv(out / "trials.csv", index=False)
+    pd.DataFrame(
+        {
+            "number": [3, 7],
+            "val_mae": [4.5, 3.0],
+            "val_age_bias": [1.25, 2.5],
+            "test_mae": [5.125, 3.5],
+            "test_mae_ci_low": [4.5, 3.0],
+            "test_mae_ci_high": [5.75, 4.0],
+            "test_age_bias": [2.0, 2.75],
+            "test_age_bias_ci_low": [1.0, 2.25],
+            "test_age_bias_ci_high": [3.0, 3.25],
+            "run_dir": ["/elsewhere/tune/trials/trial-0003", "/elsewhere/trial-0007"],
+        }
+    ).to_csv(out / "front.csv", index=False)
     assert t3.is_dir()
     return out
 
@@ -66,8 +79,10 @@ def tune_dir(tmp_path) -> Path:
 def _table_rows(page: str, table_id: str) -> list[list[str]]:
     body = re.search(rf'<table id="{table_id}">(.*?)</table>', page, re.DOTALL).group(1)
     head = [html.unescape(c) for c in re.findall(r"<th class=\"[^\"]*\">(.*?)</th>", body)]
-    rows = [[html.unescape(c) for c in re.findall(r"<td class=\"[^\"]*\">(.*?)</td>", r)]
-            for r in re.findall(r"<tr>(.*?)</tr>", body)[1:]]
+    rows = [
+        [html.unescape(c) for c in re.findall(r"<td class=\"[^\"]*\">(.*?)</td>", r)]
+        for r in re.findall(r"<tr>(.*?)</tr>", body)[1:]
+    ]
     return [head, *rows]
 
 
@@ -127,12 +142,15 @@ def test_report_command_takes_a_tune_folder_alone(tmp_path, tune_dir):
     assert result.exit_code == 2 and "--tune" in result.output
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda f: f.drop(columns=["test_mae_ci_low"]), "missing column test_mae_ci_low"),
-    (lambda f: f.assign(test_mae=["5.1", "lots"]), "line 3, column test_mae: 'lots' is not a finite number"),
-    (lambda f: f.assign(number=[3, 7.5]), "column number"),
-    (lambda f: f.rename(columns={"val_mae": "val_maee"}), "val_maee"),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda f: f.drop(columns=["test_mae_ci_low"]), "missing column test_mae_ci_low"),
+        (lambda f: f.assign(test_mae=["5.1", "lots"]), "line 3, column test_mae: 'lots' is not a finite number"),
+        (lambda f: f.assign(number=[3, 7.5]), "column number"),
+        (lambda f: f.rename(columns={"val_mae": "val_maee"}), "val_maee"),
+    ],
+)
 def test_bad_front_csv_is_refused_naming_the_cell(tmp_path, tune_dir, change, words):
     front = pd.read_csv(tune_dir / "front.csv")
     change(front).to_csv(tune_dir / "front.csv", index=False)

@@ -6,15 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from fairage.config import ModelConfig
+from fairage.config.schema import ModelConfig
 from fairage.errors import ConfigError
-from fairage.models import (
-    AgeRegressor,
-    InputNorm,
-    KerasBottleneck,
-    keras_layer_map,
-    tf_same_padding,
-)
+from fairage.models.backbones import InputNorm
+from fairage.models.regressor import AgeRegressor
+from fairage.models.vggface2 import KerasBottleneck, keras_layer_map, tf_same_padding
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +70,7 @@ def test_stride_two_sits_on_the_1x1_reduce_and_proj(model):
     blocks = {name: m for name, m in model.backbone.named_children() if isinstance(m, KerasBottleneck)}
     assert len(blocks) == 16
     for name, block in blocks.items():
-        stage, index = (int(p) for p in name[len("conv"):].split("_"))
+        stage, index = (int(p) for p in name[len("conv") :].split("_"))
         stride = 2 if stage >= 3 and index == 1 else 1
         assert block.reduce.stride == (stride, stride), name
         assert block.conv3x3.stride == (1, 1) and block.conv3x3.padding == (1, 1), name
@@ -102,7 +98,7 @@ def test_no_conv_bias_and_keras_batchnorm(model):
         layer.bias.fill_(1.0)
         out = layer.eval()(torch.full((1, 64, 1, 1), 1.5))
     layer.load_state_dict(saved)
-    assert torch.allclose(out, torch.full_like(out, (1.5 - 0.5) / (0.002 ** 0.5) * 2.0 + 1.0))
+    assert torch.allclose(out, torch.full_like(out, (1.5 - 0.5) / (0.002**0.5) * 2.0 + 1.0))
 
 
 def test_pooling_gives_2048_features_and_global_average_at_other_sizes(model):
@@ -144,11 +140,14 @@ def test_keras_layer_map_covers_every_parameter_once(model):
 
 
 # RGB pixel (10, 20, 30) / 255 -> per input norm, worked out by hand
-@pytest.mark.parametrize("kind, expected", [
-    ("vggface2", (30 - 91.4953, 20 - 103.8827, 10 - 131.0912)),  # BGR, 0-255, minus the VGGFace2 mean
-    ("caffe", (30 - 103.939, 20 - 116.779, 10 - 123.68)),  # Keras resnet50.preprocess_input
-    ("imagenet", ((10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225)),
-])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("vggface2", (30 - 91.4953, 20 - 103.8827, 10 - 131.0912)),  # BGR, 0-255, minus the VGGFace2 mean
+        ("caffe", (30 - 103.939, 20 - 116.779, 10 - 123.68)),  # Keras resnet50.preprocess_input
+        ("imagenet", ((10 / 255 - 0.485) / 0.229, (20 / 255 - 0.456) / 0.224, (30 / 255 - 0.406) / 0.225)),
+    ],
+)
 def test_input_norms_by_hand(kind, expected):
     x = torch.tensor([10.0, 20.0, 30.0]).view(1, 3, 1, 1) / 255.0
     out = InputNorm(kind)(x).flatten().tolist()

@@ -5,9 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from fairage.config import WeightingConfig as W
+from fairage.config.schema import WeightingConfig as W
 from fairage.errors import ConfigError
-from fairage.weighting import (
+from fairage.fairness.weighting import (
     compute_weights,
     describe,
     dominant_groups_per_face,
@@ -23,14 +23,36 @@ from fairage.weighting import (
 @pytest.fixture
 def faces():
     # 10 faces: ages by bin [0,20):2, [20,40):5, [40,60):1, [60,inf):2
-    return pd.DataFrame({
-        "age": [5, 19.9, 20, 25, 30, 35, 39, 45, 60, 88],
-        "ethnicity": ["asian", "caucasian", "caucasian", "caucasian", "asian", "caucasian",
-                      "afroamerican", "caucasian", "asian", "caucasian"],
-        "expression": ["happy", "neutral", "neutral", "happy", "other", "neutral",
-                       "slightlyhappy", "neutral", "happy", "neutral"],
-        "gender": ["male", "female"] * 5,
-    })
+    return pd.DataFrame(
+        {
+            "age": [5, 19.9, 20, 25, 30, 35, 39, 45, 60, 88],
+            "ethnicity": [
+                "asian",
+                "caucasian",
+                "caucasian",
+                "caucasian",
+                "asian",
+                "caucasian",
+                "afroamerican",
+                "caucasian",
+                "asian",
+                "caucasian",
+            ],
+            "expression": [
+                "happy",
+                "neutral",
+                "neutral",
+                "happy",
+                "other",
+                "neutral",
+                "slightlyhappy",
+                "neutral",
+                "happy",
+                "neutral",
+            ],
+            "gender": ["male", "female"] * 5,
+        }
+    )
 
 
 def test_none_is_all_ones(faces):
@@ -72,8 +94,11 @@ def test_age_ethnicity_ten_groups_merge_old(faces):
 
 def test_custom_scheme_reproduces_ten_groups(faces):
     old = "[60,inf)"
-    custom = W(scheme="custom", attributes=["age", "ethnicity"],
-               merges={old: [f"{old}|asian", f"{old}|afroamerican", f"{old}|caucasian"]})
+    custom = W(
+        scheme="custom",
+        attributes=["age", "ethnicity"],
+        merges={old: [f"{old}|asian", f"{old}|afroamerican", f"{old}|caucasian"]},
+    )
     assert list(face_group_names(faces, custom)) == list(face_group_names(faces, W(scheme="age_ethnicity")))
     assert np.allclose(compute_weights(faces, custom), compute_weights(faces, W(scheme="age_ethnicity")))
 
@@ -100,7 +125,7 @@ def test_sqrt_inverse_and_effective_number(faces):
     beta = 0.9
     w = compute_weights(faces, W(scheme="age", formula="effective_number", beta=beta))
     n = np.array([2, 2, 5, 5, 5, 5, 5, 1, 2, 2], dtype=float)
-    raw = (1 - beta) / (1 - beta ** n)
+    raw = (1 - beta) / (1 - beta**n)
     assert np.allclose(w, raw / raw.mean())
 
 
@@ -130,6 +155,7 @@ def test_lds_against_direct_numpy():
     ages = np.array([20.2, 20.7, 21.5, 22.0, 30.0, 30.9, 55.0])
     # kernel as in Yang et al.'s get_lds_kernel_window: a filtered 5-tap delta over its max
     from scipy.ndimage import gaussian_filter1d
+
     k = gaussian_filter1d(np.eye(5)[2], 2.0)
     k = k / k.max()
     hist = np.zeros(56)
@@ -190,7 +216,10 @@ def test_dominant_group_warning_and_describe(faces):
     summary = summarize_weights(faces, W(scheme="age"))
     # one face in [40,60) carries 2.5/10 = 25% of all weight
     assert "[40,60)" in summary.heavy
-    assert summary.warnings[summary.heavy.index("[40,60)")] == "group '[40,60)': one face carries more than 1% of all weight"
+    assert (
+        summary.warnings[summary.heavy.index("[40,60)")]
+        == "group '[40,60)': one face carries more than 1% of all weight"
+    )
     assert describe(W(scheme="age_ethnicity", lds=True, mode="sampler")) == "age_ethnicity/inverse x LDS (sampler)"
     assert describe(W()) == "none"
 

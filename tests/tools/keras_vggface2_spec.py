@@ -37,8 +37,11 @@ def conv_layers() -> list[tuple[str, int, int, int, int]]:
         for block in range(1, blocks + 1):
             s = stride if block == 1 else 1
             prefix = f"conv{stage}_{block}"
-            out += [(f"{prefix}_1x1_reduce", 1, channels, width, s), (f"{prefix}_3x3", 3, width, width, 1),
-                    (f"{prefix}_1x1_increase", 1, width, out_channels, 1)]
+            out += [
+                (f"{prefix}_1x1_reduce", 1, channels, width, s),
+                (f"{prefix}_3x3", 3, width, width, 1),
+                (f"{prefix}_1x1_increase", 1, width, out_channels, 1),
+            ]
             if block == 1:
                 out.append((f"{prefix}_1x1_proj", 1, channels, out_channels, s))
             channels = out_channels
@@ -61,9 +64,18 @@ def random_weights(seed: int) -> list[tuple[str, str, list[tuple[str, np.ndarray
         layers.append((name, "Conv2D", [("kernel", kernel)]))
         small = name.endswith("_increase")
         gamma = rng.uniform(0.1, 0.3, cout) if small else rng.uniform(0.8, 1.2, cout)
-        layers.append((name + "/bn", "BatchNormalization", [
-            ("gamma", gamma), ("beta", rng.normal(0.0, 0.05, cout)),
-            ("moving_mean", rng.normal(0.0, 0.1, cout)), ("moving_variance", rng.uniform(0.5, 1.5, cout))]))
+        layers.append(
+            (
+                name + "/bn",
+                "BatchNormalization",
+                [
+                    ("gamma", gamma),
+                    ("beta", rng.normal(0.0, 0.05, cout)),
+                    ("moving_mean", rng.normal(0.0, 0.1, cout)),
+                    ("moving_variance", rng.uniform(0.5, 1.5, cout)),
+                ],
+            )
+        )
     width = 2048
     for name, units, _ in (("dim_proj", 512, "relu"),) + KIT_HEAD:
         kernel = rng.normal(0.0, np.sqrt(2.0 / width), (width, units))

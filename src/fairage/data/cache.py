@@ -124,19 +124,23 @@ def user_cache_dir(faces: pd.DataFrame) -> Path:
     """
     base = os.environ.get("FAIRAGE_CACHE_DIR")
     if not base:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-                            "fairage")
+        base = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "fairage"
+        )
     data_root = default_cache_dir(faces).parent.resolve()
     digest = hashlib.sha256(str(data_root).encode()).hexdigest()[:12]
     return Path(base) / f"{data_root.name or 'data'}-{digest}"
 
 
-_UNWRITABLE_HINT = ("set FAIRAGE_CACHE_DIR (any command) or data.cache_dir (a config; train/suite: "
-                    "--set data.cache_dir=DIR) to a writable folder")
+_UNWRITABLE_HINT = (
+    "set FAIRAGE_CACHE_DIR (any command) or data.cache_dir (a config; train/suite: "
+    "--set data.cache_dir=DIR) to a writable folder"
+)
 
 
-def load_images(faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | None = None,
-                workers: int = 2, progress: bool = True) -> np.ndarray:
+def load_images(
+    faces: pd.DataFrame, size: int, cache_dir: str | os.PathLike | None = None, workers: int = 2, progress: bool = True
+) -> np.ndarray:
     """Decoded faces as a read-only uint8 memmap (N, size, size, 3), RGB; row i = ``faces.iloc[i]``.
 
     Cached in ``cache_dir`` (default ``default_cache_dir(faces)``, or ``user_cache_dir(faces)``
@@ -206,8 +210,9 @@ def open_cached(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                      else np.lib.format.read_array_header_2_0)(f)
+            header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )(f)
             offset = f.tell()
         stored_shape, fortran, dtype = header
         if tuple(stored_shape) != tuple(shape) or dtype != np.uint8 or fortran:
@@ -231,19 +236,25 @@ def _fill(out: np.ndarray, faces: pd.DataFrame, size: int, workers: int, progres
     paths = faces["path"].to_numpy(dtype=object)
     frames = faces["frame"].to_numpy(dtype=np.int64)
     is_array = frames >= 0
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  disable=not progress, transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not progress,
+        transient=True,
+    ) as bar:
         job = bar.add_task(label, total=len(faces))
         # array sources (npy layout): already decoded, read in slices per source file
         for path in pd.unique(paths[is_array]):
             idx = np.flatnonzero(is_array & (paths == path))
             for a in range(0, len(idx), 256):
-                part = idx[a:a + 256]
+                part = idx[a : a + 256]
                 out[part] = _npy_rows(path, frames[part], size)
                 bar.advance(job, len(part))
         # image files: decode in chunks, in worker processes when there are enough of them
         idx = np.flatnonzero(~is_array)
-        chunks = [idx[a:a + _CHUNK] for a in range(0, len(idx), _CHUNK)]
+        chunks = [idx[a : a + _CHUNK] for a in range(0, len(idx), _CHUNK)]
         tasks = [([str(p) for p in paths[c]], size) for c in chunks]
         if workers > 1 and len(chunks) > 1:
             with ProcessPoolExecutor(max_workers=min(workers, len(chunks))) as pool:

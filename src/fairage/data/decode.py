@@ -32,9 +32,7 @@ DEEP_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def source_name(source) -> str:
     """How messages name ``source``: its path, or ``<bytes>``."""
-    return (
-        "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
-    )
+    return "<bytes>" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
 
 
 def open_image(source):
@@ -54,9 +52,7 @@ def open_image(source):
     except IsADirectoryError:
         raise DataError(f"{name}: is a folder, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(
-            f"{name}: refused, too many pixels for a photo ({err})"
-        ) from None
+        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
     except UnidentifiedImageError:
         raise DataError(f"{name}: not an image Pillow can read") from None
     except OSError as err:
@@ -94,15 +90,11 @@ def to_rgb(im, name: str, draft_size: int | None = None) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if draft_size is not None:
-                im.draft(
-                    "RGB", (draft_size, draft_size)
-                )  # JPEG: decode at the smallest scale >= size
+                im.draft("RGB", (draft_size, draft_size))  # JPEG: decode at the smallest scale >= size
             im = ImageOps.exif_transpose(im)
             rgb = pil_to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise DataError(
-            f"{name}: refused, too many pixels for a photo ({err})"
-        ) from None
+        raise DataError(f"{name}: refused, too many pixels for a photo ({err})") from None
     except (
         OSError,
         ValueError,
@@ -110,9 +102,7 @@ def to_rgb(im, name: str, draft_size: int | None = None) -> np.ndarray:
         TypeError,
         IndexError,
     ) as err:  # truncated or corrupt data
-        raise DataError(
-            f"{name}: cannot decode image ({type(err).__name__}: {err})"
-        ) from None
+        raise DataError(f"{name}: cannot decode image ({type(err).__name__}: {err})") from None
     if rgb.ndim != 3 or rgb.shape[2] != 3 or min(rgb.shape[:2]) < 1:
         raise DataError(f"{name}: decoded to an unusable array of shape {rgb.shape}")
     return rgb
@@ -136,9 +126,7 @@ def resize_square(rgb: np.ndarray, size: int) -> np.ndarray:
     )
 
 
-def decode_face(
-    source: str | os.PathLike | bytes, size: int
-) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_face(source: str | os.PathLike | bytes, size: int) -> tuple[np.ndarray, tuple[int, int]]:
     """A face crop file as uint8 (size, size, 3) RGB, and the file's (width, height) after its EXIF turn."""
     with open_image(source) as im:
         width, height = im.size
@@ -178,5 +166,5 @@ def crop_face(rgb: np.ndarray, box, size: int, margin: float = CROP_MARGIN) -> n
     sx0, sy0 = max(0, x0), max(0, y0)
     sx1, sy1 = min(width, x0 + side), min(height, y0 + side)
     if sx1 > sx0 and sy1 > sy0:
-        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
+        crop[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = rgb[sy0:sy1, sx0:sx1]
     return resize_square(crop, size)

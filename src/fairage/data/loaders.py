@@ -66,8 +66,9 @@ ExtraCategories = str | Mapping[str, str]
 EXTRA_CATEGORIES_SYNTAX = "error, keep, unknown, or a mapping old=new[,old=new...] such as indian=asian,others=unknown"
 #: where a user sets the options that messages advise
 SKIP_BAD_HINT = "--skip-bad (config data.skip_bad: true) drops them"
-EXTRA_CATEGORIES_HINT = ("map or keep it with --extra-categories (config data.extra_categories): "
-                         + EXTRA_CATEGORIES_SYNTAX)
+EXTRA_CATEGORIES_HINT = (
+    "map or keep it with --extra-categories (config data.extra_categories): " + EXTRA_CATEGORIES_SYNTAX
+)
 
 
 # --------------------------------------------------------------------------- public API
@@ -101,9 +102,16 @@ def detect_layout(root: str | os.PathLike) -> str:
     )
 
 
-def load_faces(root: str | os.PathLike, layout: str | None = None, target: str = "apparent",
-               full_images: bool = False, extra_categories: ExtraCategories = "keep", seed: int = 0,
-               skip_bad: bool = False, allow_absolute_paths: bool = False) -> pd.DataFrame:
+def load_faces(
+    root: str | os.PathLike,
+    layout: str | None = None,
+    target: str = "apparent",
+    full_images: bool = False,
+    extra_categories: ExtraCategories = "keep",
+    seed: int = 0,
+    skip_bad: bool = False,
+    allow_absolute_paths: bool = False,
+) -> pd.DataFrame:
     """Read a dataset folder into the face table (columns in ``schema.FACE_COLUMNS`` + extras).
 
     Parameters
@@ -167,8 +175,9 @@ def parse_extra_categories(value: ExtraCategories) -> str | dict[str, str]:
         pairs = []
         for part in (p.strip() for p in text.split(",")):
             if part.count("=") != 1 or not all(x.strip() for x in part.split("=")):
-                raise DataError(f"extra categories {value!r}: {part!r} is not old=new; "
-                                f"expected {EXTRA_CATEGORIES_SYNTAX}")
+                raise DataError(
+                    f"extra categories {value!r}: {part!r} is not old=new; expected {EXTRA_CATEGORIES_SYNTAX}"
+                )
             pairs.append(part.split("="))
     elif isinstance(value, Mapping):
         pairs = list(value.items())
@@ -211,8 +220,10 @@ def _inside_or_raise(root: Path, path: Path) -> Path:
     """``path`` (a file the layout reads inside ``root``) if it resolves inside ``root``, else DataError."""
     real = resolve_inside(root, os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
     if real is None:
-        raise DataError(f"{path}: resolves outside the dataset folder {root} (a symlink leading out); "
-                        "fairage reads nothing outside the folder it is given")
+        raise DataError(
+            f"{path}: resolves outside the dataset folder {root} (a symlink leading out); "
+            "fairage reads nothing outside the folder it is given"
+        )
     return Path(real)
 
 
@@ -237,10 +248,15 @@ def _present(root: Path, path: Path, layout_file: bool = True) -> bool:
 
 
 def _outside_message(source: Path, row: int, column: str, name: str, root: Path, absolute_hint: bool) -> str:
-    hint = ("; set data.allow_absolute_paths: true (--allow-absolute-paths) to accept absolute image paths"
-            if absolute_hint and os.path.isabs(name) else "")
-    return (f"{source}: row {row}: {column} {name!r} is not a path inside the dataset folder {root} "
-            f"(absolute paths, '..' and symlinks leading out are refused){hint}")
+    hint = (
+        "; set data.allow_absolute_paths: true (--allow-absolute-paths) to accept absolute image paths"
+        if absolute_hint and os.path.isabs(name)
+        else ""
+    )
+    return (
+        f"{source}: row {row}: {column} {name!r} is not a path inside the dataset folder {root} "
+        f"(absolute paths, '..' and symlinks leading out are refused){hint}"
+    )
 
 
 def _show(value) -> str:
@@ -259,8 +275,7 @@ def _duplicate_rows(keys: pd.Series, rows: np.ndarray) -> tuple[list[int], objec
     return [int(r) for r in rows[(keys == first).to_numpy()]], first
 
 
-def stratified_split(ages, ethnicities, seed: int = 0,
-                     fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> np.ndarray:
+def stratified_split(ages, ethnicities, seed: int = 0, fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> np.ndarray:
     """Deterministic seeded split, stratified by age bin (``schema.AGE_EDGES``) x ethnicity.
 
     Within each stratum the faces are shuffled with ``seed`` and cut at the cumulative
@@ -288,8 +303,9 @@ def stratified_split(ages, ethnicities, seed: int = 0,
 # --------------------------------------------------------------------------- shared checks
 
 
-def _normalise_attribute(values: pd.Series, attribute: str, extra: ExtraCategories, source: Path,
-                         rows: np.ndarray | None = None) -> pd.Series:
+def _normalise_attribute(
+    values: pd.Series, attribute: str, extra: ExtraCategories, source: Path, rows: np.ndarray | None = None
+) -> pd.Series:
     """Lower-case, strip, map missing to ``unknown``, check the vocabulary.
 
     ``rows``: the row numbers to name in messages (default: CSV data rows, 1-based + header).
@@ -345,8 +361,9 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     df.columns = [str(c).strip() for c in df.columns]
     missing = [c for c in required if c not in df.columns]
     if missing:
-        raise DataError(f"{path}: missing required column(s) {', '.join(missing)} "
-                        f"(found: {', '.join(df.columns) or 'none'})")
+        raise DataError(
+            f"{path}: missing required column(s) {', '.join(missing)} (found: {', '.join(df.columns) or 'none'})"
+        )
     return df
 
 
@@ -403,7 +420,9 @@ def _check_image_files(faces: pd.DataFrame, skip_bad: bool) -> pd.DataFrame:
         more += f"; {SKIP_BAD_HINT}"
         raise DataError(f"{faces['path'].iloc[i]}: {reason} (face {faces['image'].iloc[i]!r}){more}")
     skipped = [f"{faces['path'].iloc[i]}: {r}" for i, r in problems.items()]
-    log.warning("skipped %d bad image(s): %s", len(skipped), "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    log.warning(
+        "skipped %d bad image(s): %s", len(skipped), "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else "")
+    )
     kept = faces.drop(index=faces.index[list(problems)]).reset_index(drop=True)
     kept.attrs["skipped"] = skipped
     return kept
@@ -434,8 +453,10 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
             raise DataError(f"{gt_path}: row {i + 2}: empty file_name")
         dup = _duplicate_rows(gt["file_name"].str.strip(), np.arange(len(gt)) + 2)
         if dup:
-            raise DataError(f"{gt_path}: rows {', '.join(map(str, dup[0]))}: file_name {dup[1]!r} is listed "
-                            f"{len(dup[0])} times (each face once)")
+            raise DataError(
+                f"{gt_path}: rows {', '.join(map(str, dup[0]))}: file_name {dup[1]!r} is listed "
+                f"{len(dup[0])} times (each face once)"
+            )
         column = "apparent_age_avg" if target == "apparent" else "real_age"
         df = pd.DataFrame({"image": gt["file_name"].str.strip()})
         df["age"] = _check_ages(gt[column], gt_path, column)
@@ -462,12 +483,17 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
             cats = cats.reindex(df["image"])  # rows in gt order; faces absent from it -> NaN -> unknown
             rows = cat_rows.reindex(df["image"]).fillna(-1).astype(int).to_numpy()
             if missing.any():
-                log.warning("%s: %d face(s) of %s have no attributes; they are 'unknown'",
-                            cat_path, int(missing.sum()), gt_path.name)
+                log.warning(
+                    "%s: %d face(s) of %s have no attributes; they are 'unknown'",
+                    cat_path,
+                    int(missing.sum()),
+                    gt_path.name,
+                )
             for attribute, column in (("gender", "gender"), ("ethnicity", "race"), ("expression", "happiness")):
                 if column in cats.columns:
-                    df[attribute] = _normalise_attribute(cats[column].reset_index(drop=True), attribute, extra,
-                                                         cat_path, rows).to_numpy()
+                    df[attribute] = _normalise_attribute(
+                        cats[column].reset_index(drop=True), attribute, extra, cat_path, rows
+                    ).to_numpy()
                 else:
                     df[attribute] = UNKNOWN
             for column in ("makeup", "time"):
@@ -513,11 +539,15 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
         if labels.ndim != 1:
             raise DataError(f"{labels_path}: expected a 1-D array of ages, got shape {labels.shape}")
         if meta.ndim != 2 or meta.shape[1] != 3:
-            raise DataError(f"{meta_path}: expected an (N,3) array of gender, ethnicity, expression; got shape {meta.shape}")
+            raise DataError(
+                f"{meta_path}: expected an (N,3) array of gender, ethnicity, expression; got shape {meta.shape}"
+            )
         n = {data_path.name: len(data), labels_path.name: len(labels), meta_path.name: len(meta)}
         if len(set(n.values())) > 1:
-            raise DataError(f"{root}: arrays of split {split} have different lengths: "
-                            + ", ".join(f"{k} {v}" for k, v in n.items()))
+            raise DataError(
+                f"{root}: arrays of split {split} have different lengths: "
+                + ", ".join(f"{k} {v}" for k, v in n.items())
+            )
         rows = np.arange(len(labels))  # messages name the array row (0-based)
         df = pd.DataFrame({"image": [str(i) for i in range(len(labels))]})
         df["age"] = _check_ages(pd.Series(labels), labels_path, "age", rows)
@@ -543,8 +573,9 @@ def _open_npy(path: Path, mmap: bool) -> np.ndarray:
             if magic == _NPY_MAGIC:
                 f.seek(0)
                 version = np.lib.format.read_magic(f)
-                dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                         else np.lib.format.read_array_header_2_0)(f)[2]
+                dtype = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )(f)[2]
     except (ValueError, EOFError) as err:
         raise DataError(f"{path}: not a readable .npy file (its header is damaged: {str(err)[:200]})") from None
     except OSError as err:
@@ -553,8 +584,10 @@ def _open_npy(path: Path, mmap: bool) -> np.ndarray:
         raise DataError(f"{path}: not a .npy file (no NumPy header); save the array with numpy.save")
     if dtype.hasobject:
         # object arrays are pickled: fairage never unpickles user files
-        raise DataError(f"{path}: cannot read without unpickling: it holds Python objects (dtype object), which "
-                        "fairage never unpickles; store strings as a fixed-width unicode array (dtype '<U...')")
+        raise DataError(
+            f"{path}: cannot read without unpickling: it holds Python objects (dtype object), which "
+            "fairage never unpickles; store strings as a fixed-width unicode array (dtype '<U...')"
+        )
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, EOFError) as err:
@@ -570,16 +603,19 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
     # confined by name before anything follows a symlink (see _present); rglob does not enter linked folders
-    files = sorted(p for p in root.rglob("*")
-                   if p.suffix.lower() in _IMAGE_SUFFIXES and _present(root, p, layout_file=False))
+    files = sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and _present(root, p, layout_file=False)
+    )
     if not files:
         raise DataError(f"{root}: no image files found (UTKFace layout)")
     recs, bad_names = [], []
     for p in files:
         m = _UTK_NAME.match(p.name)
         if not m or m.group(2) not in UTK_GENDERS or m.group(3) not in UTK_RACES:
-            problem = (f"{p}: not a UTKFace file name AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] "
-                       "with gender 0 (male) or 1 (female) and race 0-4")
+            problem = (
+                f"{p}: not a UTKFace file name AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg] "
+                "with gender 0 (male) or 1 (female) and race 0-4"
+            )
             if not skip_bad:
                 raise DataError(problem + f"; {SKIP_BAD_HINT}")
             bad_names.append(problem)
@@ -592,8 +628,10 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
     bad_age = (ages < AGE_MIN) | (ages > AGE_MAX)
     if bad_age.any():
         i = int(np.flatnonzero(bad_age)[0])
-        raise DataError(f"{df['path'].iloc[i]}: age {df['age_raw'].iloc[i]!r} is not an age in years "
-                        f"between {AGE_MIN:g} and {AGE_MAX:g}")
+        raise DataError(
+            f"{df['path'].iloc[i]}: age {df['age_raw'].iloc[i]!r} is not an age in years "
+            f"between {AGE_MIN:g} and {AGE_MAX:g}"
+        )
     df["age"] = ages
     eth = df["ethnicity_raw"]
     if isinstance(extra, Mapping):
@@ -604,9 +642,11 @@ def _load_utkface(root: Path, extra: ExtraCategories, seed: int, skip_bad: bool 
             eth = eth.where(~bad, UNKNOWN)
         elif extra != "keep":
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{df['path'].iloc[i]}: ethnicity {eth.iloc[i]!r} (UTKFace race code) is not one of "
-                            f"{', '.join(VOCABULARIES['ethnicity'])}; {EXTRA_CATEGORIES_HINT} "
-                            f"({int(bad.sum())} such files)")
+            raise DataError(
+                f"{df['path'].iloc[i]}: ethnicity {eth.iloc[i]!r} (UTKFace race code) is not one of "
+                f"{', '.join(VOCABULARIES['ethnicity'])}; {EXTRA_CATEGORIES_HINT} "
+                f"({int(bad.sum())} such files)"
+            )
     df["ethnicity"] = eth
     df["expression"] = UNKNOWN
     df["split"] = stratified_split(df["age"], df["ethnicity"], seed)
@@ -653,15 +693,19 @@ def _load_csv(root: Path, extra: ExtraCategories, seed: int, allow_absolute_path
     dup = _duplicate_rows(df["path"], rows)
     if dup:
         names = sorted(set(df["image"][df["path"] == dup[1]]))
-        raise DataError(f"{csv_path}: rows {', '.join(map(str, dup[0]))} name the same image "
-                        f"{' / '.join(map(repr, names))} (each face once)")
+        raise DataError(
+            f"{csv_path}: rows {', '.join(map(str, dup[0]))} name the same image "
+            f"{' / '.join(map(repr, names))} (each face once)"
+        )
     df["frame"] = -1
     if "split" in raw.columns:
         split = raw["split"].fillna("").str.strip().str.lower()
         bad = ~split.isin(SPLITS)
         if bad.any():
             i = int(np.flatnonzero(bad.to_numpy())[0])
-            raise DataError(f"{csv_path}: row {i + 2}: split {raw['split'].iloc[i]!r} is not one of {', '.join(SPLITS)}")
+            raise DataError(
+                f"{csv_path}: row {i + 2}: split {raw['split'].iloc[i]!r} is not one of {', '.join(SPLITS)}"
+            )
         df["split"] = split.to_numpy()
     else:
         df["split"] = stratified_split(df["age"], df["ethnicity"], seed)
@@ -695,10 +739,19 @@ def describe_faces(faces: pd.DataFrame) -> dict:
         for attribute in attributes:
             counts = part[attribute].value_counts()
             splits[split][attribute] = {str(k): int(v) for k, v in sorted(counts.items(), key=lambda kv: str(kv[0]))}
-        ages[split] = {"min": float(part["age"].min()), "max": float(part["age"].max()),
-                       "mean": float(part["age"].mean())}
+        ages[split] = {
+            "min": float(part["age"].min()),
+            "max": float(part["age"].max()),
+            "mean": float(part["age"].mean()),
+        }
     edges = np.arange(0, 100, 10)
-    counts = np.bincount(np.clip(np.digitize(faces["age"].to_numpy(dtype=float), edges) - 1, 0, len(edges) - 1),
-                         minlength=len(edges))
-    return {"layout": faces.attrs.get("layout"), "attributes": attributes, "splits": splits, "age": ages,
-            "age_histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]}}
+    counts = np.bincount(
+        np.clip(np.digitize(faces["age"].to_numpy(dtype=float), edges) - 1, 0, len(edges) - 1), minlength=len(edges)
+    )
+    return {
+        "layout": faces.attrs.get("layout"),
+        "attributes": attributes,
+        "splits": splits,
+        "age": ages,
+        "age_histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]},
+    }

@@ -46,7 +46,14 @@ AGE_EDGES: tuple[float, ...] = (20.0, 40.0, 60.0)
 AGE_MIN, AGE_MAX = 0.0, 120.0
 
 FACE_COLUMNS: tuple[str, ...] = (
-    "image", "age", "gender", "ethnicity", "expression", "split", "path", "frame",
+    "image",
+    "age",
+    "gender",
+    "ethnicity",
+    "expression",
+    "split",
+    "path",
+    "frame",
 )
 #: numeric columns some loaders add beside the face columns; never groups
 NUMERIC_COLUMNS: tuple[str, ...] = ("real_age", "apparent_age", "age_std", "num_ratings")
@@ -67,8 +74,11 @@ def attribute_columns(faces) -> list[str]:
     >>> attribute_columns(pd.DataFrame(columns=[*FACE_COLUMNS, "age_std", "skin_tone"]))
     ['gender', 'ethnicity', 'expression', 'skin_tone']
     """
-    extra = [c for c in faces.columns if c not in FACE_COLUMNS and c not in NUMERIC_COLUMNS
-             and faces[c].nunique(dropna=True) <= MAX_ATTRIBUTE_VALUES]
+    extra = [
+        c
+        for c in faces.columns
+        if c not in FACE_COLUMNS and c not in NUMERIC_COLUMNS and faces[c].nunique(dropna=True) <= MAX_ATTRIBUTE_VALUES
+    ]
     return [a for a in ATTRIBUTES if a in faces.columns] + [str(c) for c in extra]
 
 

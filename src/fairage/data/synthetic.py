@@ -158,8 +158,9 @@ def sample_labels(rng: np.random.Generator) -> dict:
     }
 
 
-def sample_face_params(rng: np.random.Generator, age: float, gender: str, ethnicity: str,
-                       expression: str) -> FaceParams:
+def sample_face_params(
+    rng: np.random.Generator, age: float, gender: str, ethnicity: str, expression: str
+) -> FaceParams:
     """Draw the appearance of a face of visual ``age`` (years) and the given attributes."""
     child = _sigmoid((11.0 - age) / 2.5)  # ~1 for toddlers, ~0 from 16 on
     skin = np.array(_SKIN_RGB[ethnicity]) * rng.uniform(0.88, 1.08) + rng.normal(0, 6, 3)
@@ -178,7 +179,10 @@ def sample_face_params(rng: np.random.Generator, age: float, gender: str, ethnic
     texture = (3.0 + 11.0 * float(np.clip((cue_age - 22.0) / 50.0, 0.0, 1.3))) * float(np.exp(rng.normal(0.0, 0.2)))
     scale = rng.uniform(0.9, 1.1)
     return FaceParams(
-        age=float(age), gender=gender, ethnicity=ethnicity, expression=expression,
+        age=float(age),
+        gender=gender,
+        ethnicity=ethnicity,
+        expression=expression,
         skin=tuple(np.clip(skin, 0, 255).tolist()),
         hair=tuple(np.clip(hair, 0, 255).tolist()),
         background=tuple(rng.uniform(20, 235, 3).tolist()),
@@ -227,8 +231,9 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
     # hair behind the head (long hair falls to the shoulders)
     hair = _rgb(p.hair)
     if p.long_hair:
-        draw.rounded_rectangle((cx - hw * 1.12, top - hh * 0.08, cx + hw * 1.12, bottom + hh * 0.1),
-                               radius=hw * 0.6, fill=hair)
+        draw.rounded_rectangle(
+            (cx - hw * 1.12, top - hh * 0.08, cx + hw * 1.12, bottom + hh * 0.1), radius=hw * 0.6, fill=hair
+        )
     else:
         draw.ellipse((cx - hw * 1.06, top - hh * 0.07, cx + hw * 1.06, cy + hh * 0.25), fill=hair)
     # neck and head
@@ -237,8 +242,7 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
     # hair over the forehead, down to the hairline; a receding hairline shows more forehead
     hairline_y = top + hh * (0.42 - 0.32 * p.hairline)
     if hairline_y > top + hh * 0.12:
-        draw.chord((cx - hw * 1.02, top - hh * 0.04, cx + hw * 1.02, top + 2 * (hairline_y - top)),
-                   180, 360, fill=hair)
+        draw.chord((cx - hw * 1.02, top - hh * 0.04, cx + hw * 1.02, top + 2 * (hairline_y - top)), 180, 360, fill=hair)
 
     contrast = p.contrast
 
@@ -254,8 +258,9 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
     brow = _rgb(p.hair, 0.9)
     for sgn in (-1, 1):
         x = cx + sgn * ex
-        draw.line((x - es * 1.1, eye_y - es * 1.3, x + es * 1.1, eye_y - es * 1.3), fill=brow,
-                  width=lw + (p.gender == "male"))
+        draw.line(
+            (x - es * 1.1, eye_y - es * 1.3, x + es * 1.1, eye_y - es * 1.3), fill=brow, width=lw + (p.gender == "male")
+        )
     # eyes: white, iris, pupil
     for sgn in (-1, 1):
         x = cx + sgn * ex
@@ -264,14 +269,23 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
         draw.ellipse((x - r, eye_y - r, x + r, eye_y + r), fill=(60, 45, 35))
     # nose and mouth
     nose_y = eye_y + hh * 0.42
-    draw.line((cx, eye_y + hh * 0.08, cx - hw * 0.08, nose_y, cx + hw * 0.05, nose_y), fill=_rgb(p.skin, 0.75), width=lw)
+    draw.line(
+        (cx, eye_y + hh * 0.08, cx - hw * 0.08, nose_y, cx + hw * 0.05, nose_y), fill=_rgb(p.skin, 0.75), width=lw
+    )
     mouth_y = nose_y + hh * 0.27
     mw = hw * (0.36 + 0.12 * p.smile)
     lip = _rgb((p.skin[0] * 0.85, p.skin[1] * 0.55, p.skin[2] * 0.55))
     if p.expression == "other":  # surprise: round open mouth
         draw.ellipse((cx - mw * 0.35, mouth_y - hh * 0.07, cx + mw * 0.35, mouth_y + hh * 0.09), fill=(70, 30, 30))
     elif p.smile > 0.7:  # open smile with teeth
-        draw.chord((cx - mw, mouth_y - hh * 0.12, cx + mw, mouth_y + hh * 0.12), 0, 180, fill=(245, 240, 235), outline=lip, width=lw)
+        draw.chord(
+            (cx - mw, mouth_y - hh * 0.12, cx + mw, mouth_y + hh * 0.12),
+            0,
+            180,
+            fill=(245, 240, 235),
+            outline=lip,
+            width=lw,
+        )
     elif p.smile > 0:  # closed smile: an upward curve
         curve = hh * (0.02 + 0.1 * p.smile)
         draw.arc((cx - mw, mouth_y - 2 * curve, cx + mw, mouth_y), 20, 160, fill=lip, width=lw + 1)
@@ -287,23 +301,37 @@ def render_face(p: FaceParams, size: int) -> np.ndarray:
     fh_top = max(hairline_y, top + hh * 0.15)
     for i in range(n_forehead):
         y = fh_top + (eye_y - es * 1.5 - fh_top) * (0.35 + 0.18 * i)
-        draw.arc((cx - hw * 0.55, y, cx + hw * 0.55, y + hh * 0.12), 200, 340, fill=_rgb(p.skin, line_k(0.45 * forehead)), width=lw)
+        draw.arc(
+            (cx - hw * 0.55, y, cx + hw * 0.55, y + hh * 0.12),
+            200,
+            340,
+            fill=_rgb(p.skin, line_k(0.45 * forehead)),
+            width=lw,
+        )
     crow = max(w_age, w_smile)  # a crease is a crease: a deep smile line hides the age line
     if crow > 0.05:
         for sgn in (-1, 1):
             x0 = cx + sgn * (ex + es * 1.25)
             for dy in (-0.5, 0.0, 0.5):
-                draw.line((x0, eye_y + dy * es * 0.6, x0 + sgn * es * 0.8, eye_y + dy * es * 1.3),
-                          fill=_rgb(p.skin, line_k(0.4 * crow)), width=lw)
+                draw.line(
+                    (x0, eye_y + dy * es * 0.6, x0 + sgn * es * 0.8, eye_y + dy * es * 1.3),
+                    fill=_rgb(p.skin, line_k(0.4 * crow)),
+                    width=lw,
+                )
     naso = max(w_age, 1.2 * w_smile)
     if naso > 0.05:
         for sgn in (-1, 1):
-            draw.line((cx + sgn * hw * 0.2, nose_y - hh * 0.02, cx + sgn * (mw + hw * 0.08), mouth_y + hh * 0.06),
-                      fill=_rgb(p.skin, line_k(0.45 * naso)), width=lw)
+            draw.line(
+                (cx + sgn * hw * 0.2, nose_y - hh * 0.02, cx + sgn * (mw + hw * 0.08), mouth_y + hh * 0.06),
+                fill=_rgb(p.skin, line_k(0.45 * naso)),
+                width=lw,
+            )
     if w_age > 0.3 and p.smile < 0.7:  # bags under the eyes (a broad smile lifts the cheeks over them)
         for sgn in (-1, 1):
             x = cx + sgn * ex
-            draw.arc((x - es, eye_y, x + es, eye_y + es * 1.3), 20, 160, fill=_rgb(p.skin, line_k(0.35 * w_age)), width=lw)
+            draw.arc(
+                (x - es, eye_y, x + es, eye_y + es * 1.3), 20, 160, fill=_rgb(p.skin, line_k(0.35 * w_age)), width=lw
+            )
 
     noise_rng = np.random.default_rng(p.noise_seed)
     for _ in range(min(p.spots, 12)):
@@ -350,8 +378,16 @@ def _make_chunk(args: tuple[int, str, int, int, int]) -> list[tuple[dict, bytes]
     return [make_face(seed, split, i, size) for i in range(start, stop)]
 
 
-def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 1500, n_test: int = 2000,
-                    size: int = 224, seed: int = 0, workers: int = 2, progress: bool = False) -> Path:
+def write_synthetic(
+    out: str | os.PathLike,
+    n_train: int = 4000,
+    n_valid: int = 1500,
+    n_test: int = 2000,
+    size: int = 224,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = False,
+) -> Path:
     """Write a synthetic face dataset in the APPA-REAL release layout; return its folder.
 
     Files per split: ``gt_avg_{split}.csv`` (file_name, num_ratings, apparent_age_avg,
@@ -368,15 +404,19 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
         raise ValueError(f"size must be >= 16 px, got {size}")
     out = Path(out)
     counts = {"train": n_train, "valid": n_valid, "test": n_test}
-    marker = {"generator": "fairage.data.synthetic", "version": SYNTH_VERSION, "seed": seed, "size": size,
-              "faces": counts}
+    marker = {
+        "generator": "fairage.data.synthetic",
+        "version": SYNTH_VERSION,
+        "seed": seed,
+        "size": size,
+        "faces": counts,
+    }
     _check_out(out, marker)
     out.mkdir(parents=True, exist_ok=True)
     # marks the folder as drawn, not photographed, so model cards and reports can say so; written
     # first, so an interrupted write is recognised (and finished) by the same command
     atomic.write_text(out / SYNTHETIC_MARKER, json.dumps(marker, indent=2) + "\n")
-    tasks = [(seed, split, a, min(a + _CHUNK, n), size)
-             for split, n in counts.items() for a in range(0, n, _CHUNK)]
+    tasks = [(seed, split, a, min(a + _CHUNK, n), size) for split, n in counts.items() for a in range(0, n, _CHUNK)]
     total = sum(counts.values())
     pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(tasks) > 1 else None
     results = pool.map(_make_chunk, tasks) if pool else map(_make_chunk, tasks)
@@ -400,13 +440,37 @@ def write_synthetic(out: str | os.PathLike, n_train: int = 4000, n_valid: int = 
     # the CSVs last and atomically: a folder with the CSVs is a complete dataset
     for split, recs in rows.items():
         (out / split).mkdir(exist_ok=True)
-        df = pd.DataFrame(recs, columns=["file_name", "num_ratings", "apparent_age_avg", "apparent_age_std",
-                                         "real_age", "gender", "ethnicity", "expression", "makeup", "time"])
-        atomic.write_text(out / f"gt_avg_{split}.csv", df[["file_name", "num_ratings", "apparent_age_avg",
-                                                             "apparent_age_std", "real_age"]]
-                          .to_csv(index=False, float_format="%.4f", lineterminator="\n"))
-        cats = pd.DataFrame({"file": df["file_name"], "gender": df["gender"], "race": df["ethnicity"],
-                             "makeup": df["makeup"], "time": df["time"], "happiness": df["expression"]})
+        df = pd.DataFrame(
+            recs,
+            columns=[
+                "file_name",
+                "num_ratings",
+                "apparent_age_avg",
+                "apparent_age_std",
+                "real_age",
+                "gender",
+                "ethnicity",
+                "expression",
+                "makeup",
+                "time",
+            ],
+        )
+        atomic.write_text(
+            out / f"gt_avg_{split}.csv",
+            df[["file_name", "num_ratings", "apparent_age_avg", "apparent_age_std", "real_age"]].to_csv(
+                index=False, float_format="%.4f", lineterminator="\n"
+            ),
+        )
+        cats = pd.DataFrame(
+            {
+                "file": df["file_name"],
+                "gender": df["gender"],
+                "race": df["ethnicity"],
+                "makeup": df["makeup"],
+                "time": df["time"],
+                "happiness": df["expression"],
+            }
+        )
         atomic.write_text(out / f"allcategories_{split}.csv", cats.to_csv(index=False, lineterminator="\n"))
     return out
 
@@ -425,16 +489,23 @@ def _check_out(out: Path, marker: dict) -> None:
         return
     found = synthetic_marker(out)
     if found is None:
-        raise DataError(f"{out} is not empty and holds no synthetic set (no {SYNTHETIC_MARKER}); writing there "
-                        "would overwrite its files: choose a new or empty folder")
+        raise DataError(
+            f"{out} is not empty and holds no synthetic set (no {SYNTHETIC_MARKER}); writing there "
+            "would overwrite its files: choose a new or empty folder"
+        )
     if found != marker:
+
         def describe(m: dict) -> str:
             faces = m.get("faces") if isinstance(m.get("faces"), dict) else {}
-            return (f"version {m.get('version')}, seed {m.get('seed')}, {m.get('size')} px, "
-                    f"{faces.get('train')}/{faces.get('valid')}/{faces.get('test')} faces")
+            return (
+                f"version {m.get('version')}, seed {m.get('seed')}, {m.get('size')} px, "
+                f"{faces.get('train')}/{faces.get('valid')}/{faces.get('test')} faces"
+            )
 
-        raise DataError(f"{out} holds another synthetic set ({describe(found)}); this one would be "
-                        f"{describe(marker)}: choose a new or empty folder")
+        raise DataError(
+            f"{out} holds another synthetic set ({describe(found)}); this one would be "
+            f"{describe(marker)}: choose a new or empty folder"
+        )
 
 
 def synthetic_marker(root: str | os.PathLike) -> dict | None:

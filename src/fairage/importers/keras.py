@@ -13,7 +13,7 @@ Keras names nests the HDF5 groups). The importer follows those attributes, never
 and takes the owning layer from each weight name (so a backbone nested as one sub-model
 layer is read too).
 
-Mapping (``fairage.models.keras_layer_map``): every convolution and BatchNormalization of the
+Mapping (``fairage.models.vggface2.keras_layer_map``): every convolution and BatchNormalization of the
 backbone, ``dim_proj`` -> ``projection`` (Dense(512) + ReLU) and, when the file holds a trained
 age model, the Dense layers after ``dim_proj`` ending in one unit -> fairage's head. Conv
 kernels are stored (h, w, in, out) and become (out, in, h, w) (a transpose, never a spatial
@@ -45,9 +45,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import ExperimentConfig, dump_config, preset_raw, validate_config
+from ..config.files import dump_config
+from ..config.presets import preset_raw
+from ..config.schema import ExperimentConfig, validate_config
 from ..errors import ConfigError, DataError
-from ..models import AgeRegressor, keras_layer_map
+from ..models.regressor import AgeRegressor
+from ..models.vggface2 import keras_layer_map
+from ..store import model_folder
 
 #: the 8631-identity classifiers of the VGGFace2 model (the kit removes them)
 CLASSIFIERS = ("classifier", "classifier_low_dim")
@@ -149,8 +153,10 @@ def _refuse_outside_storage(path: Path, handle) -> None:
             where = f"{prefix}/{name}"
             link = group.get(name, getlink=True)
             if isinstance(link, h5py.ExternalLink):
-                raise DataError(f"{path}: '{where}' is an external link to {link.filename}:{link.path}; "
-                                "import-keras reads only the file it is given (Keras files hold no links)")
+                raise DataError(
+                    f"{path}: '{where}' is an external link to {link.filename}:{link.path}; "
+                    "import-keras reads only the file it is given (Keras files hold no links)"
+                )
             if isinstance(link, h5py.SoftLink):
                 raise DataError(f"{path}: '{where}' is a soft link to {link.path}; Keras files hold no links")
             obj = group.get(name)
@@ -162,19 +168,23 @@ def _refuse_outside_storage(path: Path, handle) -> None:
             if isinstance(obj, h5py.Dataset):
                 if obj.is_virtual:
                     sources = sorted({s.file_name for s in obj.virtual_sources()})
-                    raise DataError(f"{path}: dataset '{where}' is a virtual dataset mapped from "
-                                    f"{', '.join(sources)}; import-keras reads only the file it is given")
+                    raise DataError(
+                        f"{path}: dataset '{where}' is a virtual dataset mapped from "
+                        f"{', '.join(sources)}; import-keras reads only the file it is given"
+                    )
                 if obj.external:
                     files = sorted({_text(entry[0]) for entry in obj.external})
-                    raise DataError(f"{path}: dataset '{where}' has external storage (its bytes are in "
-                                    f"{', '.join(files)}); import-keras reads only the file it is given")
+                    raise DataError(
+                        f"{path}: dataset '{where}' has external storage (its bytes are in "
+                        f"{', '.join(files)}); import-keras reads only the file it is given"
+                    )
             elif isinstance(obj, h5py.Group):
                 stack.append((where, obj))
 
 
 def _expected_shapes() -> dict[tuple[str, str], tuple[int, ...]]:
     """(Keras layer, variable) -> the Keras shape the VGGFace2 ResNet50 needs (backbone layers)."""
-    from ..models import VGGFace2ResNet50
+    from ..models.vggface2 import VGGFace2ResNet50
 
     with torch.device("meta"):  # shapes only: nothing is allocated
         own = {k: tuple(v.shape) for k, v in VGGFace2ResNet50().state_dict().items()}
@@ -182,7 +192,7 @@ def _expected_shapes() -> dict[tuple[str, str], tuple[int, ...]]:
     for keras_name, module in keras_layer_map().items():
         if not module.startswith("backbone."):
             continue
-        key = module[len("backbone."):]
+        key = module[len("backbone.") :]
         if keras_name.endswith("/bn"):
             for variable, torch_name in _BN_VARS.items():
                 shapes[(keras_name, variable)] = own[f"{key}.{torch_name}"]
@@ -192,25 +202,33 @@ def _expected_shapes() -> dict[tuple[str, str], tuple[int, ...]]:
     return shapes
 
 
-def _check_dataset(path: Path, layer: str, weight: str, owner: str, variable: str, dataset,
-                   expected: dict, total: int) -> int:
+def _check_dataset(
+    path: Path, layer: str, weight: str, owner: str, variable: str, dataset, expected: dict, total: int
+) -> int:
     """DataError unless ``dataset``'s declared dtype and shape fit; returns the running count of values."""
     dtype, shape = dataset.dtype, tuple(dataset.shape)
     if dtype.kind != "f":
-        raise DataError(f"{path}: weight '{weight}' of layer '{layer}' holds {dtype} values; Keras weights are "
-                        "floating-point numbers")
+        raise DataError(
+            f"{path}: weight '{weight}' of layer '{layer}' holds {dtype} values; Keras weights are "
+            "floating-point numbers"
+        )
     need = expected.get((owner, variable))
     if need is not None and shape != need:
-        raise DataError(f"{path}: layer '{owner}': shape mismatch, file {shape} ({weight}), the VGGFace2 "
-                        f"ResNet50 needs {need}")
+        raise DataError(
+            f"{path}: layer '{owner}': shape mismatch, file {shape} ({weight}), the VGGFace2 ResNet50 needs {need}"
+        )
     values = int(np.prod(shape, dtype=object))
     if need is None and (len(shape) > 4 or values > MAX_DATASET_VALUES):
-        raise DataError(f"{path}: weight '{weight}' of layer '{layer}' declares shape {shape} ({values} values); "
-                        f"a layer of an age model holds at most {MAX_DATASET_VALUES} values in at most 4 dimensions")
+        raise DataError(
+            f"{path}: weight '{weight}' of layer '{layer}' declares shape {shape} ({values} values); "
+            f"a layer of an age model holds at most {MAX_DATASET_VALUES} values in at most 4 dimensions"
+        )
     total += values
     if total > MAX_TOTAL_VALUES:
-        raise DataError(f"{path}: its weights declare more than {MAX_TOTAL_VALUES} values in all; the VGGFace2 "
-                        "ResNet50 with an age head holds about 25 million")
+        raise DataError(
+            f"{path}: its weights declare more than {MAX_TOTAL_VALUES} values in all; the VGGFace2 "
+            "ResNet50 with an age head holds about 25 million"
+        )
     return total
 
 
@@ -244,11 +262,14 @@ def _read_layers(path: Path, group) -> dict[str, dict[str, np.ndarray]]:
                 total = _check_dataset(path, layer, weight, owner, variable, dataset, expected, total)
                 array = np.asarray(dataset[()])
             except KeyError:
-                raise DataError(f"{path}: weight '{weight}' of layer '{layer}' is listed in weight_names "
-                                "but not stored") from None
+                raise DataError(
+                    f"{path}: weight '{weight}' of layer '{layer}' is listed in weight_names but not stored"
+                ) from None
             except (OSError, RuntimeError, ValueError, TypeError) as err:
-                raise DataError(f"{path}: weight '{weight}' of layer '{layer}' cannot be read ({err}); "
-                                "the file is truncated or corrupt") from None
+                raise DataError(
+                    f"{path}: weight '{weight}' of layer '{layer}' cannot be read ({err}); "
+                    "the file is truncated or corrupt"
+                ) from None
             layers.setdefault(owner, {})[variable] = array
     return layers
 
@@ -301,39 +322,54 @@ def read_keras_h5(path: str | os.PathLike, input_norm: str = "vggface2") -> Kera
     try:
         handle = h5py.File(path, "r")
     except OSError as err:
-        raise DataError(f"{path} is not an HDF5 file ({err}); import-keras reads Keras 2 .h5 files "
-                        "(model.save or model.save_weights)") from None
+        raise DataError(
+            f"{path} is not an HDF5 file ({err}); import-keras reads Keras 2 .h5 files "
+            "(model.save or model.save_weights)"
+        ) from None
     with handle:
         # before any name is looked up: a lookup through an external link opens the other file
         try:
             _refuse_outside_storage(path, handle)
         except (OSError, RuntimeError, KeyError, ValueError) as err:
-            raise DataError(f"{path}: its HDF5 objects cannot be listed ({err}); the file is truncated or "
-                            "corrupt") from None
+            raise DataError(
+                f"{path}: its HDF5 objects cannot be listed ({err}); the file is truncated or corrupt"
+            ) from None
         if "model_weights" in handle:
             kind, group = "full model", handle["model_weights"]
             config = _model_config(path, handle)
         elif "layer_names" in handle.attrs:
             kind, group, config = "weights only", handle, None
         else:
-            raise DataError(f"{path} holds no Keras 2 weights (neither a model_weights group nor a layer_names "
-                            "attribute); Keras 3 .keras / .weights.h5 files are not read")
+            raise DataError(
+                f"{path} holds no Keras 2 weights (neither a model_weights group nor a layer_names "
+                "attribute); Keras 3 .keras / .weights.h5 files are not read"
+            )
         keras_version = _text(handle.attrs["keras_version"]) if "keras_version" in handle.attrs else None
         layers = _read_layers(path, group)
     return _convert(path, kind, layers, config, input_norm, keras_version)
 
 
-def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], config: dict | None,
-             input_norm: str, keras_version: str | None) -> KerasImport:
+def _convert(
+    path: Path,
+    kind: str,
+    layers: dict[str, dict[str, np.ndarray]],
+    config: dict | None,
+    input_norm: str,
+    keras_version: str | None,
+) -> KerasImport:
     known = keras_layer_map()
     if "conv1/7x7_s2" not in layers:
         sample = ", ".join(list(layers)[:6]) or "none"
-        raise DataError(f"{path} is not the VGGFace2 ResNet50: it has no layer 'conv1/7x7_s2' "
-                        f"(its weighted layers include: {sample})")
+        raise DataError(
+            f"{path} is not the VGGFace2 ResNet50: it has no layer 'conv1/7x7_s2' "
+            f"(its weighted layers include: {sample})"
+        )
     missing = [name for name in known if name not in layers]
     if missing:
-        raise DataError(f"{path}: layer '{missing[0]}' of the VGGFace2 ResNet50 is missing"
-                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise DataError(
+            f"{path}: layer '{missing[0]}' of the VGGFace2 ResNet50 is missing"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     notes: list[str] = []
     skipped: list[str] = []
     dense: list[str] = []
@@ -341,13 +377,16 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
         if name in known:
             continue
         if name in CLASSIFIERS:
-            skipped.append(f"{name}: the {_shape_of(variables)} identity classifier of VGGFace2 training "
-                           "(not used for age)")
+            skipped.append(
+                f"{name}: the {_shape_of(variables)} identity classifier of VGGFace2 training (not used for age)"
+            )
         elif set(variables) == {"kernel", "bias"} and variables["kernel"].ndim == 2:
             dense.append(name)
         else:
-            raise DataError(f"{path}: layer '{name}' ({', '.join(sorted(variables))}) is not part of the "
-                            "VGGFace2 ResNet50 nor a Dense layer of an age head")
+            raise DataError(
+                f"{path}: layer '{name}' ({', '.join(sorted(variables))}) is not part of the "
+                "VGGFace2 ResNet50 nor a Dense layer of an age head"
+            )
 
     config_layers = {_layer_name(e): e for e in _config_layers(config)}
     if config is not None:
@@ -357,8 +396,10 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
     head = _head_layers(path, dense, layers, config_layers, projection_dim, notes)
     dim_proj_activation = _mapping(_mapping(config_layers.get("dim_proj")).get("config")).get("activation")
     if dim_proj_activation not in (None, "relu"):
-        raise DataError(f"{path}: dim_proj has activation '{dim_proj_activation}'; the VGGFace2 ResNet50 "
-                        "(and fairage's vggface2_resnet50) use relu")
+        raise DataError(
+            f"{path}: dim_proj has activation '{dim_proj_activation}'; the VGGFace2 ResNet50 "
+            "(and fairage's vggface2_resnet50) use relu"
+        )
 
     raw = {
         "name": path.stem,
@@ -366,8 +407,9 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
         "model": {
             "backbone": "vggface2_resnet50",
             "projection_dim": projection_dim,
-            "head": [{"units": h.units, "dropout": h.dropout} for h in head[:-1]] if head else
-                    [{"units": 128}, {"units": 32}],
+            "head": [{"units": h.units, "dropout": h.dropout} for h in head[:-1]]
+            if head
+            else [{"units": 128}, {"units": 32}],
             "output": "sigmoid" if not head or head[-1].activation == "sigmoid" else "linear",
             "input_norm": input_norm,
             "head_init": "keras",
@@ -391,17 +433,30 @@ def _convert(path: Path, kind: str, layers: dict[str, dict[str, np.ndarray]], co
                 _put(path, layer.name, f"head.{index}.{key}", tensor, own, state)
             mapping[layer.name] = f"head.{index}"
     else:
-        notes.append("no age head in the file (no Dense layers after dim_proj): the folder holds the backbone "
-                     "and dim_proj; its config names the kit head (128, 32), which starts at random init")
+        notes.append(
+            "no age head in the file (no Dense layers after dim_proj): the folder holds the backbone "
+            "and dim_proj; its config names the kit head (128, 32), which starts at random init"
+        )
     for key, tensor in own.items():  # BatchNorm step counters: Keras has none
         if key.endswith("num_batches_tracked") and key.startswith("backbone."):
             state[key] = torch.zeros_like(tensor)
     if config is None and head:
-        notes.append("weights-only file: no model_config, so the head's activations follow the kit's convention "
-                     "(ReLU hidden layers, sigmoid output x 100 = years) and its dropout rates are unknown (0)")
-    return KerasImport(source=path, kind=kind, config=cfg, state=state, mapping=mapping, head=head,
-                       head_activations_from=None if not head else ("model_config" if config else "kit convention"),
-                       skipped=skipped, notes=notes, keras_version=keras_version)
+        notes.append(
+            "weights-only file: no model_config, so the head's activations follow the kit's convention "
+            "(ReLU hidden layers, sigmoid output x 100 = years) and its dropout rates are unknown (0)"
+        )
+    return KerasImport(
+        source=path,
+        kind=kind,
+        config=cfg,
+        state=state,
+        mapping=mapping,
+        head=head,
+        head_activations_from=None if not head else ("model_config" if config else "kit convention"),
+        skipped=skipped,
+        notes=notes,
+        keras_version=keras_version,
+    )
 
 
 def _schedule() -> dict:
@@ -418,8 +473,9 @@ def _shape_of(variables: dict[str, np.ndarray]) -> str:
     return f"{kernel.shape[-1]}-way" if kernel is not None else "unknown"
 
 
-def _head_layers(path: Path, dense: list[str], layers: dict, config_layers: dict, width: int,
-                 notes: list[str]) -> list[HeadLayer]:
+def _head_layers(
+    path: Path, dense: list[str], layers: dict, config_layers: dict, width: int, notes: list[str]
+) -> list[HeadLayer]:
     """The age head's Dense layers, checked to chain from ``dim_proj`` to one output unit."""
     if not dense:
         return []
@@ -428,8 +484,10 @@ def _head_layers(path: Path, dense: list[str], layers: dict, config_layers: dict
     for position, name in enumerate(dense):
         kernel = layers[name]["kernel"]
         if kernel.shape[0] != width:
-            raise DataError(f"{path}: Dense layer '{name}' takes {kernel.shape[0]} inputs but the layer before it "
-                            f"gives {width}: not an age head after dim_proj")
+            raise DataError(
+                f"{path}: Dense layer '{name}' takes {kernel.shape[0]} inputs but the layer before it "
+                f"gives {width}: not an age head after dim_proj"
+            )
         last = position == len(dense) - 1
         entry = config_layers.get(name)
         if entry is not None:
@@ -437,15 +495,20 @@ def _head_layers(path: Path, dense: list[str], layers: dict, config_layers: dict
         else:
             activation = "sigmoid" if last else "relu"
         if not last and activation != "relu":
-            raise DataError(f"{path}: head layer '{name}' has activation '{activation}'; fairage's head uses relu "
-                            "between its Dense layers")
+            raise DataError(
+                f"{path}: head layer '{name}' has activation '{activation}'; fairage's head uses relu "
+                "between its Dense layers"
+            )
         if last and activation not in ("sigmoid", "linear"):
-            raise DataError(f"{path}: the output layer '{name}' has activation '{activation}'; fairage reads "
-                            "sigmoid (years / 100) or linear outputs")
+            raise DataError(
+                f"{path}: the output layer '{name}' has activation '{activation}'; fairage reads "
+                "sigmoid (years / 100) or linear outputs"
+            )
         dropout = _dropout_before(path, name, names, config_layers)
         if last and dropout:
-            notes.append(f"Dropout {dropout} before the output layer '{name}' is not represented (no effect on "
-                         "predictions)")
+            notes.append(
+                f"Dropout {dropout} before the output layer '{name}' is not represented (no effect on predictions)"
+            )
             dropout = 0.0
         head.append(HeadLayer(name=name, units=int(kernel.shape[1]), activation=activation, dropout=dropout))
         width = int(kernel.shape[1])
@@ -464,8 +527,10 @@ def _dropout_before(path: Path, name: str, names: list[str], config_layers: dict
     if index > 0 and config_layers[names[index - 1]].get("class_name") == "Dropout":
         rate = _mapping(config_layers[names[index - 1]].get("config")).get("rate", 0.0)
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
-            raise DataError(f"{path}: model_config: the Dropout before '{name}' has rate {str(rate)[:40]!r}; "
-                            "a rate is a number in [0, 1)")
+            raise DataError(
+                f"{path}: model_config: the Dropout before '{name}' has rate {str(rate)[:40]!r}; "
+                "a rate is a number in [0, 1)"
+            )
         return float(rate)
     return 0.0
 
@@ -485,8 +550,10 @@ def _tensors(path: Path, keras_name: str, variables: dict[str, np.ndarray]) -> d
     else:
         missing = [v for v in _BN_VARS if v not in variables]
         if missing:
-            raise DataError(f"{path}: layer '{keras_name}' lacks {', '.join(missing)} (a BatchNormalization needs "
-                            f"{', '.join(_BN_VARS)})")
+            raise DataError(
+                f"{path}: layer '{keras_name}' lacks {', '.join(missing)} (a BatchNormalization needs "
+                f"{', '.join(_BN_VARS)})"
+            )
         for variable, key in _BN_VARS.items():
             out[key] = torch.from_numpy(np.asarray(variables[variable]))
         extra = set(variables) - set(_BN_VARS)
@@ -499,8 +566,10 @@ def _put(path: Path, keras_name: str, key: str, tensor: torch.Tensor, own: dict,
     if key not in own:
         raise DataError(f"{path}: layer '{keras_name}' has a weight fairage has no place for ({key})")
     if tuple(own[key].shape) != tuple(tensor.shape):
-        raise DataError(f"{path}: layer '{keras_name}': shape mismatch, file {tuple(tensor.shape)} "
-                        f"(as {key}), the VGGFace2 ResNet50 needs {tuple(own[key].shape)}")
+        raise DataError(
+            f"{path}: layer '{keras_name}': shape mismatch, file {tuple(tensor.shape)} "
+            f"(as {key}), the VGGFace2 ResNet50 needs {tuple(own[key].shape)}"
+        )
     state[key] = tensor
 
 
@@ -521,10 +590,13 @@ def write_model_folder(result: KerasImport, out: str | os.PathLike) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
-        (tmp / "config.yaml").write_text(dump_config(result.config), encoding="utf-8")
-        save_file({k: v.contiguous() for k, v in result.state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"source": result.source.name, "format": "fairage AgeRegressor state dict"})
-        (tmp / "import.json").write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
+        (tmp / model_folder.CONFIG).write_text(dump_config(result.config), encoding="utf-8")
+        save_file(
+            {k: v.contiguous() for k, v in result.state.items()},
+            str(tmp / model_folder.WEIGHTS),
+            metadata={"source": result.source.name, "format": "fairage AgeRegressor state dict"},
+        )
+        (tmp / model_folder.IMPORT).write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

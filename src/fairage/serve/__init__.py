@@ -9,12 +9,29 @@ Names are imported on first use, so the service's prepare worker processes
 
 from importlib import import_module
 
-_NAMES = {"ServeLimits": "app", "create_app": "app", "serve_protocol": "app", "CropBatcher": "batching",
-          "PreparePool": "prepare", "MAX_PIXELS": "uploads", "MAX_UPLOAD_BYTES": "uploads",
-          "UploadError": "uploads", "check_image": "uploads"}
+_NAMES = {
+    "ServeLimits": "app",
+    "create_app": "app",
+    "serve_protocol": "app",
+    "CropBatcher": "batching",
+    "PreparePool": "prepare",
+    "MAX_PIXELS": "uploads",
+    "MAX_UPLOAD_BYTES": "uploads",
+    "UploadError": "uploads",
+    "check_image": "uploads",
+}
 
-__all__ = ["MAX_PIXELS", "MAX_UPLOAD_BYTES", "CropBatcher", "PreparePool", "ServeLimits", "UploadError", "check_image",
-           "create_app", "serve_protocol"]
+__all__ = [
+    "MAX_PIXELS",
+    "MAX_UPLOAD_BYTES",
+    "CropBatcher",
+    "PreparePool",
+    "ServeLimits",
+    "UploadError",
+    "check_image",
+    "create_app",
+    "serve_protocol",
+]
 
 
 def __getattr__(name: str):

@@ -101,32 +101,59 @@ class ServeLimits:
         for key, low, high in _SETTING_BOUNDS:
             value = getattr(self, key)
             integral = key in _INTEGER_SETTINGS
-            ok = (not isinstance(value, bool) and isinstance(value, (int, float))
-                  and (isinstance(value, int) if integral else math.isfinite(value)) and low <= value <= high)
+            ok = (
+                not isinstance(value, bool)
+                and isinstance(value, (int, float))
+                and (isinstance(value, int) if integral else math.isfinite(value))
+                and low <= value <= high
+            )
             if not ok:
                 kind = "an integer" if integral else "a number"
                 option = f" ({_CLI_OPTIONS[key]})" if key in _CLI_OPTIONS else ""
-                raise ConfigError(f"serve setting {key}{option} must be {kind} from {low:g} to {high:g}, "
-                                  f"got {str(value)[:40]!r}")
+                raise ConfigError(
+                    f"serve setting {key}{option} must be {kind} from {low:g} to {high:g}, got {str(value)[:40]!r}"
+                )
 
 
 #: (key, lowest, highest) of every ServeLimits field, checked when one is made
 _SETTING_BOUNDS = (
-    ("max_upload_bytes", 1, 2**40), ("max_pixels", 1, 2**40), ("max_pending", 1, 1_000_000),
-    ("max_uploading", 1, 1_000_000), ("body_timeout", 0.001, 86_400.0), ("min_body_rate", 1.0, 1e12),
-    ("chunk_timeout", 0.001, 86_400.0), ("max_batch", 1, 4096), ("batch_wait_ms", 0.0, 1000.0),
-    ("prepare_threads", 1, 64), ("prepare_processes", 0, 64), ("detect_side", 0, 8192),
+    ("max_upload_bytes", 1, 2**40),
+    ("max_pixels", 1, 2**40),
+    ("max_pending", 1, 1_000_000),
+    ("max_uploading", 1, 1_000_000),
+    ("body_timeout", 0.001, 86_400.0),
+    ("min_body_rate", 1.0, 1e12),
+    ("chunk_timeout", 0.001, 86_400.0),
+    ("max_batch", 1, 4096),
+    ("batch_wait_ms", 0.0, 1000.0),
+    ("prepare_threads", 1, 64),
+    ("prepare_processes", 0, 64),
+    ("detect_side", 0, 8192),
 )
 #: the `fairage serve` options that set a ServeLimits field (named in its messages)
-_CLI_OPTIONS = {"max_upload_bytes": "--max-upload-mb", "max_pixels": "--max-pixels", "max_batch": "--max-batch",
-                "batch_wait_ms": "--batch-wait-ms", "prepare_threads": "--prepare-threads",
-                "prepare_processes": "--prepare-processes", "detect_side": "--detect-side"}
-_INTEGER_SETTINGS = {"max_upload_bytes", "max_pixels", "max_pending", "max_uploading", "max_batch", "prepare_threads",
-                     "prepare_processes", "detect_side"}
+_CLI_OPTIONS = {
+    "max_upload_bytes": "--max-upload-mb",
+    "max_pixels": "--max-pixels",
+    "max_batch": "--max-batch",
+    "batch_wait_ms": "--batch-wait-ms",
+    "prepare_threads": "--prepare-threads",
+    "prepare_processes": "--prepare-processes",
+    "detect_side": "--detect-side",
+}
+_INTEGER_SETTINGS = {
+    "max_upload_bytes",
+    "max_pixels",
+    "max_pending",
+    "max_uploading",
+    "max_batch",
+    "prepare_threads",
+    "prepare_processes",
+    "detect_side",
+}
 
 
 def _predictor(model: Any, detector: str, detector_threads: int = 1):
-    from ..predict import AgePredictor
+    from ..inference.predictor import AgePredictor
 
     if hasattr(model, "predict_image"):
         return model
@@ -138,37 +165,52 @@ def _prepare_pool(predictor, limits: ServeLimits):
     for, or a predictor that does not say how it detects (``detector_name``, ``detector_threads``,
     ``image_size``: ``AgePredictor``'s), whose uploads are prepared on its own threads."""
     if limits.detect_side and limits.prepare_processes == 0:
-        raise ConfigError("serve setting detect_side (--detect-side) applies to the prepare processes; "
-                          "set prepare_processes (--prepare-processes) to 1 or more")
+        raise ConfigError(
+            "serve setting detect_side (--detect-side) applies to the prepare processes; "
+            "set prepare_processes (--prepare-processes) to 1 or more"
+        )
     if limits.prepare_processes == 0 or not all(
-            hasattr(predictor, a) for a in ("detector_name", "detector_threads", "image_size")):
+        hasattr(predictor, a) for a in ("detector_name", "detector_threads", "image_size")
+    ):
         return None
     from .prepare import PreparePool, PrepareSpec
 
-    spec = PrepareSpec(predictor.detector_name, int(predictor.detector_threads), int(predictor.image_size),
-                       limits.max_pixels, limits.detect_side)
+    spec = PrepareSpec(
+        predictor.detector_name,
+        int(predictor.detector_threads),
+        int(predictor.image_size),
+        limits.max_pixels,
+        limits.detect_side,
+    )
     return PreparePool(spec, limits.prepare_processes)
 
 
 def default_card(loaded) -> dict:
     """The model card of a loaded model: from its run or model folder when it has one."""
-    from ..modelcard import build_model_card
+    from ..outputs.modelcard import build_model_card
 
     folder = loaded.run_dir if getattr(loaded, "run_dir", None) else loaded.source
     return build_model_card(folder)
 
 
-def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits: ServeLimits | None = None,
-               detector: str = "auto", detector_threads: int = 1, runtime: str | None = None,
-               model_threads: int = 1) -> FastAPI:
+def create_app(
+    predictor_or_model_path: Any,
+    *,
+    card: dict | None = None,
+    limits: ServeLimits | None = None,
+    detector: str = "auto",
+    detector_threads: int = 1,
+    runtime: str | None = None,
+    model_threads: int = 1,
+) -> FastAPI:
     """The FastAPI app serving one model.
 
-    ``predictor_or_model_path``: a ``fairage.predict.AgePredictor`` (anything with
+    ``predictor_or_model_path``: a ``fairage.inference.predictor.AgePredictor`` (anything with
     ``predict_image`` and a ``loaded`` LoadedModel; with ``prepare_image``, ``finish_image`` and
     ``predict_crops_spread`` too, its requests share forward passes), a LoadedModel, or a model
     path (run folder, model folder, exported model) loaded here with ``detector`` and
     ``detector_threads`` (``AgePredictor``). ``card``: the model card dict (default:
-    ``fairage.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
+    ``fairage.outputs.modelcard.build_model_card`` of the model's folder). ``limits``: ``ServeLimits``.
     ``runtime``: ``torch``, ``onnxruntime`` (``model_threads`` intra-op threads) or ``auto`` (the
     faster here, ``AgePredictor.use_runtime``) for the age model; None leaves the predictor's.
     With ``limits.prepare_processes`` > 0 and a predictor that names its detector
@@ -176,7 +218,8 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     worker processes (``app.state.prepare_pool``), started by the app's lifespan and stopped at
     its shutdown (run it under uvicorn, or ``with TestClient(app)``).
     """
-    from ..modelcard import card_markdown
+    from ..outputs.modelcard import card_markdown
+
     predictor = _predictor(predictor_or_model_path, detector, detector_threads)
     if runtime is not None and hasattr(predictor, "use_runtime"):
         predictor.use_runtime(runtime, model_threads)
@@ -188,10 +231,14 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
     calibration = getattr(predictor.loaded, "calibration", None)
     interval_level = float(calibration.level) if calibration is not None else None
     batched = all(hasattr(predictor, a) for a in ("prepare_image", "finish_image", "predict_crops_spread"))
-    executor = ThreadPoolExecutor(max_workers=limits.prepare_threads if batched else 1,
-                                  thread_name_prefix="fairage-inference")
-    batcher = CropBatcher(predictor.predict_crops_spread, limits.max_batch,
-                          limits.batch_wait_ms / 1000.0) if batched else None
+    executor = ThreadPoolExecutor(
+        max_workers=limits.prepare_threads if batched else 1, thread_name_prefix="fairage-inference"
+    )
+    batcher = (
+        CropBatcher(predictor.predict_crops_spread, limits.max_batch, limits.batch_wait_ms / 1000.0)
+        if batched
+        else None
+    )
     pool = _prepare_pool(predictor, limits) if batched else None
     pending = 0
     uploading = 0
@@ -209,8 +256,12 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
             if batcher is not None:
                 batcher.close()
 
-    app = FastAPI(title="fairage", version=_version(), lifespan=lifespan,
-                  description="Apparent-age estimation with a measured model card (error by group, with intervals).")
+    app = FastAPI(
+        title="fairage",
+        version=_version(),
+        lifespan=lifespan,
+        description="Apparent-age estimation with a measured model card (error by group, with intervals).",
+    )
     app.state.predictor = predictor
     app.state.limits = limits
     app.state.batcher = batcher
@@ -235,7 +286,7 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
             raise UploadError(400, f"upload: {err}") from None
 
     async def prepare_in_process(data: bytes, faces_only: bool):
-        from ..predict import PreparedImage
+        from ..inference.predictor import PreparedImage
 
         try:
             width, height, found, crops = await asyncio.wrap_future(pool.submit(data, faces_only))
@@ -256,10 +307,16 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
 
     def answer(result) -> dict:
         return {
-            "faces": [{"box": [int(v) for v in f.box], "score": float(f.score), "age": float(f.age),
-                       **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)}),
-                       **({"age_lo": float(f.age_lo), "age_hi": float(f.age_hi)} if f.age_lo is not None else {})}
-                      for f in result.faces],
+            "faces": [
+                {
+                    "box": [int(v) for v in f.box],
+                    "score": float(f.score),
+                    "age": float(f.age),
+                    **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)}),
+                    **({"age_lo": float(f.age_lo), "age_hi": float(f.age_hi)} if f.age_lo is not None else {}),
+                }
+                for f in result.faces
+            ],
             "image": {"width": int(result.width), "height": int(result.height)},
             "model": model_name,
             "interval_level": interval_level,
@@ -280,8 +337,11 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
         nonlocal pending, uploading
         if uploading >= limits.max_uploading:
             await _drain(request, 0, limits)
-            return JSONResponse({"detail": f"busy: {uploading} uploads are being received; try again shortly"},
-                                status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"detail": f"busy: {uploading} uploads are being received; try again shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         uploading += 1  # counted from the first byte read, so memory is bounded too
         try:
             data = await read_upload(request, limits)
@@ -289,8 +349,11 @@ def create_app(predictor_or_model_path: Any, *, card: dict | None = None, limits
             uploading -= 1
         # only uploads received in full wait for the model: a slow sender holds no place in its queue
         if pending >= limits.max_pending:
-            return JSONResponse({"detail": f"busy: {pending} uploads are waiting; try again shortly"},
-                                status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                {"detail": f"busy: {pending} uploads are waiting; try again shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
         pending += 1
         try:
             if batcher is not None:
@@ -333,9 +396,12 @@ async def _body_chunks(request: Request, limits: ServeLimits):
                 raise TimeoutError
             message = await asyncio.wait_for(request.receive(), remaining)
         except TimeoutError:
-            raise UploadError(408, f"the upload arrived too slowly ({received} bytes; the service waits "
-                                   f"{limits.chunk_timeout:g} s for each part and {limits.body_timeout:g} s "
-                                   f"for the body, plus 1 s per {limits.min_body_rate:g} bytes)") from None
+            raise UploadError(
+                408,
+                f"the upload arrived too slowly ({received} bytes; the service waits "
+                f"{limits.chunk_timeout:g} s for each part and {limits.body_timeout:g} s "
+                f"for the body, plus 1 s per {limits.min_body_rate:g} bytes)",
+            ) from None
         if message["type"] == "http.disconnect":
             raise ClientDisconnect()
         chunk = message.get("body", b"")
@@ -368,8 +434,11 @@ async def read_upload(request: Request, limits: ServeLimits) -> bytes:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     multipart = content_type == "multipart/form-data"
     if not multipart and not (content_type.startswith("image/") or content_type in _RAW_TYPES):
-        raise UploadError(415, f"unsupported content type {content_type!r}: send the photo as multipart field "
-                               "'file' or as a raw image body (image/* or application/octet-stream)")
+        raise UploadError(
+            415,
+            f"unsupported content type {content_type!r}: send the photo as multipart field "
+            "'file' or as a raw image body (image/* or application/octet-stream)",
+        )
     max_body = limits.max_upload_bytes + (_MULTIPART_OVERHEAD if multipart else 0)
     too_large = UploadError(413, f"upload larger than the limit of {limits.max_upload_bytes} bytes")
     declared = request.headers.get("content-length")
@@ -420,8 +489,13 @@ _PREDICT_OPENAPI = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                               "properties": {"file": {"type": "string", "format": "binary"}}}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                }
+            },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
     },
@@ -503,15 +577,26 @@ def app_from_environment() -> FastAPI:
         import torch
 
         torch.set_num_threads(model_threads)  # this worker process is the service's own
-    return create_app(Path(os.environ["FAIRAGE_SERVE_MODEL"]), limits=limits_from_environment(),
-                      detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"),
-                      detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")),
-                      runtime=os.environ.get("FAIRAGE_SERVE_RUNTIME"), model_threads=model_threads)
+    return create_app(
+        Path(os.environ["FAIRAGE_SERVE_MODEL"]),
+        limits=limits_from_environment(),
+        detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"),
+        detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")),
+        runtime=os.environ.get("FAIRAGE_SERVE_RUNTIME"),
+        model_threads=model_threads,
+    )
 
 
 #: the ServeLimits fields ``fairage serve --workers N`` passes to its worker processes
-ENVIRONMENT_SETTINGS = ("max_upload_bytes", "max_pixels", "max_batch", "batch_wait_ms", "prepare_threads",
-                        "prepare_processes", "detect_side")
+ENVIRONMENT_SETTINGS = (
+    "max_upload_bytes",
+    "max_pixels",
+    "max_batch",
+    "batch_wait_ms",
+    "prepare_threads",
+    "prepare_processes",
+    "detect_side",
+)
 
 
 def limits_to_environment(limits: ServeLimits) -> dict[str, str]:

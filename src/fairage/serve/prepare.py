@@ -7,9 +7,9 @@ of its model) whose workers each make one detector in their initializer, with on
 one OpenCV thread (``spec.detector_threads`` for YuNet). ``PreparePool.submit(data, faces_only)``
 gives a Future of the upload's ``(width, height, found, crops)``: its size after the EXIF turn,
 ``[(box, score)]`` per face, best first, and the uint8 (N, S, S, 3) RGB crops at the model's
-size, exactly what ``fairage.predict.AgePredictor.prepare_image`` returns for the same bytes.
+size, exactly what ``fairage.inference.predictor.AgePredictor.prepare_image`` returns for the same bytes.
 
-A worker imports neither torch nor the web framework (this module, ``fairage.detect``,
+A worker imports neither torch nor the web framework (this module, ``fairage.inference.detect``,
 ``fairage.data.decode`` and ``fairage.serve.uploads`` only), so it starts in about a second
 and holds tens of MB. A bad upload raises the same ``UploadError`` (status and message) as in
 the server's own threads; it travels back to the server through pickling.
@@ -29,7 +29,7 @@ from ..data.decode import crop_face
 
 @dataclass(frozen=True)
 class PrepareSpec:
-    """What a worker needs: ``detector`` name (``fairage.detect.make_detector``), its
+    """What a worker needs: ``detector`` name (``fairage.inference.detect.make_detector``), its
     ``detector_threads`` (YuNet's OpenMP threads), the model's input side ``image_size`` (pixels)
     and the ``max_pixels`` limit of an upload (413 above, checked from the header); ``detect_side``:
     the longer side, pixels, a photo is downscaled to for detection (0: the detector's own
@@ -60,7 +60,7 @@ def _start_worker(spec: PrepareSpec) -> None:
         os.environ["OMP_NUM_THREADS"] = str(spec.detector_threads)
     import cv2
 
-    from ..detect import make_detector
+    from ..inference.detect import make_detector
 
     cv2.setNumThreads(1)
     _WORKER["spec"] = spec
@@ -75,8 +75,8 @@ def _ready() -> int:
 def prepare_upload(data: bytes, faces_only: bool) -> tuple[int, int, list, np.ndarray]:
     """In a worker: an upload's ``(width, height, found, crops)`` (module doc); UploadError for bad bytes."""
     from ..data.decode import decode_face, read_image
-    from ..detect import detect_faces
     from ..errors import DataError
+    from ..inference.detect import detect_faces
     from .uploads import UploadError, check_image
 
     spec: PrepareSpec = _WORKER["spec"]
@@ -91,8 +91,9 @@ def prepare_upload(data: bytes, faces_only: bool) -> tuple[int, int, list, np.nd
         raise UploadError(400, f"upload: {err}") from None
     boxes = detect_faces(_WORKER["detector"], rgb, spec.detect_side or None)
     found = [((x, y, w, h), s) for x, y, w, h, s in boxes]
-    crops = (np.stack([crop_face(rgb, box, size) for box, _ in found]) if found
-             else np.empty((0, size, size, 3), np.uint8))
+    crops = (
+        np.stack([crop_face(rgb, box, size) for box, _ in found]) if found else np.empty((0, size, size, 3), np.uint8)
+    )
     return rgb.shape[1], rgb.shape[0], found, crops
 
 
@@ -117,8 +118,12 @@ class PreparePool:
         if self._executor is None or getattr(self._executor, "_broken", False):
             if self._executor is not None:
                 self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_start_worker, initargs=(self.spec,))
+            self._executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(self.spec,),
+            )
         return self._executor
 
     def start(self) -> list[Future]:

@@ -46,13 +46,15 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS, name: str = "upload")
     except Image.DecompressionBombError as err:
         raise UploadError(413, f"{name}: too many pixels to decode ({err})") from None
     except UnidentifiedImageError:
-        raise UploadError(415, f"{name}: not an image format that can be read "
-                               "(JPEG, PNG, WebP, BMP, GIF, TIFF)") from None
+        raise UploadError(
+            415, f"{name}: not an image format that can be read (JPEG, PNG, WebP, BMP, GIF, TIFF)"
+        ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
         raise UploadError(400, f"{name}: corrupt image header ({err})") from None
     if width < 1 or height < 1:
         raise UploadError(400, f"{name}: image has no pixels ({width} x {height})")
     if width * height > max_pixels:
-        raise UploadError(413, f"{name}: {width} x {height} = {width * height} pixels is over the limit of "
-                               f"{max_pixels} pixels")
+        raise UploadError(
+            413, f"{name}: {width} x {height} = {width * height} pixels is over the limit of {max_pixels} pixels"
+        )
     return width, height

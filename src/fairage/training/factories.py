@@ -28,15 +28,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..atomic import save_torch, write_text
-from ..config import StageConfig, TrainerConfig
-from ..models import AgeRegressor
-from ..precision import auto_precision
-from ..runs import HISTORY_COLUMNS, read_checkpoint
+from ..config.schema import StageConfig, TrainerConfig
+from ..models.regressor import AgeRegressor
+from ..store.checkpoint import CONFIG_KEY, read_checkpoint
+from ..store.run_folder import HISTORY_COLUMNS, RunFolder
 from .inference import extract_features
 from .module import FaceArrayDataset
+from .precision import auto_precision
 
 #: key of a checkpoint that holds the run's config (YAML text), so the file describes itself
-CONFIG_KEY = "fairage_config"
 
 
 @dataclass
@@ -53,7 +53,7 @@ class StageArrays:
     val_images: np.ndarray
     val_ages: np.ndarray
     train_weights: np.ndarray | None = None
-    #: the training faces' ``fairage.methods.FaceArrays`` (Group DRO groups, ``age_std``), needed
+    #: the training faces' ``fairage.training.methods.FaceArrays`` (Group DRO groups, ``age_std``), needed
     #: when the stage turns those methods on
     face_arrays: Any = None
 
@@ -76,7 +76,7 @@ def resolve_accelerator(trainer_cfg: TrainerConfig) -> str:
 
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     """Lightning precision of training steps: the configured one, or for ``auto`` bf16-mixed
-    where the device has native bf16 and 32-true elsewhere (``fairage.precision``)."""
+    where the device has native bf16 and 32-true elsewhere (``fairage.training.precision``)."""
     if trainer_cfg.precision != "auto":
         return trainer_cfg.precision
     return auto_precision(resolve_accelerator(trainer_cfg))
@@ -89,8 +89,12 @@ def device_for(trainer_cfg: TrainerConfig) -> torch.device:
 def quiet_lightning() -> None:
     """Keep Lightning's start-up banners (GPU available, tips) and its note on every full
     checkpoint it writes (``LastCheckpoint``'s, at each epoch end) out of the console."""
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                 "lightning.pytorch.accelerators.cuda", "lightning.pytorch.trainer.connectors.checkpoint_connector"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.fabric.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector",
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
@@ -103,9 +107,17 @@ def seeded_generator(seed: int) -> torch.Generator:
 # =========================================================================== loaders
 
 
-def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *, use_cache: bool,
-                 trainer_cfg: TrainerConfig, num_workers: int = 0, seed: int = 0,
-                 with_index: bool = False) -> tuple[DataLoader, DataLoader]:
+def make_loaders(
+    model: AgeRegressor,
+    stage: StageConfig,
+    arrays: StageArrays,
+    *,
+    use_cache: bool,
+    trainer_cfg: TrainerConfig,
+    num_workers: int = 0,
+    seed: int = 0,
+    with_index: bool = False,
+) -> tuple[DataLoader, DataLoader]:
     """Train and validation loaders of a stage; batches are ``(x, age_years, weight)``, plus each
     face's position in the training arrays when ``with_index`` (methods with per-face state).
 
@@ -118,10 +130,15 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
     if use_cache:
         feats_train, feats_val = cached_features(model, stage, arrays, trainer_cfg)
         w = torch.ones(len(arrays.train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
-        train_set: Dataset = TensorDataset(feats_train, torch.as_tensor(np.asarray(arrays.train_ages, np.float32)), w,
-                                           *([torch.arange(len(arrays.train_ages))] if with_index else []))
-        val_set: Dataset = TensorDataset(feats_val, torch.as_tensor(np.asarray(arrays.val_ages, np.float32)),
-                                         torch.ones(len(arrays.val_ages)))
+        train_set: Dataset = TensorDataset(
+            feats_train,
+            torch.as_tensor(np.asarray(arrays.train_ages, np.float32)),
+            w,
+            *([torch.arange(len(arrays.train_ages))] if with_index else []),
+        )
+        val_set: Dataset = TensorDataset(
+            feats_val, torch.as_tensor(np.asarray(arrays.val_ages, np.float32)), torch.ones(len(arrays.val_ages))
+        )
         workers = 0  # in-memory tensors: worker processes would only add overhead
     else:
         train_set = FaceArrayDataset(arrays.train_images, arrays.train_ages, weights, with_index=with_index)
@@ -130,15 +147,22 @@ def make_loaders(model: AgeRegressor, stage: StageConfig, arrays: StageArrays, *
     # re-seed so both paths start training from the same RNG state (same dropout masks)
     L.seed_everything(seed, workers=True, verbose=False)
     loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
-    train_loader = DataLoader(train_set, batch_size=stage.batch_size, shuffle=sampler is None, sampler=sampler,
-                              generator=seeded_generator(seed) if sampler is None else None, drop_last=False,
-                              **loader_kw)
+    train_loader = DataLoader(
+        train_set,
+        batch_size=stage.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=seeded_generator(seed) if sampler is None else None,
+        drop_last=False,
+        **loader_kw,
+    )
     val_loader = DataLoader(val_set, batch_size=max(stage.batch_size, 64), shuffle=False, **loader_kw)
     return train_loader, val_loader
 
 
-def cached_features(model: AgeRegressor, stage: StageConfig, arrays: StageArrays,
-                    trainer_cfg: TrainerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_features(
+    model: AgeRegressor, stage: StageConfig, arrays: StageArrays, trainer_cfg: TrainerConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen part's features of the training and validation images: float32 (N, D) on the CPU.
 
     Computed in the training steps' precision (bf16 autocast under bf16-mixed), so that cached
@@ -146,9 +170,17 @@ def cached_features(model: AgeRegressor, stage: StageConfig, arrays: StageArrays
     """
     device = device_for(trainer_cfg)
     autocast = resolve_precision(trainer_cfg).startswith("bf16")
-    return tuple(extract_features(model, images, device=device, channels_last=trainer_cfg.channels_last,
-                                  autocast=autocast, trainable=stage.trainable)
-                 for images in (arrays.train_images, arrays.val_images))
+    return tuple(
+        extract_features(
+            model,
+            images,
+            device=device,
+            channels_last=trainer_cfg.channels_last,
+            autocast=autocast,
+            trainable=stage.trainable,
+        )
+        for images in (arrays.train_images, arrays.val_images)
+    )
 
 
 def train_sampler(stage: StageConfig, arrays: StageArrays, seed: int):
@@ -156,7 +188,7 @@ def train_sampler(stage: StageConfig, arrays: StageArrays, seed: int):
     ``(None, the per-face loss weights or None)``."""
     weights = arrays.train_weights
     if weights is not None and stage.weighting.mode == "sampler":
-        from ..weighting import make_sampler
+        from ..fairness.weighting import make_sampler
 
         return make_sampler(np.asarray(weights, dtype=np.float64), len(arrays.train_ages), seed), None
     return None, weights
@@ -186,8 +218,10 @@ def non_finite_message(stage: str, row: dict) -> str | None:
     bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
     if not bad:
         return None
-    return (f"{stage}: {' and '.join(bad)} became {row[bad[0]]} at epoch {row['epoch']}; stage stopped, "
-            "keeping its best checkpoint (try a lower learning rate or loss: huber)")
+    return (
+        f"{stage}: {' and '.join(bad)} became {row[bad[0]]} at epoch {row['epoch']}; stage stopped, "
+        "keeping its best checkpoint (try a lower learning rate or loss: huber)"
+    )
 
 
 class HistoryCallback(Callback):
@@ -251,7 +285,7 @@ class LastCheckpoint(Checkpoint):
 
 class ConfigInCheckpoint(Callback):
     """Stores the run's config (YAML text) in every checkpoint under ``CONFIG_KEY``,
-    so ``load_model_from_checkpoint`` can rebuild the model from the file alone."""
+    so ``store.checkpoint.model_from_checkpoint`` can rebuild the model from the file alone."""
 
     def __init__(self, config_yaml: str):
         self.config_yaml = config_yaml
@@ -317,10 +351,12 @@ class CollapseStop(Callback):
         self.collapsed_now = std < COLLAPSE_STD and (saturated or self.spread_before)
         self.spread_before = self.spread_before or std >= 2 * COLLAPSE_STD
         if self.collapsed_now:
-            self.message = (f"{self.stage} collapsed in epoch {epoch + 1}: its validation predictions "
-                            f"are nearly constant (std {std:.2f} years, mean {mean:.1f}); the stage stopped, "
-                            "keeping its best checkpoint before the collapse (try a lower learning rate, "
-                            "warmup_epochs or grad_clip)")
+            self.message = (
+                f"{self.stage} collapsed in epoch {epoch + 1}: its validation predictions "
+                f"are nearly constant (std {std:.2f} years, mean {mean:.1f}); the stage stopped, "
+                "keeping its best checkpoint before the collapse (try a lower learning rate, "
+                "warmup_epochs or grad_clip)"
+            )
         return self.collapsed_now
 
 
@@ -348,24 +384,46 @@ class StageCallbacks:
     collapse: CollapseStop | None = None
 
 
-def make_callbacks(stage_name: str, stage: StageConfig, run_dir: Path, *, history_path: Path | None,
-                   previous_history: pd.DataFrame | None = None, progress: bool = False,
-                   config_yaml: str | None = None, extra: Sequence[Callback] = (),
-                   dro_groups: Sequence[str] | None = None) -> StageCallbacks:
+def make_callbacks(
+    stage_name: str,
+    stage: StageConfig,
+    run_dir: Path,
+    *,
+    history_path: Path | None,
+    previous_history: pd.DataFrame | None = None,
+    progress: bool = False,
+    config_yaml: str | None = None,
+    extra: Sequence[Callback] = (),
+    dro_groups: Sequence[str] | None = None,
+) -> StageCallbacks:
     """History (and NaN stop), early stopping, best and last checkpoints in ``run_dir/checkpoints``."""
     history = HistoryCallback(history_path, stage_name, previous_history)
     collapse = CollapseStop(stage_name) if stage.stop_on_collapse else None
-    best = BestCheckpoint(dirpath=run_dir / "checkpoints", filename=f"{stage_name}-best", monitor="val_loss",
-                          mode="min", save_top_k=1, save_last=False, auto_insert_metric_name=False,
-                          enable_version_counter=False, collapse=collapse)
-    last = LastCheckpoint(run_dir / "checkpoints" / f"{stage_name}-last.ckpt")
-    cbs: list[Callback] = [history, *([collapse] if collapse else []),
-                           EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
-                           best, last, *extra]
+    folder = RunFolder(run_dir)
+    best = BestCheckpoint(
+        dirpath=folder.checkpoints_dir,
+        filename=folder.checkpoint(stage_name, "best").stem,
+        monitor="val_loss",
+        mode="min",
+        save_top_k=1,
+        save_last=False,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+        collapse=collapse,
+    )
+    last = LastCheckpoint(folder.checkpoint(stage_name, "last"))
+    cbs: list[Callback] = [
+        history,
+        *([collapse] if collapse else []),
+        EarlyStopping(monitor="val_loss", mode="min", patience=stage.patience, check_finite=True),
+        best,
+        last,
+        *extra,
+    ]
     if config_yaml is not None:
         cbs.append(ConfigInCheckpoint(config_yaml))
     if dro_groups is not None and history_path is not None:  # Group DRO's q per epoch in dro_q.csv
-        from ..methods import DROHistoryCallback
+        from .methods import DROHistoryCallback
 
         cbs.append(DROHistoryCallback(run_dir, stage_name, list(dro_groups)))
     if progress:
@@ -416,22 +474,24 @@ def make_logger(trainer_cfg: TrainerConfig, run_dir: Path):
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     cls = TensorBoardLogger if trainer_cfg.logger == "tensorboard" else CSVLogger
-    return cls(save_dir=str(run_dir), name="logs")
+    return cls(save_dir=str(run_dir), name=RunFolder.LOGS)
 
 
 def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from ..runs import RunFolder
+    from ..store.run_folder import RunFolder
 
     uri = trainer_cfg.tracking_uri
     if uri is None:
-        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-        uri = sqlite_tracking_uri(run_dir / "logs")
+        logs = RunFolder(run_dir).file(RunFolder.LOGS)
+        logs.mkdir(parents=True, exist_ok=True)
+        uri = sqlite_tracking_uri(logs)
     # MLflow puts a new experiment's artifacts under ./mlruns of the working directory unless told;
     # beside a SQLite store they stay with it (a server chooses its own)
-    artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") \
-        else None
+    artifacts = (
+        (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri() if uri.startswith("sqlite:///") else None
+    )
     name, stage, params = run_dir.name, None, {}
     if RunFolder.exists(run_dir):  # a stage of a run folder (not fit_stage's temporary folder)
         folder = RunFolder.open(run_dir)
@@ -441,16 +501,21 @@ def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
     tags = {"fairage.run": name, "fairage.run_dir": str(run_dir.resolve()), **trainer_cfg.tracking_tags}
     if stage:
         tags["fairage.stage"] = stage
-    logger = MLFlowLogger(experiment_name=trainer_cfg.experiment_name or MLFLOW_EXPERIMENT,
-                          run_name=f"{name}/{stage}" if stage else name, tracking_uri=uri, tags=tags,
-                          artifact_location=artifacts)
+    logger = MLFlowLogger(
+        experiment_name=trainer_cfg.experiment_name or MLFLOW_EXPERIMENT,
+        run_name=f"{name}/{stage}" if stage else name,
+        tracking_uri=uri,
+        tags=tags,
+        artifact_location=artifacts,
+    )
     if params:
         logger.log_hyperparams(params)
     return logger
 
 
-def make_trainer(trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path,
-                 progress: bool = False) -> L.Trainer:
+def make_trainer(
+    trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path, progress: bool = False
+) -> L.Trainer:
     """The Lightning Trainer of one stage (logger of ``trainer.logger``; checkpoints through ``AtomicCheckpointIO``)."""
     on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
     return L.Trainer(

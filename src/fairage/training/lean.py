@@ -6,7 +6,7 @@ epoch of the head is a few milliseconds of arithmetic; Lightning's per-epoch mac
 many times the training. This loop keeps what the stage means and drops the rest:
 
 * the same objective: ``AgeModule.batch_loss`` (loss, sample weights, the methods of
-  ``fairage.losses``, ``label_std``), the same Adam and ReduceLROnPlateau
+  ``fairage.models.losses``, ``label_std``), the same Adam and ReduceLROnPlateau
   (``AgeModule.configure_optimizers``), warm-up (``AgeModule.warm_up``), gradient clipping by
   global norm, bf16 autocast of the training steps under ``bf16-mixed`` and float32 validation;
 * the same batches: index loaders with the Lightning path's sampler, generator and seeding,
@@ -22,7 +22,7 @@ many times the training. This loop keeps what the stage means and drops the rest
 Writes. ``history.csv`` (and ``dro_q.csv``), then ``-last.ckpt`` are rewritten after an epoch
 once ``LAST_EVERY_SECONDS`` of training, and ``LAST_EVERY_WRITES`` times the previous write's
 duration, have passed since the previous write; after the stage's final epoch; and when the loop is
-interrupted (SIGTERM raised as ``fairage.interrupt.Terminated``, Ctrl-C): then they hold the
+interrupted (SIGTERM raised as ``fairage.training.interrupt.Terminated``, Ctrl-C): then they hold the
 last finished epoch. A hard kill (SIGKILL, power) loses at most that interval of training,
 which is less than the feature extraction a resume redoes anyway; the history is never
 behind the checkpoint, so a resume's history stays continuous. Besides Lightning's keys the
@@ -61,12 +61,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import save_torch, write_text
-from ..config import StageConfig, TrainerConfig
+from ..config.schema import StageConfig, TrainerConfig
 from ..errors import ConfigError, DataError
-from ..models import AgeRegressor
-from ..runs import HISTORY_COLUMNS, read_checkpoint
+from ..models.regressor import AgeRegressor
+from ..store.checkpoint import CONFIG_KEY, read_checkpoint
+from ..store.run_folder import HISTORY_COLUMNS, RunFolder
 from .factories import (
-    CONFIG_KEY,
     CollapseStop,
     StageArrays,
     cached_features,
@@ -95,8 +95,14 @@ def written_by_lean(path: str | Path) -> bool:
     return LEAN_KEY in read_checkpoint(path)
 
 
-def lean_unsupported(stage: StageConfig, trainer_cfg: TrainerConfig, *, use_cache: bool, callbacks=(),
-                     ckpt_path: str | Path | None = None) -> str | None:
+def lean_unsupported(
+    stage: StageConfig,
+    trainer_cfg: TrainerConfig,
+    *,
+    use_cache: bool,
+    callbacks=(),
+    ckpt_path: str | Path | None = None,
+) -> str | None:
     """Why the lean loop cannot train this stage (one phrase), or None when it can."""
     if not use_cache:
         return "the stage does not train on cached features"
@@ -125,9 +131,16 @@ def lean_unsupported(stage: StageConfig, trainer_cfg: TrainerConfig, *, use_cach
     return None
 
 
-def choose_loop(stage_name: str, stage: StageConfig, trainer_cfg: TrainerConfig, *, use_cache: bool, callbacks=(),
-                ckpt_path: str | Path | None = None) -> str:
-    """"lean" or "lightning": the loop ``fit_stage`` trains this stage in (``stage.loop``).
+def choose_loop(
+    stage_name: str,
+    stage: StageConfig,
+    trainer_cfg: TrainerConfig,
+    *,
+    use_cache: bool,
+    callbacks=(),
+    ckpt_path: str | Path | None = None,
+) -> str:
+    """ "lean" or "lightning": the loop ``fit_stage`` trains this stage in (``stage.loop``).
 
     ``auto`` takes the lean loop wherever ``lean_unsupported`` finds nothing against it;
     ``lean`` where it does is a ConfigError naming the reason. A Lightning loop asked to
@@ -140,8 +153,10 @@ def choose_loop(stage_name: str, stage: StageConfig, trainer_cfg: TrainerConfig,
         if stage.loop == "lean":
             raise ConfigError(f"{stage_name}.loop 'lean' cannot train this stage: {reason}; set loop: auto")
     if ckpt_path is not None and written_by_lean(ckpt_path):
-        raise DataError(f"{ckpt_path} was written by the lean loop, which cannot resume this stage now "
-                        f"({stage_name}.loop {stage.loop}); resume with the config the run started with")
+        raise DataError(
+            f"{ckpt_path} was written by the lean loop, which cannot resume this stage now "
+            f"({stage_name}.loop {stage.loop}); resume with the config the run started with"
+        )
     return "lightning"
 
 
@@ -176,10 +191,22 @@ class _EarlyStop:
         return self.wait >= self.patience
 
 
-def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays, run_dir: Path, *,
-             history_file: bool, trainer_cfg: TrainerConfig, seed: int, progress: bool,
-             ckpt_path: str | Path | None, previous_history: pd.DataFrame | None, config_yaml: str | None,
-             objective) -> LoopOutcome:
+def fit_lean(
+    model: AgeRegressor,
+    stage_name: str,
+    stage: StageConfig,
+    arrays: StageArrays,
+    run_dir: Path,
+    *,
+    history_file: bool,
+    trainer_cfg: TrainerConfig,
+    seed: int,
+    progress: bool,
+    ckpt_path: str | Path | None,
+    previous_history: pd.DataFrame | None,
+    config_yaml: str | None,
+    objective,
+) -> LoopOutcome:
     """Train stage I's trainable part on cached features (see the module docstring).
 
     Call where ``fit_stage`` would build its loaders: after seeding and building the stage's
@@ -195,14 +222,27 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     # loaders of positions, not of tensors: the same sampler, generator and per-epoch draws as
     # the Lightning path's loaders, without collating a batch face by face
     generator = seeded_generator(seed) if sampler is None else None
-    train_index = DataLoader(range(n_train), batch_size=stage.batch_size, shuffle=sampler is None, sampler=sampler,
-                             generator=generator, drop_last=False)
+    train_index = DataLoader(
+        range(n_train),
+        batch_size=stage.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        generator=generator,
+        drop_last=False,
+    )
     val_index = DataLoader(range(n_val), batch_size=max(stage.batch_size, 64), shuffle=False)
     order_generator = generator if sampler is None else sampler.generator
     batches = len(train_index)
 
-    module = AgeModule(model, stage, frozen=True, inputs="features", channels_last=trainer_cfg.channels_last,
-                       image_size=arrays.image_size, objective=objective).to(device)
+    module = AgeModule(
+        model,
+        stage,
+        frozen=True,
+        inputs="features",
+        channels_last=trainer_cfg.channels_last,
+        image_size=arrays.image_size,
+        objective=objective,
+    ).to(device)
     x_train = feats_train.to(device)
     x_val = feats_val.to(device)
     age_train = torch.as_tensor(np.asarray(arrays.train_ages, np.float32)).to(device)
@@ -216,46 +256,72 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     params = [p for group in opt.param_groups for p in group["params"]]
     frozen_prefixes = _frozen_prefixes(module)
 
-    ckpt_dir = run_dir / "checkpoints"
-    best_file, last_file = ckpt_dir / f"{stage_name}-best.ckpt", ckpt_dir / f"{stage_name}-last.ckpt"
-    history_path = run_dir / "history.csv" if history_file else None
+    folder = RunFolder(run_dir)
+    best_file, last_file = folder.checkpoint(stage_name, "best"), folder.checkpoint(stage_name, "last")
+    history_path = folder.file(RunFolder.HISTORY) if history_file else None
     rows: list[dict] = [] if previous_history is None else previous_history.to_dict("records")
     early = _EarlyStop(stage.patience)
     collapse = CollapseStop(stage_name) if stage.stop_on_collapse else None
-    state = {"epoch": -1, "global_step": 0, "best_score": None, "best_epoch": None, "non_finite": None,
-             "collapsed": None, "stopped": False}
+    state = {
+        "epoch": -1,
+        "global_step": 0,
+        "best_score": None,
+        "best_epoch": None,
+        "non_finite": None,
+        "collapsed": None,
+        "stopped": False,
+    }
     best_snapshot: dict | None = None
     if ckpt_path is not None:
-        best_snapshot = _restore(read_checkpoint(ckpt_path), module, opt, sched, order_generator, early, collapse,
-                                 state, device)
+        best_snapshot = _restore(
+            read_checkpoint(ckpt_path), module, opt, sched, order_generator, early, collapse, state, device
+        )
     dro_rows = _dro_rows(run_dir, stage_name, state["epoch"] + 1) if dro and history_file else None
     dro_columns = [f"q[{name}]" for name in arrays.face_arrays.group_names] if dro else []
 
     def snapshot() -> dict:
         """The state at the end of the epoch just finished (trainable weights copied; frozen ones unchanged)."""
-        return {"epoch": state["epoch"], "global_step": state["global_step"],
-                "trainable": {k: v.detach().clone() for k, v in module.state_dict().items()
-                              if not k.startswith(frozen_prefixes)},
-                "optimizer": copy.deepcopy(opt.state_dict()), "scheduler": copy.deepcopy(sched.state_dict()),
-                "rng": {"torch": torch.get_rng_state(), "order": order_generator.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else []},
-                "early": {"best": early.best, "wait": early.wait},
-                "rows": len(rows), "dro_rows": None if dro_rows is None else len(dro_rows),
-                "collapse": None if collapse is None else {"spread_before": collapse.spread_before},
-                "loop": {k: state[k] for k in ("best_score", "best_epoch", "non_finite", "collapsed", "stopped")}}
+        return {
+            "epoch": state["epoch"],
+            "global_step": state["global_step"],
+            "trainable": {
+                k: v.detach().clone() for k, v in module.state_dict().items() if not k.startswith(frozen_prefixes)
+            },
+            "optimizer": copy.deepcopy(opt.state_dict()),
+            "scheduler": copy.deepcopy(sched.state_dict()),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "order": order_generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+            },
+            "early": {"best": early.best, "wait": early.wait},
+            "rows": len(rows),
+            "dro_rows": None if dro_rows is None else len(dro_rows),
+            "collapse": None if collapse is None else {"spread_before": collapse.spread_before},
+            "loop": {k: state[k] for k in ("best_score", "best_epoch", "non_finite", "collapsed", "stopped")},
+        }
 
     def checkpoint(snap: dict, resumable: bool) -> dict:
         """Lightning's checkpoint keys (what the rest of fairage reads) and, to resume from, ``LEAN_KEY``."""
         weights = module.state_dict()  # the frozen part's tensors; the trainable ones come from the snapshot
         weights.update(snap["trainable"])
-        ckpt = {"epoch": snap["epoch"], "global_step": snap["global_step"], "state_dict": weights,
-                "optimizer_states": [snap["optimizer"]], "lr_schedulers": [snap["scheduler"]]}
+        ckpt = {
+            "epoch": snap["epoch"],
+            "global_step": snap["global_step"],
+            "state_dict": weights,
+            "optimizer_states": [snap["optimizer"]],
+            "lr_schedulers": [snap["scheduler"]],
+        }
         if config_yaml is not None:
             ckpt[CONFIG_KEY] = config_yaml
         if resumable:
-            ckpt[LEAN_KEY] = {"rng": snap["rng"], "early": snap["early"], "collapse": snap["collapse"],
-                              "loop": snap["loop"],
-                              "best_trainable": None if best_snapshot is None else best_snapshot["trainable"]}
+            ckpt[LEAN_KEY] = {
+                "rng": snap["rng"],
+                "early": snap["early"],
+                "collapse": snap["collapse"],
+                "loop": snap["loop"],
+                "best_trainable": None if best_snapshot is None else best_snapshot["trainable"],
+            }
         return ckpt
 
     # epochs on disk; after a resume -best.ckpt is rewritten at the next write (a kill between the two
@@ -266,9 +332,9 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
         """Write the history up to ``snap``, ``-best.ckpt`` (``with_best``, when the best epoch changed)
         and ``-last.ckpt``."""
         if history_path is not None:
-            write_history(history_path, pd.DataFrame(rows[:snap["rows"]], columns=HISTORY_COLUMNS))
+            write_history(history_path, pd.DataFrame(rows[: snap["rows"]], columns=HISTORY_COLUMNS))
         if dro_rows is not None:
-            write_text(run_dir / "dro_q.csv", pd.DataFrame(dro_rows[:snap["dro_rows"]]).to_csv(index=False))
+            write_text(folder.file(RunFolder.DRO_Q), pd.DataFrame(dro_rows[: snap["dro_rows"]]).to_csv(index=False))
         if with_best and best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]:
             save_torch(checkpoint(best_snapshot, resumable=False), best_file)
             written["best_epoch"] = best_snapshot["epoch"]
@@ -321,8 +387,15 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
             if collapse is not None and collapse.observe(std, mean, model.output, epoch):
                 collapsed_now, stop = True, True
                 state["collapsed"] = collapse.message
-            row = {"epoch": epoch + 1, "stage": stage_name, "train_loss": train_loss, "val_loss": val_loss,
-                   "train_mae": train_mae, "val_mae": val_mae, "lr": epoch_lr}
+            row = {
+                "epoch": epoch + 1,
+                "stage": stage_name,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "train_mae": train_mae,
+                "val_mae": val_mae,
+                "lr": epoch_lr,
+            }
             rows.append(row)
             message = non_finite_message(stage_name, row)
             if message:
@@ -355,7 +428,8 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
         # interrupted (SIGTERM as Terminated, Ctrl-C, an error): keep the last finished epoch
         unwritten = last_snap is not None and (
             written["last_epoch"] != last_snap["epoch"]
-            or (best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]))
+            or (best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"])
+        )
         if unwritten:
             with contextlib.suppress(OSError, RuntimeError):  # the interruption is what the caller must see
                 flush(last_snap)
@@ -367,15 +441,26 @@ def fit_lean(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: S
     if best_snapshot is not None:  # the best weights back into the model (the caller loads the file)
         module.load_state_dict({**module.state_dict(), **best_snapshot["trainable"]})
     has_best = state["best_epoch"] is not None and best_file.is_file()
-    return LoopOutcome(best_path=str(best_file) if has_best else None,
-                       best_val_loss=state["best_score"], last_path=str(last_file) if last_file.is_file() else None,
-                       epochs=state["epoch"] + 1, history=pd.DataFrame(rows, columns=HISTORY_COLUMNS),
-                       non_finite=state["non_finite"], collapsed=state["collapsed"])
+    return LoopOutcome(
+        best_path=str(best_file) if has_best else None,
+        best_val_loss=state["best_score"],
+        last_path=str(last_file) if last_file.is_file() else None,
+        epochs=state["epoch"] + 1,
+        history=pd.DataFrame(rows, columns=HISTORY_COLUMNS),
+        non_finite=state["non_finite"],
+        collapsed=state["collapsed"],
+    )
 
 
 @torch.inference_mode()
-def _validate(module: AgeModule, index_loader: DataLoader, x: torch.Tensor, ages: torch.Tensor, ones: torch.Tensor,
-              device: torch.device) -> tuple[float, float, float, float]:
+def _validate(
+    module: AgeModule,
+    index_loader: DataLoader,
+    x: torch.Tensor,
+    ages: torch.Tensor,
+    ones: torch.Tensor,
+    device: torch.device,
+) -> tuple[float, float, float, float]:
     """(val_loss, val_mae, std and mean of the predictions in years), float32 as the Lightning path's."""
     module.eval()
     faces, sums = 0, torch.zeros(2, device=device)
@@ -401,8 +486,17 @@ def _frozen_prefixes(module: AgeModule) -> tuple[str, ...]:
     return tuple(f"{names[id(m)]}." for m in module.frozen_modules())
 
 
-def _restore(ckpt: dict, module: AgeModule, opt, sched, order_generator: torch.Generator, early: _EarlyStop,
-             collapse: CollapseStop | None, state: dict, device: torch.device) -> dict | None:
+def _restore(
+    ckpt: dict,
+    module: AgeModule,
+    opt,
+    sched,
+    order_generator: torch.Generator,
+    early: _EarlyStop,
+    collapse: CollapseStop | None,
+    state: dict,
+    device: torch.device,
+) -> dict | None:
     """Load a lean ``-last.ckpt`` into the loop; return the best epoch's snapshot (None before any)."""
     lean = ckpt[LEAN_KEY]
     module.load_state_dict(ckpt["state_dict"])
@@ -419,14 +513,18 @@ def _restore(ckpt: dict, module: AgeModule, opt, sched, order_generator: torch.G
     if lean["best_trainable"] is None:
         return None
     # enough of a snapshot to rewrite -best.ckpt: its weights and epoch (the optimizer of that epoch is not kept)
-    return {"epoch": state["best_epoch"], "global_step": ckpt["global_step"],
-            "trainable": {k: v.to(device) for k, v in lean["best_trainable"].items()},
-            "optimizer": ckpt["optimizer_states"][0], "scheduler": ckpt["lr_schedulers"][0]}
+    return {
+        "epoch": state["best_epoch"],
+        "global_step": ckpt["global_step"],
+        "trainable": {k: v.to(device) for k, v in lean["best_trainable"].items()},
+        "optimizer": ckpt["optimizer_states"][0],
+        "scheduler": ckpt["lr_schedulers"][0],
+    }
 
 
 def _dro_rows(run_dir: Path, stage_name: str, start_epoch: int) -> list[dict]:
     """``dro_q.csv``'s rows to keep: other stages', and this stage's up to ``start_epoch`` (0-based start)."""
-    path = run_dir / "dro_q.csv"
+    path = RunFolder(run_dir).file(RunFolder.DRO_Q)
     if not path.is_file():
         return []
     previous = pd.read_csv(path)
@@ -441,15 +539,21 @@ class _EpochBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
         self.stage_name, self.max_epochs = stage_name, max_epochs
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[scores]}"))
-        self.task = self.bar.add_task(f"{stage_name} epoch {done}/{max_epochs}", total=max_epochs, completed=done,
-                                      scores="")
+        self.bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[scores]}")
+        )
+        self.task = self.bar.add_task(
+            f"{stage_name} epoch {done}/{max_epochs}", total=max_epochs, completed=done, scores=""
+        )
         self.bar.start()
 
     def advance(self, done: int, val_loss: float, val_mae: float) -> None:
-        self.bar.update(self.task, completed=done, description=f"{self.stage_name} epoch {done}/{self.max_epochs}",
-                        scores=f"val_loss {val_loss:.4g} val_mae {val_mae:.2f}")
+        self.bar.update(
+            self.task,
+            completed=done,
+            description=f"{self.stage_name} epoch {done}/{self.max_epochs}",
+            scores=f"val_loss {val_loss:.4g} val_mae {val_mae:.2f}",
+        )
 
     def stop(self) -> None:
         self.bar.stop()

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..config import AugmentConfig, StageConfig
-from ..models import AgeRegressor
+from ..config.schema import AugmentConfig, StageConfig
+from ..models.regressor import AgeRegressor
 
 
 class FaceArrayDataset(Dataset):
@@ -29,8 +29,9 @@ class FaceArrayDataset(Dataset):
     batch tensor is writable and pinnable.
     """
 
-    def __init__(self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None,
-                 with_index: bool = False):
+    def __init__(
+        self, images: np.ndarray, ages: np.ndarray, weights: np.ndarray | None = None, with_index: bool = False
+    ):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 (N, S, S, 3), got {images.dtype} {images.shape}")
         if len(ages) != len(images):
@@ -41,7 +42,7 @@ class FaceArrayDataset(Dataset):
         if len(w) != len(images):
             raise ValueError(f"{len(images)} images but {len(w)} weights")
         self.weights = torch.as_tensor(w)
-        # methods that keep per-face state (fairage.methods) need each face's position
+        # methods that keep per-face state (fairage.training.methods) need each face's position
         self.with_index = with_index
 
     def __len__(self) -> int:
@@ -56,7 +57,7 @@ class FaceArrayDataset(Dataset):
 def images_to_input(images_uint8: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 RGB in [0, 1], the model's input.
 
-    The model normalises its input itself (``fairage.models.InputNorm``).
+    The model normalises its input itself (``fairage.models.backbones.InputNorm``).
     """
     return memory_format(images_uint8.permute(0, 3, 1, 2).float().div_(255.0), channels_last)
 
@@ -71,7 +72,7 @@ def build_augment(cfg: AugmentConfig, image_size: int):
 
     The shift (``cfg.translate``) is not part of it: ``random_shift`` moves the whole batch at once.
     """
-    if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.augment)
+    if not cfg.enabled or cfg.mode != "random":  # "replicate" copies faces before training (fairage.training.augment)
         return None
     from torchvision.transforms import v2
 
@@ -118,8 +119,16 @@ class AgeModule(L.LightningModule):
     Batches are ``(x, age_years, weight)``.
     """
 
-    def __init__(self, model: AgeRegressor, stage: StageConfig, frozen: bool, inputs: str = "images",
-                 channels_last: bool = False, image_size: int | None = None, objective: nn.Module | None = None):
+    def __init__(
+        self,
+        model: AgeRegressor,
+        stage: StageConfig,
+        frozen: bool,
+        inputs: str = "images",
+        channels_last: bool = False,
+        image_size: int | None = None,
+        objective: nn.Module | None = None,
+    ):
         super().__init__()
         if inputs not in ("images", "features"):
             raise ValueError(f"inputs must be 'images' or 'features', got {inputs!r}")
@@ -135,7 +144,7 @@ class AgeModule(L.LightningModule):
         for module in self.frozen_modules():
             module.requires_grad_(False)
         self.scale = model.label_scale
-        # a fairage.losses.StageObjective when the stage uses a method beyond weighting
+        # a fairage.models.losses.StageObjective when the stage uses a method beyond weighting
         self.objective = objective
         # running count, sum and sum of squares of the epoch's validation predictions (years)
         self._val_moments = torch.zeros(3, dtype=torch.float64)
@@ -186,9 +195,12 @@ class AgeModule(L.LightningModule):
         return memory_format(x, self.channels_last)
 
     def _augments(self) -> bool:
-        return self.augment is not None or (self.inputs == "images" and self.stage.augment.enabled
-                                            and self.stage.augment.mode == "random"
-                                            and self.stage.augment.translate > 0)
+        return self.augment is not None or (
+            self.inputs == "images"
+            and self.stage.augment.enabled
+            and self.stage.augment.mode == "random"
+            and self.stage.augment.translate > 0
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
@@ -200,15 +212,17 @@ class AgeModule(L.LightningModule):
         methods' per-face state); else the validation loss. Shared by this module's steps and
         the lean loop (``fairage.training.lean``), so both optimise the same objective.
         """
-        from ..weighting import weighted_loss
+        from ..fairness.weighting import weighted_loss
 
         x, age, weight, *index = batch
         out = self(x).float()
         use_weight = weight if train and self.stage.weighting.mode == "loss" else None
-        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.losses)
+        if self.objective is not None:  # Group DRO, BMC, DEX, label_std (fairage.models.losses)
             loss = self.objective(out, age, use_weight, index[0] if index else None, train=train)
         else:
-            loss = weighted_loss(out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale)
+            loss = weighted_loss(
+                out, age / self.scale, use_weight, self.stage.loss, self.stage.huber_delta / self.scale
+            )
         return loss, self.model.years(out)
 
     def _step(self, batch, prefix: str):
@@ -219,10 +233,8 @@ class AgeModule(L.LightningModule):
         if prefix == "val":
             y = years.detach().double().cpu()
             self._val_moments += torch.stack([torch.tensor(float(n), dtype=torch.float64), y.sum(), (y * y).sum()])
-        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
-                 prog_bar=True)
-        self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True,
-                 prog_bar=True)
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
+        self.log(f"{prefix}_mae", mae, on_step=False, on_epoch=True, batch_size=n, sync_dist=True, prog_bar=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -275,16 +287,28 @@ class AgeModule(L.LightningModule):
         # optimizer under mixed precision (it could unscale them itself), so clipping stages there
         # take the per-operation Adam
         fused = all(p.device.type in ("cpu", "cuda") for p in params) and not (mixed and self.stage.grad_clip)
-        opt = torch.optim.Adam(params, lr=self.stage.lr, amsgrad=self.stage.amsgrad,
-                               weight_decay=self.stage.weight_decay, eps=self.stage.adam_eps, fused=fused)
+        opt = torch.optim.Adam(
+            params,
+            lr=self.stage.lr,
+            amsgrad=self.stage.amsgrad,
+            weight_decay=self.stage.weight_decay,
+            eps=self.stage.adam_eps,
+            fused=fused,
+        )
         if self.stage.lr_schedule == "cosine":
             return {"optimizer": opt, "lr_scheduler": {"scheduler": self._cosine(opt), "interval": "step"}}
         # lr_min_delta: Keras's absolute min_delta instead of torch's relative threshold
-        threshold = {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta,
-                                                                 "threshold_mode": "abs"}
+        threshold = (
+            {} if self.stage.lr_min_delta is None else {"threshold": self.stage.lr_min_delta, "threshold_mode": "abs"}
+        )
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=self.stage.lr_factor, patience=self.stage.lr_patience, min_lr=self.stage.min_lr,
-            **threshold)
+            opt,
+            mode="min",
+            factor=self.stage.lr_factor,
+            patience=self.stage.lr_patience,
+            min_lr=self.stage.min_lr,
+            **threshold,
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val_loss", "interval": "epoch"}}
 
     def _cosine(self, opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:

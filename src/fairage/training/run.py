@@ -1,9 +1,9 @@
 """Run level: train the configured stages into a run folder, resume it, export its backbone.
 
 ``train(cfg, data_dir, out_dir)`` loads the data, runs the configured stages into a run
-folder (``fairage.runs.RunFolder``) and evaluates on the test split;
-``resume_run(out_dir)`` continues an interrupted run; ``export_backbone`` and
-``load_model_from_checkpoint`` read the self-describing checkpoints.
+folder (``fairage.store.run_folder.RunFolder``) and evaluates on the test split;
+``resume_run(out_dir)`` continues an interrupted run; ``export_backbone`` writes a run's backbone.
+Checkpoints are read through ``fairage.store.checkpoint`` (one reader, one checkpoint -> model path).
 """
 
 from __future__ import annotations
@@ -20,39 +20,40 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from ..atomic import atomic_path, save_torch, write_text
-from ..config import (
+from ..config.files import dump_config
+from ..config.schema import (
     ExperimentConfig,
     StageConfig,
     TrainerConfig,
-    dump_config,
-    load_yaml,
-    validate_config,
 )
 from ..errors import ConfigError, DataError, FairageError
-from ..metrics import EvaluationResult
-from ..models import AgeRegressor, build_model
-from ..runs import (
+from ..fairness.metrics import EvaluationResult
+from ..models.regressor import AgeRegressor, build_model
+from ..store.checkpoint import (
+    MODEL_PREFIX,
+    load_weights,
+    model_from_checkpoint,
+    read_checkpoint,
+)
+from ..store.run_folder import (
     HISTORY_COLUMNS,
     RunFolder,
     absolute_paths,
     config_faces,
     is_rank_zero,
-    read_checkpoint,
 )
 from .factories import (
     COLLAPSE_STD,
-    CONFIG_KEY,
     StageArrays,
     device_for,
     resolve_accelerator,
     resolve_precision,
 )
 from .inference import predict, predict_with_spread
-from .stage import CollapsedStageError, fit_stage, load_module_checkpoint
+from .stage import CollapsedStageError, fit_stage
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,17 @@ def load_run_data(cfg: ExperimentConfig, data_dir: str | Path, progress: bool = 
     for split in ("train", "valid", "test"):
         table = faces[faces["split"] == split].reset_index(drop=True)
         if len(table) == 0:
-            raise FairageError(f"dataset {data_dir} has no '{split}' faces; training needs train, valid and test splits")
+            raise FairageError(
+                f"dataset {data_dir} has no '{split}' faces; training needs train, valid and test splits"
+            )
         tables[split] = table
-        images[split] = load_images(table, cfg.data.image_size, cache_dir=cfg.data.cache_dir,
-                                    workers=max(1, cfg.data.num_workers), progress=progress and is_rank_zero())
+        images[split] = load_images(
+            table,
+            cfg.data.image_size,
+            cache_dir=cfg.data.cache_dir,
+            workers=max(1, cfg.data.num_workers),
+            progress=progress and is_rank_zero(),
+        )
     return RunData(tables, images)
 
 
@@ -92,53 +100,68 @@ def stage_weights(train_faces: pd.DataFrame, stage_name: str, stage: StageConfig
     """Per-face weights of a stage (None when it uses none) and its ``weights_{stage}.png``."""
     if not stage.weighting.active:
         return None
-    from ..plots import plot_group_weights
-    from ..weighting import compute_weights, group_table
+    from ..fairness.weighting import compute_weights, group_table
+    from ..outputs.plots import plot_group_weights
 
     weights = compute_weights(train_faces, stage.weighting)
     if is_rank_zero():
-        plot_group_weights(group_table(train_faces, stage.weighting), run_dir / f"weights_{stage_name}.png",
-                           title=f"{stage_name}: group sizes and weights ({stage.weighting.scheme}, "
-                                 f"{stage.weighting.formula}, mode {stage.weighting.mode})")
+        plot_group_weights(
+            group_table(train_faces, stage.weighting),
+            RunFolder(run_dir).weights_plot(stage_name),
+            title=f"{stage_name}: group sizes and weights ({stage.weighting.scheme}, "
+            f"{stage.weighting.formula}, mode {stage.weighting.mode})",
+        )
     return weights
 
 
-def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.ndarray,
-              folder: RunFolder):
+def calibrate(cfg: ExperimentConfig, valid_faces: pd.DataFrame, predictions: np.ndarray, folder: RunFolder):
     """Fit the conformal calibration (``eval.conformal``) on the validation predictions (years),
     store it as ``conformal.json`` and return it with its warnings; ``(None, [])`` when disabled."""
-    from ..conformal import fit_calibration, minimum_group_size
+    from ..fairness.conformal import fit_calibration, minimum_group_size
 
     settings = cfg.eval.conformal
     if not settings.enabled:
         return None, []
     if len(valid_faces) < minimum_group_size(settings.alpha):  # too few for any interval: train on, say so
         needed = minimum_group_size(settings.alpha)
-        message = (f"no age intervals: the valid split has {len(valid_faces)} faces, fewer than the {needed} "
-                   f"a {100 * (1 - settings.alpha):g}% interval needs")
+        message = (
+            f"no age intervals: the valid split has {len(valid_faces)} faces, fewer than the {needed} "
+            f"a {100 * (1 - settings.alpha):g}% interval needs"
+        )
         return None, [message]
     df = valid_faces.copy()
     df["prediction"] = predictions
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # returned, and recorded in run.json
-            calibration, messages = fit_calibration(df, alpha=settings.alpha, by=settings.by,
-                                                    age_edges=settings.age_edges, min_group=settings.min_group,
-                                                    tighten=settings.tighten)
+            calibration, messages = fit_calibration(
+                df,
+                alpha=settings.alpha,
+                by=settings.by,
+                age_edges=settings.age_edges,
+                min_group=settings.min_group,
+                tighten=settings.tighten,
+            )
     except DataError as err:  # the trained model is kept; `fairage calibrate` can add intervals later
         return None, [f"no age intervals: {err}"]
     folder.write_calibration(calibration)
     return calibration, messages
 
 
-def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: np.ndarray,
-                  folder: RunFolder, spread: np.ndarray | None = None, calibration=None) -> EvaluationResult:
+def evaluate_test(
+    cfg: ExperimentConfig,
+    test_faces: pd.DataFrame,
+    predictions: np.ndarray,
+    folder: RunFolder,
+    spread: np.ndarray | None = None,
+    calibration=None,
+) -> EvaluationResult:
     """Write ``predictions_test.csv`` (with the per-face ``spread`` when the head gives one, and the
     conformal intervals of ``calibration`` when given) and (last, atomically) ``metrics_test.json``;
     return the metrics."""
-    from ..conformal import interval_arguments
-    from ..data.predictions import write_predictions
-    from ..metrics import evaluate
+    from ..fairness.conformal import interval_arguments
+    from ..fairness.metrics import evaluate
+    from ..store.predictions import write_predictions
 
     intervals = calibration.intervals(predictions, test_faces) if calibration is not None else None
     write_predictions(folder.file(RunFolder.PREDICTIONS), test_faces, predictions, spread, intervals)
@@ -154,8 +177,6 @@ def evaluate_test(cfg: ExperimentConfig, test_faces: pd.DataFrame, predictions: 
     return metrics
 
 
-
-
 def collapse_warning(predictions: np.ndarray) -> str | None:
     """A message when the predictions (years, shape (N,)) are nearly constant, else None.
 
@@ -169,13 +190,21 @@ def collapse_warning(predictions: np.ndarray) -> str | None:
     """
     if len(predictions) < 2 or float(np.std(predictions)) >= COLLAPSE_STD:
         return None
-    return (f"the model collapsed: its test predictions are nearly constant (std {np.std(predictions):.2f} "
-            f"years, mean {np.mean(predictions):.1f}); its scores describe the data, not a model. "
-            "Try a smaller learning rate or start from pretrained weights (model.weights).")
+    return (
+        f"the model collapsed: its test predictions are nearly constant (std {np.std(predictions):.2f} "
+        f"years, mean {np.mean(predictions):.1f}); its scores describe the data, not a model. "
+        "Try a smaller learning rate or start from pretrained weights (model.weights)."
+    )
 
 
-def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False,
-          progress: bool = True, callbacks: Sequence[Callback] = ()) -> EvaluationResult | None:
+def train(
+    cfg: ExperimentConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> EvaluationResult | None:
     """Train the configured stages into the run folder ``out_dir``; return the test metrics.
 
     ``resume=True`` continues an interrupted run in ``out_dir`` (see ``resume_run``).
@@ -195,8 +224,9 @@ def train(cfg: ExperimentConfig, data_dir: str | Path, out_dir: str | Path, resu
         return _train_in_folder(cfg, Path(data_dir).resolve(), run_dir, resume, progress, callbacks)
 
 
-def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resume: bool, progress: bool,
-                     callbacks: Sequence[Callback]) -> EvaluationResult | None:
+def _train_in_folder(
+    cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resume: bool, progress: bool, callbacks: Sequence[Callback]
+) -> EvaluationResult | None:
     rank0 = is_rank_zero()
     if rank0 and (run_dir / RunFolder.METRICS).is_file():
         if resume:
@@ -204,31 +234,42 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
         raise FairageError(f"{run_dir} already holds a finished run ({RunFolder.METRICS}); choose another --out")
     exists = RunFolder.exists(run_dir)
     if rank0 and not resume and exists:
-        raise FairageError(f"{run_dir} already holds an unfinished run; continue it with "
-                           f"`fairage train --resume {run_dir}` or choose another --out")
+        raise FairageError(
+            f"{run_dir} already holds an unfinished run; continue it with "
+            f"`fairage train --resume {run_dir}` or choose another --out"
+        )
     folder = RunFolder.open(run_dir) if resume and exists else None
 
     L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
-    head_loaded = weight_info["weights_loaded"] and not any(k.startswith("head.")
-                                                            for k in weight_info.get("missing_keys", []))
+    head_loaded = weight_info["weights_loaded"] and not any(
+        k.startswith("head.") for k in weight_info.get("missing_keys", [])
+    )
     if not head_loaded:  # a distribution head starts at the training ages' distribution (no-op for regression)
         model.init_output_bias(data.faces["train"]["age"].to_numpy(dtype=float))
     if cfg.eval.conformal.enabled:  # an unknown group column fails now, not after training
         missing = [a for a in cfg.eval.conformal.by if a != "age" and a not in data.faces["valid"].columns]
         if missing:
-            raise ConfigError(f"eval.conformal.by names {', '.join(map(repr, missing))}, which the dataset "
-                              f"{data_dir} has no column for (have: {', '.join(map(str, data.faces['valid'].columns))})")
+            raise ConfigError(
+                f"eval.conformal.by names {', '.join(map(repr, missing))}, which the dataset "
+                f"{data_dir} has no column for (have: {', '.join(map(str, data.faces['valid'].columns))})"
+            )
     if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
-        folder = RunFolder.create(run_dir, cfg, data_dir, **weight_info, device=device_description(cfg.trainer),
-                                  precision=resolve_precision(cfg.trainer))
+        folder = RunFolder.create(
+            run_dir,
+            cfg,
+            data_dir,
+            **weight_info,
+            device=device_description(cfg.trainer),
+            precision=resolve_precision(cfg.trainer),
+        )
         resume = False
     history = folder.history() if resume else pd.DataFrame(columns=HISTORY_COLUMNS)
     history = _run_stages(cfg, data, model, folder, history, resume, progress, callbacks)
     if not rank0:
         return None
-    from ..plots import plot_training_curves
+    from ..outputs.plots import plot_training_curves
 
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
@@ -252,19 +293,27 @@ def _train_in_folder(cfg: ExperimentConfig, data_dir: Path, run_dir: Path, resum
     return metrics
 
 
-def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folder: RunFolder,
-                history: pd.DataFrame, resume: bool, progress: bool, callbacks: Sequence[Callback]) -> pd.DataFrame:
+def _run_stages(
+    cfg: ExperimentConfig,
+    data: RunData,
+    model: AgeRegressor,
+    folder: RunFolder,
+    history: pd.DataFrame,
+    resume: bool,
+    progress: bool,
+    callbacks: Sequence[Callback],
+) -> pd.DataFrame:
     """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
     completed = list(folder.record.completed_stages)
     config_yaml = dump_config(cfg)
-    from ..methods import face_arrays
+    from .methods import face_arrays
 
     # read before any stage trains, so a dataset without age_std fails at once
     method_arrays = {name: face_arrays(data.faces["train"], stage, name) for name, stage in cfg.stages()}
     for stage_name, stage in cfg.stages():
         if stage_name in completed:
             # the next stage starts from this stage's best
-            load_module_checkpoint(model, folder.checkpoint(stage_name, "best"))
+            load_weights(model, folder.checkpoint(stage_name, "best"))
             continue
         last = folder.checkpoint(stage_name, "last")
         ckpt_path = last if resume and last.is_file() else None
@@ -277,22 +326,39 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
         folder.update(stage=stage_name, status="running")
         train_faces, train_images = data.faces["train"], data.images["train"]
         if stage.augment.enabled and stage.augment.mode == "replicate":  # offline copies, weighted as faces
-            from ..augment import replicate_faces
+            from .augment import replicate_faces
 
-            train_images, source = replicate_faces(train_images, train_faces["age"].to_numpy(), stage.augment.min_age,
-                                                   seed=cfg.seed)
+            train_images, source = replicate_faces(
+                train_images, train_faces["age"].to_numpy(), stage.augment.min_age, seed=cfg.seed
+            )
             train_faces = train_faces.iloc[source].reset_index(drop=True)
             method_arrays[stage_name] = face_arrays(train_faces, stage, stage_name)  # rows of the copies too
         weights = stage_weights(train_faces, stage_name, stage, folder.path)
-        arrays = StageArrays(train_images, train_faces["age"].to_numpy(np.float32),
-                             data.images["valid"], data.faces["valid"]["age"].to_numpy(np.float32), weights,
-                             face_arrays=method_arrays[stage_name])
+        arrays = StageArrays(
+            train_images,
+            train_faces["age"].to_numpy(np.float32),
+            data.images["valid"],
+            data.faces["valid"]["age"].to_numpy(np.float32),
+            weights,
+            face_arrays=method_arrays[stage_name],
+        )
         collapsed = dict(folder.record.collapsed_stages)
         try:
-            result = fit_stage(model, stage_name, stage, arrays, folder.path, trainer_cfg=cfg.trainer,
-                               num_workers=cfg.data.num_workers, seed=cfg.seed, progress=progress and is_rank_zero(),
-                               ckpt_path=ckpt_path, previous_history=history, callbacks=callbacks,
-                               config_yaml=config_yaml)
+            result = fit_stage(
+                model,
+                stage_name,
+                stage,
+                arrays,
+                folder.path,
+                trainer_cfg=cfg.trainer,
+                num_workers=cfg.data.num_workers,
+                seed=cfg.seed,
+                progress=progress and is_rank_zero(),
+                ckpt_path=ckpt_path,
+                previous_history=history,
+                callbacks=callbacks,
+                config_yaml=config_yaml,
+            )
         except CollapsedStageError as err:
             if not completed:
                 folder.update(collapsed_stages={**collapsed, stage_name: str(err)})
@@ -300,7 +366,7 @@ def _run_stages(cfg: ExperimentConfig, data: RunData, model: AgeRegressor, folde
             # nothing of this stage is worth keeping: the model stays the previous stage's best
             message = f"{err}; the model is {completed[-1]}'s best"
             log.warning(message)
-            load_module_checkpoint(model, folder.checkpoint(completed[-1], "best"))
+            load_weights(model, folder.checkpoint(completed[-1], "best"))
             folder.update(collapsed_stages={**collapsed, stage_name: message})
             history = folder.history()
             break
@@ -325,29 +391,41 @@ def _resumable_epoch(path: Path, model: AgeRegressor) -> int:
     ckpt = read_checkpoint(path)
     epoch = ckpt.get("epoch")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise DataError(f"{path} holds no epoch number: not a checkpoint fairage training wrote; delete it to "
-                        "restart this stage from its beginning")
+        raise DataError(
+            f"{path} holds no epoch number: not a checkpoint fairage training wrote; delete it to "
+            "restart this stage from its beginning"
+        )
     state = ckpt.get("state_dict")
     if not isinstance(state, dict) or not isinstance(ckpt.get("optimizer_states"), list):
-        raise DataError(f"{path} holds no model weights or optimizer state: not a checkpoint fairage training "
-                        "wrote; delete it to restart this stage from its beginning")
-    own = {f"model.{k}": v for k, v in model.state_dict().items()}
-    theirs = {k: v for k, v in state.items() if k.startswith("model.")}
+        raise DataError(
+            f"{path} holds no model weights or optimizer state: not a checkpoint fairage training "
+            "wrote; delete it to restart this stage from its beginning"
+        )
+    own = {f"{MODEL_PREFIX}{k}": v for k, v in model.state_dict().items()}
+    theirs = {k: v for k, v in state.items() if k.startswith(MODEL_PREFIX)}
     missing = sorted(set(own) - set(theirs))
     unexpected = sorted(set(theirs) - set(own))
-    wrong = sorted(k for k in set(own) & set(theirs)
-                   if not isinstance(theirs[k], torch.Tensor) or tuple(theirs[k].shape) != tuple(own[k].shape))
+    wrong = sorted(
+        k
+        for k in set(own) & set(theirs)
+        if not isinstance(theirs[k], torch.Tensor) or tuple(theirs[k].shape) != tuple(own[k].shape)
+    )
     if missing or unexpected or wrong:
-        details = "; ".join(f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
-                            for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                               ("other shape", wrong)) if keys)
-        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({details}); was "
-                        "config.yaml edited? Restore it, or start a new run")
+        details = "; ".join(
+            f"{what} {', '.join(keys[:3])}" + (f" (+{len(keys) - 3})" if len(keys) > 3 else "")
+            for what, keys in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong))
+            if keys
+        )
+        raise DataError(
+            f"{path}: its weights do not fit the model of the run's config.yaml ({details}); was "
+            "config.yaml edited? Restore it, or start a new run"
+        )
     return epoch
 
 
-def resume_run(out_dir: str | Path, progress: bool = True,
-               callbacks: Sequence[Callback] = ()) -> EvaluationResult | None:
+def resume_run(
+    out_dir: str | Path, progress: bool = True, callbacks: Sequence[Callback] = ()
+) -> EvaluationResult | None:
     """Continue an interrupted run from its last checkpoint, in the right stage; return the test metrics.
 
     Reads the run's ``config.yaml`` and ``run.json`` (its ``data_dir``). Stages already
@@ -358,29 +436,6 @@ def resume_run(out_dir: str | Path, progress: bool = True,
     """
     folder = RunFolder.open(out_dir)
     return train(folder.config(), folder.data_dir, folder.path, resume=True, progress=progress, callbacks=callbacks)
-
-
-def load_model_from_checkpoint(path: str | Path) -> tuple[AgeRegressor, ExperimentConfig]:
-    """The model of a fairage training checkpoint (eval mode, CPU) and the config saved inside it.
-
-    Needs nothing but the file: training stores the run's config in every checkpoint.
-    Read with ``weights_only=True``; DataError naming the file when it is corrupt or
-    holds no config.
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path)
-    text = ckpt.get(CONFIG_KEY)
-    if not isinstance(text, str):
-        raise DataError(f"{path} does not hold its config ('{CONFIG_KEY}'); it was not written by "
-                        "fairage training, or by an older version: use its run folder instead")
-    try:
-        raw = load_yaml(text, f"{path} ({CONFIG_KEY})")
-    except yaml.YAMLError as err:
-        raise DataError(f"{path}: the config saved inside is not valid YAML: {err}") from None
-    cfg = validate_config(raw, f"{path} ({CONFIG_KEY})")
-    model = AgeRegressor(cfg.model)
-    load_module_checkpoint(model, path)
-    return model.eval(), cfg
 
 
 def export_backbone(source: str | Path, out_path: str | Path) -> Path:
@@ -402,34 +457,37 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
     if source.is_dir():
         folder = RunFolder.open(source)
         if folder.record.status != "finished":
-            raise FairageError(f"{source} holds no finished run (run.json status {folder.record.status!r}); "
-                               f"finish it with `fairage train --resume {source}`")
+            raise FairageError(
+                f"{source} holds no finished run (run.json status {folder.record.status!r}); "
+                f"finish it with `fairage train --resume {source}`"
+            )
         cfg = folder.config()
         ckpt = folder.checkpoint(cfg.stages()[-1][0], "best")
         if not ckpt.is_file():
             raise DataError(f"{ckpt} not found: the run's best checkpoint of {cfg.stages()[-1][0]} is missing")
-        if CONFIG_KEY in read_checkpoint(ckpt):
-            model, cfg = load_model_from_checkpoint(ckpt)
-        else:  # written before checkpoints held their config
-            model = AgeRegressor(cfg.model)
-            load_module_checkpoint(model, ckpt)
+        model, cfg = model_from_checkpoint(ckpt, cfg)  # config.yaml for a file older than the saved config
     else:
-        model, cfg = load_model_from_checkpoint(source)
+        model, cfg = model_from_checkpoint(source)
     state = {k: v.detach().contiguous() for k, v in model.backbone.state_dict().items()}
     with atomic_path(out_path) as tmp:
         if out_path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
-            save_file(state, str(tmp), metadata={"fairage_run": str(source.resolve()),
-                                                 "backbone": cfg.model.backbone})
+            save_file(state, str(tmp), metadata={"fairage_run": str(source.resolve()), "backbone": cfg.model.backbone})
         else:
             save_torch(state, tmp)
     return out_path
 
 
-def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split: str = "valid",
-                     alpha: float | None = None, by: Sequence[str] | None = None,
-                     min_group: int | None = None, progress: bool = False):
+def calibrate_folder(
+    path: str | Path,
+    data_dir: str | Path | None = None,
+    split: str = "valid",
+    alpha: float | None = None,
+    by: Sequence[str] | None = None,
+    min_group: int | None = None,
+    progress: bool = False,
+):
     """Fit (or refit) the conformal calibration of a run folder or a model folder; return
     ``(calibration, warnings)``.
 
@@ -440,8 +498,8 @@ def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split
     run's ``predictions_test.csv`` and ``metrics_test.json`` are rewritten with the new
     intervals (same predictions), so an older run gains them.
     """
-    from ..conformal import CONFORMAL, fit_calibration, write_calibration
-    from ..predict import load_model, predict_faces
+    from ..fairness.conformal import CONFORMAL, fit_calibration, write_calibration
+    from ..inference.predictor import load_model, predict_faces
 
     path = Path(path)
     loaded = load_model(path)
@@ -463,8 +521,15 @@ def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split
     df["prediction"] = predict_faces(loaded, faces, progress=progress)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # returned to the caller
-        calibration, messages = fit_calibration(df, alpha=alpha, by=by, age_edges=settings.age_edges,
-                                                min_group=min_group, split=split, tighten=settings.tighten)
+        calibration, messages = fit_calibration(
+            df,
+            alpha=alpha,
+            by=by,
+            age_edges=settings.age_edges,
+            min_group=min_group,
+            split=split,
+            tighten=settings.tighten,
+        )
     if folder is None:
         write_calibration(path / CONFORMAL, calibration)
         return calibration, messages
@@ -473,12 +538,13 @@ def calibrate_folder(path: str | Path, data_dir: str | Path | None = None, split
         kept = [w for w in folder.record.warnings if not w.startswith("conformal groups")]
         folder.update(warnings=kept + messages)
         if folder.file(RunFolder.PREDICTIONS).is_file() and folder.is_finished():
-            from ..data.predictions import join_predictions, read_predictions
+            from ..store.predictions import join_predictions, read_predictions
 
             test = folder.faces("test")
-            joined = join_predictions(test, read_predictions(folder.file(RunFolder.PREDICTIONS)),
-                                      folder.file(RunFolder.PREDICTIONS))
-            from ..data.predictions import SPREAD_COLUMN
+            joined = join_predictions(
+                test, read_predictions(folder.file(RunFolder.PREDICTIONS)), folder.file(RunFolder.PREDICTIONS)
+            )
+            from ..store.predictions import SPREAD_COLUMN
 
             spread = joined[SPREAD_COLUMN].to_numpy() if SPREAD_COLUMN in joined.columns else None
             evaluate_test(folder.config(), test, joined["prediction"].to_numpy(), folder, spread, calibration)

@@ -27,10 +27,11 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..config import StageConfig, TrainerConfig
+from ..config.schema import StageConfig, TrainerConfig
 from ..errors import FairageError
-from ..models import AgeRegressor
-from ..runs import RunFolder, read_checkpoint
+from ..models.regressor import AgeRegressor
+from ..store.checkpoint import load_weights
+from ..store.run_folder import RunFolder
 from .factories import (
     StageArrays,
     make_callbacks,
@@ -73,11 +74,23 @@ class StageResult:
     loop: str = "lightning"
 
 
-def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays,
-              run_dir: str | Path | None = None, *, trainer_cfg: TrainerConfig | None = None, num_workers: int = 0,
-              seed: int = 0, progress: bool = False, ckpt_path: str | Path | None = None,
-              previous_history: pd.DataFrame | None = None, callbacks: Sequence[Callback] = (),
-              cache_features: bool | None = None, config_yaml: str | None = None) -> StageResult:
+def fit_stage(
+    model: AgeRegressor,
+    stage_name: str,
+    stage: StageConfig,
+    arrays: StageArrays,
+    run_dir: str | Path | None = None,
+    *,
+    trainer_cfg: TrainerConfig | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    progress: bool = False,
+    ckpt_path: str | Path | None = None,
+    previous_history: pd.DataFrame | None = None,
+    callbacks: Sequence[Callback] = (),
+    cache_features: bool | None = None,
+    config_yaml: str | None = None,
+) -> StageResult:
     """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
 
     stage_name: "stage1" (backbone frozen, and the projection unless ``stage.trainable`` is
@@ -94,19 +107,41 @@ def fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: 
     applies, unless ``stage.loop`` is "lightning"; everything else in Lightning's Trainer.
     ``StageResult.loop`` says which.
     """
-    kwargs = {"trainer_cfg": trainer_cfg or TrainerConfig(), "num_workers": num_workers, "seed": seed,
-              "progress": progress, "ckpt_path": ckpt_path, "previous_history": previous_history,
-              "callbacks": callbacks, "cache_features": cache_features, "config_yaml": config_yaml}
+    kwargs = {
+        "trainer_cfg": trainer_cfg or TrainerConfig(),
+        "num_workers": num_workers,
+        "seed": seed,
+        "progress": progress,
+        "ckpt_path": ckpt_path,
+        "previous_history": previous_history,
+        "callbacks": callbacks,
+        "cache_features": cache_features,
+        "config_yaml": config_yaml,
+    }
     if run_dir is None:  # checkpoints (for the best weights) still need a folder
         with tempfile.TemporaryDirectory(prefix="fairage-stage-") as tmp:
             return _fit_stage(model, stage_name, stage, arrays, Path(tmp), history_file=False, **kwargs)
     return _fit_stage(model, stage_name, stage, arrays, Path(run_dir), history_file=True, **kwargs)
 
 
-def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays, run_dir: Path, *,
-               history_file: bool, trainer_cfg: TrainerConfig, num_workers: int, seed: int, progress: bool,
-               ckpt_path: str | Path | None, previous_history: pd.DataFrame | None, callbacks: Sequence[Callback],
-               cache_features: bool | None, config_yaml: str | None) -> StageResult:
+def _fit_stage(
+    model: AgeRegressor,
+    stage_name: str,
+    stage: StageConfig,
+    arrays: StageArrays,
+    run_dir: Path,
+    *,
+    history_file: bool,
+    trainer_cfg: TrainerConfig,
+    num_workers: int,
+    seed: int,
+    progress: bool,
+    ckpt_path: str | Path | None,
+    previous_history: pd.DataFrame | None,
+    callbacks: Sequence[Callback],
+    cache_features: bool | None,
+    config_yaml: str | None,
+) -> StageResult:
     frozen = stage_name == "stage1"
     if stage.max_images is not None:  # the image budget becomes an epoch count for the loop, the schedule and resume
         stage = stage.model_copy(update={"max_epochs": stage.epochs_for(len(arrays.train_images)), "max_images": None})
@@ -120,86 +155,154 @@ def _fit_stage(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays:
     L.seed_everything(seed, workers=True, verbose=False)
     if trainer_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    from ..methods import build_objective
+    from .methods import build_objective
 
     objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
     loop = choose_loop(stage_name, stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path)
     if loop == "lean":
-        outcome = fit_lean(model, stage_name, stage, arrays, run_dir, history_file=history_file,
-                           trainer_cfg=trainer_cfg, seed=seed, progress=progress, ckpt_path=ckpt_path,
-                           previous_history=previous_history, config_yaml=config_yaml, objective=objective)
+        outcome = fit_lean(
+            model,
+            stage_name,
+            stage,
+            arrays,
+            run_dir,
+            history_file=history_file,
+            trainer_cfg=trainer_cfg,
+            seed=seed,
+            progress=progress,
+            ckpt_path=ckpt_path,
+            previous_history=previous_history,
+            config_yaml=config_yaml,
+            objective=objective,
+        )
     else:
-        outcome = _fit_lightning(model, stage_name, stage, arrays, run_dir, history_file=history_file,
-                                 trainer_cfg=trainer_cfg, num_workers=num_workers, seed=seed, progress=progress,
-                                 ckpt_path=ckpt_path, previous_history=previous_history, callbacks=callbacks,
-                                 config_yaml=config_yaml, objective=objective, use_cache=use_cache)
-    non_finite, best_path, best_val, collapsed = (outcome.non_finite, outcome.best_path, outcome.best_val_loss,
-                                                  outcome.collapsed)
+        outcome = _fit_lightning(
+            model,
+            stage_name,
+            stage,
+            arrays,
+            run_dir,
+            history_file=history_file,
+            trainer_cfg=trainer_cfg,
+            num_workers=num_workers,
+            seed=seed,
+            progress=progress,
+            ckpt_path=ckpt_path,
+            previous_history=previous_history,
+            callbacks=callbacks,
+            config_yaml=config_yaml,
+            objective=objective,
+            use_cache=use_cache,
+        )
+    non_finite, best_path, best_val, collapsed = (
+        outcome.non_finite,
+        outcome.best_path,
+        outcome.best_val_loss,
+        outcome.collapsed,
+    )
     if non_finite and (best_val is None or not math.isfinite(best_val)):
         raise NonFiniteLossError(non_finite.replace("keeping its best checkpoint", "no finite validation loss to keep"))
     if collapsed and not best_path:
-        raise CollapsedStageError(collapsed.replace("keeping its best checkpoint before the collapse",
-                                                    "with no epoch before the collapse to keep"))
+        raise CollapsedStageError(
+            collapsed.replace(
+                "keeping its best checkpoint before the collapse", "with no epoch before the collapse to keep"
+            )
+        )
     if non_finite:  # warned only once it is known that a best checkpoint is kept
         log.warning(non_finite)
     if collapsed:
         log.warning(collapsed)
     if best_path:
-        load_module_checkpoint(model, best_path)
+        load_weights(model, best_path)
     model.to("cpu")
-    return StageResult(best_path=best_path, last_path=outcome.last_path, epochs=outcome.epochs,
-                       best_val_loss=best_val, history=outcome.history, non_finite=non_finite, collapsed=collapsed,
-                       loop=loop)
+    return StageResult(
+        best_path=best_path,
+        last_path=outcome.last_path,
+        epochs=outcome.epochs,
+        best_val_loss=best_val,
+        history=outcome.history,
+        non_finite=non_finite,
+        collapsed=collapsed,
+        loop=loop,
+    )
 
 
-def _fit_lightning(model: AgeRegressor, stage_name: str, stage: StageConfig, arrays: StageArrays, run_dir: Path, *,
-                   history_file: bool, trainer_cfg: TrainerConfig, num_workers: int, seed: int, progress: bool,
-                   ckpt_path: str | Path | None, previous_history: pd.DataFrame | None,
-                   callbacks: Sequence[Callback], config_yaml: str | None, objective, use_cache: bool) -> LoopOutcome:
+def _fit_lightning(
+    model: AgeRegressor,
+    stage_name: str,
+    stage: StageConfig,
+    arrays: StageArrays,
+    run_dir: Path,
+    *,
+    history_file: bool,
+    trainer_cfg: TrainerConfig,
+    num_workers: int,
+    seed: int,
+    progress: bool,
+    ckpt_path: str | Path | None,
+    previous_history: pd.DataFrame | None,
+    callbacks: Sequence[Callback],
+    config_yaml: str | None,
+    objective,
+    use_cache: bool,
+) -> LoopOutcome:
     """The stage in Lightning's Trainer (images, or cached features where the lean loop does not apply)."""
     channels_last = trainer_cfg.channels_last
-    train_loader, val_loader = make_loaders(model, stage, arrays, use_cache=use_cache, trainer_cfg=trainer_cfg,
-                                            num_workers=num_workers, seed=seed,
-                                            with_index=objective is not None and objective.needs_index)
-    module = AgeModule(model, stage, frozen=stage_name == "stage1", inputs="features" if use_cache else "images",
-                       channels_last=channels_last, image_size=arrays.image_size, objective=objective)
+    train_loader, val_loader = make_loaders(
+        model,
+        stage,
+        arrays,
+        use_cache=use_cache,
+        trainer_cfg=trainer_cfg,
+        num_workers=num_workers,
+        seed=seed,
+        with_index=objective is not None and objective.needs_index,
+    )
+    module = AgeModule(
+        model,
+        stage,
+        frozen=stage_name == "stage1",
+        inputs="features" if use_cache else "images",
+        channels_last=channels_last,
+        image_size=arrays.image_size,
+        objective=objective,
+    )
     dro = objective is not None and objective.dro is not None
-    cbs = make_callbacks(stage_name, stage, run_dir, history_path=run_dir / RunFolder.HISTORY if history_file else None,
-                         previous_history=previous_history, progress=progress, config_yaml=config_yaml,
-                         extra=callbacks, dro_groups=arrays.face_arrays.group_names if dro else None)
+    cbs = make_callbacks(
+        stage_name,
+        stage,
+        run_dir,
+        history_path=run_dir / RunFolder.HISTORY if history_file else None,
+        previous_history=previous_history,
+        progress=progress,
+        config_yaml=config_yaml,
+        extra=callbacks,
+        dro_groups=arrays.face_arrays.group_names if dro else None,
+    )
     trainer = make_trainer(trainer_cfg, stage, cbs.all, run_dir, progress)
     with warnings.catch_warnings():
-        for message in (".*does not have many workers.*", ".*number of training batches.*",
-                        ".*Checkpoint directory .* exists and is not empty.*", ".*LeafSpec.*",
-                        ".*module\\(s\\) in eval mode at the start of training.*"):
+        for message in (
+            ".*does not have many workers.*",
+            ".*number of training batches.*",
+            ".*Checkpoint directory .* exists and is not empty.*",
+            ".*LeafSpec.*",
+            ".*module\\(s\\) in eval mode at the start of training.*",
+        ):
             warnings.filterwarnings("ignore", message=message)
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt_path) if ckpt_path else None,
-                    weights_only=True if ckpt_path else None)
+        trainer.fit(
+            module,
+            train_loader,
+            val_loader,
+            ckpt_path=str(ckpt_path) if ckpt_path else None,
+            weights_only=True if ckpt_path else None,
+        )
     best_score = cbs.best.best_model_score
-    return LoopOutcome(best_path=cbs.best.best_model_path or None,
-                       best_val_loss=float(best_score) if best_score is not None else None,
-                       last_path=str(cbs.last.path) if cbs.last.path.is_file() else None,
-                       epochs=trainer.current_epoch, history=cbs.history.history,
-                       non_finite=cbs.history.non_finite,
-                       collapsed=cbs.collapse.message if cbs.collapse is not None else None)
-
-
-def load_module_checkpoint(model: AgeRegressor, path: str | Path) -> None:
-    """Load an ``AgeModule`` checkpoint's model weights into ``model`` (weights_only=True)."""
-    state = read_checkpoint(path).get("state_dict")
-    if not isinstance(state, dict):
-        from ..errors import DataError
-
-        raise DataError(f"{path} holds no 'state_dict': not a fairage training checkpoint")
-    try:
-        model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")})
-    except RuntimeError as err:  # missing/unexpected keys or other shapes: config.yaml names another model
-        from ..errors import DataError
-
-        raise DataError(f"{path}: its weights do not fit the model of the run's config.yaml ({_first_line(err)}); "
-                        "was config.yaml edited? Restore it, or start a new run") from None
-
-
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    return LoopOutcome(
+        best_path=cbs.best.best_model_path or None,
+        best_val_loss=float(best_score) if best_score is not None else None,
+        last_path=str(cbs.last.path) if cbs.last.path.is_file() else None,
+        epochs=trainer.current_epoch,
+        history=cbs.history.history,
+        non_finite=cbs.history.non_finite,
+        collapsed=cbs.collapse.message if cbs.collapse is not None else None,
+    )

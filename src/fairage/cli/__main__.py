@@ -1,0 +1,5 @@
+"""``python -m fairage.cli``."""
+
+from . import main
+
+main()
