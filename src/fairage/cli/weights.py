@@ -10,7 +10,7 @@ from .common import (
     _ABSOLUTE_HELP,
     _EXTRA_CATEGORIES_HELP,
     _SKIP_BAD_HELP,
-    _data_options,
+    _data_flags,
     _parse_edges,
     app,
     console,
@@ -54,9 +54,7 @@ def weights_command(
 
     from rich.table import Table
 
-    from ..data import load_faces
-    from ..errors import ConfigError
-    from ..fairness.weighting import describe, summarize_weights, weighting_from_options
+    from ..fairness.weighting import describe, summarize_dataset_weights, weighting_from_options
 
     cfg = weighting_from_options(
         scheme,
@@ -68,11 +66,9 @@ def weights_command(
         beta=beta,
         max_weight=max_weight,
     )
-    faces = load_faces(data, layout=layout, **_data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-    train = faces[faces["split"] == "train"].reset_index(drop=True)
-    if len(train) == 0:
-        raise ConfigError(f"dataset {data} has no train faces to weight")
-    summary = summarize_weights(train, cfg)
+    summary = summarize_dataset_weights(
+        data, cfg, **_data_flags(skip_bad, extra_categories, allow_absolute_paths, layout)
+    )
     table, heavy = summary.table, summary.heavy
     if plot is not None:
         from ..outputs.plots import plot_group_weights
@@ -81,7 +77,7 @@ def weights_command(
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
         return
-    out = Table(title=f"weights on {len(train)} training faces: {describe(cfg)} (mean 1 per face)")
+    out = Table(title=f"weights on {summary.n} training faces: {describe(cfg)} (mean 1 per face)")
     out.add_column("group")
     out.add_column("n", justify="right")
     out.add_column("weight / face", justify="right")

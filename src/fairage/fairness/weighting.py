@@ -324,16 +324,26 @@ class WeightsSummary:
         }
 
 
-def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig) -> WeightsSummary:
-    """Group table and dominated groups of ``cfg`` on the training faces ``train``."""
+def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig, source=None) -> WeightsSummary:
+    """Group table and dominated groups of ``cfg`` on the training faces ``train`` (``source``: the dataset
+    they come from, named in the error when there are none)."""
     if len(train) == 0:
-        raise ConfigError("no training faces to weight")
+        raise ConfigError(f"dataset {source} has no train faces to weight" if source else "no training faces to weight")
     # LDS alone has no groups: show its weights by the report's age bins
     by = WeightingConfig(scheme="age") if cfg.scheme == "none" else None
     table = group_table(train, cfg, by=by)
     # per face, not per group mean: with LDS one face of a group can dominate alone
     heavy = set(dominant_groups_per_face(face_group_names(train, by or cfg), compute_weights(train, cfg)))
     return WeightsSummary(cfg, len(train), table, [g for g in table["name"] if g in heavy])
+
+
+def summarize_dataset_weights(data, cfg: WeightingConfig, **options) -> WeightsSummary:
+    """``summarize_weights`` on the train split of the dataset ``data`` (``load_faces`` keyword arguments
+    ``options``): what ``fairage weights`` shows."""
+    from ..data import load_faces
+
+    faces = load_faces(data, **options)
+    return summarize_weights(faces[faces["split"] == "train"].reset_index(drop=True), cfg, source=data)
 
 
 # --------------------------------------------------------------------------- torch side
