@@ -12,10 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
@@ -28,7 +24,7 @@ from ..errors import ConfigError, DataError
 from ..fairness.metrics import EvaluationResult
 from ..store.predictions import read_predictions
 from ..store.run_folder import RunFolder
-from .plots import save_figure
+from .plots import pyplot, save_figure
 
 # =========================================================================== comparison report
 #
@@ -366,6 +362,7 @@ def plot_all_training_curves(runs: Sequence[FinishedRun | str | Path], path: str
     Seeds of one model are drawn in the same panel. A dashed line marks the start
     of stage II. Runs without ``history.csv`` get an empty panel saying so.
     """
+    plt = pyplot()
     groups = _group(load_runs(runs))
     n = len(groups)
     ncols = min(3, n)
@@ -437,6 +434,7 @@ def _panel_attributes(frame: pd.DataFrame) -> list[str]:
 def _attribute_panels(n_attributes: int, n_models: int):
     """A figure of one panel per attribute, two per row, wide enough for ``n_models`` bars per group;
     panels beyond ``n_attributes`` hidden. Returns ``(fig, axes)`` (axes a 2-D array)."""
+    plt = pyplot()
     n = max(1, n_attributes)
     ncols = min(2, n)
     nrows = math.ceil(n / ncols)
@@ -452,6 +450,7 @@ def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -
 
     Error bars: standard deviation over seeds when a model has several runs.
     """
+    plt = pyplot()
     records = load_runs(runs)
     frame = group_mae_frame(records)
     models = list(_group(records))
@@ -549,6 +548,7 @@ def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Pa
     same calibration; dashed line: the target coverage. None (nothing written) when no run
     has intervals.
     """
+    plt = pyplot()
     records = load_runs(runs)
     frame = group_coverage_frame(records)
     if frame.empty:
@@ -607,6 +607,7 @@ def plot_bias_vs_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path)
     Points sit at the mean over a model's runs; error bars are the bootstrap
     intervals (mean bounds over runs). Lower-left is better: the trade-off.
     """
+    plt = pyplot()
     values = comparison_values(runs)
     models = list(dict.fromkeys(values["Model"]))
     means = values.groupby("Model", sort=False).mean(numeric_only=True)
