@@ -168,7 +168,15 @@ def test_sixteen_concurrent_requests_are_all_served(server, group_jpeg):
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(post, range(16)))
     assert [r.status_code for r in responses] == [200] * 16
-    assert all(r.json() == responses[0].json() for r in responses)
+    first = responses[0].json()
+    for r in responses:
+        got = r.json()
+        assert {k: v for k, v in got.items() if k != "faces"} == {k: v for k, v in first.items() if k != "faces"}
+        assert [f["box"] for f in got["faces"]] == [f["box"] for f in first["faces"]]
+        # the requests' crops share forward passes of different sizes, and float32 convolutions sum in
+        # another order for another batch size (on AVX-512 CPUs about 1e-5 years apart)
+        for key in ("age", "age_lo", "age_hi"):
+            assert [f[key] for f in got["faces"]] == pytest.approx([f[key] for f in first["faces"]], abs=1e-4)
     assert len(responses[0].json()["faces"]) == len(TILES)
 
 

@@ -233,7 +233,7 @@ def test_random_shift_is_a_whole_pixel_affine_move_within_the_range():
 
 
 def test_translate_only_augmentation_moves_only_chosen_faces():
-    from fairage.config import AugmentConfig
+    from fairage.config.schema import AugmentConfig
     from fairage.training import AgeModule, images_to_input
 
     rng = np.random.default_rng(6)
