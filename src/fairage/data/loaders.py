@@ -41,6 +41,7 @@ from ..errors import DataError
 from .schema import (
     AGE_MAX,
     AGE_MIN,
+    ATTRIBUTES,
     FACE_COLUMNS,
     SPLITS,
     UNKNOWN,
@@ -432,7 +433,7 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
     """Face-table column order (schema columns first, then optional and extra columns)."""
     df["frame"] = df["frame"].astype(np.int64)
     df["age"] = df["age"].astype(np.float64)
-    for c in ("image", "gender", "ethnicity", "expression", "split", "path"):
+    for c in ("image", *ATTRIBUTES, "split", "path"):
         df[c] = df[c].astype(object).astype(str)
     extras = [c for c in df.columns if c not in FACE_COLUMNS]
     return df[list(FACE_COLUMNS) + extras]
@@ -552,7 +553,7 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
         df = pd.DataFrame({"image": [str(i) for i in range(len(labels))]})
         df["age"] = _check_ages(pd.Series(labels), labels_path, "age", rows)
         meta_df = pd.DataFrame(meta.astype(str))
-        for j, attribute in enumerate(("gender", "ethnicity", "expression")):
+        for j, attribute in enumerate(ATTRIBUTES):
             df[attribute] = _normalise_attribute(meta_df[j], attribute, extra, meta_path, rows).to_numpy()
         df["split"] = split
         df["path"] = os.path.realpath(data_path)

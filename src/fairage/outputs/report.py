@@ -20,6 +20,7 @@ from ..atomic import atomic_path, write_text
 from ..config.files import dump_config
 from ..config.schema import ExperimentConfig
 from ..csvcells import safe_table
+from ..data.schema import ATTRIBUTES, SCORED_ATTRIBUTES
 from ..errors import ConfigError, DataError
 from ..fairness.metrics import EvaluationResult
 from ..store.predictions import read_predictions
@@ -427,7 +428,7 @@ def group_mae_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
 
 def _panel_attributes(frame: pd.DataFrame) -> list[str]:
     """The attributes of a per-group frame in plotting order: the four, then the others as they come."""
-    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
+    attrs = [a for a in SCORED_ATTRIBUTES if a in set(frame["attribute"])]
     return attrs + [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
 
 
@@ -759,7 +760,7 @@ def summarize_faces(faces: pd.DataFrame) -> dict[str, pd.DataFrame]:
             pd.Series(age_bins(faces["age"].to_numpy(dtype=float), AGE_EDGES), index=faces.index),
             age_bin_labels(AGE_EDGES),
         )
-    for attr in ("gender", "ethnicity", "expression"):
+    for attr in ATTRIBUTES:
         if attr in faces.columns:
             columns[attr] = (faces[attr].astype(str), None)
     for attr, (values, order) in columns.items():
