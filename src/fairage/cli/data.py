@@ -77,17 +77,16 @@ def data_info_command(
     if as_json:
         print(json.dumps(info, indent=2))
         return
-    _print_info(root, info)
+    _print_info(root, info, len(faces))
 
 
-def _print_info(root: Path, info: dict) -> None:
+def _print_info(root: Path, info: dict, total: int) -> None:
     """The tables of ``fairage data info``: faces per split and attribute value, the age histogram."""
     from rich.table import Table
 
     from ..data.loaders import histogram_rows
 
     splits = list(info["splits"])
-    total = sum(info["splits"][s]["n"] for s in splits)
     console.print(
         f"[bold]{root}[/bold]: layout [bold]{info['layout']}[/bold], {total} faces "
         + ", ".join(f"{s} {info['splits'][s]['n']}" for s in splits),
