@@ -17,7 +17,8 @@ import torch
 
 from fairage.config.schema import WeightingConfig
 from fairage.data.schema import VOCABULARIES
-from fairage.fairness.weighting import compute_weights, weighted_loss
+from fairage.fairness.weighting import compute_weights
+from fairage.models.losses import weighted_loss
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from fairage.fairness.weighting import weighted_loss
 from fairage.models.losses import (
     BMCLoss,
     GroupDRO,
@@ -20,6 +19,7 @@ from fairage.models.losses import (
     dex_target_distribution,
     draw_targets,
     inverse_variance_weights,
+    weighted_loss,
 )
 
 # --------------------------------------------------------------------------- Group DRO

@@ -16,8 +16,8 @@ from fairage.fairness.weighting import (
     lds_weights,
     make_sampler,
     summarize_weights,
-    weighted_loss,
 )
+from fairage.models.losses import weighted_loss
 
 
 @pytest.fixture

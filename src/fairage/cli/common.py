@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 from pathlib import Path
 
 import typer
@@ -105,19 +104,30 @@ _ABSOLUTE_HELP = (
 )
 
 
-def _data_overrides(skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool) -> list[str]:
-    """The data options of train/suite as config overrides (``data.*``)."""
-    import json
-
-    overrides = []
+def _data_flags(
+    skip_bad: bool = False,
+    extra_categories: str | None = None,
+    allow_absolute_paths: bool = False,
+    layout: str | None = None,
+) -> dict:
+    """The command-line data options, one shape for every command: the ``load_faces`` keyword
+    arguments (= config ``data.*`` keys) the user gave; an option left at its default is absent."""
+    options: dict = {}
+    if layout is not None:
+        options["layout"] = layout
     if skip_bad:
-        overrides.append("data.skip_bad=true")
+        options["skip_bad"] = True
     if extra_categories is not None:
-        # checked here for a message with the syntax; JSON is YAML, so the override reads back as written
-        overrides.append(f"data.extra_categories={json.dumps(_extra_categories_option(extra_categories))}")
+        # checked here for a message with the syntax
+        options["extra_categories"] = _extra_categories_option(extra_categories)
     if allow_absolute_paths:
-        overrides.append("data.allow_absolute_paths=true")
-    return overrides
+        options["allow_absolute_paths"] = True
+    return options
+
+
+def _as_overrides(options: dict) -> list[str]:
+    """``_data_flags`` as config overrides (``data.KEY=VALUE``; JSON is YAML, so each reads back as written)."""
+    return [f"data.{key}={json.dumps(value)}" for key, value in options.items()]
 
 
 @contextlib.contextmanager
@@ -137,18 +147,6 @@ def _sigterm_exits(hint: str, run_json: Path | None):
             hint = "the run folder was not written yet; start the command again"
         _print_error(f"terminated (SIGTERM): {hint}")
         raise typer.Exit(Terminated.exit_code) from None
-
-
-def _data_options(base: dict, skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool) -> dict:
-    """``load_faces`` options: ``base`` (a run's config, or {}) with the command-line data options on top."""
-    options = dict(base)
-    if skip_bad:
-        options["skip_bad"] = True
-    if extra_categories is not None:
-        options["extra_categories"] = _extra_categories_option(extra_categories)
-    if allow_absolute_paths:
-        options["allow_absolute_paths"] = True
-    return options
 
 
 def _check_trainers(configs) -> None:
@@ -171,66 +169,6 @@ def _tracking_overrides(uri: str | None) -> list[str]:
     if uri is None:
         return []
     return ["trainer.logger=mlflow", f"trainer.tracking_uri={json.dumps(uri)}"]
-
-
-@contextlib.contextmanager
-def _without_skipped_log():
-    """Hold back the loader's one-line "skipped N ..." warnings (for a command that lists them itself)."""
-    logger = logging.getLogger("fairage.data.loaders")
-
-    def keep(record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("skipped ")
-
-    logger.addFilter(keep)
-    try:
-        yield
-    finally:
-        logger.removeFilter(keep)
-
-
-def _run_predictions(run_dir: Path):
-    """A run folder and its predictions file (``predictions_test.csv``)."""
-    from ..store.run_folder import RunFolder
-
-    folder = RunFolder.open(run_dir)
-    return folder, _predictions_file(folder)
-
-
-def _predictions_file(folder) -> Path:
-    """A run folder's ``predictions_test.csv``; exit 2 when the run has not written it."""
-    from ..store.run_folder import RunFolder
-
-    predictions = folder.file(RunFolder.PREDICTIONS)
-    if not predictions.is_file():
-        fail(f"{folder.path}: run folder has no {RunFolder.PREDICTIONS} (is the run finished?)")
-    return predictions
-
-
-def _run_split_faces(
-    folder, data: Path | None, split: str, skip_bad: bool, extra_categories: str | None, allow_absolute_paths: bool
-):
-    """A run's faces of ``split``: loaded as the run loaded them, unless other data or data options are given."""
-    base = folder.config().data.loader_options()
-    options = _data_options(base, skip_bad, extra_categories, allow_absolute_paths)
-    if data is None and options == base:
-        return folder.faces(split)
-    return _split_faces(data or folder.data_dir, split, options)
-
-
-def _split_faces(data: Path, split: str, options: dict | None = None):
-    from ..data import load_faces
-
-    faces = load_faces(data, **(options or {}))
-    faces = faces[faces["split"] == split].reset_index(drop=True)
-    if len(faces) == 0:
-        fail(f"{data}: the dataset has no {split!r} faces")
-    return faces
-
-
-def _joined_predictions(predictions: Path, faces, clip: bool = False):
-    from ..store.predictions import join_predictions, read_predictions
-
-    return join_predictions(faces, read_predictions(predictions, clip=clip), predictions)
 
 
 _CLIP_HELP = "Clip predictions into 0-150 years instead of refusing values outside."
@@ -283,17 +221,3 @@ def _print_comparison(run_dirs: list[Path], title: str, reference: str | None = 
         for row in published.itertuples(index=False):
             table.add_row(*row)
         console.print(table)
-
-
-def _model_folder_predictions(folder: Path, faces, progress: bool):
-    """``faces`` with a ``prediction`` column from the model in ``folder`` (a model or run folder;
-    images decoded as for training) and, when it carries a calibration, ``age_lo``, ``age_hi``
-    (the faces' own group labels used)."""
-    from ..inference.predictor import load_model, predict_faces
-
-    loaded = load_model(folder)
-    df = faces.copy()
-    df["prediction"] = predict_faces(loaded, faces, progress=progress)
-    if loaded.calibration is not None:
-        df["age_lo"], df["age_hi"] = loaded.calibration.intervals(df["prediction"].to_numpy(), df)
-    return df

@@ -11,8 +11,7 @@ from .common import (
     _ABSOLUTE_HELP,
     _EXTRA_CATEGORIES_HELP,
     _SKIP_BAD_HELP,
-    _extra_categories_option,
-    _without_skipped_log,
+    _data_flags,
     app,
     console,
     data_app,
@@ -55,7 +54,7 @@ def data_info_command(
         False, "--full-images", help="appa only: the full photos instead of the face crops."
     ),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
-    extra_categories: str = typer.Option("keep", "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
+    extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
     seed: int = typer.Option(
         0, "--seed", min=0, help="Seed of the stratified split (utkface, csv without a split column)."
@@ -64,30 +63,10 @@ def data_info_command(
     """Show a dataset: layout, faces per split, counts per attribute value, age histogram."""
     import json
 
-    from rich.table import Table
+    from ..data.loaders import inspect_dataset
 
-    from ..data import load_faces
-    from ..data.loaders import SKIP_BAD_HINT, describe_faces, find_bad_images
-    from ..errors import DataError
-
-    with _without_skipped_log():  # listed below, one line per image
-        faces = load_faces(
-            root,
-            layout=layout,
-            target=target,
-            full_images=full_images,
-            extra_categories=_extra_categories_option(extra_categories),
-            seed=seed,
-            skip_bad=skip_bad,
-            allow_absolute_paths=allow_absolute_paths,
-        )
-    if not skip_bad:
-        # decode every image (at reduced scale: quick) so a corrupt file is reported now
-        bad = find_bad_images(faces)
-        if bad:
-            more = f" (and {len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
-            raise DataError(f"{bad[0]}{more}; {SKIP_BAD_HINT}")
-    info = describe_faces(faces)
+    options = _data_flags(skip_bad, extra_categories, allow_absolute_paths, layout)
+    faces, info = inspect_dataset(root, target=target, full_images=full_images, seed=seed, **options)
     skipped = faces.attrs.get("skipped", [])
     if skipped:
         from rich.markup import escape
@@ -98,9 +77,18 @@ def data_info_command(
     if as_json:
         print(json.dumps(info, indent=2))
         return
+    _print_info(root, info, len(faces))
+
+
+def _print_info(root: Path, info: dict, total: int) -> None:
+    """The tables of ``fairage data info``: faces per split and attribute value, the age histogram."""
+    from rich.table import Table
+
+    from ..data.loaders import histogram_rows
+
     splits = list(info["splits"])
     console.print(
-        f"[bold]{root}[/bold]: layout [bold]{info['layout']}[/bold], {len(faces)} faces "
+        f"[bold]{root}[/bold]: layout [bold]{info['layout']}[/bold], {total} faces "
         + ", ".join(f"{s} {info['splits'][s]['n']}" for s in splits),
         highlight=False,
         soft_wrap=True,
@@ -125,13 +113,10 @@ def data_info_command(
         *[f"{info['age'][s]['min']:.1f} / {info['age'][s]['mean']:.1f} / {info['age'][s]['max']:.1f}" for s in splits],
     )
     console.print(table)
-    edges, counts = info["age_histogram"]["edges"], info["age_histogram"]["counts"]
     hist = Table(title="age histogram (years, all splits)")
     hist.add_column("age")
     hist.add_column("n", justify="right")
     hist.add_column("")
-    top = max(max(counts), 1)
-    for lo, c in zip(edges, counts):
-        label = f"{lo}-{lo + 10}" if lo < edges[-1] else f"{lo}+"
-        hist.add_row(label, str(int(c)), "█" * int(round(40 * c / top)))
+    for label, count, bar in histogram_rows(info["age_histogram"]):
+        hist.add_row(label, str(count), "█" * bar)
     console.print(hist)

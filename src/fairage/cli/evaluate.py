@@ -12,19 +12,12 @@ from .common import (
     _CLIP_HELP,
     _EXTRA_CATEGORIES_HELP,
     _SKIP_BAD_HELP,
-    _data_options,
+    _data_flags,
     _fmt_ci,
     _fmt_value,
-    _joined_predictions,
-    _model_folder_predictions,
     _parse_edges,
-    _predictions_file,
-    _run_predictions,
-    _run_split_faces,
-    _split_faces,
     app,
     console,
-    fail,
 )
 
 
@@ -69,7 +62,9 @@ def evaluate_command(
         help="Attribute to score (repeatable; 'age' = ground-truth age bins; any column). "
         "Default: age, gender, ethnicity, expression.",
     ),
-    age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+    age_edges: str | None = typer.Option(
+        None, "--age-edges", help="Inner edges of the age groups, in years (default 20,40,60)."
+    ),
     intersection: list[str] | None = typer.Option(
         None,
         "--intersection",
@@ -93,64 +88,21 @@ def evaluate_command(
     """
     import json
 
-    from ..config.schema import EvalConfig
-    from ..fairness.conformal import CONFORMAL, interval_arguments, read_calibration
-    from ..fairness.metrics import evaluate
-    from ..store.model_folder import is_model_folder
+    from ..workflows.evaluate import evaluate_split, metric_settings, split_predictions
 
-    eval_config, run_seed = EvalConfig(), 0
-    df = None
-    calibration = None  # the model's, when the predictions are its own
-    if run_dir is not None and predictions is None and is_model_folder(run_dir):
-        calibration = read_calibration(run_dir / CONFORMAL)
-        if data is None:  # no predictions yet: the model predicts the split's faces first
-            fail(f"{run_dir} is a model folder: give the dataset with --data DIR")
-        faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-        df, predictions = _model_folder_predictions(run_dir, faces, not json_out), run_dir
-    elif run_dir is not None:
-        from ..store.run_folder import RunFolder
-
-        folder = RunFolder.open(run_dir)
-        run_config = folder.config()
-        eval_config, run_seed = run_config.eval, run_config.seed
-        calibration = folder.calibration() if predictions is None else None
-        faces = _run_split_faces(folder, data, split, skip_bad, extra_categories, allow_absolute_paths)
-        own_test = split == "test" and (data is None or data.resolve() == Path(folder.data_dir).resolve())
-        if predictions is None and not own_test:
-            # predictions_test.csv covers the run's own test split only: its model predicts these faces
-            df, predictions = _model_folder_predictions(run_dir, faces, not json_out), run_dir
-        elif predictions is None:
-            predictions = _predictions_file(folder)
-    elif data is None or predictions is None:
-        fail("give a run folder, or both --data DIR and --predictions FILE")
-    else:
-        faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-    if df is None:
-        df = _joined_predictions(predictions, faces, clip)
-    settings = eval_config.metric_settings(run_seed, df.columns)
-    if intersection:
-        settings["intersections"] = [[a.strip() for a in item.split(",") if a.strip()] for item in intersection]
-    chosen = {
-        k: v
-        for k, v in (
-            ("n_boot", n_boot),
-            ("level", level),
-            ("n_perm", n_perm),
-            ("seed", seed),
-            ("attributes", attribute or None),
-            ("min_group", min_group),
-        )
-        if v is not None
-    }
-    settings.update(chosen)
-    n_boot, level = settings["n_boot"], settings["level"]
-    evaluation = evaluate(df, age_edges=_parse_edges(age_edges), **settings, **interval_arguments(calibration, df))
-    result = evaluation.to_json()
+    options = _data_flags(skip_bad, extra_categories, allow_absolute_paths)
+    found = split_predictions(run_dir, data, split, predictions, options, clip, progress=not json_out)
+    intersections = [[a.strip() for a in item.split(",") if a.strip()] for item in intersection or []]
+    chosen = {"n_boot": n_boot, "level": level, "n_perm": n_perm, "seed": seed, "attributes": attribute or None}
+    chosen.update(min_group=min_group, intersections=intersections or None)
+    settings = metric_settings(found, chosen)
+    edges = _parse_edges(age_edges) if age_edges is not None else None
+    evaluation = evaluate_split(found, settings, edges)
     if json_out:
-        print(json.dumps(result))
+        print(json.dumps(evaluation.to_json()))
         return
-    _print_evaluation(result, f"{predictions}", split, settings["n_perm"])
-    _print_coverage(evaluation, f"{100 * level:g}%")
+    _print_evaluation(evaluation.to_json(), f"{found.source}", split, settings["n_perm"])
+    _print_coverage(evaluation, f"{100 * settings['level']:g}%")
 
 
 def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> None:
@@ -287,11 +239,17 @@ def compare_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     split: str = typer.Option("test", "--split", help="Split the predictions are for."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object and nothing else."),
-    n_boot: int = typer.Option(1000, "--n-boot", min=0, max=MAX_N_BOOT, help="Paired bootstrap resamples."),
-    level: float = typer.Option(0.95, "--level", min=0.5, max=0.999, help="Confidence level of the intervals."),
-    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the bootstrap."),
+    n_boot: int | None = typer.Option(
+        None, "--n-boot", min=0, max=MAX_N_BOOT, help="Paired bootstrap resamples (default 1000)."
+    ),
+    level: float | None = typer.Option(
+        None, "--level", min=0.5, max=0.999, help="Confidence level of the intervals (default 0.95)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of the bootstrap (default 0)."),
     attribute: list[str] | None = typer.Option(None, "--attribute", help="Attribute to score (repeatable)."),
-    age_edges: str = typer.Option("20,40,60", "--age-edges", help="Inner edges of the age groups, in years."),
+    age_edges: str | None = typer.Option(
+        None, "--age-edges", help="Inner edges of the age groups, in years (default 20,40,60)."
+    ),
     clip: bool = typer.Option(False, "--clip", help=_CLIP_HELP),
     skip_bad: bool = typer.Option(False, "--skip-bad", help=_SKIP_BAD_HELP),
     extra_categories: str | None = typer.Option(None, "--extra-categories", help=_EXTRA_CATEGORIES_HELP),
@@ -302,30 +260,16 @@ def compare_command(
 
     from rich.table import Table
 
-    from ..fairness.metrics import compare
+    from ..workflows.evaluate import compare_predictions
 
-    faces = _split_faces(data, split, _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-    df_a = _joined_predictions(predictions_a, faces, clip)
-    df_b = _joined_predictions(predictions_b, faces, clip)
-    from ..config.schema import EvalConfig
-
-    defaults = EvalConfig().metric_settings(seed, df_a.columns)
-    result = compare(
-        df_a,
-        df_b,
-        attributes=attribute or None,
-        age_edges=_parse_edges(age_edges),
-        n_boot=n_boot,
-        level=level,
-        seed=seed,
-        intersections=defaults["intersections"],
-        min_group=defaults["min_group"],
-        cs_k=defaults["cs_k"],
-    )
+    options = _data_flags(skip_bad, extra_categories, allow_absolute_paths)
+    chosen = {"n_boot": n_boot, "level": level, "seed": seed, "attributes": attribute or None}
+    edges = _parse_edges(age_edges) if age_edges is not None else None
+    result = compare_predictions(predictions_a, predictions_b, data, split, options, clip, chosen, edges)
     if json_out:
         print(json.dumps(result.to_json()))
         return
-    pct = f"{100 * level:g}%"
+    pct = f"{100 * result.level:g}%"
     table = Table(
         title=f"B - A on {result.n} {split} faces (A: {predictions_a}, B: {predictions_b})", title_justify="left"
     )
@@ -354,16 +298,8 @@ def submit_command(
     allow_absolute_paths: bool = typer.Option(False, "--allow-absolute-paths", help=_ABSOLUTE_HELP),
 ) -> None:
     """Write the competition submission: a zip with predictions.csv, one age per line in test order."""
-    from ..store.predictions import read_predictions
-    from ..store.submission import write_submission
+    from ..workflows.evaluate import submission
 
-    predictions = predictions_or_run
-    if predictions_or_run.is_dir():
-        folder, predictions = _run_predictions(predictions_or_run)
-        faces = _run_split_faces(folder, data, "test", skip_bad, extra_categories, allow_absolute_paths)
-    elif data is None:
-        fail("--data DIR is required with a predictions file")
-    else:
-        faces = _split_faces(data, "test", _data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-    ages = write_submission(out, faces, read_predictions(predictions, clip=clip), predictions)
+    options = _data_flags(skip_bad, extra_categories, allow_absolute_paths)
+    ages = submission(predictions_or_run, out, data, options, clip)
     console.print(f"wrote {out} ({len(ages)} test predictions)", highlight=False)

@@ -32,64 +32,23 @@ def predict_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Ages of every face in photos (or of face crops with --faces), written as CSV."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from ..inference.predictor import (
-        AgePredictor,
-        annotated_paths,
-        draw_faces,
-        expand_inputs,
-        prediction_rows,
-        write_prediction_csv,
-    )
+    from ..inference.predictor import AgePredictor, expand_inputs, predict_to_csv
 
     files = expand_inputs(inputs)
     if not files:
         fail("no image files in the inputs")
     if any(Path(path).resolve() == out.resolve() for path, _ in files):
         fail(f"--out {out} is one of the input images; choose another file for the CSV")
-    drawn = annotated_paths(annotate, files) if annotate is not None else {}
     predictor = AgePredictor(model, detector=detector, device=device, batch_size=batch_size)
-    labels = dict(files)
-    rows: list[dict] = []
-    unreadable: list[str] = []
-    n_photos = n_faces = n_empty = 0
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=quiet,
-        transient=True,
-        console=Console(stderr=True),
-    ) as bar:
-        job = bar.add_task(
-            "predicting" if faces else f"detecting ({predictor.detector.name}) and predicting", total=len(files)
-        )
-        for path, result, error, rgb in predictor.predict_files(
-            labels, faces_only=faces, keep_images=annotate is not None
-        ):
-            bar.advance(job)
-            if result is None:
-                unreadable.append(error)
-                continue
-            n_photos += 1
-            n_faces += len(result.faces)
-            n_empty += not result.faces
-            rows += prediction_rows(labels[path], result, faces)
-            if annotate is not None and rgb is not None:
-                draw_faces(rgb, result, drawn[labels[path]])
-    for message in unreadable:
+    task = "predicting" if faces else f"detecting ({predictor.detector.name}) and predicting"
+    with _progress(quiet) as bar:
+        job = bar.add_task(task, total=len(files))
+        done = predict_to_csv(predictor, files, out, faces, annotate, on_file=lambda: bar.advance(job))
+    for message in done.unreadable:
         err_console.print(f"[yellow]skipped:[/yellow] {message}", highlight=False, soft_wrap=True)
-    if n_photos == 0:
+    if done.n_photos == 0:
         fail(f"none of the {len(files)} input file(s) could be read as an image")
-    write_prediction_csv(out, rows, faces, intervals=predictor.calibration is not None)
+    n_photos, n_faces, n_empty, unreadable = done.n_photos, done.n_faces, done.n_empty, done.unreadable
     what = (
         f"{n_photos} face crops" if faces else (f"{n_photos} photos, {n_faces} faces, {n_empty} photos without a face")
     )
@@ -98,6 +57,21 @@ def predict_command(
         f"({predictor.loaded.kind}, {predictor.image_size} px) -> {out}",
         highlight=False,
         soft_wrap=True,
+    )
+
+
+def _progress(quiet: bool):
+    """The progress bar of ``fairage predict`` (stderr, gone when done; none with ``--quiet``)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=True,
+        console=Console(stderr=True),
     )
 
 

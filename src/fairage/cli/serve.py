@@ -77,13 +77,7 @@ def serve_command(
     ),
 ) -> None:
     """HTTP service and web page: POST /predict (photo -> faces, ages), GET /model (model card), GET / (page)."""
-    import os
-
-    import torch
-    import uvicorn
-
-    from ..serve import ServeLimits, create_app, serve_protocol
-    from ..serve.app import limits_to_environment
+    from ..serve import ServeLimits, ServeSettings, run_service
     from ..serve.prepare import usable_cpus
 
     limits = ServeLimits(
@@ -95,45 +89,23 @@ def serve_command(
         prepare_processes=usable_cpus() if prepare_processes is None else prepare_processes,
         detect_side=detect_side,
     )
-    # the service's process: its forward passes use this many threads (torch's default, every
-    # core, waits for busy cores at every layer on a shared machine)
-    torch.set_num_threads(model_threads)
+    settings = ServeSettings(model, limits, detector, detector_threads, runtime, model_threads)
     # the model and its card load here first, so a bad path is one message and exit 2, in any mode
-    application = create_app(
-        model,
-        limits=limits,
-        detector=detector,
-        detector_threads=detector_threads,
-        runtime=runtime,
-        model_threads=model_threads,
-    )
+    application = settings.create_app()
+    console.print(_serving_line(settings, application, host, port, workers), highlight=False)
+    if workers > 1:
+        application = None  # each worker process loads its own copy
+    run_service(settings, application, host, port, workers, log_level)
+
+
+def _serving_line(settings, application, host: str, port: int, workers: int) -> str:
     pool = application.state.prepare_pool
     preparing = (
-        f"{pool.processes} prepare process(es)" if pool is not None else f"{limits.prepare_threads} prepare thread(s)"
+        f"{pool.processes} prepare process(es)"
+        if pool is not None
+        else f"{settings.limits.prepare_threads} prepare thread(s)"
     )
-    console.print(
-        f"serving {model} on http://{host}:{port}/ with {workers} worker(s), {preparing}, age model on "
-        f"{getattr(application.state.predictor, 'runtime', 'its own runtime')}; Ctrl-C stops",
-        highlight=False,
-    )
-    if workers == 1:
-        uvicorn.run(application, host=host, port=port, log_level=log_level, http=serve_protocol())
-        return
-    del application
-    os.environ.update(
-        FAIRAGE_SERVE_MODEL=str(model.resolve()),
-        FAIRAGE_SERVE_DETECTOR=detector,
-        FAIRAGE_SERVE_DETECTOR_THREADS=str(detector_threads),
-        FAIRAGE_SERVE_RUNTIME=runtime,
-        FAIRAGE_SERVE_MODEL_THREADS=str(model_threads),
-        **limits_to_environment(limits),
-    )
-    uvicorn.run(
-        "fairage.serve.app:app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-        http=serve_protocol(),
+    return (
+        f"serving {settings.model} on http://{host}:{port}/ with {workers} worker(s), {preparing}, age model on "
+        f"{getattr(application.state.predictor, 'runtime', 'its own runtime')}; Ctrl-C stops"
     )

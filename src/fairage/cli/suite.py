@@ -10,8 +10,9 @@ from .common import (
     _ABSOLUTE_HELP,
     _EXTRA_CATEGORIES_HELP,
     _SKIP_BAD_HELP,
+    _as_overrides,
     _check_trainers,
-    _data_overrides,
+    _data_flags,
     _print_comparison,
     _sigterm_exits,
     _warn_full_scale,
@@ -59,7 +60,7 @@ def suite_command(
     from ..workflows.suite import run_suite, suite_configs
 
     names = [p.strip() for p in presets.split(",") if p.strip()]
-    overrides = list(set_ or []) + _data_overrides(skip_bad, extra_categories, allow_absolute_paths)
+    overrides = list(set_ or []) + _as_overrides(_data_flags(skip_bad, extra_categories, allow_absolute_paths))
     plan = suite_configs(names, scale, seeds, overrides)
     _check_trainers([cfg for _, cfg in plan])
     _warn_full_scale(plan[0][1], scale)
@@ -67,16 +68,7 @@ def suite_command(
     with _sigterm_exits(
         "run the same `fairage suite` command again: finished runs are reused, the interrupted one resumes", None
     ):
-        report = run_suite(
-            data,
-            out,
-            presets=names,
-            scale=scale,
-            seeds=seeds,
-            overrides=overrides,
-            progress=not quiet,
-            on_event=printer,
-        )
+        report = run_suite(data, out, scale=scale, progress=not quiet, on_event=printer, plan=plan)
     from ..store.run_folder import RunFolder
 
     finished = [out / n for n, _ in plan if (out / n / RunFolder.METRICS).is_file()]

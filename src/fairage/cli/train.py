@@ -11,8 +11,9 @@ from .common import (
     _EXTRA_CATEGORIES_HELP,
     _SKIP_BAD_HELP,
     _TRACKING_HELP,
+    _as_overrides,
     _check_trainers,
-    _data_overrides,
+    _data_flags,
     _sigterm_exits,
     _tracking_overrides,
     _warn_full_scale,
@@ -97,7 +98,7 @@ def train_command(
     from ..training import resume_run, train
 
     progress = not quiet
-    data_overrides = _data_overrides(skip_bad, extra_categories, allow_absolute_paths)
+    data_overrides = _as_overrides(_data_flags(skip_bad, extra_categories, allow_absolute_paths))
     if resume is not None:
         if config or preset or data or out or set_ or data_overrides or tracking_uri:
             fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")

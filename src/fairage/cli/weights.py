@@ -10,7 +10,7 @@ from .common import (
     _ABSOLUTE_HELP,
     _EXTRA_CATEGORIES_HELP,
     _SKIP_BAD_HELP,
-    _data_options,
+    _data_flags,
     _parse_edges,
     app,
     console,
@@ -52,11 +52,7 @@ def weights_command(
     """
     import json
 
-    from rich.table import Table
-
-    from ..data import load_faces
-    from ..errors import ConfigError
-    from ..fairness.weighting import describe, summarize_weights, weighting_from_options
+    from ..fairness.weighting import describe, summarize_dataset_weights, weighting_from_options
 
     cfg = weighting_from_options(
         scheme,
@@ -68,32 +64,36 @@ def weights_command(
         beta=beta,
         max_weight=max_weight,
     )
-    faces = load_faces(data, layout=layout, **_data_options({}, skip_bad, extra_categories, allow_absolute_paths))
-    train = faces[faces["split"] == "train"].reset_index(drop=True)
-    if len(train) == 0:
-        raise ConfigError(f"dataset {data} has no train faces to weight")
-    summary = summarize_weights(train, cfg)
-    table, heavy = summary.table, summary.heavy
+    summary = summarize_dataset_weights(
+        data, cfg, **_data_flags(skip_bad, extra_categories, allow_absolute_paths, layout)
+    )
     if plot is not None:
         from ..outputs.plots import plot_group_weights
 
-        plot_group_weights(table, plot, title=describe(cfg))
+        plot_group_weights(summary.table, plot, title=describe(cfg))
     if as_json:
         print(json.dumps(summary.to_json(), indent=2))
         return
-    out = Table(title=f"weights on {len(train)} training faces: {describe(cfg)} (mean 1 per face)")
+    _print_weights(summary, describe(cfg))
+    for w in summary.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)
+
+
+def _print_weights(summary, description: str) -> None:
+    """The table of ``fairage weights``: each group's size, weight per face and share (dominated groups red)."""
+    from rich.table import Table
+
+    out = Table(title=f"weights on {summary.n} training faces: {description} (mean 1 per face)")
     out.add_column("group")
     out.add_column("n", justify="right")
     out.add_column("weight / face", justify="right")
     out.add_column("share of weight", justify="right")
-    for r in table.itertuples():
+    for r in summary.table.itertuples():
         out.add_row(
             r.name,
             str(r.n),
             "-" if r.n == 0 else f"{r.weight:.3f}",
             f"{100 * r.share:.1f}%",
-            style="red" if r.name in heavy else None,
+            style="red" if r.name in summary.heavy else None,
         )
     console.print(out)
-    for w in summary.warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {w}", highlight=False, soft_wrap=True)

@@ -1,9 +1,11 @@
-"""Lightning settings checked against this machine before a run starts (``check_trainer``)."""
+"""Lightning settings checked against this machine before a run starts (``check_trainer``), and one run's
+resolved accelerator, devices, precision and seed (``RuntimeSettings``)."""
 
 from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .schema import TrainerConfig
@@ -103,3 +105,63 @@ def check_trainer(trainer: TrainerConfig) -> None:
         raise ConfigError(f"trainer.devices {devices}: give at least 1 device (or -1 for all, or auto)")
     if acc in ("gpu", "cuda") and count is not None and count > torch.cuda.device_count():
         raise ConfigError(f"trainer.devices {devices}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+
+
+# --------------------------------------------------------------------------- one run's resolved settings
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where and how one run computes, resolved once at its start and passed down to every stage.
+
+    ``accelerator``: ``trainer.accelerator`` resolved (``auto`` -> ``gpu`` where CUDA is present,
+    else ``cpu``; ``cuda`` -> ``gpu``); ``precision``: ``trainer.precision`` resolved (``auto`` ->
+    ``fairage.training.precision.auto_precision``); ``devices`` as configured; ``seed``: the run's.
+    """
+
+    accelerator: str
+    devices: str | int
+    precision: str
+    seed: int = 0
+
+    @classmethod
+    def resolve(cls, trainer: TrainerConfig, seed: int = 0) -> RuntimeSettings:
+        import torch
+
+        from ..training.precision import auto_precision
+
+        acc = trainer.accelerator
+        if acc == "auto":
+            acc = "gpu" if torch.cuda.is_available() else "cpu"
+        elif acc == "cuda":
+            acc = "gpu"
+        precision = trainer.precision if trainer.precision != "auto" else auto_precision(acc)
+        return cls(acc, trainer.devices, precision, seed)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator == "gpu"
+
+    @property
+    def device(self):
+        """The torch device of single-process work (features, predictions): ``cuda`` on a GPU, else ``cpu``."""
+        import torch
+
+        return torch.device("cuda") if self.on_gpu else torch.device("cpu")
+
+    def apply(self) -> None:
+        """The process-wide settings of a run, set once at its start: Lightning's start-up banners and
+        checkpoint notes kept out of the console; TF32 on a GPU for what bf16 autocast leaves in float32."""
+        import logging
+
+        for name in (
+            "lightning.pytorch.utilities.rank_zero",
+            "lightning.fabric.utilities.rank_zero",
+            "lightning.pytorch.accelerators.cuda",
+            "lightning.pytorch.trainer.connectors.checkpoint_connector",
+        ):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        if self.on_gpu:
+            import torch
+
+            torch.set_float32_matmul_precision("high")

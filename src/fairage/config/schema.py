@@ -47,7 +47,22 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
-class WeightingConfig(StrictModel):
+class GroupingConfig(StrictModel):
+    """How training faces are grouped (``fairage.fairness.weighting.face_group_names``): by ``scheme``;
+    a custom scheme crosses ``attributes`` ("age" = age bins with inner edges ``age_edges``) and merges
+    groups by ``merges``. Shared by ``WeightingConfig`` (the groups weighted) and ``DROConfig`` (the
+    groups Group DRO balances); each names its own schemes and default."""
+
+    scheme: str = "none"
+    #: custom scheme: attributes to cross; "age" means age bins with ``age_edges``
+    attributes: list[str] = Field(default_factory=list)
+    #: inner age-bin edges in years for "age" in custom schemes
+    age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
+    #: custom scheme: new group name -> list of group names merged into it
+    merges: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class WeightingConfig(GroupingConfig):
     """How training faces are weighted (see ``fairage.fairness.weighting``).
 
     Group part: faces are grouped by ``scheme``; each group gets a weight from
@@ -58,12 +73,6 @@ class WeightingConfig(StrictModel):
 
     scheme: Literal["none", "age", "age_ethnicity", "age_ethnicity_expression", "custom"] = "none"
     formula: Literal["inverse", "sqrt_inverse", "effective_number"] = "inverse"
-    #: custom scheme: attributes to cross; "age" means age bins with ``age_edges``
-    attributes: list[str] = Field(default_factory=list)
-    #: inner age-bin edges in years for "age" in custom schemes
-    age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
-    #: custom scheme: new group name -> list of group names merged into it
-    merges: dict[str, list[str]] = Field(default_factory=dict)
     #: added to every group count before the formula (the report used 1)
     pseudo_count: float = Field(0.0, ge=0)
     #: effective_number's beta in [0, 1)
@@ -103,7 +112,7 @@ class AugmentConfig(StrictModel):
     min_age: float | None = None
 
 
-class DROConfig(StrictModel):
+class DROConfig(GroupingConfig):
     """Group DRO (Sagawa et al. 2020): the loss is ``sum_g q_g loss_g`` over per-group mean losses.
 
     Groups are those of a weighting scheme (``fairage.fairness.weighting``: ``scheme``,
@@ -114,9 +123,6 @@ class DROConfig(StrictModel):
 
     enabled: bool = False
     scheme: Literal["age", "age_ethnicity", "age_ethnicity_expression", "custom"] = "age_ethnicity"
-    attributes: list[str] = Field(default_factory=list)
-    age_edges: list[float] = Field(default_factory=lambda: [20.0, 40.0, 60.0])
-    merges: dict[str, list[str]] = Field(default_factory=dict)
     #: step size of the exponentiated-gradient update of q
     eta: float = Field(1.0, gt=0)
     #: the group adjustment C (0 = none), in loss units times sqrt(faces)
@@ -124,9 +130,7 @@ class DROConfig(StrictModel):
 
     def grouping(self) -> WeightingConfig:
         """The groups as a ``WeightingConfig`` (for ``fairage.fairness.weighting.face_group_names``)."""
-        return WeightingConfig(
-            scheme=self.scheme, attributes=self.attributes, age_edges=self.age_edges, merges=self.merges
-        )
+        return WeightingConfig(**{key: getattr(self, key) for key in GroupingConfig.model_fields})
 
 
 class StageConfig(StrictModel):

@@ -41,6 +41,7 @@ from ..errors import DataError
 from .schema import (
     AGE_MAX,
     AGE_MIN,
+    ATTRIBUTES,
     FACE_COLUMNS,
     SPLITS,
     UNKNOWN,
@@ -432,7 +433,7 @@ def _finish(df: pd.DataFrame) -> pd.DataFrame:
     """Face-table column order (schema columns first, then optional and extra columns)."""
     df["frame"] = df["frame"].astype(np.int64)
     df["age"] = df["age"].astype(np.float64)
-    for c in ("image", "gender", "ethnicity", "expression", "split", "path"):
+    for c in ("image", *ATTRIBUTES, "split", "path"):
         df[c] = df[c].astype(object).astype(str)
     extras = [c for c in df.columns if c not in FACE_COLUMNS]
     return df[list(FACE_COLUMNS) + extras]
@@ -552,7 +553,7 @@ def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:
         df = pd.DataFrame({"image": [str(i) for i in range(len(labels))]})
         df["age"] = _check_ages(pd.Series(labels), labels_path, "age", rows)
         meta_df = pd.DataFrame(meta.astype(str))
-        for j, attribute in enumerate(("gender", "ethnicity", "expression")):
+        for j, attribute in enumerate(ATTRIBUTES):
             df[attribute] = _normalise_attribute(meta_df[j], attribute, extra, meta_path, rows).to_numpy()
         df["split"] = split
         df["path"] = os.path.realpath(data_path)
@@ -755,3 +756,36 @@ def describe_faces(faces: pd.DataFrame) -> dict:
         "age": ages,
         "age_histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]},
     }
+
+
+def inspect_dataset(root: str | Path, **options) -> tuple[pd.DataFrame, dict]:
+    """The face table of ``root`` (``load_faces`` keyword arguments ``options``) and its ``describe_faces``
+    summary: what ``fairage data info`` shows. Without ``skip_bad`` every image is decoded (at reduced scale:
+    quick) so that a corrupt file is a DataError now; with it the skipped images are in
+    ``faces.attrs["skipped"]`` (their one-line warning is held back: the caller lists them)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("skipped ")
+
+    log.addFilter(keep)
+    try:
+        faces = load_faces(root, **options)
+    finally:
+        log.removeFilter(keep)
+    if not options.get("skip_bad"):
+        bad = find_bad_images(faces)
+        if bad:
+            more = f" (and {len(bad) - 1} more bad image(s))" if len(bad) > 1 else ""
+            raise DataError(f"{bad[0]}{more}; {SKIP_BAD_HINT}")
+    return faces, describe_faces(faces)
+
+
+def histogram_rows(histogram: dict, width: int = 40) -> list[tuple[str, int, int]]:
+    """``describe_faces``' ``age_histogram`` as rows ``(label, count, bar length)``: labels ``0-10``, ...,
+    the last bin open (``90+``); the fullest bin's bar is ``width`` long."""
+    edges, counts = histogram["edges"], histogram["counts"]
+    top = max(max(counts), 1)
+    return [
+        (f"{lo}-{lo + 10}" if lo < edges[-1] else f"{lo}+", int(c), int(round(width * c / top)))
+        for lo, c in zip(edges, counts)
+    ]

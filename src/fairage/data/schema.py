@@ -38,6 +38,8 @@ VOCABULARIES: dict[str, tuple[str, ...]] = {
     "expression": EXPRESSIONS,
 }
 ATTRIBUTES: tuple[str, ...] = tuple(VOCABULARIES)
+#: the order every table and report lists attributes in: ``"age"`` (ground-truth age groups), then ``ATTRIBUTES``
+SCORED_ATTRIBUTES: tuple[str, ...] = ("age", *ATTRIBUTES)
 
 #: inner edges of the report's age groups: [0,20), [20,40), [40,60), [60,inf)
 AGE_EDGES: tuple[float, ...] = (20.0, 40.0, 60.0)

@@ -62,6 +62,7 @@ from ..data.schema import (
     AGE_EDGES,
     CELL_SEP,
     INTERSECTION_SEP,
+    SCORED_ATTRIBUTES,
     UNKNOWN,
     VOCABULARIES,
     age_bin_labels,
@@ -72,7 +73,7 @@ from ..data.schema import (
 from ..errors import DataError
 
 #: the four bias scores reported by default
-DEFAULT_ATTRIBUTES: tuple[str, ...] = ("age", "gender", "ethnicity", "expression")
+DEFAULT_ATTRIBUTES: tuple[str, ...] = SCORED_ATTRIBUTES
 #: inner edges of the "MAE by age" table: children [0,13) first, then the report's groups
 CHILD_AGE_EDGES: tuple[float, ...] = (13.0, 20.0, 40.0, 60.0)
 #: groups with fewer faces are flagged (and left out of worst-group MAE and group-MAE std)

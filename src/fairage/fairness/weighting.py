@@ -324,10 +324,11 @@ class WeightsSummary:
         }
 
 
-def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig) -> WeightsSummary:
-    """Group table and dominated groups of ``cfg`` on the training faces ``train``."""
+def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig, source=None) -> WeightsSummary:
+    """Group table and dominated groups of ``cfg`` on the training faces ``train`` (``source``: the dataset
+    they come from, named in the error when there are none)."""
     if len(train) == 0:
-        raise ConfigError("no training faces to weight")
+        raise ConfigError(f"dataset {source} has no train faces to weight" if source else "no training faces to weight")
     # LDS alone has no groups: show its weights by the report's age bins
     by = WeightingConfig(scheme="age") if cfg.scheme == "none" else None
     table = group_table(train, cfg, by=by)
@@ -336,33 +337,16 @@ def summarize_weights(train: pd.DataFrame, cfg: WeightingConfig) -> WeightsSumma
     return WeightsSummary(cfg, len(train), table, [g for g in table["name"] if g in heavy])
 
 
+def summarize_dataset_weights(data, cfg: WeightingConfig, **options) -> WeightsSummary:
+    """``summarize_weights`` on the train split of the dataset ``data`` (``load_faces`` keyword arguments
+    ``options``): what ``fairage weights`` shows."""
+    from ..data import load_faces
+
+    faces = load_faces(data, **options)
+    return summarize_weights(faces[faces["split"] == "train"].reset_index(drop=True), cfg, source=data)
+
+
 # --------------------------------------------------------------------------- torch side
-
-
-def weighted_loss(pred, target, weight=None, kind: str = "mse", huber_delta: float = 1.0):
-    """Batch loss like Keras ``sample_weight``: ``sum_i w_i * l_i / batch_size``.
-
-    ``pred``, ``target``: tensors of shape (B,) or (B, 1) in the same units (fairage
-    passes years/100 for sigmoid heads; ``huber_delta`` must be in those units too).
-    ``weight``: (B,) or None (plain mean). Keras's default reduction
-    (``sum_over_batch_size``) divides by the batch size, not by the sum of weights, so a
-    batch of heavy faces counts more, which is the point of weighting.
-    """
-    import torch.nn.functional as F
-
-    pred = pred.reshape(-1)
-    target = target.reshape(-1).to(pred.dtype)
-    if kind == "mse":
-        per_face = F.mse_loss(pred, target, reduction="none")
-    elif kind == "mae":
-        per_face = F.l1_loss(pred, target, reduction="none")
-    elif kind == "huber":
-        per_face = F.huber_loss(pred, target, reduction="none", delta=huber_delta)
-    else:
-        raise ConfigError(f"unknown loss '{kind}'; choose mse, mae or huber")
-    if weight is None:
-        return per_face.mean()
-    return (per_face * weight.reshape(-1).to(per_face.dtype)).sum() / per_face.numel()
 
 
 def make_sampler(weights, num_samples: int | None = None, seed: int = 0):

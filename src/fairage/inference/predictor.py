@@ -822,3 +822,48 @@ def annotated_path(annotate_dir: str | os.PathLike, label: str) -> Path:
     rel = Path(label)
     parts = [p for p in rel.parts if p not in ("..", ".", "/", rel.anchor)]
     return Path(annotate_dir).joinpath(*parts) if parts else Path(annotate_dir) / "image.png"
+
+
+@dataclass
+class PhotoPredictions:
+    """What ``predict_to_csv`` did: files read, faces found, photos without a face, unreadable files' messages."""
+
+    n_photos: int = 0
+    n_faces: int = 0
+    n_empty: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def predict_to_csv(
+    predictor: AgePredictor,
+    files: Sequence[tuple[str, str]],
+    out: str | os.PathLike,
+    faces_only: bool = False,
+    annotate: str | os.PathLike | None = None,
+    on_file=None,
+) -> PhotoPredictions:
+    """``fairage predict``: the ages of every face in ``files`` (``expand_inputs``' ``(path, label)``), or of
+    each crop with ``faces_only``, written to the CSV ``out``; with ``annotate``, copies of the photos with
+    boxes and ages drawn into that folder. ``on_file()`` is called after each file (a progress bar).
+    No readable image at all: DataError (nothing is written)."""
+    drawn = annotated_paths(annotate, files) if annotate is not None else {}
+    labels = dict(files)
+    done = PhotoPredictions()
+    rows: list[dict] = []
+    for path, result, error, rgb in predictor.predict_files(
+        labels, faces_only=faces_only, keep_images=annotate is not None
+    ):
+        if on_file is not None:
+            on_file()
+        if result is None:
+            done.unreadable.append(error)
+            continue
+        done.n_photos += 1
+        done.n_faces += len(result.faces)
+        done.n_empty += not result.faces
+        rows += prediction_rows(labels[path], result, faces_only)
+        if annotate is not None and rgb is not None:
+            draw_faces(rgb, result, drawn[labels[path]])
+    if done.n_photos:
+        write_prediction_csv(out, rows, faces_only, intervals=predictor.calibration is not None)
+    return done

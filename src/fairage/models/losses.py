@@ -35,6 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 #: DEX classes: the ages 0, 1, ..., 100 years
 DEX_AGES = 101
 
@@ -63,6 +65,24 @@ def regression_loss_per_face(
     if kind == "huber":
         return F.huber_loss(pred, target, reduction="none", delta=huber_delta)
     raise ValueError(f"unknown regression loss {kind!r}; choose mse, mae or huber")
+
+
+def weighted_loss(pred, target, weight=None, kind: str = "mse", huber_delta: float = 1.0) -> torch.Tensor:
+    """Batch loss like Keras ``sample_weight``: ``sum_i w_i * l_i / batch_size``.
+
+    ``pred``, ``target``: tensors of shape (B,) or (B, 1) in the same units (fairage
+    passes years/100 for sigmoid heads; ``huber_delta`` must be in those units too).
+    ``weight``: (B,) or None (plain mean). Keras's default reduction
+    (``sum_over_batch_size``) divides by the batch size, not by the sum of weights, so a
+    batch of heavy faces counts more, which is the point of weighting. An unknown ``kind``
+    is a ConfigError.
+    """
+    if kind not in ("mse", "mae", "huber"):
+        raise ConfigError(f"unknown loss '{kind}'; choose mse, mae or huber")
+    per_face = regression_loss_per_face(pred, target, kind, huber_delta)
+    if weight is None:
+        return per_face.mean()
+    return (per_face * weight.reshape(-1).to(per_face.dtype)).sum() / per_face.numel()
 
 
 # --------------------------------------------------------------------------- Balanced MSE

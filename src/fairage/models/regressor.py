@@ -240,10 +240,6 @@ class AgeRegressor(nn.Module):
         """
         return clamp_ages(self.years(out))
 
-    def feature_extractor_modules(self) -> list[nn.Module]:
-        """Backbone and projection (what stage I freezes with ``trainable: head``)."""
-        return self.frozen_modules("head")
-
     # Stage I split. ``trainable`` (``StageConfig.trainable``) says what trains on top of
     # the frozen part: "head" (backbone and projection frozen) or "projection+head" (the
     # kit's stage I: only the backbone frozen, dim_proj trains with the head).

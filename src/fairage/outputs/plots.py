@@ -7,17 +7,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from ..atomic import atomic_path
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed), chosen at the plotting call, not at import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """Save ``fig`` atomically as PNG and close it."""
+    plt = pyplot()
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
@@ -32,6 +39,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, title: str | N
     val_loss, train_mae, val_mae, lr), one row per epoch, stages in order. The x axis
     is the cumulative epoch; a dashed vertical line marks where stage II starts.
     """
+    plt = pyplot()
     h = history.reset_index(drop=True)
     x = range(1, len(h) + 1)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -59,6 +67,7 @@ def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None
     ``groups`` has columns ``name``, ``n`` and ``weight`` (weight per face after
     rescaling), as returned by ``fairage.fairness.weighting.group_table``.
     """
+    plt = pyplot()
     g = groups.reset_index(drop=True)
     fig, ax1 = plt.subplots(figsize=(max(6, 0.45 * len(g) + 2), 3.8))
     pos = range(len(g))
@@ -88,6 +97,7 @@ def plot_pareto(
     front). ``references``: optional rows ``name, x, x_low, x_high, y, y_low, y_high`` (finished
     runs such as M1..M5), drawn as labelled crosses.
     """
+    plt = pyplot()
 
     def err(df, c):
         lo, hi = (df[c] - df[f"{c}_low"]).clip(lower=0), (df[f"{c}_high"] - df[c]).clip(lower=0)

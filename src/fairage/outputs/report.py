@@ -12,10 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
@@ -24,11 +20,12 @@ from ..atomic import atomic_path, write_text
 from ..config.files import dump_config
 from ..config.schema import ExperimentConfig
 from ..csvcells import safe_table
+from ..data.schema import ATTRIBUTES, SCORED_ATTRIBUTES
 from ..errors import ConfigError, DataError
 from ..fairness.metrics import EvaluationResult
 from ..store.predictions import read_predictions
 from ..store.run_folder import RunFolder
-from .plots import save_figure
+from .plots import pyplot, save_figure
 
 # =========================================================================== comparison report
 #
@@ -366,6 +363,7 @@ def plot_all_training_curves(runs: Sequence[FinishedRun | str | Path], path: str
     Seeds of one model are drawn in the same panel. A dashed line marks the start
     of stage II. Runs without ``history.csv`` get an empty panel saying so.
     """
+    plt = pyplot()
     groups = _group(load_runs(runs))
     n = len(groups)
     ncols = min(3, n)
@@ -430,13 +428,14 @@ def group_mae_frame(runs: Sequence[FinishedRun | str | Path]) -> pd.DataFrame:
 
 def _panel_attributes(frame: pd.DataFrame) -> list[str]:
     """The attributes of a per-group frame in plotting order: the four, then the others as they come."""
-    attrs = [a for a in ("age", "gender", "ethnicity", "expression") if a in set(frame["attribute"])]
+    attrs = [a for a in SCORED_ATTRIBUTES if a in set(frame["attribute"])]
     return attrs + [a for a in dict.fromkeys(frame["attribute"]) if a not in attrs]
 
 
 def _attribute_panels(n_attributes: int, n_models: int):
     """A figure of one panel per attribute, two per row, wide enough for ``n_models`` bars per group;
     panels beyond ``n_attributes`` hidden. Returns ``(fig, axes)`` (axes a 2-D array)."""
+    plt = pyplot()
     n = max(1, n_attributes)
     ncols = min(2, n)
     nrows = math.ceil(n / ncols)
@@ -452,6 +451,7 @@ def plot_group_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path) -
 
     Error bars: standard deviation over seeds when a model has several runs.
     """
+    plt = pyplot()
     records = load_runs(runs)
     frame = group_mae_frame(records)
     models = list(_group(records))
@@ -549,6 +549,7 @@ def plot_group_coverage(runs: Sequence[FinishedRun | str | Path], path: str | Pa
     same calibration; dashed line: the target coverage. None (nothing written) when no run
     has intervals.
     """
+    plt = pyplot()
     records = load_runs(runs)
     frame = group_coverage_frame(records)
     if frame.empty:
@@ -607,6 +608,7 @@ def plot_bias_vs_mae(runs: Sequence[FinishedRun | str | Path], path: str | Path)
     Points sit at the mean over a model's runs; error bars are the bootstrap
     intervals (mean bounds over runs). Lower-left is better: the trade-off.
     """
+    plt = pyplot()
     values = comparison_values(runs)
     models = list(dict.fromkeys(values["Model"]))
     means = values.groupby("Model", sort=False).mean(numeric_only=True)
@@ -758,7 +760,7 @@ def summarize_faces(faces: pd.DataFrame) -> dict[str, pd.DataFrame]:
             pd.Series(age_bins(faces["age"].to_numpy(dtype=float), AGE_EDGES), index=faces.index),
             age_bin_labels(AGE_EDGES),
         )
-    for attr in ("gender", "ethnicity", "expression"):
+    for attr in ATTRIBUTES:
         if attr in faces.columns:
             columns[attr] = (faces[attr].astype(str), None)
     for attr, (values, order) in columns.items():

@@ -11,6 +11,8 @@ from importlib import import_module
 
 _NAMES = {
     "ServeLimits": "app",
+    "ServeSettings": "app",
+    "run_service": "app",
     "create_app": "app",
     "serve_protocol": "app",
     "CropBatcher": "batching",
@@ -27,9 +29,11 @@ __all__ = [
     "CropBatcher",
     "PreparePool",
     "ServeLimits",
+    "ServeSettings",
     "UploadError",
     "check_image",
     "create_app",
+    "run_service",
     "serve_protocol",
 ]
 

@@ -565,25 +565,93 @@ class HeaderTimeoutH11Protocol(_h11_protocol_base()):
         super().connection_lost(exc)
 
 
-def app_from_environment() -> FastAPI:
-    """App factory for ``uvicorn --factory`` with several worker processes (``fairage serve --workers N``).
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything ``fairage serve`` starts a service with, one object: the model, its limits, the face
+    detector and the age model's runtime and threads (``create_app``'s arguments)."""
 
-    Reads ``FAIRAGE_SERVE_MODEL`` (model path), ``FAIRAGE_SERVE_DETECTOR``,
-    ``FAIRAGE_SERVE_DETECTOR_THREADS``, ``FAIRAGE_SERVE_RUNTIME``, ``FAIRAGE_SERVE_MODEL_THREADS`` and, for each ``ServeLimits`` field it sets,
-    ``FAIRAGE_SERVE_<FIELD>`` (``ENVIRONMENT_SETTINGS``: ``FAIRAGE_SERVE_MAX_BATCH``, ...).
-    """
-    model_threads = int(os.environ.get("FAIRAGE_SERVE_MODEL_THREADS", "1"))
-    if "FAIRAGE_SERVE_MODEL_THREADS" in os.environ:
+    model: Path
+    limits: ServeLimits = ServeLimits()
+    detector: str = "auto"
+    detector_threads: int = 1
+    runtime: str | None = "auto"
+    model_threads: int = 1
+
+    def create_app(self) -> FastAPI:
+        """The app of these settings, in a process that is the service's own: its forward passes use
+        ``model_threads`` threads (torch's default, every core, waits for busy cores at every layer on a
+        shared machine). The model and its card load here, so a bad path fails before serving."""
         import torch
 
-        torch.set_num_threads(model_threads)  # this worker process is the service's own
-    return create_app(
-        Path(os.environ["FAIRAGE_SERVE_MODEL"]),
-        limits=limits_from_environment(),
-        detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"),
-        detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")),
-        runtime=os.environ.get("FAIRAGE_SERVE_RUNTIME"),
-        model_threads=model_threads,
+        torch.set_num_threads(self.model_threads)
+        return create_app(
+            self.model,
+            limits=self.limits,
+            detector=self.detector,
+            detector_threads=self.detector_threads,
+            runtime=self.runtime,
+            model_threads=self.model_threads,
+        )
+
+    def to_environment(self) -> dict[str, str]:
+        """These settings as ``FAIRAGE_SERVE_*`` variables, for worker processes (``app_from_environment``)."""
+        env = {
+            "FAIRAGE_SERVE_MODEL": str(Path(self.model).resolve()),
+            "FAIRAGE_SERVE_DETECTOR": self.detector,
+            "FAIRAGE_SERVE_DETECTOR_THREADS": str(self.detector_threads),
+            "FAIRAGE_SERVE_MODEL_THREADS": str(self.model_threads),
+            **limits_to_environment(self.limits),
+        }
+        if self.runtime is not None:
+            env["FAIRAGE_SERVE_RUNTIME"] = self.runtime
+        return env
+
+    @classmethod
+    def from_environment(cls) -> ServeSettings:
+        """The settings ``to_environment`` wrote (defaults for variables not set)."""
+        return cls(
+            Path(os.environ["FAIRAGE_SERVE_MODEL"]),
+            limits=limits_from_environment(),
+            detector=os.environ.get("FAIRAGE_SERVE_DETECTOR", "auto"),
+            detector_threads=int(os.environ.get("FAIRAGE_SERVE_DETECTOR_THREADS", "1")),
+            runtime=os.environ.get("FAIRAGE_SERVE_RUNTIME"),
+            model_threads=int(os.environ.get("FAIRAGE_SERVE_MODEL_THREADS", "1")),
+        )
+
+
+def app_from_environment() -> FastAPI:
+    """App factory for ``uvicorn --factory`` with several worker processes (``fairage serve --workers N``):
+    the app of ``ServeSettings.from_environment()``."""
+    return ServeSettings.from_environment().create_app()
+
+
+def run_service(
+    settings: ServeSettings,
+    application: FastAPI | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: int = 1,
+    log_level: str = "info",
+) -> None:
+    """Serve under uvicorn until stopped: ``application`` (``settings.create_app()``, built here when None)
+    in this process with one worker; with several (``application`` unused: pass None), each worker process builds its own app from ``settings`` (handed over as
+    ``FAIRAGE_SERVE_*`` environment variables, the one channel uvicorn's workers inherit)."""
+    import uvicorn
+
+    if workers == 1:
+        uvicorn.run(
+            application or settings.create_app(), host=host, port=port, log_level=log_level, http=serve_protocol()
+        )
+        return
+    os.environ.update(settings.to_environment())
+    uvicorn.run(
+        "fairage.serve.app:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+        http=serve_protocol(),
     )
 
 

@@ -19,13 +19,14 @@ import pandas as pd
 
 from ..atomic import atomic_path
 from ..csvcells import safe_table, unquote
+from ..data.schema import SCORED_ATTRIBUTES
 from ..errors import DataError
 
 #: plausible predicted ages in years; ``read_predictions`` refuses values outside (or clips them)
 PREDICTION_RANGE: tuple[float, float] = (0.0, 150.0)
 
 #: columns written by ``write_predictions``
-PREDICTION_COLUMNS: tuple[str, ...] = ("image", "prediction", "age", "gender", "ethnicity", "expression")
+PREDICTION_COLUMNS: tuple[str, ...] = ("image", "prediction", *SCORED_ATTRIBUTES)
 #: the per-face spread (years) of a distribution head's prediction; not the face table's ``age_std``,
 #: which is the raters' spread of the label
 SPREAD_COLUMN = "spread"

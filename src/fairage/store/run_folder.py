@@ -353,10 +353,6 @@ class RunFolder:
             }
         return out
 
-    def write_history(self, history: pd.DataFrame) -> None:
-        if is_rank_zero():
-            write_text(self.file(self.HISTORY), history[HISTORY_COLUMNS].to_csv(index=False))
-
     def metrics(self) -> EvaluationResult | None:
         """The test metrics (``metrics_test.json``) as an EvaluationResult; None before the run finishes."""
         from ..fairness.metrics import EvaluationResult

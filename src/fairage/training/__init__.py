@@ -20,7 +20,6 @@ from .factories import (
     make_callbacks,
     make_loaders,
     make_trainer,
-    resolve_accelerator,
     resolve_precision,
 )
 from .inference import extract_features, predict, predict_with_spread
@@ -73,7 +72,6 @@ __all__ = [
     "memory_format",
     "predict",
     "predict_with_spread",
-    "resolve_accelerator",
     "resolve_precision",
     "resume_run",
     "train",

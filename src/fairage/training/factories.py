@@ -6,7 +6,6 @@ so a training script can build its own loop from the same parts.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,13 +27,13 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from ..atomic import save_torch, write_text
+from ..config.runtime import RuntimeSettings
 from ..config.schema import StageConfig, TrainerConfig
 from ..models.regressor import AgeRegressor
 from ..store.checkpoint import CONFIG_KEY, read_checkpoint
 from ..store.run_folder import HISTORY_COLUMNS, RunFolder
 from .inference import extract_features
 from .module import FaceArrayDataset
-from .precision import auto_precision
 
 #: key of a checkpoint that holds the run's config (YAML text), so the file describes itself
 
@@ -65,37 +64,10 @@ class StageArrays:
 # =========================================================================== devices
 
 
-def resolve_accelerator(trainer_cfg: TrainerConfig) -> str:
-    acc = trainer_cfg.accelerator
-    if acc == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    if acc == "cuda":
-        return "gpu"
-    return acc
-
-
 def resolve_precision(trainer_cfg: TrainerConfig) -> str:
     """Lightning precision of training steps: the configured one, or for ``auto`` bf16-mixed
-    where the device has native bf16 and 32-true elsewhere (``fairage.training.precision``)."""
-    if trainer_cfg.precision != "auto":
-        return trainer_cfg.precision
-    return auto_precision(resolve_accelerator(trainer_cfg))
-
-
-def device_for(trainer_cfg: TrainerConfig) -> torch.device:
-    return torch.device("cuda") if resolve_accelerator(trainer_cfg) == "gpu" else torch.device("cpu")
-
-
-def quiet_lightning() -> None:
-    """Keep Lightning's start-up banners (GPU available, tips) and its note on every full
-    checkpoint it writes (``LastCheckpoint``'s, at each epoch end) out of the console."""
-    for name in (
-        "lightning.pytorch.utilities.rank_zero",
-        "lightning.fabric.utilities.rank_zero",
-        "lightning.pytorch.accelerators.cuda",
-        "lightning.pytorch.trainer.connectors.checkpoint_connector",
-    ):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    where the device has native bf16 and 32-true elsewhere (``RuntimeSettings.resolve``)."""
+    return RuntimeSettings.resolve(trainer_cfg).precision
 
 
 def seeded_generator(seed: int) -> torch.Generator:
@@ -113,7 +85,8 @@ def make_loaders(
     arrays: StageArrays,
     *,
     use_cache: bool,
-    trainer_cfg: TrainerConfig,
+    runtime: RuntimeSettings,
+    channels_last: bool = False,
     num_workers: int = 0,
     seed: int = 0,
     with_index: bool = False,
@@ -125,10 +98,10 @@ def make_loaders(
     here once; otherwise uint8 images. Sampler mode draws faces by ``train_weights``
     (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly.
     """
-    on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
+    on_gpu = runtime.on_gpu
     sampler, weights = train_sampler(stage, arrays, seed)  # sampler mode: unweighted loss
     if use_cache:
-        feats_train, feats_val = cached_features(model, stage, arrays, trainer_cfg)
+        feats_train, feats_val = cached_features(model, stage, arrays, runtime, channels_last)
         w = torch.ones(len(arrays.train_ages)) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
         train_set: Dataset = TensorDataset(
             feats_train,
@@ -161,21 +134,20 @@ def make_loaders(
 
 
 def cached_features(
-    model: AgeRegressor, stage: StageConfig, arrays: StageArrays, trainer_cfg: TrainerConfig
+    model: AgeRegressor, stage: StageConfig, arrays: StageArrays, runtime: RuntimeSettings, channels_last: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen part's features of the training and validation images: float32 (N, D) on the CPU.
 
     Computed in the training steps' precision (bf16 autocast under bf16-mixed), so that cached
     and uncached stage I agree.
     """
-    device = device_for(trainer_cfg)
-    autocast = resolve_precision(trainer_cfg).startswith("bf16")
+    autocast = runtime.precision.startswith("bf16")
     return tuple(
         extract_features(
             model,
             images,
-            device=device,
-            channels_last=trainer_cfg.channels_last,
+            device=runtime.device,
+            channels_last=channels_last,
             autocast=autocast,
             trainable=stage.trainable,
         )
@@ -514,16 +486,21 @@ def _mlflow_logger(trainer_cfg: TrainerConfig, run_dir: Path):
 
 
 def make_trainer(
-    trainer_cfg: TrainerConfig, stage: StageConfig, callbacks: list[Callback], run_dir: Path, progress: bool = False
+    trainer_cfg: TrainerConfig,
+    runtime: RuntimeSettings,
+    stage: StageConfig,
+    callbacks: list[Callback],
+    run_dir: Path,
+    progress: bool = False,
 ) -> L.Trainer:
     """The Lightning Trainer of one stage (logger of ``trainer.logger``; checkpoints through ``AtomicCheckpointIO``)."""
-    on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
+    on_gpu = runtime.on_gpu
     return L.Trainer(
-        accelerator=resolve_accelerator(trainer_cfg),
-        devices=trainer_cfg.devices,
+        accelerator=runtime.accelerator,
+        devices=runtime.devices,
         strategy=trainer_cfg.strategy,
         num_nodes=trainer_cfg.num_nodes,
-        precision=resolve_precision(trainer_cfg),
+        precision=runtime.precision,
         deterministic=trainer_cfg.deterministic,
         # cuDNN autotuning for fixed-size images, unless bitwise repeatability was asked for
         benchmark=on_gpu and not trainer_cfg.deterministic,

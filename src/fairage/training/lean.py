@@ -61,6 +61,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import save_torch, write_text
+from ..config.runtime import RuntimeSettings
 from ..config.schema import StageConfig, TrainerConfig
 from ..errors import ConfigError, DataError
 from ..models.regressor import AgeRegressor
@@ -70,10 +71,7 @@ from .factories import (
     CollapseStop,
     StageArrays,
     cached_features,
-    device_for,
     non_finite_message,
-    resolve_accelerator,
-    resolve_precision,
     seeded_generator,
     train_sampler,
     write_history,
@@ -102,15 +100,18 @@ def lean_unsupported(
     use_cache: bool,
     callbacks=(),
     ckpt_path: str | Path | None = None,
+    runtime: RuntimeSettings | None = None,
 ) -> str | None:
-    """Why the lean loop cannot train this stage (one phrase), or None when it can."""
+    """Why the lean loop cannot train this stage (one phrase), or None when it can (``runtime``: the
+    run's, else resolved from ``trainer_cfg``)."""
+    runtime = runtime or RuntimeSettings.resolve(trainer_cfg)
     if not use_cache:
         return "the stage does not train on cached features"
     if stage.lr_schedule != "plateau":
         return f"lr_schedule {stage.lr_schedule}"
     if callbacks:
         return "extra Lightning callbacks are given"
-    accelerator = resolve_accelerator(trainer_cfg)
+    accelerator = runtime.accelerator
     if accelerator not in ("cpu", "gpu"):
         return f"accelerator {trainer_cfg.accelerator!r}"
     devices = str(trainer_cfg.devices)
@@ -119,7 +120,7 @@ def lean_unsupported(
         return f"devices {trainer_cfg.devices}, num_nodes {trainer_cfg.num_nodes}"
     if trainer_cfg.strategy != "auto":
         return f"strategy {trainer_cfg.strategy!r}"
-    precision = resolve_precision(trainer_cfg)
+    precision = runtime.precision
     if precision not in LEAN_PRECISIONS:
         return f"precision {precision}"
     if trainer_cfg.logger != "none":
@@ -139,6 +140,7 @@ def choose_loop(
     use_cache: bool,
     callbacks=(),
     ckpt_path: str | Path | None = None,
+    runtime: RuntimeSettings | None = None,
 ) -> str:
     """ "lean" or "lightning": the loop ``fit_stage`` trains this stage in (``stage.loop``).
 
@@ -147,7 +149,9 @@ def choose_loop(
     resume a checkpoint the lean loop wrote is a DataError.
     """
     if stage.loop != "lightning":
-        reason = lean_unsupported(stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path)
+        reason = lean_unsupported(
+            stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path, runtime=runtime
+        )
         if reason is None:
             return "lean"
         if stage.loop == "lean":
@@ -200,6 +204,7 @@ def fit_lean(
     *,
     history_file: bool,
     trainer_cfg: TrainerConfig,
+    runtime: RuntimeSettings,
     seed: int,
     progress: bool,
     ckpt_path: str | Path | None,
@@ -212,9 +217,9 @@ def fit_lean(
     Call where ``fit_stage`` would build its loaders: after seeding and building the stage's
     ``objective``. ``ckpt_path``: a ``-last.ckpt`` this loop wrote, to resume from.
     """
-    device = device_for(trainer_cfg)
-    autocast_dtype = LEAN_PRECISIONS[resolve_precision(trainer_cfg)]
-    feats_train, feats_val = cached_features(model, stage, arrays, trainer_cfg)
+    device = runtime.device
+    autocast_dtype = LEAN_PRECISIONS[runtime.precision]
+    feats_train, feats_val = cached_features(model, stage, arrays, runtime, trainer_cfg.channels_last)
     # re-seed as make_loaders does, so this loop starts from the Lightning path's RNG state
     L.seed_everything(seed, workers=True, verbose=False)
     sampler, weights = train_sampler(stage, arrays, seed)

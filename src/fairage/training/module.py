@@ -212,7 +212,7 @@ class AgeModule(L.LightningModule):
         methods' per-face state); else the validation loss. Shared by this module's steps and
         the lean loop (``fairage.training.lean``), so both optimise the same objective.
         """
-        from ..fairness.weighting import weighted_loss
+        from ..models.losses import weighted_loss
 
         x, age, weight, *index = batch
         out = self(x).float()

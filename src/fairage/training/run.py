@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ..atomic import atomic_path, save_torch, write_text
 from ..config.files import dump_config
+from ..config.runtime import RuntimeSettings
 from ..config.schema import (
     ExperimentConfig,
     StageConfig,
@@ -48,9 +49,6 @@ from ..store.run_folder import (
 from .factories import (
     COLLAPSE_STD,
     StageArrays,
-    device_for,
-    resolve_accelerator,
-    resolve_precision,
 )
 from .inference import predict, predict_with_spread
 from .stage import CollapsedStageError, fit_stage
@@ -58,11 +56,11 @@ from .stage import CollapsedStageError, fit_stage
 log = logging.getLogger(__name__)
 
 
-def device_description(trainer_cfg: TrainerConfig) -> str:
-    acc = resolve_accelerator(trainer_cfg)
+def device_description(trainer_cfg: TrainerConfig, runtime: RuntimeSettings) -> str:
+    acc = runtime.accelerator
     if acc == "gpu" and torch.cuda.is_available():
         acc = f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"{acc} devices={trainer_cfg.devices} nodes={trainer_cfg.num_nodes} {resolve_precision(trainer_cfg)}"
+    return f"{acc} devices={runtime.devices} nodes={trainer_cfg.num_nodes} {runtime.precision}"
 
 
 @dataclass
@@ -240,7 +238,9 @@ def _train_in_folder(
         )
     folder = RunFolder.open(run_dir) if resume and exists else None
 
-    L.seed_everything(cfg.seed, verbose=False)  # the initial weights too
+    runtime = RuntimeSettings.resolve(cfg.trainer, cfg.seed)  # once per run, passed to every stage
+    runtime.apply()
+    L.seed_everything(runtime.seed, verbose=False)  # the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
     head_loaded = weight_info["weights_loaded"] and not any(
@@ -261,12 +261,12 @@ def _train_in_folder(
             cfg,
             data_dir,
             **weight_info,
-            device=device_description(cfg.trainer),
-            precision=resolve_precision(cfg.trainer),
+            device=device_description(cfg.trainer, runtime),
+            precision=runtime.precision,
         )
         resume = False
     history = folder.history() if resume else pd.DataFrame(columns=HISTORY_COLUMNS)
-    history = _run_stages(cfg, data, model, folder, history, resume, progress, callbacks)
+    history = _run_stages(cfg, runtime, data, model, folder, history, resume, progress, callbacks)
     if not rank0:
         return None
     from ..outputs.plots import plot_training_curves
@@ -274,7 +274,7 @@ def _train_in_folder(
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
     # float32, whatever training used
-    preds, spread = predict_with_spread(model, data.images["test"], device=device_for(cfg.trainer))
+    preds, spread = predict_with_spread(model, data.images["test"], device=runtime.device)
     warnings = list(folder.record.warnings)
     collapsed = collapse_warning(preds)
     if collapsed:
@@ -282,7 +282,7 @@ def _train_in_folder(
         warnings.append(collapsed)
     calibration = None
     if cfg.eval.conformal.enabled:  # calibrated on faces the model did not train on
-        val_preds = predict(model, data.images["valid"], device=device_for(cfg.trainer))
+        val_preds = predict(model, data.images["valid"], device=runtime.device)
         calibration, messages = calibrate(cfg, data.faces["valid"], val_preds, folder)
         for message in messages:
             log.warning("%s: %s", run_dir, message)
@@ -295,6 +295,7 @@ def _train_in_folder(
 
 def _run_stages(
     cfg: ExperimentConfig,
+    runtime: RuntimeSettings,
     data: RunData,
     model: AgeRegressor,
     folder: RunFolder,
@@ -351,6 +352,7 @@ def _run_stages(
                 arrays,
                 folder.path,
                 trainer_cfg=cfg.trainer,
+                runtime=runtime,
                 num_workers=cfg.data.num_workers,
                 seed=cfg.seed,
                 progress=progress and is_rank_zero(),

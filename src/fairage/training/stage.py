@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from ..config.runtime import RuntimeSettings
 from ..config.schema import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models.regressor import AgeRegressor
@@ -37,8 +38,6 @@ from .factories import (
     make_callbacks,
     make_loaders,
     make_trainer,
-    quiet_lightning,
-    resolve_accelerator,
 )
 from .lean import LoopOutcome, choose_loop, fit_lean
 from .module import AgeModule
@@ -90,6 +89,7 @@ def fit_stage(
     callbacks: Sequence[Callback] = (),
     cache_features: bool | None = None,
     config_yaml: str | None = None,
+    runtime: RuntimeSettings | None = None,
 ) -> StageResult:
     """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
 
@@ -106,9 +106,17 @@ def fit_stage(
     schedule, stops, files and results, without Lightning's per-epoch overhead) wherever it
     applies, unless ``stage.loop`` is "lightning"; everything else in Lightning's Trainer.
     ``StageResult.loop`` says which.
+
+    ``runtime``: the run's ``RuntimeSettings`` (resolved and applied once at its start); None: this
+    call is a run of its own, resolved from ``trainer_cfg`` and ``seed`` and applied here.
     """
+    trainer_cfg = trainer_cfg or TrainerConfig()
+    if runtime is None:
+        runtime = RuntimeSettings.resolve(trainer_cfg, seed)
+        runtime.apply()
     kwargs = {
-        "trainer_cfg": trainer_cfg or TrainerConfig(),
+        "trainer_cfg": trainer_cfg,
+        "runtime": runtime,
         "num_workers": num_workers,
         "seed": seed,
         "progress": progress,
@@ -133,6 +141,7 @@ def _fit_stage(
     *,
     history_file: bool,
     trainer_cfg: TrainerConfig,
+    runtime: RuntimeSettings,
     num_workers: int,
     seed: int,
     progress: bool,
@@ -147,18 +156,15 @@ def _fit_stage(
         stage = stage.model_copy(update={"max_epochs": stage.epochs_for(len(arrays.train_images)), "max_images": None})
     use_cache = stage.cache_features if cache_features is None else cache_features
     use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
-    on_gpu = resolve_accelerator(trainer_cfg) == "gpu"
-
-    quiet_lightning()
-    if on_gpu:
-        torch.set_float32_matmul_precision("high")  # TF32 for what bf16 autocast leaves in float32
     L.seed_everything(seed, workers=True, verbose=False)
     if trainer_cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     from .methods import build_objective
 
     objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
-    loop = choose_loop(stage_name, stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path)
+    loop = choose_loop(
+        stage_name, stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path, runtime=runtime
+    )
     if loop == "lean":
         outcome = fit_lean(
             model,
@@ -168,6 +174,7 @@ def _fit_stage(
             run_dir,
             history_file=history_file,
             trainer_cfg=trainer_cfg,
+            runtime=runtime,
             seed=seed,
             progress=progress,
             ckpt_path=ckpt_path,
@@ -184,6 +191,7 @@ def _fit_stage(
             run_dir,
             history_file=history_file,
             trainer_cfg=trainer_cfg,
+            runtime=runtime,
             num_workers=num_workers,
             seed=seed,
             progress=progress,
@@ -236,6 +244,7 @@ def _fit_lightning(
     *,
     history_file: bool,
     trainer_cfg: TrainerConfig,
+    runtime: RuntimeSettings,
     num_workers: int,
     seed: int,
     progress: bool,
@@ -253,7 +262,8 @@ def _fit_lightning(
         stage,
         arrays,
         use_cache=use_cache,
-        trainer_cfg=trainer_cfg,
+        runtime=runtime,
+        channels_last=trainer_cfg.channels_last,
         num_workers=num_workers,
         seed=seed,
         with_index=objective is not None and objective.needs_index,
@@ -279,7 +289,7 @@ def _fit_lightning(
         extra=callbacks,
         dro_groups=arrays.face_arrays.group_names if dro else None,
     )
-    trainer = make_trainer(trainer_cfg, stage, cbs.all, run_dir, progress)
+    trainer = make_trainer(trainer_cfg, runtime, stage, cbs.all, run_dir, progress)
     with warnings.catch_warnings():
         for message in (
             ".*does not have many workers.*",

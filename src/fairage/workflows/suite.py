@@ -159,6 +159,7 @@ def run_suite(
     overrides: Sequence[str] | None = None,
     progress: bool = True,
     on_event: SuiteListener | None = None,
+    plan: list[tuple[str, ExperimentConfig]] | None = None,
 ) -> Path:
     """Train and compare presets; return the path of ``out_dir/report.html``.
 
@@ -169,6 +170,7 @@ def run_suite(
     ``report.html`` are written into ``out_dir``, with the dataset's counts per
     attribute. ``progress``: Lightning's progress bars; ``on_event`` receives each step
     (training, reusing, and each run's warnings, stages stopped on a non-finite loss included).
+    ``plan``: ``suite_configs(presets, scale, seeds, overrides)`` when the caller has resolved it already.
     """
     from ..data import load_faces
     from ..outputs.report import build_report
@@ -178,7 +180,8 @@ def run_suite(
     out_dir = Path(out_dir)
     notify = on_event or _ignore
     # resolve every config and read the data first, so a typo fails before hours of training
-    plan = suite_configs(presets, scale, seeds, overrides)
+    if plan is None:
+        plan = suite_configs(presets, scale, seeds, overrides)
     faces = load_faces(data_dir, **plan[0][1].data.loader_options())
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dirs = []

@@ -429,10 +429,10 @@ def validation_scores(run_dir: str | Path) -> EvaluationResult:
     faces = folder.faces("valid")
     images = load_images(faces, cfg.data.image_size, cache_dir=cfg.data.cache_dir, workers=1, progress=False)
     model, _ = model_from_checkpoint(folder.best_checkpoint())
-    from ..training.factories import device_for
+    from ..config.runtime import RuntimeSettings
 
     df = faces.copy()
-    df["prediction"] = predict(model, images, device=device_for(cfg.trainer))
+    df["prediction"] = predict(model, images, device=RuntimeSettings.resolve(cfg.trainer).device)
     return evaluate(df, n_boot=0, n_perm=0, seed=cfg.seed)
 
 
