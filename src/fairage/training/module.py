@@ -140,6 +140,9 @@ class AgeModule(L.LightningModule):
         self.inputs = inputs
         self.channels_last = channels_last
         self.augment = build_augment(stage.augment, image_size or 224) if inputs == "images" else None
+        random_images = inputs == "images" and stage.augment.enabled and stage.augment.mode == "random"
+        #: the random mode's shift (fraction of the side), applied to the batch by ``random_shift``; 0 = none
+        self.shift = stage.augment.translate if random_images else 0.0
         model.requires_grad_(True)
         for module in self.frozen_modules():
             module.requires_grad_(False)
@@ -181,7 +184,7 @@ class AgeModule(L.LightningModule):
         ``age >= augment.min_age`` when that is set).
         """
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if self._augments() and augment:
+        if augment and (self.augment is not None or self.shift > 0):
             chosen = torch.ones(len(x), dtype=torch.bool, device=x.device)
             if self.stage.augment.min_age is not None:
                 chosen = age >= self.stage.augment.min_age
@@ -190,17 +193,9 @@ class AgeModule(L.LightningModule):
             if self.augment is not None:
                 for i in index.tolist():
                     x[i] = self.augment(x[i]).clamp_(0, 1)
-            if self.stage.augment.translate > 0 and len(index):
-                x[index] = random_shift(x[index], self.stage.augment.translate)
+            if self.shift > 0 and len(index):
+                x[index] = random_shift(x[index], self.shift)
         return memory_format(x, self.channels_last)
-
-    def _augments(self) -> bool:
-        return self.augment is not None or (
-            self.inputs == "images"
-            and self.stage.augment.enabled
-            and self.stage.augment.mode == "random"
-            and self.stage.augment.translate > 0
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.trainable_forward(x, self.stage.trainable) if self.inputs == "features" else self.model(x)
