@@ -115,7 +115,7 @@ def run_stage(
     """
     from fairage.config.schema import StageConfig
     from fairage.models.regressor import build_model
-    from fairage.training import StageArrays, fit_stage
+    from fairage.training import RunContext, StageArrays, StageSpec, fit_stage
 
     train_images, train_ages, val_images, val_ages = data
     torch.manual_seed(0)
@@ -128,14 +128,12 @@ def run_stage(
         start = time.perf_counter()
         result = fit_stage(
             model,
-            stage_name,
-            stage,
+            getattr(StageSpec, stage_name)(stage),  # StageSpec.stage1 or .stage2
             StageArrays(train_images, train_ages, val_images, val_ages),
             run_dir=tmp,
-            trainer_cfg=trainer_cfg,
-            num_workers=workers,
-            progress=False,
-            callbacks=[] if cache else [timer],
+            context=RunContext(
+                trainer=trainer_cfg, num_workers=workers, progress=False, callbacks=[] if cache else [timer]
+            ),
         )
         if torch.cuda.is_available():
             torch.cuda.synchronize()

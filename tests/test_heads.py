@@ -29,7 +29,7 @@ from fairage.models.losses import (
 )
 from fairage.models.regressor import build_model
 from fairage.store.predictions import read_predictions
-from fairage.training import StageArrays, fit_stage, train
+from fairage.training import StageArrays, StageSpec, fit_stage, train
 
 LN3 = math.log(3.0)
 #: three faces (ages 2, 0.4 -> class 0, 4) and their logits over the 4 thresholds
@@ -207,8 +207,7 @@ def test_ordinal_heads_train_with_weights_and_group_dro(output, tmp_path):
     weights = np.where(np.arange(32) % 2 == 0, 1.5, 0.5)
     result = fit_stage(
         model,
-        "stage2",
-        stage,
+        StageSpec.stage2(stage),
         StageArrays(
             images,
             ages,

@@ -31,7 +31,9 @@ from fairage.store.checkpoint import load_weights as load_module_checkpoint
 from fairage.store.checkpoint import read_checkpoint
 from fairage.store.run_folder import HISTORY_COLUMNS
 from fairage.training import (
+    RunContext,
     StageArrays,
+    StageSpec,
     fit_stage,
     resume_run,
     train,
@@ -111,12 +113,10 @@ def run_case(faces, loop: str, name: str, run_dir=None, trainer: TrainerConfig =
     model = tiny_model()
     result = fit_stage(
         model,
-        "stage1",
-        StageConfig(batch_size=16, loop=loop, **settings),
+        StageSpec.stage1(StageConfig(batch_size=16, loop=loop, **settings)),
         arrays,
         run_dir,
-        trainer_cfg=trainer,
-        config_yaml="name: lean-test\n",
+        context=RunContext(trainer=trainer, config_yaml="name: lean-test\n"),
     )
     return model, result
 
@@ -200,14 +200,12 @@ def test_lean_stage_resumed_after_a_hard_kill_ends_as_an_uninterrupted_one(faces
     resumed = tiny_model()
     r_resumed = fit_stage(
         resumed,
-        "stage1",
-        StageConfig(batch_size=16, **settings),
+        StageSpec.stage1(StageConfig(batch_size=16, **settings)),
         arrays,
         killed,
-        trainer_cfg=FP32,
+        context=RunContext(trainer=FP32, config_yaml="name: lean-test\n"),
         ckpt_path=last,
         previous_history=history,
-        config_yaml="name: lean-test\n",
     )
     assert r_resumed.loop == "lean" and r_resumed.epochs == r_whole.epochs == 4
     pd.testing.assert_frame_equal(r_resumed.history, r_whole.history)

@@ -18,7 +18,7 @@ from fairage.config.schema import (
 from fairage.errors import ConfigError, DataError
 from fairage.models.losses import StageObjective
 from fairage.models.regressor import build_model
-from fairage.training import StageArrays, fit_stage, images_to_input
+from fairage.training import StageArrays, StageSpec, fit_stage, images_to_input
 from fairage.training.methods import build_objective, face_arrays, uses_methods
 from fairage.workflows.suite import PRESET_GROUPS, expand_presets, suite_configs
 
@@ -188,7 +188,10 @@ def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet18", projection_dim=8, head=[HeadBlock(units=8)]))[0]
     result = fit_stage(
-        model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays), run_dir=tmp_path
+        model,
+        StageSpec.stage2(stage),
+        StageArrays(images, ages, images[:16], ages[:16], face_arrays=arrays),
+        run_dir=tmp_path,
     )
     assert len(result.history) == 2 and np.isfinite(result.history["train_loss"]).all()
     q = pd.read_csv(tmp_path / "dro_q.csv")
@@ -200,4 +203,9 @@ def test_fit_stage_with_dro_bmc_and_label_noise_writes_the_q_trajectory(tmp_path
     assert ckpt["state_dict"]["objective.dro.q"].tolist() == pytest.approx(q.iloc[-1, 2:].tolist(), rel=1e-6)
     assert "objective.bmc.noise_sigma" in ckpt["state_dict"]
     with pytest.raises(ConfigError, match="dro.enabled needs"):
-        fit_stage(model, "stage2", stage, StageArrays(images, ages, images[:16], ages[:16]), run_dir=tmp_path / "again")
+        fit_stage(
+            model,
+            StageSpec.stage2(stage),
+            StageArrays(images, ages, images[:16], ages[:16]),
+            run_dir=tmp_path / "again",
+        )

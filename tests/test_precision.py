@@ -16,7 +16,9 @@ from fairage.data import write_synthetic
 from fairage.models.regressor import AgeRegressor, build_model
 from fairage.store.checkpoint import load_weights as load_module_checkpoint
 from fairage.training import (
+    RunContext,
     StageArrays,
+    StageSpec,
     fit_stage,
     images_to_input,
     load_run_data,
@@ -79,10 +81,9 @@ def test_predictions_after_bf16_training_are_float32():
     model, _ = build_model(ModelConfig(backbone="resnet18", projection_dim=16, head=[HeadBlock(units=32)]))
     result = fit_stage(
         model,
-        "stage2",
-        StageConfig(lr=1e-3, batch_size=16, max_epochs=1),
+        StageSpec.stage2(StageConfig(lr=1e-3, batch_size=16, max_epochs=1)),
         StageArrays(train_images, train_ages, val_images, val_ages),
-        trainer_cfg=TrainerConfig(accelerator="cpu", precision="bf16-mixed"),
+        context=RunContext(trainer=TrainerConfig(accelerator="cpu", precision="bf16-mixed")),
     )
     assert all(p.dtype == torch.float32 for p in model.parameters())
     years = predict(model, val_images)

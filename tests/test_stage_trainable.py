@@ -13,7 +13,7 @@ from conftest import square_faces
 
 from fairage.config.schema import HeadBlock, ModelConfig, StageConfig
 from fairage.models.regressor import build_model
-from fairage.training import AgeModule, StageArrays, extract_features, fit_stage
+from fairage.training import AgeModule, StageArrays, StageSpec, extract_features, fit_stage
 from fairage.training.augment import replicate_faces
 
 SIZE = 32
@@ -47,7 +47,7 @@ def test_projection_and_head_train_backbone_stays(faces, cache):
     projection = copy.deepcopy(model.projection.state_dict())
     head = copy.deepcopy(model.head.state_dict())
     stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=1, trainable="projection+head", cache_features=cache)
-    fit_stage(model, "stage1", stage, StageArrays(*faces))
+    fit_stage(model, StageSpec.stage1(stage), StageArrays(*faces))
     for name, value in backbone.items():  # BatchNorm statistics included
         assert torch.equal(model.backbone.state_dict()[name], value), name
     assert not torch.equal(model.projection.weight, projection["weight"])
@@ -57,8 +57,8 @@ def test_projection_and_head_train_backbone_stays(faces, cache):
 def test_cached_and_uncached_projection_training_agree(faces):
     cached, plain = tiny_model(seed=2), tiny_model(seed=2)
     stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=2, trainable="projection+head")
-    a = fit_stage(cached, "stage1", stage, StageArrays(*faces), cache_features=True)
-    b = fit_stage(plain, "stage1", stage, StageArrays(*faces), cache_features=False)
+    a = fit_stage(cached, StageSpec.stage1(stage), StageArrays(*faces), cache_features=True)
+    b = fit_stage(plain, StageSpec.stage1(stage), StageArrays(*faces), cache_features=False)
     torch.testing.assert_close(cached.projection.weight, plain.projection.weight, atol=1e-4, rtol=0)
     np.testing.assert_allclose(a.history["val_loss"], b.history["val_loss"], atol=1e-4, rtol=0)
 

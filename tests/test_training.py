@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from fairage.config.schema import HeadBlock, ModelConfig, StageConfig
 from fairage.models.regressor import build_model
-from fairage.training import NonFiniteLossError, StageArrays, fit_stage, predict
+from fairage.training import NonFiniteLossError, RunContext, StageArrays, StageSpec, fit_stage, predict
 
 SIZE = 32
 
@@ -41,8 +41,7 @@ def test_loss_decreases_and_model_learns_the_age(faces, tmp_path):
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)])
     result = fit_stage(
         model,
-        "stage2",
-        StageConfig(lr=1e-3, batch_size=16, max_epochs=3),
+        StageSpec.stage2(StageConfig(lr=1e-3, batch_size=16, max_epochs=3)),
         StageArrays(train_images, train_ages, val_images, val_ages),
         run_dir=tmp_path,
     )
@@ -77,8 +76,7 @@ def test_stage1_leaves_backbone_and_batchnorm_statistics_untouched(faces):
     head_before = copy.deepcopy(model.head.state_dict())
     fit_stage(
         model,
-        "stage1",
-        StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False),
+        StageSpec.stage1(StageConfig(lr=1e-2, batch_size=16, max_epochs=1, cache_features=False)),
         StageArrays(train_images, train_ages, val_images, val_ages),
     )
     after = model.backbone.state_dict() | {f"projection.{k}": v for k, v in model.projection.state_dict().items()}
@@ -93,8 +91,8 @@ def test_cached_and_uncached_stage1_agree(faces):
     cached, uncached = tiny_model(seed=3), tiny_model(seed=3)
     stage = StageConfig(lr=1e-2, batch_size=16, max_epochs=2)
     arrays = StageArrays(train_images, train_ages, val_images, val_ages)
-    r_cached = fit_stage(cached, "stage1", stage, arrays, cache_features=True)
-    r_plain = fit_stage(uncached, "stage1", stage, arrays, cache_features=False)
+    r_cached = fit_stage(cached, StageSpec.stage1(stage), arrays, cache_features=True)
+    r_plain = fit_stage(uncached, StageSpec.stage1(stage), arrays, cache_features=False)
     for name, value in uncached.head.state_dict().items():
         torch.testing.assert_close(cached.head.state_dict()[name], value, atol=1e-4, rtol=0)
     np.testing.assert_allclose(r_cached.history["val_loss"], r_plain.history["val_loss"], atol=1e-4, rtol=0)
@@ -118,11 +116,10 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_best(faces, tmp_path):
     model = tiny_model(projection_dim=None, head=[HeadBlock(units=32)], output="linear")
     result = fit_stage(
         model,
-        "stage2",
-        StageConfig(lr=1e-3, batch_size=16, max_epochs=4),
+        StageSpec.stage2(StageConfig(lr=1e-3, batch_size=16, max_epochs=4)),
         StageArrays(train_images, train_ages, val_images, val_ages),
         run_dir=tmp_path,
-        callbacks=[ExplodeLearningRate()],
+        context=RunContext(callbacks=[ExplodeLearningRate()]),
     )
     h = result.history
     assert list(h["epoch"]) == [1, 2]  # stopped right after the first non-finite epoch
@@ -139,8 +136,7 @@ def test_non_finite_from_the_first_epoch_is_an_error(faces):
     with pytest.raises(NonFiniteLossError, match="no finite validation loss"):
         fit_stage(
             model,
-            "stage2",
-            StageConfig(lr=1e10, batch_size=8, max_epochs=3),
+            StageSpec.stage2(StageConfig(lr=1e10, batch_size=8, max_epochs=3)),
             StageArrays(train_images, train_ages, val_images, val_ages),
         )
 
@@ -170,7 +166,7 @@ def test_augmented_stage_trains_on_all_transforms(faces):
     model = tiny_model()
     stage = StageConfig(lr=1e-3, batch_size=16, max_epochs=1, augment=AugmentConfig(enabled=True, min_age=40))
     # augmentation on: stage I cannot use cached features and runs the image path
-    result = fit_stage(model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages))
+    result = fit_stage(model, StageSpec.stage1(stage), StageArrays(train_images, train_ages, val_images, val_ages))
     assert np.isfinite(result.history["train_loss"]).all() and len(result.history) == 1
 
 
@@ -184,11 +180,9 @@ def test_same_seed_same_run(faces):
         model = tiny_model(seed=7)
         result = fit_stage(
             model,
-            "stage2",
-            stage,
+            StageSpec.stage2(stage),
             StageArrays(train_images, train_ages, val_images, val_ages),
-            seed=11,
-            trainer_cfg=TrainerConfig(deterministic=True),
+            context=RunContext(trainer=TrainerConfig(deterministic=True), seed=11),
         )
         runs.append((result.history, predict(model, val_images)))
     pd.testing.assert_frame_equal(runs[0][0], runs[1][0])
@@ -202,7 +196,9 @@ def test_loss_mode_weights_reach_the_loss(faces):
     stage = StageConfig(lr=1e-2, batch_size=8, max_epochs=1)  # weighting.mode defaults to "loss"
     # every face weighted 0: zero loss, zero gradients, Adam leaves the head exactly as it was
     result = fit_stage(
-        model, "stage1", stage, StageArrays(train_images, train_ages, val_images, val_ages, train_weights=np.zeros(32))
+        model,
+        StageSpec.stage1(stage),
+        StageArrays(train_images, train_ages, val_images, val_ages, train_weights=np.zeros(32)),
     )
     assert result.history["train_loss"].iloc[0] == 0.0
     assert result.history["val_loss"].iloc[0] > 0  # validation loss is never weighted

@@ -150,9 +150,15 @@ class RuntimeSettings:
         return torch.device("cuda") if self.on_gpu else torch.device("cpu")
 
     def apply(self) -> None:
-        """The process-wide settings of a run, set once at its start: Lightning's start-up banners and
-        checkpoint notes kept out of the console; TF32 on a GPU for what bf16 autocast leaves in float32."""
+        """The process-wide settings of a run, set once at its start: the global random state seeded
+        from ``seed`` (Python, NumPy, torch: the initial weights and every draw before the first stage);
+        Lightning's start-up banners and checkpoint notes kept out of the console; TF32 on a GPU for
+        what bf16 autocast leaves in float32."""
         import logging
+
+        import lightning as L
+
+        L.seed_everything(self.seed, verbose=False)
 
         for name in (
             "lightning.pytorch.utilities.rank_zero",

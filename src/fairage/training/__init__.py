@@ -4,7 +4,10 @@ The package in pieces:
 
 * ``module``: the Lightning module (``AgeModule``), the dataset and the augmentation;
 * ``factories``: ``StageArrays`` and the loader, callback and Trainer factories;
+* ``spec``: ``StageSpec`` (a stage: name, config, whether its feature extractor is frozen),
+  ``RunContext`` (what a run's stages share), ``StageFolder`` (where a stage writes) and ``stage_specs``;
 * ``stage``: ``fit_stage``, one stage on in-memory arrays;
+* ``lean``: the lean loop of a feature-cached stage I (``fit_lean``);
 * ``inference``: ``predict``, ``predict_with_spread`` and ``extract_features``;
 * ``run``: ``train``, ``resume_run`` and ``export_backbone``, which work on a run folder (``fairage.store.run_folder.RunFolder``).
 """
@@ -38,6 +41,7 @@ from .run import (
     resume_run,
     train,
 )
+from .spec import RunContext, StageFolder, StageSpec, stage_specs
 from .stage import (
     CollapsedStageError,
     NonFiniteLossError,
@@ -56,8 +60,11 @@ __all__ = [
     "HistoryCallback",
     "LastCheckpoint",
     "NonFiniteLossError",
+    "RunContext",
     "StageArrays",
+    "StageFolder",
     "StageResult",
+    "StageSpec",
     "build_augment",
     "calibrate_folder",
     "collapse_warning",
@@ -74,5 +81,6 @@ __all__ = [
     "predict_with_spread",
     "resolve_precision",
     "resume_run",
+    "stage_specs",
     "train",
 ]

@@ -77,6 +77,7 @@ from .factories import (
     write_history,
 )
 from .module import AgeModule
+from .spec import RunContext, StageFolder, StageSpec
 
 #: key of a checkpoint the lean loop wrote: its loop state (random states, stops, best epoch)
 LEAN_KEY = "fairage_lean"
@@ -197,118 +198,280 @@ class _EarlyStop:
 
 def fit_lean(
     model: AgeRegressor,
-    stage_name: str,
-    stage: StageConfig,
+    spec: StageSpec,
     arrays: StageArrays,
-    run_dir: Path,
-    *,
-    history_file: bool,
-    trainer_cfg: TrainerConfig,
-    runtime: RuntimeSettings,
-    seed: int,
-    progress: bool,
-    ckpt_path: str | Path | None,
-    previous_history: pd.DataFrame | None,
-    config_yaml: str | None,
+    context: RunContext,
+    folder: StageFolder,
     objective,
 ) -> LoopOutcome:
     """Train stage I's trainable part on cached features (see the module docstring).
 
     Call where ``fit_stage`` would build its loaders: after seeding and building the stage's
-    ``objective``. ``ckpt_path``: a ``-last.ckpt`` this loop wrote, to resume from.
+    ``objective``, with ``context.runtime`` resolved. ``folder.ckpt_path``: a ``-last.ckpt``
+    this loop wrote, to resume from.
     """
-    device = runtime.device
-    autocast_dtype = LEAN_PRECISIONS[runtime.precision]
-    feats_train, feats_val = cached_features(model, stage, arrays, runtime, trainer_cfg.channels_last)
-    # re-seed as make_loaders does, so this loop starts from the Lightning path's RNG state
-    L.seed_everything(seed, workers=True, verbose=False)
-    sampler, weights = train_sampler(stage, arrays, seed)
-    n_train, n_val = len(arrays.train_ages), len(arrays.val_ages)
-    # loaders of positions, not of tensors: the same sampler, generator and per-epoch draws as
-    # the Lightning path's loaders, without collating a batch face by face
-    generator = seeded_generator(seed) if sampler is None else None
-    train_index = DataLoader(
-        range(n_train),
-        batch_size=stage.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=generator,
-        drop_last=False,
-    )
-    val_index = DataLoader(range(n_val), batch_size=max(stage.batch_size, 64), shuffle=False)
-    order_generator = generator if sampler is None else sampler.generator
-    batches = len(train_index)
+    return _LeanLoop(model, spec, arrays, context, folder, objective).run()
 
-    module = AgeModule(
-        model,
-        stage,
-        frozen=True,
-        inputs="features",
-        channels_last=trainer_cfg.channels_last,
-        image_size=arrays.image_size,
-        objective=objective,
-    ).to(device)
-    x_train = feats_train.to(device)
-    x_val = feats_val.to(device)
-    age_train = torch.as_tensor(np.asarray(arrays.train_ages, np.float32)).to(device)
-    age_val = torch.as_tensor(np.asarray(arrays.val_ages, np.float32)).to(device)
-    w_train = (torch.ones(n_train) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))).to(device)
-    ones_val = torch.ones(n_val, device=device)
-    with_index = objective is not None and objective.needs_index
-    dro = objective is not None and objective.dro is not None
-    optim = module.configure_optimizers(mixed=autocast_dtype is not None)
-    opt, sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
-    params = [p for group in opt.param_groups for p in group["params"]]
-    frozen_prefixes = _frozen_prefixes(module)
 
-    folder = RunFolder(run_dir)
-    best_file, last_file = folder.checkpoint(stage_name, "best"), folder.checkpoint(stage_name, "last")
-    history_path = folder.file(RunFolder.HISTORY) if history_file else None
-    rows: list[dict] = [] if previous_history is None else previous_history.to_dict("records")
-    early = _EarlyStop(stage.patience)
-    collapse = CollapseStop(stage_name) if stage.stop_on_collapse else None
-    state = {
-        "epoch": -1,
-        "global_step": 0,
-        "best_score": None,
-        "best_epoch": None,
-        "non_finite": None,
-        "collapsed": None,
-        "stopped": False,
-    }
-    best_snapshot: dict | None = None
-    if ckpt_path is not None:
-        best_snapshot = _restore(
-            read_checkpoint(ckpt_path), module, opt, sched, order_generator, early, collapse, state, device
+class _LeanLoop:
+    """One stage in the lean loop: the constructor sets it up (and restores a resumed stage),
+    ``run()`` trains it epoch by epoch and returns its outcome."""
+
+    def __init__(
+        self,
+        model: AgeRegressor,
+        spec: StageSpec,
+        arrays: StageArrays,
+        context: RunContext,
+        folder: StageFolder,
+        objective,
+    ):
+        self.model, self.spec, self.stage, self.objective = model, spec, spec.config, objective
+        self.config_yaml, self.progress = context.config_yaml, context.progress
+        self.device = context.runtime.device
+        self.autocast_dtype = LEAN_PRECISIONS[context.runtime.precision]
+        feats_train, feats_val = cached_features(
+            model, self.stage, arrays, context.runtime, context.trainer.channels_last
         )
-    dro_rows = _dro_rows(run_dir, stage_name, state["epoch"] + 1) if dro and history_file else None
-    dro_columns = [f"q[{name}]" for name in arrays.face_arrays.group_names] if dro else []
+        # re-seed as make_loaders does, so this loop starts from the Lightning path's RNG state
+        L.seed_everything(context.seed, workers=True, verbose=False)
+        weights = self._index_loaders(arrays, context.seed)
+        self.module = AgeModule(
+            model,
+            self.stage,
+            frozen=spec.frozen,
+            inputs="features",
+            channels_last=context.trainer.channels_last,
+            image_size=arrays.image_size,
+            objective=objective,
+        ).to(self.device)
+        self._place_tensors(arrays, feats_train, feats_val, weights)
+        optim = self.module.configure_optimizers(mixed=self.autocast_dtype is not None)
+        self.opt, self.sched = optim["optimizer"], optim["lr_scheduler"]["scheduler"]
+        self.params = [p for group in self.opt.param_groups for p in group["params"]]
+        self.frozen_prefixes = _frozen_prefixes(self.module)
+        self._open_state(arrays, folder)
 
-    def snapshot() -> dict:
+    def _index_loaders(self, arrays: StageArrays, seed: int):
+        """Loaders of positions, not of tensors: the same sampler, generator and per-epoch draws as
+        the Lightning path's loaders, without collating a batch face by face. Returns the per-face
+        loss weights (None: all 1)."""
+        stage = self.stage
+        sampler, weights = train_sampler(stage, arrays, seed)
+        generator = seeded_generator(seed) if sampler is None else None
+        self.train_index = DataLoader(
+            range(len(arrays.train_ages)),
+            batch_size=stage.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=generator,
+            drop_last=False,
+        )
+        self.val_index = DataLoader(range(len(arrays.val_ages)), batch_size=max(stage.batch_size, 64), shuffle=False)
+        self.order_generator = generator if sampler is None else sampler.generator
+        self.batches = len(self.train_index)
+        return weights
+
+    def _place_tensors(self, arrays: StageArrays, feats_train, feats_val, weights) -> None:
+        """Features (N, D), ages (N,) years and loss weights (N,) of both splits on the training device."""
+        device, n_train, n_val = self.device, len(arrays.train_ages), len(arrays.val_ages)
+        self.x_train = feats_train.to(device)
+        self.x_val = feats_val.to(device)
+        self.age_train = torch.as_tensor(np.asarray(arrays.train_ages, np.float32)).to(device)
+        self.age_val = torch.as_tensor(np.asarray(arrays.val_ages, np.float32)).to(device)
+        w_train = torch.ones(n_train) if weights is None else torch.as_tensor(np.asarray(weights, np.float32))
+        self.w_train = w_train.to(device)
+        self.ones_val = torch.ones(n_val, device=device)
+        self.with_index = self.objective is not None and self.objective.needs_index
+
+    def _open_state(self, arrays: StageArrays, folder: StageFolder) -> None:
+        """The stage's files, stops and loop state; a resumed stage's restored from ``folder.ckpt_path``."""
+        name, stage = self.spec.name, self.stage
+        self.folder = RunFolder(folder.run_dir)
+        self.best_file, self.last_file = self.folder.checkpoint(name, "best"), self.folder.checkpoint(name, "last")
+        self.history_path = self.folder.file(RunFolder.HISTORY) if folder.history_file else None
+        previous = folder.previous_history
+        self.rows: list[dict] = [] if previous is None else previous.to_dict("records")
+        self.early = _EarlyStop(stage.patience)
+        self.collapse = CollapseStop(name) if stage.stop_on_collapse else None
+        self.state = {
+            "epoch": -1,
+            "global_step": 0,
+            "best_score": None,
+            "best_epoch": None,
+            "non_finite": None,
+            "collapsed": None,
+            "stopped": False,
+        }
+        self.best_snapshot: dict | None = None
+        if folder.ckpt_path is not None:
+            self.best_snapshot = self._restore(read_checkpoint(folder.ckpt_path))
+        dro = self.objective is not None and self.objective.dro is not None
+        start = self.state["epoch"] + 1
+        self.dro_rows = _dro_rows(folder.run_dir, name, start) if dro and folder.history_file else None
+        self.dro_columns = [f"q[{group}]" for group in arrays.face_arrays.group_names] if dro else []
+        # epochs on disk; after a resume -best.ckpt is rewritten at the next write (a kill between the two
+        # files' writes can leave it an epoch ahead of -last.ckpt)
+        self.written = {"last_epoch": None, "best_epoch": None if folder.ckpt_path is None else -2}
+        self.last_snap: dict | None = None
+
+    # ------------------------------------------------------------------ training
+
+    def run(self) -> LoopOutcome:
+        """Train the remaining epochs, writing as the module docstring says; the outcome of the stage."""
+        state, stage = self.state, self.stage
+        bar = _EpochBar(self.spec.name, stage.max_epochs, state["epoch"] + 1) if self.progress else None
+        since, write_seconds = time.monotonic(), 0.0
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            for epoch in range(state["epoch"] + 1, stage.max_epochs):
+                if state["stopped"]:
+                    break
+                final, val_loss, val_mae = self._epoch(epoch)
+                if final or time.monotonic() - since >= max(LAST_EVERY_SECONDS, LAST_EVERY_WRITES * write_seconds):
+                    started = time.monotonic()
+                    # -last.ckpt holds the best epoch's weights too: -best.ckpt can wait for the end
+                    self._flush(self.last_snap, with_best=final)
+                    since = time.monotonic()
+                    write_seconds = since - started
+                if bar is not None:
+                    bar.advance(epoch + 1, val_loss, val_mae)
+        except BaseException:
+            # interrupted (SIGTERM as Terminated, Ctrl-C, an error): keep the last finished epoch
+            self._flush_interrupted()
+            raise
+        finally:
+            torch.set_num_threads(threads)
+            if bar is not None:
+                bar.stop()
+        return self._finish()
+
+    def _epoch(self, epoch: int) -> tuple[bool, float, float]:
+        """Train and validate epoch ``epoch`` (0-based) and record it; (whether it is the stage's last,
+        val_loss, val_mae in years)."""
+        state, name = self.state, self.spec.name
+        epoch_lr = float(self.opt.param_groups[0]["lr"])
+        train_loss, train_mae = self._train_epoch(epoch)
+        val_loss, val_mae, std, mean = _validate(
+            self.module, self.val_index, self.x_val, self.age_val, self.ones_val, self.device
+        )
+        state["epoch"] = epoch
+        stop = False
+        collapsed_now = False
+        if self.collapse is not None and self.collapse.observe(std, mean, self.model.output, epoch):
+            collapsed_now, stop = True, True
+            state["collapsed"] = self.collapse.message
+        row = {
+            "epoch": epoch + 1,
+            "stage": name,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "train_mae": train_mae,
+            "val_mae": val_mae,
+            "lr": epoch_lr,
+        }
+        self.rows.append(row)
+        message = non_finite_message(name, row)
+        if message:
+            state["non_finite"], stop = message, True
+        if self.dro_rows is not None:
+            q = self.objective.dro.q.detach().cpu().tolist()
+            self.dro_rows.append({"epoch": epoch + 1, "stage": name, **dict(zip(self.dro_columns, q))})
+        stop = self.early.should_stop(val_loss) or stop
+        # Lightning's ModelCheckpoint: the first epoch is always kept (a NaN scores inf), later
+        # ones when strictly lower; never a collapsed epoch
+        improved = not collapsed_now and (state["best_score"] is None or val_loss < state["best_score"])
+        if improved:
+            state["best_score"] = val_loss if not math.isnan(val_loss) else math.inf
+            state["best_epoch"] = epoch
+        self.sched.step(val_loss)
+        state["stopped"] = stop
+        self.last_snap = self._snapshot()
+        if improved:
+            self.best_snapshot = self.last_snap
+        return stop or epoch + 1 >= self.stage.max_epochs, val_loss, val_mae
+
+    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+        """The training steps of one epoch; (train_loss, train_mae in years), float32 as Lightning's logs."""
+        module, opt, state, device = self.module, self.opt, self.state, self.device
+        module.train()  # the frozen part stays in eval mode
+        if self.objective is not None:
+            self.objective.start_epoch(epoch)
+        faces, sums = 0, torch.zeros(2, device=device)  # loss and MAE times faces
+        # exactly len() batches, as Lightning takes them: exhausting the loader would draw the
+        # sampler's next permutation early (RandomSampler's trailing randperm)
+        for index in itertools.islice(self.train_index, self.batches):
+            module.warm_up(opt, state["global_step"], self.batches)
+            index = index.to(device, non_blocking=True)
+            age = self.age_train[index]
+            batch = (self.x_train[index], age, self.w_train[index], *([index] if self.with_index else []))
+            with self._autocast():
+                loss, years = module.batch_loss(batch, train=True)
+                mae = (years - age).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.stage.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.stage.grad_clip)
+            opt.step()
+            state["global_step"] += 1
+            faces += len(index)
+            sums += torch.stack([loss.detach().float(), mae.detach()]) * len(index)
+        train_loss, train_mae = (float(v) for v in (sums / faces).cpu())
+        return train_loss, train_mae
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _finish(self) -> LoopOutcome:
+        """The best weights back into the model (the caller loads the file too) and the stage's outcome."""
+        state = self.state
+        if self.best_snapshot is not None:
+            self.module.load_state_dict({**self.module.state_dict(), **self.best_snapshot["trainable"]})
+        has_best = state["best_epoch"] is not None and self.best_file.is_file()
+        return LoopOutcome(
+            best_path=str(self.best_file) if has_best else None,
+            best_val_loss=state["best_score"],
+            last_path=str(self.last_file) if self.last_file.is_file() else None,
+            epochs=state["epoch"] + 1,
+            history=pd.DataFrame(self.rows, columns=HISTORY_COLUMNS),
+            non_finite=state["non_finite"],
+            collapsed=state["collapsed"],
+        )
+
+    # ------------------------------------------------------------------ checkpoints and resume
+
+    def _snapshot(self) -> dict:
         """The state at the end of the epoch just finished (trainable weights copied; frozen ones unchanged)."""
+        state, collapse = self.state, self.collapse
         return {
             "epoch": state["epoch"],
             "global_step": state["global_step"],
             "trainable": {
-                k: v.detach().clone() for k, v in module.state_dict().items() if not k.startswith(frozen_prefixes)
+                k: v.detach().clone()
+                for k, v in self.module.state_dict().items()
+                if not k.startswith(self.frozen_prefixes)
             },
-            "optimizer": copy.deepcopy(opt.state_dict()),
-            "scheduler": copy.deepcopy(sched.state_dict()),
+            "optimizer": copy.deepcopy(self.opt.state_dict()),
+            "scheduler": copy.deepcopy(self.sched.state_dict()),
             "rng": {
                 "torch": torch.get_rng_state(),
-                "order": order_generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                "order": self.order_generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
             },
-            "early": {"best": early.best, "wait": early.wait},
-            "rows": len(rows),
-            "dro_rows": None if dro_rows is None else len(dro_rows),
+            "early": {"best": self.early.best, "wait": self.early.wait},
+            "rows": len(self.rows),
+            "dro_rows": None if self.dro_rows is None else len(self.dro_rows),
             "collapse": None if collapse is None else {"spread_before": collapse.spread_before},
             "loop": {k: state[k] for k in ("best_score", "best_epoch", "non_finite", "collapsed", "stopped")},
         }
 
-    def checkpoint(snap: dict, resumable: bool) -> dict:
+    def _checkpoint(self, snap: dict, resumable: bool) -> dict:
         """Lightning's checkpoint keys (what the rest of fairage reads) and, to resume from, ``LEAN_KEY``."""
-        weights = module.state_dict()  # the frozen part's tensors; the trainable ones come from the snapshot
+        weights = self.module.state_dict()  # the frozen part's tensors; the trainable ones come from the snapshot
         weights.update(snap["trainable"])
         ckpt = {
             "epoch": snap["epoch"],
@@ -317,144 +480,68 @@ def fit_lean(
             "optimizer_states": [snap["optimizer"]],
             "lr_schedulers": [snap["scheduler"]],
         }
-        if config_yaml is not None:
-            ckpt[CONFIG_KEY] = config_yaml
+        if self.config_yaml is not None:
+            ckpt[CONFIG_KEY] = self.config_yaml
         if resumable:
+            best = self.best_snapshot
             ckpt[LEAN_KEY] = {
                 "rng": snap["rng"],
                 "early": snap["early"],
                 "collapse": snap["collapse"],
                 "loop": snap["loop"],
-                "best_trainable": None if best_snapshot is None else best_snapshot["trainable"],
+                "best_trainable": None if best is None else best["trainable"],
             }
         return ckpt
 
-    # epochs on disk; after a resume -best.ckpt is rewritten at the next write (a kill between the two
-    # files' writes can leave it an epoch ahead of -last.ckpt)
-    written = {"last_epoch": None, "best_epoch": None if ckpt_path is None else -2}
-
-    def flush(snap: dict, with_best: bool = True) -> None:
+    def _flush(self, snap: dict, with_best: bool = True) -> None:
         """Write the history up to ``snap``, ``-best.ckpt`` (``with_best``, when the best epoch changed)
         and ``-last.ckpt``."""
-        if history_path is not None:
-            write_history(history_path, pd.DataFrame(rows[: snap["rows"]], columns=HISTORY_COLUMNS))
-        if dro_rows is not None:
-            write_text(folder.file(RunFolder.DRO_Q), pd.DataFrame(dro_rows[: snap["dro_rows"]]).to_csv(index=False))
-        if with_best and best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"]:
-            save_torch(checkpoint(best_snapshot, resumable=False), best_file)
-            written["best_epoch"] = best_snapshot["epoch"]
-        save_torch(checkpoint(snap, resumable=True), last_file)
+        if self.history_path is not None:
+            write_history(self.history_path, pd.DataFrame(self.rows[: snap["rows"]], columns=HISTORY_COLUMNS))
+        if self.dro_rows is not None:
+            dro_q = pd.DataFrame(self.dro_rows[: snap["dro_rows"]]).to_csv(index=False)
+            write_text(self.folder.file(RunFolder.DRO_Q), dro_q)
+        best, written = self.best_snapshot, self.written
+        if with_best and best is not None and written["best_epoch"] != best["epoch"]:
+            save_torch(self._checkpoint(best, resumable=False), self.best_file)
+            written["best_epoch"] = best["epoch"]
+        save_torch(self._checkpoint(snap, resumable=True), self.last_file)
         written["last_epoch"] = snap["epoch"]
 
-    def autocast():
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
-    bar = _EpochBar(stage_name, stage.max_epochs, state["epoch"] + 1) if progress else None
-    last_snap: dict | None = None
-    since, write_seconds = time.monotonic(), 0.0
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        for epoch in range(state["epoch"] + 1, stage.max_epochs):
-            if state["stopped"]:
-                break
-            epoch_lr = float(opt.param_groups[0]["lr"])
-            module.train()  # the frozen part stays in eval mode
-            if objective is not None:
-                objective.start_epoch(epoch)
-            faces, sums = 0, torch.zeros(2, device=device)  # loss and MAE times faces: float32, as Lightning's logs
-            # exactly len() batches, as Lightning takes them: exhausting the loader would draw the
-            # sampler's next permutation early (RandomSampler's trailing randperm)
-            for index in itertools.islice(train_index, batches):
-                module.warm_up(opt, state["global_step"], batches)
-                index = index.to(device, non_blocking=True)
-                age = age_train[index]
-                batch = (x_train[index], age, w_train[index], *([index] if with_index else []))
-                with autocast():
-                    loss, years = module.batch_loss(batch, train=True)
-                    mae = (years - age).abs().mean()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if stage.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, stage.grad_clip)
-                opt.step()
-                state["global_step"] += 1
-                faces += len(index)
-                sums += torch.stack([loss.detach().float(), mae.detach()]) * len(index)
-            train_loss, train_mae = (float(v) for v in (sums / faces).cpu())
-            val_loss, val_mae, std, mean = _validate(module, val_index, x_val, age_val, ones_val, device)
-            state["epoch"] = epoch
-            stop = False
-            collapsed_now = False
-            if collapse is not None and collapse.observe(std, mean, model.output, epoch):
-                collapsed_now, stop = True, True
-                state["collapsed"] = collapse.message
-            row = {
-                "epoch": epoch + 1,
-                "stage": stage_name,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
-                "train_mae": train_mae,
-                "val_mae": val_mae,
-                "lr": epoch_lr,
-            }
-            rows.append(row)
-            message = non_finite_message(stage_name, row)
-            if message:
-                state["non_finite"], stop = message, True
-            if dro_rows is not None:
-                q = objective.dro.q.detach().cpu().tolist()
-                dro_rows.append({"epoch": epoch + 1, "stage": stage_name, **dict(zip(dro_columns, q))})
-            stop = early.should_stop(val_loss) or stop
-            # Lightning's ModelCheckpoint: the first epoch is always kept (a NaN scores inf), later
-            # ones when strictly lower; never a collapsed epoch
-            improved = not collapsed_now and (state["best_score"] is None or val_loss < state["best_score"])
-            if improved:
-                state["best_score"] = val_loss if not math.isnan(val_loss) else math.inf
-                state["best_epoch"] = epoch
-            sched.step(val_loss)
-            state["stopped"] = stop
-            last_snap = snapshot()
-            if improved:
-                best_snapshot = last_snap
-            final = stop or epoch + 1 >= stage.max_epochs
-            if final or time.monotonic() - since >= max(LAST_EVERY_SECONDS, LAST_EVERY_WRITES * write_seconds):
-                started = time.monotonic()
-                # -last.ckpt holds the best epoch's weights too: -best.ckpt can wait for the end
-                flush(last_snap, with_best=final)
-                since = time.monotonic()
-                write_seconds = since - started
-            if bar is not None:
-                bar.advance(epoch + 1, val_loss, val_mae)
-    except BaseException:
-        # interrupted (SIGTERM as Terminated, Ctrl-C, an error): keep the last finished epoch
-        unwritten = last_snap is not None and (
-            written["last_epoch"] != last_snap["epoch"]
-            or (best_snapshot is not None and written["best_epoch"] != best_snapshot["epoch"])
+    def _flush_interrupted(self) -> None:
+        """On an interruption: write the last finished epoch (and best) unless they are on disk already."""
+        last, best, written = self.last_snap, self.best_snapshot, self.written
+        unwritten = last is not None and (
+            written["last_epoch"] != last["epoch"] or (best is not None and written["best_epoch"] != best["epoch"])
         )
         if unwritten:
             with contextlib.suppress(OSError, RuntimeError):  # the interruption is what the caller must see
-                flush(last_snap)
-        raise
-    finally:
-        torch.set_num_threads(threads)
-        if bar is not None:
-            bar.stop()
-    if best_snapshot is not None:  # the best weights back into the model (the caller loads the file)
-        module.load_state_dict({**module.state_dict(), **best_snapshot["trainable"]})
-    has_best = state["best_epoch"] is not None and best_file.is_file()
-    return LoopOutcome(
-        best_path=str(best_file) if has_best else None,
-        best_val_loss=state["best_score"],
-        last_path=str(last_file) if last_file.is_file() else None,
-        epochs=state["epoch"] + 1,
-        history=pd.DataFrame(rows, columns=HISTORY_COLUMNS),
-        non_finite=state["non_finite"],
-        collapsed=state["collapsed"],
-    )
+                self._flush(last)
+
+    def _restore(self, ckpt: dict) -> dict | None:
+        """Load a lean ``-last.ckpt`` into the loop; return the best epoch's snapshot (None before any)."""
+        lean, state, device = ckpt[LEAN_KEY], self.state, self.device
+        self.module.load_state_dict(ckpt["state_dict"])
+        self.opt.load_state_dict(ckpt["optimizer_states"][0])
+        self.sched.load_state_dict(ckpt["lr_schedulers"][0])
+        torch.set_rng_state(lean["rng"]["torch"])
+        self.order_generator.set_state(lean["rng"]["order"])
+        if device.type == "cuda" and lean["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(lean["rng"]["cuda"])
+        self.early.best, self.early.wait = float(lean["early"]["best"]), int(lean["early"]["wait"])
+        if self.collapse is not None and lean["collapse"] is not None:
+            self.collapse.spread_before = bool(lean["collapse"]["spread_before"])
+        state.update(lean["loop"], epoch=int(ckpt["epoch"]), global_step=int(ckpt["global_step"]))
+        if lean["best_trainable"] is None:
+            return None
+        # enough of a snapshot to rewrite -best.ckpt: its weights and epoch (the optimizer of that epoch is not kept)
+        return {
+            "epoch": state["best_epoch"],
+            "global_step": ckpt["global_step"],
+            "trainable": {k: v.to(device) for k, v in lean["best_trainable"].items()},
+            "optimizer": ckpt["optimizer_states"][0],
+            "scheduler": ckpt["lr_schedulers"][0],
+        }
 
 
 @torch.inference_mode()
@@ -489,42 +576,6 @@ def _frozen_prefixes(module: AgeModule) -> tuple[str, ...]:
     """State-dict key prefixes of the modules stage I freezes (their tensors never change)."""
     names = {id(m): name for name, m in module.named_modules()}
     return tuple(f"{names[id(m)]}." for m in module.frozen_modules())
-
-
-def _restore(
-    ckpt: dict,
-    module: AgeModule,
-    opt,
-    sched,
-    order_generator: torch.Generator,
-    early: _EarlyStop,
-    collapse: CollapseStop | None,
-    state: dict,
-    device: torch.device,
-) -> dict | None:
-    """Load a lean ``-last.ckpt`` into the loop; return the best epoch's snapshot (None before any)."""
-    lean = ckpt[LEAN_KEY]
-    module.load_state_dict(ckpt["state_dict"])
-    opt.load_state_dict(ckpt["optimizer_states"][0])
-    sched.load_state_dict(ckpt["lr_schedulers"][0])
-    torch.set_rng_state(lean["rng"]["torch"])
-    order_generator.set_state(lean["rng"]["order"])
-    if device.type == "cuda" and lean["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(lean["rng"]["cuda"])
-    early.best, early.wait = float(lean["early"]["best"]), int(lean["early"]["wait"])
-    if collapse is not None and lean["collapse"] is not None:
-        collapse.spread_before = bool(lean["collapse"]["spread_before"])
-    state.update(lean["loop"], epoch=int(ckpt["epoch"]), global_step=int(ckpt["global_step"]))
-    if lean["best_trainable"] is None:
-        return None
-    # enough of a snapshot to rewrite -best.ckpt: its weights and epoch (the optimizer of that epoch is not kept)
-    return {
-        "epoch": state["best_epoch"],
-        "global_step": ckpt["global_step"],
-        "trainable": {k: v.to(device) for k, v in lean["best_trainable"].items()},
-        "optimizer": ckpt["optimizer_states"][0],
-        "scheduler": ckpt["lr_schedulers"][0],
-    }
 
 
 def _dro_rows(run_dir: Path, stage_name: str, start_epoch: int) -> list[dict]:

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -51,6 +50,7 @@ from .factories import (
     StageArrays,
 )
 from .inference import predict, predict_with_spread
+from .spec import RunContext, StageSpec, stage_specs
 from .stage import CollapsedStageError, fit_stage
 
 log = logging.getLogger(__name__)
@@ -239,8 +239,7 @@ def _train_in_folder(
     folder = RunFolder.open(run_dir) if resume and exists else None
 
     runtime = RuntimeSettings.resolve(cfg.trainer, cfg.seed)  # once per run, passed to every stage
-    runtime.apply()
-    L.seed_everything(runtime.seed, verbose=False)  # the initial weights too
+    runtime.apply()  # seeds the initial weights too
     model, weight_info = build_model(cfg.model)
     data = load_run_data(cfg, data_dir, progress=progress)
     head_loaded = weight_info["weights_loaded"] and not any(
@@ -248,13 +247,7 @@ def _train_in_folder(
     )
     if not head_loaded:  # a distribution head starts at the training ages' distribution (no-op for regression)
         model.init_output_bias(data.faces["train"]["age"].to_numpy(dtype=float))
-    if cfg.eval.conformal.enabled:  # an unknown group column fails now, not after training
-        missing = [a for a in cfg.eval.conformal.by if a != "age" and a not in data.faces["valid"].columns]
-        if missing:
-            raise ConfigError(
-                f"eval.conformal.by names {', '.join(map(repr, missing))}, which the dataset "
-                f"{data_dir} has no column for (have: {', '.join(map(str, data.faces['valid'].columns))})"
-            )
+    _check_conformal_columns(cfg, data, data_dir)
     if folder is None:  # a new run (or a "resume" of a folder that never got a run.json)
         folder = RunFolder.create(
             run_dir,
@@ -266,11 +259,45 @@ def _train_in_folder(
         )
         resume = False
     history = folder.history() if resume else pd.DataFrame(columns=HISTORY_COLUMNS)
-    history = _run_stages(cfg, runtime, data, model, folder, history, resume, progress, callbacks)
+    context = RunContext(
+        trainer=cfg.trainer,
+        runtime=runtime,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        progress=progress and rank0,
+        callbacks=callbacks,
+        config_yaml=dump_config(cfg),
+    )
+    history = _run_stages(cfg, context, data, model, folder, history, resume)
     if not rank0:
         return None
+    return _finish_run(cfg, runtime, data, model, folder, history)
+
+
+def _check_conformal_columns(cfg: ExperimentConfig, data: RunData, data_dir: Path) -> None:
+    """ConfigError when ``eval.conformal.by`` names a column the dataset lacks: it fails now, not after training."""
+    if not cfg.eval.conformal.enabled:
+        return
+    missing = [a for a in cfg.eval.conformal.by if a != "age" and a not in data.faces["valid"].columns]
+    if missing:
+        raise ConfigError(
+            f"eval.conformal.by names {', '.join(map(repr, missing))}, which the dataset "
+            f"{data_dir} has no column for (have: {', '.join(map(str, data.faces['valid'].columns))})"
+        )
+
+
+def _finish_run(
+    cfg: ExperimentConfig,
+    runtime: RuntimeSettings,
+    data: RunData,
+    model: AgeRegressor,
+    folder: RunFolder,
+    history: pd.DataFrame,
+) -> EvaluationResult:
+    """After the stages: training curves, the conformal calibration, the test predictions and metrics."""
     from ..outputs.plots import plot_training_curves
 
+    run_dir = folder.path
     if len(history):
         plot_training_curves(history, folder.file(RunFolder.CURVES), title=f"{cfg.name}: {cfg.strategy}")
     # float32, whatever training used
@@ -295,92 +322,103 @@ def _train_in_folder(
 
 def _run_stages(
     cfg: ExperimentConfig,
-    runtime: RuntimeSettings,
+    context: RunContext,
     data: RunData,
     model: AgeRegressor,
     folder: RunFolder,
     history: pd.DataFrame,
     resume: bool,
-    progress: bool,
-    callbacks: Sequence[Callback],
 ) -> pd.DataFrame:
     """Train the configured stages not yet completed; ``model`` ends with the last stage's best weights."""
     completed = list(folder.record.completed_stages)
-    config_yaml = dump_config(cfg)
     from .methods import face_arrays
 
+    specs = stage_specs(cfg)
     # read before any stage trains, so a dataset without age_std fails at once
-    method_arrays = {name: face_arrays(data.faces["train"], stage, name) for name, stage in cfg.stages()}
-    for stage_name, stage in cfg.stages():
-        if stage_name in completed:
+    method_arrays = {spec.name: face_arrays(data.faces["train"], spec.config, spec.name) for spec in specs}
+    for spec in specs:
+        if spec.name in completed:
             # the next stage starts from this stage's best
-            load_weights(model, folder.checkpoint(stage_name, "best"))
+            load_weights(model, folder.checkpoint(spec.name, "best"))
             continue
-        last = folder.checkpoint(stage_name, "last")
-        ckpt_path = last if resume and last.is_file() else None
-        if ckpt_path is not None:
-            epoch = _resumable_epoch(ckpt_path, model) + 1
-            keep = (history["stage"] != stage_name) | (history["epoch"] <= epoch)
-            history = history[keep & history["stage"].isin(completed + [stage_name])].reset_index(drop=True)
-        else:
-            history = history[history["stage"].isin(completed)].reset_index(drop=True)
-        folder.update(stage=stage_name, status="running")
-        train_faces, train_images = data.faces["train"], data.images["train"]
-        if stage.augment.enabled and stage.augment.mode == "replicate":  # offline copies, weighted as faces
-            from .augment import replicate_faces
-
-            train_images, source = replicate_faces(
-                train_images, train_faces["age"].to_numpy(), stage.augment.min_age, seed=cfg.seed
-            )
-            train_faces = train_faces.iloc[source].reset_index(drop=True)
-            method_arrays[stage_name] = face_arrays(train_faces, stage, stage_name)  # rows of the copies too
-        weights = stage_weights(train_faces, stage_name, stage, folder.path)
-        arrays = StageArrays(
-            train_images,
-            train_faces["age"].to_numpy(np.float32),
-            data.images["valid"],
-            data.faces["valid"]["age"].to_numpy(np.float32),
-            weights,
-            face_arrays=method_arrays[stage_name],
-        )
+        ckpt_path, history = _resume_point(folder, spec, model, history, completed, resume)
+        folder.update(stage=spec.name, status="running")
+        arrays = _stage_arrays(cfg, data, spec, folder, method_arrays)
         collapsed = dict(folder.record.collapsed_stages)
         try:
             result = fit_stage(
-                model,
-                stage_name,
-                stage,
-                arrays,
-                folder.path,
-                trainer_cfg=cfg.trainer,
-                runtime=runtime,
-                num_workers=cfg.data.num_workers,
-                seed=cfg.seed,
-                progress=progress and is_rank_zero(),
-                ckpt_path=ckpt_path,
-                previous_history=history,
-                callbacks=callbacks,
-                config_yaml=config_yaml,
+                model, spec, arrays, folder.path, context=context, ckpt_path=ckpt_path, previous_history=history
             )
         except CollapsedStageError as err:
             if not completed:
-                folder.update(collapsed_stages={**collapsed, stage_name: str(err)})
+                folder.update(collapsed_stages={**collapsed, spec.name: str(err)})
                 raise
             # nothing of this stage is worth keeping: the model stays the previous stage's best
             message = f"{err}; the model is {completed[-1]}'s best"
             log.warning(message)
             load_weights(model, folder.checkpoint(completed[-1], "best"))
-            folder.update(collapsed_stages={**collapsed, stage_name: message})
+            folder.update(collapsed_stages={**collapsed, spec.name: message})
             history = folder.history()
             break
         history = result.history
-        completed.append(stage_name)
+        completed.append(spec.name)
         stopped = dict(folder.record.stopped_stages)
         if result.non_finite:
-            stopped[stage_name] = result.non_finite
+            stopped[spec.name] = result.non_finite
         if result.collapsed:
-            collapsed[stage_name] = result.collapsed
+            collapsed[spec.name] = result.collapsed
         folder.update(completed_stages=completed, stopped_stages=stopped, collapsed_stages=collapsed)
     return history
+
+
+def _resume_point(
+    folder: RunFolder,
+    spec: StageSpec,
+    model: AgeRegressor,
+    history: pd.DataFrame,
+    completed: list[str],
+    resume: bool,
+) -> tuple[Path | None, pd.DataFrame]:
+    """The ``-last.ckpt`` the stage resumes from (None: it starts afresh) and the history rows it continues."""
+    last = folder.checkpoint(spec.name, "last")
+    ckpt_path = last if resume and last.is_file() else None
+    if ckpt_path is not None:
+        epoch = _resumable_epoch(ckpt_path, model) + 1
+        keep = (history["stage"] != spec.name) | (history["epoch"] <= epoch)
+        history = history[keep & history["stage"].isin(completed + [spec.name])].reset_index(drop=True)
+    else:
+        history = history[history["stage"].isin(completed)].reset_index(drop=True)
+    return ckpt_path, history
+
+
+def _stage_arrays(
+    cfg: ExperimentConfig, data: RunData, spec: StageSpec, folder: RunFolder, method_arrays: dict
+) -> StageArrays:
+    """The arrays the stage trains on: its (replicated) training faces, their weights, the validation faces.
+
+    ``method_arrays`` (stage name -> ``FaceArrays``) gains the rows of replicated copies.
+    """
+    from .methods import face_arrays
+
+    stage = spec.config
+    train_faces, train_images = data.faces["train"], data.images["train"]
+    if stage.augment.enabled and stage.augment.mode == "replicate":  # offline copies, weighted as faces
+        from .augment import replicate_faces
+
+        train_images, source = replicate_faces(
+            train_images, train_faces["age"].to_numpy(), stage.augment.min_age, seed=cfg.seed
+        )
+        train_faces = train_faces.iloc[source].reset_index(drop=True)
+        method_arrays[spec.name] = face_arrays(train_faces, stage, spec.name)  # rows of the copies too
+    weights = stage_weights(train_faces, spec.name, stage, folder.path)
+    return StageArrays(
+        train_images,
+        train_faces["age"].to_numpy(np.float32),
+        data.images["valid"],
+        data.faces["valid"]["age"].to_numpy(np.float32),
+        weights,
+        face_arrays=method_arrays[spec.name],
+    )
 
 
 def _resumable_epoch(path: Path, model: AgeRegressor) -> int:

@@ -4,7 +4,8 @@
 
     model, info = build_model(cfg.model)
     arrays = StageArrays(train_images, train_ages, val_images, val_ages)
-    result = fit_stage(model, "stage1", cfg.stage1, arrays, run_dir, trainer_cfg=cfg.trainer, seed=cfg.seed)
+    context = RunContext(trainer=cfg.trainer, seed=cfg.seed)
+    result = fit_stage(model, StageSpec.stage1(cfg.stage1), arrays, run_dir, context=context)
     years = predict(model, test_images)
 
 Stage I freezes the backbone *and* the projection (the feature extractor, see
@@ -18,29 +19,27 @@ import logging
 import math
 import tempfile
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback
 
-from ..config.runtime import RuntimeSettings
-from ..config.schema import StageConfig, TrainerConfig
 from ..errors import FairageError
 from ..models.regressor import AgeRegressor
 from ..store.checkpoint import load_weights
 from ..store.run_folder import RunFolder
 from .factories import (
     StageArrays,
+    StageCallbacks,
     make_callbacks,
     make_loaders,
     make_trainer,
 )
 from .lean import LoopOutcome, choose_loop, fit_lean
 from .module import AgeModule
+from .spec import RunContext, StageFolder, StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -75,133 +74,86 @@ class StageResult:
 
 def fit_stage(
     model: AgeRegressor,
-    stage_name: str,
-    stage: StageConfig,
+    spec: StageSpec,
     arrays: StageArrays,
     run_dir: str | Path | None = None,
     *,
-    trainer_cfg: TrainerConfig | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    progress: bool = False,
+    context: RunContext | None = None,
     ckpt_path: str | Path | None = None,
     previous_history: pd.DataFrame | None = None,
-    callbacks: Sequence[Callback] = (),
     cache_features: bool | None = None,
-    config_yaml: str | None = None,
-    runtime: RuntimeSettings | None = None,
 ) -> StageResult:
-    """Train ``model`` in place for one stage; afterwards it holds the stage's *best* weights.
+    """Train ``model`` in place for the stage ``spec``; afterwards it holds the stage's *best* weights.
 
-    stage_name: "stage1" (backbone frozen, and the projection unless ``stage.trainable`` is
-    "projection+head"; the rest trained) or "stage2" (all layers).
-    Checkpoints go to ``run_dir/checkpoints/{stage_name}-best.ckpt`` (best validation loss)
+    ``spec.frozen`` (stage I): the feature extractor is frozen and the rest trained; else all layers.
+    Checkpoints go to ``run_dir/checkpoints/{spec.name}-best.ckpt`` (best validation loss)
     and ``-last.ckpt`` (every epoch); the per-epoch rows are appended to
     ``previous_history`` and written to ``run_dir/history.csv``. ``ckpt_path`` resumes this
-    stage from a Lightning checkpoint. ``cache_features`` overrides ``stage.cache_features``
-    (None: use the config). ``config_yaml``: the run's config, stored in every checkpoint.
-    ``run_dir=None``: checkpoints go to a temporary folder and no history file is written.
+    stage from its ``-last.ckpt``. ``cache_features`` overrides ``spec.config.cache_features``
+    (None: use the config). ``run_dir=None``: checkpoints go to a temporary folder and no
+    history file is written.
 
     A cached stage I trains in the lean loop (``fairage.training.lean``: same objective,
     schedule, stops, files and results, without Lightning's per-epoch overhead) wherever it
-    applies, unless ``stage.loop`` is "lightning"; everything else in Lightning's Trainer.
+    applies, unless ``spec.config.loop`` is "lightning"; everything else in Lightning's Trainer.
     ``StageResult.loop`` says which.
 
-    ``runtime``: the run's ``RuntimeSettings`` (resolved and applied once at its start); None: this
-    call is a run of its own, resolved from ``trainer_cfg`` and ``seed`` and applied here.
+    ``context``: what the run shares (trainer config, runtime settings, seed, callbacks, the
+    config stored in checkpoints); None: ``RunContext()``. Without ``context.runtime`` this call
+    is a run of its own: its runtime settings are resolved from ``context.trainer`` and
+    ``context.seed`` and applied here.
     """
-    trainer_cfg = trainer_cfg or TrainerConfig()
-    if runtime is None:
-        runtime = RuntimeSettings.resolve(trainer_cfg, seed)
-        runtime.apply()
-    kwargs = {
-        "trainer_cfg": trainer_cfg,
-        "runtime": runtime,
-        "num_workers": num_workers,
-        "seed": seed,
-        "progress": progress,
-        "ckpt_path": ckpt_path,
-        "previous_history": previous_history,
-        "callbacks": callbacks,
-        "cache_features": cache_features,
-        "config_yaml": config_yaml,
-    }
+    context = (context or RunContext()).resolved()
     if run_dir is None:  # checkpoints (for the best weights) still need a folder
         with tempfile.TemporaryDirectory(prefix="fairage-stage-") as tmp:
-            return _fit_stage(model, stage_name, stage, arrays, Path(tmp), history_file=False, **kwargs)
-    return _fit_stage(model, stage_name, stage, arrays, Path(run_dir), history_file=True, **kwargs)
+            folder = StageFolder(Path(tmp), history_file=False, ckpt_path=ckpt_path, previous_history=previous_history)
+            return _fit_stage(model, spec, arrays, context, folder, cache_features)
+    folder = StageFolder(Path(run_dir), history_file=True, ckpt_path=ckpt_path, previous_history=previous_history)
+    return _fit_stage(model, spec, arrays, context, folder, cache_features)
 
 
 def _fit_stage(
     model: AgeRegressor,
-    stage_name: str,
-    stage: StageConfig,
+    spec: StageSpec,
     arrays: StageArrays,
-    run_dir: Path,
-    *,
-    history_file: bool,
-    trainer_cfg: TrainerConfig,
-    runtime: RuntimeSettings,
-    num_workers: int,
-    seed: int,
-    progress: bool,
-    ckpt_path: str | Path | None,
-    previous_history: pd.DataFrame | None,
-    callbacks: Sequence[Callback],
+    context: RunContext,
+    folder: StageFolder,
     cache_features: bool | None,
-    config_yaml: str | None,
 ) -> StageResult:
-    frozen = stage_name == "stage1"
+    stage = spec.config
     if stage.max_images is not None:  # the image budget becomes an epoch count for the loop, the schedule and resume
         stage = stage.model_copy(update={"max_epochs": stage.epochs_for(len(arrays.train_images)), "max_images": None})
+        spec = spec.with_config(stage)
     use_cache = stage.cache_features if cache_features is None else cache_features
-    use_cache = bool(use_cache and frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
-    L.seed_everything(seed, workers=True, verbose=False)
-    if trainer_cfg.channels_last:
+    use_cache = bool(use_cache and spec.frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
+    # each stage starts from the run's seed, so a stage resumed or trained on its own repeats its draws
+    L.seed_everything(context.seed, workers=True, verbose=False)
+    if context.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     from .methods import build_objective
 
-    objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, seed)
+    objective = build_objective(stage, model.label_scale, arrays.train_ages, arrays.face_arrays, context.seed)
     loop = choose_loop(
-        stage_name, stage, trainer_cfg, use_cache=use_cache, callbacks=callbacks, ckpt_path=ckpt_path, runtime=runtime
+        spec.name,
+        stage,
+        context.trainer,
+        use_cache=use_cache,
+        callbacks=context.callbacks,
+        ckpt_path=folder.ckpt_path,
+        runtime=context.runtime,
     )
     if loop == "lean":
-        outcome = fit_lean(
-            model,
-            stage_name,
-            stage,
-            arrays,
-            run_dir,
-            history_file=history_file,
-            trainer_cfg=trainer_cfg,
-            runtime=runtime,
-            seed=seed,
-            progress=progress,
-            ckpt_path=ckpt_path,
-            previous_history=previous_history,
-            config_yaml=config_yaml,
-            objective=objective,
-        )
+        outcome = fit_lean(model, spec, arrays, context, folder, objective)
     else:
-        outcome = _fit_lightning(
-            model,
-            stage_name,
-            stage,
-            arrays,
-            run_dir,
-            history_file=history_file,
-            trainer_cfg=trainer_cfg,
-            runtime=runtime,
-            num_workers=num_workers,
-            seed=seed,
-            progress=progress,
-            ckpt_path=ckpt_path,
-            previous_history=previous_history,
-            callbacks=callbacks,
-            config_yaml=config_yaml,
-            objective=objective,
-            use_cache=use_cache,
-        )
+        outcome = _fit_lightning(model, spec, arrays, context, folder, objective, use_cache)
+    return _stage_result(model, outcome, loop)
+
+
+def _stage_result(model: AgeRegressor, outcome: LoopOutcome, loop: str) -> StageResult:
+    """Check the loop's outcome, load its best weights into ``model`` (on the CPU) and describe the stage.
+
+    NonFiniteLossError / CollapsedStageError when the stage left nothing worth keeping.
+    """
     non_finite, best_path, best_val, collapsed = (
         outcome.non_finite,
         outcome.best_path,
@@ -235,69 +187,52 @@ def _fit_stage(
     )
 
 
+#: Lightning warnings that say nothing about a stage fairage set up on purpose
+_QUIET_WARNINGS = (
+    ".*does not have many workers.*",
+    ".*number of training batches.*",
+    ".*Checkpoint directory .* exists and is not empty.*",
+    ".*LeafSpec.*",
+    ".*module\\(s\\) in eval mode at the start of training.*",
+)
+
+
 def _fit_lightning(
     model: AgeRegressor,
-    stage_name: str,
-    stage: StageConfig,
+    spec: StageSpec,
     arrays: StageArrays,
-    run_dir: Path,
-    *,
-    history_file: bool,
-    trainer_cfg: TrainerConfig,
-    runtime: RuntimeSettings,
-    num_workers: int,
-    seed: int,
-    progress: bool,
-    ckpt_path: str | Path | None,
-    previous_history: pd.DataFrame | None,
-    callbacks: Sequence[Callback],
-    config_yaml: str | None,
+    context: RunContext,
+    folder: StageFolder,
     objective,
     use_cache: bool,
 ) -> LoopOutcome:
     """The stage in Lightning's Trainer (images, or cached features where the lean loop does not apply)."""
-    channels_last = trainer_cfg.channels_last
+    stage, trainer_cfg = spec.config, context.trainer
     train_loader, val_loader = make_loaders(
         model,
         stage,
         arrays,
         use_cache=use_cache,
-        runtime=runtime,
+        runtime=context.runtime,
         channels_last=trainer_cfg.channels_last,
-        num_workers=num_workers,
-        seed=seed,
+        num_workers=context.num_workers,
+        seed=context.seed,
         with_index=objective is not None and objective.needs_index,
     )
     module = AgeModule(
         model,
         stage,
-        frozen=stage_name == "stage1",
+        frozen=spec.frozen,
         inputs="features" if use_cache else "images",
-        channels_last=channels_last,
+        channels_last=trainer_cfg.channels_last,
         image_size=arrays.image_size,
         objective=objective,
     )
-    dro = objective is not None and objective.dro is not None
-    cbs = make_callbacks(
-        stage_name,
-        stage,
-        run_dir,
-        history_path=run_dir / RunFolder.HISTORY if history_file else None,
-        previous_history=previous_history,
-        progress=progress,
-        config_yaml=config_yaml,
-        extra=callbacks,
-        dro_groups=arrays.face_arrays.group_names if dro else None,
-    )
-    trainer = make_trainer(trainer_cfg, runtime, stage, cbs.all, run_dir, progress)
+    cbs = _lightning_callbacks(spec, arrays, context, folder, dro=objective is not None and objective.dro is not None)
+    trainer = make_trainer(trainer_cfg, context.runtime, stage, cbs.all, folder.run_dir, context.progress)
+    ckpt_path = folder.ckpt_path
     with warnings.catch_warnings():
-        for message in (
-            ".*does not have many workers.*",
-            ".*number of training batches.*",
-            ".*Checkpoint directory .* exists and is not empty.*",
-            ".*LeafSpec.*",
-            ".*module\\(s\\) in eval mode at the start of training.*",
-        ):
+        for message in _QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         trainer.fit(
             module,
@@ -315,4 +250,21 @@ def _fit_lightning(
         history=cbs.history.history,
         non_finite=cbs.history.non_finite,
         collapsed=cbs.collapse.message if cbs.collapse is not None else None,
+    )
+
+
+def _lightning_callbacks(
+    spec: StageSpec, arrays: StageArrays, context: RunContext, folder: StageFolder, dro: bool
+) -> StageCallbacks:
+    """The stage's callbacks in Lightning's Trainer (``dro``: Group DRO's q is recorded per epoch)."""
+    return make_callbacks(
+        spec.name,
+        spec.config,
+        folder.run_dir,
+        history_path=folder.run_dir / RunFolder.HISTORY if folder.history_file else None,
+        previous_history=folder.previous_history,
+        progress=context.progress,
+        config_yaml=context.config_yaml,
+        extra=context.callbacks,
+        dro_groups=arrays.face_arrays.group_names if dro else None,
     )
