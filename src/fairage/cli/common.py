@@ -137,11 +137,20 @@ def _sigterm_exits(hint: str, run_json: Path | None):
     ``run_json``: the run folder's run.json; when it does not exist yet, nothing was
     written and there is nothing to resume.
     """
-    from ..training.interrupt import Terminated, sigterm_raises
+    from ..training.interrupt import sigterm_raises
+
+    with _terminated_exits(hint, run_json), sigterm_raises():
+        yield
+
+
+@contextlib.contextmanager
+def _terminated_exits(hint: str, run_json: Path | None):
+    """``Terminated`` (SIGTERM raised by library code inside ``sigterm_raises``) out of the block: one
+    message with ``hint`` and exit 143 (``run_json`` as for ``_sigterm_exits``)."""
+    from ..training.interrupt import Terminated
 
     try:
-        with sigterm_raises():
-            yield
+        yield
     except Terminated:
         if run_json is not None and not run_json.is_file():
             hint = "the run folder was not written yet; start the command again"

@@ -41,6 +41,7 @@ def synth_command(
 
 
 @data_app.command("info")
+# size: typer command: its parameters are the CLI options
 def data_info_command(
     root: Path = typer.Argument(..., help="Dataset folder (or a CSV file for the csv layout)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),

@@ -22,6 +22,7 @@ from .common import (
 
 
 @app.command("evaluate")
+# size: typer command: its parameters are the CLI options
 def evaluate_command(
     run_dir: Path | None = typer.Argument(
         None,
@@ -107,15 +108,24 @@ def evaluate_command(
 
 def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> None:
     """The tables of ``fairage evaluate``: age bins first, then the field's metrics, biases and groups."""
-    from rich.table import Table
-
-    level, n_boot = result["level"], result["n_boot"]
-    pct = f"{100 * level:g}%"
+    pct = f"{100 * result['level']:g}%"
     console.print(
-        f"[bold]{source}[/bold] on {split} ({result['n']} faces), {pct} bootstrap intervals ({n_boot} resamples)",
+        f"[bold]{source}[/bold] on {split} ({result['n']} faces), {pct} bootstrap intervals "
+        f"({result['n_boot']} resamples)",
         highlight=False,
     )
     console.print(f"  MAE {result['mae']:.2f} years {_fmt_ci(result['mae_ci'])}", highlight=False)
+    _print_age_bins(result, pct)
+    _print_field_metrics(result)
+    _print_biases(result, n_perm)
+    for name, groups in result["groups"].items():
+        _print_groups(result, name, groups, pct)
+
+
+def _print_age_bins(result: dict, pct: str) -> None:
+    """MAE by ground-truth age bin (bins under ``min_group`` faces in yellow)."""
+    from rich.table import Table
+
     small = result["min_group"]
     ages = Table(title="MAE by age (ground truth, years)", title_justify="left")
     for column in ("age", "n", "MAE", f"{pct} interval"):
@@ -129,6 +139,10 @@ def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> Non
             style="yellow" if 0 < row["n"] < small else None,
         )
     console.print(ages)
+
+
+def _print_field_metrics(result: dict) -> None:
+    """CS@k (percent of faces within k years) and the epsilon-error, with their intervals."""
     for k, stat in result["cs"].items():
         console.print(
             f"  CS@{k} {100 * stat['value']:.1f}% of faces within {k} years "
@@ -140,6 +154,10 @@ def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> Non
         console.print(
             f"  epsilon-error {eps['value']:.3f} {_fmt_ci(eps['ci'])} (against the raters' std)", highlight=False
         )
+
+
+def _print_biases(result: dict, n_perm: int) -> None:
+    """Each attribute's bias score (years) with its interval, permutation p-value and worst group."""
     for name, bias in result["bias"].items():
         p_value = result["bias_p"].get(name)
         test = f"  permutation p = {p_value:.3g}" if p_value is not None else ""
@@ -160,27 +178,33 @@ def _print_evaluation(result: dict, source: str, split: str, n_perm: int) -> Non
             "least as large; small = the gap is unlikely to be chance)",
             highlight=False,
         )
-    for name, groups in result["groups"].items():
-        table = Table(title=f"{name} (bias {_fmt_value(result['bias'][name])})", title_justify="left")
-        table.add_column("group")
-        table.add_column("n", justify="right")
-        table.add_column("MAE", justify="right")
-        table.add_column(f"{pct} interval", justify="right")
-        table.add_column("")
-        flagged = set(result["small_groups"].get(name, []))
-        for group, row in groups.items():
-            note = f"under {small} faces" if group in flagged else ""
-            table.add_row(
-                group,
-                str(row["n"]),
-                f"{row['mae']:.2f}",
-                _fmt_ci(result["groups_ci"][name][group]),
-                note,
-                style="yellow" if note else None,
-            )
-        for group in result["skipped_groups"][name]:
-            table.add_row(group, "0", "-", "skipped (no faces)", "", style="dim")
-        console.print(table)
+
+
+def _print_groups(result: dict, name: str, groups: dict, pct: str) -> None:
+    """One attribute's table: each group's faces, MAE and interval (small groups flagged, empty ones dim)."""
+    from rich.table import Table
+
+    small = result["min_group"]
+    table = Table(title=f"{name} (bias {_fmt_value(result['bias'][name])})", title_justify="left")
+    table.add_column("group")
+    table.add_column("n", justify="right")
+    table.add_column("MAE", justify="right")
+    table.add_column(f"{pct} interval", justify="right")
+    table.add_column("")
+    flagged = set(result["small_groups"].get(name, []))
+    for group, row in groups.items():
+        note = f"under {small} faces" if group in flagged else ""
+        table.add_row(
+            group,
+            str(row["n"]),
+            f"{row['mae']:.2f}",
+            _fmt_ci(result["groups_ci"][name][group]),
+            note,
+            style="yellow" if note else None,
+        )
+    for group in result["skipped_groups"][name]:
+        table.add_row(group, "0", "-", "skipped (no faces)", "", style="dim")
+    console.print(table)
 
 
 def _fmt_pct(x) -> str:
@@ -233,6 +257,7 @@ def _print_coverage(evaluation, pct: str) -> None:
 
 
 @app.command("compare")
+# size: typer command: its parameters are the CLI options
 def compare_command(
     predictions_a: Path = typer.Argument(..., help="Predictions CSV of A (the baseline)."),
     predictions_b: Path = typer.Argument(..., help="Predictions CSV of B; differences are B - A."),
@@ -258,8 +283,6 @@ def compare_command(
     """Paired comparison of two prediction sets on the same faces: B - A with bootstrap intervals."""
     import json
 
-    from rich.table import Table
-
     from ..workflows.evaluate import compare_predictions
 
     options = _data_flags(skip_bad, extra_categories, allow_absolute_paths)
@@ -269,6 +292,13 @@ def compare_command(
     if json_out:
         print(json.dumps(result.to_json()))
         return
+    _print_comparison(result, split, predictions_a, predictions_b)
+
+
+def _print_comparison(result, split: str, predictions_a: Path, predictions_b: Path) -> None:
+    """The table of ``fairage compare``: each metric of A and B, B - A with its interval and verdict."""
+    from rich.table import Table
+
     pct = f"{100 * result.level:g}%"
     table = Table(
         title=f"B - A on {result.n} {split} faces (A: {predictions_a}, B: {predictions_b})", title_justify="left"

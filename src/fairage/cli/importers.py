@@ -27,6 +27,11 @@ def import_keras_command(
     from ..importers.keras import import_keras
 
     result = import_keras(file, out, input_norm=input_norm)
+    _print_import(file, out, result)
+
+
+def _print_import(file: Path, out: Path, result) -> None:
+    """What the import read, mapped, skipped and wrote."""
     backbone = [k for k, v in result.mapping.items() if v.startswith("backbone.")]
     convs = sum(not k.endswith("/bn") for k in backbone)
     console.print(

@@ -11,6 +11,7 @@ from .common import app, console, err_console, fail
 
 
 @app.command("predict")
+# size: typer command: its parameters are the CLI options
 def predict_command(
     model: Path = typer.Argument(..., help="A run folder, a model folder (import-keras) or an exported .onnx file."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (recursive) and globs."),

@@ -30,6 +30,7 @@ def model_card_command(
 
 
 @app.command("serve")
+# size: typer command: its parameters are the CLI options
 def serve_command(
     model: Path = typer.Argument(..., help="A run folder, an imported model folder or an exported model file."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),

@@ -38,6 +38,7 @@ def _suite_printer(quiet: bool):
 
 
 @app.command("suite")
+# size: typer command: its parameters are the CLI options
 def suite_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder (any layout fairage reads)."),
     out: Path = typer.Option(

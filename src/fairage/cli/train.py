@@ -70,6 +70,7 @@ def _interruptible(run_dir: Path, fn, *args, **kwargs):
 
 
 @app.command("train")
+# size: typer command: its parameters are the CLI options
 def train_command(
     config: Path | None = typer.Option(None, "--config", help="Experiment config YAML (see docs/training.md)."),
     preset: str | None = typer.Option(
@@ -92,46 +93,39 @@ def train_command(
     quiet: bool = typer.Option(False, "--quiet", help="No progress display."),
 ) -> None:
     """Train a model (stage I and/or II), evaluate it on the test split, print a summary."""
-    from ..config.files import load_config
-    from ..config.presets import load_preset
     from ..store.run_folder import RunFolder
-    from ..training import resume_run, train
+    from ..training import train
+    from ..workflows.train import train_config, trainer_overrides
 
     progress = not quiet
     data_overrides = _as_overrides(_data_flags(skip_bad, extra_categories, allow_absolute_paths))
     if resume is not None:
-        if config or preset or data or out or set_ or data_overrides or tracking_uri:
-            fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
-        if RunFolder.exists(resume):
-            _check_trainers([RunFolder.open(resume).config()])
-        with _sigterm_exits(f"continue with `fairage train --resume {resume}`", RunFolder(resume).file(RunFolder.RUN)):
-            metrics = _interruptible(resume, resume_run, resume, progress=progress)
-        if metrics:
-            _train_summary(resume, metrics)
+        _resume(resume, bool(config or preset or data or out or set_ or data_overrides or tracking_uri), progress)
         return
-    if (config is None) == (preset is None):
-        fail("give exactly one of --config CFG.yaml and --preset NAME (or --resume runs/NAME)")
-    if data is None or out is None:
-        fail("--data DIR and --out runs/NAME are required (or --resume runs/NAME)")
     overrides = _tracking_overrides(tracking_uri) + list(set_ or []) + data_overrides
-    for key, value in (
-        ("accelerator", accelerator),
-        ("devices", devices),
-        ("strategy", strategy),
-        ("num_nodes", num_nodes),
-    ):
-        if value is not None:
-            overrides.append(f"trainer.{key}={value}")
-    if deterministic:
-        overrides.append("trainer.deterministic=true")
-    cfg = load_config(config, overrides) if config is not None else load_preset(preset, scale, overrides)
-    _check_trainers([cfg])
+    overrides += trainer_overrides(accelerator, devices, strategy, num_nodes, deterministic)
+    cfg = train_config(config, preset, scale, data, out, overrides)
     if preset is not None:
         _warn_full_scale(cfg, scale)
     with _sigterm_exits(f"continue with `fairage train --resume {out}`", RunFolder(out).file(RunFolder.RUN)):
         metrics = _interruptible(out, train, cfg, data, out, progress=progress)
     if metrics:  # None on non-zero DDP ranks
         _train_summary(out, metrics)
+
+
+def _resume(resume: Path, other_options: bool, progress: bool) -> None:
+    """``fairage train --resume``: continue the run in ``resume`` (no other option may be given)."""
+    from ..store.run_folder import RunFolder
+    from ..training import resume_run
+
+    if other_options:
+        fail("--resume takes only the run folder (its config.yaml and run.json hold the rest)")
+    if RunFolder.exists(resume):
+        _check_trainers([RunFolder.open(resume).config()])
+    with _sigterm_exits(f"continue with `fairage train --resume {resume}`", RunFolder(resume).file(RunFolder.RUN)):
+        metrics = _interruptible(resume, resume_run, resume, progress=progress)
+    if metrics:
+        _train_summary(resume, metrics)
 
 
 @app.command("export-backbone")

@@ -7,18 +7,17 @@ from pathlib import Path
 import typer
 
 from .common import (
-    _check_trainers,
     _fmt_number,
-    _sigterm_exits,
+    _terminated_exits,
     _tracking_overrides,
     app,
     console,
     err_console,
-    fail,
 )
 
 
 @app.command("tune")
+# size: typer command: its parameters are the CLI options
 def tune_command(
     data: Path | None = typer.Option(
         None, "--data", help="Dataset folder (any layout fairage reads); not needed with --pick on a finished study."
@@ -69,80 +68,70 @@ def tune_command(
     ),
 ) -> None:
     """Search a config space for the accuracy-fairness Pareto front (Optuna; several machines may share a study)."""
+    from ..workflows.tune import TuneRequest, pick_trial, tune
+
+    request = TuneRequest(
+        out=out,
+        data=data,
+        space=space,
+        trials=trials,
+        storage=storage,
+        study=study,
+        objectives=objectives,
+        scale=scale,
+        preset=preset,
+        config=config,
+        overrides=tuple(_tracking_overrides(tracking_uri) + list(set_ or [])),
+        sampler=sampler,
+        seed=seed,
+        pick=pick,
+        references=tuple(reference or []),
+        tracking_uri=tracking_uri,
+    )
+    hint = "run the same `fairage tune` command again: finished trials are kept, the interrupted one is retried"
+    with _terminated_exits(hint, None):
+        outcome = tune(request, _show_event)
+    if outcome.front is not None:
+        _print_front(outcome, study, out)
+    if pick is not None:
+        _print_pick(pick_trial(outcome.study, pick, out))
+
+
+def _show_event(event) -> None:
+    """A trial's progress line (stdout), or its warning (stderr)."""
+    if event.warning:
+        err_console.print(f"[yellow]warning:[/yellow] {event.message}", highlight=False, soft_wrap=True)
+    else:
+        console.print(event.message, highlight=False, soft_wrap=True)
+
+
+def _print_front(outcome, study: str, out: Path) -> None:
+    """The Pareto front table (validation objectives, test beside, years) and where the files are."""
     from rich.table import Table
 
-    from ..workflows.tune import (
-        FRONT,
-        FRONT_PLOT,
-        TRIALS,
-        SearchSpace,
-        default_storage,
-        load_base,
-        open_study,
-        parse_objectives,
-        pick_trial,
-        run_tune,
+    from ..workflows.tune import FRONT, FRONT_PLOT, TRIALS
+
+    names = outcome.objectives
+    table = Table(title=f"Pareto front of study '{study}' (validation; test beside), years")
+    table.add_column("trial", justify="right")
+    for name in names:
+        table.add_column(f"val {name}", justify="right")
+        table.add_column(f"test {name}", justify="right")
+    for _, row in outcome.front.iterrows():
+        cells = [str(int(row["number"]))]
+        for name in names:
+            cells.extend(_fmt_number(row[f"{split}_{name}"]) for split in ("val", "test"))
+        table.add_row(*cells)
+    console.print(table)
+    console.print(f"trials: {out / TRIALS}  front: {out / FRONT}  plot: {out / FRONT_PLOT}")
+    console.print(
+        f"HTML report of the front: fairage report [BASELINE_RUN ...] --tune {out} --out DIR", highlight=False
     )
 
-    names = parse_objectives(objectives)
-    url = storage or default_storage(out)
-    if data is not None:
-        base = load_base(config, preset, scale, _tracking_overrides(tracking_uri) + list(set_ or []))
-        _check_trainers([base])
-        space_ = SearchSpace.from_file(space, base) if space else SearchSpace.default(scale, base)
 
-        def show(event) -> None:
-            if event.warning:
-                err_console.print(f"[yellow]warning:[/yellow] {event.message}", highlight=False, soft_wrap=True)
-            else:
-                console.print(event.message, highlight=False, soft_wrap=True)
-
-        with _sigterm_exits(
-            "run the same `fairage tune` command again: finished trials are kept, the interrupted one is retried", None
-        ):
-            tuner = run_tune(
-                data,
-                out,
-                base,
-                space_,
-                names,
-                trials,
-                url,
-                study,
-                sampler,
-                scale,
-                seed,
-                show,
-                references=list(reference or []),
-            )
-        study_ = tuner.study
-        front = tuner.write_tables()[1]
-        table = Table(title=f"Pareto front of study '{study}' (validation; test beside), years")
-        table.add_column("trial", justify="right")
-        for name in names:
-            table.add_column(f"val {name}", justify="right")
-            table.add_column(f"test {name}", justify="right")
-        for _, row in front.iterrows():
-            cells = [str(int(row["number"]))]
-            for name in names:
-                cells.extend(_fmt_number(row[f"{split}_{name}"]) for split in ("val", "test"))
-            table.add_row(*cells)
-        console.print(table)
-        console.print(f"trials: {out / TRIALS}  front: {out / FRONT}  plot: {out / FRONT_PLOT}")
-        console.print(
-            f"HTML report of the front: fairage report [BASELINE_RUN ...] --tune {out} --out DIR", highlight=False
-        )
-    elif pick is None:
-        fail("--data DIR is required to run trials (only --pick reads a finished study without it)")
-    elif tracking_uri is not None:
-        fail("--tracking-uri applies to trials run with --data DIR, not to --pick alone")
-    else:
-        if storage is None and not (out / "study.db").is_file():
-            fail(f"{out} holds no study (no study.db); run `fairage tune --data DIR --out {out}` first")
-        study_ = open_study(url, study)
-    if pick is not None:
-        chosen = pick_trial(study_, pick, out)
-        values = ", ".join(f"validation {n} {v:.3f}" for n, v in chosen.values.items())
-        console.print(f"picked trial {chosen.number} ({values}); run folder {chosen.run_dir}", highlight=False)
-        console.print(chosen.config_path.read_text(encoding="utf-8"), highlight=False, markup=False)
-        console.print(f"config written to {chosen.config_path}", highlight=False)
+def _print_pick(chosen) -> None:
+    """The picked trial, its config (as written) and where the config went."""
+    values = ", ".join(f"validation {n} {v:.3f}" for n, v in chosen.values.items())
+    console.print(f"picked trial {chosen.number} ({values}); run folder {chosen.run_dir}", highlight=False)
+    console.print(chosen.config_path.read_text(encoding="utf-8"), highlight=False, markup=False)
+    console.print(f"config written to {chosen.config_path}", highlight=False)

@@ -19,6 +19,7 @@ from .common import (
 
 
 @app.command("weights")
+# size: typer command: its parameters are the CLI options
 def weights_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder; weights are computed on its train split."),
     scheme: str | None = typer.Option(

@@ -1,2 +1,3 @@
-"""Multi-step jobs over the library: the preset suite and the demo (``suite``) and the config search
-(``tune``)."""
+"""Multi-step jobs over the library: a model's predictions on a split and their scores (``evaluate``),
+the preset suite and the demo (``suite``), the config of a training run (``train``) and the config
+search (``tune``)."""

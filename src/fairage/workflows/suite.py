@@ -150,6 +150,7 @@ def _ignore(event: SuiteEvent) -> None:
     """The listener of a caller that shows nothing."""
 
 
+# size: the suite's settings, each a CLI option of fairage suite
 def run_suite(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -295,6 +296,7 @@ def pretrain_backbone(
     return training.export_backbone(run_dir, weights)
 
 
+# size: the demo's settings, each a CLI option of fairage demo
 def run_demo(
     out_dir: str | Path = "runs/demo",
     presets: Sequence[str] = REPORT_PRESETS,

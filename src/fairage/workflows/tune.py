@@ -459,6 +459,7 @@ class TuneEvent:
 class Tuner:
     """Runs trials of one study into ``out_dir`` (see the module docstring)."""
 
+    # size: the study's settings, each a CLI option of fairage tune
     def __init__(
         self,
         data_dir: str | Path,
@@ -1039,6 +1040,7 @@ def load_base(config: str | Path | None, preset: str, scale: str, overrides: Seq
     return load_config(config, list(overrides)) if config else load_preset(preset, scale, list(overrides))
 
 
+# size: the study's settings, each a CLI option of fairage tune
 def run_tune(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -1075,3 +1077,93 @@ def run_tune(
     )
     tuner.run()
     return tuner
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """What ``fairage tune`` is asked: run (or continue) a study's trials into ``out`` (``data`` given),
+    or open a finished study to pick from (``pick`` without ``data``).
+
+    ``config`` or ``preset`` at ``scale``, with ``overrides``: the base config every trial starts
+    from; ``space``: a search space file (None: the shipped space of ``scale``); ``storage``: an
+    Optuna storage URL (None: ``OUT/study.db``); ``objectives``: comma-separated objective names;
+    ``references``: finished run folders drawn in ``front.png``; ``tracking_uri``: the MLflow
+    store the trials log to (its overrides are in ``overrides`` already).
+    """
+
+    out: Path
+    data: Path | None = None
+    space: Path | None = None
+    trials: int = 20
+    storage: str | None = None
+    study: str = "fairage-tune"
+    objectives: str = ",".join(DEFAULT_OBJECTIVES)
+    scale: str = "cpu"
+    preset: str = "M1"
+    config: Path | None = None
+    overrides: tuple[str, ...] = ()
+    sampler: str = "nsga2"
+    seed: int | None = None
+    pick: str | None = None
+    references: tuple[Path, ...] = ()
+    tracking_uri: str | None = None
+
+
+@dataclass
+class TuneOutcome:
+    """The study a ``TuneRequest`` ran or opened, its objectives and, when trials ran, the Pareto front
+    table (``front_table``: validation objectives with the test ones beside)."""
+
+    study: Any
+    objectives: list[str]
+    front: pd.DataFrame | None = None
+
+
+def tune(request: TuneRequest, on_event: Callable[[TuneEvent], None] | None = None) -> TuneOutcome:
+    """Run the trials of ``request`` (writing ``trials.csv``, ``front.csv``, ``front.png``), or open its
+    finished study for ``pick_trial``; ConfigError for a request that can do neither.
+
+    SIGTERM during the trials raises ``fairage.training.interrupt.Terminated``.
+    """
+    names = parse_objectives(request.objectives)
+    url = request.storage or default_storage(request.out)
+    if request.data is not None:
+        return _run_trials(request, names, url, on_event)
+    if request.pick is None:
+        raise ConfigError("--data DIR is required to run trials (only --pick reads a finished study without it)")
+    if request.tracking_uri is not None:
+        raise ConfigError("--tracking-uri applies to trials run with --data DIR, not to --pick alone")
+    if request.storage is None and not (request.out / STUDY_DB).is_file():
+        raise ConfigError(
+            f"{request.out} holds no study (no study.db); run `fairage tune --data DIR --out {request.out}` first"
+        )
+    return TuneOutcome(open_study(url, request.study), names)
+
+
+def _run_trials(request: TuneRequest, names: list[str], url: str, on_event) -> TuneOutcome:
+    from ..config.runtime import check_trainer
+    from ..training.interrupt import sigterm_raises
+
+    base = load_base(request.config, request.preset, request.scale, request.overrides)
+    check_trainer(base.trainer)  # before any trial's run folder is created
+    if request.space:
+        space = SearchSpace.from_file(request.space, base)
+    else:
+        space = SearchSpace.default(request.scale, base)
+    with sigterm_raises():
+        tuner = run_tune(
+            request.data,
+            request.out,
+            base,
+            space,
+            names,
+            request.trials,
+            url,
+            request.study,
+            request.sampler,
+            request.scale,
+            request.seed,
+            on_event,
+            references=list(request.references),
+        )
+    return TuneOutcome(tuner.study, names, tuner.write_tables()[1])
