@@ -77,8 +77,8 @@ def apply_scale(raw: dict, scale: str) -> dict:
     if scale == "full":
         return raw
     model = raw.setdefault("model", {})
-    data = raw.setdefault("data", {})
-    ev = raw.setdefault("eval", {})
+    raw.setdefault("data", {})
+    raw.setdefault("eval", {})
     model["backbone"] = "resnet18"
     # the kit's settings that belong to its VGGFace2 network and Keras (input convention, Keras
     # init and Adam epsilon, dim_proj training in stage I, the authors' plateau schedule) give way
@@ -89,63 +89,76 @@ def apply_scale(raw: dict, scale: str) -> dict:
         if isinstance(raw.get(name), dict):
             for key in _FULL_SCALE_STAGE_KEYS:
                 raw[name].pop(key, None)
-    if scale == "cpu":
-        # Measured on 2 CPU cores (fairage demo, 1200 training faces at 64 px): an
-        # all-layers resnet18 epoch costs ~8-10 s; stage I trains on cached features (~1 s/epoch),
-        # so it can afford 40 epochs. Random-init backbones barely move at the report's 1e-5;
-        # Adam at 1e-3 learns. On real faces (UTKFace, docs/training.md) the all-layers stage
-        # needs more: up to 20 epochs with flips and small shifts (8 epochs without them stop
-        # near 7.9 years), a one-epoch warm-up and gradient clipping, without which stage II
-        # of a two-stage preset can saturate the sigmoid output in its first epoch and never
-        # recover (the head meets a backbone whose BatchNorm statistics suddenly move).
-        # The all-layers stage runs a budget of 100,000 training images (14 epochs of 7,000 faces,
-        # about 12 minutes at ~140 images/s on 2 cores; fewer epochs on a larger set) under a per-step
-        # cosine schedule, which spends its last epochs at small steps where the plateau schedule
-        # waited for a stall; early stopping is off within that budget (the best epoch is kept).
-        # Regression heads train with L1, the metric itself.
-        # averaging each face with its mirror image at evaluation: -0.12 to -0.16 years of test MAE
-        # for M1 on UTKFace (docs/training.md), for one more forward pass per face
-        model["flip_average"] = True
-        # 80 px: M1 on UTKFace 5.81 test MAE against 6.13 at 64 px, for ~1.45x the time per image
-        # (which the batched shift augmentation had freed: an idle 2-core epoch of 7,000 faces
-        # went from 49 s to ~27 s at 64 px)
-        data["image_size"] = 80
-        stage_set = {
-            "max_epochs": 20,
-            "max_images": 100_000,
-            "patience": 20,
-            "lr_patience": 3,
-            "batch_size": 64,
-            "warmup_epochs": 1.0,
-            "grad_clip": 1.0,
-            "lr_schedule": "cosine",
-        }
-        stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
-        lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
-        stage2 = raw.get("stage2")
-        if isinstance(stage2, dict) and not (stage2.get("augment") or {}).get("enabled"):
-            stage2["augment"] = {
-                "enabled": True,
-                "mode": "random",
-                "hflip": 0.5,
-                "translate": 0.05,
-                "brightness": 0.1,
-                "contrast": 0.1,
-                "blur_sigma": 0.0,
-            }
-    else:  # tiny
-        data["image_size"] = 32
-        stage_set = {"max_epochs": 2, "patience": 2, "lr_patience": 1, "batch_size": 16}
-        stage1_set = dict(stage_set)
-        lr_floor = 1e-3
-        ev["n_boot"] = 200
-        ev["n_perm"] = 200
+    stage_set, stage1_set, lr_floor = _cpu_scale(raw) if scale == "cpu" else _tiny_scale(raw)
     for name, extra in (("stage1", stage1_set), ("stage2", stage_set)):
         st = raw.get(name)
         if isinstance(st, dict):
             st.update(extra)
             st["lr"] = max(float(st.get("lr", 1e-5)), lr_floor)
     return raw
+
+
+def _cpu_scale(raw: dict) -> tuple[dict, dict, float]:
+    """``--scale cpu``'s model, data and stage II settings, set in ``raw`` in place; returns the stage
+    settings of stage II and stage I and the smallest learning rate."""
+    model, data = raw["model"], raw["data"]
+    # Measured on 2 CPU cores (fairage demo, 1200 training faces at 64 px): an
+    # all-layers resnet18 epoch costs ~8-10 s; stage I trains on cached features (~1 s/epoch),
+    # so it can afford 40 epochs. Random-init backbones barely move at the report's 1e-5;
+    # Adam at 1e-3 learns. On real faces (UTKFace, docs/training.md) the all-layers stage
+    # needs more: up to 20 epochs with flips and small shifts (8 epochs without them stop
+    # near 7.9 years), a one-epoch warm-up and gradient clipping, without which stage II
+    # of a two-stage preset can saturate the sigmoid output in its first epoch and never
+    # recover (the head meets a backbone whose BatchNorm statistics suddenly move).
+    # The all-layers stage runs a budget of 100,000 training images (14 epochs of 7,000 faces,
+    # about 12 minutes at ~140 images/s on 2 cores; fewer epochs on a larger set) under a per-step
+    # cosine schedule, which spends its last epochs at small steps where the plateau schedule
+    # waited for a stall; early stopping is off within that budget (the best epoch is kept).
+    # Regression heads train with L1, the metric itself.
+    # averaging each face with its mirror image at evaluation: -0.12 to -0.16 years of test MAE
+    # for M1 on UTKFace (docs/training.md), for one more forward pass per face
+    model["flip_average"] = True
+    # 80 px: M1 on UTKFace 5.81 test MAE against 6.13 at 64 px, for ~1.45x the time per image
+    # (which the batched shift augmentation had freed: an idle 2-core epoch of 7,000 faces
+    # went from 49 s to ~27 s at 64 px)
+    data["image_size"] = 80
+    stage_set = {
+        "max_epochs": 20,
+        "max_images": 100_000,
+        "patience": 20,
+        "lr_patience": 3,
+        "batch_size": 64,
+        "warmup_epochs": 1.0,
+        "grad_clip": 1.0,
+        "lr_schedule": "cosine",
+    }
+    stage1_set = {"max_epochs": 40, "patience": 6, "lr_patience": 3, "batch_size": 64}
+    lr_floor = 1e-3  # random-init backbones on CPU need a larger step than 1e-5
+    stage2 = raw.get("stage2")
+    if isinstance(stage2, dict) and not (stage2.get("augment") or {}).get("enabled"):
+        stage2["augment"] = {
+            "enabled": True,
+            "mode": "random",
+            "hflip": 0.5,
+            "translate": 0.05,
+            "brightness": 0.1,
+            "contrast": 0.1,
+            "blur_sigma": 0.0,
+        }
+    return stage_set, stage1_set, lr_floor
+
+
+def _tiny_scale(raw: dict) -> tuple[dict, dict, float]:
+    """``--scale tiny``'s data and eval settings, set in ``raw`` in place; returns the stage settings
+    of stage II and stage I and the smallest learning rate."""
+    data, ev = raw["data"], raw["eval"]
+    data["image_size"] = 32
+    stage_set = {"max_epochs": 2, "patience": 2, "lr_patience": 1, "batch_size": 16}
+    stage1_set = dict(stage_set)
+    lr_floor = 1e-3
+    ev["n_boot"] = 200
+    ev["n_perm"] = 200
+    return stage_set, stage1_set, lr_floor
 
 
 def _regression_loss_at_scale(raw: dict, scale: str) -> dict:

@@ -20,11 +20,18 @@ def check_trainer(trainer: TrainerConfig) -> None:
     strategy or precision, malformed devices, a GPU asked for where there is none), so a
     command can refuse before it creates a run folder.
     """
-    import typing
-
-    import torch
-    from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
+
+    _check_accelerator(trainer.accelerator)
+    _check_known("trainer.strategy", trainer.strategy, ["auto", *StrategyRegistry.available_strategies()])
+    _check_known("trainer.precision", trainer.precision, ["auto", *_precision_names()])
+    _check_logger(trainer.logger)
+    _check_devices(trainer.devices, trainer.accelerator)
+
+
+def _precision_names() -> list[str]:
+    """The precisions Lightning accepts."""
+    import typing
 
     try:  # Lightning's own list; it has no public name
         from lightning.fabric.connector import (
@@ -32,9 +39,9 @@ def check_trainer(trainer: TrainerConfig) -> None:
             _PRECISION_INPUT_STR_ALIAS,
         )
 
-        precision_names = [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)]
+        return [*typing.get_args(_PRECISION_INPUT_STR), *typing.get_args(_PRECISION_INPUT_STR_ALIAS)]
     except ImportError:
-        precision_names = [
+        return [
             "16-true",
             "16-mixed",
             "bf16-true",
@@ -49,51 +56,47 @@ def check_trainer(trainer: TrainerConfig) -> None:
             "transformer-engine-float16",
         ]
 
-    accelerators = sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()})
-    acc = trainer.accelerator
-    if acc not in accelerators:
-        close = difflib.get_close_matches(acc, accelerators, n=1)
+
+def _check_known(key: str, value: str, choices: list[str]) -> None:
+    """ConfigError naming ``key`` (and the closest of ``choices``) when ``value`` is not one of them."""
+    if value not in choices:
+        close = difflib.get_close_matches(value, choices, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"trainer.accelerator '{acc}' is not known{hint}; choose one of {', '.join(accelerators)}")
+        raise ConfigError(f"{key} '{value}' is not known{hint}; choose one of {', '.join(choices)}")
+
+
+def _check_accelerator(acc: str) -> None:
+    import torch
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    _check_known("trainer.accelerator", acc, sorted({"auto", "gpu", *AcceleratorRegistry.available_accelerators()}))
     if acc in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator '{acc}': no CUDA GPU is available on this machine (use cpu or auto)")
     if acc not in ("auto", "gpu") and not AcceleratorRegistry[acc]["accelerator"].is_available():
         raise ConfigError(f"trainer.accelerator '{acc}' is not available on this machine (use cpu or auto)")
 
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
-    if trainer.strategy not in strategies:
-        close = difflib.get_close_matches(trainer.strategy, strategies, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
+
+def _check_logger(logger: str) -> None:
+    """ConfigError when the logger's package is not installed."""
+    import importlib.util
+
+    find = importlib.util.find_spec
+    if logger == "tensorboard" and find("tensorboard") is None and find("tensorboardX") is None:
         raise ConfigError(
-            f"trainer.strategy '{trainer.strategy}' is not known{hint}; choose one of {', '.join(strategies)}"
+            "trainer.logger 'tensorboard' needs the tensorboard package: "
+            "pip install 'fairage[tensorboard]' (or use csv)"
+        )
+    if logger == "mlflow" and find("mlflow") is None:
+        raise ConfigError(
+            "trainer.logger 'mlflow' needs the mlflow package: "
+            "pip install 'fairage[mlflow]' (or pip install mlflow-skinny; or use csv)"
         )
 
-    precisions = ["auto", *precision_names]
-    if trainer.precision not in precisions:
-        close = difflib.get_close_matches(trainer.precision, precisions, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(
-            f"trainer.precision '{trainer.precision}' is not known{hint}; choose one of {', '.join(precisions)}"
-        )
 
-    if trainer.logger == "tensorboard":
-        import importlib.util
+def _check_devices(devices, acc: str) -> None:
+    """ConfigError for malformed devices, fewer than one, or more GPUs than this machine has."""
+    import torch
 
-        if importlib.util.find_spec("tensorboard") is None and importlib.util.find_spec("tensorboardX") is None:
-            raise ConfigError(
-                "trainer.logger 'tensorboard' needs the tensorboard package: "
-                "pip install 'fairage[tensorboard]' (or use csv)"
-            )
-    if trainer.logger == "mlflow":
-        import importlib.util
-
-        if importlib.util.find_spec("mlflow") is None:
-            raise ConfigError(
-                "trainer.logger 'mlflow' needs the mlflow package: "
-                "pip install 'fairage[mlflow]' (or pip install mlflow-skinny; or use csv)"
-            )
-
-    devices = trainer.devices
     text = str(devices).strip()
     if not (text == "auto" or re.fullmatch(r"-?\d+", text) or re.fullmatch(r"\d+(\s*,\s*\d+)*\s*,?", text)):
         raise ConfigError(

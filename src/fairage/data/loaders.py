@@ -448,62 +448,8 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
         gt_path = root / f"gt_avg_{split}.csv"
         if not _present(root, gt_path):
             continue
-        gt = _read_csv(gt_path, ("file_name", "apparent_age_avg", "real_age"))
-        if gt["file_name"].isna().any():
-            i = int(np.flatnonzero(gt["file_name"].isna().to_numpy())[0])
-            raise DataError(f"{gt_path}: row {i + 2}: empty file_name")
-        dup = _duplicate_rows(gt["file_name"].str.strip(), np.arange(len(gt)) + 2)
-        if dup:
-            raise DataError(
-                f"{gt_path}: rows {', '.join(map(str, dup[0]))}: file_name {dup[1]!r} is listed "
-                f"{len(dup[0])} times (each face once)"
-            )
-        column = "apparent_age_avg" if target == "apparent" else "real_age"
-        df = pd.DataFrame({"image": gt["file_name"].str.strip()})
-        df["age"] = _check_ages(gt[column], gt_path, column)
-        if target == "apparent":
-            df["real_age"] = pd.to_numeric(gt["real_age"], errors="coerce").to_numpy(dtype=float)
-        else:
-            df["apparent_age"] = pd.to_numeric(gt["apparent_age_avg"], errors="coerce").to_numpy(dtype=float)
-        if "apparent_age_std" in gt.columns:
-            df["age_std"] = pd.to_numeric(gt["apparent_age_std"], errors="coerce").to_numpy(dtype=float)
-        if "num_ratings" in gt.columns:
-            df["num_ratings"] = pd.to_numeric(gt["num_ratings"], errors="coerce").to_numpy(dtype=float)
-
-        cat_path = root / f"allcategories_{split}.csv"
-        if _present(root, cat_path):
-            cats = _read_csv(cat_path, ("file",))
-            cats["file"] = cats["file"].str.strip()
-            dup = cats["file"].duplicated()
-            if dup.any():
-                i = int(np.flatnonzero(dup.to_numpy())[0])
-                raise DataError(f"{cat_path}: row {i + 2}: file {cats['file'].iloc[i]!r} listed twice")
-            cat_rows = pd.Series(np.arange(len(cats)) + 2, index=cats["file"])
-            cats = cats.set_index("file")
-            missing = ~df["image"].isin(cats.index)
-            cats = cats.reindex(df["image"])  # rows in gt order; faces absent from it -> NaN -> unknown
-            rows = cat_rows.reindex(df["image"]).fillna(-1).astype(int).to_numpy()
-            if missing.any():
-                log.warning(
-                    "%s: %d face(s) of %s have no attributes; they are 'unknown'",
-                    cat_path,
-                    int(missing.sum()),
-                    gt_path.name,
-                )
-            for attribute, column in (("gender", "gender"), ("ethnicity", "race"), ("expression", "happiness")):
-                if column in cats.columns:
-                    df[attribute] = _normalise_attribute(
-                        cats[column].reset_index(drop=True), attribute, extra, cat_path, rows
-                    ).to_numpy()
-                else:
-                    df[attribute] = UNKNOWN
-            for column in ("makeup", "time"):
-                if column in cats.columns:
-                    df[column] = cats[column].fillna(UNKNOWN).astype(str).to_numpy()
-        else:
-            log.warning("%s not found: gender, ethnicity and expression of split %s are 'unknown'", cat_path, split)
-            for attribute in VOCABULARIES:
-                df[attribute] = UNKNOWN
+        df = _appa_ages(_appa_gt(gt_path), gt_path, target)
+        _appa_attributes(df, root, split, gt_path, extra)
         df["split"] = split
         suffix = "" if full_images else "_face.jpg"
         paths = []
@@ -518,6 +464,76 @@ def _load_appa(root: Path, target: str, full_images: bool, extra: ExtraCategorie
     if not parts:
         raise DataError(f"{root}: no gt_avg_{{train,valid,test}}.csv found (APPA-REAL layout)")
     return _finish(pd.concat(parts, ignore_index=True))
+
+
+def _appa_gt(gt_path: Path) -> pd.DataFrame:
+    """An APPA-REAL ``gt_avg_{split}.csv``, checked: every file_name given, once."""
+    gt = _read_csv(gt_path, ("file_name", "apparent_age_avg", "real_age"))
+    if gt["file_name"].isna().any():
+        i = int(np.flatnonzero(gt["file_name"].isna().to_numpy())[0])
+        raise DataError(f"{gt_path}: row {i + 2}: empty file_name")
+    dup = _duplicate_rows(gt["file_name"].str.strip(), np.arange(len(gt)) + 2)
+    if dup:
+        raise DataError(
+            f"{gt_path}: rows {', '.join(map(str, dup[0]))}: file_name {dup[1]!r} is listed "
+            f"{len(dup[0])} times (each face once)"
+        )
+    return gt
+
+
+def _appa_ages(gt: pd.DataFrame, gt_path: Path, target: str) -> pd.DataFrame:
+    """The faces of one split: image, age (the ``target`` age, years), the other age, raters' std and count."""
+    column = "apparent_age_avg" if target == "apparent" else "real_age"
+    df = pd.DataFrame({"image": gt["file_name"].str.strip()})
+    df["age"] = _check_ages(gt[column], gt_path, column)
+    if target == "apparent":
+        df["real_age"] = pd.to_numeric(gt["real_age"], errors="coerce").to_numpy(dtype=float)
+    else:
+        df["apparent_age"] = pd.to_numeric(gt["apparent_age_avg"], errors="coerce").to_numpy(dtype=float)
+    if "apparent_age_std" in gt.columns:
+        df["age_std"] = pd.to_numeric(gt["apparent_age_std"], errors="coerce").to_numpy(dtype=float)
+    if "num_ratings" in gt.columns:
+        df["num_ratings"] = pd.to_numeric(gt["num_ratings"], errors="coerce").to_numpy(dtype=float)
+    return df
+
+
+def _appa_attributes(df: pd.DataFrame, root: Path, split: str, gt_path: Path, extra: ExtraCategories) -> None:
+    """Gender, ethnicity, expression (and makeup, time) of the split's faces from ``allcategories_{split}.csv``,
+    added to ``df`` in place; 'unknown' where the file or a face's row is missing."""
+    cat_path = root / f"allcategories_{split}.csv"
+    if _present(root, cat_path):
+        cats = _read_csv(cat_path, ("file",))
+        cats["file"] = cats["file"].str.strip()
+        dup = cats["file"].duplicated()
+        if dup.any():
+            i = int(np.flatnonzero(dup.to_numpy())[0])
+            raise DataError(f"{cat_path}: row {i + 2}: file {cats['file'].iloc[i]!r} listed twice")
+        cat_rows = pd.Series(np.arange(len(cats)) + 2, index=cats["file"])
+        cats = cats.set_index("file")
+        missing = ~df["image"].isin(cats.index)
+        cats = cats.reindex(df["image"])  # rows in gt order; faces absent from it -> NaN -> unknown
+        rows = cat_rows.reindex(df["image"]).fillna(-1).astype(int).to_numpy()
+        if missing.any():
+            log.warning(
+                "%s: %d face(s) of %s have no attributes; they are 'unknown'",
+                cat_path,
+                int(missing.sum()),
+                gt_path.name,
+            )
+        for attribute, column in (("gender", "gender"), ("ethnicity", "race"), ("expression", "happiness")):
+            if column in cats.columns:
+                df[attribute] = _normalise_attribute(
+                    cats[column].reset_index(drop=True), attribute, extra, cat_path, rows
+                ).to_numpy()
+            else:
+                df[attribute] = UNKNOWN
+        for column in ("makeup", "time"):
+            if column in cats.columns:
+                df[column] = cats[column].fillna(UNKNOWN).astype(str).to_numpy()
+    else:
+        log.warning("%s not found: gender, ethnicity and expression of split %s are 'unknown'", cat_path, split)
+        for attribute in VOCABULARIES:
+            df[attribute] = UNKNOWN
 
 
 def _load_npy(root: Path, extra: ExtraCategories) -> pd.DataFrame:

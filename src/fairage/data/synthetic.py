@@ -213,6 +213,7 @@ def _rgb(c, k: float = 1.0) -> tuple[int, int, int]:
     return tuple(int(max(0, min(255, round(v * k)))) for v in c)  # type: ignore[return-value]
 
 
+# size: the renderer of one synthetic face: one drawing step after another
 def render_face(p: FaceParams, size: int) -> np.ndarray:
     """Draw the face described by ``p`` at ``size`` x ``size`` pixels.
 
@@ -398,8 +399,6 @@ def write_synthetic(
     as synthetic (``synthetic_marker``). Same ``seed`` -> byte-identical
     files, whatever ``workers`` is. ``workers`` processes draw the faces (1 = in-process).
     """
-    import pandas as pd
-
     if size < 16:
         raise ValueError(f"size must be >= 16 px, got {size}")
     out = Path(out)
@@ -438,6 +437,14 @@ def write_synthetic(
         if pool:
             pool.shutdown()
     # the CSVs last and atomically: a folder with the CSVs is a complete dataset
+    _write_tables(out, rows)
+    return out
+
+
+def _write_tables(out: Path, rows: dict[str, list[dict]]) -> None:
+    """Each split's ``gt_avg_{split}.csv`` and ``allcategories_{split}.csv`` from its faces' labels."""
+    import pandas as pd
+
     for split, recs in rows.items():
         (out / split).mkdir(exist_ok=True)
         df = pd.DataFrame(
@@ -472,7 +479,6 @@ def write_synthetic(
             }
         )
         atomic.write_text(out / f"allcategories_{split}.csv", cats.to_csv(index=False, lineterminator="\n"))
-    return out
 
 
 def _check_out(out: Path, marker: dict) -> None:

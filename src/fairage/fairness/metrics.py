@@ -654,6 +654,7 @@ def _interval_indicators(df: pd.DataFrame, lo, hi, name: str) -> tuple[np.ndarra
     return ((age >= lo) & (age <= hi)).astype(float), hi - lo
 
 
+# size: the resamples, permutations and groupings shared with evaluate
 def interval_coverage(
     df: pd.DataFrame,
     lo,
@@ -702,6 +703,7 @@ def interval_coverage(
     return CoverageScore(total, groups, gap, gap_ci, gap_p)
 
 
+# size: the keyword settings of a public scoring call and their documentation
 def evaluate(
     df: pd.DataFrame,
     attributes: Sequence[str] | None = None,
@@ -768,47 +770,19 @@ def evaluate(
         age_bin_edges=[float(e) for e in age_bin_edges],
     )
     pvalues = permutation_pvalues(errors, groupings, n_perm, seed)
-
-    def ci(values):
-        return _interval(values, level) if boot else None
-
     for j, k in enumerate(cs_keys):
-        result.cs[k] = Statistic(float(point_extra[j]), ci(boot["extra"][:, j]) if boot else None)
+        result.cs[k] = Statistic(float(point_extra[j]), _interval(boot["extra"][:, j], level) if boot else None)
     if np.isfinite(point_extra[-1]):
-        result.epsilon_error = Statistic(float(point_extra[-1]), ci(boot["extra"][:, -1]) if boot else None)
+        eps_ci = _interval(boot["extra"][:, -1], level) if boot else None
+        result.epsilon_error = Statistic(float(point_extra[-1]), eps_ci)
     for g in groupings:
-        table, bias = tables[g.attribute], biases[g.attribute]
-        result.bias[g.attribute] = bias
-        result.bias_ci[g.attribute] = ci(boot[g.attribute]["bias"]) if boot and bias is not None else None
-        result.groups[g.attribute] = {
-            name: GroupScore(
-                int(table.at[name, "n"]),
-                float(table.at[name, "mae"]),
-                ci(boot[g.attribute]["group_mae"][:, k]) if boot else None,
-            )
-            for k, name in enumerate(g.order)
-        }
-        result.skipped_groups[g.attribute] = g.skipped
-        result.bias_p[g.attribute] = pvalues[g.attribute] if bias is not None else None
-        sizes = np.array([result.groups[g.attribute][name].n for name in g.order])
-        result.small_groups[g.attribute] = [name for name, n in zip(g.order, sizes) if n < min_group]
-        keep = sizes >= min_group
-        point = np.array([[result.groups[g.attribute][name].mae for name in g.order]])
-        worst, spread = _worst_and_std(point, keep)
-        if not keep.any():
-            result.worst_group[g.attribute] = result.group_mae_std[g.attribute] = None
-            continue
-        boot_worst, boot_spread = _worst_and_std(boot[g.attribute]["group_mae"], keep) if boot else (None, None)
-        kept = [name for name, k in zip(g.order, keep) if k]
-        worst_name = max(kept, key=lambda name: result.groups[g.attribute][name].mae)
-        result.worst_group[g.attribute] = WorstGroup(worst_name, float(worst[0]), ci(boot_worst) if boot else None)
-        result.group_mae_std[g.attribute] = Statistic(float(spread[0]), ci(boot_spread) if boot else None)
+        _score_attribute(result, g, tables[g.attribute], biases[g.attribute], pvalues, boot, level, min_group)
     bin_table = group_mae(df, "age", age_bin_edges).set_index("group")
     result.age_bins = {
         name: GroupScore(
             int(bin_table.at[name, "n"]),
             float(bin_table.at[name, "mae"]),
-            ci(boot[bins.attribute]["group_mae"][:, k]) if boot else None,
+            _interval(boot[bins.attribute]["group_mae"][:, k], level) if boot else None,
         )
         for k, name in enumerate(bins.order)
     }
@@ -818,6 +792,46 @@ def evaluate(
         result.coverage[name] = interval_coverage(df, lo, hi, groupings, counts, level, n_perm, seed, name)
     result.coverage_target = None if target is None else float(target)
     return result
+
+
+def _score_attribute(
+    result: EvaluationResult,
+    g,
+    table: pd.DataFrame,
+    bias,
+    pvalues: dict,
+    boot: dict | None,
+    level: float,
+    min_group: float,
+) -> None:
+    """Fill ``result``'s scores of the grouping ``g``: its bias, group MAEs (years), small groups, p-value,
+    worst group and group-MAE spread; ``boot``: the bootstrap statistics (None: no intervals)."""
+    name_ = g.attribute
+    result.bias[name_] = bias
+    result.bias_ci[name_] = _interval(boot[name_]["bias"], level) if boot and bias is not None else None
+    result.groups[name_] = {
+        name: GroupScore(
+            int(table.at[name, "n"]),
+            float(table.at[name, "mae"]),
+            _interval(boot[name_]["group_mae"][:, k], level) if boot else None,
+        )
+        for k, name in enumerate(g.order)
+    }
+    result.skipped_groups[name_] = g.skipped
+    result.bias_p[name_] = pvalues[name_] if bias is not None else None
+    sizes = np.array([result.groups[name_][name].n for name in g.order])
+    result.small_groups[name_] = [name for name, n in zip(g.order, sizes) if n < min_group]
+    keep = sizes >= min_group
+    point = np.array([[result.groups[name_][name].mae for name in g.order]])
+    worst, spread = _worst_and_std(point, keep)
+    if not keep.any():
+        result.worst_group[name_] = result.group_mae_std[name_] = None
+        return
+    boot_worst, boot_spread = _worst_and_std(boot[name_]["group_mae"], keep) if boot else (None, None)
+    kept = [name for name, k in zip(g.order, keep) if k]
+    worst_name = max(kept, key=lambda name: result.groups[name_][name].mae)
+    result.worst_group[name_] = WorstGroup(worst_name, float(worst[0]), _interval(boot_worst, level) if boot else None)
+    result.group_mae_std[name_] = Statistic(float(spread[0]), _interval(boot_spread, level) if boot else None)
 
 
 @dataclass
@@ -927,6 +941,7 @@ class ComparisonResult:
         return out
 
 
+# size: the keyword settings of a public scoring call and their documentation
 def compare(
     df_a: pd.DataFrame,
     df_b: pd.DataFrame,
@@ -949,6 +964,73 @@ def compare(
     Returns a ``ComparisonResult`` (years; its ``to_json()`` is what ``fairage compare --json`` prints).
     """
     _check_counts(n_boot)
+    ids_a, ids_b, df_b_aligned = _paired_sets(df_a, df_b)
+    attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges, intersections)
+    _, _, errors_b = _prepare(
+        df_b_aligned, attributes[: len(attributes) - len(intersections)], age_edges, intersections
+    )
+    mae_a, tables_a, bias_a = _point_estimates(df_a, groupings, age_edges)
+    mae_b, tables_b, bias_b = _point_estimates(df_b_aligned, groupings, age_edges)
+    cs_keys = _cs_keys(cs_k)
+    extra_a = np.column_stack([errors_a <= float(k) for k in cs_keys]).astype(float).reshape(len(errors_a), -1)
+    extra_b = np.column_stack([errors_b <= float(k) for k in cs_keys]).astype(float).reshape(len(errors_b), -1)
+    counts = None
+    if n_boot > 0:
+        counts = resample_counts(len(errors_a), n_boot, seed)
+        boot_a = _statistics(errors_a, counts, groupings, extra_a)
+        boot_b = _statistics(errors_b, counts, groupings, extra_b)
+    else:
+        boot_a = boot_b = None
+
+    def diff(a_point, b_point, a_boot, b_boot) -> Difference | None:
+        return _difference(a_point, b_point, a_boot, b_boot, level)
+
+    bias_diff = {
+        g.attribute: diff(
+            bias_a[g.attribute],
+            bias_b[g.attribute],
+            boot_a[g.attribute]["bias"] if boot_a else None,
+            boot_b[g.attribute]["bias"] if boot_b else None,
+        )
+        for g in groupings
+    }
+    cs_a = {k: float(extra_a[:, j].mean()) for j, k in enumerate(cs_keys)}
+    cs_b = {k: float(extra_b[:, j].mean()) for j, k in enumerate(cs_keys)}
+    cs_diff = {
+        k: diff(cs_a[k], cs_b[k], boot_a["extra"][:, j] if boot_a else None, boot_b["extra"][:, j] if boot_b else None)
+        for j, k in enumerate(cs_keys)
+    }
+    worst_a, worst_b, worst_diff = _worst_differences(
+        groupings, (tables_a, tables_b), (boot_a, boot_b), min_group, level
+    )
+    intervals = {}
+    columns = {"age_lo", "age_hi"}
+    if columns <= set(df_a.columns) and columns <= set(df_b.columns):
+        df_b_rows = df_b.set_index(ids_b.to_numpy()).loc[ids_a.to_numpy()].reset_index(drop=True)
+        intervals = _interval_differences(df_a, df_b_rows, groupings, counts, level)
+    return ComparisonResult(
+        intervals=intervals,
+        n=len(errors_a),
+        level=float(level),
+        n_boot=int(n_boot),
+        mae_a=mae_a,
+        mae_b=mae_b,
+        mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
+        bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
+        bias_b={g.attribute: bias_b[g.attribute] for g in groupings},
+        bias_diff=bias_diff,
+        cs_a=cs_a,
+        cs_b=cs_b,
+        cs_diff=cs_diff,
+        worst_a=worst_a,
+        worst_b=worst_b,
+        worst_diff=worst_diff,
+    )
+
+
+def _paired_sets(df_a: pd.DataFrame, df_b: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.DataFrame]:
+    """Both sets' image ids and A's faces with B's predictions in A's row order; DataError unless both
+    hold the same images, once each."""
     for name, df in (("A", df_a), ("B", df_b)):
         if "image" not in df.columns:
             raise DataError(f"prediction set {name} has no 'image' column")
@@ -968,43 +1050,20 @@ def compare(
     b_pred = pd.Series(df_b["prediction"].to_numpy(), index=ids_b.to_numpy()).loc[ids_a.to_numpy()]
     df_b_aligned = df_a.copy()
     df_b_aligned["prediction"] = b_pred.to_numpy()
+    return ids_a, ids_b, df_b_aligned
 
-    attributes, groupings, errors_a = _prepare(df_a, attributes, age_edges, intersections)
-    _, _, errors_b = _prepare(
-        df_b_aligned, attributes[: len(attributes) - len(intersections)], age_edges, intersections
-    )
-    mae_a, tables_a, bias_a = _point_estimates(df_a, groupings, age_edges)
-    mae_b, tables_b, bias_b = _point_estimates(df_b_aligned, groupings, age_edges)
-    cs_keys = _cs_keys(cs_k)
-    extra_a = np.column_stack([errors_a <= float(k) for k in cs_keys]).astype(float).reshape(len(errors_a), -1)
-    extra_b = np.column_stack([errors_b <= float(k) for k in cs_keys]).astype(float).reshape(len(errors_b), -1)
-    if n_boot > 0:
-        counts = resample_counts(len(errors_a), n_boot, seed)
-        boot_a = _statistics(errors_a, counts, groupings, extra_a)
-        boot_b = _statistics(errors_b, counts, groupings, extra_b)
-    else:
-        boot_a = boot_b = None
 
-    def diff(a_point, b_point, a_boot, b_boot) -> Difference | None:
-        if a_point is None or b_point is None:
-            return None
-        return Difference(float(b_point - a_point), _interval(b_boot - a_boot, level) if a_boot is not None else None)
+def _difference(a_point, b_point, a_boot, b_boot, level: float) -> Difference | None:
+    """B - A of one statistic with the interval of its paired resamples (None when either point is None)."""
+    if a_point is None or b_point is None:
+        return None
+    return Difference(float(b_point - a_point), _interval(b_boot - a_boot, level) if a_boot is not None else None)
 
-    bias_diff = {
-        g.attribute: diff(
-            bias_a[g.attribute],
-            bias_b[g.attribute],
-            boot_a[g.attribute]["bias"] if boot_a else None,
-            boot_b[g.attribute]["bias"] if boot_b else None,
-        )
-        for g in groupings
-    }
-    cs_a = {k: float(extra_a[:, j].mean()) for j, k in enumerate(cs_keys)}
-    cs_b = {k: float(extra_b[:, j].mean()) for j, k in enumerate(cs_keys)}
-    cs_diff = {
-        k: diff(cs_a[k], cs_b[k], boot_a["extra"][:, j] if boot_a else None, boot_b["extra"][:, j] if boot_b else None)
-        for j, k in enumerate(cs_keys)
-    }
+
+def _worst_differences(groupings, tables: tuple, boots: tuple, min_group: float, level: float):
+    """Each attribute's worst-group MAE (years) of A and of B (groups of at least ``min_group`` faces in
+    A) and B - A: three dicts by attribute. ``tables``, ``boots``: A's and B's."""
+    (tables_a, tables_b), (boot_a, boot_b) = tables, boots
     worst_a, worst_b, worst_diff = {}, {}, {}
     for g in groupings:
         keep = tables_a[g.attribute].loc[g.order, "n"].to_numpy() >= min_group
@@ -1014,61 +1073,52 @@ def compare(
         ]
         wa, wb = (None if not np.isfinite(p) else float(p) for p in points)
         worst_a[g.attribute], worst_b[g.attribute] = wa, wb
-        worst_diff[g.attribute] = diff(
+        worst_diff[g.attribute] = _difference(
             wa,
             wb,
             _worst_and_std(boot_a[g.attribute]["group_mae"], keep)[0] if boot_a else None,
             _worst_and_std(boot_b[g.attribute]["group_mae"], keep)[0] if boot_b else None,
+            level,
         )
+    return worst_a, worst_b, worst_diff
+
+
+def _interval_differences(df_a: pd.DataFrame, df_b: pd.DataFrame, groupings, counts, level: float) -> dict:
+    """Coverage, width (years) and each attribute's coverage gap of both sets' intervals: name ->
+    (A, B, B - A). ``df_b``: B's rows in A's order; ``counts``: the paired resamples (None: none)."""
     intervals = {}
-    columns = {"age_lo", "age_hi"}
-    if columns <= set(df_a.columns) and columns <= set(df_b.columns):
-        per_set = []
-        for df in (df_a, df_b.set_index(ids_b.to_numpy()).loc[ids_a.to_numpy()].reset_index(drop=True)):
-            covered, width = _interval_indicators(df_a, df["age_lo"], df["age_hi"], "compare")
-            ones = np.ones((1, len(df_a)))
-            per_set.append(
-                [
-                    (_statistics(v, ones, groupings), _statistics(v, counts, groupings) if n_boot > 0 else None)
-                    for v in (covered, width)
-                ]
-            )
-        (ca, wa), (cb, wb) = per_set
-        for name, (pa, ba), (pb, bb) in (("coverage", ca, cb), ("width", wa, wb)):
-            intervals[name] = (
-                float(pa["mae"][0]),
-                float(pb["mae"][0]),
-                diff(float(pa["mae"][0]), float(pb["mae"][0]), ba["mae"] if ba else None, bb["mae"] if bb else None),
-            )
-        for g in groupings:
-            a_gap, b_gap = ca[0][g.attribute]["bias"][0], cb[0][g.attribute]["bias"][0]
-            a_gap = None if not np.isfinite(a_gap) else float(a_gap)
-            b_gap = None if not np.isfinite(b_gap) else float(b_gap)
-            intervals[f"{g.attribute} coverage gap"] = (
+    per_set = []
+    for df in (df_a, df_b):
+        covered, width = _interval_indicators(df_a, df["age_lo"], df["age_hi"], "compare")
+        ones = np.ones((1, len(df_a)))
+        per_set.append(
+            [
+                (_statistics(v, ones, groupings), _statistics(v, counts, groupings) if counts is not None else None)
+                for v in (covered, width)
+            ]
+        )
+    (ca, wa), (cb, wb) = per_set
+    for name, (pa, ba), (pb, bb) in (("coverage", ca, cb), ("width", wa, wb)):
+        intervals[name] = (
+            float(pa["mae"][0]),
+            float(pb["mae"][0]),
+            _difference(
+                float(pa["mae"][0]), float(pb["mae"][0]), ba["mae"] if ba else None, bb["mae"] if bb else None, level
+            ),
+        )
+    for g in groupings:
+        a_gap, b_gap = ca[0][g.attribute]["bias"][0], cb[0][g.attribute]["bias"][0]
+        a_gap = None if not np.isfinite(a_gap) else float(a_gap)
+        b_gap = None if not np.isfinite(b_gap) else float(b_gap)
+        intervals[f"{g.attribute} coverage gap"] = (
+            a_gap,
+            b_gap,
+            _difference(
                 a_gap,
                 b_gap,
-                diff(
-                    a_gap,
-                    b_gap,
-                    ca[1][g.attribute]["bias"] if ca[1] else None,
-                    cb[1][g.attribute]["bias"] if cb[1] else None,
-                ),
-            )
-    return ComparisonResult(
-        intervals=intervals,
-        n=len(errors_a),
-        level=float(level),
-        n_boot=int(n_boot),
-        mae_a=mae_a,
-        mae_b=mae_b,
-        mae_diff=diff(mae_a, mae_b, boot_a["mae"] if boot_a else None, boot_b["mae"] if boot_b else None),
-        bias_a={g.attribute: bias_a[g.attribute] for g in groupings},
-        bias_b={g.attribute: bias_b[g.attribute] for g in groupings},
-        bias_diff=bias_diff,
-        cs_a=cs_a,
-        cs_b=cs_b,
-        cs_diff=cs_diff,
-        worst_a=worst_a,
-        worst_b=worst_b,
-        worst_diff=worst_diff,
-    )
+                ca[1][g.attribute]["bias"] if ca[1] else None,
+                cb[1][g.attribute]["bias"] if cb[1] else None,
+                level,
+            ),
+        )
+    return intervals

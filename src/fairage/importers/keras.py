@@ -358,6 +358,44 @@ def _convert(
     keras_version: str | None,
 ) -> KerasImport:
     known = keras_layer_map()
+    notes: list[str] = []
+    dense, skipped = _sort_layers(path, layers, known)
+    config_layers = {_layer_name(e): e for e in _config_layers(config)}
+    if config is not None:
+        order = [n for n in config_layers if n in dense] + [n for n in dense if n not in config_layers]
+        dense = order
+    projection_dim = int(layers["dim_proj"]["kernel"].shape[-1])
+    head = _head_layers(path, dense, layers, config_layers, projection_dim, notes)
+    dim_proj_activation = _mapping(_mapping(config_layers.get("dim_proj")).get("config")).get("activation")
+    if dim_proj_activation not in (None, "relu"):
+        raise DataError(
+            f"{path}: dim_proj has activation '{dim_proj_activation}'; the VGGFace2 ResNet50 "
+            "(and fairage's vggface2_resnet50) use relu"
+        )
+    cfg = validate_config(_imported_raw(path, kind, projection_dim, head, input_norm), f"import of {path}")
+    state, mapping = _imported_state(path, AgeRegressor(cfg.model), known, layers, head, notes)
+    if config is None and head:
+        notes.append(
+            "weights-only file: no model_config, so the head's activations follow the kit's convention "
+            "(ReLU hidden layers, sigmoid output x 100 = years) and its dropout rates are unknown (0)"
+        )
+    return KerasImport(
+        source=path,
+        kind=kind,
+        config=cfg,
+        state=state,
+        mapping=mapping,
+        head=head,
+        head_activations_from=None if not head else ("model_config" if config else "kit convention"),
+        skipped=skipped,
+        notes=notes,
+        keras_version=keras_version,
+    )
+
+
+def _sort_layers(path: Path, layers: dict, known: dict) -> tuple[list[str], list[str]]:
+    """The file's Dense layers after the backbone (candidates of an age head) and the skipped ones'
+    descriptions; DataError when it is not the VGGFace2 ResNet50 or has layers of neither kind."""
     if "conv1/7x7_s2" not in layers:
         sample = ", ".join(list(layers)[:6]) or "none"
         raise DataError(
@@ -370,7 +408,6 @@ def _convert(
             f"{path}: layer '{missing[0]}' of the VGGFace2 ResNet50 is missing"
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
-    notes: list[str] = []
     skipped: list[str] = []
     dense: list[str] = []
     for name, variables in layers.items():
@@ -387,21 +424,12 @@ def _convert(
                 f"{path}: layer '{name}' ({', '.join(sorted(variables))}) is not part of the "
                 "VGGFace2 ResNet50 nor a Dense layer of an age head"
             )
+    return dense, skipped
 
-    config_layers = {_layer_name(e): e for e in _config_layers(config)}
-    if config is not None:
-        order = [n for n in config_layers if n in dense] + [n for n in dense if n not in config_layers]
-        dense = order
-    projection_dim = int(layers["dim_proj"]["kernel"].shape[-1])
-    head = _head_layers(path, dense, layers, config_layers, projection_dim, notes)
-    dim_proj_activation = _mapping(_mapping(config_layers.get("dim_proj")).get("config")).get("activation")
-    if dim_proj_activation not in (None, "relu"):
-        raise DataError(
-            f"{path}: dim_proj has activation '{dim_proj_activation}'; the VGGFace2 ResNet50 "
-            "(and fairage's vggface2_resnet50) use relu"
-        )
 
-    raw = {
+def _imported_raw(path: Path, kind: str, projection_dim: int, head: list, input_norm: str) -> dict:
+    """The raw config of the imported model: the VGGFace2 ResNet50, its projection and head, the kit's schedule."""
+    return {
         "name": path.stem,
         "description": f"Imported from {path.name} ({kind} Keras HDF5) by fairage import-keras.",
         "model": {
@@ -417,8 +445,13 @@ def _convert(
         "data": {"image_size": KERAS_IMAGE_SIZE},
         **_schedule(),
     }
-    cfg = validate_config(raw, f"import of {path}")
-    model = AgeRegressor(cfg.model)
+
+
+def _imported_state(
+    path: Path, model: AgeRegressor, known: dict, layers: dict, head: list, notes: list[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict from the Keras layers, and which Keras layer went to which module
+    (a note added when there is no head)."""
     own = model.state_dict()
     state: dict[str, torch.Tensor] = {}
     mapping: dict[str, str] = {}
@@ -440,23 +473,7 @@ def _convert(
     for key, tensor in own.items():  # BatchNorm step counters: Keras has none
         if key.endswith("num_batches_tracked") and key.startswith("backbone."):
             state[key] = torch.zeros_like(tensor)
-    if config is None and head:
-        notes.append(
-            "weights-only file: no model_config, so the head's activations follow the kit's convention "
-            "(ReLU hidden layers, sigmoid output x 100 = years) and its dropout rates are unknown (0)"
-        )
-    return KerasImport(
-        source=path,
-        kind=kind,
-        config=cfg,
-        state=state,
-        mapping=mapping,
-        head=head,
-        head_activations_from=None if not head else ("model_config" if config else "kit convention"),
-        skipped=skipped,
-        notes=notes,
-        keras_version=keras_version,
-    )
+    return state, mapping
 
 
 def _schedule() -> dict:

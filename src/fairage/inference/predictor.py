@@ -577,36 +577,11 @@ class AgePredictor:
         from concurrent.futures import ThreadPoolExecutor
 
         paths = [str(p) for p in paths]
-
-        def prepare(path: str):
-            """(error, rgb, found, (width, height)) of one file; found = [(box, score, crop)]."""
-            try:
-                if faces_only:
-                    face, (width, height) = _read_face(path, self.image_size)
-                    return None, None, [((0, 0, width, height), 1.0, face)], (width, height)
-                rgb = read_image(path)
-                return None, rgb if keep_images else None, self.find_faces(rgb), (rgb.shape[1], rgb.shape[0])
-            except DataError as err:
-                return str(err), None, None, None
-
         pending: list[tuple] = []
         queued = 0
 
-        def flush():
-            crops = [crop for *_, found, _ in pending if found for _, _, crop in found]
-            ages, spreads = self.predict_crops_spread(np.stack(crops)) if crops else (np.empty(0), None)
-            start = 0
-            for path, error, rgb, found, size in pending:
-                if error is not None:
-                    yield path, None, error, None
-                    continue
-                faces = self._faces(
-                    found,
-                    ages[start : start + len(found)],
-                    None if spreads is None else spreads[start : start + len(found)],
-                )
-                start += len(found)
-                yield path, ImageResult(size[0], size[1], faces), None, rgb
+        def prepare(path: str):
+            return self._prepare_file(path, faces_only, keep_images)
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             # a bounded window of files in flight keeps memory flat on large folders
@@ -621,9 +596,37 @@ class AgePredictor:
                 queued += len(found) if found else 0
                 # photos without faces add no crops: bound the photos held too
                 if queued >= self.batch_size or len(pending) >= (window if keep_images else 4 * self.batch_size):
-                    yield from flush()
+                    yield from self._file_results(pending)
                     pending, queued = [], 0
-            yield from flush()
+            yield from self._file_results(pending)
+
+    def _prepare_file(self, path: str, faces_only: bool, keep_images: bool):
+        """(error, rgb, found, (width, height)) of one file; found = [(box, score, crop)]."""
+        try:
+            if faces_only:
+                face, (width, height) = _read_face(path, self.image_size)
+                return None, None, [((0, 0, width, height), 1.0, face)], (width, height)
+            rgb = read_image(path)
+            return None, rgb if keep_images else None, self.find_faces(rgb), (rgb.shape[1], rgb.shape[0])
+        except DataError as err:
+            return str(err), None, None, None
+
+    def _file_results(self, pending: list[tuple]):
+        """The ages of the faces of the ``pending`` files in one batch; ``predict_files``' tuple per file."""
+        crops = [crop for *_, found, _ in pending if found for _, _, crop in found]
+        ages, spreads = self.predict_crops_spread(np.stack(crops)) if crops else (np.empty(0), None)
+        start = 0
+        for path, error, rgb, found, size in pending:
+            if error is not None:
+                yield path, None, error, None
+                continue
+            faces = self._faces(
+                found,
+                ages[start : start + len(found)],
+                None if spreads is None else spreads[start : start + len(found)],
+            )
+            start += len(found)
+            yield path, ImageResult(size[0], size[1], faces), None, rgb
 
 
 def _float(values: np.ndarray | None, i: int) -> float | None:

@@ -396,6 +396,7 @@ class StageObjective(nn.Module):
     batch; with ``label_std`` the recorded ages are the targets).
     """
 
+    # size: the objective's settings, one per config key
     def __init__(
         self,
         kind: str,

@@ -361,45 +361,16 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
     evaluation = _evaluation(metrics, RunFolder.METRICS) if metrics is not None else None
     calibration = run.calibration() if run is not None else read_calibration(path / CONFORMAL)
     if evaluation is not None and evaluation["intervals"] is not None and calibration is not None:
-        evaluation["intervals"]["calibration"] = {
-            "by": list(calibration.by),
-            "alpha": calibration.alpha,
-            "n": calibration.n,
-            "split": calibration.split,
-            "tightened": calibration.tightened,
-            "fallbacks": calibration.fallbacks(),
-        }
-    if evaluation is not None:
-        note = (
-            f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
-            f"({evaluation['n_boot']} resamples)"
-        )
-    elif kind == "folder":
-        note = (
-            "imported model: no evaluation was recorded with it; evaluate it on a labelled test split "
-            "before relying on its accuracy or bias"
-        )
-    else:
-        note = f"the run has no {RunFolder.METRICS} yet (unfinished): no evaluation"
+        evaluation["intervals"]["calibration"] = _calibration_summary(calibration)
+    note = _evaluation_note(evaluation, kind)
     data = Path(data_dir) if data_dir is not None else (run.data_dir if run is not None else None)
     dataset, data_warnings = _dataset(cfg, run, data)
-    weights = cfg.model.weights
     return {
         "name": cfg.name,
         "description": cfg.description.strip(),
         "kind": kind,
         "source": str(path),
-        "model": {
-            "backbone": cfg.model.backbone,
-            "input_size": cfg.data.image_size,
-            "input_norm": cfg.model.input_norm,
-            "projection_dim": cfg.model.projection_dim,
-            "head": [{"units": b.units, "dropout": b.dropout} for b in cfg.model.head],
-            "output": cfg.model.output,
-            "initial_weights": str(weights) if weights else None,
-            "weights_loaded": run.record.weights_loaded if run is not None else None,
-            "imported_from": import_info.get("source") if import_info else None,
-        },
+        "model": _model_summary(cfg, run, import_info),
         "training": _training(cfg, run) if run is not None else None,
         "configuration": cfg.model_dump(mode="json"),
         "data": dataset,
@@ -409,6 +380,51 @@ def build_model_card(model: str | Path, data_dir: str | Path | None = None) -> d
         "intended_use": list(INTENDED_USE),
         "out_of_scope": list(OUT_OF_SCOPE),
         "limitations": _limitations(evaluation, dataset["synthetic"]),
+    }
+
+
+def _calibration_summary(calibration) -> dict:
+    """The card's account of the conformal calibration behind the intervals."""
+    return {
+        "by": list(calibration.by),
+        "alpha": calibration.alpha,
+        "n": calibration.n,
+        "split": calibration.split,
+        "tightened": calibration.tightened,
+        "fallbacks": calibration.fallbacks(),
+    }
+
+
+def _evaluation_note(evaluation: dict | None, kind: str) -> str:
+    """What the card's evaluation is (or why there is none)."""
+    from ..store.run_folder import RunFolder
+
+    if evaluation is not None:
+        return (
+            f"test split, {evaluation['n']} faces, {100 * evaluation['level']:g}% bootstrap intervals "
+            f"({evaluation['n_boot']} resamples)"
+        )
+    if kind == "folder":
+        return (
+            "imported model: no evaluation was recorded with it; evaluate it on a labelled test split "
+            "before relying on its accuracy or bias"
+        )
+    return f"the run has no {RunFolder.METRICS} yet (unfinished): no evaluation"
+
+
+def _model_summary(cfg, run, import_info: dict) -> dict:
+    """The network: backbone, input (pixels, normalisation), projection, head, output, initial weights."""
+    weights = cfg.model.weights
+    return {
+        "backbone": cfg.model.backbone,
+        "input_size": cfg.data.image_size,
+        "input_norm": cfg.model.input_norm,
+        "projection_dim": cfg.model.projection_dim,
+        "head": [{"units": b.units, "dropout": b.dropout} for b in cfg.model.head],
+        "output": cfg.model.output,
+        "initial_weights": str(weights) if weights else None,
+        "weights_loaded": run.record.weights_loaded if run is not None else None,
+        "imported_from": import_info.get("source") if import_info else None,
     }
 
 

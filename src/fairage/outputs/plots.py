@@ -82,6 +82,7 @@ def plot_group_weights(groups: pd.DataFrame, path: str | Path, title: str | None
     return save_figure(fig, path)
 
 
+# size: one figure: the plotting calls with their styles
 def plot_pareto(
     points: pd.DataFrame,
     path: str | Path,

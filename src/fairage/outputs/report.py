@@ -842,32 +842,20 @@ def _template():
     return env.get_template("report.html.j2")
 
 
-def render_html(
-    table: pd.DataFrame,
-    images: Sequence[tuple[str, Path]],
-    records: list[FinishedRun],
-    summary: dict[str, pd.DataFrame] | None,
-    summary_source: str | None,
-    title: str = "fairage comparison report",
-    reference: str | None = None,
-    tune: dict | None = None,
-) -> str:
-    """The report page as one string (Jinja2 template ``templates/report.html.j2``).
-
-    Inline CSS, PNGs as base64 data URIs, no scripts. ``reference``: the name of a
-    published table (``fairage.outputs.reference``) to show beside fairage's, marked as such.
-    ``tune``: the Pareto front section (``source``, ``baseline``, ``note``, ``frame`` from
-    ``tune_front_frame``, ``image``: its plot or None).
-    """
-    level = records[0].config.eval.level if records else 0.95
-    groups = None
+def _groups_context(records: list[FinishedRun]) -> dict | None:
+    """The per-group MAE table (years), one column per model, with each group's faces; None without groups."""
     gm = group_mae_frame(records)
-    if not gm.empty:
-        wide = gm.pivot_table(index=["attribute", "group"], columns="Model", values="mae", sort=False)
-        wide = wide.reindex(columns=list(dict.fromkeys(gm["Model"])))
-        n = gm.drop_duplicates(["attribute", "group"]).set_index(["attribute", "group"])["n"]
-        wide.insert(0, "n", n.reindex(wide.index).to_numpy())
-        groups = _table_context(wide.reset_index(), table_id="groups")
+    if gm.empty:
+        return None
+    wide = gm.pivot_table(index=["attribute", "group"], columns="Model", values="mae", sort=False)
+    wide = wide.reindex(columns=list(dict.fromkeys(gm["Model"])))
+    n = gm.drop_duplicates(["attribute", "group"]).set_index(["attribute", "group"])["n"]
+    wide.insert(0, "n", n.reindex(wide.index).to_numpy())
+    return _table_context(wide.reset_index(), table_id="groups")
+
+
+def _models_context(records: list[FinishedRun]) -> list[dict]:
+    """Each model once: label, description, run folder, initial weights, warnings and config."""
     models, seen = [], set()
     for r in records:
         if r.label in seen:
@@ -891,18 +879,58 @@ def render_html(
                 "config_yaml": dump_config(r.config),
             }
         )
+    return models
+
+
+def _pvalues_context(records: list[FinishedRun]) -> dict | None:
+    """The permutation p-values of the bias scores; None when no run has them."""
+    pvalues = pvalue_table(records)
+    if pvalues is None:
+        return None
+    shown = pvalues.copy()
+    for col in BIAS_COLUMNS.values():
+        shown[col] = [("n/a" if math.isnan(v) else f"{v:.3g}") for v in shown[col]]
+    return _table_context(shown, table_id="pvalues")
+
+
+def _tune_context(tune: dict) -> dict:
+    """The Pareto front section: its source, baseline, note, table and plot (base64 PNG)."""
+    image = tune.get("image")
+    return {
+        "source": str(tune["source"]),
+        "baseline": tune.get("baseline"),
+        "note": tune.get("note"),
+        "table": _table_context(tune_front_display(tune["frame"]), table_id="tune-front"),
+        "image": base64.b64encode(Path(image).read_bytes()).decode("ascii") if image else None,
+    }
+
+
+def render_html(
+    table: pd.DataFrame,
+    images: Sequence[tuple[str, Path]],
+    records: list[FinishedRun],
+    summary: dict[str, pd.DataFrame] | None,
+    summary_source: str | None,
+    title: str = "fairage comparison report",
+    reference: str | None = None,
+    tune: dict | None = None,
+) -> str:
+    """The report page as one string (Jinja2 template ``templates/report.html.j2``).
+
+    Inline CSS, PNGs as base64 data URIs, no scripts. ``reference``: the name of a
+    published table (``fairage.outputs.reference``) to show beside fairage's, marked as such.
+    ``tune``: the Pareto front section (``source``, ``baseline``, ``note``, ``frame`` from
+    ``tune_front_frame``, ``image``: its plot or None).
+    """
+    level = records[0].config.eval.level if records else 0.95
+    groups = _groups_context(records)
+    models = _models_context(records)
     field_table = field_metrics_table(records)
     field_context = None
     if field_table is not None:
         text = {"Status", *[c for c in field_table.columns if c.endswith("worst group")]}
         field_context = _table_context(field_table, table_id="field", text_columns=text)
-    pvalues = pvalue_table(records)
-    pvalues_context = None
-    if pvalues is not None:
-        shown = pvalues.copy()
-        for col in BIAS_COLUMNS.values():
-            shown[col] = [("n/a" if math.isnan(v) else f"{v:.3g}") for v in shown[col]]
-        pvalues_context = _table_context(shown, table_id="pvalues")
+    pvalues_context = _pvalues_context(records)
     coverage = coverage_table(records)
     coverage_context = None
     if coverage is not None:
@@ -915,16 +943,7 @@ def render_html(
             "note": PUBLISHED_NOTE,
             "table": _table_context(reference_display(reference), caption=PUBLISHED_NOTE, table_id="reference"),
         }
-    tune_context = None
-    if tune is not None:
-        image = tune.get("image")
-        tune_context = {
-            "source": str(tune["source"]),
-            "baseline": tune.get("baseline"),
-            "note": tune.get("note"),
-            "table": _table_context(tune_front_display(tune["frame"]), table_id="tune-front"),
-            "image": base64.b64encode(Path(image).read_bytes()).decode("ascii") if image else None,
-        }
+    tune_context = _tune_context(tune) if tune is not None else None
     return _template().render(
         title=title,
         css=_CSS,
@@ -941,6 +960,48 @@ def render_html(
         summary_source=summary_source,
         models=models,
     )
+
+
+def _tune_runs(tune: str | Path, run_dirs: Sequence) -> tuple:
+    """The tune folder read (``read_tune_folder``) and its front trials' run folders found here;
+    DataError when there is neither a front trial's folder nor a run folder given."""
+    from ..workflows.tune import read_tune_folder
+
+    tune_folder = read_tune_folder(tune)
+    trial_dirs: list[Path] = []
+    if "run_dir" in tune_folder.front.columns:
+        trial_dirs = [d for d in map(tune_folder.run_dir, tune_folder.front["run_dir"]) if d is not None]
+    if not run_dirs and not trial_dirs:
+        raise DataError(f"{tune}: none of the front's run folders is here, and no run folder was given")
+    return tune_folder, trial_dirs
+
+
+def _dataset_summary(dataset_summary, records: list[FinishedRun]) -> tuple[dict | None, str | None]:
+    """The faces-per-group tables and what they count (see ``build_report``'s ``dataset_summary``)."""
+    if dataset_summary is None:
+        found = _summary_from_predictions(records)
+        return found if found else (None, None)
+    if isinstance(dataset_summary, pd.DataFrame):
+        return summarize_faces(dataset_summary), "all splits"
+    if isinstance(dataset_summary, dict):
+        return dataset_summary, None
+    raise ConfigError(f"dataset_summary must be a face table or a dict, got {type(dataset_summary).__name__}")
+
+
+def _tune_section(tune_folder, references: list[FinishedRun], out_dir: Path) -> dict:
+    """The Pareto front section: ``tune_front.csv`` and ``front.png`` written, with the first reference run
+    as the baseline of the paired differences."""
+    baseline = references[0] if references else None
+    frame, note = tune_front_frame(tune_folder, baseline)
+    with atomic_path(out_dir / TUNE_FRONT) as tmp:
+        safe_table(frame).to_csv(tmp, index=False)
+    return {
+        "source": tune_folder.path,
+        "baseline": baseline.label if baseline else None,
+        "note": note,
+        "frame": frame,
+        "image": plot_tune_front(tune_folder, references, out_dir / "front.png"),
+    }
 
 
 def build_report(
@@ -968,16 +1029,7 @@ def build_report(
     baseline of the paired differences. ``run_dirs`` may then be empty.
     """
     out_dir = Path(out_dir)
-    tune_folder = None
-    trial_dirs: list[Path] = []
-    if tune is not None:
-        from ..workflows.tune import read_tune_folder
-
-        tune_folder = read_tune_folder(tune)
-        if "run_dir" in tune_folder.front.columns:
-            trial_dirs = [d for d in map(tune_folder.run_dir, tune_folder.front["run_dir"]) if d is not None]
-        if not run_dirs and not trial_dirs:
-            raise DataError(f"{tune}: none of the front's run folders is here, and no run folder was given")
+    tune_folder, trial_dirs = _tune_runs(tune, run_dirs) if tune is not None else (None, [])
     records = load_runs([*run_dirs, *trial_dirs])
     references = records[: len(run_dirs)]
     table = comparison_table(records)
@@ -993,29 +1045,8 @@ def build_report(
     if coverage_png is not None:  # beside the MAE per group: is the reported uncertainty as true for every group
         images.append(("Per-group coverage of the age intervals", coverage_png))
     images.append(("Bias vs MAE", plot_bias_vs_mae(records, out_dir / "bias_vs_mae.png")))
-    source = None
-    if dataset_summary is None:
-        found = _summary_from_predictions(records)
-        summary, source = found if found else (None, None)
-    elif isinstance(dataset_summary, pd.DataFrame):
-        summary, source = summarize_faces(dataset_summary), "all splits"
-    elif isinstance(dataset_summary, dict):
-        summary = dataset_summary
-    else:
-        raise ConfigError(f"dataset_summary must be a face table or a dict, got {type(dataset_summary).__name__}")
-    tune_section = None
-    if tune_folder is not None:
-        baseline = references[0] if references else None
-        frame, note = tune_front_frame(tune_folder, baseline)
-        with atomic_path(out_dir / TUNE_FRONT) as tmp:
-            safe_table(frame).to_csv(tmp, index=False)
-        tune_section = {
-            "source": tune_folder.path,
-            "baseline": baseline.label if baseline else None,
-            "note": note,
-            "frame": frame,
-            "image": plot_tune_front(tune_folder, references, out_dir / "front.png"),
-        }
+    summary, source = _dataset_summary(dataset_summary, records)
+    tune_section = _tune_section(tune_folder, references, out_dir) if tune_folder is not None else None
     page = render_html(table, images, records, summary, source, reference=reference, tune=tune_section)
     report = out_dir / "report.html"
     write_text(report, page)

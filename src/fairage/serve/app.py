@@ -225,36 +225,16 @@ def create_app(
         predictor.use_runtime(runtime, model_threads)
     card = card if card is not None else default_card(predictor.loaded)
     card_md = card_markdown(card)
-    limits = limits or ServeLimits()
+    service = _Service(predictor, limits or ServeLimits())
     page = resources.files("fairage.serve").joinpath("static/index.html").read_text(encoding="utf-8")
-    model_name = predictor.loaded.name
-    calibration = getattr(predictor.loaded, "calibration", None)
-    interval_level = float(calibration.level) if calibration is not None else None
-    batched = all(hasattr(predictor, a) for a in ("prepare_image", "finish_image", "predict_crops_spread"))
-    executor = ThreadPoolExecutor(
-        max_workers=limits.prepare_threads if batched else 1, thread_name_prefix="fairage-inference"
-    )
-    batcher = (
-        CropBatcher(predictor.predict_crops_spread, limits.max_batch, limits.batch_wait_ms / 1000.0)
-        if batched
-        else None
-    )
-    pool = _prepare_pool(predictor, limits) if batched else None
-    pending = 0
-    uploading = 0
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            if pool is not None:  # the service is up once its workers are: the first requests wait for none
-                await asyncio.gather(*(asyncio.wrap_future(f) for f in pool.start()))
+            await service.start()
             yield
         finally:
-            if pool is not None:
-                pool.close()
-            executor.shutdown(wait=True, cancel_futures=True)
-            if batcher is not None:
-                batcher.close()
+            service.close()
 
     app = FastAPI(
         title="fairage",
@@ -263,64 +243,15 @@ def create_app(
         description="Apparent-age estimation with a measured model card (error by group, with intervals).",
     )
     app.state.predictor = predictor
-    app.state.limits = limits
-    app.state.batcher = batcher
-    app.state.prepare_pool = pool
+    app.state.limits = service.limits
+    app.state.batcher = service.batcher
+    app.state.prepare_pool = service.pool
+    _add_routes(app, service, card, card_md, page)
+    return app
 
-    def infer(data: bytes, faces_only: bool) -> dict:
-        """A whole request on one thread (a predictor without ``prepare_image``)."""
-        check_image(data, limits.max_pixels)
-        try:
-            result = predictor.predict_image(data, faces_only=faces_only)
-        except DataError as err:  # passed the header check but the pixel data is bad
-            raise UploadError(400, f"upload: {err}") from None
-        return answer(result)
 
-    def prepare(data: bytes, faces_only: bool):
-        check_image(data, limits.max_pixels)
-        try:
-            # the bytes, as `fairage predict` reads a file and the training cache a face crop: one
-            # decoder (fairage.data.decode), EXIF turn, crops; a face's box is the upload's size
-            return predictor.prepare_image(data, faces_only=faces_only)
-        except DataError as err:  # passed the header check but the pixel data is bad
-            raise UploadError(400, f"upload: {err}") from None
-
-    async def prepare_in_process(data: bytes, faces_only: bool):
-        from ..inference.predictor import PreparedImage
-
-        try:
-            width, height, found, crops = await asyncio.wrap_future(pool.submit(data, faces_only))
-        except BrokenProcessPool:  # the next request gets a new pool
-            raise HTTPException(500, "a prepare worker process stopped while reading this upload") from None
-        return PreparedImage(width, height, found, crops)
-
-    async def infer_batched(data: bytes, faces_only: bool) -> dict:
-        if pool is not None:
-            prepared = await prepare_in_process(data, faces_only)
-        else:
-            loop = asyncio.get_running_loop()
-            prepared = await loop.run_in_executor(executor, prepare, data, faces_only)
-        if len(prepared.crops) == 0:
-            return answer(predictor.finish_image(prepared, np.empty(0), None))
-        ages, spreads = await asyncio.wrap_future(batcher.submit(prepared.crops))
-        return answer(predictor.finish_image(prepared, ages, spreads))
-
-    def answer(result) -> dict:
-        return {
-            "faces": [
-                {
-                    "box": [int(v) for v in f.box],
-                    "score": float(f.score),
-                    "age": float(f.age),
-                    **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)}),
-                    **({"age_lo": float(f.age_lo), "age_hi": float(f.age_hi)} if f.age_lo is not None else {}),
-                }
-                for f in result.faces
-            ],
-            "image": {"width": int(result.width), "height": int(result.height)},
-            "model": model_name,
-            "interval_level": interval_level,
-        }
+def _add_routes(app: FastAPI, service: _Service, card: dict, card_md: str, page: str) -> None:
+    """The service's endpoints: /health, POST /predict, /model (card), /model.md, / (the page)."""
 
     @app.exception_handler(UploadError)
     async def upload_error(request: Request, err: UploadError):
@@ -334,34 +265,7 @@ def create_app(
 
     @app.post("/predict", openapi_extra=_PREDICT_OPENAPI)
     async def predict(request: Request, faces_only: bool = False) -> JSONResponse:
-        nonlocal pending, uploading
-        if uploading >= limits.max_uploading:
-            await _drain(request, 0, limits)
-            return JSONResponse(
-                {"detail": f"busy: {uploading} uploads are being received; try again shortly"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-        uploading += 1  # counted from the first byte read, so memory is bounded too
-        try:
-            data = await read_upload(request, limits)
-        finally:
-            uploading -= 1
-        # only uploads received in full wait for the model: a slow sender holds no place in its queue
-        if pending >= limits.max_pending:
-            return JSONResponse(
-                {"detail": f"busy: {pending} uploads are waiting; try again shortly"},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-        pending += 1
-        try:
-            if batcher is not None:
-                return JSONResponse(await infer_batched(data, faces_only))
-            loop = asyncio.get_running_loop()
-            return JSONResponse(await loop.run_in_executor(executor, infer, data, faces_only))
-        finally:
-            pending -= 1
+        return await service.predict(request, faces_only)
 
     @app.get("/model")
     async def model_card() -> dict:
@@ -375,7 +279,127 @@ def create_app(
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    return app
+
+class _Service:
+    """What the app's requests share: the predictor, the limits, the inference threads, the batcher of
+    crops from concurrent requests and the prepare processes, and the counts of requests in flight."""
+
+    def __init__(self, predictor, limits: ServeLimits):
+        self.predictor, self.limits = predictor, limits
+        self.model_name = predictor.loaded.name
+        calibration = getattr(predictor.loaded, "calibration", None)
+        self.interval_level = float(calibration.level) if calibration is not None else None
+        batched = all(hasattr(predictor, a) for a in ("prepare_image", "finish_image", "predict_crops_spread"))
+        self.executor = ThreadPoolExecutor(
+            max_workers=limits.prepare_threads if batched else 1, thread_name_prefix="fairage-inference"
+        )
+        self.batcher = (
+            CropBatcher(predictor.predict_crops_spread, limits.max_batch, limits.batch_wait_ms / 1000.0)
+            if batched
+            else None
+        )
+        self.pool = _prepare_pool(predictor, limits) if batched else None
+        self.pending = 0
+        self.uploading = 0
+
+    async def start(self) -> None:
+        """The service is up once its prepare workers are: the first requests wait for none."""
+        if self.pool is not None:
+            await asyncio.gather(*(asyncio.wrap_future(f) for f in self.pool.start()))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.batcher is not None:
+            self.batcher.close()
+
+    async def predict(self, request: Request, faces_only: bool) -> JSONResponse:
+        """POST /predict: receive the upload (503 when too many are arriving or waiting), then its faces and ages."""
+        limits = self.limits
+        if self.uploading >= limits.max_uploading:
+            await _drain(request, 0, limits)
+            return JSONResponse(
+                {"detail": f"busy: {self.uploading} uploads are being received; try again shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        self.uploading += 1  # counted from the first byte read, so memory is bounded too
+        try:
+            data = await read_upload(request, limits)
+        finally:
+            self.uploading -= 1
+        # only uploads received in full wait for the model: a slow sender holds no place in its queue
+        if self.pending >= limits.max_pending:
+            return JSONResponse(
+                {"detail": f"busy: {self.pending} uploads are waiting; try again shortly"},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+        self.pending += 1
+        try:
+            if self.batcher is not None:
+                return JSONResponse(await self.infer_batched(data, faces_only))
+            loop = asyncio.get_running_loop()
+            return JSONResponse(await loop.run_in_executor(self.executor, self.infer, data, faces_only))
+        finally:
+            self.pending -= 1
+
+    def infer(self, data: bytes, faces_only: bool) -> dict:
+        """A whole request on one thread (a predictor without ``prepare_image``)."""
+        check_image(data, self.limits.max_pixels)
+        try:
+            result = self.predictor.predict_image(data, faces_only=faces_only)
+        except DataError as err:  # passed the header check but the pixel data is bad
+            raise UploadError(400, f"upload: {err}") from None
+        return self.answer(result)
+
+    def prepare(self, data: bytes, faces_only: bool):
+        check_image(data, self.limits.max_pixels)
+        try:
+            # the bytes, as `fairage predict` reads a file and the training cache a face crop: one
+            # decoder (fairage.data.decode), EXIF turn, crops; a face's box is the upload's size
+            return self.predictor.prepare_image(data, faces_only=faces_only)
+        except DataError as err:  # passed the header check but the pixel data is bad
+            raise UploadError(400, f"upload: {err}") from None
+
+    async def prepare_in_process(self, data: bytes, faces_only: bool):
+        from ..inference.predictor import PreparedImage
+
+        try:
+            width, height, found, crops = await asyncio.wrap_future(self.pool.submit(data, faces_only))
+        except BrokenProcessPool:  # the next request gets a new pool
+            raise HTTPException(500, "a prepare worker process stopped while reading this upload") from None
+        return PreparedImage(width, height, found, crops)
+
+    async def infer_batched(self, data: bytes, faces_only: bool) -> dict:
+        if self.pool is not None:
+            prepared = await self.prepare_in_process(data, faces_only)
+        else:
+            loop = asyncio.get_running_loop()
+            prepared = await loop.run_in_executor(self.executor, self.prepare, data, faces_only)
+        if len(prepared.crops) == 0:
+            return self.answer(self.predictor.finish_image(prepared, np.empty(0), None))
+        ages, spreads = await asyncio.wrap_future(self.batcher.submit(prepared.crops))
+        return self.answer(self.predictor.finish_image(prepared, ages, spreads))
+
+    def answer(self, result) -> dict:
+        """The JSON answer: each face's box (pixels), score, age and spread/interval (years), the image size."""
+        return {
+            "faces": [
+                {
+                    "box": [int(v) for v in f.box],
+                    "score": float(f.score),
+                    "age": float(f.age),
+                    **({} if getattr(f, "spread", None) is None else {"spread": float(f.spread)}),
+                    **({"age_lo": float(f.age_lo), "age_hi": float(f.age_hi)} if f.age_lo is not None else {}),
+                }
+                for f in result.faces
+            ],
+            "image": {"width": int(result.width), "height": int(result.height)},
+            "model": self.model_name,
+            "interval_level": self.interval_level,
+        }
 
 
 async def _body_chunks(request: Request, limits: ServeLimits):

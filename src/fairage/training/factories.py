@@ -79,6 +79,7 @@ def seeded_generator(seed: int) -> torch.Generator:
 # =========================================================================== loaders
 
 
+# size: one keyword per loader option of a stage
 def make_loaders(
     model: AgeRegressor,
     stage: StageConfig,
@@ -356,6 +357,7 @@ class StageCallbacks:
     collapse: CollapseStop | None = None
 
 
+# size: one keyword per callback option of a stage
 def make_callbacks(
     stage_name: str,
     stage: StageConfig,

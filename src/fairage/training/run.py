@@ -519,6 +519,7 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
+# size: the calibration settings a caller may override, each defaulting to the config
 def calibrate_folder(
     path: str | Path,
     data_dir: str | Path | None = None,
@@ -578,14 +579,18 @@ def calibrate_folder(
         kept = [w for w in folder.record.warnings if not w.startswith("conformal groups")]
         folder.update(warnings=kept + messages)
         if folder.file(RunFolder.PREDICTIONS).is_file() and folder.is_finished():
-            from ..store.predictions import join_predictions, read_predictions
-
-            test = folder.faces("test")
-            joined = join_predictions(
-                test, read_predictions(folder.file(RunFolder.PREDICTIONS)), folder.file(RunFolder.PREDICTIONS)
-            )
-            from ..store.predictions import SPREAD_COLUMN
-
-            spread = joined[SPREAD_COLUMN].to_numpy() if SPREAD_COLUMN in joined.columns else None
-            evaluate_test(folder.config(), test, joined["prediction"].to_numpy(), folder, spread, calibration)
+            _reevaluate_test(folder, calibration)
     return calibration, messages
+
+
+def _reevaluate_test(folder: RunFolder, calibration) -> None:
+    """Rewrite a finished run's test predictions and metrics with the intervals of ``calibration``
+    (the same predictions, read back from ``predictions_test.csv``)."""
+    from ..store.predictions import SPREAD_COLUMN, join_predictions, read_predictions
+
+    test = folder.faces("test")
+    joined = join_predictions(
+        test, read_predictions(folder.file(RunFolder.PREDICTIONS)), folder.file(RunFolder.PREDICTIONS)
+    )
+    spread = joined[SPREAD_COLUMN].to_numpy() if SPREAD_COLUMN in joined.columns else None
+    evaluate_test(folder.config(), test, joined["prediction"].to_numpy(), folder, spread, calibration)
