@@ -519,7 +519,7 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
-# size: the calibration settings a caller may override, each defaulting to the config
+# size: each setting a caller may override defaults to the config, and the docstring says how
 def calibrate_folder(
     path: str | Path,
     data_dir: str | Path | None = None,
