@@ -97,7 +97,8 @@ def make_loaders(
 
     ``use_cache``: x is the frozen feature extractor's output (N, feature_dim), computed
     here once; otherwise uint8 images. Sampler mode draws faces by ``train_weights``
-    (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly.
+    (loss unweighted). Seeded from ``seed``: shuffling and sampling repeat exactly (their own
+    generators); dropout and augmentation draw from the global RNG, which ``fit_stage`` seeds per stage.
     """
     on_gpu = runtime.on_gpu
     sampler, weights = train_sampler(stage, arrays, seed)  # sampler mode: unweighted loss
@@ -118,8 +119,6 @@ def make_loaders(
         train_set = FaceArrayDataset(arrays.train_images, arrays.train_ages, weights, with_index=with_index)
         val_set = FaceArrayDataset(arrays.val_images, arrays.val_ages)
         workers = num_workers
-    # re-seed so both paths start training from the same RNG state (same dropout masks)
-    L.seed_everything(seed, workers=True, verbose=False)
     loader_kw: dict[str, Any] = {"num_workers": workers, "pin_memory": on_gpu, "persistent_workers": workers > 0}
     train_loader = DataLoader(
         train_set,

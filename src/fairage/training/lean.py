@@ -54,7 +54,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
@@ -233,8 +232,6 @@ class _LeanLoop:
         feats_train, feats_val = cached_features(
             model, self.stage, arrays, context.runtime, context.trainer.channels_last
         )
-        # re-seed as make_loaders does, so this loop starts from the Lightning path's RNG state
-        L.seed_everything(context.seed, workers=True, verbose=False)
         weights = self._index_loaders(arrays, context.seed)
         self.module = AgeModule(
             model,

@@ -127,6 +127,8 @@ def _fit_stage(
     use_cache = stage.cache_features if cache_features is None else cache_features
     use_cache = bool(use_cache and spec.frozen and not (stage.augment.enabled and stage.augment.mode == "random"))
     # each stage starts from the run's seed, so a stage resumed or trained on its own repeats its draws
+    # (dropout, augmentation); nothing before its first training step draws from the global RNG (the
+    # feature cache, the objective and the samplers do not), so both loops train from this state
     L.seed_everything(context.seed, workers=True, verbose=False)
     if context.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
