@@ -141,7 +141,8 @@ def test_the_loss_follows_the_head_unless_set():
     assert load_preset("M1", "cpu", ["model.output=dex"]).stage2.loss == "ce"
     m5 = load_preset("M5", "cpu", ["model.output=coral"])
     assert m5.stage1.loss == m5.stage2.loss == "coral"
-    assert load_preset("M5", "cpu").stage2.loss == "mae"  # --scale cpu trains regression heads with L1
+    assert load_preset("M1", "cpu").stage2.loss == "mae"  # --scale cpu trains unweighted regression heads with L1
+    assert load_preset("M5", "cpu").stage2.loss == "mse"  # and weighted ones with the head's mse
     assert load_preset("M5", "tiny").stage2.loss == "mse"
 
 

@@ -153,8 +153,12 @@ def test_cpu_and_tiny_scales_keep_their_torchvision_settings(name, scale):
         if b is not None:
             assert b.weighting == a.weighting
             assert b.trainable == "head"
-            # the methods' presets change only the loss; elsewhere the scale's own loss
+            # the methods' presets change only the loss; elsewhere the scale's own loss, except that
+            # cpu's L1 in stage II gives way to the head's mse where the stage weights its faces
             loss = LOSSES[name][stage == "stage2"] if name in LOSSES else schedules[stage][8]
+            weighted = a.weighting.scheme != "none" or a.weighting.lds or a.dro.enabled
+            if loss == "mae" and weighted:
+                loss = "mse"
             assert _schedule(b) == schedules[stage][:8] + (loss,) + schedules[stage][9:]
             # cpu's all-layers stage: a cosine schedule over a budget of 100,000 images
             cosine = scale == "cpu" and stage == "stage2"
@@ -218,3 +222,20 @@ def test_the_demo_keeps_64_px_while_cpu_scale_takes_80():
     assert load_preset("M1", "cpu").data.image_size == 80
     for name in ("M1", "M3", "M5"):
         assert load_preset(name, "cpu", list(DEMO_STAGE2)).data.image_size == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "loss"),
+    [
+        ("M1", [], "mae"),  # unweighted: L1
+        ("M3", [], "mse"),  # 4 age-group weights
+        ("M5", [], "mse"),  # the 10-group weights
+        ("M5-lds", [], "mse"),  # LDS alone weights too
+        ("M5-dro", [], "mse"),  # group DRO weights its groups' losses
+        ("M5-sampler", [], "mse"),  # weighted draws fit a weighted median under L1 just the same
+        ("M5", ["stage2.weighting.scheme=none"], "mae"),  # weights off: back to L1
+        ("M5", ["stage2.loss=mae"], "mae"),  # a loss the user sets is kept
+    ],
+)
+def test_cpu_scale_keeps_mse_where_stage_two_weights_its_faces(name, overrides, loss):
+    assert load_preset(name, "cpu", overrides).stage2.loss == loss

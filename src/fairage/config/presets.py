@@ -114,7 +114,7 @@ def _cpu_scale(raw: dict) -> tuple[dict, dict, float]:
     # about 12 minutes at ~140 images/s on 2 cores; fewer epochs on a larger set) under a per-step
     # cosine schedule, which spends its last epochs at small steps where the plateau schedule
     # waited for a stall; early stopping is off within that budget (the best epoch is kept).
-    # Regression heads train with L1, the metric itself.
+    # Unweighted regression heads train with L1, the metric itself (_regression_loss_at_scale).
     # averaging each face with its mirror image at evaluation: -0.12 to -0.16 years of test MAE
     # for M1 on UTKFace (docs/training.md), for one more forward pass per face
     model["flip_average"] = True
@@ -161,12 +161,31 @@ def _tiny_scale(raw: dict) -> tuple[dict, dict, float]:
     return stage_set, stage1_set, lr_floor
 
 
+def _weighs_faces(stage: dict) -> bool:
+    """Whether a raw stage config weights its faces' losses (a weighting scheme, LDS or group DRO)."""
+    weighting = stage.get("weighting") or {}
+    dro = stage.get("dro") or {}
+    return weighting.get("scheme", "none") != "none" or bool(weighting.get("lds")) or bool(dro.get("enabled"))
+
+
 def _regression_loss_at_scale(raw: dict, scale: str) -> dict:
-    """``--scale cpu``: stage II of a regression head trains with L1 unless its loss is set. Applied
-    after the overrides, so ``--set model.output=dex`` alone still leaves the loss to the head."""
+    """``--scale cpu``: stage II of a regression head trains with L1 unless its loss is set or the
+    stage weights its faces. Applied after the overrides, so ``--set model.output=dex`` alone still
+    leaves the loss to the head.
+
+    A weighted stage keeps the head's mean-squared loss: weights fitted to a squared error move a
+    face's prediction towards its group's in proportion to the weight, but under L1 the optimum is a
+    weighted median, which jumps a whole age band towards its up-weighted neighbour (on real faces
+    M5's L1 run nearly doubled the error of faces aged 60+, see docs/training.md)."""
     stage2 = raw.get("stage2")
     output = (raw.get("model") or {}).get("output", "sigmoid")
-    if scale == "cpu" and isinstance(stage2, dict) and "loss" not in stage2 and output in ("sigmoid", "linear"):
+    if (
+        scale == "cpu"
+        and isinstance(stage2, dict)
+        and "loss" not in stage2
+        and output in ("sigmoid", "linear")
+        and not _weighs_faces(stage2)
+    ):
         stage2["loss"] = "mae"
     return raw
 
