@@ -398,8 +398,9 @@ def open_study(
     )
     attrs = study.user_attrs
     if "objectives" not in attrs:
-        study.set_user_attr("objectives", list(objectives))
+        # space first: "objectives" marks a set-up study, so a worker that sees it also sees the space
         study.set_user_attr("space", space.spec() if space else {})
+        study.set_user_attr("objectives", list(objectives))
     elif list(attrs["objectives"]) != list(objectives):
         raise ConfigError(
             f"study '{study_name}' in {storage} optimises {','.join(attrs['objectives'])}, not "
@@ -586,8 +587,10 @@ class Tuner:
             trial.user_attrs.get("run_dir") or (self.out / TRIALS_DIR / f"trial-{trial.number:04d}").absolute()
         )
         trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("host", self.host)
+        # pid before host: another worker on this host recovers a running trial that has a host and
+        # no live pid, so a trial must never be seen with its host and without its pid
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", self.host)
         try:
             params = self.space.suggest(trial)
             self.on_event(TuneEvent(f"trial {trial.number}: {_params_text(params)}"))
